@@ -1,0 +1,164 @@
+//! `ingest`: N small-row inserts; the rate at which walcast decodes, renders and matches them
+//! (no subscriber), against `pg_recvlogical` receiving the same pgoutput stream from an
+//! identical slot created at the same position — the walsender's own limit.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bench::BenchOptions;
+use crate::change::ChangeEvent;
+use crate::cluster::{Cluster, ClusterOptions};
+use crate::fanout::{dispatch, render_data, Fanout, Scratch};
+use crate::replication::lsn::Lsn;
+use crate::replication::stream::{ReplicationStatus, ReplicationTask};
+use crate::replication::wire::{ConnectParams, ReplicationConnection, SnapshotAction};
+
+pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::Value> {
+    let root = std::env::temp_dir().join(format!("walcast-bench-{}", std::process::id()));
+    let cluster = match &opts.database_url {
+        Some(_) => None,
+        None => {
+            eprintln!("ingest: starting a throwaway PostgreSQL in {}", root.display());
+            Some(Cluster::start(ClusterOptions::new(&root)).await?)
+        }
+    };
+    let url = match (&opts.database_url, &cluster) {
+        (Some(u), _) => u.clone(),
+        (None, Some(c)) => c.url("postgres"),
+        _ => unreachable!(),
+    };
+    let pool = crate::connect_pool(&url).await?;
+    for stmt in [
+        "DROP PUBLICATION IF EXISTS walcast_bench",
+        "DROP TABLE IF EXISTS walcast_bench_rows",
+        "CREATE TABLE walcast_bench_rows (id bigint PRIMARY KEY, body text NOT NULL, n int4 NOT NULL)",
+        "CREATE PUBLICATION walcast_bench FOR TABLE walcast_bench_rows",
+    ] {
+        sqlx::query(stmt).execute(&pool).await?;
+    }
+    for slot in ["walcast_bench_gw", "walcast_bench_recv"] {
+        let _ = sqlx::query("SELECT pg_drop_replication_slot($1)").bind(slot).execute(&pool).await;
+    }
+    let params = ConnectParams::from_url(&url)?;
+    for slot in ["walcast_bench_gw", "walcast_bench_recv"] {
+        let mut c = ReplicationConnection::connect(&params).await?;
+        c.create_slot(slot, false, SnapshotAction::NoExport).await?;
+        c.close().await?;
+    }
+
+    eprintln!("ingest: inserting {rows} rows from 4 connections");
+    let t = Instant::now();
+    let batch = 5_000u64;
+    let writers = 4u64;
+    let mut handles = Vec::new();
+    for w in 0..writers {
+        let pool = pool.clone();
+        handles.push(tokio::spawn(async move {
+            let mut start = w * batch;
+            while start < rows {
+                let end = (start + batch).min(rows);
+                sqlx::query(
+                    "INSERT INTO walcast_bench_rows SELECT g, 'row ' || g, (g % 1000)::int4 FROM generate_series($1::int8, $2::int8 - 1) g",
+                )
+                .bind(start as i64)
+                .bind(end as i64)
+                .execute(&pool)
+                .await?;
+                start += batch * writers;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    let end: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&pool).await?;
+    let end_lsn: Lsn = end.parse()?;
+    eprintln!("ingest: inserted in {:.1} s; WAL end {end_lsn}", t.elapsed().as_secs_f64());
+
+    // The walsender's own limit: pg_recvlogical on the twin slot, output discarded.
+    let bin = crate::cluster::find_binaries().ok().map(|b| b.join("pg_recvlogical"));
+    let recv = bin.filter(|b| b.exists()).unwrap_or_else(|| "pg_recvlogical".into());
+    eprintln!("ingest: pg_recvlogical…");
+    let t = Instant::now();
+    let status = tokio::process::Command::new(&recv)
+        .args(["-d", &url, "--slot", "walcast_bench_recv", "--start", "--no-loop", "-f", "/dev/null"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=walcast_bench", "-E", &end])
+        .stdout(Stdio::null())
+        .status()
+        .await?;
+    let recv_secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
+
+    eprintln!("ingest: walcast…");
+    let (tx, mut rx) = mpsc::channel(8192);
+    let dispatched = Arc::new(AtomicU64::new(0));
+    let task = ReplicationTask {
+        params,
+        slot: "walcast_bench_gw".into(),
+        publication: "walcast_bench".into(),
+        pool: pool.clone(),
+        tx,
+        dispatched: Arc::clone(&dispatched),
+        status: Arc::new(ReplicationStatus::default()),
+    };
+    let shutdown = CancellationToken::new();
+    let t = Instant::now();
+    let handle = tokio::spawn(task.run(shutdown.clone()));
+    let fanout = Fanout::new();
+    let mut scratch = Scratch::default();
+    let mut changes = 0u64;
+    let mut bytes = 0usize;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            ChangeEvent::Change(c) => {
+                // Convert (render the data object) and match, as the gateway does per change.
+                bytes += render_data(&c, None, 1 << 20).len();
+                dispatch(&fanout, &c, 1 << 20, &mut scratch);
+                changes += 1;
+            }
+            ChangeEvent::Commit { end_lsn, .. } => {
+                dispatched.store(end_lsn.0, Ordering::Release);
+                if changes >= rows {
+                    break;
+                }
+            }
+        }
+    }
+    let gw_secs = t.elapsed().as_secs_f64();
+    shutdown.cancel();
+    let _ = handle.await;
+
+    for slot in ["walcast_bench_gw", "walcast_bench_recv"] {
+        let _ = sqlx::query("SELECT pg_drop_replication_slot($1)").bind(slot).execute(&pool).await;
+    }
+    pool.close().await;
+    if let Some(c) = cluster {
+        c.stop().await;
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    let rate = changes as f64 / gw_secs;
+    let recv_rate = rows as f64 / recv_secs;
+    let (cpu, rss) = super::process_usage();
+    println!("{:<28} {:>14} {:>10} {:>16}", "reader", "changes", "seconds", "changes/s");
+    println!("{:<28} {:>14} {:>10.2} {:>16.0}", "walcast (decode+render+match)", changes, gw_secs, rate);
+    println!("{:<28} {:>14} {:>10.2} {:>16.0}", "pg_recvlogical", rows, recv_secs, recv_rate);
+    println!("ratio {:.2}; rendered {} MB of JSON", rate / recv_rate, bytes / 1_000_000);
+    let v = serde_json::json!({
+        "scenario": "ingest",
+        "changes": changes,
+        "changes_per_sec": rate.round(),
+        "recvlogical_changes_per_sec": recv_rate.round(),
+        "ratio": (rate / recv_rate * 100.0).round() / 100.0,
+        "cpu_seconds": cpu,
+        "peak_rss_bytes": rss,
+    });
+    super::write_json(opts, &v)?;
+    Ok(v)
+}

@@ -1,0 +1,101 @@
+//! `match`: time per change through the subscription index and dispatch with 10, 1k and 100k
+//! `eq` subscriptions on one table, each change matching exactly one of them.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::change::{Change, ChangeKind, Column, Relation, ReplicaIdentity};
+use crate::fanout::{dispatch, BindingSpec, ChannelSink, EventFilter, Fanout, Scratch};
+use crate::filter::{self, CompiledFilter};
+use crate::protocol::phoenix::{change_frame_parts, Vsn};
+use crate::replication::lsn::Lsn;
+use crate::replication::pgoutput::{Tuple, Value};
+use crate::replication::values::TypeCatalog;
+
+/// Returns nanoseconds per change for `subs` subscriptions over `changes` changes.
+pub fn measure(subs: usize, changes: usize) -> f64 {
+    let cat = TypeCatalog::default();
+    let relation = Arc::new(Relation::new(
+        1,
+        "public",
+        "items",
+        ReplicaIdentity::Default,
+        vec![
+            Column { name: "id".into(), ty: Arc::clone(cat.get(20).unwrap_or_else(|| unreachable!())), is_key: true },
+            Column { name: "body".into(), ty: Arc::clone(cat.get(25).unwrap_or_else(|| unreachable!())), is_key: false },
+        ],
+    ));
+    let fanout = Fanout::new();
+    let mut receivers = Vec::with_capacity(subs);
+    {
+        let Ok(mut index) = fanout.index.write() else { return f64::NAN };
+        for k in 0..subs {
+            let (tx, rx) = mpsc::channel(changes.max(1));
+            receivers.push(rx);
+            let (prefix, suffix) = change_frame_parts(Vsn::V2, &format!("realtime:item-{k}"));
+            let sink = Arc::new(ChannelSink { prefix, suffix, tx, kill: CancellationToken::new() });
+            let parsed = filter::parse(&format!("id=eq.{k}")).unwrap_or_default();
+            let compiled = CompiledFilter::compile(&parsed, |n| {
+                relation.column_index(n).map(|i| (Arc::clone(&relation.columns[i].name), "int8"))
+            })
+            .unwrap_or_default();
+            index.insert(
+                sink,
+                BindingSpec {
+                    id: k as u32,
+                    event: EventFilter::All,
+                    schema: "public".into(),
+                    table: Some("items".into()),
+                    filter: compiled,
+                    select: None,
+                },
+            );
+        }
+    }
+    let mut rng = fastrand::Rng::with_seed(1);
+    let batch: Vec<Change> = (0..changes)
+        .map(|i| Change {
+            relation: Arc::clone(&relation),
+            kind: ChangeKind::Insert,
+            new: Some(Tuple(vec![
+                Value::Text(Bytes::from(rng.usize(..subs).to_string())),
+                Value::Text(Bytes::from_static(b"hello world")),
+            ])),
+            old: None,
+            commit_lsn: Lsn(i as u64),
+            commit_ts: 0,
+            seq: 0,
+        })
+        .collect();
+    let mut scratch = Scratch::default();
+    let start = Instant::now();
+    let mut delivered = 0;
+    for c in &batch {
+        delivered += dispatch(&fanout, c, 1 << 20, &mut scratch);
+    }
+    let elapsed = start.elapsed();
+    debug_assert_eq!(delivered, changes);
+    drop(receivers);
+    elapsed.as_nanos() as f64 / changes as f64
+}
+
+pub fn run(opts: &super::BenchOptions) -> anyhow::Result<serde_json::Value> {
+    let mut results = serde_json::Map::new();
+    println!("{:>14} {:>14}", "subscriptions", "ns/change");
+    for subs in [10usize, 1_000, 100_000] {
+        eprintln!("match: {subs} subscriptions…");
+        // Warm up, then take the best of three to damp scheduler noise.
+        measure(subs, 10_000);
+        let ns = (0..3).map(|_| measure(subs, 100_000)).fold(f64::INFINITY, f64::min);
+        println!("{subs:>14} {ns:>14.0}");
+        results.insert(subs.to_string(), serde_json::json!(ns.round()));
+    }
+    let (cpu, rss) = super::process_usage();
+    let v = serde_json::json!({"scenario": "match", "ns_per_change": results, "cpu_seconds": cpu, "peak_rss_bytes": rss});
+    super::write_json(opts, &v)?;
+    Ok(v)
+}

@@ -1,0 +1,447 @@
+//! The change model: one committed row change as every later stage sees it, and its JSON.
+//!
+//! Owns: `Relation` (a published table's shape, shared by `Arc`), `Change` (kind, new/old tuple,
+//! commit LSN and time, cursor), and rendering records as `to_jsonb`-equal JSON. Must not: touch
+//! sockets or subscriptions. A `Change` is not `Clone`: the fan-out shares it by reference.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::replication::lsn::Lsn;
+use crate::replication::pgoutput::{Tuple, Value};
+use crate::replication::values::{write_json, write_json_str, TypeInfo};
+use crate::replication::wire::PG_EPOCH_OFFSET_MICROS;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Insert => "INSERT",
+            ChangeKind::Update => "UPDATE",
+            ChangeKind::Delete => "DELETE",
+            ChangeKind::Truncate => "TRUNCATE",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaIdentity {
+    Default,
+    Nothing,
+    Full,
+    Index,
+}
+
+impl ReplicaIdentity {
+    pub fn from_byte(b: u8) -> Self {
+        match b {
+            b'n' => ReplicaIdentity::Nothing,
+            b'f' => ReplicaIdentity::Full,
+            b'i' => ReplicaIdentity::Index,
+            _ => ReplicaIdentity::Default,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: Arc<str>,
+    pub ty: Arc<TypeInfo>,
+    /// Part of the replica identity: carried by the old row of UPDATE/DELETE.
+    pub is_key: bool,
+}
+
+/// A published table as the latest Relation message described it.
+#[derive(Debug)]
+pub struct Relation {
+    pub id: u32,
+    pub schema: Arc<str>,
+    pub table: Arc<str>,
+    pub replica_identity: ReplicaIdentity,
+    pub columns: Vec<Column>,
+    /// `[{"name":…,"type":…},…]`, rendered once per Relation message.
+    pub columns_json: Bytes,
+    by_name: HashMap<Arc<str>, usize>,
+}
+
+impl Relation {
+    pub fn new(id: u32, schema: &str, table: &str, replica_identity: ReplicaIdentity, columns: Vec<Column>) -> Self {
+        let mut json = Vec::with_capacity(columns.len() * 32);
+        json.push(b'[');
+        for (i, c) in columns.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            json.extend_from_slice(b"{\"name\":");
+            write_json_str(&mut json, &c.name);
+            json.extend_from_slice(b",\"type\":");
+            write_json_str(&mut json, &c.ty.name);
+            json.push(b'}');
+        }
+        json.push(b']');
+        let by_name = columns.iter().enumerate().map(|(i, c)| (Arc::clone(&c.name), i)).collect();
+        Relation {
+            id,
+            schema: schema.into(),
+            table: table.into(),
+            replica_identity,
+            columns,
+            columns_json: Bytes::from(json),
+            by_name,
+        }
+    }
+
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+}
+
+/// One committed change. Changes of one transaction share `commit_lsn` and `commit_ts` and are
+/// numbered by `seq` in commit order.
+#[derive(Debug)]
+pub struct Change {
+    pub relation: Arc<Relation>,
+    pub kind: ChangeKind,
+    /// The new row (INSERT, UPDATE).
+    pub new: Option<Tuple>,
+    /// The old row (UPDATE when the server sent one, DELETE): key columns, or all with
+    /// REPLICA IDENTITY FULL.
+    pub old: Option<Tuple>,
+    pub commit_lsn: Lsn,
+    /// Microseconds since 2000-01-01 UTC.
+    pub commit_ts: i64,
+    /// Position in the transaction, from 0.
+    pub seq: u32,
+}
+
+impl Change {
+    /// An opaque string that orders changes totally: commit LSN, then position in the transaction.
+    pub fn cursor(&self) -> String {
+        format!("{:016X}{:08X}", self.commit_lsn.0, self.seq)
+    }
+
+    /// `commit_timestamp` as clients see it: UTC ISO 8601 with milliseconds and `Z`.
+    pub fn commit_timestamp(&self) -> String {
+        format_timestamp_millis(self.commit_ts.saturating_add(PG_EPOCH_OFFSET_MICROS))
+    }
+
+    /// Column values of `new` that the server did not send (unchanged TOAST) and the old row
+    /// cannot supply: left out of `record`.
+    pub fn unchanged_toast(&self) -> Vec<Arc<str>> {
+        let Some(new) = &self.new else { return Vec::new() };
+        new.0
+            .iter()
+            .enumerate()
+            .filter(|(i, v)| matches!(v, Value::UnchangedToast) && self.old_text(*i).is_none())
+            .filter_map(|(i, _)| self.relation.columns.get(i).map(|c| Arc::clone(&c.name)))
+            .collect()
+    }
+
+    fn old_text(&self, i: usize) -> Option<&Bytes> {
+        match self.old.as_ref()?.0.get(i)? {
+            Value::Text(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The row a filter sees: the new row, or for DELETE the old one.
+    pub fn filter_row(&self) -> Option<&Tuple> {
+        match self.kind {
+            ChangeKind::Delete => self.old.as_ref(),
+            _ => self.new.as_ref(),
+        }
+    }
+
+    /// Text of column `i` in the filter row; `None` for NULL or a value not carried.
+    pub fn filter_value(&self, i: usize) -> Option<&[u8]> {
+        let row = self.filter_row()?;
+        match row.0.get(i)? {
+            Value::Text(t) => Some(t),
+            Value::UnchangedToast => self.old_text(i).map(|b| &b[..]),
+            Value::Null => None,
+        }
+    }
+
+    /// Whether column `i` is present (possibly NULL) in the filter row.
+    pub fn filter_carries(&self, i: usize) -> bool {
+        match self.filter_row().and_then(|r| r.0.get(i)) {
+            None => false,
+            Some(Value::UnchangedToast) => self.old_text(i).is_some(),
+            Some(_) => !(self.kind == ChangeKind::Delete && !self.old_row_has(i)),
+        }
+    }
+
+    fn old_row_has(&self, i: usize) -> bool {
+        // A key-only old row sends NULL for non-key columns.
+        self.relation.replica_identity == ReplicaIdentity::Full
+            || self.relation.columns.get(i).is_some_and(|c| c.is_key)
+    }
+
+    /// Writes `record` (the new row) as a JSON object, limited to `select` columns if given.
+    pub fn write_record(&self, out: &mut Vec<u8>, select: Option<&dyn Fn(&str) -> bool>) -> bool {
+        let Some(new) = &self.new else { return false };
+        out.push(b'{');
+        let mut first = true;
+        for (i, (col, v)) in self.relation.columns.iter().zip(&new.0).enumerate() {
+            if select.is_some_and(|s| !s(&col.name)) {
+                continue;
+            }
+            let text = match v {
+                Value::Text(t) => Some(&t[..]),
+                Value::Null => None,
+                Value::UnchangedToast => match self.old_text(i) {
+                    Some(t) => Some(&t[..]),
+                    None => continue,
+                },
+            };
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            write_json_str(out, &col.name);
+            out.push(b':');
+            match text {
+                Some(t) => write_json(out, &col.ty, t),
+                None => out.extend_from_slice(b"null"),
+            }
+        }
+        out.push(b'}');
+        true
+    }
+
+    /// Writes `old_record`: the columns the old row carries (key columns, or all with FULL).
+    pub fn write_old_record(&self, out: &mut Vec<u8>, select: Option<&dyn Fn(&str) -> bool>) -> bool {
+        if self.kind == ChangeKind::Insert {
+            return false;
+        }
+        out.push(b'{');
+        let mut first = true;
+        if let Some(old) = &self.old {
+            let full = self.relation.replica_identity == ReplicaIdentity::Full;
+            for (col, v) in self.relation.columns.iter().zip(&old.0) {
+                if select.is_some_and(|s| !s(&col.name)) || !(full || col.is_key) {
+                    continue;
+                }
+                let text = match v {
+                    Value::Text(t) => Some(&t[..]),
+                    Value::Null => None,
+                    Value::UnchangedToast => continue,
+                };
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                write_json_str(out, &col.name);
+                out.push(b':');
+                match text {
+                    Some(t) => write_json(out, &col.ty, t),
+                    None => out.extend_from_slice(b"null"),
+                }
+            }
+        }
+        out.push(b'}');
+        true
+    }
+
+    /// One line of `walcast tail`: the change with its cursor.
+    pub fn to_tail_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"{\"cursor\":");
+        write_json_str(&mut out, &self.cursor());
+        out.push(b',');
+        self.write_data_fields(&mut out, None);
+        out.push(b'}');
+        out
+    }
+
+    /// Writes `"schema":…,"table":…,"type":…,"commit_timestamp":…,"columns":…,"record":…,
+    /// "old_record":…` (record/old_record only where they apply) plus `unchanged_toast` when some
+    /// values were left out.
+    pub fn write_data_fields(&self, out: &mut Vec<u8>, select: Option<&dyn Fn(&str) -> bool>) {
+        out.extend_from_slice(b"\"schema\":");
+        write_json_str(out, &self.relation.schema);
+        out.extend_from_slice(b",\"table\":");
+        write_json_str(out, &self.relation.table);
+        out.extend_from_slice(b",\"type\":\"");
+        out.extend_from_slice(self.kind.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"commit_timestamp\":");
+        write_json_str(out, &self.commit_timestamp());
+        out.extend_from_slice(b",\"columns\":");
+        out.extend_from_slice(&self.relation.columns_json);
+        if self.new.is_some() {
+            out.extend_from_slice(b",\"record\":");
+            self.write_record(out, select);
+        }
+        if matches!(self.kind, ChangeKind::Update | ChangeKind::Delete) {
+            out.extend_from_slice(b",\"old_record\":");
+            self.write_old_record(out, select);
+        }
+        let toast = self.unchanged_toast();
+        if !toast.is_empty() {
+            out.extend_from_slice(b",\"unchanged_toast\":[");
+            for (i, name) in toast.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json_str(out, name);
+            }
+            out.push(b']');
+        }
+    }
+}
+
+/// Formats microseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn format_timestamp_millis(unix_micros: i64) -> String {
+    let secs = unix_micros.div_euclid(1_000_000);
+    let millis = unix_micros.rem_euclid(1_000_000) / 1000;
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let mut s = String::with_capacity(24);
+    let _ = write!(
+        s,
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        tod / 3600,
+        (tod % 3600) / 60,
+        tod % 60
+    );
+    s
+}
+
+/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// (year, month, day) → days since 1970-01-01.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::values::TypeCatalog;
+
+    fn relation(identity: ReplicaIdentity) -> Arc<Relation> {
+        let cat = TypeCatalog::default();
+        Arc::new(Relation::new(
+            1,
+            "public",
+            "todos",
+            identity,
+            vec![
+                Column { name: "id".into(), ty: Arc::clone(cat.get(20).unwrap()), is_key: true },
+                Column { name: "task".into(), ty: Arc::clone(cat.get(25).unwrap()), is_key: false },
+                Column { name: "body".into(), ty: Arc::clone(cat.get(25).unwrap()), is_key: false },
+            ],
+        ))
+    }
+
+    fn t(s: &str) -> Value {
+        Value::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn timestamps_and_cursor() {
+        assert_eq!(format_timestamp_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_timestamp_millis(1_763_511_760_877_123), "2025-11-19T00:22:40.877Z");
+        assert_eq!(format_timestamp_millis(-1), "1969-12-31T23:59:59.999Z");
+        for d in [-800_000i64, -1, 0, 1, 59, 60, 365, 10_957, 20_000, 2_932_896] {
+            let (y, m, dd) = civil_from_days(d);
+            assert_eq!(days_from_civil(y, m, dd), d);
+        }
+        let c = Change {
+            relation: relation(ReplicaIdentity::Default),
+            kind: ChangeKind::Insert,
+            new: Some(Tuple(vec![t("1"), Value::Null, t("x")])),
+            old: None,
+            commit_lsn: Lsn(0x10),
+            commit_ts: 0,
+            seq: 2,
+        };
+        assert_eq!(c.cursor(), "000000000000001000000002");
+        assert!(c.cursor() < Change { seq: 10, ..c }.cursor());
+    }
+
+    #[test]
+    fn update_with_unchanged_toast() {
+        let c = Change {
+            relation: relation(ReplicaIdentity::Default),
+            kind: ChangeKind::Update,
+            new: Some(Tuple(vec![t("1"), t("a"), Value::UnchangedToast])),
+            old: None,
+            commit_lsn: Lsn(1),
+            commit_ts: 0,
+            seq: 0,
+        };
+        let json = String::from_utf8(c.to_tail_json()).unwrap();
+        assert!(json.contains(r#""record":{"id":1,"task":"a"}"#), "{json}");
+        assert!(json.contains(r#""old_record":{}"#), "{json}");
+        assert!(json.contains(r#""unchanged_toast":["body"]"#), "{json}");
+        serde_json::from_str::<serde_json::Value>(&json).unwrap();
+
+        // With a full old row the value comes from there.
+        let c = Change {
+            relation: relation(ReplicaIdentity::Full),
+            old: Some(Tuple(vec![t("1"), t("b"), t("long")])),
+            ..c
+        };
+        let json = String::from_utf8(c.to_tail_json()).unwrap();
+        assert!(json.contains(r#""record":{"id":1,"task":"a","body":"long"}"#), "{json}");
+        assert!(json.contains(r#""old_record":{"id":1,"task":"b","body":"long"}"#), "{json}");
+        assert!(!json.contains("unchanged_toast"), "{json}");
+    }
+
+    #[test]
+    fn delete_has_no_record() {
+        let c = Change {
+            relation: relation(ReplicaIdentity::Default),
+            kind: ChangeKind::Delete,
+            new: None,
+            old: Some(Tuple(vec![t("5"), Value::Null, Value::Null])),
+            commit_lsn: Lsn(1),
+            commit_ts: 0,
+            seq: 0,
+        };
+        let json = String::from_utf8(c.to_tail_json()).unwrap();
+        assert!(!json.contains("\"record\""), "{json}");
+        assert!(json.contains(r#""old_record":{"id":5}"#), "{json}");
+        assert_eq!(c.filter_value(0), Some(&b"5"[..]));
+        assert!(c.filter_carries(0) && !c.filter_carries(1));
+    }
+}
+
+/// What the replication stage hands the fan-out stage, in commit order.
+#[derive(Debug)]
+pub enum ChangeEvent {
+    Change(Change),
+    /// The transaction whose changes came before is complete. Once the fan-out has dispatched
+    /// it, `end_lsn` may be confirmed to Postgres.
+    Commit { commit_lsn: Lsn, end_lsn: Lsn },
+}

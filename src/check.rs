@@ -1,0 +1,225 @@
+//! Preflight: the facts a gateway needs from its database, each reported as ok / warn / FAIL
+//! with the fix. `walcast check` prints them; `serve` refuses to start on a FAIL.
+//! Must not: change anything in the database.
+
+use std::fmt;
+
+use sqlx::PgPool;
+
+use crate::config::Config;
+use crate::replication::slot::{self, TableSpec};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckResult {
+    pub level: Level,
+    pub name: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for CheckResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tag = match self.level {
+            Level::Ok => "ok  ",
+            Level::Warn => "warn",
+            Level::Fail => "FAIL",
+        };
+        write!(f, "{tag} {:<22} {}", self.name, self.message)
+    }
+}
+
+fn r(level: Level, name: &'static str, message: impl Into<String>) -> CheckResult {
+    CheckResult { level, name, message: message.into() }
+}
+
+/// Runs every check. A query that fails becomes a FAIL of its own check, never a panic.
+pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    let one = |q: &'static str| sqlx::query_scalar::<_, String>(q).fetch_one(pool);
+
+    match one("SHOW server_version_num").await {
+        Ok(v) => {
+            let n: u32 = v.parse().unwrap_or(0);
+            out.push(if n >= 140_000 {
+                r(Level::Ok, "server_version", format!("{}.{}", n / 10_000, n % 10_000))
+            } else {
+                r(Level::Fail, "server_version", format!("{n}: PostgreSQL 14 or newer is required; upgrade the server"))
+            });
+        }
+        Err(e) => out.push(r(Level::Fail, "server_version", format!("cannot query the server: {e}"))),
+    }
+
+    match one("SHOW wal_level").await {
+        Ok(v) if v == "logical" => out.push(r(Level::Ok, "wal_level", "logical")),
+        Ok(v) => out.push(r(
+            Level::Fail,
+            "wal_level",
+            format!(
+                "is {v:?}, must be \"logical\": run ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL \
+                 (or start it with -c wal_level=logical)"
+            ),
+        )),
+        Err(e) => out.push(r(Level::Fail, "wal_level", e.to_string())),
+    }
+
+    let free: Result<(i64, i64, i64, i64), _> = sqlx::query_as(
+        "SELECT current_setting('max_replication_slots')::int8, \
+                (SELECT count(*) FROM pg_replication_slots)::int8, \
+                current_setting('max_wal_senders')::int8, \
+                (SELECT count(*) FROM pg_stat_replication)::int8",
+    )
+    .fetch_one(pool)
+    .await;
+    match free {
+        Ok((max_slots, used_slots, max_senders, used_senders)) => {
+            let slot_exists = slot::slot_info(pool, &config.slot).await.ok().flatten().is_some();
+            let need_slot = i64::from(!slot_exists);
+            out.push(if max_slots - used_slots >= need_slot {
+                r(Level::Ok, "max_replication_slots", format!("{used_slots} of {max_slots} used"))
+            } else {
+                r(Level::Fail, "max_replication_slots", format!(
+                    "all {max_slots} slots are used: raise max_replication_slots (ALTER SYSTEM SET max_replication_slots = {}; restart) or drop unused slots",
+                    max_slots + 4
+                ))
+            });
+            out.push(if max_senders - used_senders >= 1 {
+                r(Level::Ok, "max_wal_senders", format!("{used_senders} of {max_senders} used"))
+            } else {
+                r(Level::Fail, "max_wal_senders", format!(
+                    "all {max_senders} WAL senders are busy: raise max_wal_senders (ALTER SYSTEM SET max_wal_senders = {}; restart)",
+                    max_senders + 4
+                ))
+            });
+        }
+        Err(e) => out.push(r(Level::Fail, "max_replication_slots", e.to_string())),
+    }
+
+    let role: Result<(String, bool, bool), _> =
+        sqlx::query_as("SELECT rolname::text, rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user")
+            .fetch_one(pool)
+            .await;
+    match role {
+        Ok((name, sup, repl)) if sup || repl => {
+            out.push(r(Level::Ok, "replication_role", format!("{name} has {}", if sup { "SUPERUSER" } else { "REPLICATION" })))
+        }
+        Ok((name, _, _)) => out.push(r(
+            Level::Fail,
+            "replication_role",
+            format!("role {name} lacks REPLICATION: run ALTER ROLE {name} WITH REPLICATION;"),
+        )),
+        Err(e) => out.push(r(Level::Fail, "replication_role", e.to_string())),
+    }
+
+    let pub_exists: Result<bool, _> = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+        .bind(&config.publication)
+        .fetch_one(pool)
+        .await;
+    match pub_exists {
+        Ok(true) => out.push(r(Level::Ok, "publication", format!("{} exists", config.publication))),
+        Ok(false) => {
+            let can: Result<bool, _> = sqlx::query_scalar(
+                "SELECT rolsuper OR has_database_privilege(current_user, current_database(), 'CREATE') FROM pg_roles WHERE rolname = current_user",
+            )
+            .fetch_one(pool)
+            .await;
+            out.push(match can {
+                Ok(true) => r(Level::Ok, "publication", format!("{} will be created", config.publication)),
+                _ => r(Level::Fail, "publication", format!(
+                    "{} does not exist and this role cannot create it: GRANT CREATE ON DATABASE to the role, or create the publication as its owner",
+                    config.publication
+                )),
+            });
+        }
+        Err(e) => out.push(r(Level::Fail, "publication", e.to_string())),
+    }
+
+    let spec = TableSpec::parse(&config.tables);
+    for (schema, table) in &spec.tables {
+        let exists: Result<bool, _> = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r','p'))",
+        )
+        .bind(schema)
+        .bind(table)
+        .fetch_one(pool)
+        .await;
+        if !matches!(exists, Ok(true)) {
+            out.push(r(Level::Fail, "tables", format!("{schema}.{table} does not exist: create it or remove it from `tables`")));
+        }
+    }
+    for schema in &spec.schemas {
+        let exists: Result<bool, _> = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .fetch_one(pool)
+            .await;
+        if !matches!(exists, Ok(true)) {
+            out.push(r(Level::Fail, "tables", format!("schema {schema} does not exist: create it or remove {schema}.* from `tables`")));
+        }
+    }
+    if !out.iter().any(|c| c.name == "tables") {
+        out.push(r(Level::Ok, "tables", config.tables.join(", ")));
+    }
+
+    let unidentified: Result<Vec<(String, String, String)>, _> = sqlx::query_as(
+        "SELECT n.nspname::text, c.relname::text, c.relreplident::text FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r','p') AND n.nspname NOT IN ('pg_catalog','information_schema','walcast') \
+           AND (n.nspname = ANY($1) OR (n.nspname || '.' || c.relname) = ANY($2)) \
+           AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS \
+                (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))) ORDER BY 1, 2",
+    )
+    .bind(&spec.schemas)
+    .bind(spec.tables.iter().map(|(s, t)| format!("{s}.{t}")).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await;
+    match unidentified {
+        Ok(rows) if rows.is_empty() => out.push(r(Level::Ok, "replica_identity", "every table can identify its rows")),
+        Ok(rows) => {
+            let names: Vec<String> = rows.iter().map(|(s, t, _)| format!("{s}.{t}")).collect();
+            out.push(r(Level::Warn, "replica_identity", format!(
+                "{} cannot identify rows (no primary key or REPLICA IDENTITY NOTHING): UPDATE/DELETE there fail or carry no old row; \
+                 add a primary key or run ALTER TABLE … REPLICA IDENTITY FULL",
+                names.join(", ")
+            )));
+        }
+        Err(e) => out.push(r(Level::Warn, "replica_identity", e.to_string())),
+    }
+
+    match slot::slot_info(pool, &config.slot).await {
+        Ok(None) => out.push(r(Level::Ok, "slot", format!("{} will be created", config.slot))),
+        Ok(Some(info)) => {
+            let lag = info.lag_bytes.unwrap_or(0);
+            let wal = info.wal_status.clone().unwrap_or_else(|| "unknown".into());
+            let db = config
+                .database_url
+                .as_deref()
+                .and_then(|u| crate::replication::wire::ConnectParams::from_url(u).ok())
+                .map(|p| p.database)
+                .unwrap_or_default();
+            match slot::check_slot(&config.slot, &info, &db) {
+                Err(e) => out.push(r(Level::Fail, "slot", e.to_string())),
+                Ok(()) if wal == "unreserved" => out.push(r(Level::Warn, "slot", format!(
+                    "{}: wal_status unreserved, lag {lag} bytes: WAL is about to be removed; start the gateway or raise max_slot_wal_keep_size",
+                    config.slot
+                ))),
+                Ok(()) => out.push(r(Level::Ok, "slot", format!(
+                    "{}: wal_status {wal}, lag {lag} bytes{}",
+                    config.slot,
+                    if info.active { ", in use by a running stream" } else { "" }
+                ))),
+            }
+        }
+        Err(e) => out.push(r(Level::Fail, "slot", e.to_string())),
+    }
+    out
+}
+
+pub fn any_fail(results: &[CheckResult]) -> bool {
+    results.iter().any(|c| c.level == Level::Fail)
+}

@@ -1,0 +1,277 @@
+//! A private PostgreSQL cluster started from the local server binaries: used by `walcast dev`, by
+//! the integration tests and by `walcast bench`.
+//!
+//! Owns: finding the binaries, initdb (as an unprivileged user when running as root), starting the
+//! server with `wal_level=logical` on a free port, waiting for readiness with a deadline, and
+//! stopping it. The server runs under a small shell watchdog that stops it when this process
+//! goes away, so no cluster outlives a crashed test run. Must not: touch the gateway.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(
+        "no PostgreSQL server binaries found (looked at $PG_BIN, /usr/lib/postgresql/*/bin and PATH); \
+         install them, e.g. `apt-get install -y postgresql`"
+    )]
+    NoBinaries,
+    #[error("running as root, but there is no `postgres` user to run the cluster as; create one (`useradd postgres`)")]
+    NoUnprivilegedUser,
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("initdb failed: {0}")]
+    Initdb(String),
+    #[error("the server did not become ready within {seconds} s; see {log}")]
+    NotReady { seconds: u64, log: String },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
+    let what = what.into();
+    move |source| ClusterError::Io { what, source }
+}
+
+/// Finds `initdb` and `postgres`: `$PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`, else PATH.
+pub fn find_binaries() -> Result<PathBuf, ClusterError> {
+    if let Some(dir) = std::env::var_os("PG_BIN") {
+        let dir = PathBuf::from(dir);
+        if dir.join("postgres").exists() {
+            return Ok(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        if dir.join("postgres").exists() && dir.join("initdb").exists() {
+            return Ok(dir);
+        }
+    }
+    Err(ClusterError::NoBinaries)
+}
+
+/// (uid, gid) of the `postgres` user, read from /etc/passwd.
+fn postgres_user() -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&"postgres")).then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Directory holding `data/` and `postgres.log`; reused when it already holds a cluster.
+    pub root: PathBuf,
+    /// Extra `-c name=value` settings.
+    pub settings: Vec<(String, String)>,
+    /// Extra pg_hba.conf lines placed before the trust rules.
+    pub hba: Vec<String>,
+    pub port: Option<u16>,
+}
+
+impl ClusterOptions {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        ClusterOptions { root: root.into(), settings: Vec::new(), hba: Vec::new(), port: None }
+    }
+}
+
+/// A running cluster. Dropping it stops the server.
+pub struct Cluster {
+    pub port: u16,
+    pub root: PathBuf,
+    pub bin: PathBuf,
+    owner: Option<(u32, u32)>,
+    child: Option<Child>,
+}
+
+impl Cluster {
+    pub async fn start(opts: ClusterOptions) -> Result<Cluster, ClusterError> {
+        let bin = find_binaries()?;
+        let owner = if rustix::process::geteuid().is_root() {
+            Some(postgres_user().ok_or(ClusterError::NoUnprivilegedUser)?)
+        } else {
+            None
+        };
+        let data = opts.root.join("data");
+        std::fs::create_dir_all(&opts.root).map_err(io(format!("creating {}", opts.root.display())))?;
+        chown(&opts.root, owner)?;
+        if !data.join("PG_VERSION").exists() {
+            let out = command(&bin.join("initdb"), owner)
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"])
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(io("running initdb"))?;
+            if !out.status.success() {
+                return Err(ClusterError::Initdb(String::from_utf8_lossy(&out.stderr).into_owned()));
+            }
+        }
+        let mut hba = String::from("local all all trust\n");
+        for line in &opts.hba {
+            hba.push_str(line);
+            hba.push('\n');
+        }
+        hba.push_str("host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n");
+        std::fs::write(data.join("pg_hba.conf"), hba).map_err(io("writing pg_hba.conf"))?;
+        chown(&data.join("pg_hba.conf"), owner)?;
+
+        let mut last_err = None;
+        for _ in 0..5 {
+            let port = match opts.port {
+                Some(p) => p,
+                None => free_port()?,
+            };
+            match Self::launch(&bin, owner, &opts, port).await {
+                Ok(child) => {
+                    return Ok(Cluster { port, root: opts.root.clone(), bin, owner, child: Some(child) })
+                }
+                Err(e) => last_err = Some(e),
+            }
+            if opts.port.is_some() {
+                break;
+            }
+        }
+        Err(last_err.unwrap_or(ClusterError::NoBinaries))
+    }
+
+    async fn launch(bin: &Path, owner: Option<(u32, u32)>, opts: &ClusterOptions, port: u16) -> Result<Child, ClusterError> {
+        let data = opts.root.join("data");
+        let log = opts.root.join("postgres.log");
+        let mut settings: Vec<(String, String)> = vec![
+            ("listen_addresses".into(), "127.0.0.1".into()),
+            ("port".into(), port.to_string()),
+            ("unix_socket_directories".into(), opts.root.display().to_string()),
+            ("wal_level".into(), "logical".into()),
+            ("max_replication_slots".into(), "64".into()),
+            ("max_wal_senders".into(), "64".into()),
+            ("max_connections".into(), "300".into()),
+            ("fsync".into(), "off".into()),
+            ("synchronous_commit".into(), "off".into()),
+            ("full_page_writes".into(), "off".into()),
+            ("logging_collector".into(), "off".into()),
+        ];
+        settings.extend(opts.settings.iter().cloned());
+        let mut args = String::new();
+        for (k, v) in &settings {
+            args.push_str(&format!(" -c {}", shell_quote(&format!("{k}={v}"))));
+        }
+        // The watchdog: stops the server when our end of its stdin closes (we exited or stopped it).
+        let script = format!(
+            "{postgres} -D {data}{args} >>{log} 2>&1 & pid=$!\n\
+             trap 'kill -INT $pid 2>/dev/null' TERM INT\n\
+             read _ignored\n\
+             kill -INT $pid 2>/dev/null\n\
+             wait $pid\n",
+            postgres = shell_quote(&bin.join("postgres").display().to_string()),
+            data = shell_quote(&data.display().to_string()),
+            log = shell_quote(&log.display().to_string()),
+        );
+        let mut child = command(Path::new("/bin/sh"), owner)
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(io("starting postgres"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Err(ClusterError::NotReady { seconds: 0, log: log.display().to_string() });
+            }
+            if let Ok(c) = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await {
+                let _ = sqlx::Connection::close(c).await;
+                return Ok(child);
+            }
+            if Instant::now() > deadline {
+                let _ = child.start_kill();
+                return Err(ClusterError::NotReady { seconds: 30, log: log.display().to_string() });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A connection URL for `database` as the superuser.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}?sslmode=disable", self.port)
+    }
+
+    /// Stops the server (fast shutdown) and waits for it.
+    pub async fn stop(mut self) {
+        self.stop_inner().await;
+    }
+
+    async fn stop_inner(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            drop(child.stdin.take());
+            let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+        }
+    }
+
+    /// Stops the server (fast shutdown, which ends every connection) and starts it again on the
+    /// same port and data.
+    pub async fn restart(&mut self) -> Result<(), ClusterError> {
+        self.stop_inner().await;
+        let opts = ClusterOptions { port: Some(self.port), ..ClusterOptions::new(self.root.clone()) };
+        let child = Self::launch(&self.bin, self.owner, &opts, self.port).await?;
+        self.child = Some(child);
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Closing stdin makes the watchdog stop the server.
+        if let Some(child) = self.child.as_mut() {
+            drop(child.stdin.take());
+        }
+    }
+}
+
+fn command(program: &Path, owner: Option<(u32, u32)>) -> Command {
+    let mut c = Command::new(program);
+    if let Some((uid, gid)) = owner {
+        c.uid(uid).gid(gid);
+        c.env("HOME", "/tmp");
+    }
+    c
+}
+
+fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<(), ClusterError> {
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io(format!("chown {}", path.display())))?;
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16, ClusterError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
+    Ok(l.local_addr().map_err(io("finding a free port"))?.port())
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}

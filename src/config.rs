@@ -1,0 +1,303 @@
+//! Configuration: defaults < `walcast.toml` (or `--config`) < `WALCAST_*` environment variables
+//! (nested keys with `__`), with `DATABASE_URL` accepted when `WALCAST_DATABASE_URL` is absent.
+//!
+//! Owns: every setting, its default, and validation with messages that name the key.
+//! Must not: be read from anywhere but here; no other module reads the environment for settings.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Postgres connection URL (required for serve and check).
+    pub database_url: Option<String>,
+    /// HTTP and WebSocket listen address.
+    pub listen: SocketAddr,
+    /// Publication to stream; created if missing.
+    pub publication: String,
+    /// Logical replication slot; created if missing.
+    pub slot: String,
+    /// `schema.table` or `schema.*` entries for a publication walcast creates and owns.
+    #[serde(deserialize_with = "comma_list")]
+    pub tables: Vec<String>,
+    /// `pretty` or `json`; unset means pretty on a terminal, json otherwise.
+    pub log_format: Option<LogFormat>,
+    /// Largest client frame accepted, in bytes; larger ones close the socket with 1009.
+    pub max_frame_bytes: usize,
+    /// A record larger than this is sent with only its small fields and a 413 error.
+    pub max_record_bytes: usize,
+    /// Seconds a socket may stay silent before it is closed.
+    pub idle_timeout_secs: u64,
+    /// Frames queued per socket before the client counts as too slow and is disconnected.
+    pub client_queue: usize,
+    /// Channels one socket may join.
+    pub max_channels_per_socket: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: None,
+            listen: SocketAddr::from(([0, 0, 0, 0], 4000)),
+            publication: "walcast".into(),
+            slot: "walcast".into(),
+            tables: vec!["public.*".into()],
+            log_format: None,
+            max_frame_bytes: 1024 * 1024,
+            max_record_bytes: 1024 * 1024,
+            idle_timeout_secs: 60,
+            client_queue: 1024,
+            max_channels_per_socket: 100,
+        }
+    }
+}
+
+fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect(),
+        OneOrMany::Many(v) => v,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Config {
+    /// Loads from `path` (when given, it must exist), else `./walcast.toml` if present, then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(p) => {
+                if !p.exists() {
+                    return Err(ConfigError::Invalid {
+                        key: "--config",
+                        message: format!("file {} does not exist", p.display()),
+                    });
+                }
+                fig = fig.merge(Toml::file_exact(p));
+            }
+            None => fig = fig.merge(Toml::file("walcast.toml")),
+        }
+        if std::env::var_os("WALCAST_DATABASE_URL").is_none() {
+            if let Ok(url) = std::env::var("DATABASE_URL") {
+                fig = fig.merge(Serialized::default("database_url", url));
+            }
+        }
+        fig = fig.merge(Env::prefixed("WALCAST_").split("__"));
+        let config: Config = fig.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_owned() });
+        if !is_identifier(&self.slot) {
+            return invalid("slot", "expected lower-case letters, digits and underscores (at most 63)");
+        }
+        if self.publication.is_empty() || self.publication.len() > 63 {
+            return invalid("publication", "expected a name of 1 to 63 characters");
+        }
+        if self.tables.is_empty() {
+            return invalid("tables", "expected at least one `schema.table` or `schema.*`");
+        }
+        for t in &self.tables {
+            match t.split_once('.') {
+                Some((s, n)) if !s.is_empty() && !n.is_empty() && !n.contains('.') => {}
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        key: "tables",
+                        message: format!("entry {t:?}: expected `schema.table` or `schema.*`"),
+                    })
+                }
+            }
+        }
+        if let Some(url) = &self.database_url {
+            crate::replication::wire::ConnectParams::from_url(url)
+                .map_err(|e| ConfigError::Invalid { key: "database_url", message: e.to_string() })?;
+        }
+        if self.max_frame_bytes < 1024 {
+            return invalid("max_frame_bytes", "expected at least 1024");
+        }
+        if self.client_queue == 0 {
+            return invalid("client_queue", "expected at least 1");
+        }
+        if self.idle_timeout_secs == 0 {
+            return invalid("idle_timeout_secs", "expected at least 1 second");
+        }
+        Ok(())
+    }
+
+    pub fn database_url(&self) -> Result<&str, ConfigError> {
+        self.database_url.as_deref().ok_or(ConfigError::Invalid {
+            key: "database_url",
+            message: "required: set it in walcast.toml, WALCAST_DATABASE_URL or DATABASE_URL".into(),
+        })
+    }
+
+    /// The effective configuration as TOML with the password in `database_url` redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.database_url = shown.database_url.map(|u| redact_url(&u));
+        toml::to_string_pretty(&shown).unwrap_or_default()
+    }
+}
+
+/// `postgres://u:secret@h/d` → `postgres://u:***@h/d`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let redacted_tail = tail
+        .split('&')
+        .map(|p| if p.starts_with("password=") || p.contains("?password=") {
+            p.split_once("password=").map(|(a, _)| format!("{a}password=***")).unwrap_or_default()
+        } else {
+            p.to_owned()
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{redacted_tail}"),
+            None => format!("{scheme}://{authority}{redacted_tail}"),
+        },
+        None => format!("{scheme}://{authority}{redacted_tail}"),
+    }
+}
+
+/// A name usable unquoted in replication commands.
+pub fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults() {
+        Jail::expect_with(|_jail| {
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.listen.to_string(), "0.0.0.0:4000");
+            assert_eq!((c.publication.as_str(), c.slot.as_str()), ("walcast", "walcast"));
+            assert_eq!(c.tables, vec!["public.*"]);
+            assert!(c.database_url.is_none());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn precedence_file_then_env() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "walcast.toml",
+                "listen = \"127.0.0.1:5000\"\nslot = \"from_file\"\ntables = [\"app.*\", \"public.todos\"]\n",
+            )?;
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.listen.to_string(), "127.0.0.1:5000");
+            assert_eq!(c.slot, "from_file");
+            assert_eq!(c.tables, vec!["app.*", "public.todos"]);
+
+            jail.set_env("WALCAST_SLOT", "from_env");
+            jail.set_env("WALCAST_TABLES", "a.b, c.*");
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.slot, "from_env");
+            assert_eq!(c.tables, vec!["a.b", "c.*"]);
+            assert_eq!(c.listen.to_string(), "127.0.0.1:5000");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn database_url_fallback() {
+        Jail::expect_with(|jail| {
+            jail.set_env("DATABASE_URL", "postgres://a@h/one");
+            assert_eq!(Config::load(None).unwrap().database_url.as_deref(), Some("postgres://a@h/one"));
+            jail.set_env("WALCAST_DATABASE_URL", "postgres://a@h/two");
+            assert_eq!(Config::load(None).unwrap().database_url.as_deref(), Some("postgres://a@h/two"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn explicit_config_path() {
+        Jail::expect_with(|jail| {
+            jail.create_file("other.toml", "publication = \"pub_x\"\n")?;
+            let c = Config::load(Some(Path::new("other.toml"))).unwrap();
+            assert_eq!(c.publication, "pub_x");
+            let e = Config::load(Some(Path::new("missing.toml"))).unwrap_err();
+            assert!(e.to_string().contains("missing.toml"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("walcast.toml", "listne = \"1.2.3.4:1\"\n")?;
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("listne"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("WALCAST_LISTEN", "not an address");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("listen"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("WALCAST_SLOT", "Bad-Slot");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("`slot`") && e.contains("lower-case"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("WALCAST_TABLES", "nodot");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("`tables`") && e.contains("nodot"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("WALCAST_DATABASE_URL", "mysql://x");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("database_url"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redacts_secrets() {
+        let c = Config { database_url: Some("postgres://u:hunter2@h:5/d".into()), ..Config::default() };
+        let t = c.to_redacted_toml();
+        assert!(t.contains("postgres://u:***@h:5/d") && !t.contains("hunter2"), "{t}");
+        assert_eq!(redact_url("postgres://h/d?user=u&password=x"), "postgres://h/d?user=u&password=***");
+    }
+}

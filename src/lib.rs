@@ -1,0 +1,159 @@
+//! walcast: a Postgres change-data-capture realtime gateway.
+//!
+//! A change flows left to right through the modules:
+//!
+//! 1. [`replication`] — the walsender client (`wire`), the pgoutput decoder (`pgoutput`), value
+//!    rendering equal to `to_jsonb` (`values`), slot and publication lifecycle (`slot`), and the
+//!    replication task (`stream`) that turns the stream into [`change::Change`]s.
+//! 2. [`change`] — the change model shared by every later stage.
+//! 3. [`fanout`] — the subscription index and the dispatcher that pushes each change, rendered
+//!    once, to the matching channels' socket queues; [`filter`] is the row-filter language and
+//!    [`subscribe`] turns channel joins into index entries.
+//! 4. [`protocol`] — the Phoenix channel wire format of the Supabase Realtime clients.
+//! 5. [`server`] — the axum router: WebSocket endpoints, health, readiness, metrics.
+//!
+//! [`Gateway::prepare`] checks and prepares the database; [`Gateway::run`] serves until the
+//! shutdown token fires, then drains within a bounded time.
+
+pub mod bench;
+pub mod change;
+pub mod check;
+pub mod cluster;
+pub mod config;
+pub mod fanout;
+pub mod filter;
+pub mod protocol;
+pub mod replication;
+pub mod server;
+pub mod subscribe;
+pub mod tail;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::fanout::Fanout;
+use crate::replication::slot;
+use crate::replication::stream::{ReplicationStatus, ReplicationTask};
+use crate::replication::wire::ConnectParams;
+use crate::server::{AppState, Limits};
+use crate::subscribe::PublishedCatalog;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("connecting to the database")]
+    Connect(#[source] sqlx::Error),
+    #[error("preflight failed:\n{0}")]
+    Preflight(String),
+    #[error(transparent)]
+    Slot(#[from] slot::SlotError),
+    #[error("listening on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Opens the ordinary SQL pool.
+pub async fn connect_pool(url: &str) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(10)).connect(url).await
+}
+
+/// A gateway whose database is prepared and whose listener is bound, ready to run.
+pub struct Gateway {
+    config: Config,
+    pool: PgPool,
+    params: ConnectParams,
+    listener: TcpListener,
+}
+
+impl Gateway {
+    /// Connects, applies migrations (unless `migrate` is false), runs preflight (refusing on a
+    /// FAIL), makes sure the publication and slot exist, and binds the listener.
+    pub async fn prepare(config: Config, migrate: bool) -> Result<Gateway, StartError> {
+        let url = config.database_url()?.to_owned();
+        let params = ConnectParams::from_url(&url)
+            .map_err(|e| config::ConfigError::Invalid { key: "database_url", message: e.to_string() })?;
+        let pool = connect_pool(&url).await.map_err(StartError::Connect)?;
+        let results = check::run(&pool, &config).await;
+        if check::any_fail(&results) {
+            let lines: Vec<String> = results.iter().filter(|r| r.level == check::Level::Fail).map(|r| r.to_string()).collect();
+            return Err(StartError::Preflight(lines.join("\n")));
+        }
+        for r in results.iter().filter(|r| r.level == check::Level::Warn) {
+            tracing::warn!(check = r.name, "{}", r.message);
+        }
+        if migrate {
+            slot::migrate(&url).await?;
+        }
+        let state = slot::ensure_publication(&pool, &config.publication, &config.tables).await?;
+        tracing::info!(publication = %config.publication, ?state, "publication ready");
+        let start = slot::ensure_slot(&pool, &params, &config.slot).await?;
+        tracing::info!(slot = %config.slot, resume_at = %start, "slot ready");
+        let listener =
+            TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        Ok(Gateway { config, pool, params, listener })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// Serves until `shutdown` fires: stops accepting, closes sockets with a close frame, sends
+    /// the final standby status update, and returns within 10 s.
+    pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let tracker = TaskTracker::new();
+        let fanout = Fanout::new();
+        let status = Arc::new(ReplicationStatus::default());
+        let (tx, rx) = tokio::sync::mpsc::channel(8192);
+
+        tracker.spawn(
+            ReplicationTask {
+                params: self.params,
+                slot: self.config.slot.clone(),
+                publication: self.config.publication.clone(),
+                pool: self.pool.clone(),
+                tx,
+                dispatched: Arc::clone(&fanout.dispatched),
+                status: Arc::clone(&status),
+            }
+            .run(shutdown.clone()),
+        );
+        tracker.spawn(fanout::run_dispatcher(fanout.clone(), rx, self.config.max_record_bytes, shutdown.clone()));
+
+        let state = AppState {
+            fanout,
+            catalog: Arc::new(PublishedCatalog::new(self.pool.clone(), self.config.publication.clone())),
+            status,
+            limits: Limits {
+                max_frame_bytes: self.config.max_frame_bytes,
+                idle_timeout: Duration::from_secs(self.config.idle_timeout_secs),
+                client_queue: self.config.client_queue,
+                max_channels: self.config.max_channels_per_socket,
+            },
+            shutdown: shutdown.clone(),
+        };
+        let app = server::router(state);
+        let signal = shutdown.clone();
+        let serve = axum::serve(self.listener, app).with_graceful_shutdown(async move { signal.cancelled().await });
+        let server = tracker.spawn(async move { serve.await });
+        tracker.close();
+        shutdown.cancelled().await;
+        if tokio::time::timeout(Duration::from_secs(9), tracker.wait()).await.is_err() {
+            tracing::warn!("tasks still running 9 s after shutdown; leaving them");
+            server.abort();
+        }
+        self.pool.close().await;
+        Ok(())
+    }
+}

@@ -1,0 +1,279 @@
+//! The `walcast` command line: parses arguments, loads configuration, sets up logging, then hands
+//! over to the library. Holds no logic of its own.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use walcast::change::ChangeKind;
+use walcast::cluster::{Cluster, ClusterOptions};
+use walcast::config::{Config, LogFormat};
+use walcast::{bench, check, replication, tail, Gateway};
+
+/// Postgres change-data-capture realtime gateway, compatible with Supabase Realtime clients.
+#[derive(Debug, Parser)]
+#[command(name = "walcast", version, about)]
+struct Cli {
+    /// Read this TOML file instead of ./walcast.toml.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve {
+        /// Print the effective configuration as TOML (secrets redacted) and exit.
+        #[arg(long)]
+        print_config: bool,
+        /// Do not apply the gateway's migrations at start.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Run a private PostgreSQL cluster with a demo schema and the gateway in front of it.
+    Dev {
+        /// Where the cluster's files live; reused on the next run.
+        #[arg(long, default_value = ".walcast/dev")]
+        data_dir: PathBuf,
+        /// HTTP/WebSocket port of the gateway.
+        #[arg(long, default_value_t = 4000)]
+        port: u16,
+    },
+    /// Check the configured database and print one line per check; exit 1 on any FAIL.
+    Check,
+    /// Stream decoded changes as JSON lines on stdout through a temporary slot.
+    Tail {
+        /// Only these tables (comma list of schema.table).
+        #[arg(long, value_delimiter = ',')]
+        tables: Vec<String>,
+        /// Only these kinds of change.
+        #[arg(long, value_delimiter = ',', value_enum)]
+        events: Vec<EventArg>,
+    },
+    /// Operate on the gateway's replication slot.
+    Slot {
+        #[command(subcommand)]
+        action: SlotAction,
+    },
+    /// Measure the gateway: see BENCHMARKS.md.
+    Bench {
+        #[command(subcommand)]
+        scenario: Scenario,
+        /// Use this database instead of a throwaway cluster.
+        #[arg(long, global = true)]
+        database_url: Option<String>,
+        /// Also write the figures as JSON here.
+        #[arg(long, global = true, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EventArg {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+#[derive(Debug, Subcommand)]
+enum SlotAction {
+    /// Drop the slot (the gateway must be stopped). Changes not yet delivered are lost.
+    Drop,
+    /// Drop and create the slot again: streaming restarts from now.
+    Reset,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Small-row inserts: walcast's decode rate against pg_recvlogical's.
+    Ingest {
+        /// Rows to insert.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+    },
+    /// Subscription-index cost per change at 10, 1k and 100k subscriptions.
+    Match,
+    /// Many WebSocket clients with eq filters; commit-to-receipt latency (not yet available).
+    Fanout,
+    /// Many idle sockets; memory per socket (not yet available).
+    Idle,
+}
+
+fn init_tracing(format: Option<LogFormat>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let json = match format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Pretty) => false,
+        None => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("walcast: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::Serve { print_config: true, .. }) = &cli.command {
+        print!("{}", config.to_redacted_toml());
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("walcast: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("walcast: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCode> {
+    match command.unwrap_or(Command::Serve { print_config: false, no_migrate: false }) {
+        Command::Serve { no_migrate, .. } => {
+            let gateway = Gateway::prepare(config, !no_migrate).await?;
+            tracing::info!(addr = %gateway.local_addr(), "listening");
+            gateway.run(shutdown_on_signals()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev { data_dir, port } => dev(config, data_dir, port).await,
+        Command::Check => {
+            let url = config.database_url()?;
+            let pool = walcast::connect_pool(url).await.context("connecting to the database")?;
+            let results = check::run(&pool, &config).await;
+            for r in &results {
+                println!("{r}");
+            }
+            Ok(if check::any_fail(&results) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        Command::Tail { tables, events } => {
+            let events = events
+                .into_iter()
+                .map(|e| match e {
+                    EventArg::Insert => ChangeKind::Insert,
+                    EventArg::Update => ChangeKind::Update,
+                    EventArg::Delete => ChangeKind::Delete,
+                    EventArg::Truncate => ChangeKind::Truncate,
+                })
+                .collect();
+            tail::run(&config, tail::TailOptions { tables, events }, std::io::stdout(), shutdown_on_signals()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Slot { action } => {
+            let url = config.database_url()?;
+            let pool = walcast::connect_pool(url).await?;
+            let dropped = replication::slot::drop_slot(&pool, &config.slot).await?;
+            println!("{}", if dropped { format!("dropped slot {}", config.slot) } else { format!("no slot {}", config.slot) });
+            if let SlotAction::Reset = action {
+                let params = replication::wire::ConnectParams::from_url(url)?;
+                let lsn = replication::slot::ensure_slot(&pool, &params, &config.slot).await?;
+                println!("created slot {} at {lsn}", config.slot);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { scenario, database_url, json } => {
+            let opts = bench::BenchOptions { database_url, json };
+            match scenario {
+                Scenario::Ingest { rows } => {
+                    bench::ingest::run(&opts, rows).await?;
+                }
+                Scenario::Match => {
+                    bench::matching::run(&opts)?;
+                }
+                Scenario::Fanout | Scenario::Idle => {
+                    println!("this scenario is not available yet in this build");
+                    return Ok(ExitCode::from(3));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+const DEMO_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS public.posts (
+    id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    title text NOT NULL,
+    body text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS public.comments (
+    id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    post_id bigint NOT NULL REFERENCES public.posts(id) ON DELETE CASCADE,
+    author text NOT NULL,
+    body text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE public.comments REPLICA IDENTITY FULL;
+";
+
+async fn dev(mut config: Config, data_dir: PathBuf, port: u16) -> anyhow::Result<ExitCode> {
+    let cluster = Cluster::start(ClusterOptions::new(&data_dir)).await?;
+    let url = cluster.url("postgres");
+    let pool = walcast::connect_pool(&url).await?;
+    sqlx::raw_sql(DEMO_SCHEMA).execute(&pool).await.context("creating the demo schema")?;
+    pool.close().await;
+    config.database_url = Some(url.clone());
+    config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let gateway = match Gateway::prepare(config, true).await {
+        Ok(g) => g,
+        Err(e) => {
+            cluster.stop().await;
+            return Err(e.into());
+        }
+    };
+    let addr = gateway.local_addr();
+    println!();
+    println!("walcast dev is running");
+    println!("  WebSocket : ws://{addr}/realtime/v1/websocket?apikey=dev&vsn=2.0.0");
+    println!("  Health    : http://{addr}/healthz  (ready: http://{addr}/readyz)");
+    println!("  Make changes:");
+    println!(
+        "    psql '{url}' -c \"INSERT INTO posts (title) VALUES ('hello') RETURNING id\""
+    );
+    println!("  Ctrl-C stops the gateway and the database; data stays in {}", data_dir.display());
+    println!();
+    let result = gateway.run(shutdown_on_signals()).await;
+    cluster.stop().await;
+    result?;
+    Ok(ExitCode::SUCCESS)
+}

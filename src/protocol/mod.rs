@@ -1,0 +1,3 @@
+//! Client wire formats. Decodes client frames and encodes server frames; never touches sockets.
+
+pub mod phoenix;

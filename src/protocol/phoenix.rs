@@ -1,0 +1,237 @@
+//! Phoenix channel serializers as the Supabase Realtime clients speak them.
+//!
+//! `vsn=1.0.0` (also when absent): JSON objects `{topic, event, payload, ref, join_ref}`; server
+//! frames leave out `join_ref`. `vsn=2.0.0`: JSON arrays `[join_ref, ref, topic, event, payload]`,
+//! plus binary broadcast frames (kind 3 from clients). Owns: decoding client frames into
+//! [`ClientFrame`] and encoding server frames. Must not: touch sockets or subscriptions; never
+//! panic on input.
+
+use bytes::Bytes;
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vsn {
+    V1,
+    V2,
+}
+
+impl Vsn {
+    /// `None`, `1.0.0` → V1; `2.0.0` → V2; anything else is refused.
+    pub fn parse(v: Option<&str>) -> Option<Vsn> {
+        match v {
+            None | Some("1.0.0") | Some("1") | Some("") => Some(Vsn::V1),
+            Some("2.0.0") | Some("2") => Some(Vsn::V2),
+            _ => None,
+        }
+    }
+}
+
+/// One decoded client message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientFrame {
+    pub join_ref: Option<String>,
+    pub msg_ref: Option<String>,
+    pub topic: String,
+    pub event: String,
+    pub payload: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame is not valid JSON: {0}")]
+    Json(String),
+    #[error("frame is not a Phoenix message: {0}")]
+    Shape(&'static str),
+    #[error("binary frame: {0}")]
+    Binary(&'static str),
+}
+
+fn ref_string(v: Option<&Value>) -> Result<Option<String>, FrameError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(FrameError::Shape("ref and join_ref must be strings or null")),
+    }
+}
+
+/// Decodes a text frame in the given serializer version.
+pub fn decode_text(vsn: Vsn, text: &str) -> Result<ClientFrame, FrameError> {
+    let v: Value = serde_json::from_str(text).map_err(|e| FrameError::Json(e.to_string()))?;
+    match (vsn, v) {
+        (Vsn::V2, Value::Array(mut a)) => {
+            if a.len() != 5 {
+                return Err(FrameError::Shape("expected [join_ref, ref, topic, event, payload]"));
+            }
+            let payload = a.pop().unwrap_or(Value::Null);
+            let event = match a.pop() {
+                Some(Value::String(s)) => s,
+                _ => return Err(FrameError::Shape("event must be a string")),
+            };
+            let topic = match a.pop() {
+                Some(Value::String(s)) => s,
+                _ => return Err(FrameError::Shape("topic must be a string")),
+            };
+            let msg_ref = ref_string(a.get(1))?;
+            let join_ref = ref_string(a.first())?;
+            Ok(ClientFrame { join_ref, msg_ref, topic, event, payload })
+        }
+        // A v1 object is accepted on either version, as some clients mix them.
+        (_, Value::Object(mut o)) => {
+            let topic = match o.remove("topic") {
+                Some(Value::String(s)) => s,
+                _ => return Err(FrameError::Shape("topic must be a string")),
+            };
+            let event = match o.remove("event") {
+                Some(Value::String(s)) => s,
+                _ => return Err(FrameError::Shape("event must be a string")),
+            };
+            Ok(ClientFrame {
+                join_ref: ref_string(o.get("join_ref"))?,
+                msg_ref: ref_string(o.get("ref"))?,
+                topic,
+                event,
+                payload: o.remove("payload").unwrap_or(Value::Null),
+            })
+        }
+        (Vsn::V1, Value::Array(_)) => Err(FrameError::Shape("arrays need vsn=2.0.0")),
+        _ => Err(FrameError::Shape("expected a JSON object or array")),
+    }
+}
+
+/// A decoded binary (vsn 2.0.0) frame: a broadcast push.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BinaryPush {
+    pub join_ref: Option<String>,
+    pub msg_ref: Option<String>,
+    pub topic: String,
+    pub event: String,
+    pub metadata: Bytes,
+    /// 0 = binary payload, 1 = JSON.
+    pub encoding: u8,
+    pub payload: Bytes,
+}
+
+/// Decodes a kind-3 binary frame: `3, join_ref_len, ref_len, topic_len, event_len, meta_len,
+/// encoding`, then the fields, then the payload.
+pub fn decode_binary(frame: &Bytes) -> Result<BinaryPush, FrameError> {
+    let header = frame.get(..7).ok_or(FrameError::Binary("shorter than its 7-byte header"))?;
+    if header[0] != 3 {
+        return Err(FrameError::Binary("unknown kind (clients send kind 3)"));
+    }
+    let lens = [header[1], header[2], header[3], header[4], header[5]].map(usize::from);
+    let encoding = header[6];
+    let mut pos = 7;
+    let mut field = |n: usize| -> Result<Bytes, FrameError> {
+        let end = pos + n;
+        if end > frame.len() {
+            return Err(FrameError::Binary("a field runs past the end of the frame"));
+        }
+        let b = frame.slice(pos..end);
+        pos = end;
+        Ok(b)
+    };
+    let text = |b: Bytes| String::from_utf8(b.to_vec()).map_err(|_| FrameError::Binary("a field is not UTF-8"));
+    let join_ref = text(field(lens[0])?)?;
+    let msg_ref = text(field(lens[1])?)?;
+    let topic = text(field(lens[2])?)?;
+    let event = text(field(lens[3])?)?;
+    let metadata = field(lens[4])?;
+    let payload = frame.slice(pos.min(frame.len())..);
+    Ok(BinaryPush {
+        join_ref: (!join_ref.is_empty()).then_some(join_ref),
+        msg_ref: (!msg_ref.is_empty()).then_some(msg_ref),
+        topic,
+        event,
+        metadata,
+        encoding,
+        payload,
+    })
+}
+
+/// Encodes a server frame with a JSON payload.
+pub fn encode(vsn: Vsn, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, event: &str, payload: &Value) -> String {
+    match vsn {
+        Vsn::V1 => serde_json::json!({"topic": topic, "event": event, "payload": payload, "ref": msg_ref}).to_string(),
+        Vsn::V2 => serde_json::json!([join_ref, msg_ref, topic, event, payload]).to_string(),
+    }
+}
+
+/// The text of a `postgres_changes` push up to and including `"ids":[`, and what follows `data`.
+pub fn change_frame_parts(vsn: Vsn, topic: &str) -> (Bytes, &'static [u8]) {
+    let topic = serde_json::to_string(topic).unwrap_or_else(|_| "\"\"".into());
+    match vsn {
+        Vsn::V1 => (
+            Bytes::from(format!("{{\"topic\":{topic},\"event\":\"postgres_changes\",\"payload\":{{\"ids\":[")),
+            b"},\"ref\":null}",
+        ),
+        Vsn::V2 => (Bytes::from(format!("[null,null,{topic},\"postgres_changes\",{{\"ids\":[")), b"}]"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn decodes_v1_and_v2() {
+        let f = decode_text(Vsn::V1, r#"{"topic":"realtime:a","event":"phx_join","payload":{},"ref":"1","join_ref":"1"}"#)
+            .unwrap();
+        assert_eq!((f.topic.as_str(), f.event.as_str(), f.msg_ref.as_deref()), ("realtime:a", "phx_join", Some("1")));
+        let f = decode_text(Vsn::V2, r#"["3","4","phoenix","heartbeat",{}]"#).unwrap();
+        assert_eq!((f.join_ref.as_deref(), f.msg_ref.as_deref(), f.event.as_str()), (Some("3"), Some("4"), "heartbeat"));
+        let f = decode_text(Vsn::V2, r#"[null,5,"phoenix","heartbeat",{}]"#).unwrap();
+        assert_eq!((f.join_ref, f.msg_ref.as_deref()), (None, Some("5")));
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        for (vsn, bad) in [
+            (Vsn::V1, "nope"),
+            (Vsn::V1, "[]"),
+            (Vsn::V1, r#"{"event":"x"}"#),
+            (Vsn::V2, r#"["1","2","t","e"]"#),
+            (Vsn::V2, r#"["1","2",3,"e",{}]"#),
+            (Vsn::V2, r#"[{},"2","t","e",{}]"#),
+            (Vsn::V2, "42"),
+        ] {
+            assert!(decode_text(vsn, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn encodes() {
+        let v1 = encode(Vsn::V1, Some("1"), Some("2"), "t", "phx_reply", &json!({"status":"ok"}));
+        let v: Value = serde_json::from_str(&v1).unwrap();
+        assert_eq!(v, json!({"topic":"t","event":"phx_reply","payload":{"status":"ok"},"ref":"2"}));
+        let v2 = encode(Vsn::V2, Some("1"), None, "t", "system", &json!({}));
+        assert_eq!(v2, r#"["1",null,"t","system",{}]"#);
+        let (p, s) = change_frame_parts(Vsn::V2, "realtime:a\"b");
+        let frame = [&p[..], b"1,2],\"data\":{}", s].concat();
+        let v: Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(v, json!([null, null, "realtime:a\"b", "postgres_changes", {"ids":[1,2],"data":{}}]));
+        let (p, s) = change_frame_parts(Vsn::V1, "realtime:x");
+        let v: Value = serde_json::from_slice(&[&p[..], b"],\"data\":{}", s].concat()).unwrap();
+        assert_eq!(v["payload"]["ids"], json!([]));
+    }
+
+    #[test]
+    fn binary_frames() {
+        let mut f = vec![3u8, 1, 1, 10, 6, 2, 1];
+        f.extend_from_slice(b"12realtime:acursor{}");
+        f.extend_from_slice(br#"{"x":1}"#);
+        let p = decode_binary(&Bytes::from(f.clone())).unwrap();
+        assert_eq!((p.topic.as_str(), p.event.as_str(), &p.payload[..]), ("realtime:a", "cursor", &br#"{"x":1}"#[..]));
+        for cut in 0..f.len() - 7 {
+            let _ = decode_binary(&Bytes::from(f[..cut].to_vec()));
+        }
+        assert!(decode_binary(&Bytes::from_static(&[4, 0, 0, 0, 0, 0, 0])).is_err());
+        let mut rng = fastrand::Rng::with_seed(5);
+        for _ in 0..20_000 {
+            let v: Vec<u8> = (0..rng.usize(0..40)).map(|_| rng.u8(..)).collect();
+            let _ = decode_binary(&Bytes::from(v));
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Turning the `postgres_changes` bindings of a channel join into index entries: checks each
+//! binding against the published tables and their columns, compiles its filter, and computes
+//! its stable id. Error messages are the ones clients show to users.
+//!
+//! Owns: the cached view of published tables (refreshed when stale or when a lookup misses).
+//! Must not: touch sockets or the index.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::fanout::{BindingSpec, EventFilter};
+use crate::filter::{self, CompiledFilter};
+
+#[derive(Debug, Clone)]
+pub struct PublishedColumn {
+    pub name: Arc<str>,
+    /// The type name filters compare by (a domain's base type).
+    pub compare_type: Arc<str>,
+    /// Carried by the old row of UPDATE/DELETE.
+    pub in_identity: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct PublishedTable {
+    pub columns: Vec<PublishedColumn>,
+}
+
+type Tables = HashMap<(String, String), PublishedTable>;
+
+/// The published tables, cached briefly.
+pub struct PublishedCatalog {
+    pool: PgPool,
+    publication: String,
+    cache: tokio::sync::Mutex<Option<(Instant, Arc<Tables>)>>,
+}
+
+const CATALOG_TTL: Duration = Duration::from_secs(5);
+
+impl PublishedCatalog {
+    pub fn new(pool: PgPool, publication: String) -> Self {
+        PublishedCatalog { pool, publication, cache: tokio::sync::Mutex::new(None) }
+    }
+
+    async fn tables(&self, force: bool) -> Result<Arc<Tables>, sqlx::Error> {
+        let mut guard = self.cache.lock().await;
+        if let Some((at, t)) = guard.as_ref() {
+            if !force && at.elapsed() < CATALOG_TTL {
+                return Ok(Arc::clone(t));
+            }
+        }
+        let rows: Vec<(String, String, String, String, bool)> = sqlx::query_as(
+            "SELECT pt.schemaname::text, pt.tablename::text, a.attname::text, \
+                    COALESCE(bt.typname, t.typname)::text, \
+                    (c.relreplident = 'f' OR a.attnum = ANY(COALESCE((SELECT i.indkey::int2[] FROM pg_index i \
+                        WHERE i.indrelid = c.oid AND CASE c.relreplident WHEN 'i' THEN i.indisreplident ELSE i.indisprimary END \
+                        LIMIT 1), '{}'))) \
+             FROM pg_publication_tables pt \
+             JOIN pg_namespace n ON n.nspname = pt.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             JOIN pg_type t ON t.oid = a.atttypid \
+             LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype \
+             WHERE pt.pubname = $1 ORDER BY pt.schemaname, pt.tablename, a.attnum",
+        )
+        .bind(&self.publication)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut tables: Tables = HashMap::new();
+        for (schema, table, column, type_name, in_identity) in rows {
+            tables.entry((schema, table)).or_insert_with(|| PublishedTable { columns: Vec::new() }).columns.push(
+                PublishedColumn { name: column.into(), compare_type: type_name.into(), in_identity },
+            );
+        }
+        let tables = Arc::new(tables);
+        *guard = Some((Instant::now(), Arc::clone(&tables)));
+        Ok(tables)
+    }
+
+    /// Resolves a join's bindings, in order. Each is either ready to index or an error message
+    /// for the client.
+    pub async fn resolve(&self, bindings: &[Value]) -> Vec<Result<BindingSpec, String>> {
+        let mut tables = match self.tables(false).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "loading published tables failed");
+                return bindings.iter().map(|_| Err("Unable to read the published tables; try again".into())).collect();
+            }
+        };
+        let mut out = Vec::with_capacity(bindings.len());
+        for b in bindings {
+            let mut r = resolve_one(&tables, b);
+            if r.is_err() {
+                // The table may have been created or published moments ago.
+                if let Ok(fresh) = self.tables(true).await {
+                    tables = fresh;
+                    r = resolve_one(&tables, b);
+                }
+            }
+            out.push(r);
+        }
+        out
+    }
+}
+
+/// The string fields of a binding, treating null and missing alike.
+fn field<'a>(b: &'a Value, key: &str) -> Option<&'a str> {
+    b.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+/// The stable id of a binding: the same parameters always give the same id (FNV-1a, 31 bits so
+/// every client parses it as a plain integer).
+pub fn binding_id(b: &Value) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for key in ["event", "schema", "table", "filter"] {
+        for byte in field(b, key).unwrap_or("").bytes().chain([0xff]) {
+            h ^= u32::from(byte);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    }
+    h & 0x7fff_ffff
+}
+
+fn describe(b: &Value) -> String {
+    format!(
+        "[event: {}, schema: {}, table: {}, filters: [{}], select: nil]",
+        field(b, "event").unwrap_or("*"),
+        field(b, "schema").unwrap_or("public"),
+        field(b, "table").unwrap_or("*"),
+        field(b, "filter").unwrap_or("")
+    )
+}
+
+fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, String> {
+    let unable = |why: &str| {
+        format!(
+            "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {} ({why})",
+            describe(b)
+        )
+    };
+    let event_text = field(b, "event").unwrap_or("*");
+    let event = EventFilter::parse(event_text)
+        .ok_or_else(|| unable(&format!("event must be *, INSERT, UPDATE or DELETE, not {event_text:?}")))?;
+    let schema = field(b, "schema").unwrap_or("public");
+    let table = field(b, "table").filter(|t| *t != "*");
+    let filter_text = field(b, "filter").unwrap_or("");
+    let parsed = filter::parse(filter_text).map_err(|e| format!("Error parsing `filter` params: {e}"))?;
+    let select: Option<Arc<[Arc<str>]>> = match b.get("select") {
+        Some(Value::Array(cols)) => Some(cols.iter().filter_map(Value::as_str).map(Arc::from).collect()),
+        _ => None,
+    };
+    let id = binding_id(b);
+    let Some(table) = table else {
+        if schema != "*" && !tables.keys().any(|(s, _)| s == schema) {
+            return Err(unable(&format!("no table of schema {schema:?} is in the publication")));
+        }
+        if !parsed.conditions.is_empty() {
+            return Err(unable("a filter needs a single table"));
+        }
+        return Ok(BindingSpec {
+            id,
+            event,
+            schema: schema.into(),
+            table: None,
+            filter: CompiledFilter::default(),
+            select,
+        });
+    };
+    let Some(published) = tables.get(&(schema.to_owned(), table.to_owned())) else {
+        return Err(unable(&format!("table {schema}.{table} does not exist or is not in the publication")));
+    };
+    let compiled = CompiledFilter::compile(&parsed, |name| {
+        published
+            .columns
+            .iter()
+            .find(|c| &*c.name == name)
+            .map(|c| (Arc::clone(&c.name), &*c.compare_type))
+    })
+    .map_err(|e| e.to_string())?;
+    if event == EventFilter::Delete {
+        for col in compiled.columns() {
+            if !published.columns.iter().any(|c| &*c.name == col && c.in_identity) {
+                return Err(format!(
+                    "invalid column for filter {col}: DELETE events carry only the replica identity \
+                     (set REPLICA IDENTITY FULL on {schema}.{table} to filter deletes on it)"
+                ));
+            }
+        }
+    }
+    if let Some(cols) = &select {
+        if let Some(bad) = cols.iter().find(|c| !published.columns.iter().any(|p| p.name == **c)) {
+            return Err(format!("invalid column for select {bad}"));
+        }
+    }
+    Ok(BindingSpec { id, event, schema: schema.into(), table: Some(table.into()), filter: compiled, select })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn tables() -> Tables {
+        let col = |n: &str, t: &str, k: bool| PublishedColumn { name: n.into(), compare_type: t.into(), in_identity: k };
+        HashMap::from([(
+            ("public".to_owned(), "todos".to_owned()),
+            PublishedTable { columns: vec![col("id", "int8", true), col("task", "text", false)] },
+        )])
+    }
+
+    #[test]
+    fn ids_are_stable_and_positive() {
+        let a = json!({"event":"*","schema":"public","table":"todos","filter":"id=eq.1"});
+        let b = json!({"event":"*","schema":"public","table":"todos","filter":"id=eq.1","extra":true});
+        assert_eq!(binding_id(&a), binding_id(&b));
+        assert_ne!(binding_id(&a), binding_id(&json!({"event":"*","schema":"public","table":"todos"})));
+        assert!(binding_id(&a) <= i32::MAX as u32);
+        // null, missing and "" are alike.
+        assert_eq!(binding_id(&json!({"event":"*","filter":null})), binding_id(&json!({"event":"*","filter":""})));
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        let t = tables();
+        let e = resolve_one(&t, &json!({"event":"*","schema":"public","table":"nope"})).unwrap_err();
+        assert!(e.starts_with("Unable to subscribe to changes with given parameters") && e.contains("table: nope"), "{e}");
+        let e = resolve_one(&t, &json!({"event":"*","table":"todos","filter":"id=eq"})).unwrap_err();
+        assert!(e.starts_with("Error parsing `filter` params"), "{e}");
+        let e = resolve_one(&t, &json!({"event":"*","table":"todos","filter":"x=eq.1"})).unwrap_err();
+        assert_eq!(e, "invalid column for filter x");
+        let e = resolve_one(&t, &json!({"event":"*","table":"todos","filter":"id=eq.abc"})).unwrap_err();
+        assert!(e.contains("int8"), "{e}");
+        let e = resolve_one(&t, &json!({"event":"DELETE","table":"todos","filter":"task=eq.a"})).unwrap_err();
+        assert!(e.contains("REPLICA IDENTITY FULL"), "{e}");
+        let e = resolve_one(&t, &json!({"event":"upsert","table":"todos"})).unwrap_err();
+        assert!(e.contains("event must be"), "{e}");
+        assert!(resolve_one(&t, &json!({"event":"insert","table":"todos","filter":"task=eq.a"})).is_ok());
+        assert!(resolve_one(&t, &json!({"event":"*","schema":"public"})).is_ok());
+    }
+}
