@@ -80,7 +80,7 @@ fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
+    Load(String),
     #[error("configuration key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
 }
@@ -107,7 +107,7 @@ impl Config {
             }
         }
         fig = fig.merge(Env::prefixed("WALCAST_").split("__"));
-        let config: Config = fig.extract().map_err(Box::new)?;
+        let config: Config = fig.extract().map_err(describe)?;
         config.validate()?;
         Ok(config)
     }
@@ -163,6 +163,23 @@ impl Config {
         shown.database_url = shown.database_url.map(|u| redact_url(&u));
         toml::to_string_pretty(&shown).unwrap_or_default()
     }
+}
+
+/// Names the key of every figment error and where its value came from.
+fn describe(e: figment::Error) -> ConfigError {
+    let lines: Vec<String> = e
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_lowercase();
+            let from = e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
+            if key.is_empty() {
+                format!("{}{from}", e.kind)
+            } else {
+                format!("key `{key}`: {}{from}", e.kind)
+            }
+        })
+        .collect();
+    ConfigError::Load(lines.join("; "))
 }
 
 /// `postgres://u:secret@h/d` → `postgres://u:***@h/d`.

@@ -510,7 +510,7 @@ mod tests {
         assert!(e.contains("int8") && e.contains("abc"), "{e}");
         assert!(compile("at=eq.yesterday").is_err());
         assert!(compile("uid=eq.123").is_err());
-        assert!(compile("title=match.(").is_err());
+        assert!(compile("title=match.[").is_err());
     }
 
     #[test]

@@ -1,0 +1,289 @@
+//! Test harness: one throwaway PostgreSQL cluster per test binary (or `WALCAST_TEST_DATABASE_URL`),
+//! a fresh database per test, an in-process gateway on port 0, a raw Phoenix WebSocket client,
+//! and `wait_for` to wait on conditions with a deadline.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use walcast::cluster::{Cluster, ClusterOptions};
+use walcast::config::Config;
+use walcast::Gateway;
+
+pub const SCRAM_USER: &str = "walcast_scram";
+pub const MD5_USER: &str = "walcast_md5";
+pub const PASSWORD: &str = "s3cret pass";
+
+struct Shared {
+    admin_url: String,
+    port: Option<u16>,
+}
+
+/// The shared cluster. It lives on its own thread and runtime for the whole test binary; when
+/// the process exits, its watchdog stops the server.
+fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        if let Ok(url) = std::env::var("WALCAST_TEST_DATABASE_URL") {
+            return Shared { admin_url: url, port: None };
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let root = std::env::temp_dir().join(format!("walcast-test-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&root);
+                let mut opts = ClusterOptions::new(&root);
+                opts.hba = vec![
+                    format!("host all {SCRAM_USER} 127.0.0.1/32 scram-sha-256"),
+                    format!("host replication {SCRAM_USER} 127.0.0.1/32 scram-sha-256"),
+                    format!("host all {MD5_USER} 127.0.0.1/32 md5"),
+                    format!("host replication {MD5_USER} 127.0.0.1/32 md5"),
+                ];
+                let cluster = Cluster::start(opts).await;
+                match cluster {
+                    Ok(c) => {
+                        let _ = tx.send(Ok((c.url("postgres"), c.port)));
+                        // Keep the cluster alive for the life of the process.
+                        std::future::pending::<()>().await;
+                        drop(c);
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                    }
+                }
+            });
+        });
+        match rx.recv().expect("cluster thread") {
+            Ok((admin_url, port)) => Shared { admin_url, port: Some(port) },
+            Err(e) => panic!("starting the test cluster: {e}"),
+        }
+    })
+}
+
+/// Replaces the database name of a URL.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = url.split_once('?').map(|(b, q)| (b, Some(q))).unwrap_or((url, None));
+    let (prefix, _) = base.rsplit_once('/').unwrap_or((base, ""));
+    match query {
+        Some(q) => format!("{prefix}/{db}?{q}"),
+        None => format!("{prefix}/{db}"),
+    }
+}
+
+/// A fresh, empty database for one test.
+pub async fn fresh_db() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let admin = &shared().admin_url;
+    let name = format!("t{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let pool = PgPool::connect(admin).await.expect("connect admin");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.expect("create database");
+    pool.close().await;
+    with_database(admin, &name)
+}
+
+pub fn cluster_port() -> Option<u16> {
+    shared().port
+}
+
+pub async fn pool(url: &str) -> PgPool {
+    PgPool::connect(url).await.expect("connect")
+}
+
+pub async fn exec(pool: &PgPool, sql: &str) {
+    sqlx::raw_sql(sql).execute(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Polls `cond` until it returns `Some` or the deadline passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A gateway running in this process on a free port.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub db_url: String,
+    pub shutdown: CancellationToken,
+    pub handle: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestApp {
+    pub async fn spawn(db_url: &str) -> TestApp {
+        Self::spawn_with(db_url, |_| {}).await
+    }
+
+    pub async fn spawn_with(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = Config {
+            database_url: Some(db_url.to_owned()),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let gateway = Gateway::prepare(config, true).await.expect("gateway starts");
+        let addr = gateway.local_addr();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(gateway.run(shutdown.clone()));
+        let app = TestApp { addr, db_url: db_url.to_owned(), shutdown, handle };
+        app.wait_ready().await;
+        app
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("http://{}/readyz", self.addr);
+        wait_for("gateway ready", Duration::from_secs(20), || async {
+            let body = http_get(&url).await.ok()?;
+            body.contains("\"ready\":true").then_some(())
+        })
+        .await;
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.handle).await;
+    }
+
+    pub async fn ws(&self, vsn: Option<&str>) -> Ws {
+        Ws::connect(self.addr, "/realtime/v1/websocket", vsn).await
+    }
+}
+
+/// A minimal HTTP/1.1 GET, returning status line and body.
+pub async fn http_get(url: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut s = TcpStream::connect(host).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+/// A raw Phoenix client over WebSocket.
+pub struct Ws {
+    pub inner: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub v2: bool,
+    next_ref: u32,
+}
+
+impl Ws {
+    pub async fn connect(addr: SocketAddr, path: &str, vsn: Option<&str>) -> Ws {
+        let mut url = format!("ws://{addr}{path}?apikey=test");
+        if let Some(v) = vsn {
+            url.push_str(&format!("&vsn={v}"));
+        }
+        let (inner, _) = tokio_tungstenite::connect_async(&url).await.expect("websocket connects");
+        Ws { inner, v2: vsn == Some("2.0.0"), next_ref: 0 }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.inner.send(Message::Text(text.into())).await.expect("send");
+    }
+
+    /// Sends a message and returns its ref.
+    pub async fn push(&mut self, join_ref: Option<&str>, topic: &str, event: &str, payload: Value) -> String {
+        self.next_ref += 1;
+        let r = self.next_ref.to_string();
+        let frame = if self.v2 {
+            serde_json::json!([join_ref, r, topic, event, payload])
+        } else {
+            serde_json::json!({"topic": topic, "event": event, "payload": payload, "ref": r, "join_ref": join_ref})
+        };
+        self.send_text(&frame.to_string()).await;
+        r
+    }
+
+    /// The next text frame as JSON (raw, in the socket's serializer).
+    pub async fn recv(&mut self) -> Value {
+        self.try_recv(Duration::from_secs(10)).await.expect("a frame within 10 s")
+    }
+
+    pub async fn try_recv(&mut self, timeout: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.inner.next()).await.ok()??.ok()?;
+            match msg {
+                Message::Text(t) => return Some(serde_json::from_str(&t).expect("server frames are JSON")),
+                Message::Close(c) => {
+                    return Some(serde_json::json!({"close": c.map(|c| (u16::from(c.code), c.reason.to_string()))}))
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// (topic, event, payload, ref, join_ref) of a frame in either serializer.
+    pub fn parts(&self, v: &Value) -> (String, String, Value, Value, Value) {
+        if self.v2 {
+            (
+                v[2].as_str().unwrap_or("").into(),
+                v[3].as_str().unwrap_or("").into(),
+                v[4].clone(),
+                v[1].clone(),
+                v[0].clone(),
+            )
+        } else {
+            (
+                v["topic"].as_str().unwrap_or("").into(),
+                v["event"].as_str().unwrap_or("").into(),
+                v["payload"].clone(),
+                v["ref"].clone(),
+                v.get("join_ref").cloned().unwrap_or(Value::Null),
+            )
+        }
+    }
+
+    /// Receives frames until one has `event`, returning its payload.
+    pub async fn recv_event(&mut self, event: &str) -> Value {
+        loop {
+            let f = self.recv().await;
+            let (_, e, payload, _, _) = self.parts(&f);
+            if e == event {
+                return payload;
+            }
+        }
+    }
+
+    /// Joins `realtime:<name>` with the given bindings; returns (reply payload, system payload).
+    pub async fn join(&mut self, name: &str, bindings: Value) -> (Value, Value) {
+        let topic = format!("realtime:{name}");
+        let payload = serde_json::json!({"config": {"broadcast": {"ack": false, "self": false},
+            "presence": {"key": ""}, "postgres_changes": bindings, "private": false}, "access_token": "x"});
+        let r = self.push(Some("j1"), &topic, "phx_join", payload).await;
+        let mut reply = Value::Null;
+        loop {
+            let f = self.recv().await;
+            let (t, e, p, fr, _) = self.parts(&f);
+            if e == "phx_reply" && fr.as_str() == Some(r.as_str()) {
+                reply = p;
+                if bindings.as_array().is_none_or(|b| b.is_empty()) {
+                    return (reply, Value::Null);
+                }
+            } else if e == "system" && t == topic {
+                return (reply, p);
+            }
+        }
+    }
+}
