@@ -135,9 +135,12 @@ impl TestApp {
     }
 
     pub async fn spawn_with(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        // Slots are cluster-wide: name each after its test's database.
+        let db = db_url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
         let mut config = Config {
             database_url: Some(db_url.to_owned()),
             listen: "127.0.0.1:0".parse().expect("addr"),
+            slot: format!("slot_{db}"),
             ..Config::default()
         };
         tweak(&mut config);
