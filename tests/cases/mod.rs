@@ -1,2 +1,3 @@
 mod capture;
+mod clients;
 mod gateway;
