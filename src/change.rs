@@ -75,7 +75,13 @@ pub struct Relation {
 }
 
 impl Relation {
-    pub fn new(id: u32, schema: &str, table: &str, replica_identity: ReplicaIdentity, columns: Vec<Column>) -> Self {
+    pub fn new(
+        id: u32,
+        schema: &str,
+        table: &str,
+        replica_identity: ReplicaIdentity,
+        columns: Vec<Column>,
+    ) -> Self {
         let mut json = Vec::with_capacity(columns.len() * 32);
         json.push(b'[');
         for (i, c) in columns.iter().enumerate() {
@@ -89,7 +95,11 @@ impl Relation {
             json.push(b'}');
         }
         json.push(b']');
-        let by_name = columns.iter().enumerate().map(|(i, c)| (Arc::clone(&c.name), i)).collect();
+        let by_name = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (Arc::clone(&c.name), i))
+            .collect();
         Relation {
             id,
             schema: schema.into(),
@@ -138,7 +148,9 @@ impl Change {
     /// Column values of `new` that the server did not send (unchanged TOAST) and the old row
     /// cannot supply: left out of `record`.
     pub fn unchanged_toast(&self) -> Vec<Arc<str>> {
-        let Some(new) = &self.new else { return Vec::new() };
+        let Some(new) = &self.new else {
+            return Vec::new();
+        };
         new.0
             .iter()
             .enumerate()
@@ -177,7 +189,7 @@ impl Change {
         match self.filter_row().and_then(|r| r.0.get(i)) {
             None => false,
             Some(Value::UnchangedToast) => self.old_text(i).is_some(),
-            Some(_) => !(self.kind == ChangeKind::Delete && !self.old_row_has(i)),
+            Some(_) => self.kind != ChangeKind::Delete || self.old_row_has(i),
         }
     }
 
@@ -220,7 +232,11 @@ impl Change {
     }
 
     /// Writes `old_record`: the columns the old row carries (key columns, or all with FULL).
-    pub fn write_old_record(&self, out: &mut Vec<u8>, select: Option<&dyn Fn(&str) -> bool>) -> bool {
+    pub fn write_old_record(
+        &self,
+        out: &mut Vec<u8>,
+        select: Option<&dyn Fn(&str) -> bool>,
+    ) -> bool {
         if self.kind == ChangeKind::Insert {
             return false;
         }
@@ -356,9 +372,21 @@ mod tests {
             "todos",
             identity,
             vec![
-                Column { name: "id".into(), ty: Arc::clone(cat.get(20).unwrap()), is_key: true },
-                Column { name: "task".into(), ty: Arc::clone(cat.get(25).unwrap()), is_key: false },
-                Column { name: "body".into(), ty: Arc::clone(cat.get(25).unwrap()), is_key: false },
+                Column {
+                    name: "id".into(),
+                    ty: Arc::clone(cat.get(20).unwrap()),
+                    is_key: true,
+                },
+                Column {
+                    name: "task".into(),
+                    ty: Arc::clone(cat.get(25).unwrap()),
+                    is_key: false,
+                },
+                Column {
+                    name: "body".into(),
+                    ty: Arc::clone(cat.get(25).unwrap()),
+                    is_key: false,
+                },
             ],
         ))
     }
@@ -370,9 +398,23 @@ mod tests {
     #[test]
     fn timestamps_and_cursor() {
         assert_eq!(format_timestamp_millis(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_timestamp_millis(1_763_511_760_877_123), "2025-11-19T00:22:40.877Z");
+        assert_eq!(
+            format_timestamp_millis(1_763_511_760_877_123),
+            "2025-11-19T00:22:40.877Z"
+        );
         assert_eq!(format_timestamp_millis(-1), "1969-12-31T23:59:59.999Z");
-        for d in [-800_000i64, -1, 0, 1, 59, 60, 365, 10_957, 20_000, 2_932_896] {
+        for d in [
+            -800_000i64,
+            -1,
+            0,
+            1,
+            59,
+            60,
+            365,
+            10_957,
+            20_000,
+            2_932_896,
+        ] {
             let (y, m, dd) = civil_from_days(d);
             assert_eq!(days_from_civil(y, m, dd), d);
         }
@@ -413,8 +455,14 @@ mod tests {
             ..c
         };
         let json = String::from_utf8(c.to_tail_json()).unwrap();
-        assert!(json.contains(r#""record":{"id":1,"task":"a","body":"long"}"#), "{json}");
-        assert!(json.contains(r#""old_record":{"id":1,"task":"b","body":"long"}"#), "{json}");
+        assert!(
+            json.contains(r#""record":{"id":1,"task":"a","body":"long"}"#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""old_record":{"id":1,"task":"b","body":"long"}"#),
+            "{json}"
+        );
         assert!(!json.contains("unchanged_toast"), "{json}");
     }
 
@@ -443,5 +491,8 @@ pub enum ChangeEvent {
     Change(Change),
     /// The transaction whose changes came before is complete. Once the fan-out has dispatched
     /// it, `end_lsn` may be confirmed to Postgres.
-    Commit { commit_lsn: Lsn, end_lsn: Lsn },
+    Commit {
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+    },
 }

@@ -35,7 +35,11 @@ impl fmt::Display for CheckResult {
 }
 
 fn r(level: Level, name: &'static str, message: impl Into<String>) -> CheckResult {
-    CheckResult { level, name, message: message.into() }
+    CheckResult {
+        level,
+        name,
+        message: message.into(),
+    }
 }
 
 /// Runs every check. A query that fails becomes a FAIL of its own check, never a panic.
@@ -47,12 +51,24 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         Ok(v) => {
             let n: u32 = v.parse().unwrap_or(0);
             out.push(if n >= 140_000 {
-                r(Level::Ok, "server_version", format!("{}.{}", n / 10_000, n % 10_000))
+                r(
+                    Level::Ok,
+                    "server_version",
+                    format!("{}.{}", n / 10_000, n % 10_000),
+                )
             } else {
-                r(Level::Fail, "server_version", format!("{n}: PostgreSQL 14 or newer is required; upgrade the server"))
+                r(
+                    Level::Fail,
+                    "server_version",
+                    format!("{n}: PostgreSQL 14 or newer is required; upgrade the server"),
+                )
             });
         }
-        Err(e) => out.push(r(Level::Fail, "server_version", format!("cannot query the server: {e}"))),
+        Err(e) => out.push(r(
+            Level::Fail,
+            "server_version",
+            format!("cannot query the server: {e}"),
+        )),
     }
 
     match one("SHOW wal_level").await {
@@ -78,7 +94,11 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
     .await;
     match free {
         Ok((max_slots, used_slots, max_senders, used_senders)) => {
-            let slot_exists = slot::slot_info(pool, &config.slot).await.ok().flatten().is_some();
+            let slot_exists = slot::slot_info(pool, &config.slot)
+                .await
+                .ok()
+                .flatten()
+                .is_some();
             let need_slot = i64::from(!slot_exists);
             out.push(if max_slots - used_slots >= need_slot {
                 r(Level::Ok, "max_replication_slots", format!("{used_slots} of {max_slots} used"))
@@ -100,14 +120,20 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         Err(e) => out.push(r(Level::Fail, "max_replication_slots", e.to_string())),
     }
 
-    let role: Result<(String, bool, bool), _> =
-        sqlx::query_as("SELECT rolname::text, rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user")
-            .fetch_one(pool)
-            .await;
+    let role: Result<(String, bool, bool), _> = sqlx::query_as(
+        "SELECT rolname::text, rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(pool)
+    .await;
     match role {
-        Ok((name, sup, repl)) if sup || repl => {
-            out.push(r(Level::Ok, "replication_role", format!("{name} has {}", if sup { "SUPERUSER" } else { "REPLICATION" })))
-        }
+        Ok((name, sup, repl)) if sup || repl => out.push(r(
+            Level::Ok,
+            "replication_role",
+            format!(
+                "{name} has {}",
+                if sup { "SUPERUSER" } else { "REPLICATION" }
+            ),
+        )),
         Ok((name, _, _)) => out.push(r(
             Level::Fail,
             "replication_role",
@@ -116,12 +142,17 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         Err(e) => out.push(r(Level::Fail, "replication_role", e.to_string())),
     }
 
-    let pub_exists: Result<bool, _> = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
-        .bind(&config.publication)
-        .fetch_one(pool)
-        .await;
+    let pub_exists: Result<bool, _> =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+            .bind(&config.publication)
+            .fetch_one(pool)
+            .await;
     match pub_exists {
-        Ok(true) => out.push(r(Level::Ok, "publication", format!("{} exists", config.publication))),
+        Ok(true) => out.push(r(
+            Level::Ok,
+            "publication",
+            format!("{} exists", config.publication),
+        )),
         Ok(false) => {
             let can: Result<bool, _> = sqlx::query_scalar(
                 "SELECT rolsuper OR has_database_privilege(current_user, current_database(), 'CREATE') FROM pg_roles WHERE rolname = current_user",
@@ -150,16 +181,27 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         .fetch_one(pool)
         .await;
         if !matches!(exists, Ok(true)) {
-            out.push(r(Level::Fail, "tables", format!("{schema}.{table} does not exist: create it or remove it from `tables`")));
+            out.push(r(
+                Level::Fail,
+                "tables",
+                format!("{schema}.{table} does not exist: create it or remove it from `tables`"),
+            ));
         }
     }
     for schema in &spec.schemas {
-        let exists: Result<bool, _> = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-            .bind(schema)
-            .fetch_one(pool)
-            .await;
+        let exists: Result<bool, _> =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(schema)
+                .fetch_one(pool)
+                .await;
         if !matches!(exists, Ok(true)) {
-            out.push(r(Level::Fail, "tables", format!("schema {schema} does not exist: create it or remove {schema}.* from `tables`")));
+            out.push(r(
+                Level::Fail,
+                "tables",
+                format!(
+                    "schema {schema} does not exist: create it or remove {schema}.* from `tables`"
+                ),
+            ));
         }
     }
     if !out.iter().any(|c| c.name == "tables") {
@@ -179,7 +221,11 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
     .fetch_all(pool)
     .await;
     match unidentified {
-        Ok(rows) if rows.is_empty() => out.push(r(Level::Ok, "replica_identity", "every table can identify its rows")),
+        Ok(rows) if rows.is_empty() => out.push(r(
+            Level::Ok,
+            "replica_identity",
+            "every table can identify its rows",
+        )),
         Ok(rows) => {
             let names: Vec<String> = rows.iter().map(|(s, t, _)| format!("{s}.{t}")).collect();
             out.push(r(Level::Warn, "replica_identity", format!(
@@ -192,7 +238,11 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
     }
 
     match slot::slot_info(pool, &config.slot).await {
-        Ok(None) => out.push(r(Level::Ok, "slot", format!("{} will be created", config.slot))),
+        Ok(None) => out.push(r(
+            Level::Ok,
+            "slot",
+            format!("{} will be created", config.slot),
+        )),
         Ok(Some(info)) => {
             let lag = info.lag_bytes.unwrap_or(0);
             let wal = info.wal_status.clone().unwrap_or_else(|| "unknown".into());

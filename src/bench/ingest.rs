@@ -23,7 +23,10 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     let cluster = match &opts.database_url {
         Some(_) => None,
         None => {
-            eprintln!("ingest: starting a throwaway PostgreSQL in {}", root.display());
+            eprintln!(
+                "ingest: starting a throwaway PostgreSQL in {}",
+                root.display()
+            );
             Some(Cluster::start(ClusterOptions::new(&root)).await?)
         }
     };
@@ -42,7 +45,10 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
         sqlx::query(stmt).execute(&pool).await?;
     }
     for slot in ["walcast_bench_gw", "walcast_bench_recv"] {
-        let _ = sqlx::query("SELECT pg_drop_replication_slot($1)").bind(slot).execute(&pool).await;
+        let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
+            .bind(slot)
+            .execute(&pool)
+            .await;
     }
     let params = ConnectParams::from_url(&url)?;
     for slot in ["walcast_bench_gw", "walcast_bench_recv"] {
@@ -77,18 +83,43 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     for h in handles {
         h.await??;
     }
-    let end: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&pool).await?;
+    let end: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&pool)
+        .await?;
     let end_lsn: Lsn = end.parse()?;
-    eprintln!("ingest: inserted in {:.1} s; WAL end {end_lsn}", t.elapsed().as_secs_f64());
+    eprintln!(
+        "ingest: inserted in {:.1} s; WAL end {end_lsn}",
+        t.elapsed().as_secs_f64()
+    );
 
     // The walsender's own limit: pg_recvlogical on the twin slot, output discarded.
-    let bin = crate::cluster::find_binaries().ok().map(|b| b.join("pg_recvlogical"));
-    let recv = bin.filter(|b| b.exists()).unwrap_or_else(|| "pg_recvlogical".into());
+    let bin = crate::cluster::find_binaries()
+        .ok()
+        .map(|b| b.join("pg_recvlogical"));
+    let recv = bin
+        .filter(|b| b.exists())
+        .unwrap_or_else(|| "pg_recvlogical".into());
     eprintln!("ingest: pg_recvlogical…");
     let t = Instant::now();
     let status = tokio::process::Command::new(&recv)
-        .args(["-d", &url, "--slot", "walcast_bench_recv", "--start", "--no-loop", "-f", "/dev/null"])
-        .args(["-o", "proto_version=1", "-o", "publication_names=walcast_bench", "-E", &end])
+        .args([
+            "-d",
+            &url,
+            "--slot",
+            "walcast_bench_recv",
+            "--start",
+            "--no-loop",
+            "-f",
+            "/dev/null",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=walcast_bench",
+            "-E",
+            &end,
+        ])
         .stdout(Stdio::null())
         .status()
         .await?;
@@ -135,7 +166,10 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     let _ = handle.await;
 
     for slot in ["walcast_bench_gw", "walcast_bench_recv"] {
-        let _ = sqlx::query("SELECT pg_drop_replication_slot($1)").bind(slot).execute(&pool).await;
+        let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
+            .bind(slot)
+            .execute(&pool)
+            .await;
     }
     pool.close().await;
     if let Some(c) = cluster {
@@ -146,10 +180,23 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     let rate = changes as f64 / gw_secs;
     let recv_rate = rows as f64 / recv_secs;
     let (cpu, rss) = super::process_usage();
-    println!("{:<28} {:>14} {:>10} {:>16}", "reader", "changes", "seconds", "changes/s");
-    println!("{:<28} {:>14} {:>10.2} {:>16.0}", "walcast (decode+render+match)", changes, gw_secs, rate);
-    println!("{:<28} {:>14} {:>10.2} {:>16.0}", "pg_recvlogical", rows, recv_secs, recv_rate);
-    println!("ratio {:.2}; rendered {} MB of JSON", rate / recv_rate, bytes / 1_000_000);
+    println!(
+        "{:<28} {:>14} {:>10} {:>16}",
+        "reader", "changes", "seconds", "changes/s"
+    );
+    println!(
+        "{:<28} {:>14} {:>10.2} {:>16.0}",
+        "walcast (decode+render+match)", changes, gw_secs, rate
+    );
+    println!(
+        "{:<28} {:>14} {:>10.2} {:>16.0}",
+        "pg_recvlogical", rows, recv_secs, recv_rate
+    );
+    println!(
+        "ratio {:.2}; rendered {} MB of JSON",
+        rate / recv_rate,
+        bytes / 1_000_000
+    );
     let v = serde_json::json!({
         "scenario": "ingest",
         "changes": changes,

@@ -25,22 +25,39 @@ pub fn measure(subs: usize, changes: usize) -> f64 {
         "items",
         ReplicaIdentity::Default,
         vec![
-            Column { name: "id".into(), ty: Arc::clone(cat.get(20).unwrap_or_else(|| unreachable!())), is_key: true },
-            Column { name: "body".into(), ty: Arc::clone(cat.get(25).unwrap_or_else(|| unreachable!())), is_key: false },
+            Column {
+                name: "id".into(),
+                ty: Arc::clone(cat.get(20).unwrap_or_else(|| unreachable!())),
+                is_key: true,
+            },
+            Column {
+                name: "body".into(),
+                ty: Arc::clone(cat.get(25).unwrap_or_else(|| unreachable!())),
+                is_key: false,
+            },
         ],
     ));
     let fanout = Fanout::new();
     let mut receivers = Vec::with_capacity(subs);
     {
-        let Ok(mut index) = fanout.index.write() else { return f64::NAN };
+        let Ok(mut index) = fanout.index.write() else {
+            return f64::NAN;
+        };
         for k in 0..subs {
             let (tx, rx) = mpsc::channel(changes.max(1));
             receivers.push(rx);
             let (prefix, suffix) = change_frame_parts(Vsn::V2, &format!("realtime:item-{k}"));
-            let sink = Arc::new(ChannelSink { prefix, suffix, tx, kill: CancellationToken::new() });
+            let sink = Arc::new(ChannelSink {
+                prefix,
+                suffix,
+                tx,
+                kill: CancellationToken::new(),
+            });
             let parsed = filter::parse(&format!("id=eq.{k}")).unwrap_or_default();
             let compiled = CompiledFilter::compile(&parsed, |n| {
-                relation.column_index(n).map(|i| (Arc::clone(&relation.columns[i].name), "int8"))
+                relation
+                    .column_index(n)
+                    .map(|i| (Arc::clone(&relation.columns[i].name), "int8"))
             })
             .unwrap_or_default();
             index.insert(
@@ -90,7 +107,9 @@ pub fn run(opts: &super::BenchOptions) -> anyhow::Result<serde_json::Value> {
         eprintln!("match: {subs} subscriptions…");
         // Warm up, then take the best of three to damp scheduler noise.
         measure(subs, 10_000);
-        let ns = (0..3).map(|_| measure(subs, 100_000)).fold(f64::INFINITY, f64::min);
+        let ns = (0..3)
+            .map(|_| measure(subs, 100_000))
+            .fold(f64::INFINITY, f64::min);
         println!("{subs:>14} {ns:>14.0}");
         results.insert(subs.to_string(), serde_json::json!(ns.round()));
     }

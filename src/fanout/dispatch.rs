@@ -37,7 +37,10 @@ pub async fn run_dispatcher(
         match event {
             ChangeEvent::Change(change) => {
                 dispatch(&fanout, &change, max_record_bytes, &mut scratch);
-                fanout.metrics.changes_dispatched.fetch_add(1, Ordering::Relaxed);
+                fanout
+                    .metrics
+                    .changes_dispatched
+                    .fetch_add(1, Ordering::Relaxed);
             }
             ChangeEvent::Commit { end_lsn, .. } => {
                 fanout.dispatched.fetch_max(end_lsn.0, Ordering::Release);
@@ -55,15 +58,25 @@ pub struct Scratch {
 }
 
 /// Matches and delivers one change. Returns the number of frames queued.
-pub fn dispatch(fanout: &Fanout, change: &Change, max_record_bytes: usize, scratch: &mut Scratch) -> usize {
-    let Ok(index) = fanout.index.read() else { return 0 };
+pub fn dispatch(
+    fanout: &Fanout,
+    change: &Change,
+    max_record_bytes: usize,
+    scratch: &mut Scratch,
+) -> usize {
+    let Ok(index) = fanout.index.read() else {
+        return 0;
+    };
     if index.is_empty() {
         return 0;
     }
     scratch.matched.clear();
     let rel = &change.relation;
     let key = (Arc::clone(&rel.schema), Arc::clone(&rel.table));
-    for table in [index.tables.get(&key), index.schemas.get(&rel.schema)].into_iter().flatten() {
+    for table in [index.tables.get(&key), index.schemas.get(&rel.schema)]
+        .into_iter()
+        .flatten()
+    {
         table.candidates(change, |id| scratch.matched.push(id));
     }
     if scratch.matched.is_empty() {
@@ -71,9 +84,14 @@ pub fn dispatch(fanout: &Fanout, change: &Change, max_record_bytes: usize, scrat
     }
     scratch.groups.clear();
     for id in &scratch.matched {
-        let Some(sub) = index.subs.get(id) else { continue };
-        if sub.binding.event.accepts(change.kind) && sub.binding.filter.matches(change, sub.indexed) {
-            scratch.groups.push((Arc::as_ptr(&sub.channel) as usize, sub.binding.id, *id));
+        let Some(sub) = index.subs.get(id) else {
+            continue;
+        };
+        if sub.binding.event.accepts(change.kind) && sub.binding.filter.matches(change, sub.indexed)
+        {
+            scratch
+                .groups
+                .push((Arc::as_ptr(&sub.channel) as usize, sub.binding.id, *id));
         }
     }
     if scratch.groups.is_empty() {
@@ -96,13 +114,23 @@ pub fn dispatch(fanout: &Fanout, change: &Change, max_record_bytes: usize, scrat
             first_sub = first_sub.min(scratch.groups[i].2);
             i += 1;
         }
-        let Some(sub) = index.subs.get(&first_sub) else { continue };
+        let Some(sub) = index.subs.get(&first_sub) else {
+            continue;
+        };
         let channel = &sub.channel;
-        let select = sub.binding.select.as_ref().map(|s| Arc::as_ptr(s) as *const Arc<str> as usize);
-        let data = data_cache
-            .entry(select)
-            .or_insert_with(|| render_data(change, sub.binding.select.as_deref(), max_record_bytes));
-        let frame_key = (channel.prefix.as_ptr() as usize ^ channel.prefix.len(), ids, select);
+        let select = sub
+            .binding
+            .select
+            .as_ref()
+            .map(|s| Arc::as_ptr(s) as *const Arc<str> as usize);
+        let data = data_cache.entry(select).or_insert_with(|| {
+            render_data(change, sub.binding.select.as_deref(), max_record_bytes)
+        });
+        let frame_key = (
+            channel.prefix.as_ptr() as usize ^ channel.prefix.len(),
+            ids,
+            select,
+        );
         let frame = match frame_cache.get(&frame_key) {
             Some(f) => f.clone(),
             None => {
@@ -117,7 +145,10 @@ pub fn dispatch(fanout: &Fanout, change: &Change, max_record_bytes: usize, scrat
             }
             Err(TrySendError::Full(_)) => {
                 if !channel.kill.is_cancelled() {
-                    fanout.metrics.slow_client_disconnects.fetch_add(1, Ordering::Relaxed);
+                    fanout
+                        .metrics
+                        .slow_client_disconnects
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!("client outbound queue full; disconnecting slow client");
                     channel.kill.cancel();
                 }
@@ -125,7 +156,10 @@ pub fn dispatch(fanout: &Fanout, change: &Change, max_record_bytes: usize, scrat
             Err(TrySendError::Closed(_)) => {}
         }
     }
-    fanout.metrics.frames_delivered.fetch_add(delivered as u64, Ordering::Relaxed);
+    fanout
+        .metrics
+        .frames_delivered
+        .fetch_add(delivered as u64, Ordering::Relaxed);
     delivered
 }
 
@@ -151,12 +185,18 @@ fn itoa(n: u32) -> String {
 
 /// The `data` object of a `postgres_changes` push. A record over `max_record_bytes` is sent with
 /// only its small values and `errors: ["Error 413: Payload Too Large"]`.
-pub fn render_data(change: &Change, select: Option<&[Arc<str>]>, max_record_bytes: usize) -> Vec<u8> {
+pub fn render_data(
+    change: &Change,
+    select: Option<&[Arc<str>]>,
+    max_record_bytes: usize,
+) -> Vec<u8> {
     let rel = &change.relation;
     let keep = |name: &str| {
         select.is_none_or(|cols| {
             cols.iter().any(|c| &**c == name)
-                || rel.column_index(name).is_some_and(|i| rel.columns[i].is_key)
+                || rel
+                    .column_index(name)
+                    .is_some_and(|i| rel.columns[i].is_key)
         })
     };
     let mut out = Vec::with_capacity(256);
@@ -171,7 +211,9 @@ pub fn render_data(change: &Change, select: Option<&[Arc<str>]>, max_record_byte
     let small = |name: &str| {
         keep(name)
             && rel.column_index(name).is_some_and(|i| {
-                let len = |t: Option<&crate::replication::pgoutput::Tuple>| match t.and_then(|t| t.0.get(i)) {
+                let len = |t: Option<&crate::replication::pgoutput::Tuple>| match t
+                    .and_then(|t| t.0.get(i))
+                {
                     Some(Value::Text(b)) => b.len(),
                     _ => 0,
                 };

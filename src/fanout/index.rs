@@ -91,8 +91,12 @@ impl TableSubs {
             f(*id);
         }
         for (column, eq) in &self.eq {
-            let Some(i) = change.relation.column_index(column) else { continue };
-            let Some(value) = change.filter_value(i) else { continue };
+            let Some(i) = change.relation.column_index(column) else {
+                continue;
+            };
+            let Some(value) = change.filter_value(i) else {
+                continue;
+            };
             let ids = match eq.class {
                 Some(Class::Text) | Some(Class::Uuid) => eq.bytes.get(value),
                 Some(class) => row_key_int(class, value).and_then(|k| eq.ints.get(&k)),
@@ -132,7 +136,10 @@ impl SubscriptionIndex {
         let id = self.next_id;
         let key = binding.filter.index_key();
         let table = match &binding.table {
-            Some(t) => self.tables.entry((Arc::clone(&binding.schema), Arc::clone(t))).or_default(),
+            Some(t) => self
+                .tables
+                .entry((Arc::clone(&binding.schema), Arc::clone(t)))
+                .or_default(),
             None => self.schemas.entry(Arc::clone(&binding.schema)).or_default(),
         };
         let indexed = match key {
@@ -151,14 +158,28 @@ impl SubscriptionIndex {
                 None
             }
         };
-        self.subs.insert(id, Subscription { channel, binding, indexed });
+        self.subs.insert(
+            id,
+            Subscription {
+                channel,
+                binding,
+                indexed,
+            },
+        );
         id
     }
 
     pub fn remove(&mut self, id: SubId) -> bool {
-        let Some(sub) = self.subs.remove(&id) else { return false };
+        let Some(sub) = self.subs.remove(&id) else {
+            return false;
+        };
         let b = &sub.binding;
-        let (map_key_table, schema) = (b.table.as_ref().map(|t| (Arc::clone(&b.schema), Arc::clone(t))), &b.schema);
+        let (map_key_table, schema) = (
+            b.table
+                .as_ref()
+                .map(|t| (Arc::clone(&b.schema), Arc::clone(t))),
+            &b.schema,
+        );
         let table = match &map_key_table {
             Some(k) => self.tables.get_mut(k),
             None => self.schemas.get_mut(schema),

@@ -83,7 +83,11 @@ pub enum CompileError {
     #[error("invalid column for filter {0}")]
     UnknownColumn(String),
     #[error("invalid input syntax for type {type_name} in filter on {column}: {value:?}")]
-    BadValue { column: String, type_name: String, value: String },
+    BadValue {
+        column: String,
+        type_name: String,
+        value: String,
+    },
     #[error("invalid pattern in filter on {column}: {message}")]
     BadPattern { column: String, message: String },
 }
@@ -96,8 +100,8 @@ impl CompiledFilter {
     ) -> Result<CompiledFilter, CompileError> {
         let mut conditions = Vec::with_capacity(filter.conditions.len());
         for c in &filter.conditions {
-            let (column, type_name) =
-                column_type(&c.column).ok_or_else(|| CompileError::UnknownColumn(c.column.clone()))?;
+            let (column, type_name) = column_type(&c.column)
+                .ok_or_else(|| CompileError::UnknownColumn(c.column.clone()))?;
             let class = Class::of(type_name);
             let cast = |v: &str| {
                 cast(class, v.as_bytes()).ok_or_else(|| CompileError::BadValue {
@@ -111,9 +115,13 @@ impl CompiledFilter {
                 Operand::List(items) => Ok(format!("({})", items.join(","))),
             };
             let test = match c.op {
-                Op::Eq | Op::Neq | Op::Lt | Op::Lte | Op::Gt | Op::Gte => Test::Cmp(c.op, cast(&value(&c.operand)?)?),
+                Op::Eq | Op::Neq | Op::Lt | Op::Lte | Op::Gt | Op::Gte => {
+                    Test::Cmp(c.op, cast(&value(&c.operand)?)?)
+                }
                 Op::In => match &c.operand {
-                    Operand::List(items) => Test::In(items.iter().map(|i| cast(i)).collect::<Result<_, _>>()?),
+                    Operand::List(items) => {
+                        Test::In(items.iter().map(|i| cast(i)).collect::<Result<_, _>>()?)
+                    }
                     Operand::Value(v) => Test::In(vec![cast(v)?]),
                 },
                 Op::Like | Op::Ilike | Op::Match | Op::Imatch => {
@@ -128,7 +136,10 @@ impl CompiledFilter {
                         .case_insensitive(ci)
                         .size_limit(1 << 20)
                         .build()
-                        .map_err(|e| CompileError::BadPattern { column: c.column.clone(), message: e.to_string() })?;
+                        .map_err(|e| CompileError::BadPattern {
+                            column: c.column.clone(),
+                            message: e.to_string(),
+                        })?;
                     Test::Pattern(re)
                 }
                 Op::Is => match value(&c.operand)?.as_str() {
@@ -145,23 +156,34 @@ impl CompiledFilter {
                     }
                 }
             };
-            conditions.push(CompiledCondition { column, class, negated: c.negated, test });
+            conditions.push(CompiledCondition {
+                column,
+                class,
+                negated: c.negated,
+                test,
+            });
         }
         Ok(CompiledFilter { conditions })
     }
 
     /// The first plain `eq` condition, which the subscription index can look up by hash.
     pub fn index_key(&self) -> Option<(usize, IndexKey)> {
-        self.conditions.iter().enumerate().find_map(|(i, c)| match (&c.test, c.negated) {
-            (Test::Cmp(Op::Eq, s), false) => Some((i, scalar_key(s))),
-            _ => None,
-        })
+        self.conditions
+            .iter()
+            .enumerate()
+            .find_map(|(i, c)| match (&c.test, c.negated) {
+                (Test::Cmp(Op::Eq, s), false) => Some((i, scalar_key(s))),
+                _ => None,
+            })
     }
 
     /// Whether the change's filter row satisfies every condition except `skip` (already
     /// satisfied by an index lookup).
     pub fn matches(&self, change: &Change, skip: Option<usize>) -> bool {
-        self.conditions.iter().enumerate().all(|(i, c)| Some(i) == skip || c.matches(change))
+        self.conditions
+            .iter()
+            .enumerate()
+            .all(|(i, c)| Some(i) == skip || c.matches(change))
     }
 
     /// Columns the filter reads.
@@ -180,7 +202,13 @@ fn scalar_key(s: &Scalar) -> IndexKey {
 
 fn float_key(f: f64) -> i64 {
     // -0.0 and 0.0 are equal; all NaNs are equal (as in numeric).
-    let f = if f == 0.0 { 0.0 } else if f.is_nan() { f64::NAN } else { f };
+    let f = if f == 0.0 {
+        0.0
+    } else if f.is_nan() {
+        f64::NAN
+    } else {
+        f
+    };
     f.to_bits() as i64
 }
 
@@ -195,7 +223,9 @@ pub fn row_key_int(class: Class, text: &[u8]) -> Option<i64> {
 
 impl CompiledCondition {
     fn matches(&self, change: &Change) -> bool {
-        let Some(idx) = change.relation.column_index(&self.column) else { return false };
+        let Some(idx) = change.relation.column_index(&self.column) else {
+            return false;
+        };
         if !change.filter_carries(idx) {
             return false;
         }
@@ -206,7 +236,9 @@ impl CompiledCondition {
             (Test::IsBool(_), None) => false,
             (Test::IsDistinct(None), v) => v.is_some(),
             (Test::IsDistinct(Some(_)), None) => true,
-            (Test::IsDistinct(Some(s)), Some(v)) => compare(self.class, v, s) != Some(Ordering::Equal),
+            (Test::IsDistinct(Some(s)), Some(v)) => {
+                compare(self.class, v, s) != Some(Ordering::Equal)
+            }
             // Comparisons with NULL are NULL: no match, negated or not.
             (_, None) => return false,
             (Test::Cmp(op, s), Some(v)) => match compare(self.class, v, s) {
@@ -220,7 +252,9 @@ impl CompiledCondition {
                     _ => o != Ordering::Less,
                 },
             },
-            (Test::In(items), Some(v)) => items.iter().any(|s| compare(self.class, v, s) == Some(Ordering::Equal)),
+            (Test::In(items), Some(v)) => items
+                .iter()
+                .any(|s| compare(self.class, v, s) == Some(Ordering::Equal)),
             (Test::Pattern(re), Some(v)) => re.is_match(v),
         };
         result != self.negated
@@ -272,12 +306,26 @@ fn cast(class: Class, v: &[u8]) -> Option<Scalar> {
             _ => return None,
         }),
         Class::Uuid => {
-            let hex: String = s.chars().filter(|c| *c != '-' && *c != '{' && *c != '}').collect();
+            let hex: String = s
+                .chars()
+                .filter(|c| *c != '-' && *c != '{' && *c != '}')
+                .collect();
             if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return None;
             }
             let h = hex.to_ascii_lowercase();
-            Scalar::Bytes(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]).into_bytes().into())
+            Scalar::Bytes(
+                format!(
+                    "{}-{}-{}-{}-{}",
+                    &h[0..8],
+                    &h[8..12],
+                    &h[12..16],
+                    &h[16..20],
+                    &h[20..]
+                )
+                .into_bytes()
+                .into(),
+            )
         }
         Class::Instant => Scalar::Int(parse_instant(s)?),
         Class::Date => Scalar::Int(parse_date(s.trim())?.0),
@@ -344,7 +392,8 @@ pub fn parse_instant(s: &str) -> Option<i64> {
                 None if z.len() == 4 => (&z[..2], &z[2..]),
                 None => (z, "0"),
             };
-            let secs = h.parse::<i64>().ok()? * 3600 + m.get(..2).unwrap_or(m).parse::<i64>().ok()? * 60;
+            let secs =
+                h.parse::<i64>().ok()? * 3600 + m.get(..2).unwrap_or(m).parse::<i64>().ok()? * 60;
             if sign == '+' {
                 secs
             } else {
@@ -409,7 +458,11 @@ mod tests {
             "t",
             ReplicaIdentity::Default,
             COLS.iter()
-                .map(|(n, oid)| Column { name: (*n).into(), ty: Arc::clone(cat.get(*oid).unwrap()), is_key: *n == "id" })
+                .map(|(n, oid)| Column {
+                    name: (*n).into(),
+                    ty: Arc::clone(cat.get(*oid).unwrap()),
+                    is_key: *n == "id",
+                })
                 .collect(),
         ))
     }
@@ -428,7 +481,15 @@ mod tests {
             ChangeKind::Delete => (None, Some(tuple)),
             _ => (Some(tuple), None),
         };
-        Change { relation: relation(), kind, new, old, commit_lsn: Lsn(1), commit_ts: 0, seq: 0 }
+        Change {
+            relation: relation(),
+            kind,
+            new,
+            old,
+            commit_lsn: Lsn(1),
+            commit_ts: 0,
+            seq: 0,
+        }
     }
 
     fn row() -> Change {
@@ -466,26 +527,49 @@ mod tests {
     #[test]
     fn typed_comparisons() {
         assert!(matches("id=eq.42") && !matches("id=eq.43") && matches("id=neq.43"));
-        assert!(matches("id=gt.9"), "numbers compare as numbers, not strings");
+        assert!(
+            matches("id=gt.9"),
+            "numbers compare as numbers, not strings"
+        );
         assert!(matches("id=lte.42") && !matches("id=lt.42") && matches("id=gte.42"));
         assert!(matches("score=gt.2.25") && matches("score=eq.2.50"));
         assert!(matches("done=eq.true") && matches("done=is.true") && !matches("done=is.false"));
-        assert!(matches("at=eq.2024-05-01T12:00:00+02:00"), "timestamps compare as instants");
+        assert!(
+            matches("at=eq.2024-05-01T12:00:00+02:00"),
+            "timestamps compare as instants"
+        );
         assert!(matches("at=lt.2024-05-01T10:00:01Z") && matches("at=gt.2024-05-01"));
         assert!(matches("day=gte.2024-04-30") && !matches("day=gt.2024-05-01"));
         assert!(matches("uid=eq.A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"));
-        assert!(matches("title=gt.Hello") && matches("title=lt.Hello%20") == ("Hello World" < "Hello%20"));
+        assert!(
+            matches("title=gt.Hello")
+                && matches("title=lt.Hello%20") == ("Hello World" < "Hello%20")
+        );
     }
 
     #[test]
     fn operators() {
         assert!(matches("id=in.(1,42,7)") && !matches("id=in.(1,2)") && matches("id=not.in.(1,2)"));
-        assert!(matches("title=like.Hello%") && !matches("title=like.hello%") && matches("title=ilike.hello%"));
+        assert!(
+            matches("title=like.Hello%")
+                && !matches("title=like.hello%")
+                && matches("title=ilike.hello%")
+        );
         assert!(matches("title=like.Hell__World") && !matches("title=like.Hello"));
-        assert!(matches("title=match.^H.*d$") && matches("title=imatch.WORLD") && !matches("title=match.WORLD"));
-        assert!(matches("note=is.null") && !matches("note=not.is.null") && matches("title=not.is.null"));
-        assert!(matches("note=isdistinct.x") && !matches("note=isdistinct.null") && matches("id=isdistinct.1"));
-        assert!(matches("id=eq.42,done=is.true,title=ilike.*world*") == false);
+        assert!(
+            matches("title=match.^H.*d$")
+                && matches("title=imatch.WORLD")
+                && !matches("title=match.WORLD")
+        );
+        assert!(
+            matches("note=is.null") && !matches("note=not.is.null") && matches("title=not.is.null")
+        );
+        assert!(
+            matches("note=isdistinct.x")
+                && !matches("note=isdistinct.null")
+                && matches("id=isdistinct.1")
+        );
+        assert!(!matches("id=eq.42,done=is.true,title=ilike.*world*"));
         assert!(matches("id=eq.42,done=is.true,title=ilike.%world%"));
     }
 
@@ -497,7 +581,10 @@ mod tests {
 
     #[test]
     fn delete_sees_only_key_columns() {
-        let del = change(ChangeKind::Delete, &[Some("42"), None, None, None, None, None, None, None]);
+        let del = change(
+            ChangeKind::Delete,
+            &[Some("42"), None, None, None, None, None, None, None],
+        );
         assert!(compile("id=eq.42").unwrap().matches(&del, None));
         // title is not carried by a key-only old row: never matches, not even `is.null`.
         assert!(!compile("title=is.null").unwrap().matches(&del, None));
@@ -505,7 +592,10 @@ mod tests {
 
     #[test]
     fn compile_errors() {
-        assert_eq!(compile("nope=eq.1").unwrap_err().to_string(), "invalid column for filter nope");
+        assert_eq!(
+            compile("nope=eq.1").unwrap_err().to_string(),
+            "invalid column for filter nope"
+        );
         let e = compile("id=eq.abc").unwrap_err().to_string();
         assert!(e.contains("int8") && e.contains("abc"), "{e}");
         assert!(compile("at=eq.yesterday").is_err());
@@ -523,10 +613,16 @@ mod tests {
             compile("title=eq.a").unwrap().index_key(),
             Some((0, IndexKey::Bytes(b"a".to_vec().into_boxed_slice())))
         );
-        assert_eq!(row_key_int(Class::Float, b"2.50"), compile("score=eq.2.5").unwrap().index_key().map(|(_, k)| match k {
-            IndexKey::Int(i) => i,
-            _ => 0,
-        }));
+        assert_eq!(
+            row_key_int(Class::Float, b"2.50"),
+            compile("score=eq.2.5")
+                .unwrap()
+                .index_key()
+                .map(|(_, k)| match k {
+                    IndexKey::Int(i) => i,
+                    _ => 0,
+                })
+        );
     }
 
     #[test]
@@ -535,8 +631,18 @@ mod tests {
         assert_eq!(parse_instant("1970-01-01T01:00:00+01:00"), Some(0));
         assert_eq!(parse_instant("1970-01-01 00:00:00.5"), Some(500_000));
         assert_eq!(parse_instant("1970-01-02"), Some(86_400_000_000));
-        assert_eq!(parse_instant("1970-01-01 00:00:00-0130"), Some(5_400_000_000));
-        for bad in ["", "1970", "1970-13-01", "1970-01-01X", "1970-01-01 1:00", "1970-01-01 00:00:00 nope"] {
+        assert_eq!(
+            parse_instant("1970-01-01 00:00:00-0130"),
+            Some(5_400_000_000)
+        );
+        for bad in [
+            "",
+            "1970",
+            "1970-13-01",
+            "1970-01-01X",
+            "1970-01-01 1:00",
+            "1970-01-01 00:00:00 nope",
+        ] {
             assert_eq!(parse_instant(bad), None, "{bad}");
         }
     }
@@ -547,7 +653,19 @@ mod tests {
         for _ in 0..2_000 {
             let a = rng.i64(-1_000_000..1_000_000);
             let b = rng.i64(-1_000_000..1_000_000);
-            let c = change(ChangeKind::Insert, &[Some(&a.to_string()), None, None, None, None, None, None, None]);
+            let c = change(
+                ChangeKind::Insert,
+                &[
+                    Some(&a.to_string()),
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                ],
+            );
             let f = compile(&format!("id=lt.{b}")).unwrap();
             assert_eq!(f.matches(&c, None), a < b, "{a} < {b}");
         }

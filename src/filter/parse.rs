@@ -102,8 +102,12 @@ fn split_top(s: &str, sep: char) -> Result<Vec<&str>, ParseError> {
 
 /// `"a \"b\""` → `a "b"`; unquoted text is returned as is.
 fn unquote(s: &str) -> Result<String, ParseError> {
-    let Some(inner) = s.strip_prefix('"') else { return Ok(s.to_owned()) };
-    let inner = inner.strip_suffix('"').ok_or_else(|| ParseError(format!("unterminated '\"' in {s:?}")))?;
+    let Some(inner) = s.strip_prefix('"') else {
+        return Ok(s.to_owned());
+    };
+    let inner = inner
+        .strip_suffix('"')
+        .ok_or_else(|| ParseError(format!("unterminated '\"' in {s:?}")))?;
     let mut out = String::with_capacity(inner.len());
     let mut chars = inner.chars();
     while let Some(c) = chars.next() {
@@ -145,9 +149,11 @@ fn parse_condition(s: &str) -> Result<Condition, ParseError> {
         Some(r) => (true, r),
         None => (false, rest),
     };
-    let (op_name, value) = rest
-        .split_once('.')
-        .ok_or_else(|| ParseError(format!("{s:?} has no operator: expected column=operator.value")))?;
+    let (op_name, value) = rest.split_once('.').ok_or_else(|| {
+        ParseError(format!(
+            "{s:?} has no operator: expected column=operator.value"
+        ))
+    })?;
     let op = Op::from_name(op_name).ok_or_else(|| {
         ParseError(format!(
             "unknown operator {op_name:?} (expected eq, neq, lt, lte, gt, gte, in, like, ilike, is, match, imatch or isdistinct)"
@@ -158,24 +164,38 @@ fn parse_condition(s: &str) -> Result<Condition, ParseError> {
             let inner = value
                 .strip_prefix('(')
                 .and_then(|v| v.strip_suffix(')'))
-                .ok_or_else(|| ParseError(format!("`in` takes a list in parentheses, e.g. in.(1,2,3), got {value:?}")))?;
+                .ok_or_else(|| {
+                    ParseError(format!(
+                        "`in` takes a list in parentheses, e.g. in.(1,2,3), got {value:?}"
+                    ))
+                })?;
             let items = if inner.trim().is_empty() {
                 Vec::new()
             } else {
-                split_top(inner, ',')?.into_iter().map(|i| unquote(i.trim())).collect::<Result<_, _>>()?
+                split_top(inner, ',')?
+                    .into_iter()
+                    .map(|i| unquote(i.trim()))
+                    .collect::<Result<_, _>>()?
             };
             Operand::List(items)
         }
         Op::Is => {
             let v = value.to_ascii_lowercase();
             if !matches!(v.as_str(), "null" | "true" | "false" | "unknown") {
-                return Err(ParseError(format!("`is` takes null, true, false or unknown, got {value:?}")));
+                return Err(ParseError(format!(
+                    "`is` takes null, true, false or unknown, got {value:?}"
+                )));
             }
             Operand::Value(v)
         }
         _ => Operand::Value(unquote(value)?),
     };
-    Ok(Condition { column, negated, op, operand })
+    Ok(Condition {
+        column,
+        negated,
+        op,
+        operand,
+    })
 }
 
 #[cfg(test)]
@@ -183,21 +203,34 @@ mod tests {
     use super::*;
 
     fn cond(column: &str, negated: bool, op: Op, operand: Operand) -> Condition {
-        Condition { column: column.into(), negated, op, operand }
+        Condition {
+            column: column.into(),
+            negated,
+            op,
+            operand,
+        }
     }
 
     #[test]
     fn single_and_multiple() {
         assert_eq!(parse("").unwrap(), Filter::default());
         assert_eq!(parse("  ").unwrap(), Filter::default());
-        assert_eq!(parse("id=eq.1").unwrap().conditions, vec![cond("id", false, Op::Eq, Operand::Value("1".into()))]);
+        assert_eq!(
+            parse("id=eq.1").unwrap().conditions,
+            vec![cond("id", false, Op::Eq, Operand::Value("1".into()))]
+        );
         let f = parse("a=gt.5,b=not.like.%x%,c=in.(1,\"2,3\",\"q\\\"\"),d=is.NULL").unwrap();
         assert_eq!(
             f.conditions,
             vec![
                 cond("a", false, Op::Gt, Operand::Value("5".into())),
                 cond("b", true, Op::Like, Operand::Value("%x%".into())),
-                cond("c", false, Op::In, Operand::List(vec!["1".into(), "2,3".into(), "q\"".into()])),
+                cond(
+                    "c",
+                    false,
+                    Op::In,
+                    Operand::List(vec!["1".into(), "2,3".into(), "q\"".into()])
+                ),
                 cond("d", false, Op::Is, Operand::Value("null".into())),
             ]
         );
@@ -206,12 +239,25 @@ mod tests {
             parse("email=eq.a.b=c@x.io").unwrap().conditions[0].operand,
             Operand::Value("a.b=c@x.io".into())
         );
-        assert_eq!(parse("t=eq.\"a,b\"").unwrap().conditions[0].operand, Operand::Value("a,b".into()));
+        assert_eq!(
+            parse("t=eq.\"a,b\"").unwrap().conditions[0].operand,
+            Operand::Value("a,b".into())
+        );
     }
 
     #[test]
     fn errors() {
-        for bad in ["id", "id=1", "id=foo.1", "=eq.1", "id=in.1,2", "id=is.maybe", "a=eq.\"x", "a=in.(1", "a=in.(1))"] {
+        for bad in [
+            "id",
+            "id=1",
+            "id=foo.1",
+            "=eq.1",
+            "id=in.1,2",
+            "id=is.maybe",
+            "a=eq.\"x",
+            "a=in.(1",
+            "a=in.(1))",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} parsed");
         }
         let e = parse("id=foo.1").unwrap_err().to_string();
@@ -223,7 +269,9 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(3);
         let alphabet: Vec<char> = "ab=.,()\"\\ notineqlk%_é".chars().collect();
         for _ in 0..50_000 {
-            let s: String = (0..rng.usize(0..24)).map(|_| alphabet[rng.usize(..alphabet.len())]).collect();
+            let s: String = (0..rng.usize(0..24))
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect();
             let _ = parse(&s);
         }
     }

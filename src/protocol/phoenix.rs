@@ -51,7 +51,9 @@ fn ref_string(v: Option<&Value>) -> Result<Option<String>, FrameError> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(_) => Err(FrameError::Shape("ref and join_ref must be strings or null")),
+        Some(_) => Err(FrameError::Shape(
+            "ref and join_ref must be strings or null",
+        )),
     }
 }
 
@@ -61,7 +63,9 @@ pub fn decode_text(vsn: Vsn, text: &str) -> Result<ClientFrame, FrameError> {
     match (vsn, v) {
         (Vsn::V2, Value::Array(mut a)) => {
             if a.len() != 5 {
-                return Err(FrameError::Shape("expected [join_ref, ref, topic, event, payload]"));
+                return Err(FrameError::Shape(
+                    "expected [join_ref, ref, topic, event, payload]",
+                ));
             }
             let payload = a.pop().unwrap_or(Value::Null);
             let event = match a.pop() {
@@ -74,7 +78,13 @@ pub fn decode_text(vsn: Vsn, text: &str) -> Result<ClientFrame, FrameError> {
             };
             let msg_ref = ref_string(a.get(1))?;
             let join_ref = ref_string(a.first())?;
-            Ok(ClientFrame { join_ref, msg_ref, topic, event, payload })
+            Ok(ClientFrame {
+                join_ref,
+                msg_ref,
+                topic,
+                event,
+                payload,
+            })
         }
         // A v1 object is accepted on either version, as some clients mix them.
         (_, Value::Object(mut o)) => {
@@ -115,7 +125,9 @@ pub struct BinaryPush {
 /// Decodes a kind-3 binary frame: `3, join_ref_len, ref_len, topic_len, event_len, meta_len,
 /// encoding`, then the fields, then the payload.
 pub fn decode_binary(frame: &Bytes) -> Result<BinaryPush, FrameError> {
-    let header = frame.get(..7).ok_or(FrameError::Binary("shorter than its 7-byte header"))?;
+    let header = frame
+        .get(..7)
+        .ok_or(FrameError::Binary("shorter than its 7-byte header"))?;
     if header[0] != 3 {
         return Err(FrameError::Binary("unknown kind (clients send kind 3)"));
     }
@@ -131,7 +143,9 @@ pub fn decode_binary(frame: &Bytes) -> Result<BinaryPush, FrameError> {
         pos = end;
         Ok(b)
     };
-    let text = |b: Bytes| String::from_utf8(b.to_vec()).map_err(|_| FrameError::Binary("a field is not UTF-8"));
+    let text = |b: Bytes| {
+        String::from_utf8(b.to_vec()).map_err(|_| FrameError::Binary("a field is not UTF-8"))
+    };
     let join_ref = text(field(lens[0])?)?;
     let msg_ref = text(field(lens[1])?)?;
     let topic = text(field(lens[2])?)?;
@@ -150,9 +164,19 @@ pub fn decode_binary(frame: &Bytes) -> Result<BinaryPush, FrameError> {
 }
 
 /// Encodes a server frame with a JSON payload.
-pub fn encode(vsn: Vsn, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, event: &str, payload: &Value) -> String {
+pub fn encode(
+    vsn: Vsn,
+    join_ref: Option<&str>,
+    msg_ref: Option<&str>,
+    topic: &str,
+    event: &str,
+    payload: &Value,
+) -> String {
     match vsn {
-        Vsn::V1 => serde_json::json!({"topic": topic, "event": event, "payload": payload, "ref": msg_ref}).to_string(),
+        Vsn::V1 => {
+            serde_json::json!({"topic": topic, "event": event, "payload": payload, "ref": msg_ref})
+                .to_string()
+        }
         Vsn::V2 => serde_json::json!([join_ref, msg_ref, topic, event, payload]).to_string(),
     }
 }
@@ -162,10 +186,17 @@ pub fn change_frame_parts(vsn: Vsn, topic: &str) -> (Bytes, &'static [u8]) {
     let topic = serde_json::to_string(topic).unwrap_or_else(|_| "\"\"".into());
     match vsn {
         Vsn::V1 => (
-            Bytes::from(format!("{{\"topic\":{topic},\"event\":\"postgres_changes\",\"payload\":{{\"ids\":[")),
+            Bytes::from(format!(
+                "{{\"topic\":{topic},\"event\":\"postgres_changes\",\"payload\":{{\"ids\":["
+            )),
             b"},\"ref\":null}",
         ),
-        Vsn::V2 => (Bytes::from(format!("[null,null,{topic},\"postgres_changes\",{{\"ids\":[")), b"}]"),
+        Vsn::V2 => (
+            Bytes::from(format!(
+                "[null,null,{topic},\"postgres_changes\",{{\"ids\":["
+            )),
+            b"}]",
+        ),
     }
 }
 
@@ -177,11 +208,24 @@ mod tests {
 
     #[test]
     fn decodes_v1_and_v2() {
-        let f = decode_text(Vsn::V1, r#"{"topic":"realtime:a","event":"phx_join","payload":{},"ref":"1","join_ref":"1"}"#)
-            .unwrap();
-        assert_eq!((f.topic.as_str(), f.event.as_str(), f.msg_ref.as_deref()), ("realtime:a", "phx_join", Some("1")));
+        let f = decode_text(
+            Vsn::V1,
+            r#"{"topic":"realtime:a","event":"phx_join","payload":{},"ref":"1","join_ref":"1"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (f.topic.as_str(), f.event.as_str(), f.msg_ref.as_deref()),
+            ("realtime:a", "phx_join", Some("1"))
+        );
         let f = decode_text(Vsn::V2, r#"["3","4","phoenix","heartbeat",{}]"#).unwrap();
-        assert_eq!((f.join_ref.as_deref(), f.msg_ref.as_deref(), f.event.as_str()), (Some("3"), Some("4"), "heartbeat"));
+        assert_eq!(
+            (
+                f.join_ref.as_deref(),
+                f.msg_ref.as_deref(),
+                f.event.as_str()
+            ),
+            (Some("3"), Some("4"), "heartbeat")
+        );
         let f = decode_text(Vsn::V2, r#"[null,5,"phoenix","heartbeat",{}]"#).unwrap();
         assert_eq!((f.join_ref, f.msg_ref.as_deref()), (None, Some("5")));
     }
@@ -203,15 +247,28 @@ mod tests {
 
     #[test]
     fn encodes() {
-        let v1 = encode(Vsn::V1, Some("1"), Some("2"), "t", "phx_reply", &json!({"status":"ok"}));
+        let v1 = encode(
+            Vsn::V1,
+            Some("1"),
+            Some("2"),
+            "t",
+            "phx_reply",
+            &json!({"status":"ok"}),
+        );
         let v: Value = serde_json::from_str(&v1).unwrap();
-        assert_eq!(v, json!({"topic":"t","event":"phx_reply","payload":{"status":"ok"},"ref":"2"}));
+        assert_eq!(
+            v,
+            json!({"topic":"t","event":"phx_reply","payload":{"status":"ok"},"ref":"2"})
+        );
         let v2 = encode(Vsn::V2, Some("1"), None, "t", "system", &json!({}));
         assert_eq!(v2, r#"["1",null,"t","system",{}]"#);
         let (p, s) = change_frame_parts(Vsn::V2, "realtime:a\"b");
         let frame = [&p[..], b"1,2],\"data\":{}", s].concat();
         let v: Value = serde_json::from_slice(&frame).unwrap();
-        assert_eq!(v, json!([null, null, "realtime:a\"b", "postgres_changes", {"ids":[1,2],"data":{}}]));
+        assert_eq!(
+            v,
+            json!([null, null, "realtime:a\"b", "postgres_changes", {"ids":[1,2],"data":{}}])
+        );
         let (p, s) = change_frame_parts(Vsn::V1, "realtime:x");
         let v: Value = serde_json::from_slice(&[&p[..], b"],\"data\":{}", s].concat()).unwrap();
         assert_eq!(v["payload"]["ids"], json!([]));
@@ -223,7 +280,10 @@ mod tests {
         f.extend_from_slice(b"12realtime:acursor{}");
         f.extend_from_slice(br#"{"x":1}"#);
         let p = decode_binary(&Bytes::from(f.clone())).unwrap();
-        assert_eq!((p.topic.as_str(), p.event.as_str(), &p.payload[..]), ("realtime:a", "cursor", &br#"{"x":1}"#[..]));
+        assert_eq!(
+            (p.topic.as_str(), p.event.as_str(), &p.payload[..]),
+            ("realtime:a", "cursor", &br#"{"x":1}"#[..])
+        );
         for cut in 0..f.len() - 7 {
             let _ = decode_binary(&Bytes::from(f[..cut].to_vec()));
         }

@@ -19,22 +19,79 @@ pub const SLOW_DISCONNECTS: &str = "walcast_slow_client_disconnects_total";
 pub const LAG_BYTES: &str = "walcast_replication_lag_bytes";
 pub const LAG_SECONDS: &str = "walcast_replication_lag_seconds";
 pub const CONNECTED: &str = "walcast_replication_connected";
+pub const CONNECTIONS: &str = "walcast_replication_connections_total";
 
 pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     let m = &state.fanout.metrics;
     let s = &state.status;
     let mut out = String::with_capacity(1024);
     let mut put = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
     };
-    put(CLIENTS, "gauge", "Connected WebSocket clients.", m.clients.load(Ordering::Relaxed).to_string());
-    put(SUBSCRIPTIONS, "gauge", "Active postgres_changes bindings.", m.subscriptions.load(Ordering::Relaxed).to_string());
-    put(CHANGES_RECEIVED, "counter", "Row changes decoded from the replication stream.", s.changes_received.load(Ordering::Relaxed).to_string());
-    put(CHANGES_DISPATCHED, "counter", "Row changes matched against subscriptions.", m.changes_dispatched.load(Ordering::Relaxed).to_string());
-    put(FRAMES_DELIVERED, "counter", "Change frames queued to client sockets.", m.frames_delivered.load(Ordering::Relaxed).to_string());
-    put(SLOW_DISCONNECTS, "counter", "Clients disconnected because their queue was full.", m.slow_client_disconnects.load(Ordering::Relaxed).to_string());
-    put(LAG_BYTES, "gauge", "WAL bytes between the server's position and the confirmed flush position.", s.lag_bytes().to_string());
-    put(LAG_SECONDS, "gauge", "Seconds since the last commit handed on, while not caught up.", format!("{:.3}", lag_seconds(s)));
-    put(CONNECTED, "gauge", "1 while the replication stream is connected.", u8::from(s.connected.load(Ordering::Relaxed)).to_string());
+    put(
+        CLIENTS,
+        "gauge",
+        "Connected WebSocket clients.",
+        m.clients.load(Ordering::Relaxed).to_string(),
+    );
+    put(
+        SUBSCRIPTIONS,
+        "gauge",
+        "Active postgres_changes bindings.",
+        m.subscriptions.load(Ordering::Relaxed).to_string(),
+    );
+    put(
+        CHANGES_RECEIVED,
+        "counter",
+        "Row changes decoded from the replication stream.",
+        s.changes_received.load(Ordering::Relaxed).to_string(),
+    );
+    put(
+        CHANGES_DISPATCHED,
+        "counter",
+        "Row changes matched against subscriptions.",
+        m.changes_dispatched.load(Ordering::Relaxed).to_string(),
+    );
+    put(
+        FRAMES_DELIVERED,
+        "counter",
+        "Change frames queued to client sockets.",
+        m.frames_delivered.load(Ordering::Relaxed).to_string(),
+    );
+    put(
+        SLOW_DISCONNECTS,
+        "counter",
+        "Clients disconnected because their queue was full.",
+        m.slow_client_disconnects
+            .load(Ordering::Relaxed)
+            .to_string(),
+    );
+    put(
+        LAG_BYTES,
+        "gauge",
+        "WAL bytes between the server's position and the confirmed flush position.",
+        s.lag_bytes().to_string(),
+    );
+    put(
+        LAG_SECONDS,
+        "gauge",
+        "Seconds since the last commit handed on, while not caught up.",
+        format!("{:.3}", lag_seconds(s)),
+    );
+    put(
+        CONNECTED,
+        "gauge",
+        "1 while the replication stream is connected.",
+        u8::from(s.connected.load(Ordering::Relaxed)).to_string(),
+    );
+    put(
+        CONNECTIONS,
+        "counter",
+        "Replication streams started (the first plus reconnects).",
+        s.connections.load(Ordering::Relaxed).to_string(),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -27,9 +27,13 @@ impl Capture {
     pub async fn start(url: &str, slot_name: &str) -> Capture {
         slot::migrate(url).await.expect("migrations");
         let p = pool(url).await;
-        slot::ensure_publication(&p, "walcast", &["public.*".into()]).await.expect("publication");
+        slot::ensure_publication(&p, "walcast", &["public.*".into()])
+            .await
+            .expect("publication");
         let params = ConnectParams::from_url(url).expect("url");
-        slot::ensure_slot(&p, &params, slot_name).await.expect("slot");
+        slot::ensure_slot(&p, &params, slot_name)
+            .await
+            .expect("slot");
         let (tx, rx) = mpsc::channel(64);
         let dispatched = Arc::new(AtomicU64::new(0));
         let status = Arc::new(ReplicationStatus::default());
@@ -44,7 +48,12 @@ impl Capture {
             status,
         };
         let handle = tokio::spawn(task.run(shutdown.clone()));
-        Capture { rx, dispatched, shutdown, handle }
+        Capture {
+            rx,
+            dispatched,
+            shutdown,
+            handle,
+        }
     }
 
     /// The next change; commits in between are acknowledged as dispatched.
@@ -74,7 +83,10 @@ impl Capture {
     /// Waits for the next commit, acknowledges it, and returns its end LSN.
     pub async fn ack_commit(&mut self) -> walcast::replication::lsn::Lsn {
         loop {
-            let ev = tokio::time::timeout(Duration::from_secs(30), self.rx.recv()).await.expect("commit").expect("open");
+            let ev = tokio::time::timeout(Duration::from_secs(30), self.rx.recv())
+                .await
+                .expect("commit")
+                .expect("open");
             if let ChangeEvent::Commit { end_lsn, .. } = ev {
                 self.dispatched.fetch_max(end_lsn.0, Ordering::Release);
                 return end_lsn;
@@ -156,12 +168,19 @@ async fn values_equal_to_jsonb() {
     let changes = cap.next_n(5).await;
 
     let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
-    exec_conn(&mut conn, "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'").await;
+    exec_conn(
+        &mut conn,
+        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'",
+    )
+    .await;
     let mut failures = Vec::new();
     for c in &changes {
         assert_eq!(c.kind, ChangeKind::Insert);
         let ours = record(c);
-        let id = c.filter_value(0).map(|v| String::from_utf8_lossy(v).into_owned()).expect("id");
+        let id = c
+            .filter_value(0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .expect("id");
         let (same, theirs): (bool, String) = sqlx::query_as(
             "SELECT $1::jsonb::text = to_jsonb(row_)::text, to_jsonb(row_)::text FROM types row_ WHERE id = $2::int",
         )
@@ -176,7 +195,10 @@ async fn values_equal_to_jsonb() {
             let theirs_v: serde_json::Value = serde_json::from_str(&theirs).unwrap_or_default();
             for (k, v) in theirs_v.as_object().into_iter().flatten() {
                 if ours_v.get(k) != Some(v) {
-                    failures.push(format!("row {id} column {k}: ours {:?} postgres {v}", ours_v.get(k)));
+                    failures.push(format!(
+                        "row {id} column {k}: ours {:?} postgres {v}",
+                        ours_v.get(k)
+                    ));
                 }
             }
             if failures.is_empty() {
@@ -184,10 +206,20 @@ async fn values_equal_to_jsonb() {
             }
         }
     }
-    assert!(failures.is_empty(), "values differ from to_jsonb:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "values differ from to_jsonb:\n{}",
+        failures.join("\n")
+    );
     // Column type names are the catalog's.
     let cols = String::from_utf8(changes[0].relation.columns_json.to_vec()).expect("utf8");
-    for t in [r#""type":"int4""#, r#""type":"_text""#, r#""type":"timestamptz""#, r#""type":"mood""#, r#""type":"posint""#] {
+    for t in [
+        r#""type":"int4""#,
+        r#""type":"_text""#,
+        r#""type":"timestamptz""#,
+        r#""type":"mood""#,
+        r#""type":"posint""#,
+    ] {
         assert!(cols.contains(t), "{t} missing in {cols}");
     }
     cap.stop().await;
@@ -203,20 +235,46 @@ async fn replica_identity_default_and_full() {
     let p = pool(&url).await;
     exec(&p, "CREATE TABLE d (id int PRIMARY KEY, v text); CREATE TABLE f (id int PRIMARY KEY, v text); ALTER TABLE f REPLICA IDENTITY FULL;").await;
     let mut cap = Capture::start(&url, "ident").await;
-    exec(&p, "INSERT INTO d VALUES (1, 'a'); INSERT INTO f VALUES (1, 'a');").await;
+    exec(
+        &p,
+        "INSERT INTO d VALUES (1, 'a'); INSERT INTO f VALUES (1, 'a');",
+    )
+    .await;
     exec(&p, "UPDATE d SET v = 'b'; UPDATE f SET v = 'b'; UPDATE d SET id = 2; DELETE FROM d; DELETE FROM f;").await;
     let c = cap.next_n(7).await;
     assert_eq!(c[2].kind, ChangeKind::Update);
     assert_eq!(record(&c[2]), r#"{"id":1,"v":"b"}"#);
-    assert_eq!(old_record(&c[2]), "{}", "default identity sends no old row when the key is unchanged");
-    assert_eq!(old_record(&c[3]), r#"{"id":1,"v":"a"}"#, "full identity sends the whole old row");
-    assert_eq!(old_record(&c[4]), r#"{"id":1}"#, "a key change sends the old key");
+    assert_eq!(
+        old_record(&c[2]),
+        "{}",
+        "default identity sends no old row when the key is unchanged"
+    );
+    assert_eq!(
+        old_record(&c[3]),
+        r#"{"id":1,"v":"a"}"#,
+        "full identity sends the whole old row"
+    );
+    assert_eq!(
+        old_record(&c[4]),
+        r#"{"id":1}"#,
+        "a key change sends the old key"
+    );
     assert_eq!(record(&c[4]), r#"{"id":2,"v":"b"}"#);
-    assert_eq!((c[5].kind, old_record(&c[5])), (ChangeKind::Delete, r#"{"id":2}"#.to_owned()));
+    assert_eq!(
+        (c[5].kind, old_record(&c[5])),
+        (ChangeKind::Delete, r#"{"id":2}"#.to_owned())
+    );
     assert_eq!(old_record(&c[6]), r#"{"id":1,"v":"b"}"#);
     // Changes of one transaction share the commit and are numbered in order.
-    assert_eq!((c[2].commit_lsn, c[2].commit_ts), (c[6].commit_lsn, c[6].commit_ts));
-    assert!(c[2].cursor() < c[3].cursor() && c[3].cursor() < c[6].cursor() && c[0].cursor() < c[2].cursor());
+    assert_eq!(
+        (c[2].commit_lsn, c[2].commit_ts),
+        (c[6].commit_lsn, c[6].commit_ts)
+    );
+    assert!(
+        c[2].cursor() < c[3].cursor()
+            && c[3].cursor() < c[6].cursor()
+            && c[0].cursor() < c[2].cursor()
+    );
     cap.stop().await;
 }
 
@@ -231,11 +289,20 @@ async fn unchanged_toast_is_never_invented() {
     let c = cap.next_n(4).await;
     let r = record(&c[2]);
     assert_eq!(r, r#"{"id":1,"n":1}"#, "the unsent TOAST value is left out");
-    assert_eq!(c[2].unchanged_toast().iter().map(|s| s.to_string()).collect::<Vec<_>>(), vec!["blob"]);
+    assert_eq!(
+        c[2].unchanged_toast()
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>(),
+        vec!["blob"]
+    );
     let tail = String::from_utf8(c[2].to_tail_json()).expect("utf8");
     assert!(tail.contains(r#""unchanged_toast":["blob"]"#), "{tail}");
     let r = record(&c[3]);
-    assert!(r.starts_with(r#"{"id":1,"n":1,"blob":""#) && r.len() > 12_000, "full identity supplies the value");
+    assert!(
+        r.starts_with(r#"{"id":1,"n":1,"blob":""#) && r.len() > 12_000,
+        "full identity supplies the value"
+    );
     assert!(c[3].unchanged_toast().is_empty());
     cap.stop().await;
 }
@@ -247,7 +314,11 @@ async fn truncate_and_ddl_mid_stream() {
     exec(&p, "CREATE TABLE t (id int PRIMARY KEY, v int)").await;
     let mut cap = Capture::start(&url, "ddl").await;
     exec(&p, "INSERT INTO t VALUES (1, 1)").await;
-    exec(&p, "ALTER TABLE t ADD COLUMN note text DEFAULT 'x'; INSERT INTO t VALUES (2, 2, 'y')").await;
+    exec(
+        &p,
+        "ALTER TABLE t ADD COLUMN note text DEFAULT 'x'; INSERT INTO t VALUES (2, 2, 'y')",
+    )
+    .await;
     exec(&p, "ALTER TABLE t DROP COLUMN v; ALTER TABLE t ALTER COLUMN note DROP DEFAULT, ALTER COLUMN note TYPE int USING 5; INSERT INTO t VALUES (3, 6)").await;
     exec(&p, "TRUNCATE t").await;
     let c = cap.next_n(4).await;
@@ -276,18 +347,29 @@ async fn resumes_after_a_crash_without_skipping() {
     let mut cap = Capture::start(&url, "resume").await;
     let ids: Vec<String> = cap.next_n(60).await.iter().map(record).collect();
     let want: Vec<String> = (1..=60).map(|i| format!(r#"{{"id":{i}}}"#)).collect();
-    assert_eq!(ids, want, "every change after the acknowledged position is decoded again, in order");
+    assert_eq!(
+        ids, want,
+        "every change after the acknowledged position is decoded again, in order"
+    );
     // Once acknowledged, a restart does not repeat it.
     exec(&p, "INSERT INTO r VALUES (61)").await;
     assert_eq!(record(&cap.next().await), r#"{"id":61}"#);
     let flushed = cap.ack_commit().await;
     cap.stop().await;
-    let info = slot::slot_info(&p, "resume").await.expect("query").expect("slot");
-    let confirmed: walcast::replication::lsn::Lsn = info.confirmed_flush_lsn.expect("lsn").parse().expect("lsn");
+    let info = slot::slot_info(&p, "resume")
+        .await
+        .expect("query")
+        .expect("slot");
+    let confirmed: walcast::replication::lsn::Lsn =
+        info.confirmed_flush_lsn.expect("lsn").parse().expect("lsn");
     assert!(confirmed >= flushed);
     exec(&p, "INSERT INTO r VALUES (62)").await;
     let mut cap = Capture::start(&url, "resume").await;
-    assert_eq!(record(&cap.next().await), r#"{"id":62}"#, "acknowledged changes are not sent again");
+    assert_eq!(
+        record(&cap.next().await),
+        r#"{"id":62}"#,
+        "acknowledged changes are not sent again"
+    );
     cap.stop().await;
 }
 
@@ -297,11 +379,20 @@ async fn big_transaction_streams_with_bounded_memory() {
     let p = pool(&url).await;
     exec(&p, "CREATE TABLE m (id int PRIMARY KEY, v text)").await;
     let mut cap = Capture::start(&url, "million").await;
-    exec(&p, "INSERT INTO m SELECT g, 'value ' || g FROM generate_series(1, 1000000) g").await;
+    exec(
+        &p,
+        "INSERT INTO m SELECT g, 'value ' || g FROM generate_series(1, 1000000) g",
+    )
+    .await;
     let rss = || {
         std::fs::read_to_string("/proc/self/status")
             .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())))
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("VmRSS:")
+                        .map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+                })
+            })
             .flatten()
             .unwrap_or(0)
     };
@@ -312,7 +403,10 @@ async fn big_transaction_streams_with_bounded_memory() {
         let c = cap.next().await;
         if i % 50_000 == 0 {
             peak = peak.max(rss());
-            let id: u32 = std::str::from_utf8(c.filter_value(0).expect("id")).expect("utf8").parse().expect("int");
+            let id: u32 = std::str::from_utf8(c.filter_value(0).expect("id"))
+                .expect("utf8")
+                .parse()
+                .expect("int");
             assert!(id > last);
             last = id;
         }
@@ -321,7 +415,10 @@ async fn big_transaction_streams_with_bounded_memory() {
     let growth_mb = peak.saturating_sub(start_rss) / 1024;
     // A million decoded changes held at once would take several hundred MB.
     eprintln!("1M-row transaction: RSS grew by {growth_mb} MB");
-    assert!(growth_mb < 150, "memory grew by {growth_mb} MB while streaming");
+    assert!(
+        growth_mb < 150,
+        "memory grew by {growth_mb} MB while streaming"
+    );
     cap.stop().await;
 }
 
@@ -329,8 +426,10 @@ async fn big_transaction_streams_with_bounded_memory() {
 async fn scram_and_md5_authentication() {
     let url = fresh_db().await;
     let p = pool(&url).await;
-    exec(&p, &format!(
-        "DO $$ BEGIN
+    exec(
+        &p,
+        &format!(
+            "DO $$ BEGIN
            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{s}') THEN
              SET password_encryption = 'scram-sha-256';
              CREATE ROLE {s} LOGIN REPLICATION PASSWORD '{pw}';
@@ -338,23 +437,36 @@ async fn scram_and_md5_authentication() {
              CREATE ROLE {m} LOGIN REPLICATION PASSWORD '{pw}';
            END IF;
          END $$;",
-        s = support::SCRAM_USER, m = support::MD5_USER, pw = support::PASSWORD
-    ))
+            s = support::SCRAM_USER,
+            m = support::MD5_USER,
+            pw = support::PASSWORD
+        ),
+    )
     .await;
-    let Some(port) = support::cluster_port() else { return };
-    let db = url.rsplit_once('/').map(|(_, d)| d.split('?').next().unwrap_or("")).unwrap_or("").to_owned();
+    let Some(port) = support::cluster_port() else {
+        return;
+    };
+    let db = url
+        .rsplit_once('/')
+        .map(|(_, d)| d.split('?').next().unwrap_or(""))
+        .unwrap_or("")
+        .to_owned();
     for user in [support::SCRAM_USER, support::MD5_USER] {
         let good = format!("postgres://{user}:s3cret%20pass@127.0.0.1:{port}/{db}?sslmode=disable");
-        let mut c = walcast::replication::wire::ReplicationConnection::connect(&ConnectParams::from_url(&good).unwrap())
-            .await
-            .unwrap_or_else(|e| panic!("{user}: {e}"));
+        let mut c = walcast::replication::wire::ReplicationConnection::connect(
+            &ConnectParams::from_url(&good).unwrap(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{user}: {e}"));
         let id = c.identify_system().await.expect("identify");
         assert_eq!(id.database.as_deref(), Some(db.as_str()));
         let bad = format!("postgres://{user}:wrong@127.0.0.1:{port}/{db}?sslmode=disable");
-        let e = walcast::replication::wire::ReplicationConnection::connect(&ConnectParams::from_url(&bad).unwrap())
-            .await
-            .err()
-            .expect("wrong password is refused");
+        let e = walcast::replication::wire::ReplicationConnection::connect(
+            &ConnectParams::from_url(&bad).unwrap(),
+        )
+        .await
+        .err()
+        .expect("wrong password is refused");
         assert!(e.to_string().contains("authentication failed"), "{e}");
     }
 }

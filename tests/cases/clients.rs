@@ -29,9 +29,17 @@ struct ClientProcess {
 
 impl ClientProcess {
     fn spawn(mut cmd: Command) -> ClientProcess {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn().expect("client starts");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("client starts");
         let stdout = child.stdout.take().expect("stdout");
-        ClientProcess { child, lines: BufReader::new(stdout).lines() }
+        ClientProcess {
+            child,
+            lines: BufReader::new(stdout).lines(),
+        }
     }
 
     async fn next(&mut self) -> Value {
@@ -65,7 +73,10 @@ impl ClientProcess {
                 _ => {}
             }
         }
-        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.expect("exits").expect("status");
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("exits")
+            .expect("status");
         assert!(status.success(), "client exit {status}");
         out
     }
@@ -79,7 +90,12 @@ fn node_client(endpoint: &str, vsn: &str, bindings: &Value, expected: usize) -> 
         dir.display()
     );
     let mut cmd = Command::new("node");
-    cmd.current_dir(&dir).arg("subscribe.mjs").arg(endpoint).arg(vsn).arg(bindings.to_string()).arg(expected.to_string());
+    cmd.current_dir(&dir)
+        .arg("subscribe.mjs")
+        .arg(endpoint)
+        .arg(vsn)
+        .arg(bindings.to_string())
+        .arg(expected.to_string());
     ClientProcess::spawn(cmd)
 }
 
@@ -92,7 +108,11 @@ fn python_client(endpoint: &str, bindings: &Value, expected: usize) -> ClientPro
         dir.display()
     );
     let mut cmd = Command::new(python);
-    cmd.current_dir(&dir).arg("subscribe.py").arg(endpoint).arg(bindings.to_string()).arg(expected.to_string());
+    cmd.current_dir(&dir)
+        .arg("subscribe.py")
+        .arg(endpoint)
+        .arg(bindings.to_string())
+        .arg(expected.to_string());
     ClientProcess::spawn(cmd)
 }
 
@@ -104,7 +124,11 @@ fn bindings() -> Value {
 }
 
 async fn commit_workload(p: &sqlx::PgPool) {
-    exec(p, "INSERT INTO todos VALUES (2, 'not mine', '{}', null, null)").await;
+    exec(
+        p,
+        "INSERT INTO todos VALUES (2, 'not mine', '{}', null, null)",
+    )
+    .await;
     exec(p, r#"INSERT INTO todos VALUES (1, 'mine', '{a,"b c"}', '{"k": [1, 2]}', '2025-11-19 00:22:40.877+00')"#).await;
     exec(p, "INSERT INTO notes VALUES (7, 'hello'); UPDATE notes SET body = 'bye' WHERE id = 7; DELETE FROM notes WHERE id = 7;").await;
 }
@@ -118,9 +142,21 @@ fn check_js_payloads(changes: &[Value]) {
         json!({"id": 1, "task": "mine", "tags": ["a", "b c"], "meta": {"k": [1, 2]}, "due": "2025-11-19T00:22:40.877+00:00"})
     );
     assert_eq!(p[0]["old"], json!({}));
-    assert!(p[0]["commit_timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{}", p[0]);
-    assert_eq!((p[0]["schema"].as_str(), p[0]["table"].as_str()), (Some("public"), Some("todos")));
-    let kinds: Vec<&str> = p[1..].iter().map(|x| x["eventType"].as_str().unwrap_or("")).collect();
+    assert!(
+        p[0]["commit_timestamp"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{}",
+        p[0]
+    );
+    assert_eq!(
+        (p[0]["schema"].as_str(), p[0]["table"].as_str()),
+        (Some("public"), Some("todos"))
+    );
+    let kinds: Vec<&str> = p[1..]
+        .iter()
+        .map(|x| x["eventType"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(kinds, ["INSERT", "UPDATE", "DELETE"]);
     assert_eq!(p[2]["new"], json!({"id": 7, "body": "bye"}));
     assert_eq!(p[2]["old"], json!({"id": 7, "body": "hello"}));
@@ -133,7 +169,12 @@ async fn realtime_js(vsn: &str) {
     let p = pool(&url).await;
     exec(&p, SCHEMA).await;
     let app = TestApp::spawn(&url).await;
-    let mut client = node_client(&format!("ws://{}/realtime/v1", app.addr), vsn, &bindings(), 4);
+    let mut client = node_client(
+        &format!("ws://{}/realtime/v1", app.addr),
+        vsn,
+        &bindings(),
+        4,
+    );
     client.subscribed().await;
     commit_workload(&p).await;
     let changes = client.changes(4).await;
@@ -166,7 +207,10 @@ async fn python_realtime_client() {
     assert_eq!(data[0]["type"], "INSERT");
     assert_eq!(data[0]["record"]["tags"], json!(["a", "b c"]));
     assert_eq!(data[0]["record"]["id"], 1);
-    let kinds: Vec<&str> = data[1..].iter().map(|d| d["type"].as_str().unwrap_or("")).collect();
+    let kinds: Vec<&str> = data[1..]
+        .iter()
+        .map(|d| d["type"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(kinds, ["INSERT", "UPDATE", "DELETE"]);
     assert_eq!(data[3]["old_record"], json!({"id": 7, "body": "bye"}));
     app.stop().await;

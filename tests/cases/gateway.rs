@@ -25,9 +25,18 @@ async fn v1_join_reply_system_and_change_frames() {
     let (app, p) = app().await;
     let mut ws = app.ws(None).await;
     let binding = json!({"event": "*", "schema": "public", "table": "todos", "filter": "id=eq.1"});
-    let r = ws.push(Some("1"), "realtime:room", "phx_join", json!({"config": {"postgres_changes": [binding]}})).await;
+    let r = ws
+        .push(
+            Some("1"),
+            "realtime:room",
+            "phx_join",
+            json!({"config": {"postgres_changes": [binding]}}),
+        )
+        .await;
     let reply = ws.recv().await;
-    let id = reply["payload"]["response"]["postgres_changes"][0]["id"].as_u64().expect("integer id");
+    let id = reply["payload"]["response"]["postgres_changes"][0]["id"]
+        .as_u64()
+        .expect("integer id");
     assert_eq!(
         reply,
         json!({"topic": "realtime:room", "event": "phx_reply", "ref": r,
@@ -40,16 +49,29 @@ async fn v1_join_reply_system_and_change_frames() {
         json!({"topic": "realtime:room", "event": "system", "ref": null,
                "payload": {"extension": "postgres_changes", "status": "ok", "message": "Subscribed to PostgreSQL", "channel": "room"}})
     );
-    exec(&p, "INSERT INTO todos (id, task) VALUES (2, 'other'), (1, 'mine')").await;
+    exec(
+        &p,
+        "INSERT INTO todos (id, task) VALUES (2, 'other'), (1, 'mine')",
+    )
+    .await;
     let change = ws.recv().await;
-    assert_eq!((change["topic"].as_str(), change["event"].as_str()), (Some("realtime:room"), Some("postgres_changes")));
+    assert_eq!(
+        (change["topic"].as_str(), change["event"].as_str()),
+        (Some("realtime:room"), Some("postgres_changes"))
+    );
     assert_eq!(change["ref"], Value::Null);
     let payload = &change["payload"];
     assert_eq!(payload["ids"], json!([id]));
     let data = &payload["data"];
     assert_eq!(data["type"], "INSERT");
-    assert_eq!((data["schema"].as_str(), data["table"].as_str()), (Some("public"), Some("todos")));
-    assert_eq!(data["record"], json!({"id": 1, "task": "mine", "done": false, "due": null}));
+    assert_eq!(
+        (data["schema"].as_str(), data["table"].as_str()),
+        (Some("public"), Some("todos"))
+    );
+    assert_eq!(
+        data["record"],
+        json!({"id": 1, "task": "mine", "done": false, "due": null})
+    );
     assert!(data.get("old_record").is_none(), "INSERT has no old_record");
     assert_eq!(data["errors"], Value::Null);
     assert_eq!(data["columns"][0], json!({"name": "id", "type": "int8"}));
@@ -63,37 +85,87 @@ async fn v2_arrays_heartbeat_leave_and_unmatched_topics() {
     let (app, p) = app().await;
     let mut ws = app.ws(Some("2.0.0")).await;
     let hb = ws.push(None, "phoenix", "heartbeat", json!({})).await;
-    assert_eq!(ws.recv().await, json!([null, hb, "phoenix", "phx_reply", {"status": "ok", "response": {}}]));
+    assert_eq!(
+        ws.recv().await,
+        json!([null, hb, "phoenix", "phx_reply", {"status": "ok", "response": {}}])
+    );
 
-    let r = ws.push(Some("7"), "realtime:nope", "broadcast", json!({})).await;
+    let r = ws
+        .push(Some("7"), "realtime:nope", "broadcast", json!({}))
+        .await;
     assert_eq!(
         ws.recv().await,
         json!(["7", r, "realtime:nope", "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}}])
     );
 
     let binding = json!({"event": "UPDATE", "schema": "public", "table": "todos"});
-    let r = ws.push(Some("3"), "realtime:b", "phx_join", json!({"config": {"postgres_changes": [binding]}})).await;
+    let r = ws
+        .push(
+            Some("3"),
+            "realtime:b",
+            "phx_join",
+            json!({"config": {"postgres_changes": [binding]}}),
+        )
+        .await;
     let reply = ws.recv().await;
-    assert_eq!((reply[0].as_str(), reply[1].as_str(), reply[3].as_str()), (Some("3"), Some(r.as_str()), Some("phx_reply")));
+    assert_eq!(
+        (reply[0].as_str(), reply[1].as_str(), reply[3].as_str()),
+        (Some("3"), Some(r.as_str()), Some("phx_reply"))
+    );
     let id = reply[4]["response"]["postgres_changes"][0]["id"].clone();
     let system = ws.recv().await;
-    assert_eq!((system[0].as_str(), &system[1], system[3].as_str()), (Some("3"), &Value::Null, Some("system")));
+    assert_eq!(
+        (system[0].as_str(), &system[1], system[3].as_str()),
+        (Some("3"), &Value::Null, Some("system"))
+    );
     assert_eq!(system[4]["status"], "ok");
 
-    exec(&p, "INSERT INTO todos (id, task) VALUES (5, 'a'); UPDATE todos SET task = 'b' WHERE id = 5;").await;
+    exec(
+        &p,
+        "INSERT INTO todos (id, task) VALUES (5, 'a'); UPDATE todos SET task = 'b' WHERE id = 5;",
+    )
+    .await;
     let change = ws.recv().await;
-    assert_eq!((&change[0], &change[1], change[2].as_str(), change[3].as_str()), (&Value::Null, &Value::Null, Some("realtime:b"), Some("postgres_changes")));
+    assert_eq!(
+        (
+            &change[0],
+            &change[1],
+            change[2].as_str(),
+            change[3].as_str()
+        ),
+        (
+            &Value::Null,
+            &Value::Null,
+            Some("realtime:b"),
+            Some("postgres_changes")
+        )
+    );
     assert_eq!(change[4]["ids"], json!([id]));
-    assert_eq!(change[4]["data"]["type"], "UPDATE", "the INSERT did not match event UPDATE");
+    assert_eq!(
+        change[4]["data"]["type"], "UPDATE",
+        "the INSERT did not match event UPDATE"
+    );
     assert_eq!(change[4]["data"]["old_record"], json!({}));
 
-    let l = ws.push(Some("3"), "realtime:b", "phx_leave", json!({})).await;
-    assert_eq!(ws.recv().await, json!(["3", l, "realtime:b", "phx_reply", {"status": "ok", "response": {}}]));
-    assert_eq!(ws.recv().await, json!(["3", "3", "realtime:b", "phx_close", {}]));
+    let l = ws
+        .push(Some("3"), "realtime:b", "phx_leave", json!({}))
+        .await;
+    assert_eq!(
+        ws.recv().await,
+        json!(["3", l, "realtime:b", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    assert_eq!(
+        ws.recv().await,
+        json!(["3", "3", "realtime:b", "phx_close", {}])
+    );
     exec(&p, "UPDATE todos SET task = 'c' WHERE id = 5").await;
     let hb = ws.push(None, "phoenix", "heartbeat", json!({})).await;
     let next = ws.recv().await;
-    assert_eq!(next[1].as_str(), Some(hb.as_str()), "no change after leaving: {next}");
+    assert_eq!(
+        next[1].as_str(),
+        Some(hb.as_str()),
+        "no change after leaving: {next}"
+    );
     app.stop().await;
 }
 
@@ -105,26 +177,47 @@ async fn filters_compare_by_type_and_ids_are_per_channel() {
     let b2 = json!({"event": "*", "schema": "public", "table": "todos", "filter": "task=in.(x,\"y,z\")"});
     let (reply, system) = ws.join("a", json!([b1, b2])).await;
     assert_eq!(system["status"], "ok", "{system}");
-    let ids: Vec<Value> = reply["response"]["postgres_changes"].as_array().expect("array").iter().map(|b| b["id"].clone()).collect();
+    let ids: Vec<Value> = reply["response"]["postgres_changes"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|b| b["id"].clone())
+        .collect();
     let b3 = json!({"event": "*", "schema": "public", "table": "todos", "filter": "due=lt.2024-01-01T12:00:00+02:00"});
     let (reply2, _) = ws.join("b", json!([b3])).await;
     let id3 = reply2["response"]["postgres_changes"][0]["id"].clone();
 
     // 10 > 9 numerically (as strings "10" < "9"); task "y,z" matches the quoted list item.
-    exec(&p, "INSERT INTO todos (id, task, due) VALUES (10, 'y,z', '2024-01-01 09:59:59+00')").await;
+    exec(
+        &p,
+        "INSERT INTO todos (id, task, due) VALUES (10, 'y,z', '2024-01-01 09:59:59+00')",
+    )
+    .await;
     let mut got = Vec::new();
     for _ in 0..2 {
         let f = ws.recv().await;
         got.push((f[2].as_str().unwrap_or("").to_owned(), f[4]["ids"].clone()));
     }
     got.sort_by(|a, b| a.0.cmp(&b.0));
-    assert_eq!(got[0], ("realtime:a".to_owned(), json!(ids)), "one push per channel with all its matching ids");
+    assert_eq!(
+        got[0],
+        ("realtime:a".to_owned(), json!(ids)),
+        "one push per channel with all its matching ids"
+    );
     assert_eq!(got[1], ("realtime:b".to_owned(), json!([id3])));
 
-    exec(&p, "INSERT INTO todos (id, task, due) VALUES (3, 'q', '2024-01-01 10:00:01+00')").await;
+    exec(
+        &p,
+        "INSERT INTO todos (id, task, due) VALUES (3, 'q', '2024-01-01 10:00:01+00')",
+    )
+    .await;
     let hb = ws.push(None, "phoenix", "heartbeat", json!({})).await;
     let f = ws.recv().await;
-    assert_eq!(f[1].as_str(), Some(hb.as_str()), "nothing matched id 3: {f}");
+    assert_eq!(
+        f[1].as_str(),
+        Some(hb.as_str()),
+        "nothing matched id 3: {f}"
+    );
     app.stop().await;
 }
 
@@ -133,11 +226,26 @@ async fn binding_errors_keep_the_channel_open() {
     let (app, p) = app().await;
     let mut ws = app.ws(None).await;
     let cases = [
-        (json!({"event": "*", "schema": "public", "table": "missing"}), "Unable to subscribe to changes with given parameters"),
-        (json!({"event": "*", "schema": "public", "table": "todos", "filter": "id=eq"}), "Error parsing `filter` params"),
-        (json!({"event": "*", "schema": "public", "table": "todos", "filter": "nope=eq.1"}), "invalid column for filter nope"),
-        (json!({"event": "*", "schema": "public", "table": "todos", "filter": "id=eq.abc"}), "invalid input syntax for type int8"),
-        (json!({"event": "DELETE", "schema": "public", "table": "todos", "filter": "task=eq.a"}), "REPLICA IDENTITY FULL"),
+        (
+            json!({"event": "*", "schema": "public", "table": "missing"}),
+            "Unable to subscribe to changes with given parameters",
+        ),
+        (
+            json!({"event": "*", "schema": "public", "table": "todos", "filter": "id=eq"}),
+            "Error parsing `filter` params",
+        ),
+        (
+            json!({"event": "*", "schema": "public", "table": "todos", "filter": "nope=eq.1"}),
+            "invalid column for filter nope",
+        ),
+        (
+            json!({"event": "*", "schema": "public", "table": "todos", "filter": "id=eq.abc"}),
+            "invalid input syntax for type int8",
+        ),
+        (
+            json!({"event": "DELETE", "schema": "public", "table": "todos", "filter": "task=eq.a"}),
+            "REPLICA IDENTITY FULL",
+        ),
     ];
     for (i, (binding, message)) in cases.iter().enumerate() {
         let (reply, system) = ws.join(&format!("e{i}"), json!([binding])).await;
@@ -149,10 +257,20 @@ async fn binding_errors_keep_the_channel_open() {
     // DELETE on a FULL identity table may filter on any column, and the old row is whole.
     let (_, system) = ws.join("full", json!([{"event": "DELETE", "schema": "public", "table": "notes", "filter": "body=eq.bye"}])).await;
     assert_eq!(system["status"], "ok");
-    exec(&p, "INSERT INTO notes VALUES (1, 'bye'), (2, 'stay'); DELETE FROM notes;").await;
+    exec(
+        &p,
+        "INSERT INTO notes VALUES (1, 'bye'), (2, 'stay'); DELETE FROM notes;",
+    )
+    .await;
     let payload = ws.recv_event("postgres_changes").await;
-    assert_eq!(payload["data"]["old_record"], json!({"id": 1, "body": "bye"}));
-    assert!(payload["data"].get("record").is_none(), "DELETE has no record");
+    assert_eq!(
+        payload["data"]["old_record"],
+        json!({"id": 1, "body": "bye"})
+    );
+    assert!(
+        payload["data"].get("record").is_none(),
+        "DELETE has no record"
+    );
     // Malformed frames get an answer and do not close the socket.
     ws.send_text("{not json").await;
     let f = ws.recv().await;
@@ -169,16 +287,38 @@ async fn select_and_payload_too_large() {
     exec(&p, SCHEMA).await;
     let app = TestApp::spawn_with(&url, |c| c.max_record_bytes = 2048).await;
     let mut ws = app.ws(None).await;
-    let (_, s) = ws.join("s", json!([{"event": "INSERT", "schema": "public", "table": "todos", "select": ["task"]}])).await;
+    let (_, s) = ws
+        .join(
+            "s",
+            json!([{"event": "INSERT", "schema": "public", "table": "todos", "select": ["task"]}]),
+        )
+        .await;
     assert_eq!(s["status"], "ok");
     exec(&p, "INSERT INTO todos (id, task) VALUES (1, 'small')").await;
     let payload = ws.recv_event("postgres_changes").await;
-    assert_eq!(payload["data"]["record"], json!({"id": 1, "task": "small"}), "select keeps the listed columns and the key");
-    ws.push(Some("2"), "realtime:s", "phx_leave", json!({})).await;
-    let (_, _) = ws.join("big", json!([{"event": "INSERT", "schema": "public", "table": "todos"}])).await;
-    exec(&p, "INSERT INTO todos (id, task) VALUES (2, repeat('x', 5000))").await;
+    assert_eq!(
+        payload["data"]["record"],
+        json!({"id": 1, "task": "small"}),
+        "select keeps the listed columns and the key"
+    );
+    ws.push(Some("2"), "realtime:s", "phx_leave", json!({}))
+        .await;
+    let (_, _) = ws
+        .join(
+            "big",
+            json!([{"event": "INSERT", "schema": "public", "table": "todos"}]),
+        )
+        .await;
+    exec(
+        &p,
+        "INSERT INTO todos (id, task) VALUES (2, repeat('x', 5000))",
+    )
+    .await;
     let payload = ws.recv_event("postgres_changes").await;
-    assert_eq!(payload["data"]["errors"], json!(["Error 413: Payload Too Large"]));
+    assert_eq!(
+        payload["data"]["errors"],
+        json!(["Error 413: Payload Too Large"])
+    );
     assert_eq!(payload["data"]["record"]["id"], 2);
     assert!(payload["data"]["record"].get("task").is_none());
     app.stop().await;
@@ -195,11 +335,21 @@ async fn limits_idle_timeout_and_frame_size() {
     })
     .await;
     let mut ws = app.ws(None).await;
-    ws.send_text(&format!("{{\"topic\":\"phoenix\",\"event\":\"heartbeat\",\"payload\":\"{}\",\"ref\":\"1\"}}", "x".repeat(10_000))).await;
-    let f = ws.try_recv(Duration::from_secs(10)).await.expect("close frame");
+    ws.send_text(&format!(
+        "{{\"topic\":\"phoenix\",\"event\":\"heartbeat\",\"payload\":\"{}\",\"ref\":\"1\"}}",
+        "x".repeat(10_000)
+    ))
+    .await;
+    let f = ws
+        .try_recv(Duration::from_secs(10))
+        .await
+        .expect("close frame");
     assert_eq!(f["close"][0], 1009, "{f}");
     let mut idle = app.ws(None).await;
-    let f = idle.try_recv(Duration::from_secs(10)).await.expect("close frame");
+    let f = idle
+        .try_recv(Duration::from_secs(10))
+        .await
+        .expect("close frame");
     assert_eq!(f["close"][0], 1000, "{f}");
     assert_eq!(f["close"][1], "idle timeout");
     app.stop().await;
@@ -208,22 +358,50 @@ async fn limits_idle_timeout_and_frame_size() {
 #[tokio::test]
 async fn health_readiness_metrics_and_shutdown() {
     let (app, p) = app().await;
-    let health = http_get(&format!("http://{}/healthz", app.addr)).await.expect("healthz");
+    let health = http_get(&format!("http://{}/healthz", app.addr))
+        .await
+        .expect("healthz");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
-    let ready = http_get(&format!("http://{}/readyz", app.addr)).await.expect("readyz");
-    assert!(ready.starts_with("HTTP/1.1 200") && ready.contains("\"ready\":true"), "{ready}");
+    let ready = http_get(&format!("http://{}/readyz", app.addr))
+        .await
+        .expect("readyz");
+    assert!(
+        ready.starts_with("HTTP/1.1 200") && ready.contains("\"ready\":true"),
+        "{ready}"
+    );
     let mut ws = Ws::connect(app.addr, "/socket/websocket", Some("1.0.0")).await;
-    ws.join("m", json!([{"event": "*", "schema": "public", "table": "todos"}])).await;
+    ws.join(
+        "m",
+        json!([{"event": "*", "schema": "public", "table": "todos"}]),
+    )
+    .await;
     exec(&p, "INSERT INTO todos (id) VALUES (1)").await;
     ws.recv_event("postgres_changes").await;
-    let metrics = http_get(&format!("http://{}/metrics", app.addr)).await.expect("metrics");
-    for m in ["walcast_connected_clients 1", "walcast_subscriptions 1", "walcast_frames_delivered_total 1", "walcast_replication_connected 1"] {
+    let metrics = http_get(&format!("http://{}/metrics", app.addr))
+        .await
+        .expect("metrics");
+    for m in [
+        "walcast_connected_clients 1",
+        "walcast_subscriptions 1",
+        "walcast_frames_delivered_total 1",
+        "walcast_replication_connected 1",
+    ] {
         assert!(metrics.contains(m), "{m} missing:\n{metrics}");
     }
     let addr = app.addr;
     app.shutdown.cancel();
-    let f = ws.try_recv(Duration::from_secs(10)).await.expect("close frame on shutdown");
+    let f = ws
+        .try_recv(Duration::from_secs(10))
+        .await
+        .expect("close frame on shutdown");
     assert_eq!(f["close"][0], 1001, "{f}");
-    tokio::time::timeout(Duration::from_secs(10), app.handle).await.expect("stops within 10 s").expect("task").expect("ok");
-    assert!(http_get(&format!("http://{addr}/healthz")).await.is_err(), "no longer accepting");
+    tokio::time::timeout(Duration::from_secs(10), app.handle)
+        .await
+        .expect("stops within 10 s")
+        .expect("task")
+        .expect("ok");
+    assert!(
+        http_get(&format!("http://{addr}/healthz")).await.is_err(),
+        "no longer accepting"
+    );
 }

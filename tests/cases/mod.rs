@@ -1,3 +1,4 @@
 mod capture;
 mod clients;
 mod gateway;
+mod ops;

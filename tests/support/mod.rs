@@ -36,13 +36,20 @@ fn shared() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
         if let Ok(url) = std::env::var("WALCAST_TEST_DATABASE_URL") {
-            return Shared { admin_url: url, port: None };
+            return Shared {
+                admin_url: url,
+                port: None,
+            };
         }
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async move {
-                let root = std::env::temp_dir().join(format!("walcast-test-{}", std::process::id()));
+                let root =
+                    std::env::temp_dir().join(format!("walcast-test-{}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&root);
                 let mut opts = ClusterOptions::new(&root);
                 opts.hba = vec![
@@ -66,7 +73,10 @@ fn shared() -> &'static Shared {
             });
         });
         match rx.recv().expect("cluster thread") {
-            Ok((admin_url, port)) => Shared { admin_url, port: Some(port) },
+            Ok((admin_url, port)) => Shared {
+                admin_url,
+                port: Some(port),
+            },
             Err(e) => panic!("starting the test cluster: {e}"),
         }
     })
@@ -74,7 +84,10 @@ fn shared() -> &'static Shared {
 
 /// Replaces the database name of a URL.
 pub fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = url.split_once('?').map(|(b, q)| (b, Some(q))).unwrap_or((url, None));
+    let (base, query) = url
+        .split_once('?')
+        .map(|(b, q)| (b, Some(q)))
+        .unwrap_or((url, None));
     let (prefix, _) = base.rsplit_once('/').unwrap_or((base, ""));
     match query {
         Some(q) => format!("{prefix}/{db}?{q}"),
@@ -86,9 +99,16 @@ pub fn with_database(url: &str, db: &str) -> String {
 pub async fn fresh_db() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let admin = &shared().admin_url;
-    let name = format!("t{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let name = format!(
+        "t{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
     let pool = PgPool::connect(admin).await.expect("connect admin");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.expect("create database");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&pool)
+        .await
+        .expect("create database");
     pool.close().await;
     with_database(admin, &name)
 }
@@ -102,7 +122,10 @@ pub async fn pool(url: &str) -> PgPool {
 }
 
 pub async fn exec(pool: &PgPool, sql: &str) {
-    sqlx::raw_sql(sql).execute(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    sqlx::raw_sql(sql)
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
 /// Polls `cond` until it returns `Some` or the deadline passes.
@@ -116,7 +139,10 @@ where
         if let Some(v) = cond().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -136,7 +162,14 @@ impl TestApp {
 
     pub async fn spawn_with(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
         // Slots are cluster-wide: name each after its test's database.
-        let db = db_url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
+        let db = db_url
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .split('?')
+            .next()
+            .unwrap_or("")
+            .to_owned();
         let mut config = Config {
             database_url: Some(db_url.to_owned()),
             listen: "127.0.0.1:0".parse().expect("addr"),
@@ -144,11 +177,18 @@ impl TestApp {
             ..Config::default()
         };
         tweak(&mut config);
-        let gateway = Gateway::prepare(config, true).await.expect("gateway starts");
+        let gateway = Gateway::prepare(config, true)
+            .await
+            .expect("gateway starts");
         let addr = gateway.local_addr();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(gateway.run(shutdown.clone()));
-        let app = TestApp { addr, db_url: db_url.to_owned(), shutdown, handle };
+        let app = TestApp {
+            addr,
+            db_url: db_url.to_owned(),
+            shutdown,
+            handle,
+        };
         app.wait_ready().await;
         app
     }
@@ -176,9 +216,15 @@ impl TestApp {
 pub async fn http_get(url: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap_or(url);
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
     let mut s = TcpStream::connect(host).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
     Ok(out)
@@ -197,16 +243,31 @@ impl Ws {
         if let Some(v) = vsn {
             url.push_str(&format!("&vsn={v}"));
         }
-        let (inner, _) = tokio_tungstenite::connect_async(&url).await.expect("websocket connects");
-        Ws { inner, v2: vsn == Some("2.0.0"), next_ref: 0 }
+        let (inner, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("websocket connects");
+        Ws {
+            inner,
+            v2: vsn == Some("2.0.0"),
+            next_ref: 0,
+        }
     }
 
     pub async fn send_text(&mut self, text: &str) {
-        self.inner.send(Message::Text(text.into())).await.expect("send");
+        self.inner
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send");
     }
 
     /// Sends a message and returns its ref.
-    pub async fn push(&mut self, join_ref: Option<&str>, topic: &str, event: &str, payload: Value) -> String {
+    pub async fn push(
+        &mut self,
+        join_ref: Option<&str>,
+        topic: &str,
+        event: &str,
+        payload: Value,
+    ) -> String {
         self.next_ref += 1;
         let r = self.next_ref.to_string();
         let frame = if self.v2 {
@@ -220,17 +281,26 @@ impl Ws {
 
     /// The next text frame as JSON (raw, in the socket's serializer).
     pub async fn recv(&mut self) -> Value {
-        self.try_recv(Duration::from_secs(10)).await.expect("a frame within 10 s")
+        self.try_recv(Duration::from_secs(10))
+            .await
+            .expect("a frame within 10 s")
     }
 
     pub async fn try_recv(&mut self, timeout: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.inner.next()).await.ok()??.ok()?;
+            let msg = tokio::time::timeout_at(deadline, self.inner.next())
+                .await
+                .ok()??
+                .ok()?;
             match msg {
-                Message::Text(t) => return Some(serde_json::from_str(&t).expect("server frames are JSON")),
+                Message::Text(t) => {
+                    return Some(serde_json::from_str(&t).expect("server frames are JSON"))
+                }
                 Message::Close(c) => {
-                    return Some(serde_json::json!({"close": c.map(|c| (u16::from(c.code), c.reason.to_string()))}))
+                    return Some(
+                        serde_json::json!({"close": c.map(|c| (u16::from(c.code), c.reason.to_string()))}),
+                    )
                 }
                 _ => continue,
             }
