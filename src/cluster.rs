@@ -197,7 +197,6 @@ impl Cluster {
             ("max_wal_senders".into(), "64".into()),
             ("max_connections".into(), "300".into()),
             ("fsync".into(), "off".into()),
-            ("synchronous_commit".into(), "off".into()),
             ("full_page_writes".into(), "off".into()),
             ("logging_collector".into(), "off".into()),
         ];

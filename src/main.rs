@@ -98,11 +98,29 @@ enum Scenario {
         rows: u64,
     },
     /// Subscription-index cost per change at 10, 1k and 100k subscriptions.
-    Match,
-    /// Many WebSocket clients with eq filters; commit-to-receipt latency (not yet available).
-    Fanout,
-    /// Many idle sockets; memory per socket (not yet available).
-    Idle,
+    Match {
+        /// Changes dispatched per measurement.
+        #[arg(long, default_value_t = 100_000)]
+        changes: usize,
+    },
+    /// WebSocket clients with eq filters and a steady writer: commit-to-receipt latency, losses.
+    Fanout {
+        /// Concurrent WebSocket clients.
+        #[arg(long, default_value_t = 1_000)]
+        clients: usize,
+        /// Changes committed per second.
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        /// Seconds the writer runs.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Idle WebSocket clients joined to one channel each: gateway memory per socket.
+    Idle {
+        /// Sockets to open.
+        #[arg(long, default_value_t = 10_000)]
+        sockets: usize,
+    },
 }
 
 fn init_tracing(format: Option<LogFormat>) {
@@ -251,12 +269,30 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
                 Scenario::Ingest { rows } => {
                     bench::ingest::run(&opts, rows).await?;
                 }
-                Scenario::Match => {
-                    bench::matching::run(&opts)?;
+                Scenario::Match { changes } => {
+                    bench::matching::run(&opts, changes)?;
                 }
-                Scenario::Fanout | Scenario::Idle => {
-                    println!("this scenario is not available yet in this build");
-                    return Ok(ExitCode::from(3));
+                Scenario::Fanout {
+                    clients,
+                    rate,
+                    seconds,
+                } => {
+                    let s = bench::sockets::SocketOptions {
+                        clients,
+                        rate,
+                        seconds,
+                        gateway_bin: std::env::current_exe()?,
+                    };
+                    bench::sockets::fanout(&opts, &s).await?;
+                }
+                Scenario::Idle { sockets } => {
+                    let s = bench::sockets::SocketOptions {
+                        clients: sockets,
+                        rate: 0,
+                        seconds: 0,
+                        gateway_bin: std::env::current_exe()?,
+                    };
+                    bench::sockets::idle(&opts, &s).await?;
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -20,6 +20,9 @@ use crate::replication::wire::{ConnectParams, ReplicationConnection, SnapshotAct
 
 pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::Value> {
     let root = std::env::temp_dir().join(format!("walcast-bench-{}", std::process::id()));
+    // Slots are cluster-wide: name them for this run.
+    let gw_slot = format!("walcast_bench_gw_{}", std::process::id());
+    let recv_slot = format!("walcast_bench_recv_{}", std::process::id());
     let cluster = match &opts.database_url {
         Some(_) => None,
         None => {
@@ -44,14 +47,14 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     ] {
         sqlx::query(stmt).execute(&pool).await?;
     }
-    for slot in ["walcast_bench_gw", "walcast_bench_recv"] {
+    for slot in [&gw_slot, &recv_slot] {
         let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
             .bind(slot)
             .execute(&pool)
             .await;
     }
     let params = ConnectParams::from_url(&url)?;
-    for slot in ["walcast_bench_gw", "walcast_bench_recv"] {
+    for slot in [&gw_slot, &recv_slot] {
         let mut c = ReplicationConnection::connect(&params).await?;
         c.create_slot(slot, false, SnapshotAction::NoExport).await?;
         c.close().await?;
@@ -106,7 +109,7 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
             "-d",
             &url,
             "--slot",
-            "walcast_bench_recv",
+            &recv_slot,
             "--start",
             "--no-loop",
             "-f",
@@ -131,7 +134,7 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     let dispatched = Arc::new(AtomicU64::new(0));
     let task = ReplicationTask {
         params,
-        slot: "walcast_bench_gw".into(),
+        slot: gw_slot.clone(),
         publication: "walcast_bench".into(),
         pool: pool.clone(),
         tx,
@@ -165,7 +168,7 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     shutdown.cancel();
     let _ = handle.await;
 
-    for slot in ["walcast_bench_gw", "walcast_bench_recv"] {
+    for slot in [&gw_slot, &recv_slot] {
         let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
             .bind(slot)
             .execute(&pool)

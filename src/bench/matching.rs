@@ -100,15 +100,15 @@ pub fn measure(subs: usize, changes: usize) -> f64 {
     elapsed.as_nanos() as f64 / changes as f64
 }
 
-pub fn run(opts: &super::BenchOptions) -> anyhow::Result<serde_json::Value> {
+pub fn run(opts: &super::BenchOptions, changes: usize) -> anyhow::Result<serde_json::Value> {
     let mut results = serde_json::Map::new();
     println!("{:>14} {:>14}", "subscriptions", "ns/change");
     for subs in [10usize, 1_000, 100_000] {
         eprintln!("match: {subs} subscriptions…");
         // Warm up, then take the best of three to damp scheduler noise.
-        measure(subs, 10_000);
+        measure(subs, changes / 10 + 1);
         let ns = (0..3)
-            .map(|_| measure(subs, 100_000))
+            .map(|_| measure(subs, changes))
             .fold(f64::INFINITY, f64::min);
         println!("{subs:>14} {ns:>14.0}");
         results.insert(subs.to_string(), serde_json::json!(ns.round()));

@@ -2,8 +2,10 @@
 //! same run. Prints a table on stdout, progress on stderr, and JSON with `--json`.
 //! Must not: assert timings; it reports them.
 
+pub mod gateway;
 pub mod ingest;
 pub mod matching;
+pub mod sockets;
 
 use std::path::PathBuf;
 

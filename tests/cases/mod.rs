@@ -1,3 +1,4 @@
+mod bench;
 mod capture;
 mod clients;
 mod gateway;

@@ -1,0 +1,17 @@
+# Build stage
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY migrations ./migrations
+RUN cargo build --release --locked --bin walcast
+
+# Runtime stage
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/walcast /usr/local/bin/walcast
+USER nobody
+EXPOSE 4000
+ENV WALCAST_LISTEN=0.0.0.0:4000
+ENTRYPOINT ["/usr/local/bin/walcast"]
+CMD ["serve"]

@@ -1,0 +1,329 @@
+//! `fanout` and `idle`: many Phoenix WebSocket clients against a gateway child process.
+//!
+//! fanout: C clients, each joined with an `eq` filter on its own key; a writer commits R changes/s
+//! for D seconds, each for a random client; latency runs from just before the writer sends the
+//! INSERT (autocommit) to receipt by the client (same clock), so it includes the commit itself.
+//! idle: S sockets joined to one channel each; gateway RSS before and after.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::bench::gateway::{raise_nofile_limit, GatewayProcess};
+use crate::bench::BenchOptions;
+use crate::cluster::{Cluster, ClusterOptions};
+
+#[derive(Debug, Clone)]
+pub struct SocketOptions {
+    pub clients: usize,
+    pub rate: u64,
+    pub seconds: u64,
+    /// The walcast binary to run as the gateway.
+    pub gateway_bin: PathBuf,
+}
+
+struct Env {
+    cluster: Option<Cluster>,
+    root: PathBuf,
+    url: String,
+    /// The gateway's slot, unique to this run (slots are cluster-wide).
+    slot: String,
+}
+
+async fn database(opts: &BenchOptions, name: &str) -> anyhow::Result<Env> {
+    let root = std::env::temp_dir().join(format!("walcast-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let cluster = match &opts.database_url {
+        Some(_) => None,
+        None => {
+            eprintln!(
+                "{name}: starting a throwaway PostgreSQL in {}",
+                root.display()
+            );
+            let mut o = ClusterOptions::new(&root);
+            o.settings.push(("max_connections".into(), "300".into()));
+            Some(Cluster::start(o).await?)
+        }
+    };
+    let url = match (&opts.database_url, &cluster) {
+        (Some(u), _) => u.clone(),
+        (None, Some(c)) => c.url("postgres"),
+        _ => unreachable!(),
+    };
+    let pool = crate::connect_pool(&url).await?;
+    sqlx::raw_sql(
+        "DROP TABLE IF EXISTS walcast_bench_items; \
+         CREATE TABLE walcast_bench_items (id bigint PRIMARY KEY, k int4 NOT NULL, body text NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+    Ok(Env {
+        cluster,
+        root,
+        url,
+        slot: format!("walcast_bench_{name}_{}", std::process::id()),
+    })
+}
+
+async fn teardown(env: Env) {
+    if let Ok(pool) = crate::connect_pool(&env.url).await {
+        let _ = sqlx::raw_sql("DROP TABLE IF EXISTS walcast_bench_items")
+            .execute(&pool)
+            .await;
+        let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
+            .bind(&env.slot)
+            .execute(&pool)
+            .await;
+        pool.close().await;
+    }
+    if let Some(c) = env.cluster {
+        c.stop().await;
+        let _ = std::fs::remove_dir_all(&env.root);
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Connects and joins `realtime:c<i>` with an `eq` filter on key `i`; returns once subscribed.
+async fn join(addr: &str, i: usize) -> anyhow::Result<Socket> {
+    let url = format!("ws://{addr}/realtime/v1/websocket?apikey=bench&vsn=2.0.0");
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await?;
+    let binding = serde_json::json!({"event": "INSERT", "schema": "public", "table": "walcast_bench_items", "filter": format!("k=eq.{i}")});
+    let join = serde_json::json!(["1", "1", format!("realtime:c{i}"), "phx_join", {"config": {"postgres_changes": [binding]}}]);
+    ws.send(Message::Text(join.to_string().into())).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let Some(msg) = tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await?
+            .transpose()?
+        else {
+            break;
+        };
+        if let Message::Text(t) = msg {
+            if t.contains("\"system\"") {
+                anyhow::ensure!(t.contains("\"status\":\"ok\""), "subscription failed: {t}");
+                return Ok(ws);
+            }
+        }
+    }
+    anyhow::bail!("client {i} was not subscribed within 60 s")
+}
+
+/// Opens `n` subscribed sockets, 200 at a time.
+async fn join_all(addr: &str, n: usize) -> anyhow::Result<Vec<Socket>> {
+    let mut sockets = Vec::with_capacity(n);
+    let mut start = 0;
+    while start < n {
+        let end = (start + 200).min(n);
+        let batch = futures_util::future::join_all((start..end).map(|i| join(addr, i))).await;
+        for s in batch {
+            sockets.push(s?);
+        }
+        start = end;
+        if n >= 1000 && start % 1000 == 0 {
+            eprintln!("  {start} clients subscribed");
+        }
+    }
+    Ok(sockets)
+}
+
+pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<serde_json::Value> {
+    let nofile = raise_nofile_limit();
+    anyhow::ensure!(
+        nofile >= (s.clients as u64) * 2 + 100,
+        "open-file limit {nofile} is too low for {} clients: raise it (ulimit -n {})",
+        s.clients,
+        s.clients * 2 + 1000
+    );
+    let env = database(opts, "fanout").await?;
+    let gw = GatewayProcess::spawn(&s.gateway_bin, &env.url, &env.slot, 4096).await?;
+    eprintln!("fanout: {} clients joining…", s.clients);
+    let sockets = join_all(&gw.addr, s.clients).await?;
+    let (cpu0, _, _) = gw.usage();
+
+    // Each receiver records (row id, receipt instant).
+    let receipts: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::new(Mutex::new(Vec::with_capacity(
+        (s.rate * s.seconds) as usize,
+    )));
+    let mut readers = Vec::with_capacity(sockets.len());
+    for mut ws in sockets {
+        let receipts = Arc::clone(&receipts);
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(msg)) = ws.next().await {
+                if let Message::Text(t) = msg {
+                    let now = Instant::now();
+                    if let Some(id) = record_id(&t) {
+                        if let Ok(mut r) = receipts.lock() {
+                            r.push((id, now));
+                        }
+                    }
+                }
+            }
+        }));
+    }
+
+    eprintln!("fanout: writing {} changes/s for {} s", s.rate, s.seconds);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&env.url)
+        .await?;
+    let total = s.rate * s.seconds;
+    let sent: Arc<Mutex<HashMap<i64, Instant>>> =
+        Arc::new(Mutex::new(HashMap::with_capacity(total as usize)));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / s.rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut rng = fastrand::Rng::with_seed(9);
+    let mut inflight = Vec::new();
+    let started = Instant::now();
+    for id in 0..total as i64 {
+        tick.tick().await;
+        let k = rng.usize(..s.clients) as i32;
+        let pool = pool.clone();
+        let sent = Arc::clone(&sent);
+        inflight.push(tokio::spawn(async move {
+            let before = Instant::now();
+            if let Ok(mut m) = sent.lock() {
+                m.insert(id, before);
+            }
+            sqlx::query("INSERT INTO walcast_bench_items (id, k, body) VALUES ($1, $2, 'payload')")
+                .bind(id)
+                .bind(k)
+                .execute(&pool)
+                .await
+        }));
+        if inflight.len() >= 256 {
+            for h in inflight.drain(..) {
+                h.await??;
+            }
+        }
+    }
+    for h in inflight.drain(..) {
+        h.await??;
+    }
+    let write_secs = started.elapsed().as_secs_f64();
+    // Wait for the stragglers: until everything arrived or 10 s without progress.
+    let mut last = 0;
+    let mut last_change = Instant::now();
+    loop {
+        let n = receipts.lock().map(|r| r.len()).unwrap_or(0);
+        if n as u64 >= total || last_change.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        if n != last {
+            last = n;
+            last_change = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (cpu1, _, peak) = gw.usage();
+    for r in &readers {
+        r.abort();
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let sent = sent.lock().map(|m| m.clone()).unwrap_or_default();
+    let receipts = receipts.lock().map(|r| r.clone()).unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    for (id, at) in &receipts {
+        if let Some(t0) = sent.get(id) {
+            if seen.insert(*id) {
+                let us = at.saturating_duration_since(*t0).as_micros().max(1) as u64;
+                let _ = hist.record(us.min(60_000_000));
+            }
+        }
+    }
+    let delivered = seen.len() as u64;
+    let lost = total.saturating_sub(delivered);
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let v = serde_json::json!({
+        "scenario": "fanout",
+        "clients": s.clients,
+        "changes_per_sec": (total as f64 / write_secs).round(),
+        "delivered": delivered,
+        "lost": lost,
+        "latency_ms": {"p50": ms(0.50), "p95": ms(0.95), "p99": ms(0.99), "max": hist.max() as f64 / 1000.0},
+        "cpu_seconds": ((cpu1 - cpu0) * 100.0).round() / 100.0,
+        "peak_rss_bytes": peak,
+    });
+    println!(
+        "{:>8} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9}",
+        "clients", "changes/s", "delivered", "lost", "p50 ms", "p95 ms", "p99 ms", "max ms"
+    );
+    println!(
+        "{:>8} {:>10.0} {:>10} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+        s.clients,
+        total as f64 / write_secs,
+        delivered,
+        lost,
+        ms(0.5),
+        ms(0.95),
+        ms(0.99),
+        hist.max() as f64 / 1000.0
+    );
+    println!(
+        "gateway: {:.2} CPU s during the run, peak RSS {} MiB",
+        cpu1 - cpu0,
+        peak / (1 << 20)
+    );
+    pool.close().await;
+    gw.stop().await;
+    teardown(env).await;
+    super::write_json(opts, &v)?;
+    Ok(v)
+}
+
+/// The `id` of `record` in a postgres_changes frame.
+fn record_id(frame: &str) -> Option<i64> {
+    let at = frame.find("\"record\":{\"id\":")? + "\"record\":{\"id\":".len();
+    let rest = &frame[at..];
+    let end = rest.find(|c: char| !c.is_ascii_digit() && c != '-')?;
+    rest[..end].parse().ok()
+}
+
+pub async fn idle(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<serde_json::Value> {
+    let nofile = raise_nofile_limit();
+    anyhow::ensure!(
+        nofile >= (s.clients as u64) * 2 + 100,
+        "open-file limit {nofile} is too low for {} sockets: raise it (ulimit -n {})",
+        s.clients,
+        s.clients * 2 + 1000
+    );
+    let env = database(opts, "idle").await?;
+    let gw = GatewayProcess::spawn(&s.gateway_bin, &env.url, &env.slot, 1024).await?;
+    // Warm the gateway's allocator and catalog cache with one client first.
+    let warm = join_all(&gw.addr, 1).await?;
+    let (_, before, _) = gw.usage();
+    eprintln!("idle: opening {} sockets…", s.clients);
+    let sockets = join_all(&gw.addr, s.clients).await?;
+    let (cpu, after, peak) = gw.usage();
+    let per = after.saturating_sub(before) as f64 / s.clients as f64;
+    println!(
+        "{:>8} {:>14} {:>14} {:>16}",
+        "sockets", "rss before", "rss after", "bytes/socket"
+    );
+    println!(
+        "{:>8} {:>14} {:>14} {:>16.0}",
+        s.clients, before, after, per
+    );
+    let v = serde_json::json!({
+        "scenario": "idle",
+        "sockets": s.clients,
+        "rss_bytes_before": before,
+        "rss_bytes_after": after,
+        "rss_bytes_per_socket": per.round(),
+        "cpu_seconds": cpu,
+        "peak_rss_bytes": peak,
+    });
+    drop(sockets);
+    drop(warm);
+    gw.stop().await;
+    teardown(env).await;
+    super::write_json(opts, &v)?;
+    Ok(v)
+}

@@ -1,0 +1,108 @@
+//! The benchmark harness itself, at tiny sizes: every scenario runs and reports complete figures
+//! with nothing lost. Correctness of the harness, not timing.
+
+use std::path::PathBuf;
+
+use walcast::bench::{self, BenchOptions};
+
+use crate::support::fresh_db;
+
+async fn opts(name: &str) -> (BenchOptions, PathBuf) {
+    let json =
+        std::env::temp_dir().join(format!("walcast-bench-{name}-{}.json", std::process::id()));
+    (
+        BenchOptions {
+            database_url: Some(fresh_db().await),
+            json: Some(json.clone()),
+        },
+        json,
+    )
+}
+
+fn read(path: &PathBuf) -> serde_json::Value {
+    let v =
+        serde_json::from_slice(&std::fs::read(path).expect("json written")).expect("valid json");
+    let _ = std::fs::remove_file(path);
+    v
+}
+
+fn socket_opts(clients: usize, rate: u64, seconds: u64) -> bench::sockets::SocketOptions {
+    bench::sockets::SocketOptions {
+        clients,
+        rate,
+        seconds,
+        gateway_bin: PathBuf::from(env!("CARGO_BIN_EXE_walcast")),
+    }
+}
+
+#[tokio::test]
+async fn ingest_scenario() {
+    let (o, path) = opts("ingest").await;
+    bench::ingest::run(&o, 300).await.expect("ingest runs");
+    let v = read(&path);
+    assert_eq!(v["scenario"], "ingest");
+    assert_eq!(v["changes"], 300);
+    for k in [
+        "changes_per_sec",
+        "recvlogical_changes_per_sec",
+        "ratio",
+        "cpu_seconds",
+        "peak_rss_bytes",
+    ] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
+    }
+}
+
+#[tokio::test]
+async fn match_scenario() {
+    let (o, path) = opts("match").await;
+    tokio::task::spawn_blocking(move || bench::matching::run(&o, 200))
+        .await
+        .expect("join")
+        .expect("match runs");
+    let v = read(&path);
+    assert_eq!(v["scenario"], "match");
+    for k in ["10", "1000", "100000"] {
+        assert!(
+            v["ns_per_change"][k].as_f64().is_some_and(|x| x > 0.0),
+            "{k} in {v}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn fanout_scenario() {
+    let (o, path) = opts("fanout").await;
+    bench::sockets::fanout(&o, &socket_opts(5, 100, 2))
+        .await
+        .expect("fanout runs");
+    let v = read(&path);
+    assert_eq!(
+        (v["scenario"].as_str(), v["clients"].as_u64()),
+        (Some("fanout"), Some(5))
+    );
+    assert_eq!(v["delivered"], 200);
+    assert_eq!(v["lost"], 0);
+    for q in ["p50", "p95", "p99", "max"] {
+        assert!(
+            v["latency_ms"][q].as_f64().is_some_and(|x| x > 0.0),
+            "{q} in {v}"
+        );
+    }
+    assert!(v["latency_ms"]["p50"].as_f64() <= v["latency_ms"]["max"].as_f64());
+}
+
+#[tokio::test]
+async fn idle_scenario() {
+    let (o, path) = opts("idle").await;
+    bench::sockets::idle(&o, &socket_opts(20, 0, 0))
+        .await
+        .expect("idle runs");
+    let v = read(&path);
+    assert_eq!(
+        (v["scenario"].as_str(), v["sockets"].as_u64()),
+        (Some("idle"), Some(20))
+    );
+    assert!(v["rss_bytes_per_socket"].as_f64().is_some(), "{v}");
+    assert!(v["rss_bytes_after"].as_u64() > Some(0));
+}
