@@ -12,7 +12,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::{Change, ChangeEvent};
-use crate::fanout::index::SubId;
+use crate::fanout::index::Subscription;
 use crate::fanout::{ChannelSink, Fanout};
 
 use crate::replication::pgoutput::Value;
@@ -49,12 +49,14 @@ pub async fn run_dispatcher(
     }
 }
 
-/// Buffers reused across changes so matching allocates nothing in the steady state.
+/// Buffers reused across changes so matching allocates little in the steady state.
 #[derive(Default)]
 pub struct Scratch {
-    matched: Vec<SubId>,
-    /// (channel address as a grouping key, binding id, subscription).
-    groups: Vec<(usize, u32, SubId)>,
+    /// Rendered `data` objects of the current change, by `select` (address of the column list).
+    data: Vec<(Option<usize>, Vec<u8>)>,
+    /// Frames of the current change, by (topic prefix, ids, select).
+    frames: HashMap<(usize, Vec<u32>, Option<usize>), Utf8Bytes>,
+    ids: Vec<u32>,
 }
 
 /// Matches and delivers one change. Returns the number of frames queued.
@@ -70,79 +72,58 @@ pub fn dispatch(
     if index.is_empty() {
         return 0;
     }
-    scratch.matched.clear();
-    let rel = &change.relation;
-    let key = (Arc::clone(&rel.schema), Arc::clone(&rel.table));
-    for table in [index.tables.get(&key), index.schemas.get(&rel.schema)]
-        .into_iter()
-        .flatten()
-    {
-        table.candidates(change, |id| scratch.matched.push(id));
-    }
-    if scratch.matched.is_empty() {
-        return 0;
-    }
-    scratch.groups.clear();
-    for id in &scratch.matched {
-        let Some(sub) = index.subs.get(id) else {
-            continue;
-        };
-        if sub.binding.event.accepts(change.kind) && sub.binding.filter.matches(change, sub.indexed)
-        {
-            scratch
-                .groups
-                .push((Arc::as_ptr(&sub.channel) as usize, sub.binding.id, *id));
-        }
-    }
-    if scratch.groups.is_empty() {
+    let mut matched: Vec<&Arc<Subscription>> = Vec::new();
+    index.matching(change, |sub| matched.push(sub));
+    if matched.is_empty() {
         return 0;
     }
     // One push per channel, with all of its matching binding ids.
-    scratch.groups.sort_unstable_by_key(|g| (g.0, g.1));
-    scratch.groups.dedup_by_key(|g| (g.0, g.1));
-
-    let mut data_cache: HashMap<Option<usize>, Vec<u8>> = HashMap::new();
-    let mut frame_cache: HashMap<(usize, Vec<u32>, Option<usize>), Utf8Bytes> = HashMap::new();
+    if matched.len() > 1 {
+        matched.sort_unstable_by_key(|s| (Arc::as_ptr(&s.channel) as usize, s.binding.id));
+        matched.dedup_by_key(|s| (Arc::as_ptr(&s.channel) as usize, s.binding.id));
+    }
+    scratch.data.clear();
+    scratch.frames.clear();
     let mut delivered = 0;
     let mut i = 0;
-    while i < scratch.groups.len() {
-        let ptr = scratch.groups[i].0;
-        let mut ids = Vec::new();
-        let mut first_sub = scratch.groups[i].2;
-        while i < scratch.groups.len() && scratch.groups[i].0 == ptr {
-            ids.push(scratch.groups[i].1);
-            first_sub = first_sub.min(scratch.groups[i].2);
+    while i < matched.len() {
+        let sub = matched[i];
+        let channel = &sub.channel;
+        scratch.ids.clear();
+        while i < matched.len() && Arc::ptr_eq(&matched[i].channel, channel) {
+            scratch.ids.push(matched[i].binding.id);
             i += 1;
         }
-        let Some(sub) = index.subs.get(&first_sub) else {
-            continue;
-        };
-        let channel = &sub.channel;
         let select = sub
             .binding
             .select
             .as_ref()
             .map(|s| Arc::as_ptr(s) as *const Arc<str> as usize);
-        let data = data_cache.entry(select).or_insert_with(|| {
-            render_data(change, sub.binding.select.as_deref(), max_record_bytes)
-        });
-        let frame_key = (
-            channel.prefix.as_ptr() as usize ^ channel.prefix.len(),
-            ids,
-            select,
-        );
-        let frame = match frame_cache.get(&frame_key) {
-            Some(f) => f.clone(),
+        let data_at = match scratch.data.iter().position(|(k, _)| *k == select) {
+            Some(at) => at,
             None => {
-                let f = build_frame(channel, &frame_key.1, data);
-                frame_cache.insert(frame_key, f.clone());
-                f
+                scratch.data.push((
+                    select,
+                    render_data(change, sub.binding.select.as_deref(), max_record_bytes),
+                ));
+                scratch.data.len() - 1
             }
         };
+        let data = &scratch.data[data_at].1;
+        let prefix_key = channel.prefix.as_ptr() as usize ^ channel.prefix.len();
+        // Most changes reach one channel per topic: build directly, cache only when it can repeat.
+        let frame = if matched.len() == 1 {
+            build_frame(channel, &scratch.ids, data)
+        } else {
+            let frame_key = (prefix_key, scratch.ids.clone(), select);
+            scratch
+                .frames
+                .entry(frame_key)
+                .or_insert_with(|| build_frame(channel, &scratch.ids, data))
+                .clone()
+        };
         match channel.tx.try_send(frame) {
-            Ok(()) => {
-                delivered += 1;
-            }
+            Ok(()) => delivered += 1,
             Err(TrySendError::Full(_)) => {
                 if !channel.kill.is_cancelled() {
                     fanout
@@ -170,17 +151,13 @@ fn build_frame(channel: &ChannelSink, ids: &[u32], data: &[u8]) -> Utf8Bytes {
         if n > 0 {
             f.push(b',');
         }
-        f.extend_from_slice(itoa(*id).as_bytes());
+        f.extend_from_slice(id.to_string().as_bytes());
     }
     f.extend_from_slice(b"],\"data\":");
     f.extend_from_slice(data);
     f.extend_from_slice(channel.suffix);
     // The frame is built from JSON fragments that are all valid UTF-8.
     Utf8Bytes::from(String::from_utf8(f).unwrap_or_default())
-}
-
-fn itoa(n: u32) -> String {
-    n.to_string()
 }
 
 /// The `data` object of a `postgres_changes` push. A record over `max_record_bytes` is sent with

@@ -59,24 +59,81 @@ pub struct BindingSpec {
 
 #[derive(Debug)]
 pub(crate) struct Subscription {
+    pub id: SubId,
     pub channel: Arc<ChannelSink>,
     pub binding: BindingSpec,
     /// Condition already satisfied when found through the equality index.
     pub indexed: Option<usize>,
+    /// Whether conditions remain to evaluate after an index hit (saves touching the filter).
+    pub residual_conditions: bool,
+}
+
+impl Subscription {
+    /// Event and filter check; an index hit with nothing else to evaluate skips the filter.
+    fn accepts(&self, change: &Change, via_index: bool) -> bool {
+        if !self.binding.event.accepts(change.kind) {
+            return false;
+        }
+        if via_index && !self.residual_conditions {
+            return true;
+        }
+        self.binding
+            .filter
+            .matches(change, if via_index { self.indexed } else { None })
+    }
+}
+
+/// The subscriptions under one index key: nearly always one, kept inline.
+#[derive(Debug)]
+pub(crate) enum SubList {
+    One(Arc<Subscription>),
+    Many(Vec<Arc<Subscription>>),
+}
+
+impl SubList {
+    fn push(&mut self, s: Arc<Subscription>) {
+        match self {
+            SubList::One(first) => *self = SubList::Many(vec![Arc::clone(first), s]),
+            SubList::Many(v) => v.push(s),
+        }
+    }
+
+    fn as_slice(&self) -> &[Arc<Subscription>] {
+        match self {
+            SubList::One(s) => std::slice::from_ref(s),
+            SubList::Many(v) => v,
+        }
+    }
+
+    /// Removes `id`; returns true when the list became empty.
+    fn remove(&mut self, id: SubId) -> bool {
+        match self {
+            SubList::One(s) => s.id == id,
+            SubList::Many(v) => {
+                v.retain(|s| s.id != id);
+                let single = if v.len() == 1 { v.pop() } else { None };
+                let empty = v.is_empty() && single.is_none();
+                if let Some(only) = single {
+                    *self = SubList::One(only);
+                }
+                empty
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct EqIndex {
     pub class: Option<Class>,
-    pub ints: HashMap<i64, Vec<SubId>>,
-    pub bytes: HashMap<Box<[u8]>, Vec<SubId>>,
+    pub ints: HashMap<i64, SubList>,
+    pub bytes: HashMap<Box<[u8]>, SubList>,
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct TableSubs {
     /// Column name → equality index.
     pub eq: HashMap<Arc<str>, EqIndex>,
-    pub residual: Vec<SubId>,
+    pub residual: Vec<Arc<Subscription>>,
 }
 
 impl TableSubs {
@@ -86,9 +143,13 @@ impl TableSubs {
 
     /// Calls `f` with every subscription that may match the change, and the condition an index
     /// lookup already satisfied.
-    pub fn candidates(&self, change: &Change, mut f: impl FnMut(SubId)) {
-        for id in &self.residual {
-            f(*id);
+    pub fn candidates<'a>(
+        &'a self,
+        change: &Change,
+        mut f: impl FnMut(&'a Arc<Subscription>, bool),
+    ) {
+        for s in &self.residual {
+            f(s, false);
         }
         for (column, eq) in &self.eq {
             let Some(i) = change.relation.column_index(column) else {
@@ -102,8 +163,8 @@ impl TableSubs {
                 Some(class) => row_key_int(class, value).and_then(|k| eq.ints.get(&k)),
                 None => None,
             };
-            for id in ids.into_iter().flatten() {
-                f(*id);
+            for s in ids.map(SubList::as_slice).unwrap_or_default() {
+                f(s, true);
             }
         }
     }
@@ -113,7 +174,7 @@ impl TableSubs {
 #[derive(Debug, Default)]
 pub struct SubscriptionIndex {
     next_id: SubId,
-    pub(crate) subs: HashMap<SubId, Subscription>,
+    pub(crate) subs: HashMap<SubId, Arc<Subscription>>,
     /// (schema, table) → subscriptions on that table.
     pub(crate) tables: HashMap<(Arc<str>, Arc<str>), TableSubs>,
     /// schema → subscriptions on every table of it.
@@ -142,31 +203,55 @@ impl SubscriptionIndex {
                 .or_default(),
             None => self.schemas.entry(Arc::clone(&binding.schema)).or_default(),
         };
-        let indexed = match key {
+        let indexed = key.as_ref().map(|(cond, _)| *cond);
+        let residual_conditions = binding.filter.conditions.len() > usize::from(indexed.is_some());
+        let sub = Arc::new(Subscription {
+            id,
+            channel,
+            binding,
+            indexed,
+            residual_conditions,
+        });
+        match key {
             Some((cond, key)) => {
-                let c = &binding.filter.conditions[cond];
+                let c = &sub.binding.filter.conditions[cond];
                 let eq = table.eq.entry(Arc::clone(&c.column)).or_default();
                 eq.class = Some(c.class);
                 match key {
-                    IndexKey::Int(k) => eq.ints.entry(k).or_default().push(id),
-                    IndexKey::Bytes(k) => eq.bytes.entry(k).or_default().push(id),
+                    IndexKey::Int(k) => push(&mut eq.ints, k, Arc::clone(&sub)),
+                    IndexKey::Bytes(k) => push(&mut eq.bytes, k, Arc::clone(&sub)),
                 }
-                Some(cond)
             }
-            None => {
-                table.residual.push(id);
-                None
-            }
-        };
-        self.subs.insert(
-            id,
-            Subscription {
-                channel,
-                binding,
-                indexed,
-            },
-        );
+            None => table.residual.push(Arc::clone(&sub)),
+        }
+        self.subs.insert(id, sub);
         id
+    }
+
+    /// Calls `f` with every subscription whose table, event and filter match the change.
+    pub(crate) fn matching<'a>(
+        &'a self,
+        change: &Change,
+        mut f: impl FnMut(&'a Arc<Subscription>),
+    ) {
+        let rel = &change.relation;
+        let exact = self
+            .tables
+            .get(&(Arc::clone(&rel.schema), Arc::clone(&rel.table)));
+        for table in [exact, self.schemas.get(&rel.schema)].into_iter().flatten() {
+            table.candidates(change, |sub, via_index| {
+                if sub.accepts(change, via_index) {
+                    f(sub);
+                }
+            });
+        }
+    }
+
+    /// How many subscriptions match the change (the index alone, without delivery).
+    pub fn count_matching(&self, change: &Change) -> usize {
+        let mut n = 0;
+        self.matching(change, |_| n += 1);
+        n
     }
 
     pub fn remove(&mut self, id: SubId) -> bool {
@@ -198,7 +283,7 @@ impl SubscriptionIndex {
                     }
                 }
             }
-            _ => table.residual.retain(|s| *s != id),
+            _ => table.residual.retain(|s| s.id != id),
         }
         if table.is_empty() {
             match map_key_table {
@@ -214,11 +299,17 @@ impl SubscriptionIndex {
     }
 }
 
-fn remove_from<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<SubId>>, key: &K, id: SubId) {
-    if let Some(v) = map.get_mut(key) {
-        v.retain(|s| *s != id);
-        if v.is_empty() {
-            map.remove(key);
+fn push<K: std::hash::Hash + Eq>(map: &mut HashMap<K, SubList>, key: K, s: Arc<Subscription>) {
+    match map.entry(key) {
+        std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().push(s),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(SubList::One(s));
         }
+    }
+}
+
+fn remove_from<K: std::hash::Hash + Eq>(map: &mut HashMap<K, SubList>, key: &K, id: SubId) {
+    if map.get_mut(key).is_some_and(|v| v.remove(id)) {
+        map.remove(key);
     }
 }

@@ -336,6 +336,10 @@ fn cast(class: Class, v: &[u8]) -> Option<Scalar> {
 fn parse_date(s: &str) -> Option<(i64, &str)> {
     let (y, rest) = s.split_once('-')?;
     let y: i64 = y.parse().ok()?;
+    // Postgres' own range; also keeps the arithmetic below from overflowing.
+    if !(-4713..=294_276).contains(&y) {
+        return None;
+    }
     let m: u32 = rest.get(0..2)?.parse().ok()?;
     let d: u32 = rest.get(3..5)?.parse().ok()?;
     if rest.get(2..3) != Some("-") || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
@@ -353,7 +357,7 @@ pub fn parse_instant(s: &str) -> Option<i64> {
         _ => {}
     }
     let (days, rest) = parse_date(s.trim())?;
-    let mut micros = days * 86_400_000_000;
+    let mut micros = days.checked_mul(86_400_000_000)?;
     let rest = match rest.chars().next() {
         None => return Some(micros),
         Some(' ') | Some('T') | Some('t') => &rest[1..],
@@ -364,11 +368,11 @@ pub fn parse_instant(s: &str) -> Option<i64> {
     if rest.get(2..3) != Some(":") {
         return None;
     }
-    micros += (hh * 3600 + mm * 60) * 1_000_000;
+    micros = micros.checked_add((hh * 3600 + mm * 60) * 1_000_000)?;
     let mut rest = rest.get(5..)?;
     if let Some(r) = rest.strip_prefix(':') {
         let ss: i64 = r.get(0..2)?.parse().ok()?;
-        micros += ss * 1_000_000;
+        micros = micros.checked_add(ss * 1_000_000)?;
         rest = r.get(2..)?;
         if let Some(frac) = rest.strip_prefix('.') {
             let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
@@ -377,7 +381,7 @@ pub fn parse_instant(s: &str) -> Option<i64> {
             for (i, b) in f.bytes().take(6).enumerate() {
                 us += i64::from(b - b'0') * 10i64.pow(5 - i as u32);
             }
-            micros += us;
+            micros = micros.checked_add(us)?;
             rest = &frac[digits..];
         }
     }
@@ -389,11 +393,16 @@ pub fn parse_instant(s: &str) -> Option<i64> {
             let z = &rest[1..];
             let (h, m) = match z.split_once(':') {
                 Some((h, m)) => (h, m),
-                None if z.len() == 4 => (&z[..2], &z[2..]),
+                None if z.len() == 4 => (z.get(..2)?, z.get(2..)?),
                 None => (z, "0"),
             };
-            let secs =
-                h.parse::<i64>().ok()? * 3600 + m.get(..2).unwrap_or(m).parse::<i64>().ok()? * 60;
+            let secs = h.parse::<i64>().ok()?.checked_mul(3600)?.checked_add(
+                m.get(..2)
+                    .unwrap_or(m)
+                    .parse::<i64>()
+                    .ok()?
+                    .checked_mul(60)?,
+            )?;
             if sign == '+' {
                 secs
             } else {
@@ -402,7 +411,7 @@ pub fn parse_instant(s: &str) -> Option<i64> {
         }
         _ => return None,
     };
-    Some(micros - offset * 1_000_000)
+    micros.checked_sub(offset.checked_mul(1_000_000)?)
 }
 
 /// LIKE pattern → anchored regex: `%` any run, `_` one character, `\` escapes.

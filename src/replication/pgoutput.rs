@@ -185,7 +185,7 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
         },
         b'I' => {
             let relation_id = r.u32()?;
-            r.expect(b"N")?;
+            r.expect_byte(b"N")?;
             Message::Insert {
                 relation_id,
                 new: r.tuple()?,
@@ -193,7 +193,7 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
         }
         b'U' => {
             let relation_id = r.u32()?;
-            let old = match r.expect(b"KON")? {
+            let old = match r.expect_byte(b"KON")? {
                 b'K' => Some(OldTuple::Key(r.tuple_then(b"N")?)),
                 b'O' => Some(OldTuple::Full(r.tuple_then(b"N")?)),
                 _ => None,
@@ -206,7 +206,7 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
         }
         b'D' => {
             let relation_id = r.u32()?;
-            let old = match r.expect(b"KO")? {
+            let old = match r.expect_byte(b"KO")? {
                 b'K' => OldTuple::Key(r.tuple()?),
                 _ => OldTuple::Full(r.tuple()?),
             };
@@ -332,7 +332,7 @@ impl Reader {
     }
 
     /// Reads one byte that must be one of `expected`.
-    fn expect(&mut self, expected: &'static [u8]) -> Result<u8, DecodeError> {
+    fn expect_byte(&mut self, expected: &'static [u8]) -> Result<u8, DecodeError> {
         let at = self.pos;
         let b = self.u8()?;
         if expected.contains(&b) {
@@ -348,7 +348,7 @@ impl Reader {
 
     fn tuple_then(&mut self, next: &'static [u8]) -> Result<Tuple, DecodeError> {
         let t = self.tuple()?;
-        self.expect(next)?;
+        self.expect_byte(next)?;
         Ok(t)
     }
 

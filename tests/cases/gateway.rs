@@ -405,3 +405,119 @@ async fn health_readiness_metrics_and_shutdown() {
         "no longer accepting"
     );
 }
+
+#[tokio::test]
+async fn slow_client_is_disconnected_without_slowing_others() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, SCHEMA).await;
+    let app = TestApp::spawn_with(&url, |c| c.client_queue = 16).await;
+    let mut slow = app.ws(None).await;
+    slow.join(
+        "slow",
+        json!([{"event": "INSERT", "schema": "public", "table": "todos"}]),
+    )
+    .await;
+    let mut fast = app.ws(None).await;
+    fast.join(
+        "fast",
+        json!([{"event": "INSERT", "schema": "public", "table": "todos"}]),
+    )
+    .await;
+    // One large change at a time: the reading client keeps up, the one that never reads falls
+    // behind by its kernel buffers plus its queue, and is cut off.
+    let metrics_url = format!("http://{}/metrics", app.addr);
+    let mut disconnected_after = None;
+    for i in 1..=400u64 {
+        exec(
+            &p,
+            &format!("INSERT INTO todos (id, task) VALUES ({i}, repeat('x', 200000))"),
+        )
+        .await;
+        let payload = fast.recv_event("postgres_changes").await;
+        assert_eq!(
+            payload["data"]["record"]["id"], i,
+            "the reading client gets every change in order"
+        );
+        let metrics = http_get(&metrics_url).await.expect("metrics");
+        if metrics.contains("walcast_slow_client_disconnects_total 1\n") {
+            disconnected_after = Some(i);
+            break;
+        }
+    }
+    let after = disconnected_after.expect("the client that never reads is disconnected");
+    // The reading client is unaffected and still receives changes.
+    exec(
+        &p,
+        &format!(
+            "INSERT INTO todos (id, task) VALUES ({}, 'small')",
+            after + 1
+        ),
+    )
+    .await;
+    assert_eq!(
+        fast.recv_event("postgres_changes").await["data"]["record"]["id"],
+        after + 1
+    );
+    // The slow client finds a close frame after what was already buffered.
+    let close = loop {
+        let f = slow
+            .try_recv(Duration::from_secs(10))
+            .await
+            .expect("frames, then a close");
+        if f.get("close").is_some() {
+            break f;
+        }
+    };
+    assert_eq!(close["close"][0], 1008, "{close}");
+    assert!(
+        close["close"][1]
+            .as_str()
+            .unwrap_or("")
+            .contains("too slow"),
+        "{close}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn binary_broadcast_frames_are_parsed() {
+    use futures_util::SinkExt;
+    let (app, _p) = app().await;
+    let mut ws = app.ws(Some("2.0.0")).await;
+    ws.join("bin", json!([])).await;
+    let (join_ref, msg_ref, topic, event, meta, payload) =
+        ("j1", "9", "realtime:bin", "cursor", "{}", r#"{"x":1}"#);
+    let mut frame = vec![
+        3u8,
+        join_ref.len() as u8,
+        msg_ref.len() as u8,
+        topic.len() as u8,
+        event.len() as u8,
+        meta.len() as u8,
+        1,
+    ];
+    for part in [join_ref, msg_ref, topic, event, meta, payload] {
+        frame.extend_from_slice(part.as_bytes());
+    }
+    ws.inner
+        .send(tokio_tungstenite::tungstenite::Message::Binary(
+            frame.into(),
+        ))
+        .await
+        .expect("send");
+    assert_eq!(
+        ws.recv().await,
+        json!(["j1", "9", "realtime:bin", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    // A truncated binary frame is ignored; the socket stays usable.
+    ws.inner
+        .send(tokio_tungstenite::tungstenite::Message::Binary(
+            vec![3u8, 200, 0].into(),
+        ))
+        .await
+        .expect("send");
+    let hb = ws.push(None, "phoenix", "heartbeat", json!({})).await;
+    assert_eq!(ws.recv().await[1], json!(hb));
+    app.stop().await;
+}
