@@ -32,6 +32,8 @@ impl GatewayProcess {
             .env("WALCAST_SLOT", slot)
             .env("WALCAST_CLIENT_QUEUE", client_queue.to_string())
             .env("WALCAST_LOG_FORMAT", "json")
+            // Bench clients do not heartbeat.
+            .env("WALCAST_IDLE_TIMEOUT_SECS", "3600")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

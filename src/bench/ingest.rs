@@ -23,6 +23,8 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     // Slots are cluster-wide: name them for this run.
     let gw_slot = format!("walcast_bench_gw_{}", std::process::id());
     let recv_slot = format!("walcast_bench_recv_{}", std::process::id());
+    // A second pg_recvlogical run after walcast's, so neither reader is favoured by going second.
+    let recv2_slot = format!("walcast_bench_recv2_{}", std::process::id());
     let cluster = match &opts.database_url {
         Some(_) => None,
         None => {
@@ -47,14 +49,14 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     ] {
         sqlx::query(stmt).execute(&pool).await?;
     }
-    for slot in [&gw_slot, &recv_slot] {
+    for slot in [&gw_slot, &recv_slot, &recv2_slot] {
         let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
             .bind(slot)
             .execute(&pool)
             .await;
     }
     let params = ConnectParams::from_url(&url)?;
-    for slot in [&gw_slot, &recv_slot] {
+    for slot in [&gw_slot, &recv_slot, &recv2_slot] {
         let mut c = ReplicationConnection::connect(&params).await?;
         c.create_slot(slot, false, SnapshotAction::NoExport).await?;
         c.close().await?;
@@ -95,39 +97,9 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
         t.elapsed().as_secs_f64()
     );
 
-    // The walsender's own limit: pg_recvlogical on the twin slot, output discarded.
-    let bin = crate::cluster::find_binaries()
-        .ok()
-        .map(|b| b.join("pg_recvlogical"));
-    let recv = bin
-        .filter(|b| b.exists())
-        .unwrap_or_else(|| "pg_recvlogical".into());
+    // The walsender's own limit: pg_recvlogical on a twin slot, output discarded.
     eprintln!("ingest: pg_recvlogical…");
-    let t = Instant::now();
-    let status = tokio::process::Command::new(&recv)
-        .args([
-            "-d",
-            &url,
-            "--slot",
-            &recv_slot,
-            "--start",
-            "--no-loop",
-            "-f",
-            "/dev/null",
-        ])
-        .args([
-            "-o",
-            "proto_version=1",
-            "-o",
-            "publication_names=walcast_bench",
-            "-E",
-            &end,
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .await?;
-    let recv_secs = t.elapsed().as_secs_f64();
-    anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
+    let recv_first = recvlogical(&url, &recv_slot, &end).await?;
 
     eprintln!("ingest: walcast…");
     let (tx, mut rx) = mpsc::channel(8192);
@@ -167,8 +139,11 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     let gw_secs = t.elapsed().as_secs_f64();
     shutdown.cancel();
     let _ = handle.await;
+    eprintln!("ingest: pg_recvlogical again…");
+    let recv_second = recvlogical(&url, &recv2_slot, &end).await?;
+    let recv_secs = recv_first.min(recv_second);
 
-    for slot in [&gw_slot, &recv_slot] {
+    for slot in [&gw_slot, &recv_slot, &recv2_slot] {
         let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
             .bind(slot)
             .execute(&pool)
@@ -211,4 +186,40 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     });
     super::write_json(opts, &v)?;
     Ok(v)
+}
+
+/// Seconds `pg_recvlogical` takes to receive the stream of `slot` up to `end`.
+async fn recvlogical(url: &str, slot: &str, end: &str) -> anyhow::Result<f64> {
+    let bin = crate::cluster::find_binaries()
+        .ok()
+        .map(|b| b.join("pg_recvlogical"));
+    let recv = bin
+        .filter(|b| b.exists())
+        .unwrap_or_else(|| "pg_recvlogical".into());
+    let t = Instant::now();
+    let status = tokio::process::Command::new(&recv)
+        .args([
+            "-d",
+            url,
+            "--slot",
+            slot,
+            "--start",
+            "--no-loop",
+            "-f",
+            "/dev/null",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=walcast_bench",
+            "-E",
+            end,
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .await?;
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
+    Ok(secs)
 }

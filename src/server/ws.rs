@@ -25,6 +25,13 @@ use crate::fanout::{ChannelSink, SubId};
 use crate::protocol::phoenix::{self, ClientFrame, Vsn};
 use crate::server::AppState;
 
+/// Initial read buffer per socket; it grows for larger frames.
+const READ_BUFFER_BYTES: usize = 2 * 1024;
+/// Bytes gathered before a write reaches the socket; every batch is flushed anyway.
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// Queued frames written in one batch before a flush.
+const WRITE_BATCH: usize = 64;
+
 #[derive(Debug, Deserialize)]
 pub struct ConnectParams {
     pub apikey: Option<String>,
@@ -53,8 +60,11 @@ pub async fn upgrade(
             .map(str::to_owned)
     });
     let limits = state.limits;
+    // Small buffers: most sockets are idle most of the time, and each holds its buffers.
     ws.max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| Connection::new(state, vsn).run(socket))
 }
 
@@ -111,7 +121,15 @@ impl Connection {
                 _ = kill.cancelled() => break Close::Code(1008, "client too slow: outbound queue full"),
                 // Queued change frames before reading more input.
                 Some(frame) = self.rx.recv() => {
-                    if sink.send(Message::Text(frame)).await.is_err() {
+                    // Write what is queued in one batch, then flush once.
+                    let mut ok = sink.feed(Message::Text(frame)).await.is_ok();
+                    let mut n = 1;
+                    while ok && n < WRITE_BATCH {
+                        let Ok(more) = self.rx.try_recv() else { break };
+                        ok = sink.feed(Message::Text(more)).await.is_ok();
+                        n += 1;
+                    }
+                    if !ok || sink.flush().await.is_err() {
                         break Close::Gone;
                     }
                     continue;
