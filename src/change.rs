@@ -202,32 +202,24 @@ impl Change {
     /// Writes `record` (the new row) as a JSON object, limited to `select` columns if given.
     pub fn write_record(&self, out: &mut Vec<u8>, select: Option<&dyn Fn(&str) -> bool>) -> bool {
         let Some(new) = &self.new else { return false };
-        out.push(b'{');
-        let mut first = true;
-        for (i, (col, v)) in self.relation.columns.iter().zip(&new.0).enumerate() {
-            if select.is_some_and(|s| !s(&col.name)) {
-                continue;
-            }
-            let text = match v {
-                Value::Text(t) => Some(&t[..]),
-                Value::Null => None,
-                Value::UnchangedToast => match self.old_text(i) {
-                    Some(t) => Some(&t[..]),
-                    None => continue,
-                },
-            };
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            write_json_str(out, &col.name);
-            out.push(b':');
-            match text {
-                Some(t) => write_json(out, &col.ty, t),
-                None => out.extend_from_slice(b"null"),
-            }
-        }
-        out.push(b'}');
+        let fields = self
+            .relation
+            .columns
+            .iter()
+            .zip(&new.0)
+            .enumerate()
+            .filter_map(|(i, (col, v))| {
+                if select.is_some_and(|s| !s(&col.name)) {
+                    return None;
+                }
+                match v {
+                    Value::Text(t) => Some((col, Some(&t[..]))),
+                    Value::Null => Some((col, None)),
+                    // Unsent TOAST: from a full old row, or left out.
+                    Value::UnchangedToast => self.old_text(i).map(|t| (col, Some(&t[..]))),
+                }
+            });
+        write_object(out, fields);
         true
     }
 
@@ -240,32 +232,24 @@ impl Change {
         if self.kind == ChangeKind::Insert {
             return false;
         }
-        out.push(b'{');
-        let mut first = true;
-        if let Some(old) = &self.old {
-            let full = self.relation.replica_identity == ReplicaIdentity::Full;
-            for (col, v) in self.relation.columns.iter().zip(&old.0) {
+        let full = self.relation.replica_identity == ReplicaIdentity::Full;
+        let old = self.old.as_ref().map(|t| &t.0[..]).unwrap_or_default();
+        let fields = self
+            .relation
+            .columns
+            .iter()
+            .zip(old)
+            .filter_map(|(col, v)| {
                 if select.is_some_and(|s| !s(&col.name)) || !(full || col.is_key) {
-                    continue;
+                    return None;
                 }
-                let text = match v {
-                    Value::Text(t) => Some(&t[..]),
-                    Value::Null => None,
-                    Value::UnchangedToast => continue,
-                };
-                if !first {
-                    out.push(b',');
+                match v {
+                    Value::Text(t) => Some((col, Some(&t[..]))),
+                    Value::Null => Some((col, None)),
+                    Value::UnchangedToast => None,
                 }
-                first = false;
-                write_json_str(out, &col.name);
-                out.push(b':');
-                match text {
-                    Some(t) => write_json(out, &col.ty, t),
-                    None => out.extend_from_slice(b"null"),
-                }
-            }
-        }
-        out.push(b'}');
+            });
+        write_object(out, fields);
         true
     }
 
@@ -314,6 +298,26 @@ impl Change {
             out.push(b']');
         }
     }
+}
+
+/// Writes `{"name":value,…}` for (column, text) pairs; `None` text is SQL NULL.
+fn write_object<'a>(
+    out: &mut Vec<u8>,
+    fields: impl Iterator<Item = (&'a Column, Option<&'a [u8]>)>,
+) {
+    out.push(b'{');
+    for (n, (col, text)) in fields.enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        write_json_str(out, &col.name);
+        out.push(b':');
+        match text {
+            Some(t) => write_json(out, &col.ty, t),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+    out.push(b'}');
 }
 
 /// Formats microseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.

@@ -67,6 +67,9 @@ enum Command {
         /// Use this database instead of a throwaway cluster.
         #[arg(long, global = true)]
         database_url: Option<String>,
+        /// fanout: measure this running gateway (ws://host:port) instead of starting one.
+        #[arg(long, global = true)]
+        gateway_url: Option<String>,
         /// Also write the figures as JSON here.
         #[arg(long, global = true, value_name = "PATH")]
         json: Option<PathBuf>,
@@ -262,6 +265,7 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
         Command::Bench {
             scenario,
             database_url,
+            gateway_url,
             json,
         } => {
             let opts = bench::BenchOptions { database_url, json };
@@ -282,6 +286,7 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
                         rate,
                         seconds,
                         gateway_bin: std::env::current_exe()?,
+                        gateway_url: gateway_url.clone(),
                     };
                     bench::sockets::fanout(&opts, &s).await?;
                 }
@@ -291,6 +296,7 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
                         rate: 0,
                         seconds: 0,
                         gateway_bin: std::env::current_exe()?,
+                        gateway_url: gateway_url.clone(),
                     };
                     bench::sockets::idle(&opts, &s).await?;
                 }

@@ -45,7 +45,7 @@ impl GatewayProcess {
         let g = GatewayProcess { child, addr, pid };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(body) = get(&g.addr, "/readyz").await {
+            if let Ok(body) = http_get(&g.addr, "/readyz").await {
                 if body.contains("\"ready\":true") {
                     return Ok(g);
                 }
@@ -68,6 +68,62 @@ impl GatewayProcess {
     }
 }
 
+/// The gateway under test: a child process, or one already running at `--gateway-url`.
+pub enum BenchGateway {
+    Child(GatewayProcess),
+    External(String),
+}
+
+impl BenchGateway {
+    pub async fn start(
+        external: Option<&str>,
+        bin: &Path,
+        database_url: &str,
+        slot: &str,
+        client_queue: usize,
+    ) -> anyhow::Result<BenchGateway> {
+        match external {
+            Some(url) => {
+                let addr = url
+                    .trim_start_matches("ws://")
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_owned();
+                let ready = http_get(&addr, "/readyz").await?;
+                anyhow::ensure!(
+                    ready.contains("\"ready\":true"),
+                    "gateway at {addr} is not ready: {ready}"
+                );
+                Ok(BenchGateway::External(addr))
+            }
+            None => Ok(BenchGateway::Child(
+                GatewayProcess::spawn(bin, database_url, slot, client_queue).await?,
+            )),
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        match self {
+            BenchGateway::Child(g) => &g.addr,
+            BenchGateway::External(a) => a,
+        }
+    }
+
+    /// (CPU seconds, RSS, peak RSS) of a child gateway; unknown for an external one.
+    pub fn usage(&self) -> Option<(f64, u64, u64)> {
+        match self {
+            BenchGateway::Child(g) => Some(g.usage()),
+            BenchGateway::External(_) => None,
+        }
+    }
+
+    pub async fn stop(self) {
+        if let BenchGateway::Child(g) = self {
+            g.stop().await;
+        }
+    }
+}
+
 /// (CPU seconds, RSS bytes, peak RSS bytes) of a process, from /proc.
 pub fn proc_usage(pid: u32) -> (f64, u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -87,7 +143,8 @@ pub fn proc_usage(pid: u32) -> (f64, u64, u64) {
     (ticks / 100.0, kb("VmRSS:") * 1024, kb("VmHWM:") * 1024)
 }
 
-async fn get(addr: &str, path: &str) -> std::io::Result<String> {
+/// A minimal HTTP/1.1 GET of `path` on `addr`, returning the whole response.
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),

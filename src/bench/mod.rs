@@ -17,22 +17,10 @@ pub struct BenchOptions {
     pub json: Option<PathBuf>,
 }
 
-/// Gateway process figures: CPU seconds and peak RSS of this process (the gateway runs in it).
+/// CPU seconds and peak RSS of this process.
 pub fn process_usage() -> (f64, u64) {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let hwm_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    (ticks / 100.0, hwm_kb * 1024)
+    let (cpu, _, peak) = gateway::proc_usage(std::process::id());
+    (cpu, peak)
 }
 
 /// Writes `value` to the `--json` path, if given.

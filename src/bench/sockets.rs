@@ -15,7 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::bench::gateway::{raise_nofile_limit, GatewayProcess};
+use crate::bench::gateway::{raise_nofile_limit, BenchGateway};
 use crate::bench::BenchOptions;
 use crate::cluster::{Cluster, ClusterOptions};
 
@@ -26,6 +26,9 @@ pub struct SocketOptions {
     pub seconds: u64,
     /// The walcast binary to run as the gateway.
     pub gateway_bin: PathBuf,
+    /// Measure this running gateway (`ws://host:port`) instead of starting one; its publication
+    /// must include `public.walcast_bench_items` in the same database.
+    pub gateway_url: Option<String>,
 }
 
 struct Env {
@@ -34,6 +37,17 @@ struct Env {
     url: String,
     /// The gateway's slot, unique to this run (slots are cluster-wide).
     slot: String,
+}
+
+/// Raises the open-file limit and checks that `sockets` connections fit under it.
+fn ensure_open_files(sockets: usize) -> anyhow::Result<()> {
+    let nofile = raise_nofile_limit();
+    anyhow::ensure!(
+        nofile >= sockets as u64 + 200,
+        "open-file limit {nofile} is too low for {sockets} sockets: raise it (ulimit -n {})",
+        sockets + 1000
+    );
+    Ok(())
 }
 
 async fn database(opts: &BenchOptions, name: &str) -> anyhow::Result<Env> {
@@ -136,18 +150,19 @@ async fn join_all(addr: &str, n: usize) -> anyhow::Result<Vec<Socket>> {
 }
 
 pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<serde_json::Value> {
-    let nofile = raise_nofile_limit();
-    anyhow::ensure!(
-        nofile >= s.clients as u64 + 200,
-        "open-file limit {nofile} is too low for {} clients: raise it (ulimit -n {})",
-        s.clients,
-        s.clients + 1000
-    );
+    ensure_open_files(s.clients)?;
     let env = database(opts, "fanout").await?;
-    let gw = GatewayProcess::spawn(&s.gateway_bin, &env.url, &env.slot, 4096).await?;
+    let gw = BenchGateway::start(
+        s.gateway_url.as_deref(),
+        &s.gateway_bin,
+        &env.url,
+        &env.slot,
+        4096,
+    )
+    .await?;
     eprintln!("fanout: {} clients joining…", s.clients);
-    let sockets = join_all(&gw.addr, s.clients).await?;
-    let (cpu0, _, _) = gw.usage();
+    let sockets = join_all(gw.addr(), s.clients).await?;
+    let cpu0 = gw.usage().map(|u| u.0);
 
     // Each receiver records (row id, receipt instant).
     let receipts: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::new(Mutex::new(Vec::with_capacity(
@@ -225,7 +240,7 @@ pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<se
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (cpu1, _, peak) = gw.usage();
+    let end_usage = gw.usage();
     for r in &readers {
         r.abort();
     }
@@ -251,8 +266,8 @@ pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<se
         "delivered": delivered,
         "lost": lost,
         "latency_ms": {"p50": ms(0.50), "p95": ms(0.95), "p99": ms(0.99), "max": hist.max() as f64 / 1000.0},
-        "cpu_seconds": ((cpu1 - cpu0) * 100.0).round() / 100.0,
-        "peak_rss_bytes": peak,
+        "cpu_seconds": end_usage.zip(cpu0).map(|(u, c0)| ((u.0 - c0) * 100.0).round() / 100.0),
+        "peak_rss_bytes": end_usage.map(|u| u.2),
     });
     println!(
         "{:>8} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9}",
@@ -269,11 +284,13 @@ pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<se
         ms(0.99),
         hist.max() as f64 / 1000.0
     );
-    println!(
-        "gateway: {:.2} CPU s during the run, peak RSS {} MiB",
-        cpu1 - cpu0,
-        peak / (1 << 20)
-    );
+    if let (Some((cpu1, _, peak)), Some(cpu0)) = (end_usage, cpu0) {
+        println!(
+            "gateway: {:.2} CPU s during the run, peak RSS {} MiB",
+            cpu1 - cpu0,
+            peak / (1 << 20)
+        );
+    }
     pool.close().await;
     gw.stop().await;
     teardown(env).await;
@@ -290,21 +307,24 @@ fn record_id(frame: &str) -> Option<i64> {
 }
 
 pub async fn idle(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<serde_json::Value> {
-    let nofile = raise_nofile_limit();
-    anyhow::ensure!(
-        nofile >= s.clients as u64 + 200,
-        "open-file limit {nofile} is too low for {} sockets: raise it (ulimit -n {})",
-        s.clients,
-        s.clients + 1000
-    );
+    ensure_open_files(s.clients)?;
     let env = database(opts, "idle").await?;
-    let gw = GatewayProcess::spawn(&s.gateway_bin, &env.url, &env.slot, 1024).await?;
+    let gw = BenchGateway::start(
+        s.gateway_url.as_deref(),
+        &s.gateway_bin,
+        &env.url,
+        &env.slot,
+        1024,
+    )
+    .await?;
     // Warm the gateway's allocator and catalog cache with one client first.
-    let warm = join_all(&gw.addr, 1).await?;
-    let (_, before, _) = gw.usage();
+    let warm = join_all(gw.addr(), 1).await?;
+    let Some((_, before, _)) = gw.usage() else {
+        anyhow::bail!("idle measures the gateway's memory, which needs the gateway as a child process (no --gateway-url)");
+    };
     eprintln!("idle: opening {} sockets…", s.clients);
-    let sockets = join_all(&gw.addr, s.clients).await?;
-    let (cpu, after, peak) = gw.usage();
+    let sockets = join_all(gw.addr(), s.clients).await?;
+    let (cpu, after, peak) = gw.usage().unwrap_or_default();
     let per = after.saturating_sub(before) as f64 / s.clients as f64;
     println!(
         "{:>8} {:>14} {:>14} {:>16}",

@@ -29,7 +29,8 @@ use crate::replication::wire::{
 #[derive(Debug, Default)]
 pub struct ReplicationStatus {
     pub connected: AtomicBool,
-    /// Set once the stream has seen a keepalive saying it is at the server's WAL end.
+    /// Set once the walsender has sent a keepalive on this connection: it sends them when it has
+    /// nothing more to send (or, under load, at least every half `wal_sender_timeout`).
     pub caught_up: AtomicBool,
     /// End of the last XLogData received.
     pub received_lsn: AtomicU64,
@@ -256,11 +257,13 @@ impl ReplicationTask {
                     self.status
                         .last_server_time
                         .store(server_time, Ordering::Relaxed);
+                    self.status.caught_up.store(true, Ordering::Relaxed);
+                    // Nothing open and everything handed on has been dispatched: all WAL up to
+                    // the server's position is either delivered or not ours, so it may be confirmed.
                     let idle = txn.is_none()
                         && Lsn(self.dispatched.load(Ordering::Acquire)) >= p.last_commit_end;
                     if idle {
                         p.idle_flush = p.idle_flush.max(wal_end);
-                        self.status.caught_up.store(true, Ordering::Relaxed);
                     }
                     if reply_requested {
                         let flush = self.flush_position(p);

@@ -32,6 +32,7 @@ fn socket_opts(clients: usize, rate: u64, seconds: u64) -> bench::sockets::Socke
         rate,
         seconds,
         gateway_bin: PathBuf::from(env!("CARGO_BIN_EXE_walcast")),
+        gateway_url: None,
     }
 }
 

@@ -312,3 +312,290 @@ async fn lost_slot_is_reported_clearly() {
     p.close().await;
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn print_config_redacts_secrets() {
+    let out = walcast_bin()
+        .args(["serve", "--print-config"])
+        .env(
+            "WALCAST_DATABASE_URL",
+            "postgres://app:hunter2@db.internal:5432/app",
+        )
+        .env("WALCAST_TABLES", "public.posts,app.*")
+        .output()
+        .expect("print-config");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("postgres://app:***@db.internal:5432/app") && !stdout.contains("hunter2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"public.posts\"") && stdout.contains("\"app.*\""),
+        "{stdout}"
+    );
+    let out = walcast_bin()
+        .args(["serve", "--print-config"])
+        .env("WALCAST_LISTEN", "nope")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("listen"),
+        "the error names the key"
+    );
+}
+
+#[tokio::test]
+async fn tail_streams_json_lines_on_its_own_slot() {
+    use tokio::io::AsyncBufReadExt;
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(
+        &p,
+        "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY)",
+    )
+    .await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
+        .args(["tail", "--tables", "public.a", "--events", "insert,delete"])
+        .env("WALCAST_DATABASE_URL", &url)
+        .env("WALCAST_SLOT", "gateway_slot_untouched")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("tail starts");
+    // The tail's temporary slot appears once it streams.
+    wait_for("tail slot", Duration::from_secs(30), || {
+        let p = p.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'walcast_tail_%' AND active")
+                .fetch_one(&p)
+                .await
+                .ok()?;
+            (n == 1).then_some(())
+        }
+    })
+    .await;
+    exec(&p, "INSERT INTO b VALUES (1); INSERT INTO a VALUES (1, 'x'); UPDATE a SET v = 'y'; DELETE FROM a;").await;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("line")
+            .expect("read")
+            .expect("open");
+        got.push(serde_json::from_str::<serde_json::Value>(&line).expect("json line"));
+    }
+    assert_eq!(
+        (got[0]["type"].as_str(), got[0]["table"].as_str()),
+        (Some("INSERT"), Some("a"))
+    );
+    assert_eq!(got[0]["record"], json!({"id": 1, "v": "x"}));
+    assert!(got[0].get("old_record").is_none());
+    assert!(got[0]["cursor"].as_str().is_some_and(|c| !c.is_empty()));
+    assert!(got[0]["commit_timestamp"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+    assert_eq!(
+        got[0]["columns"],
+        json!([{"name": "id", "type": "int4"}, {"name": "v", "type": "text"}])
+    );
+    assert_eq!(got[1]["type"], "DELETE", "the UPDATE was filtered out");
+    assert_eq!(got[1]["old_record"], json!({"id": 1}));
+    assert!(got[1].get("record").is_none());
+    assert!(got[0]["cursor"].as_str() < got[1]["cursor"].as_str());
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id().expect("pid") as i32).expect("pid"),
+        rustix::process::Signal::INT,
+    )
+    .expect("signal");
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "{status}");
+    let slots: Vec<String> = sqlx::query_scalar("SELECT slot_name::text FROM pg_replication_slots")
+        .fetch_all(&p)
+        .await
+        .expect("slots");
+    assert!(
+        !slots
+            .iter()
+            .any(|s| s.starts_with("walcast_tail_") || s == "gateway_slot_untouched"),
+        "{slots:?}"
+    );
+}
+
+#[tokio::test]
+async fn quiet_publication_does_not_pin_wal() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(
+        &p,
+        "CREATE TABLE quiet (id int PRIMARY KEY); CREATE TABLE busy (id int, v text)",
+    )
+    .await;
+    let app = TestApp::spawn_with(&url, |c| c.tables = vec!["public.quiet".into()]).await;
+    let slot = app.slot.clone();
+    exec(
+        &p,
+        "INSERT INTO busy SELECT g, repeat('x', 200) FROM generate_series(1, 50000) g",
+    )
+    .await;
+    let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&p)
+        .await
+        .expect("lsn");
+    let target: walcast::replication::lsn::Lsn = target.parse().expect("lsn");
+    wait_for(
+        "the slot to move past WAL it has no changes in",
+        Duration::from_secs(30),
+        || {
+            let p = p.clone();
+            let slot = slot.clone();
+            async move {
+                let info = walcast::replication::slot::slot_info(&p, &slot)
+                    .await
+                    .ok()??;
+                let confirmed: walcast::replication::lsn::Lsn =
+                    info.confirmed_flush_lsn?.parse().ok()?;
+                (confirmed >= target).then_some(())
+            }
+        },
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn replication_over_tls() {
+    let Ok(openssl) = which("openssl") else {
+        panic!("openssl is needed for the TLS test (apt-get install openssl)")
+    };
+    let root = std::env::temp_dir().join(format!("walcast-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).expect("dir");
+    let cert = root.join("server.crt");
+    let key = root.join("server.key");
+    let status = std::process::Command::new(openssl)
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    if rustix::process::geteuid().is_root() {
+        let pw = std::fs::read_to_string("/etc/passwd").expect("passwd");
+        let ids = pw
+            .lines()
+            .find(|l| l.starts_with("postgres:"))
+            .expect("postgres user");
+        let f: Vec<&str> = ids.split(':').collect();
+        for path in [&root, &cert, &key] {
+            std::os::unix::fs::chown(path, f[2].parse().ok(), f[3].parse().ok()).expect("chown");
+        }
+    }
+    let mut opts = ClusterOptions::new(root.join("cluster"));
+    opts.settings = vec![
+        ("ssl".into(), "on".into()),
+        ("ssl_cert_file".into(), cert.display().to_string()),
+        ("ssl_key_file".into(), key.display().to_string()),
+    ];
+    let cluster = Cluster::start(opts).await.expect("cluster with TLS");
+    for mode in ["require", "prefer"] {
+        let url = format!(
+            "postgres://postgres@localhost:{}/postgres?sslmode={mode}",
+            cluster.port
+        );
+        let params = walcast::replication::wire::ConnectParams::from_url(&url).expect("url");
+        let mut c = walcast::replication::wire::ReplicationConnection::connect(&params)
+            .await
+            .expect("TLS connection");
+        c.identify_system().await.expect("identify over TLS");
+        let rows = c.simple_query("SHOW ssl").await.expect("show");
+        assert_eq!(rows[0][0].as_deref(), Some("on"));
+    }
+    cluster.stop().await;
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .ok_or(())
+}
+
+#[tokio::test]
+async fn owned_publication_follows_config_and_external_one_is_left_alone() {
+    use walcast::replication::slot::{ensure_publication, migrate, PublicationState};
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, "CREATE SCHEMA app; CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY); CREATE TABLE app.c (id int PRIMARY KEY); CREATE PUBLICATION theirs FOR TABLE a;").await;
+    migrate(&url).await.expect("migrate");
+    migrate(&url).await.expect("migrations are idempotent");
+    let published = |name: &'static str| {
+        let p = p.clone();
+        async move {
+            let mut v: Vec<String> = sqlx::query_scalar("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1")
+                .bind(name)
+                .fetch_all(&p)
+                .await
+                .expect("query");
+            v.sort();
+            v
+        }
+    };
+    assert_eq!(
+        ensure_publication(&p, "mine", &["public.a".into()])
+            .await
+            .expect("create"),
+        PublicationState::Created
+    );
+    assert_eq!(published("mine").await, ["public.a"]);
+    assert_eq!(
+        ensure_publication(&p, "mine", &["public.b".into(), "app.*".into()])
+            .await
+            .expect("follow"),
+        PublicationState::Followed
+    );
+    assert_eq!(published("mine").await, ["app.c", "public.b"]);
+    assert_eq!(
+        ensure_publication(&p, "theirs", &["public.b".into()])
+            .await
+            .expect("use"),
+        PublicationState::External
+    );
+    assert_eq!(
+        published("theirs").await,
+        ["public.a"],
+        "a publication walcast did not create is used as is"
+    );
+    // The gateway's bookkeeping stays in schema walcast, none of it in public.
+    let in_public: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE '%migrations%'")
+        .fetch_one(&p)
+        .await
+        .expect("query");
+    assert_eq!(in_public, 0);
+}

@@ -150,6 +150,8 @@ where
 /// A gateway running in this process on a free port.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The gateway's slot (slots are cluster-wide, so each test has its own).
+    pub slot: String,
     pub db_url: String,
     pub shutdown: CancellationToken,
     pub handle: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -177,6 +179,7 @@ impl TestApp {
             ..Config::default()
         };
         tweak(&mut config);
+        let slot = config.slot.clone();
         let gateway = Gateway::prepare(config, true)
             .await
             .expect("gateway starts");
@@ -185,6 +188,7 @@ impl TestApp {
         let handle = tokio::spawn(gateway.run(shutdown.clone()));
         let app = TestApp {
             addr,
+            slot,
             db_url: db_url.to_owned(),
             shutdown,
             handle,
@@ -212,22 +216,14 @@ impl TestApp {
     }
 }
 
-/// A minimal HTTP/1.1 GET, returning status line and body.
+/// A minimal HTTP/1.1 GET of a `http://host:port/path` URL, returning the whole response.
 pub async fn http_get(url: &str) -> std::io::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap_or(url);
     let (host, path) = rest
         .split_once('/')
         .map(|(h, p)| (h, format!("/{p}")))
         .unwrap_or((rest, "/".into()));
-    let mut s = TcpStream::connect(host).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
+    walcast::bench::gateway::http_get(host, &path).await
 }
 
 /// A raw Phoenix client over WebSocket.
