@@ -95,11 +95,7 @@ impl Relation {
             json.push(b'}');
         }
         json.push(b']');
-        let by_name = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (Arc::clone(&c.name), i))
-            .collect();
+        let by_name = columns.iter().enumerate().map(|(i, c)| (Arc::clone(&c.name), i)).collect();
         Relation {
             id,
             schema: schema.into(),
@@ -202,53 +198,38 @@ impl Change {
     /// Writes `record` (the new row) as a JSON object, limited to `select` columns if given.
     pub fn write_record(&self, out: &mut Vec<u8>, select: Option<&dyn Fn(&str) -> bool>) -> bool {
         let Some(new) = &self.new else { return false };
-        let fields = self
-            .relation
-            .columns
-            .iter()
-            .zip(&new.0)
-            .enumerate()
-            .filter_map(|(i, (col, v))| {
-                if select.is_some_and(|s| !s(&col.name)) {
-                    return None;
-                }
-                match v {
-                    Value::Text(t) => Some((col, Some(&t[..]))),
-                    Value::Null => Some((col, None)),
-                    // Unsent TOAST: from a full old row, or left out.
-                    Value::UnchangedToast => self.old_text(i).map(|t| (col, Some(&t[..]))),
-                }
-            });
+        let fields = self.relation.columns.iter().zip(&new.0).enumerate().filter_map(|(i, (col, v))| {
+            if select.is_some_and(|s| !s(&col.name)) {
+                return None;
+            }
+            match v {
+                Value::Text(t) => Some((col, Some(&t[..]))),
+                Value::Null => Some((col, None)),
+                // Unsent TOAST: from a full old row, or left out.
+                Value::UnchangedToast => self.old_text(i).map(|t| (col, Some(&t[..]))),
+            }
+        });
         write_object(out, fields);
         true
     }
 
     /// Writes `old_record`: the columns the old row carries (key columns, or all with FULL).
-    pub fn write_old_record(
-        &self,
-        out: &mut Vec<u8>,
-        select: Option<&dyn Fn(&str) -> bool>,
-    ) -> bool {
+    pub fn write_old_record(&self, out: &mut Vec<u8>, select: Option<&dyn Fn(&str) -> bool>) -> bool {
         if self.kind == ChangeKind::Insert {
             return false;
         }
         let full = self.relation.replica_identity == ReplicaIdentity::Full;
         let old = self.old.as_ref().map(|t| &t.0[..]).unwrap_or_default();
-        let fields = self
-            .relation
-            .columns
-            .iter()
-            .zip(old)
-            .filter_map(|(col, v)| {
-                if select.is_some_and(|s| !s(&col.name)) || !(full || col.is_key) {
-                    return None;
-                }
-                match v {
-                    Value::Text(t) => Some((col, Some(&t[..]))),
-                    Value::Null => Some((col, None)),
-                    Value::UnchangedToast => None,
-                }
-            });
+        let fields = self.relation.columns.iter().zip(old).filter_map(|(col, v)| {
+            if select.is_some_and(|s| !s(&col.name)) || !(full || col.is_key) {
+                return None;
+            }
+            match v {
+                Value::Text(t) => Some((col, Some(&t[..]))),
+                Value::Null => Some((col, None)),
+                Value::UnchangedToast => None,
+            }
+        });
         write_object(out, fields);
         true
     }
@@ -301,10 +282,7 @@ impl Change {
 }
 
 /// Writes `{"name":value,…}` for (column, text) pairs; `None` text is SQL NULL.
-fn write_object<'a>(
-    out: &mut Vec<u8>,
-    fields: impl Iterator<Item = (&'a Column, Option<&'a [u8]>)>,
-) {
+fn write_object<'a>(out: &mut Vec<u8>, fields: impl Iterator<Item = (&'a Column, Option<&'a [u8]>)>) {
     out.push(b'{');
     for (n, (col, text)) in fields.enumerate() {
         if n > 0 {
@@ -376,21 +354,9 @@ mod tests {
             "todos",
             identity,
             vec![
-                Column {
-                    name: "id".into(),
-                    ty: Arc::clone(cat.get(20).unwrap()),
-                    is_key: true,
-                },
-                Column {
-                    name: "task".into(),
-                    ty: Arc::clone(cat.get(25).unwrap()),
-                    is_key: false,
-                },
-                Column {
-                    name: "body".into(),
-                    ty: Arc::clone(cat.get(25).unwrap()),
-                    is_key: false,
-                },
+                Column { name: "id".into(), ty: Arc::clone(cat.get(20).unwrap()), is_key: true },
+                Column { name: "task".into(), ty: Arc::clone(cat.get(25).unwrap()), is_key: false },
+                Column { name: "body".into(), ty: Arc::clone(cat.get(25).unwrap()), is_key: false },
             ],
         ))
     }
@@ -402,23 +368,9 @@ mod tests {
     #[test]
     fn timestamps_and_cursor() {
         assert_eq!(format_timestamp_millis(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            format_timestamp_millis(1_763_511_760_877_123),
-            "2025-11-19T00:22:40.877Z"
-        );
+        assert_eq!(format_timestamp_millis(1_763_511_760_877_123), "2025-11-19T00:22:40.877Z");
         assert_eq!(format_timestamp_millis(-1), "1969-12-31T23:59:59.999Z");
-        for d in [
-            -800_000i64,
-            -1,
-            0,
-            1,
-            59,
-            60,
-            365,
-            10_957,
-            20_000,
-            2_932_896,
-        ] {
+        for d in [-800_000i64, -1, 0, 1, 59, 60, 365, 10_957, 20_000, 2_932_896] {
             let (y, m, dd) = civil_from_days(d);
             assert_eq!(days_from_civil(y, m, dd), d);
         }
@@ -459,14 +411,8 @@ mod tests {
             ..c
         };
         let json = String::from_utf8(c.to_tail_json()).unwrap();
-        assert!(
-            json.contains(r#""record":{"id":1,"task":"a","body":"long"}"#),
-            "{json}"
-        );
-        assert!(
-            json.contains(r#""old_record":{"id":1,"task":"b","body":"long"}"#),
-            "{json}"
-        );
+        assert!(json.contains(r#""record":{"id":1,"task":"a","body":"long"}"#), "{json}");
+        assert!(json.contains(r#""old_record":{"id":1,"task":"b","body":"long"}"#), "{json}");
         assert!(!json.contains("unchanged_toast"), "{json}");
     }
 

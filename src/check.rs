@@ -35,11 +35,7 @@ impl fmt::Display for CheckResult {
 }
 
 fn r(level: Level, name: &'static str, message: impl Into<String>) -> CheckResult {
-    CheckResult {
-        level,
-        name,
-        message: message.into(),
-    }
+    CheckResult { level, name, message: message.into() }
 }
 
 /// Runs every check. A query that fails becomes a FAIL of its own check, never a panic.
@@ -51,11 +47,7 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         Ok(v) => {
             let n: u32 = v.parse().unwrap_or(0);
             out.push(if n >= 140_000 {
-                r(
-                    Level::Ok,
-                    "server_version",
-                    format!("{}.{}", n / 10_000, n % 10_000),
-                )
+                r(Level::Ok, "server_version", format!("{}.{}", n / 10_000, n % 10_000))
             } else {
                 r(
                     Level::Fail,
@@ -64,11 +56,7 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
                 )
             });
         }
-        Err(e) => out.push(r(
-            Level::Fail,
-            "server_version",
-            format!("cannot query the server: {e}"),
-        )),
+        Err(e) => out.push(r(Level::Fail, "server_version", format!("cannot query the server: {e}"))),
     }
 
     match one("SHOW wal_level").await {
@@ -94,11 +82,7 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
     .await;
     match free {
         Ok((max_slots, used_slots, max_senders, used_senders)) => {
-            let slot_exists = slot::slot_info(pool, &config.slot)
-                .await
-                .ok()
-                .flatten()
-                .is_some();
+            let slot_exists = slot::slot_info(pool, &config.slot).await.ok().flatten().is_some();
             let need_slot = i64::from(!slot_exists);
             out.push(if max_slots - used_slots >= need_slot {
                 r(Level::Ok, "max_replication_slots", format!("{used_slots} of {max_slots} used"))
@@ -129,10 +113,7 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         Ok((name, sup, repl)) if sup || repl => out.push(r(
             Level::Ok,
             "replication_role",
-            format!(
-                "{name} has {}",
-                if sup { "SUPERUSER" } else { "REPLICATION" }
-            ),
+            format!("{name} has {}", if sup { "SUPERUSER" } else { "REPLICATION" }),
         )),
         Ok((name, _, _)) => out.push(r(
             Level::Fail,
@@ -148,11 +129,7 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
             .fetch_one(pool)
             .await;
     match pub_exists {
-        Ok(true) => out.push(r(
-            Level::Ok,
-            "publication",
-            format!("{} exists", config.publication),
-        )),
+        Ok(true) => out.push(r(Level::Ok, "publication", format!("{} exists", config.publication))),
         Ok(false) => {
             let can: Result<bool, _> = sqlx::query_scalar(
                 "SELECT rolsuper OR has_database_privilege(current_user, current_database(), 'CREATE') FROM pg_roles WHERE rolname = current_user",
@@ -198,9 +175,7 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
             out.push(r(
                 Level::Fail,
                 "tables",
-                format!(
-                    "schema {schema} does not exist: create it or remove {schema}.* from `tables`"
-                ),
+                format!("schema {schema} does not exist: create it or remove {schema}.* from `tables`"),
             ));
         }
     }
@@ -221,11 +196,9 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
     .fetch_all(pool)
     .await;
     match unidentified {
-        Ok(rows) if rows.is_empty() => out.push(r(
-            Level::Ok,
-            "replica_identity",
-            "every table can identify its rows",
-        )),
+        Ok(rows) if rows.is_empty() => {
+            out.push(r(Level::Ok, "replica_identity", "every table can identify its rows"))
+        }
         Ok(rows) => {
             let names: Vec<String> = rows.iter().map(|(s, t, _)| format!("{s}.{t}")).collect();
             out.push(r(Level::Warn, "replica_identity", format!(
@@ -238,11 +211,7 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
     }
 
     match slot::slot_info(pool, &config.slot).await {
-        Ok(None) => out.push(r(
-            Level::Ok,
-            "slot",
-            format!("{} will be created", config.slot),
-        )),
+        Ok(None) => out.push(r(Level::Ok, "slot", format!("{} will be created", config.slot))),
         Ok(Some(info)) => {
             let lag = info.lag_bytes.unwrap_or(0);
             let wal = info.wal_status.clone().unwrap_or_else(|| "unknown".into());

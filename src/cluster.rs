@@ -73,8 +73,7 @@ fn postgres_user() -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&"postgres"))
-            .then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+        (f.first() == Some(&"postgres")).then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
     })
 }
 
@@ -91,12 +90,7 @@ pub struct ClusterOptions {
 
 impl ClusterOptions {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        ClusterOptions {
-            root: root.into(),
-            settings: Vec::new(),
-            hba: Vec::new(),
-            port: None,
-        }
+        ClusterOptions { root: root.into(), settings: Vec::new(), hba: Vec::new(), port: None }
     }
 }
 
@@ -118,29 +112,19 @@ impl Cluster {
             None
         };
         let data = opts.root.join("data");
-        std::fs::create_dir_all(&opts.root)
-            .map_err(io(format!("creating {}", opts.root.display())))?;
+        std::fs::create_dir_all(&opts.root).map_err(io(format!("creating {}", opts.root.display())))?;
         chown(&opts.root, owner)?;
         if !data.join("PG_VERSION").exists() {
             let out = command(&bin.join("initdb"), owner)
                 .arg("-D")
                 .arg(&data)
-                .args([
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "--encoding=UTF8",
-                    "--locale=C",
-                    "--no-sync",
-                ])
+                .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"])
                 .stdin(Stdio::null())
                 .output()
                 .await
                 .map_err(io("running initdb"))?;
             if !out.status.success() {
-                return Err(ClusterError::Initdb(
-                    String::from_utf8_lossy(&out.stderr).into_owned(),
-                ));
+                return Err(ClusterError::Initdb(String::from_utf8_lossy(&out.stderr).into_owned()));
             }
         }
         let mut hba = String::from("local all all trust\n");
@@ -160,13 +144,7 @@ impl Cluster {
             };
             match Self::launch(&bin, owner, &opts, port).await {
                 Ok(child) => {
-                    return Ok(Cluster {
-                        port,
-                        root: opts.root.clone(),
-                        bin,
-                        owner,
-                        child: Some(child),
-                    })
+                    return Ok(Cluster { port, root: opts.root.clone(), bin, owner, child: Some(child) })
                 }
                 Err(e) => last_err = Some(e),
             }
@@ -188,10 +166,7 @@ impl Cluster {
         let mut settings: Vec<(String, String)> = vec![
             ("listen_addresses".into(), "127.0.0.1".into()),
             ("port".into(), port.to_string()),
-            (
-                "unix_socket_directories".into(),
-                opts.root.display().to_string(),
-            ),
+            ("unix_socket_directories".into(), opts.root.display().to_string()),
             ("wal_level".into(), "logical".into()),
             ("max_replication_slots".into(), "64".into()),
             ("max_wal_senders".into(), "64".into()),
@@ -229,10 +204,7 @@ impl Cluster {
         let url = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
         loop {
             if let Ok(Some(_)) = child.try_wait() {
-                return Err(ClusterError::NotReady {
-                    seconds: 0,
-                    log: log.display().to_string(),
-                });
+                return Err(ClusterError::NotReady { seconds: 0, log: log.display().to_string() });
             }
             if let Ok(c) = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await {
                 let _ = sqlx::Connection::close(c).await;
@@ -240,10 +212,7 @@ impl Cluster {
             }
             if Instant::now() > deadline {
                 let _ = child.start_kill();
-                return Err(ClusterError::NotReady {
-                    seconds: 30,
-                    log: log.display().to_string(),
-                });
+                return Err(ClusterError::NotReady { seconds: 30, log: log.display().to_string() });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -251,10 +220,7 @@ impl Cluster {
 
     /// A connection URL for `database` as the superuser.
     pub fn url(&self, database: &str) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/{database}?sslmode=disable",
-            self.port
-        )
+        format!("postgres://postgres@127.0.0.1:{}/{database}?sslmode=disable", self.port)
     }
 
     /// Stops the server (fast shutdown) and waits for it.
@@ -273,10 +239,7 @@ impl Cluster {
     /// same port and data.
     pub async fn restart(&mut self) -> Result<(), ClusterError> {
         self.stop_inner().await;
-        let opts = ClusterOptions {
-            port: Some(self.port),
-            ..ClusterOptions::new(self.root.clone())
-        };
+        let opts = ClusterOptions { port: Some(self.port), ..ClusterOptions::new(self.root.clone()) };
         let child = Self::launch(&self.bin, self.owner, &opts, self.port).await?;
         self.child = Some(child);
         Ok(())

@@ -72,11 +72,7 @@ fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> 
         Many(Vec<String>),
     }
     Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => s
-            .split(',')
-            .map(|p| p.trim().to_owned())
-            .filter(|p| !p.is_empty())
-            .collect(),
+        OneOrMany::One(s) => s.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect(),
         OneOrMany::Many(v) => v,
     })
 }
@@ -117,26 +113,15 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                message: message.to_owned(),
-            })
-        };
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_owned() });
         if !is_identifier(&self.slot) {
-            return invalid(
-                "slot",
-                "expected lower-case letters, digits and underscores (at most 63)",
-            );
+            return invalid("slot", "expected lower-case letters, digits and underscores (at most 63)");
         }
         if self.publication.is_empty() || self.publication.len() > 63 {
             return invalid("publication", "expected a name of 1 to 63 characters");
         }
         if self.tables.is_empty() {
-            return invalid(
-                "tables",
-                "expected at least one `schema.table` or `schema.*`",
-            );
+            return invalid("tables", "expected at least one `schema.table` or `schema.*`");
         }
         for t in &self.tables {
             match t.split_once('.') {
@@ -150,12 +135,8 @@ impl Config {
             }
         }
         if let Some(url) = &self.database_url {
-            crate::replication::wire::ConnectParams::from_url(url).map_err(|e| {
-                ConfigError::Invalid {
-                    key: "database_url",
-                    message: e.to_string(),
-                }
-            })?;
+            crate::replication::wire::ConnectParams::from_url(url)
+                .map_err(|e| ConfigError::Invalid { key: "database_url", message: e.to_string() })?;
         }
         if self.max_frame_bytes < 1024 {
             return invalid("max_frame_bytes", "expected at least 1024");
@@ -172,8 +153,7 @@ impl Config {
     pub fn database_url(&self) -> Result<&str, ConfigError> {
         self.database_url.as_deref().ok_or(ConfigError::Invalid {
             key: "database_url",
-            message: "required: set it in walcast.toml, WALCAST_DATABASE_URL or DATABASE_URL"
-                .into(),
+            message: "required: set it in walcast.toml, WALCAST_DATABASE_URL or DATABASE_URL".into(),
         })
     }
 
@@ -191,11 +171,7 @@ fn describe(e: figment::Error) -> ConfigError {
         .into_iter()
         .map(|e| {
             let key = e.path.join(".").to_lowercase();
-            let from = e
-                .metadata
-                .as_ref()
-                .map(|m| format!(" (from {})", m.name))
-                .unwrap_or_default();
+            let from = e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
             if key.is_empty() {
                 format!("{}{from}", e.kind)
             } else {
@@ -219,9 +195,7 @@ pub fn redact_url(url: &str) -> String {
         .split('&')
         .map(|p| {
             if p.starts_with("password=") || p.contains("?password=") {
-                p.split_once("password=")
-                    .map(|(a, _)| format!("{a}password=***"))
-                    .unwrap_or_default()
+                p.split_once("password=").map(|(a, _)| format!("{a}password=***")).unwrap_or_default()
             } else {
                 p.to_owned()
             }
@@ -241,8 +215,7 @@ pub fn redact_url(url: &str) -> String {
 pub fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 #[cfg(test)]
@@ -256,10 +229,7 @@ mod tests {
         Jail::expect_with(|_jail| {
             let c = Config::load(None).unwrap();
             assert_eq!(c.listen.to_string(), "0.0.0.0:4000");
-            assert_eq!(
-                (c.publication.as_str(), c.slot.as_str()),
-                ("walcast", "walcast")
-            );
+            assert_eq!((c.publication.as_str(), c.slot.as_str()), ("walcast", "walcast"));
             assert_eq!(c.tables, vec!["public.*"]);
             assert!(c.database_url.is_none());
             Ok(())
@@ -292,15 +262,9 @@ mod tests {
     fn database_url_fallback() {
         Jail::expect_with(|jail| {
             jail.set_env("DATABASE_URL", "postgres://a@h/one");
-            assert_eq!(
-                Config::load(None).unwrap().database_url.as_deref(),
-                Some("postgres://a@h/one")
-            );
+            assert_eq!(Config::load(None).unwrap().database_url.as_deref(), Some("postgres://a@h/one"));
             jail.set_env("WALCAST_DATABASE_URL", "postgres://a@h/two");
-            assert_eq!(
-                Config::load(None).unwrap().database_url.as_deref(),
-                Some("postgres://a@h/two")
-            );
+            assert_eq!(Config::load(None).unwrap().database_url.as_deref(), Some("postgres://a@h/two"));
             Ok(())
         });
     }
@@ -353,18 +317,9 @@ mod tests {
 
     #[test]
     fn redacts_secrets() {
-        let c = Config {
-            database_url: Some("postgres://u:hunter2@h:5/d".into()),
-            ..Config::default()
-        };
+        let c = Config { database_url: Some("postgres://u:hunter2@h:5/d".into()), ..Config::default() };
         let t = c.to_redacted_toml();
-        assert!(
-            t.contains("postgres://u:***@h:5/d") && !t.contains("hunter2"),
-            "{t}"
-        );
-        assert_eq!(
-            redact_url("postgres://h/d?user=u&password=x"),
-            "postgres://h/d?user=u&password=***"
-        );
+        assert!(t.contains("postgres://u:***@h:5/d") && !t.contains("hunter2"), "{t}");
+        assert_eq!(redact_url("postgres://h/d?user=u&password=x"), "postgres://h/d?user=u&password=***");
     }
 }

@@ -66,11 +66,7 @@ pub enum StartError {
 
 /// Opens the ordinary SQL pool.
 pub async fn connect_pool(url: &str) -> Result<PgPool, sqlx::Error> {
-    PgPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
-        .await
+    PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(10)).connect(url).await
 }
 
 /// A gateway whose database is prepared and whose listener is bound, ready to run.
@@ -86,18 +82,13 @@ impl Gateway {
     /// FAIL), makes sure the publication and slot exist, and binds the listener.
     pub async fn prepare(config: Config, migrate: bool) -> Result<Gateway, StartError> {
         let url = config.database_url()?.to_owned();
-        let params = ConnectParams::from_url(&url).map_err(|e| config::ConfigError::Invalid {
-            key: "database_url",
-            message: e.to_string(),
-        })?;
+        let params = ConnectParams::from_url(&url)
+            .map_err(|e| config::ConfigError::Invalid { key: "database_url", message: e.to_string() })?;
         let pool = connect_pool(&url).await.map_err(StartError::Connect)?;
         let results = check::run(&pool, &config).await;
         if check::any_fail(&results) {
-            let lines: Vec<String> = results
-                .iter()
-                .filter(|r| r.level == check::Level::Fail)
-                .map(|r| r.to_string())
-                .collect();
+            let lines: Vec<String> =
+                results.iter().filter(|r| r.level == check::Level::Fail).map(|r| r.to_string()).collect();
             return Err(StartError::Preflight(lines.join("\n")));
         }
         for r in results.iter().filter(|r| r.level == check::Level::Warn) {
@@ -110,19 +101,10 @@ impl Gateway {
         tracing::info!(publication = %config.publication, ?state, "publication ready");
         let start = slot::ensure_slot(&pool, &params, &config.slot).await?;
         tracing::info!(slot = %config.slot, resume_at = %start, "slot ready");
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        Ok(Gateway {
-            config,
-            pool,
-            params,
-            listener,
-        })
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        Ok(Gateway { config, pool, params, listener })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -158,10 +140,7 @@ impl Gateway {
 
         let state = AppState {
             fanout,
-            catalog: Arc::new(PublishedCatalog::new(
-                self.pool.clone(),
-                self.config.publication.clone(),
-            )),
+            catalog: Arc::new(PublishedCatalog::new(self.pool.clone(), self.config.publication.clone())),
             status,
             limits: Limits {
                 max_frame_bytes: self.config.max_frame_bytes,
@@ -173,15 +152,12 @@ impl Gateway {
         };
         let app = server::router(state);
         let signal = shutdown.clone();
-        let serve = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move { signal.cancelled().await });
+        let serve =
+            axum::serve(self.listener, app).with_graceful_shutdown(async move { signal.cancelled().await });
         let server = tracker.spawn(async move { serve.await });
         tracker.close();
         shutdown.cancelled().await;
-        if tokio::time::timeout(Duration::from_secs(9), tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(9), tracker.wait()).await.is_err() {
             tracing::warn!("tasks still running 9 s after shutdown; leaving them");
             server.abort();
         }

@@ -134,9 +134,7 @@ fn init_tracing(format: Option<LogFormat>) {
         Some(LogFormat::Pretty) => false,
         None => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -149,8 +147,7 @@ fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
@@ -170,18 +167,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(Command::Serve {
-        print_config: true, ..
-    }) = &cli.command
-    {
+    if let Some(Command::Serve { print_config: true, .. }) = &cli.command {
         print!("{}", config.to_redacted_toml());
         return ExitCode::SUCCESS;
     }
     init_tracing(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("walcast: starting the runtime: {e}");
@@ -198,10 +189,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCode> {
-    match command.unwrap_or(Command::Serve {
-        print_config: false,
-        no_migrate: false,
-    }) {
+    match command.unwrap_or(Command::Serve { print_config: false, no_migrate: false }) {
         Command::Serve { no_migrate, .. } => {
             let gateway = Gateway::prepare(config, !no_migrate).await?;
             tracing::info!(addr = %gateway.local_addr(), "listening");
@@ -211,18 +199,12 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
         Command::Dev { data_dir, port } => dev(config, data_dir, port).await,
         Command::Check => {
             let url = config.database_url()?;
-            let pool = walcast::connect_pool(url)
-                .await
-                .context("connecting to the database")?;
+            let pool = walcast::connect_pool(url).await.context("connecting to the database")?;
             let results = check::run(&pool, &config).await;
             for r in &results {
                 println!("{r}");
             }
-            Ok(if check::any_fail(&results) {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
+            Ok(if check::any_fail(&results) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         Command::Tail { tables, events } => {
             let events = events
@@ -262,12 +244,7 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench {
-            scenario,
-            database_url,
-            gateway_url,
-            json,
-        } => {
+        Command::Bench { scenario, database_url, gateway_url, json } => {
             let opts = bench::BenchOptions { database_url, json };
             match scenario {
                 Scenario::Ingest { rows } => {
@@ -276,11 +253,7 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
                 Scenario::Match { changes } => {
                     bench::matching::run(&opts, changes)?;
                 }
-                Scenario::Fanout {
-                    clients,
-                    rate,
-                    seconds,
-                } => {
+                Scenario::Fanout { clients, rate, seconds } => {
                     let s = bench::sockets::SocketOptions {
                         clients,
                         rate,
@@ -327,10 +300,7 @@ async fn dev(mut config: Config, data_dir: PathBuf, port: u16) -> anyhow::Result
     let cluster = Cluster::start(ClusterOptions::new(&data_dir)).await?;
     let url = cluster.url("postgres");
     let pool = walcast::connect_pool(&url).await?;
-    sqlx::raw_sql(DEMO_SCHEMA)
-        .execute(&pool)
-        .await
-        .context("creating the demo schema")?;
+    sqlx::raw_sql(DEMO_SCHEMA).execute(&pool).await.context("creating the demo schema")?;
     pool.close().await;
     config.database_url = Some(url.clone());
     config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
@@ -348,10 +318,7 @@ async fn dev(mut config: Config, data_dir: PathBuf, port: u16) -> anyhow::Result
     println!("  Health    : http://{addr}/healthz  (ready: http://{addr}/readyz)");
     println!("  Make changes:");
     println!("    psql '{url}' -c \"INSERT INTO posts (title) VALUES ('hello') RETURNING id\"");
-    println!(
-        "  Ctrl-C stops the gateway and the database; data stays in {}",
-        data_dir.display()
-    );
+    println!("  Ctrl-C stops the gateway and the database; data stays in {}", data_dir.display());
     println!();
     let result = gateway.run(shutdown_on_signals()).await;
     cluster.stop().await;

@@ -42,11 +42,7 @@ const CATALOG_TTL: Duration = Duration::from_secs(5);
 
 impl PublishedCatalog {
     pub fn new(pool: PgPool, publication: String) -> Self {
-        PublishedCatalog {
-            pool,
-            publication,
-            cache: tokio::sync::Mutex::new(None),
-        }
+        PublishedCatalog { pool, publication, cache: tokio::sync::Mutex::new(None) }
     }
 
     async fn tables(&self, force: bool) -> Result<Arc<Tables>, sqlx::Error> {
@@ -77,15 +73,9 @@ impl PublishedCatalog {
         for (schema, table, column, type_name, in_identity) in rows {
             tables
                 .entry((schema, table))
-                .or_insert_with(|| PublishedTable {
-                    columns: Vec::new(),
-                })
+                .or_insert_with(|| PublishedTable { columns: Vec::new() })
                 .columns
-                .push(PublishedColumn {
-                    name: column.into(),
-                    compare_type: type_name.into(),
-                    in_identity,
-                });
+                .push(PublishedColumn { name: column.into(), compare_type: type_name.into(), in_identity });
         }
         let tables = Arc::new(tables);
         *guard = Some((Instant::now(), Arc::clone(&tables)));
@@ -157,31 +147,20 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, String> {
         )
     };
     let event_text = field(b, "event").unwrap_or("*");
-    let event = EventFilter::parse(event_text).ok_or_else(|| {
-        unable(&format!(
-            "event must be *, INSERT, UPDATE or DELETE, not {event_text:?}"
-        ))
-    })?;
+    let event = EventFilter::parse(event_text)
+        .ok_or_else(|| unable(&format!("event must be *, INSERT, UPDATE or DELETE, not {event_text:?}")))?;
     let schema = field(b, "schema").unwrap_or("public");
     let table = field(b, "table").filter(|t| *t != "*");
     let filter_text = field(b, "filter").unwrap_or("");
-    let parsed =
-        filter::parse(filter_text).map_err(|e| format!("Error parsing `filter` params: {e}"))?;
+    let parsed = filter::parse(filter_text).map_err(|e| format!("Error parsing `filter` params: {e}"))?;
     let select: Option<Arc<[Arc<str>]>> = match b.get("select") {
-        Some(Value::Array(cols)) => Some(
-            cols.iter()
-                .filter_map(Value::as_str)
-                .map(Arc::from)
-                .collect(),
-        ),
+        Some(Value::Array(cols)) => Some(cols.iter().filter_map(Value::as_str).map(Arc::from).collect()),
         _ => None,
     };
     let id = binding_id(b);
     let Some(table) = table else {
         if schema != "*" && !tables.keys().any(|(s, _)| s == schema) {
-            return Err(unable(&format!(
-                "no table of schema {schema:?} is in the publication"
-            )));
+            return Err(unable(&format!("no table of schema {schema:?} is in the publication")));
         }
         if !parsed.conditions.is_empty() {
             return Err(unable("a filter needs a single table"));
@@ -196,25 +175,15 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, String> {
         });
     };
     let Some(published) = tables.get(&(schema.to_owned(), table.to_owned())) else {
-        return Err(unable(&format!(
-            "table {schema}.{table} does not exist or is not in the publication"
-        )));
+        return Err(unable(&format!("table {schema}.{table} does not exist or is not in the publication")));
     };
     let compiled = CompiledFilter::compile(&parsed, |name| {
-        published
-            .columns
-            .iter()
-            .find(|c| &*c.name == name)
-            .map(|c| (Arc::clone(&c.name), &*c.compare_type))
+        published.columns.iter().find(|c| &*c.name == name).map(|c| (Arc::clone(&c.name), &*c.compare_type))
     })
     .map_err(|e| e.to_string())?;
     if event == EventFilter::Delete {
         for col in compiled.columns() {
-            if !published
-                .columns
-                .iter()
-                .any(|c| &*c.name == col && c.in_identity)
-            {
+            if !published.columns.iter().any(|c| &*c.name == col && c.in_identity) {
                 return Err(format!(
                     "invalid column for filter {col}: DELETE events carry only the replica identity \
                      (set REPLICA IDENTITY FULL on {schema}.{table} to filter deletes on it)"
@@ -223,21 +192,11 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, String> {
         }
     }
     if let Some(cols) = &select {
-        if let Some(bad) = cols
-            .iter()
-            .find(|c| !published.columns.iter().any(|p| p.name == **c))
-        {
+        if let Some(bad) = cols.iter().find(|c| !published.columns.iter().any(|p| p.name == **c)) {
             return Err(format!("invalid column for select {bad}"));
         }
     }
-    Ok(BindingSpec {
-        id,
-        event,
-        schema: schema.into(),
-        table: Some(table.into()),
-        filter: compiled,
-        select,
-    })
+    Ok(BindingSpec { id, event, schema: schema.into(), table: Some(table.into()), filter: compiled, select })
 }
 
 #[cfg(test)]
@@ -254,22 +213,16 @@ mod tests {
         };
         HashMap::from([(
             ("public".to_owned(), "todos".to_owned()),
-            PublishedTable {
-                columns: vec![col("id", "int8", true), col("task", "text", false)],
-            },
+            PublishedTable { columns: vec![col("id", "int8", true), col("task", "text", false)] },
         )])
     }
 
     #[test]
     fn ids_are_stable_and_positive() {
         let a = json!({"event":"*","schema":"public","table":"todos","filter":"id=eq.1"});
-        let b =
-            json!({"event":"*","schema":"public","table":"todos","filter":"id=eq.1","extra":true});
+        let b = json!({"event":"*","schema":"public","table":"todos","filter":"id=eq.1","extra":true});
         assert_eq!(binding_id(&a), binding_id(&b));
-        assert_ne!(
-            binding_id(&a),
-            binding_id(&json!({"event":"*","schema":"public","table":"todos"}))
-        );
+        assert_ne!(binding_id(&a), binding_id(&json!({"event":"*","schema":"public","table":"todos"})));
         assert!(binding_id(&a) <= i32::MAX as u32);
         // null, missing and "" are alike.
         assert_eq!(
@@ -281,38 +234,23 @@ mod tests {
     #[test]
     fn errors_say_what_is_wrong() {
         let t = tables();
-        let e =
-            resolve_one(&t, &json!({"event":"*","schema":"public","table":"nope"})).unwrap_err();
+        let e = resolve_one(&t, &json!({"event":"*","schema":"public","table":"nope"})).unwrap_err();
         assert!(
             e.starts_with("Unable to subscribe to changes with given parameters")
                 && e.contains("table: nope"),
             "{e}"
         );
-        let e =
-            resolve_one(&t, &json!({"event":"*","table":"todos","filter":"id=eq"})).unwrap_err();
+        let e = resolve_one(&t, &json!({"event":"*","table":"todos","filter":"id=eq"})).unwrap_err();
         assert!(e.starts_with("Error parsing `filter` params"), "{e}");
-        let e =
-            resolve_one(&t, &json!({"event":"*","table":"todos","filter":"x=eq.1"})).unwrap_err();
+        let e = resolve_one(&t, &json!({"event":"*","table":"todos","filter":"x=eq.1"})).unwrap_err();
         assert_eq!(e, "invalid column for filter x");
-        let e = resolve_one(
-            &t,
-            &json!({"event":"*","table":"todos","filter":"id=eq.abc"}),
-        )
-        .unwrap_err();
+        let e = resolve_one(&t, &json!({"event":"*","table":"todos","filter":"id=eq.abc"})).unwrap_err();
         assert!(e.contains("int8"), "{e}");
-        let e = resolve_one(
-            &t,
-            &json!({"event":"DELETE","table":"todos","filter":"task=eq.a"}),
-        )
-        .unwrap_err();
+        let e = resolve_one(&t, &json!({"event":"DELETE","table":"todos","filter":"task=eq.a"})).unwrap_err();
         assert!(e.contains("REPLICA IDENTITY FULL"), "{e}");
         let e = resolve_one(&t, &json!({"event":"upsert","table":"todos"})).unwrap_err();
         assert!(e.contains("event must be"), "{e}");
-        assert!(resolve_one(
-            &t,
-            &json!({"event":"insert","table":"todos","filter":"task=eq.a"})
-        )
-        .is_ok());
+        assert!(resolve_one(&t, &json!({"event":"insert","table":"todos","filter":"task=eq.a"})).is_ok());
         assert!(resolve_one(&t, &json!({"event":"*","schema":"public"})).is_ok());
     }
 }

@@ -40,8 +40,7 @@ pub async fn run(
     // that same connection: create it, then start streaming on it.
     let slot_name = format!("walcast_tail_{}", std::process::id());
     let mut conn = ReplicationConnection::connect(&params).await?;
-    conn.create_slot(&slot_name, true, SnapshotAction::NoExport)
-        .await?;
+    conn.create_slot(&slot_name, true, SnapshotAction::NoExport).await?;
     let (tx, mut rx) = mpsc::channel(1024);
     let dispatched = Arc::new(AtomicU64::new(0));
     let task = ReplicationTask {

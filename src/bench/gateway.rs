@@ -21,9 +21,7 @@ impl GatewayProcess {
         slot: &str,
         client_queue: usize,
     ) -> anyhow::Result<GatewayProcess> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(bin)
             .arg("serve")
@@ -39,9 +37,7 @@ impl GatewayProcess {
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()?;
-        let pid = child
-            .id()
-            .ok_or_else(|| anyhow::anyhow!("gateway exited at once"))?;
+        let pid = child.id().ok_or_else(|| anyhow::anyhow!("gateway exited at once"))?;
         let g = GatewayProcess { child, addr, pid };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -90,15 +86,12 @@ impl BenchGateway {
                     .trim_end_matches('/')
                     .to_owned();
                 let ready = http_get(&addr, "/readyz").await?;
-                anyhow::ensure!(
-                    ready.contains("\"ready\":true"),
-                    "gateway at {addr} is not ready: {ready}"
-                );
+                anyhow::ensure!(ready.contains("\"ready\":true"), "gateway at {addr} is not ready: {ready}");
                 Ok(BenchGateway::External(addr))
             }
-            None => Ok(BenchGateway::Child(
-                GatewayProcess::spawn(bin, database_url, slot, client_queue).await?,
-            )),
+            None => {
+                Ok(BenchGateway::Child(GatewayProcess::spawn(bin, database_url, slot, client_queue).await?))
+            }
         }
     }
 
@@ -146,10 +139,8 @@ pub fn proc_usage(pid: u32) -> (f64, u64, u64) {
 /// A minimal HTTP/1.1 GET of `path` on `addr`, returning the whole response.
 pub async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
     Ok(out)
@@ -159,10 +150,7 @@ pub async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
 pub fn raise_nofile_limit() -> u64 {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let lim = getrlimit(Resource::Nofile);
-    let target = Rlimit {
-        current: lim.maximum,
-        maximum: lim.maximum,
-    };
+    let target = Rlimit { current: lim.maximum, maximum: lim.maximum };
     let _ = setrlimit(Resource::Nofile, target);
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }

@@ -28,10 +28,7 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     let cluster = match &opts.database_url {
         Some(_) => None,
         None => {
-            eprintln!(
-                "ingest: starting a throwaway PostgreSQL in {}",
-                root.display()
-            );
+            eprintln!("ingest: starting a throwaway PostgreSQL in {}", root.display());
             Some(Cluster::start(ClusterOptions::new(&root)).await?)
         }
     };
@@ -50,10 +47,7 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
         sqlx::query(stmt).execute(&pool).await?;
     }
     for slot in [&gw_slot, &recv_slot, &recv2_slot] {
-        let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
-            .bind(slot)
-            .execute(&pool)
-            .await;
+        let _ = sqlx::query("SELECT pg_drop_replication_slot($1)").bind(slot).execute(&pool).await;
     }
     let params = ConnectParams::from_url(&url)?;
     for slot in [&gw_slot, &recv_slot, &recv2_slot] {
@@ -88,14 +82,9 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     for h in handles {
         h.await??;
     }
-    let end: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&pool)
-        .await?;
+    let end: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&pool).await?;
     let end_lsn: Lsn = end.parse()?;
-    eprintln!(
-        "ingest: inserted in {:.1} s; WAL end {end_lsn}",
-        t.elapsed().as_secs_f64()
-    );
+    eprintln!("ingest: inserted in {:.1} s; WAL end {end_lsn}", t.elapsed().as_secs_f64());
 
     // The walsender's own limit: pg_recvlogical on a twin slot, output discarded.
     eprintln!("ingest: pg_recvlogical…");
@@ -144,10 +133,7 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     let recv_secs = recv_first.min(recv_second);
 
     for slot in [&gw_slot, &recv_slot, &recv2_slot] {
-        let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
-            .bind(slot)
-            .execute(&pool)
-            .await;
+        let _ = sqlx::query("SELECT pg_drop_replication_slot($1)").bind(slot).execute(&pool).await;
     }
     pool.close().await;
     if let Some(c) = cluster {
@@ -158,23 +144,10 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     let rate = changes as f64 / gw_secs;
     let recv_rate = rows as f64 / recv_secs;
     let (cpu, rss) = super::process_usage();
-    println!(
-        "{:<28} {:>14} {:>10} {:>16}",
-        "reader", "changes", "seconds", "changes/s"
-    );
-    println!(
-        "{:<28} {:>14} {:>10.2} {:>16.0}",
-        "walcast (decode+render+match)", changes, gw_secs, rate
-    );
-    println!(
-        "{:<28} {:>14} {:>10.2} {:>16.0}",
-        "pg_recvlogical", rows, recv_secs, recv_rate
-    );
-    println!(
-        "ratio {:.2}; rendered {} MB of JSON",
-        rate / recv_rate,
-        bytes / 1_000_000
-    );
+    println!("{:<28} {:>14} {:>10} {:>16}", "reader", "changes", "seconds", "changes/s");
+    println!("{:<28} {:>14} {:>10.2} {:>16.0}", "walcast (decode+render+match)", changes, gw_secs, rate);
+    println!("{:<28} {:>14} {:>10.2} {:>16.0}", "pg_recvlogical", rows, recv_secs, recv_rate);
+    println!("ratio {:.2}; rendered {} MB of JSON", rate / recv_rate, bytes / 1_000_000);
     let v = serde_json::json!({
         "scenario": "ingest",
         "changes": changes,
@@ -190,32 +163,12 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
 
 /// Seconds `pg_recvlogical` takes to receive the stream of `slot` up to `end`.
 async fn recvlogical(url: &str, slot: &str, end: &str) -> anyhow::Result<f64> {
-    let bin = crate::cluster::find_binaries()
-        .ok()
-        .map(|b| b.join("pg_recvlogical"));
-    let recv = bin
-        .filter(|b| b.exists())
-        .unwrap_or_else(|| "pg_recvlogical".into());
+    let bin = crate::cluster::find_binaries().ok().map(|b| b.join("pg_recvlogical"));
+    let recv = bin.filter(|b| b.exists()).unwrap_or_else(|| "pg_recvlogical".into());
     let t = Instant::now();
     let status = tokio::process::Command::new(&recv)
-        .args([
-            "-d",
-            url,
-            "--slot",
-            slot,
-            "--start",
-            "--no-loop",
-            "-f",
-            "/dev/null",
-        ])
-        .args([
-            "-o",
-            "proto_version=1",
-            "-o",
-            "publication_names=walcast_bench",
-            "-E",
-            end,
-        ])
+        .args(["-d", url, "--slot", slot, "--start", "--no-loop", "-f", "/dev/null"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=walcast_bench", "-E", end])
         .stdout(Stdio::null())
         .status()
         .await?;

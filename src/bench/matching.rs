@@ -48,17 +48,10 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
             let (tx, rx) = mpsc::channel(changes.max(1));
             receivers.push(rx);
             let (prefix, suffix) = change_frame_parts(Vsn::V2, &format!("realtime:item-{k}"));
-            let sink = Arc::new(ChannelSink {
-                prefix,
-                suffix,
-                tx,
-                kill: CancellationToken::new(),
-            });
+            let sink = Arc::new(ChannelSink { prefix, suffix, tx, kill: CancellationToken::new() });
             let parsed = filter::parse(&format!("id=eq.{k}")).unwrap_or_default();
             let compiled = CompiledFilter::compile(&parsed, |n| {
-                relation
-                    .column_index(n)
-                    .map(|i| (Arc::clone(&relation.columns[i].name), "int8"))
+                relation.column_index(n).map(|i| (Arc::clone(&relation.columns[i].name), "int8"))
             })
             .unwrap_or_default();
             index.insert(
@@ -114,19 +107,13 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
     let elapsed = start.elapsed();
     debug_assert_eq!(delivered, changes);
     drop(receivers);
-    (
-        index_only.as_nanos() as f64 / changes as f64,
-        elapsed.as_nanos() as f64 / changes as f64,
-    )
+    (index_only.as_nanos() as f64 / changes as f64, elapsed.as_nanos() as f64 / changes as f64)
 }
 
 pub fn run(opts: &super::BenchOptions, changes: usize) -> anyhow::Result<serde_json::Value> {
     let mut index_ns = serde_json::Map::new();
     let mut dispatch_ns = serde_json::Map::new();
-    println!(
-        "{:>14} {:>18} {:>22}",
-        "subscriptions", "index ns/change", "dispatch ns/change"
-    );
+    println!("{:>14} {:>18} {:>22}", "subscriptions", "index ns/change", "dispatch ns/change");
     for subs in [10usize, 1_000, 100_000] {
         eprintln!("match: {subs} subscriptions…");
         // Best of three, to damp scheduler noise.

@@ -56,10 +56,7 @@ async fn database(opts: &BenchOptions, name: &str) -> anyhow::Result<Env> {
     let cluster = match &opts.database_url {
         Some(_) => None,
         None => {
-            eprintln!(
-                "{name}: starting a throwaway PostgreSQL in {}",
-                root.display()
-            );
+            eprintln!("{name}: starting a throwaway PostgreSQL in {}", root.display());
             let mut o = ClusterOptions::new(&root);
             o.settings.push(("max_connections".into(), "300".into()));
             Some(Cluster::start(o).await?)
@@ -78,23 +75,13 @@ async fn database(opts: &BenchOptions, name: &str) -> anyhow::Result<Env> {
     .execute(&pool)
     .await?;
     pool.close().await;
-    Ok(Env {
-        cluster,
-        root,
-        url,
-        slot: format!("walcast_bench_{name}_{}", std::process::id()),
-    })
+    Ok(Env { cluster, root, url, slot: format!("walcast_bench_{name}_{}", std::process::id()) })
 }
 
 async fn teardown(env: Env) {
     if let Ok(pool) = crate::connect_pool(&env.url).await {
-        let _ = sqlx::raw_sql("DROP TABLE IF EXISTS walcast_bench_items")
-            .execute(&pool)
-            .await;
-        let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
-            .bind(&env.slot)
-            .execute(&pool)
-            .await;
+        let _ = sqlx::raw_sql("DROP TABLE IF EXISTS walcast_bench_items").execute(&pool).await;
+        let _ = sqlx::query("SELECT pg_drop_replication_slot($1)").bind(&env.slot).execute(&pool).await;
         pool.close().await;
     }
     if let Some(c) = env.cluster {
@@ -103,8 +90,7 @@ async fn teardown(env: Env) {
     }
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Connects and joins `realtime:c<i>` with an `eq` filter on key `i`; returns once subscribed.
 async fn join(addr: &str, i: usize) -> anyhow::Result<Socket> {
@@ -115,10 +101,7 @@ async fn join(addr: &str, i: usize) -> anyhow::Result<Socket> {
     ws.send(Message::Text(join.to_string().into())).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        let Some(msg) = tokio::time::timeout(Duration::from_secs(60), ws.next())
-            .await?
-            .transpose()?
-        else {
+        let Some(msg) = tokio::time::timeout(Duration::from_secs(60), ws.next()).await?.transpose()? else {
             break;
         };
         if let Message::Text(t) = msg {
@@ -152,22 +135,14 @@ async fn join_all(addr: &str, n: usize) -> anyhow::Result<Vec<Socket>> {
 pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<serde_json::Value> {
     ensure_open_files(s.clients)?;
     let env = database(opts, "fanout").await?;
-    let gw = BenchGateway::start(
-        s.gateway_url.as_deref(),
-        &s.gateway_bin,
-        &env.url,
-        &env.slot,
-        4096,
-    )
-    .await?;
+    let gw = BenchGateway::start(s.gateway_url.as_deref(), &s.gateway_bin, &env.url, &env.slot, 4096).await?;
     eprintln!("fanout: {} clients joining…", s.clients);
     let sockets = join_all(gw.addr(), s.clients).await?;
     let cpu0 = gw.usage().map(|u| u.0);
 
     // Each receiver records (row id, receipt instant).
-    let receipts: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::new(Mutex::new(Vec::with_capacity(
-        (s.rate * s.seconds) as usize,
-    )));
+    let receipts: Arc<Mutex<Vec<(i64, Instant)>>> =
+        Arc::new(Mutex::new(Vec::with_capacity((s.rate * s.seconds) as usize)));
     let mut readers = Vec::with_capacity(sockets.len());
     for mut ws in sockets {
         let receipts = Arc::clone(&receipts);
@@ -186,10 +161,7 @@ pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<se
     }
 
     eprintln!("fanout: writing {} changes/s for {} s", s.rate, s.seconds);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&env.url)
-        .await?;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&env.url).await?;
     let total = s.rate * s.seconds;
     let sent: Arc<Mutex<HashMap<i64, Instant>>> =
         Arc::new(Mutex::new(HashMap::with_capacity(total as usize)));
@@ -285,11 +257,7 @@ pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<se
         hist.max() as f64 / 1000.0
     );
     if let (Some((cpu1, _, peak)), Some(cpu0)) = (end_usage, cpu0) {
-        println!(
-            "gateway: {:.2} CPU s during the run, peak RSS {} MiB",
-            cpu1 - cpu0,
-            peak / (1 << 20)
-        );
+        println!("gateway: {:.2} CPU s during the run, peak RSS {} MiB", cpu1 - cpu0, peak / (1 << 20));
     }
     pool.close().await;
     gw.stop().await;
@@ -309,14 +277,7 @@ fn record_id(frame: &str) -> Option<i64> {
 pub async fn idle(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<serde_json::Value> {
     ensure_open_files(s.clients)?;
     let env = database(opts, "idle").await?;
-    let gw = BenchGateway::start(
-        s.gateway_url.as_deref(),
-        &s.gateway_bin,
-        &env.url,
-        &env.slot,
-        1024,
-    )
-    .await?;
+    let gw = BenchGateway::start(s.gateway_url.as_deref(), &s.gateway_bin, &env.url, &env.slot, 1024).await?;
     // Warm the gateway's allocator and catalog cache with one client first.
     let warm = join_all(gw.addr(), 1).await?;
     let Some((_, before, _)) = gw.usage() else {
@@ -326,14 +287,8 @@ pub async fn idle(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<serd
     let sockets = join_all(gw.addr(), s.clients).await?;
     let (cpu, after, peak) = gw.usage().unwrap_or_default();
     let per = after.saturating_sub(before) as f64 / s.clients as f64;
-    println!(
-        "{:>8} {:>14} {:>14} {:>16}",
-        "sockets", "rss before", "rss after", "bytes/socket"
-    );
-    println!(
-        "{:>8} {:>14} {:>14} {:>16.0}",
-        s.clients, before, after, per
-    );
+    println!("{:>8} {:>14} {:>14} {:>16}", "sockets", "rss before", "rss after", "bytes/socket");
+    println!("{:>8} {:>14} {:>14} {:>16.0}", s.clients, before, after, per);
     let v = serde_json::json!({
         "scenario": "idle",
         "sockets": s.clients,

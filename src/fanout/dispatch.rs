@@ -37,10 +37,7 @@ pub async fn run_dispatcher(
         match event {
             ChangeEvent::Change(change) => {
                 dispatch(&fanout, &change, max_record_bytes, &mut scratch);
-                fanout
-                    .metrics
-                    .changes_dispatched
-                    .fetch_add(1, Ordering::Relaxed);
+                fanout.metrics.changes_dispatched.fetch_add(1, Ordering::Relaxed);
             }
             ChangeEvent::Commit { end_lsn, .. } => {
                 fanout.dispatched.fetch_max(end_lsn.0, Ordering::Release);
@@ -60,12 +57,7 @@ pub struct Scratch {
 }
 
 /// Matches and delivers one change. Returns the number of frames queued.
-pub fn dispatch(
-    fanout: &Fanout,
-    change: &Change,
-    max_record_bytes: usize,
-    scratch: &mut Scratch,
-) -> usize {
+pub fn dispatch(fanout: &Fanout, change: &Change, max_record_bytes: usize, scratch: &mut Scratch) -> usize {
     let Ok(index) = fanout.index.read() else {
         return 0;
     };
@@ -94,18 +86,13 @@ pub fn dispatch(
             scratch.ids.push(matched[i].binding.id);
             i += 1;
         }
-        let select = sub
-            .binding
-            .select
-            .as_ref()
-            .map(|s| Arc::as_ptr(s) as *const Arc<str> as usize);
+        let select = sub.binding.select.as_ref().map(|s| Arc::as_ptr(s) as *const Arc<str> as usize);
         let data_at = match scratch.data.iter().position(|(k, _)| *k == select) {
             Some(at) => at,
             None => {
-                scratch.data.push((
-                    select,
-                    render_data(change, sub.binding.select.as_deref(), max_record_bytes),
-                ));
+                scratch
+                    .data
+                    .push((select, render_data(change, sub.binding.select.as_deref(), max_record_bytes)));
                 scratch.data.len() - 1
             }
         };
@@ -126,10 +113,7 @@ pub fn dispatch(
             Ok(()) => delivered += 1,
             Err(TrySendError::Full(_)) => {
                 if !channel.kill.is_cancelled() {
-                    fanout
-                        .metrics
-                        .slow_client_disconnects
-                        .fetch_add(1, Ordering::Relaxed);
+                    fanout.metrics.slow_client_disconnects.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!("client outbound queue full; disconnecting slow client");
                     channel.kill.cancel();
                 }
@@ -137,10 +121,7 @@ pub fn dispatch(
             Err(TrySendError::Closed(_)) => {}
         }
     }
-    fanout
-        .metrics
-        .frames_delivered
-        .fetch_add(delivered as u64, Ordering::Relaxed);
+    fanout.metrics.frames_delivered.fetch_add(delivered as u64, Ordering::Relaxed);
     delivered
 }
 
@@ -162,18 +143,11 @@ fn build_frame(channel: &ChannelSink, ids: &[u32], data: &[u8]) -> Utf8Bytes {
 
 /// The `data` object of a `postgres_changes` push. A record over `max_record_bytes` is sent with
 /// only its small values and `errors: ["Error 413: Payload Too Large"]`.
-pub fn render_data(
-    change: &Change,
-    select: Option<&[Arc<str>]>,
-    max_record_bytes: usize,
-) -> Vec<u8> {
+pub fn render_data(change: &Change, select: Option<&[Arc<str>]>, max_record_bytes: usize) -> Vec<u8> {
     let rel = &change.relation;
     let keep = |name: &str| {
         select.is_none_or(|cols| {
-            cols.iter().any(|c| &**c == name)
-                || rel
-                    .column_index(name)
-                    .is_some_and(|i| rel.columns[i].is_key)
+            cols.iter().any(|c| &**c == name) || rel.column_index(name).is_some_and(|i| rel.columns[i].is_key)
         })
     };
     let mut out = Vec::with_capacity(256);
@@ -188,9 +162,7 @@ pub fn render_data(
     let small = |name: &str| {
         keep(name)
             && rel.column_index(name).is_some_and(|i| {
-                let len = |t: Option<&crate::replication::pgoutput::Tuple>| match t
-                    .and_then(|t| t.0.get(i))
-                {
+                let len = |t: Option<&crate::replication::pgoutput::Tuple>| match t.and_then(|t| t.0.get(i)) {
                     Some(Value::Text(b)) => b.len(),
                     _ => 0,
                 };

@@ -77,9 +77,7 @@ impl Subscription {
         if via_index && !self.residual_conditions {
             return true;
         }
-        self.binding
-            .filter
-            .matches(change, if via_index { self.indexed } else { None })
+        self.binding.filter.matches(change, if via_index { self.indexed } else { None })
     }
 }
 
@@ -143,11 +141,7 @@ impl TableSubs {
 
     /// Calls `f` with every subscription that may match the change, and the condition an index
     /// lookup already satisfied.
-    pub fn candidates<'a>(
-        &'a self,
-        change: &Change,
-        mut f: impl FnMut(&'a Arc<Subscription>, bool),
-    ) {
+    pub fn candidates<'a>(&'a self, change: &Change, mut f: impl FnMut(&'a Arc<Subscription>, bool)) {
         for s in &self.residual {
             f(s, false);
         }
@@ -177,7 +171,7 @@ pub struct SubscriptionIndex {
     pub(crate) subs: HashMap<SubId, Arc<Subscription>>,
     /// (schema, table) → subscriptions on that table.
     pub(crate) tables: HashMap<(Arc<str>, Arc<str>), TableSubs>,
-    /// schema → subscriptions on every table of it.
+    /// schema → subscriptions on every table of it; `"*"` → on every published table.
     pub(crate) schemas: HashMap<Arc<str>, TableSubs>,
 }
 
@@ -197,21 +191,12 @@ impl SubscriptionIndex {
         let id = self.next_id;
         let key = binding.filter.index_key();
         let table = match &binding.table {
-            Some(t) => self
-                .tables
-                .entry((Arc::clone(&binding.schema), Arc::clone(t)))
-                .or_default(),
+            Some(t) => self.tables.entry((Arc::clone(&binding.schema), Arc::clone(t))).or_default(),
             None => self.schemas.entry(Arc::clone(&binding.schema)).or_default(),
         };
         let indexed = key.as_ref().map(|(cond, _)| *cond);
         let residual_conditions = binding.filter.conditions.len() > usize::from(indexed.is_some());
-        let sub = Arc::new(Subscription {
-            id,
-            channel,
-            binding,
-            indexed,
-            residual_conditions,
-        });
+        let sub = Arc::new(Subscription { id, channel, binding, indexed, residual_conditions });
         match key {
             Some((cond, key)) => {
                 let c = &sub.binding.filter.conditions[cond];
@@ -229,16 +214,12 @@ impl SubscriptionIndex {
     }
 
     /// Calls `f` with every subscription whose table, event and filter match the change.
-    pub(crate) fn matching<'a>(
-        &'a self,
-        change: &Change,
-        mut f: impl FnMut(&'a Arc<Subscription>),
-    ) {
+    pub(crate) fn matching<'a>(&'a self, change: &Change, mut f: impl FnMut(&'a Arc<Subscription>)) {
         let rel = &change.relation;
-        let exact = self
-            .tables
-            .get(&(Arc::clone(&rel.schema), Arc::clone(&rel.table)));
-        for table in [exact, self.schemas.get(&rel.schema)].into_iter().flatten() {
+        let exact = self.tables.get(&(Arc::clone(&rel.schema), Arc::clone(&rel.table)));
+        // Bindings on every table of the schema, and on every published table (`schema: "*"`).
+        let any = if &*rel.schema == "*" { None } else { self.schemas.get("*") };
+        for table in [exact, self.schemas.get(&rel.schema), any].into_iter().flatten() {
             table.candidates(change, |sub, via_index| {
                 if sub.accepts(change, via_index) {
                     f(sub);
@@ -259,12 +240,8 @@ impl SubscriptionIndex {
             return false;
         };
         let b = &sub.binding;
-        let (map_key_table, schema) = (
-            b.table
-                .as_ref()
-                .map(|t| (Arc::clone(&b.schema), Arc::clone(t))),
-            &b.schema,
-        );
+        let (map_key_table, schema) =
+            (b.table.as_ref().map(|t| (Arc::clone(&b.schema), Arc::clone(t))), &b.schema);
         let table = match &map_key_table {
             Some(k) => self.tables.get_mut(k),
             None => self.schemas.get_mut(schema),

@@ -83,11 +83,7 @@ pub enum CompileError {
     #[error("invalid column for filter {0}")]
     UnknownColumn(String),
     #[error("invalid input syntax for type {type_name} in filter on {column}: {value:?}")]
-    BadValue {
-        column: String,
-        type_name: String,
-        value: String,
-    },
+    BadValue { column: String, type_name: String, value: String },
     #[error("invalid pattern in filter on {column}: {message}")]
     BadPattern { column: String, message: String },
 }
@@ -100,8 +96,8 @@ impl CompiledFilter {
     ) -> Result<CompiledFilter, CompileError> {
         let mut conditions = Vec::with_capacity(filter.conditions.len());
         for c in &filter.conditions {
-            let (column, type_name) = column_type(&c.column)
-                .ok_or_else(|| CompileError::UnknownColumn(c.column.clone()))?;
+            let (column, type_name) =
+                column_type(&c.column).ok_or_else(|| CompileError::UnknownColumn(c.column.clone()))?;
             let class = Class::of(type_name);
             let cast = |v: &str| {
                 cast(class, v.as_bytes()).ok_or_else(|| CompileError::BadValue {
@@ -156,34 +152,23 @@ impl CompiledFilter {
                     }
                 }
             };
-            conditions.push(CompiledCondition {
-                column,
-                class,
-                negated: c.negated,
-                test,
-            });
+            conditions.push(CompiledCondition { column, class, negated: c.negated, test });
         }
         Ok(CompiledFilter { conditions })
     }
 
     /// The first plain `eq` condition, which the subscription index can look up by hash.
     pub fn index_key(&self) -> Option<(usize, IndexKey)> {
-        self.conditions
-            .iter()
-            .enumerate()
-            .find_map(|(i, c)| match (&c.test, c.negated) {
-                (Test::Cmp(Op::Eq, s), false) => Some((i, scalar_key(s))),
-                _ => None,
-            })
+        self.conditions.iter().enumerate().find_map(|(i, c)| match (&c.test, c.negated) {
+            (Test::Cmp(Op::Eq, s), false) => Some((i, scalar_key(s))),
+            _ => None,
+        })
     }
 
     /// Whether the change's filter row satisfies every condition except `skip` (already
     /// satisfied by an index lookup).
     pub fn matches(&self, change: &Change, skip: Option<usize>) -> bool {
-        self.conditions
-            .iter()
-            .enumerate()
-            .all(|(i, c)| Some(i) == skip || c.matches(change))
+        self.conditions.iter().enumerate().all(|(i, c)| Some(i) == skip || c.matches(change))
     }
 
     /// Columns the filter reads.
@@ -236,9 +221,7 @@ impl CompiledCondition {
             (Test::IsBool(_), None) => false,
             (Test::IsDistinct(None), v) => v.is_some(),
             (Test::IsDistinct(Some(_)), None) => true,
-            (Test::IsDistinct(Some(s)), Some(v)) => {
-                compare(self.class, v, s) != Some(Ordering::Equal)
-            }
+            (Test::IsDistinct(Some(s)), Some(v)) => compare(self.class, v, s) != Some(Ordering::Equal),
             // Comparisons with NULL are NULL: no match, negated or not.
             (_, None) => return false,
             (Test::Cmp(op, s), Some(v)) => match compare(self.class, v, s) {
@@ -252,9 +235,9 @@ impl CompiledCondition {
                     _ => o != Ordering::Less,
                 },
             },
-            (Test::In(items), Some(v)) => items
-                .iter()
-                .any(|s| compare(self.class, v, s) == Some(Ordering::Equal)),
+            (Test::In(items), Some(v)) => {
+                items.iter().any(|s| compare(self.class, v, s) == Some(Ordering::Equal))
+            }
             (Test::Pattern(re), Some(v)) => re.is_match(v),
         };
         result != self.negated
@@ -306,25 +289,15 @@ fn cast(class: Class, v: &[u8]) -> Option<Scalar> {
             _ => return None,
         }),
         Class::Uuid => {
-            let hex: String = s
-                .chars()
-                .filter(|c| *c != '-' && *c != '{' && *c != '}')
-                .collect();
+            let hex: String = s.chars().filter(|c| *c != '-' && *c != '{' && *c != '}').collect();
             if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return None;
             }
             let h = hex.to_ascii_lowercase();
             Scalar::Bytes(
-                format!(
-                    "{}-{}-{}-{}-{}",
-                    &h[0..8],
-                    &h[8..12],
-                    &h[12..16],
-                    &h[16..20],
-                    &h[20..]
-                )
-                .into_bytes()
-                .into(),
+                format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+                    .into_bytes()
+                    .into(),
             )
         }
         Class::Instant => Scalar::Int(parse_instant(s)?),
@@ -396,13 +369,11 @@ pub fn parse_instant(s: &str) -> Option<i64> {
                 None if z.len() == 4 => (z.get(..2)?, z.get(2..)?),
                 None => (z, "0"),
             };
-            let secs = h.parse::<i64>().ok()?.checked_mul(3600)?.checked_add(
-                m.get(..2)
-                    .unwrap_or(m)
-                    .parse::<i64>()
-                    .ok()?
-                    .checked_mul(60)?,
-            )?;
+            let secs = h
+                .parse::<i64>()
+                .ok()?
+                .checked_mul(3600)?
+                .checked_add(m.get(..2).unwrap_or(m).parse::<i64>().ok()?.checked_mul(60)?)?;
             if sign == '+' {
                 secs
             } else {
@@ -490,15 +461,7 @@ mod tests {
             ChangeKind::Delete => (None, Some(tuple)),
             _ => (Some(tuple), None),
         };
-        Change {
-            relation: relation(),
-            kind,
-            new,
-            old,
-            commit_lsn: Lsn(1),
-            commit_ts: 0,
-            seq: 0,
-        }
+        Change { relation: relation(), kind, new, old, commit_lsn: Lsn(1), commit_ts: 0, seq: 0 }
     }
 
     fn row() -> Change {
@@ -536,47 +499,30 @@ mod tests {
     #[test]
     fn typed_comparisons() {
         assert!(matches("id=eq.42") && !matches("id=eq.43") && matches("id=neq.43"));
-        assert!(
-            matches("id=gt.9"),
-            "numbers compare as numbers, not strings"
-        );
+        assert!(matches("id=gt.9"), "numbers compare as numbers, not strings");
         assert!(matches("id=lte.42") && !matches("id=lt.42") && matches("id=gte.42"));
         assert!(matches("score=gt.2.25") && matches("score=eq.2.50"));
         assert!(matches("done=eq.true") && matches("done=is.true") && !matches("done=is.false"));
-        assert!(
-            matches("at=eq.2024-05-01T12:00:00+02:00"),
-            "timestamps compare as instants"
-        );
+        assert!(matches("at=eq.2024-05-01T12:00:00+02:00"), "timestamps compare as instants");
         assert!(matches("at=lt.2024-05-01T10:00:01Z") && matches("at=gt.2024-05-01"));
         assert!(matches("day=gte.2024-04-30") && !matches("day=gt.2024-05-01"));
         assert!(matches("uid=eq.A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"));
-        assert!(
-            matches("title=gt.Hello")
-                && matches("title=lt.Hello%20") == ("Hello World" < "Hello%20")
-        );
+        assert!(matches("title=gt.Hello") && matches("title=lt.Hello%20") == ("Hello World" < "Hello%20"));
     }
 
     #[test]
     fn operators() {
         assert!(matches("id=in.(1,42,7)") && !matches("id=in.(1,2)") && matches("id=not.in.(1,2)"));
         assert!(
-            matches("title=like.Hello%")
-                && !matches("title=like.hello%")
-                && matches("title=ilike.hello%")
+            matches("title=like.Hello%") && !matches("title=like.hello%") && matches("title=ilike.hello%")
         );
         assert!(matches("title=like.Hell__World") && !matches("title=like.Hello"));
         assert!(
-            matches("title=match.^H.*d$")
-                && matches("title=imatch.WORLD")
-                && !matches("title=match.WORLD")
+            matches("title=match.^H.*d$") && matches("title=imatch.WORLD") && !matches("title=match.WORLD")
         );
+        assert!(matches("note=is.null") && !matches("note=not.is.null") && matches("title=not.is.null"));
         assert!(
-            matches("note=is.null") && !matches("note=not.is.null") && matches("title=not.is.null")
-        );
-        assert!(
-            matches("note=isdistinct.x")
-                && !matches("note=isdistinct.null")
-                && matches("id=isdistinct.1")
+            matches("note=isdistinct.x") && !matches("note=isdistinct.null") && matches("id=isdistinct.1")
         );
         assert!(!matches("id=eq.42,done=is.true,title=ilike.*world*"));
         assert!(matches("id=eq.42,done=is.true,title=ilike.%world%"));
@@ -590,10 +536,7 @@ mod tests {
 
     #[test]
     fn delete_sees_only_key_columns() {
-        let del = change(
-            ChangeKind::Delete,
-            &[Some("42"), None, None, None, None, None, None, None],
-        );
+        let del = change(ChangeKind::Delete, &[Some("42"), None, None, None, None, None, None, None]);
         assert!(compile("id=eq.42").unwrap().matches(&del, None));
         // title is not carried by a key-only old row: never matches, not even `is.null`.
         assert!(!compile("title=is.null").unwrap().matches(&del, None));
@@ -601,10 +544,7 @@ mod tests {
 
     #[test]
     fn compile_errors() {
-        assert_eq!(
-            compile("nope=eq.1").unwrap_err().to_string(),
-            "invalid column for filter nope"
-        );
+        assert_eq!(compile("nope=eq.1").unwrap_err().to_string(), "invalid column for filter nope");
         let e = compile("id=eq.abc").unwrap_err().to_string();
         assert!(e.contains("int8") && e.contains("abc"), "{e}");
         assert!(compile("at=eq.yesterday").is_err());
@@ -624,13 +564,10 @@ mod tests {
         );
         assert_eq!(
             row_key_int(Class::Float, b"2.50"),
-            compile("score=eq.2.5")
-                .unwrap()
-                .index_key()
-                .map(|(_, k)| match k {
-                    IndexKey::Int(i) => i,
-                    _ => 0,
-                })
+            compile("score=eq.2.5").unwrap().index_key().map(|(_, k)| match k {
+                IndexKey::Int(i) => i,
+                _ => 0,
+            })
         );
     }
 
@@ -640,18 +577,8 @@ mod tests {
         assert_eq!(parse_instant("1970-01-01T01:00:00+01:00"), Some(0));
         assert_eq!(parse_instant("1970-01-01 00:00:00.5"), Some(500_000));
         assert_eq!(parse_instant("1970-01-02"), Some(86_400_000_000));
-        assert_eq!(
-            parse_instant("1970-01-01 00:00:00-0130"),
-            Some(5_400_000_000)
-        );
-        for bad in [
-            "",
-            "1970",
-            "1970-13-01",
-            "1970-01-01X",
-            "1970-01-01 1:00",
-            "1970-01-01 00:00:00 nope",
-        ] {
+        assert_eq!(parse_instant("1970-01-01 00:00:00-0130"), Some(5_400_000_000));
+        for bad in ["", "1970", "1970-13-01", "1970-01-01X", "1970-01-01 1:00", "1970-01-01 00:00:00 nope"] {
             assert_eq!(parse_instant(bad), None, "{bad}");
         }
     }
@@ -662,19 +589,8 @@ mod tests {
         for _ in 0..2_000 {
             let a = rng.i64(-1_000_000..1_000_000);
             let b = rng.i64(-1_000_000..1_000_000);
-            let c = change(
-                ChangeKind::Insert,
-                &[
-                    Some(&a.to_string()),
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                ],
-            );
+            let c =
+                change(ChangeKind::Insert, &[Some(&a.to_string()), None, None, None, None, None, None, None]);
             let f = compile(&format!("id=lt.{b}")).unwrap();
             assert_eq!(f.matches(&c, None), a < b, "{a} < {b}");
         }

@@ -105,9 +105,7 @@ fn unquote(s: &str) -> Result<String, ParseError> {
     let Some(inner) = s.strip_prefix('"') else {
         return Ok(s.to_owned());
     };
-    let inner = inner
-        .strip_suffix('"')
-        .ok_or_else(|| ParseError(format!("unterminated '\"' in {s:?}")))?;
+    let inner = inner.strip_suffix('"').ok_or_else(|| ParseError(format!("unterminated '\"' in {s:?}")))?;
     let mut out = String::with_capacity(inner.len());
     let mut chars = inner.chars();
     while let Some(c) = chars.next() {
@@ -149,11 +147,9 @@ fn parse_condition(s: &str) -> Result<Condition, ParseError> {
         Some(r) => (true, r),
         None => (false, rest),
     };
-    let (op_name, value) = rest.split_once('.').ok_or_else(|| {
-        ParseError(format!(
-            "{s:?} has no operator: expected column=operator.value"
-        ))
-    })?;
+    let (op_name, value) = rest
+        .split_once('.')
+        .ok_or_else(|| ParseError(format!("{s:?} has no operator: expected column=operator.value")))?;
     let op = Op::from_name(op_name).ok_or_else(|| {
         ParseError(format!(
             "unknown operator {op_name:?} (expected eq, neq, lt, lte, gt, gte, in, like, ilike, is, match, imatch or isdistinct)"
@@ -161,41 +157,26 @@ fn parse_condition(s: &str) -> Result<Condition, ParseError> {
     })?;
     let operand = match op {
         Op::In => {
-            let inner = value
-                .strip_prefix('(')
-                .and_then(|v| v.strip_suffix(')'))
-                .ok_or_else(|| {
-                    ParseError(format!(
-                        "`in` takes a list in parentheses, e.g. in.(1,2,3), got {value:?}"
-                    ))
-                })?;
+            let inner = value.strip_prefix('(').and_then(|v| v.strip_suffix(')')).ok_or_else(|| {
+                ParseError(format!("`in` takes a list in parentheses, e.g. in.(1,2,3), got {value:?}"))
+            })?;
             let items = if inner.trim().is_empty() {
                 Vec::new()
             } else {
-                split_top(inner, ',')?
-                    .into_iter()
-                    .map(|i| unquote(i.trim()))
-                    .collect::<Result<_, _>>()?
+                split_top(inner, ',')?.into_iter().map(|i| unquote(i.trim())).collect::<Result<_, _>>()?
             };
             Operand::List(items)
         }
         Op::Is => {
             let v = value.to_ascii_lowercase();
             if !matches!(v.as_str(), "null" | "true" | "false" | "unknown") {
-                return Err(ParseError(format!(
-                    "`is` takes null, true, false or unknown, got {value:?}"
-                )));
+                return Err(ParseError(format!("`is` takes null, true, false or unknown, got {value:?}")));
             }
             Operand::Value(v)
         }
         _ => Operand::Value(unquote(value)?),
     };
-    Ok(Condition {
-        column,
-        negated,
-        op,
-        operand,
-    })
+    Ok(Condition { column, negated, op, operand })
 }
 
 #[cfg(test)]
@@ -203,12 +184,7 @@ mod tests {
     use super::*;
 
     fn cond(column: &str, negated: bool, op: Op, operand: Operand) -> Condition {
-        Condition {
-            column: column.into(),
-            negated,
-            op,
-            operand,
-        }
+        Condition { column: column.into(), negated, op, operand }
     }
 
     #[test]
@@ -225,12 +201,7 @@ mod tests {
             vec![
                 cond("a", false, Op::Gt, Operand::Value("5".into())),
                 cond("b", true, Op::Like, Operand::Value("%x%".into())),
-                cond(
-                    "c",
-                    false,
-                    Op::In,
-                    Operand::List(vec!["1".into(), "2,3".into(), "q\"".into()])
-                ),
+                cond("c", false, Op::In, Operand::List(vec!["1".into(), "2,3".into(), "q\"".into()])),
                 cond("d", false, Op::Is, Operand::Value("null".into())),
             ]
         );
@@ -239,10 +210,7 @@ mod tests {
             parse("email=eq.a.b=c@x.io").unwrap().conditions[0].operand,
             Operand::Value("a.b=c@x.io".into())
         );
-        assert_eq!(
-            parse("t=eq.\"a,b\"").unwrap().conditions[0].operand,
-            Operand::Value("a,b".into())
-        );
+        assert_eq!(parse("t=eq.\"a,b\"").unwrap().conditions[0].operand, Operand::Value("a,b".into()));
     }
 
     #[test]
@@ -269,9 +237,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(3);
         let alphabet: Vec<char> = "ab=.,()\"\\ notineqlk%_é".chars().collect();
         for _ in 0..50_000 {
-            let s: String = (0..rng.usize(0..24))
-                .map(|_| alphabet[rng.usize(..alphabet.len())])
-                .collect();
+            let s: String = (0..rng.usize(0..24)).map(|_| alphabet[rng.usize(..alphabet.len())]).collect();
             let _ = parse(&s);
         }
     }

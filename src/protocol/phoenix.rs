@@ -51,9 +51,7 @@ fn ref_string(v: Option<&Value>) -> Result<Option<String>, FrameError> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(_) => Err(FrameError::Shape(
-            "ref and join_ref must be strings or null",
-        )),
+        Some(_) => Err(FrameError::Shape("ref and join_ref must be strings or null")),
     }
 }
 
@@ -63,9 +61,7 @@ pub fn decode_text(vsn: Vsn, text: &str) -> Result<ClientFrame, FrameError> {
     match (vsn, v) {
         (Vsn::V2, Value::Array(mut a)) => {
             if a.len() != 5 {
-                return Err(FrameError::Shape(
-                    "expected [join_ref, ref, topic, event, payload]",
-                ));
+                return Err(FrameError::Shape("expected [join_ref, ref, topic, event, payload]"));
             }
             let payload = a.pop().unwrap_or(Value::Null);
             let event = match a.pop() {
@@ -78,13 +74,7 @@ pub fn decode_text(vsn: Vsn, text: &str) -> Result<ClientFrame, FrameError> {
             };
             let msg_ref = ref_string(a.get(1))?;
             let join_ref = ref_string(a.first())?;
-            Ok(ClientFrame {
-                join_ref,
-                msg_ref,
-                topic,
-                event,
-                payload,
-            })
+            Ok(ClientFrame { join_ref, msg_ref, topic, event, payload })
         }
         // A v1 object is accepted on either version, as some clients mix them.
         (_, Value::Object(mut o)) => {
@@ -125,9 +115,7 @@ pub struct BinaryPush {
 /// Decodes a kind-3 binary frame: `3, join_ref_len, ref_len, topic_len, event_len, meta_len,
 /// encoding`, then the fields, then the payload.
 pub fn decode_binary(frame: &Bytes) -> Result<BinaryPush, FrameError> {
-    let header = frame
-        .get(..7)
-        .ok_or(FrameError::Binary("shorter than its 7-byte header"))?;
+    let header = frame.get(..7).ok_or(FrameError::Binary("shorter than its 7-byte header"))?;
     if header[0] != 3 {
         return Err(FrameError::Binary("unknown kind (clients send kind 3)"));
     }
@@ -143,9 +131,8 @@ pub fn decode_binary(frame: &Bytes) -> Result<BinaryPush, FrameError> {
         pos = end;
         Ok(b)
     };
-    let text = |b: Bytes| {
-        String::from_utf8(b.to_vec()).map_err(|_| FrameError::Binary("a field is not UTF-8"))
-    };
+    let text =
+        |b: Bytes| String::from_utf8(b.to_vec()).map_err(|_| FrameError::Binary("a field is not UTF-8"));
     let join_ref = text(field(lens[0])?)?;
     let msg_ref = text(field(lens[1])?)?;
     let topic = text(field(lens[2])?)?;
@@ -173,10 +160,8 @@ pub fn encode(
     payload: &Value,
 ) -> String {
     match vsn {
-        Vsn::V1 => {
-            serde_json::json!({"topic": topic, "event": event, "payload": payload, "ref": msg_ref})
-                .to_string()
-        }
+        Vsn::V1 => serde_json::json!({"topic": topic, "event": event, "payload": payload, "ref": msg_ref})
+            .to_string(),
         Vsn::V2 => serde_json::json!([join_ref, msg_ref, topic, event, payload]).to_string(),
     }
 }
@@ -191,12 +176,7 @@ pub fn change_frame_parts(vsn: Vsn, topic: &str) -> (Bytes, &'static [u8]) {
             )),
             b"},\"ref\":null}",
         ),
-        Vsn::V2 => (
-            Bytes::from(format!(
-                "[null,null,{topic},\"postgres_changes\",{{\"ids\":["
-            )),
-            b"}]",
-        ),
+        Vsn::V2 => (Bytes::from(format!("[null,null,{topic},\"postgres_changes\",{{\"ids\":[")), b"}]"),
     }
 }
 
@@ -219,11 +199,7 @@ mod tests {
         );
         let f = decode_text(Vsn::V2, r#"["3","4","phoenix","heartbeat",{}]"#).unwrap();
         assert_eq!(
-            (
-                f.join_ref.as_deref(),
-                f.msg_ref.as_deref(),
-                f.event.as_str()
-            ),
+            (f.join_ref.as_deref(), f.msg_ref.as_deref(), f.event.as_str()),
             (Some("3"), Some("4"), "heartbeat")
         );
         let f = decode_text(Vsn::V2, r#"[null,5,"phoenix","heartbeat",{}]"#).unwrap();
@@ -247,28 +223,15 @@ mod tests {
 
     #[test]
     fn encodes() {
-        let v1 = encode(
-            Vsn::V1,
-            Some("1"),
-            Some("2"),
-            "t",
-            "phx_reply",
-            &json!({"status":"ok"}),
-        );
+        let v1 = encode(Vsn::V1, Some("1"), Some("2"), "t", "phx_reply", &json!({"status":"ok"}));
         let v: Value = serde_json::from_str(&v1).unwrap();
-        assert_eq!(
-            v,
-            json!({"topic":"t","event":"phx_reply","payload":{"status":"ok"},"ref":"2"})
-        );
+        assert_eq!(v, json!({"topic":"t","event":"phx_reply","payload":{"status":"ok"},"ref":"2"}));
         let v2 = encode(Vsn::V2, Some("1"), None, "t", "system", &json!({}));
         assert_eq!(v2, r#"["1",null,"t","system",{}]"#);
         let (p, s) = change_frame_parts(Vsn::V2, "realtime:a\"b");
         let frame = [&p[..], b"1,2],\"data\":{}", s].concat();
         let v: Value = serde_json::from_slice(&frame).unwrap();
-        assert_eq!(
-            v,
-            json!([null, null, "realtime:a\"b", "postgres_changes", {"ids":[1,2],"data":{}}])
-        );
+        assert_eq!(v, json!([null, null, "realtime:a\"b", "postgres_changes", {"ids":[1,2],"data":{}}]));
         let (p, s) = change_frame_parts(Vsn::V1, "realtime:x");
         let v: Value = serde_json::from_slice(&[&p[..], b"],\"data\":{}", s].concat()).unwrap();
         assert_eq!(v["payload"]["ids"], json!([]));

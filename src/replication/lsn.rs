@@ -50,14 +50,7 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        for v in [
-            0u64,
-            1,
-            0xFFFF_FFFF,
-            0x1_0000_0000,
-            0x16_B374_D848,
-            u64::MAX,
-        ] {
+        for v in [0u64, 1, 0xFFFF_FFFF, 0x1_0000_0000, 0x16_B374_D848, u64::MAX] {
             let s = Lsn(v).to_string();
             assert_eq!(s.parse::<Lsn>(), Ok(Lsn(v)), "{s}");
         }
@@ -67,18 +60,7 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for s in [
-            "",
-            "/",
-            "1/",
-            "/1",
-            "1",
-            "g/1",
-            "1/1/1",
-            "123456789/0",
-            "-1/0",
-            "1 /0",
-        ] {
+        for s in ["", "/", "1/", "/1", "1", "g/1", "1/1/1", "123456789/0", "-1/0", "1 /0"] {
             assert!(s.parse::<Lsn>().is_err(), "{s:?} should not parse");
         }
     }

@@ -14,33 +14,13 @@ use crate::replication::lsn::Lsn;
 pub enum Message {
     Begin(Begin),
     Commit(Commit),
-    Origin {
-        commit_lsn: Lsn,
-        name: String,
-    },
+    Origin { commit_lsn: Lsn, name: String },
     Relation(RelationBody),
-    Type {
-        oid: u32,
-        namespace: String,
-        name: String,
-    },
-    Insert {
-        relation_id: u32,
-        new: Tuple,
-    },
-    Update {
-        relation_id: u32,
-        old: Option<OldTuple>,
-        new: Tuple,
-    },
-    Delete {
-        relation_id: u32,
-        old: OldTuple,
-    },
-    Truncate {
-        options: u8,
-        relation_ids: Vec<u32>,
-    },
+    Type { oid: u32, namespace: String, name: String },
+    Insert { relation_id: u32, new: Tuple },
+    Update { relation_id: u32, old: Option<OldTuple>, new: Tuple },
+    Delete { relation_id: u32, old: OldTuple },
+    Truncate { options: u8, relation_ids: Vec<u32> },
     Message(LogicalMessage),
 }
 
@@ -154,42 +134,24 @@ pub enum DecodeErrorKind {
 /// Decodes one pgoutput message. The returned values borrow `buf`'s storage.
 pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
     let Some(&tag) = buf.first() else {
-        return Err(DecodeError {
-            tag: 0,
-            offset: 0,
-            kind: DecodeErrorKind::Empty,
-        });
+        return Err(DecodeError { tag: 0, offset: 0, kind: DecodeErrorKind::Empty });
     };
     let mut r = Reader { buf, pos: 1, tag };
     let msg = match tag {
-        b'B' => Message::Begin(Begin {
-            final_lsn: Lsn(r.u64()?),
-            commit_ts: r.i64()?,
-            xid: r.u32()?,
-        }),
+        b'B' => Message::Begin(Begin { final_lsn: Lsn(r.u64()?), commit_ts: r.i64()?, xid: r.u32()? }),
         b'C' => Message::Commit(Commit {
             flags: r.u8()?,
             commit_lsn: Lsn(r.u64()?),
             end_lsn: Lsn(r.u64()?),
             commit_ts: r.i64()?,
         }),
-        b'O' => Message::Origin {
-            commit_lsn: Lsn(r.u64()?),
-            name: r.cstr()?,
-        },
+        b'O' => Message::Origin { commit_lsn: Lsn(r.u64()?), name: r.cstr()? },
         b'R' => Message::Relation(r.relation()?),
-        b'Y' => Message::Type {
-            oid: r.u32()?,
-            namespace: r.cstr()?,
-            name: r.cstr()?,
-        },
+        b'Y' => Message::Type { oid: r.u32()?, namespace: r.cstr()?, name: r.cstr()? },
         b'I' => {
             let relation_id = r.u32()?;
             r.expect_byte(b"N")?;
-            Message::Insert {
-                relation_id,
-                new: r.tuple()?,
-            }
+            Message::Insert { relation_id, new: r.tuple()? }
         }
         b'U' => {
             let relation_id = r.u32()?;
@@ -198,11 +160,7 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
                 b'O' => Some(OldTuple::Full(r.tuple_then(b"N")?)),
                 _ => None,
             };
-            Message::Update {
-                relation_id,
-                old,
-                new: r.tuple()?,
-            }
+            Message::Update { relation_id, old, new: r.tuple()? }
         }
         b'D' => {
             let relation_id = r.u32()?;
@@ -221,10 +179,7 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
             for _ in 0..n {
                 relation_ids.push(r.u32()?);
             }
-            Message::Truncate {
-                options,
-                relation_ids,
-            }
+            Message::Truncate { options, relation_ids }
         }
         b'M' => {
             let flags = r.u8()?;
@@ -232,12 +187,7 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
             let prefix = r.cstr()?;
             let len = r.len_i32()?;
             let content = r.take(len)?;
-            Message::Message(LogicalMessage {
-                transactional: flags & 1 == 1,
-                lsn,
-                prefix,
-                content,
-            })
+            Message::Message(LogicalMessage { transactional: flags & 1 == 1, lsn, prefix, content })
         }
         _ => return Err(r.error(DecodeErrorKind::UnknownTag)),
     };
@@ -254,11 +204,7 @@ struct Reader {
 
 impl Reader {
     fn error(&self, kind: DecodeErrorKind) -> DecodeError {
-        DecodeError {
-            tag: self.tag,
-            offset: self.pos,
-            kind,
-        }
+        DecodeError { tag: self.tag, offset: self.pos, kind }
     }
 
     fn remaining(&self) -> usize {
@@ -373,11 +319,7 @@ impl Reader {
                     Value::Text(self.take(len)?)
                 }
                 b'b' => {
-                    return Err(DecodeError {
-                        tag: self.tag,
-                        offset: at,
-                        kind: DecodeErrorKind::BinaryValue,
-                    })
+                    return Err(DecodeError { tag: self.tag, offset: at, kind: DecodeErrorKind::BinaryValue })
                 }
                 other => {
                     return Err(DecodeError {
@@ -416,13 +358,7 @@ impl Reader {
                 type_modifier: self.i32()?,
             });
         }
-        Ok(RelationBody {
-            id,
-            namespace,
-            name,
-            replica_identity,
-            columns,
-        })
+        Ok(RelationBody { id, namespace, name, replica_identity, columns })
     }
 
     fn finish(&self) -> Result<(), DecodeError> {
@@ -454,47 +390,23 @@ mod tests {
             &7u32.to_be_bytes(),
         ]))
         .unwrap();
-        assert_eq!(
-            m,
-            Message::Begin(Begin {
-                final_lsn: Lsn(0x1_0000_0010),
-                commit_ts: 5,
-                xid: 7
-            })
-        );
+        assert_eq!(m, Message::Begin(Begin { final_lsn: Lsn(0x1_0000_0010), commit_ts: 5, xid: 7 }));
     }
 
     #[test]
     fn commit() {
-        let m = decode(b(&[
-            b"C",
-            &[0],
-            &10u64.to_be_bytes(),
-            &20u64.to_be_bytes(),
-            &(-3i64).to_be_bytes(),
-        ]))
-        .unwrap();
+        let m = decode(b(&[b"C", &[0], &10u64.to_be_bytes(), &20u64.to_be_bytes(), &(-3i64).to_be_bytes()]))
+            .unwrap();
         assert_eq!(
             m,
-            Message::Commit(Commit {
-                flags: 0,
-                commit_lsn: Lsn(10),
-                end_lsn: Lsn(20),
-                commit_ts: -3
-            })
+            Message::Commit(Commit { flags: 0, commit_lsn: Lsn(10), end_lsn: Lsn(20), commit_ts: -3 })
         );
     }
 
     #[test]
     fn origin() {
         let m = decode(b(&[b"O", &9u64.to_be_bytes(), b"node_a\0"])).unwrap();
-        assert_eq!(
-            m,
-            Message::Origin {
-                commit_lsn: Lsn(9),
-                name: "node_a".into()
-            }
-        );
+        assert_eq!(m, Message::Origin { commit_lsn: Lsn(9), name: "node_a".into() });
     }
 
     fn relation_bytes() -> Bytes {
@@ -517,22 +429,13 @@ mod tests {
     #[test]
     fn relation() {
         let m = decode(relation_bytes()).unwrap();
-        let Message::Relation(r) = m else {
-            panic!("not a relation")
-        };
+        let Message::Relation(r) = m else { panic!("not a relation") };
         assert_eq!(r.id, 16385);
-        assert_eq!(
-            (r.namespace.as_str(), r.name.as_str(), r.replica_identity),
-            ("public", "todos", b'd')
-        );
+        assert_eq!((r.namespace.as_str(), r.name.as_str(), r.replica_identity), ("public", "todos", b'd'));
         assert_eq!(r.columns.len(), 2);
         assert!(r.columns[0].is_key && !r.columns[1].is_key);
         assert_eq!(
-            (
-                r.columns[1].name.as_str(),
-                r.columns[1].type_oid,
-                r.columns[1].type_modifier
-            ),
+            (r.columns[1].name.as_str(), r.columns[1].type_oid, r.columns[1].type_modifier),
             ("task", 25, -1)
         );
     }
@@ -540,26 +443,11 @@ mod tests {
     #[test]
     fn type_message() {
         let m = decode(b(&[b"Y", &16400u32.to_be_bytes(), b"public\0mood\0"])).unwrap();
-        assert_eq!(
-            m,
-            Message::Type {
-                oid: 16400,
-                namespace: "public".into(),
-                name: "mood".into()
-            }
-        );
+        assert_eq!(m, Message::Type { oid: 16400, namespace: "public".into(), name: "mood".into() });
     }
 
     fn tuple_bytes() -> Vec<u8> {
-        [
-            &3i16.to_be_bytes()[..],
-            b"t",
-            &2i32.to_be_bytes(),
-            b"42",
-            b"n",
-            b"u",
-        ]
-        .concat()
+        [&3i16.to_be_bytes()[..], b"t", &2i32.to_be_bytes(), b"42", b"n", b"u"].concat()
     }
 
     #[test]
@@ -583,23 +471,8 @@ mod tests {
     #[test]
     fn update_with_key_and_full_old() {
         for (k, full) in [(b"K", false), (b"O", true)] {
-            let m = decode(b(&[
-                b"U",
-                &1u32.to_be_bytes(),
-                k,
-                &tuple_bytes(),
-                b"N",
-                &tuple_bytes(),
-            ]))
-            .unwrap();
-            let Message::Update {
-                old: Some(old),
-                new,
-                ..
-            } = m
-            else {
-                panic!("no old tuple")
-            };
+            let m = decode(b(&[b"U", &1u32.to_be_bytes(), k, &tuple_bytes(), b"N", &tuple_bytes()])).unwrap();
+            let Message::Update { old: Some(old), new, .. } = m else { panic!("no old tuple") };
             assert_eq!(matches!(old, OldTuple::Full(_)), full);
             assert_eq!(old.tuple(), &new);
         }
@@ -608,53 +481,22 @@ mod tests {
     #[test]
     fn delete() {
         let m = decode(b(&[b"D", &1u32.to_be_bytes(), b"K", &tuple_bytes()])).unwrap();
-        assert!(matches!(
-            m,
-            Message::Delete {
-                old: OldTuple::Key(_),
-                ..
-            }
-        ));
+        assert!(matches!(m, Message::Delete { old: OldTuple::Key(_), .. }));
         let m = decode(b(&[b"D", &1u32.to_be_bytes(), b"O", &tuple_bytes()])).unwrap();
-        assert!(matches!(
-            m,
-            Message::Delete {
-                old: OldTuple::Full(_),
-                ..
-            }
-        ));
+        assert!(matches!(m, Message::Delete { old: OldTuple::Full(_), .. }));
     }
 
     #[test]
     fn truncate() {
-        let m = decode(b(&[
-            b"T",
-            &2u32.to_be_bytes(),
-            &[1],
-            &5u32.to_be_bytes(),
-            &6u32.to_be_bytes(),
-        ]))
-        .unwrap();
-        assert_eq!(
-            m,
-            Message::Truncate {
-                options: 1,
-                relation_ids: vec![5, 6]
-            }
-        );
+        let m =
+            decode(b(&[b"T", &2u32.to_be_bytes(), &[1], &5u32.to_be_bytes(), &6u32.to_be_bytes()])).unwrap();
+        assert_eq!(m, Message::Truncate { options: 1, relation_ids: vec![5, 6] });
     }
 
     #[test]
     fn logical_message() {
-        let m = decode(b(&[
-            b"M",
-            &[0],
-            &77u64.to_be_bytes(),
-            b"walcast\0",
-            &3i32.to_be_bytes(),
-            b"abc",
-        ]))
-        .unwrap();
+        let m = decode(b(&[b"M", &[0], &77u64.to_be_bytes(), b"walcast\0", &3i32.to_be_bytes(), b"abc"]))
+            .unwrap();
         assert_eq!(
             m,
             Message::Message(LogicalMessage {
@@ -669,12 +511,8 @@ mod tests {
     #[test]
     fn values_borrow_the_input() {
         let input = b(&[b"I", &1u32.to_be_bytes(), b"N", &tuple_bytes()]);
-        let Message::Insert { new, .. } = decode(input.clone()).unwrap() else {
-            unreachable!()
-        };
-        let Value::Text(v) = &new.0[0] else {
-            unreachable!()
-        };
+        let Message::Insert { new, .. } = decode(input.clone()).unwrap() else { unreachable!() };
+        let Value::Text(v) = &new.0[0] else { unreachable!() };
         let start = input.as_ptr() as usize;
         let p = v.as_ptr() as usize;
         assert!(p >= start && p < start + input.len(), "value was copied");
@@ -688,10 +526,7 @@ mod tests {
         let e = decode(b(&[b"B", &[0, 0, 0]])).unwrap_err();
         assert_eq!((e.tag, e.offset), (b'B', 1));
         assert_eq!(e.kind, DecodeErrorKind::UnexpectedEnd { needed: 5 });
-        assert!(
-            e.to_string().contains("'B'") && e.to_string().contains("byte 1"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("'B'") && e.to_string().contains("byte 1"), "{e}");
 
         let e = decode(Bytes::from_static(b"Z")).unwrap_err();
         assert_eq!(e.kind, DecodeErrorKind::UnknownTag);
@@ -699,10 +534,7 @@ mod tests {
         // Insert without the 'N' marker.
         let e = decode(b(&[b"I", &1u32.to_be_bytes(), b"X"])).unwrap_err();
         assert_eq!(e.offset, 5);
-        assert!(matches!(
-            e.kind,
-            DecodeErrorKind::UnexpectedByte { found: b'X', .. }
-        ));
+        assert!(matches!(e.kind, DecodeErrorKind::UnexpectedByte { found: b'X', .. }));
 
         // Binary value.
         let e = decode(b(&[
@@ -718,26 +550,13 @@ mod tests {
         assert_eq!((e.offset, e.kind), (8, DecodeErrorKind::BinaryValue));
 
         // Unknown value kind.
-        let e = decode(b(&[
-            b"I",
-            &1u32.to_be_bytes(),
-            b"N",
-            &1i16.to_be_bytes(),
-            b"q",
-        ]))
-        .unwrap_err();
+        let e = decode(b(&[b"I", &1u32.to_be_bytes(), b"N", &1i16.to_be_bytes(), b"q"])).unwrap_err();
         assert_eq!(e.kind, DecodeErrorKind::UnknownValueKind(b'q'));
 
         // Negative and oversized lengths.
-        let e = decode(b(&[
-            b"I",
-            &1u32.to_be_bytes(),
-            b"N",
-            &1i16.to_be_bytes(),
-            b"t",
-            &(-5i32).to_be_bytes(),
-        ]))
-        .unwrap_err();
+        let e =
+            decode(b(&[b"I", &1u32.to_be_bytes(), b"N", &1i16.to_be_bytes(), b"t", &(-5i32).to_be_bytes()]))
+                .unwrap_err();
         assert_eq!(e.kind, DecodeErrorKind::Negative(-5));
         let e = decode(b(&[
             b"I",
@@ -750,25 +569,13 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(e.kind, DecodeErrorKind::UnexpectedEnd { needed: 98 });
-        let e = decode(b(&[
-            b"I",
-            &1u32.to_be_bytes(),
-            b"N",
-            &(-1i16).to_be_bytes(),
-        ]))
-        .unwrap_err();
+        let e = decode(b(&[b"I", &1u32.to_be_bytes(), b"N", &(-1i16).to_be_bytes()])).unwrap_err();
         assert_eq!(e.kind, DecodeErrorKind::Negative(-1));
 
         // Huge counts are refused before allocating.
         let e = decode(b(&[b"T", &u32::MAX.to_be_bytes(), &[0]])).unwrap_err();
         assert!(matches!(e.kind, DecodeErrorKind::UnexpectedEnd { .. }));
-        let e = decode(b(&[
-            b"R",
-            &1u32.to_be_bytes(),
-            b"a\0b\0d",
-            &i16::MAX.to_be_bytes(),
-        ]))
-        .unwrap_err();
+        let e = decode(b(&[b"R", &1u32.to_be_bytes(), b"a\0b\0d", &i16::MAX.to_be_bytes()])).unwrap_err();
         assert!(matches!(e.kind, DecodeErrorKind::UnexpectedEnd { .. }));
 
         // Strings.
@@ -787,29 +594,12 @@ mod tests {
         let samples = [
             relation_bytes(),
             b(&[b"I", &1u32.to_be_bytes(), b"N", &tuple_bytes()]),
-            b(&[
-                b"U",
-                &1u32.to_be_bytes(),
-                b"O",
-                &tuple_bytes(),
-                b"N",
-                &tuple_bytes(),
-            ]),
-            b(&[
-                b"M",
-                &[1],
-                &77u64.to_be_bytes(),
-                b"p\0",
-                &3i32.to_be_bytes(),
-                b"abc",
-            ]),
+            b(&[b"U", &1u32.to_be_bytes(), b"O", &tuple_bytes(), b"N", &tuple_bytes()]),
+            b(&[b"M", &[1], &77u64.to_be_bytes(), b"p\0", &3i32.to_be_bytes(), b"abc"]),
         ];
         for s in samples {
             for cut in 0..s.len() {
-                assert!(
-                    decode(s.slice(..cut)).is_err(),
-                    "prefix of {cut} bytes decoded"
-                );
+                assert!(decode(s.slice(..cut)).is_err(), "prefix of {cut} bytes decoded");
             }
         }
     }

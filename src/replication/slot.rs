@@ -56,17 +56,12 @@ pub fn migrator() -> Migrator {
 
 /// Applies migrations idempotently on a dedicated connection whose search path is `walcast`.
 pub async fn migrate(database_url: &str) -> Result<(), SlotError> {
-    let mut conn = PgConnection::connect(database_url)
-        .await
-        .map_err(sql("connecting to run migrations"))?;
+    let mut conn = PgConnection::connect(database_url).await.map_err(sql("connecting to run migrations"))?;
     sqlx::query("CREATE SCHEMA IF NOT EXISTS walcast")
         .execute(&mut conn)
         .await
         .map_err(sql("creating schema walcast"))?;
-    sqlx::query("SET search_path TO walcast")
-        .execute(&mut conn)
-        .await
-        .map_err(sql("setting search_path"))?;
+    sqlx::query("SET search_path TO walcast").execute(&mut conn).await.map_err(sql("setting search_path"))?;
     migrator().run_direct(&mut conn).await?;
     let _ = conn.close().await;
     Ok(())
@@ -86,10 +81,7 @@ pub struct TableSpec {
 
 impl TableSpec {
     pub fn parse(entries: &[String]) -> TableSpec {
-        let mut spec = TableSpec {
-            schemas: Vec::new(),
-            tables: Vec::new(),
-        };
+        let mut spec = TableSpec { schemas: Vec::new(), tables: Vec::new() };
         for e in entries {
             if let Some((s, t)) = e.split_once('.') {
                 if t == "*" {
@@ -117,11 +109,7 @@ impl TableSpec {
             if !self.schemas.is_empty() {
                 parts.push(format!(
                     "TABLES IN SCHEMA {}",
-                    self.schemas
-                        .iter()
-                        .map(|s| quote_ident(s))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    self.schemas.iter().map(|s| quote_ident(s)).collect::<Vec<_>>().join(", ")
                 ));
             }
             if !self.tables.is_empty() {
@@ -129,11 +117,8 @@ impl TableSpec {
             }
             (!parts.is_empty()).then(|| parts.join(", "))
         } else {
-            let mut all: Vec<(String, String)> = existing
-                .iter()
-                .filter(|(s, _)| self.schemas.contains(s))
-                .cloned()
-                .collect();
+            let mut all: Vec<(String, String)> =
+                existing.iter().filter(|(s, _)| self.schemas.contains(s)).cloned().collect();
             all.extend(self.tables.iter().cloned());
             all.sort();
             all.dedup();
@@ -143,18 +128,13 @@ impl TableSpec {
 }
 
 pub async fn server_version(pool: &PgPool) -> Result<u32, SlotError> {
-    let v: String = sqlx::query_scalar("SHOW server_version_num")
-        .fetch_one(pool)
-        .await
-        .map_err(sql("server version"))?;
+    let v: String =
+        sqlx::query_scalar("SHOW server_version_num").fetch_one(pool).await.map_err(sql("server version"))?;
     Ok(v.trim().parse().unwrap_or(0))
 }
 
 /// Ordinary tables in the given schemas, for PG 14 where a publication cannot name a schema.
-async fn tables_in_schemas(
-    pool: &PgPool,
-    schemas: &[String],
-) -> Result<Vec<(String, String)>, SlotError> {
+async fn tables_in_schemas(pool: &PgPool, schemas: &[String]) -> Result<Vec<(String, String)>, SlotError> {
     sqlx::query_as(
         "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relkind IN ('r','p') AND n.nspname = ANY($1) ORDER BY 1, 2",
@@ -182,35 +162,26 @@ pub async fn ensure_publication(
 ) -> Result<PublicationState, SlotError> {
     let spec = TableSpec::parse(tables);
     let version = server_version(pool).await?;
-    let existing = if version < 150_000 {
-        tables_in_schemas(pool, &spec.schemas).await?
-    } else {
-        Vec::new()
-    };
+    let existing = if version < 150_000 { tables_in_schemas(pool, &spec.schemas).await? } else { Vec::new() };
     let objects = spec.objects(version, &existing);
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+        .bind(name)
+        .fetch_one(pool)
+        .await
+        .map_err(sql("looking up the publication"))?;
+    let owned: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM walcast.owned_publications WHERE name = $1)")
             .bind(name)
             .fetch_one(pool)
             .await
-            .map_err(sql("looking up the publication"))?;
-    let owned: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM walcast.owned_publications WHERE name = $1)",
-    )
-    .bind(name)
-    .fetch_one(pool)
-    .await
-    .map_err(sql("looking up publication ownership"))?;
+            .map_err(sql("looking up publication ownership"))?;
     let mut tx = pool.begin().await.map_err(sql("starting a transaction"))?;
     let state = if !exists {
         let stmt = match &objects {
             Some(o) => format!("CREATE PUBLICATION {} FOR {o}", quote_ident(name)),
             None => format!("CREATE PUBLICATION {}", quote_ident(name)),
         };
-        sqlx::query(&stmt)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql(format!("creating publication {name:?}")))?;
+        sqlx::query(&stmt).execute(&mut *tx).await.map_err(sql(format!("creating publication {name:?}")))?;
         PublicationState::Created
     } else if owned {
         if let Some(o) = &objects {
@@ -235,21 +206,12 @@ pub async fn ensure_publication(
         .await
         .map_err(sql("recording publication ownership"))?;
     }
-    tx.commit()
-        .await
-        .map_err(sql("committing publication changes"))?;
+    tx.commit().await.map_err(sql("committing publication changes"))?;
     Ok(state)
 }
 
 /// plugin, database, active, confirmed_flush_lsn, wal_status, lag_bytes.
-type SlotRow = (
-    Option<String>,
-    Option<String>,
-    bool,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-);
+type SlotRow = (Option<String>, Option<String>, bool, Option<String>, Option<String>, Option<i64>);
 
 #[derive(Debug, Clone)]
 pub struct SlotInfo {
@@ -272,35 +234,24 @@ pub async fn slot_info(pool: &PgPool, slot: &str) -> Result<Option<SlotInfo>, Sl
     .fetch_optional(pool)
     .await
     .map_err(sql("looking up the replication slot"))?;
-    Ok(row.map(
-        |(plugin, database, active, confirmed_flush_lsn, wal_status, lag_bytes)| SlotInfo {
-            plugin,
-            database,
-            active,
-            confirmed_flush_lsn,
-            wal_status,
-            lag_bytes,
-        },
-    ))
+    Ok(row.map(|(plugin, database, active, confirmed_flush_lsn, wal_status, lag_bytes)| SlotInfo {
+        plugin,
+        database,
+        active,
+        confirmed_flush_lsn,
+        wal_status,
+        lag_bytes,
+    }))
 }
 
 /// Makes sure the persistent slot exists and is usable; returns the position streaming resumes at.
-pub async fn ensure_slot(
-    pool: &PgPool,
-    params: &ConnectParams,
-    slot: &str,
-) -> Result<Lsn, SlotError> {
+pub async fn ensure_slot(pool: &PgPool, params: &ConnectParams, slot: &str) -> Result<Lsn, SlotError> {
     if let Some(info) = slot_info(pool, slot).await? {
         check_slot(slot, &info, &params.database)?;
-        return Ok(info
-            .confirmed_flush_lsn
-            .and_then(|l| l.parse().ok())
-            .unwrap_or_default());
+        return Ok(info.confirmed_flush_lsn.and_then(|l| l.parse().ok()).unwrap_or_default());
     }
     let mut conn = ReplicationConnection::connect(params).await?;
-    let created = conn
-        .create_slot(slot, false, SnapshotAction::NoExport)
-        .await?;
+    let created = conn.create_slot(slot, false, SnapshotAction::NoExport).await?;
     conn.close().await?;
     tracing::info!(slot, lsn = %created.consistent_point, "created replication slot");
     Ok(created.consistent_point)
@@ -310,26 +261,17 @@ pub fn check_slot(slot: &str, info: &SlotInfo, database: &str) -> Result<(), Slo
     if info.wal_status.as_deref() == Some("lost") {
         return Err(SlotError::Lost {
             slot: slot.to_owned(),
-            confirmed: info
-                .confirmed_flush_lsn
-                .clone()
-                .unwrap_or_else(|| "?".into()),
+            confirmed: info.confirmed_flush_lsn.clone().unwrap_or_else(|| "?".into()),
         });
     }
     if let Some(plugin) = &info.plugin {
         if plugin != "pgoutput" {
-            return Err(SlotError::WrongPlugin {
-                slot: slot.to_owned(),
-                plugin: plugin.clone(),
-            });
+            return Err(SlotError::WrongPlugin { slot: slot.to_owned(), plugin: plugin.clone() });
         }
     }
     if let Some(db) = &info.database {
         if db != database {
-            return Err(SlotError::WrongDatabase {
-                slot: slot.to_owned(),
-                database: db.clone(),
-            });
+            return Err(SlotError::WrongDatabase { slot: slot.to_owned(), database: db.clone() });
         }
     }
     Ok(())
@@ -344,9 +286,7 @@ pub async fn drop_slot(pool: &PgPool, slot: &str) -> Result<bool, SlotError> {
         .bind(slot)
         .execute(pool)
         .await
-        .map_err(sql(format!(
-            "dropping slot {slot:?} (is a gateway still streaming from it?)"
-        )))?;
+        .map_err(sql(format!("dropping slot {slot:?} (is a gateway still streaming from it?)")))?;
     Ok(true)
 }
 
@@ -361,18 +301,9 @@ mod tests {
             spec.objects(150_000, &[]).unwrap(),
             "TABLES IN SCHEMA \"public\", TABLE \"app\".\"items\""
         );
-        let existing = vec![
-            ("public".to_owned(), "a".to_owned()),
-            ("other".to_owned(), "b".to_owned()),
-        ];
-        assert_eq!(
-            spec.objects(140_000, &existing).unwrap(),
-            "TABLE \"app\".\"items\", \"public\".\"a\""
-        );
-        assert_eq!(
-            TableSpec::parse(&["x.*".into()]).objects(140_000, &[]),
-            None
-        );
+        let existing = vec![("public".to_owned(), "a".to_owned()), ("other".to_owned(), "b".to_owned())];
+        assert_eq!(spec.objects(140_000, &existing).unwrap(), "TABLE \"app\".\"items\", \"public\".\"a\"");
+        assert_eq!(TableSpec::parse(&["x.*".into()]).objects(140_000, &[]), None);
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
     }
 }

@@ -21,8 +21,7 @@ use crate::replication::lsn::Lsn;
 use crate::replication::pgoutput::{self, Message, OldTuple, RelationBody};
 use crate::replication::values::{CatalogError, TypeCatalog};
 use crate::replication::wire::{
-    now_pg_micros, ConnectParams, ReplicationConnection, ReplicationMessage, ReplicationStream,
-    WireError,
+    now_pg_micros, ConnectParams, ReplicationConnection, ReplicationMessage, ReplicationStream, WireError,
 };
 
 /// Live facts about the stream, read by health, readiness and metrics.
@@ -61,9 +60,7 @@ impl ReplicationStatus {
     }
 
     pub fn lag_bytes(&self) -> u64 {
-        self.server_wal_end
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.flushed_lsn.load(Ordering::Relaxed))
+        self.server_wal_end.load(Ordering::Relaxed).saturating_sub(self.flushed_lsn.load(Ordering::Relaxed))
     }
 }
 
@@ -145,9 +142,8 @@ impl ReplicationTask {
                 attempt = 0;
             }
             attempt = attempt.saturating_add(1);
-            let base = Duration::from_millis(100)
-                .saturating_mul(1 << attempt.min(9))
-                .min(Duration::from_secs(30));
+            let base =
+                Duration::from_millis(100).saturating_mul(1 << attempt.min(9)).min(Duration::from_secs(30));
             let delay = base.mul_f64(0.5 + fastrand::f64() * 0.5);
             tokio::select! {
                 biased;
@@ -174,11 +170,7 @@ impl ReplicationTask {
         r
     }
 
-    async fn stream_once(
-        &self,
-        p: &mut Progress,
-        shutdown: &CancellationToken,
-    ) -> Result<(), StreamError> {
+    async fn stream_once(&self, p: &mut Progress, shutdown: &CancellationToken) -> Result<(), StreamError> {
         let conn = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
@@ -193,9 +185,7 @@ impl ReplicationTask {
         conn: ReplicationConnection,
         shutdown: &CancellationToken,
     ) -> Result<(), StreamError> {
-        let mut stream = conn
-            .start_replication(&self.slot, Lsn::ZERO, &self.publication)
-            .await?;
+        let mut stream = conn.start_replication(&self.slot, Lsn::ZERO, &self.publication).await?;
         self.status.connected.store(true, Ordering::Relaxed);
         self.status.connections.fetch_add(1, Ordering::Relaxed);
         self.status.set_error(None);
@@ -232,36 +222,19 @@ impl ReplicationTask {
                 }
             };
             match msg {
-                ReplicationMessage::XLogData {
-                    wal_end,
-                    server_time,
-                    data,
-                    ..
-                } => {
-                    self.status
-                        .received_lsn
-                        .fetch_max(wal_end.0, Ordering::Relaxed);
-                    self.status
-                        .last_server_time
-                        .store(server_time, Ordering::Relaxed);
+                ReplicationMessage::XLogData { wal_end, server_time, data, .. } => {
+                    self.status.received_lsn.fetch_max(wal_end.0, Ordering::Relaxed);
+                    self.status.last_server_time.store(server_time, Ordering::Relaxed);
                     self.handle(p, &mut txn, pgoutput::decode(data)?).await?;
                 }
-                ReplicationMessage::Keepalive {
-                    wal_end,
-                    server_time,
-                    reply_requested,
-                } => {
-                    self.status
-                        .server_wal_end
-                        .store(wal_end.0, Ordering::Relaxed);
-                    self.status
-                        .last_server_time
-                        .store(server_time, Ordering::Relaxed);
+                ReplicationMessage::Keepalive { wal_end, server_time, reply_requested } => {
+                    self.status.server_wal_end.store(wal_end.0, Ordering::Relaxed);
+                    self.status.last_server_time.store(server_time, Ordering::Relaxed);
                     self.status.caught_up.store(true, Ordering::Relaxed);
                     // Nothing open and everything handed on has been dispatched: all WAL up to
                     // the server's position is either delivered or not ours, so it may be confirmed.
-                    let idle = txn.is_none()
-                        && Lsn(self.dispatched.load(Ordering::Acquire)) >= p.last_commit_end;
+                    let idle =
+                        txn.is_none() && Lsn(self.dispatched.load(Ordering::Acquire)) >= p.last_commit_end;
                     if idle {
                         p.idle_flush = p.idle_flush.max(wal_end);
                     }
@@ -289,18 +262,10 @@ impl ReplicationTask {
     }
 
     async fn send(&self, event: ChangeEvent) -> Result<(), StreamError> {
-        self.tx
-            .send(event)
-            .await
-            .map_err(|_| StreamError::FanoutGone)
+        self.tx.send(event).await.map_err(|_| StreamError::FanoutGone)
     }
 
-    async fn handle(
-        &self,
-        p: &mut Progress,
-        txn: &mut Option<Txn>,
-        msg: Message,
-    ) -> Result<(), StreamError> {
+    async fn handle(&self, p: &mut Progress, txn: &mut Option<Txn>, msg: Message) -> Result<(), StreamError> {
         match msg {
             Message::Begin(b) => {
                 *txn = Some(Txn {
@@ -313,16 +278,10 @@ impl ReplicationTask {
             Message::Commit(c) => {
                 let skip = txn.take().is_some_and(|t| t.skip);
                 if !skip {
-                    self.send(ChangeEvent::Commit {
-                        commit_lsn: c.commit_lsn,
-                        end_lsn: c.end_lsn,
-                    })
-                    .await?;
+                    self.send(ChangeEvent::Commit { commit_lsn: c.commit_lsn, end_lsn: c.end_lsn }).await?;
                     p.last_commit_lsn = c.commit_lsn;
                     p.last_commit_end = c.end_lsn;
-                    self.status
-                        .last_commit_ts
-                        .store(c.commit_ts, Ordering::Relaxed);
+                    self.status.last_commit_ts.store(c.commit_ts, Ordering::Relaxed);
                 }
             }
             Message::Relation(body) => {
@@ -331,25 +290,17 @@ impl ReplicationTask {
             }
             Message::Type { oid, .. } => p.catalog.forget(oid),
             Message::Insert { relation_id, new } => {
-                self.change(p, txn, relation_id, ChangeKind::Insert, Some(new), None)
-                    .await?
+                self.change(p, txn, relation_id, ChangeKind::Insert, Some(new), None).await?
             }
-            Message::Update {
-                relation_id,
-                old,
-                new,
-            } => {
-                self.change(p, txn, relation_id, ChangeKind::Update, Some(new), old)
-                    .await?
+            Message::Update { relation_id, old, new } => {
+                self.change(p, txn, relation_id, ChangeKind::Update, Some(new), old).await?
             }
             Message::Delete { relation_id, old } => {
-                self.change(p, txn, relation_id, ChangeKind::Delete, None, Some(old))
-                    .await?
+                self.change(p, txn, relation_id, ChangeKind::Delete, None, Some(old)).await?
             }
             Message::Truncate { relation_ids, .. } => {
                 for id in relation_ids {
-                    self.change(p, txn, id, ChangeKind::Truncate, None, None)
-                        .await?;
+                    self.change(p, txn, id, ChangeKind::Truncate, None, None).await?;
                 }
             }
             Message::Origin { .. } | Message::Message(_) => {}
@@ -372,10 +323,7 @@ impl ReplicationTask {
         if t.skip {
             return Ok(());
         }
-        let relation = p
-            .relations
-            .get(&relation_id)
-            .ok_or(StreamError::UnknownRelation(relation_id))?;
+        let relation = p.relations.get(&relation_id).ok_or(StreamError::UnknownRelation(relation_id))?;
         let change = Change {
             relation: Arc::clone(relation),
             kind,
@@ -392,19 +340,11 @@ impl ReplicationTask {
         self.send(ChangeEvent::Change(change)).await
     }
 
-    async fn relation(
-        &self,
-        p: &mut Progress,
-        body: RelationBody,
-    ) -> Result<Arc<Relation>, StreamError> {
+    async fn relation(&self, p: &mut Progress, body: RelationBody) -> Result<Arc<Relation>, StreamError> {
         let mut columns = Vec::with_capacity(body.columns.len());
         for c in &body.columns {
             let ty = p.catalog.resolve(&self.pool, c.type_oid).await?;
-            columns.push(Column {
-                name: c.name.as_str().into(),
-                ty,
-                is_key: c.is_key,
-            });
+            columns.push(Column { name: c.name.as_str().into(), ty, is_key: c.is_key });
         }
         Ok(Arc::new(Relation::new(
             body.id,

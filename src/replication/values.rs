@@ -102,18 +102,11 @@ impl Default for TypeCatalog {
     fn default() -> Self {
         let mut types = HashMap::new();
         for &(oid, name, array_oid) in BUILTIN {
-            let scalar = Arc::new(TypeInfo {
-                oid,
-                name: name.into(),
-                kind: builtin_kind(oid),
-            });
+            let scalar = Arc::new(TypeInfo { oid, name: name.into(), kind: builtin_kind(oid) });
             let array = TypeInfo {
                 oid: array_oid,
                 name: format!("_{name}").into(),
-                kind: TypeKind::Array {
-                    element: Arc::clone(&scalar),
-                    delimiter: b',',
-                },
+                kind: TypeKind::Array { element: Arc::clone(&scalar), delimiter: b',' },
             };
             types.insert(oid, scalar);
             types.insert(array_oid, Arc::new(array));
@@ -143,11 +136,7 @@ impl TypeCatalog {
     }
 
     /// Returns the type, loading it (and the types it is made of) from the catalog if unknown.
-    pub async fn resolve(
-        &mut self,
-        pool: &sqlx::PgPool,
-        oid: u32,
-    ) -> Result<Arc<TypeInfo>, CatalogError> {
+    pub async fn resolve(&mut self, pool: &sqlx::PgPool, oid: u32) -> Result<Arc<TypeInfo>, CatalogError> {
         if let Some(t) = self.types.get(&oid) {
             return Ok(Arc::clone(t));
         }
@@ -171,10 +160,7 @@ impl TypeCatalog {
             row.ok_or(CatalogError::UnknownType(oid))?;
         let kind = if is_array {
             let element = self.resolve(pool, typelem as u32).await?;
-            TypeKind::Array {
-                element,
-                delimiter: typdelim.bytes().next().unwrap_or(b','),
-            }
+            TypeKind::Array { element, delimiter: typdelim.bytes().next().unwrap_or(b',') }
         } else if typtype == "d" {
             // A domain renders as its base type does, under its own name.
             self.resolve(pool, typbasetype as u32).await?.kind.clone()
@@ -195,11 +181,7 @@ impl TypeCatalog {
         } else {
             builtin_kind(oid)
         };
-        let info = Arc::new(TypeInfo {
-            oid,
-            name: typname.into(),
-            kind,
-        });
+        let info = Arc::new(TypeInfo { oid, name: typname.into(), kind });
         self.types.insert(oid, Arc::clone(&info));
         Ok(info)
     }
@@ -361,11 +343,7 @@ fn write_array(out: &mut Vec<u8>, element: &TypeInfo, delimiter: u8, text: &[u8]
         _ => text,
     };
     let start = out.len();
-    let mut p = ArrayParser {
-        s: body,
-        i: 0,
-        scratch: Vec::new(),
-    };
+    let mut p = ArrayParser { s: body, i: 0, scratch: Vec::new() };
     if !p.value(out, element, delimiter) || p.i != body.len() {
         // Not an array literal after all: keep the text rather than emit broken JSON.
         out.truncate(start);
@@ -467,10 +445,7 @@ impl ArrayParser<'_> {
 
 /// Renders a record literal (`(1,"a b",)`) as an object of the composite's fields.
 fn write_composite(out: &mut Vec<u8>, fields: &[(String, Arc<TypeInfo>)], text: &[u8]) {
-    let inner = text
-        .strip_prefix(b"(")
-        .and_then(|t| t.strip_suffix(b")"))
-        .unwrap_or(text);
+    let inner = text.strip_prefix(b"(").and_then(|t| t.strip_suffix(b")")).unwrap_or(text);
     out.push(b'{');
     let mut i = 0;
     let mut scratch = Vec::new();
@@ -543,22 +518,10 @@ mod tests {
 
     #[test]
     fn timestamps() {
-        assert_eq!(
-            render(1114, "2024-01-02 03:04:05.5"),
-            "\"2024-01-02T03:04:05.5\""
-        );
-        assert_eq!(
-            render(1184, "2024-01-02 03:04:05+00"),
-            "\"2024-01-02T03:04:05+00:00\""
-        );
-        assert_eq!(
-            render(1184, "0044-03-15 12:00:00+00 BC"),
-            "\"0044-03-15T12:00:00+00:00 BC\""
-        );
-        assert_eq!(
-            render(1184, "2024-01-02 03:04:05+05:30"),
-            "\"2024-01-02T03:04:05+05:30\""
-        );
+        assert_eq!(render(1114, "2024-01-02 03:04:05.5"), "\"2024-01-02T03:04:05.5\"");
+        assert_eq!(render(1184, "2024-01-02 03:04:05+00"), "\"2024-01-02T03:04:05+00:00\"");
+        assert_eq!(render(1184, "0044-03-15 12:00:00+00 BC"), "\"0044-03-15T12:00:00+00:00 BC\"");
+        assert_eq!(render(1184, "2024-01-02 03:04:05+05:30"), "\"2024-01-02T03:04:05+05:30\"");
         assert_eq!(render(1184, "infinity"), "\"infinity\"");
         assert_eq!(render(1082, "2024-01-02"), "\"2024-01-02\"");
     }
@@ -569,14 +532,8 @@ mod tests {
         assert_eq!(render(1007, "{}"), "[]");
         assert_eq!(render(1007, "{{1,2},{3,4}}"), "[[1,2],[3,4]]");
         assert_eq!(render(1007, "[0:1]={7,8}"), "[7,8]");
-        assert_eq!(
-            render(1009, r#"{"a,b","c\"d",NULL,"NULL",e}"#),
-            r#"["a,b","c\"d",null,"NULL","e"]"#
-        );
-        assert_eq!(
-            render(1185, r#"{"2024-01-02 03:04:05+00"}"#),
-            r#"["2024-01-02T03:04:05+00:00"]"#
-        );
+        assert_eq!(render(1009, r#"{"a,b","c\"d",NULL,"NULL",e}"#), r#"["a,b","c\"d",null,"NULL","e"]"#);
+        assert_eq!(render(1185, r#"{"2024-01-02 03:04:05+00"}"#), r#"["2024-01-02T03:04:05+00:00"]"#);
         assert_eq!(render(3807, r#"{"{\"a\": 1}"}"#), r#"[{"a": 1}]"#);
     }
 
@@ -596,16 +553,10 @@ mod tests {
         };
         let mut out = Vec::new();
         write_json(&mut out, &ty, br#"(1,"a ""b"", c",)"#);
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            r#"{"n":1,"s":"a \"b\", c","z":null}"#
-        );
+        assert_eq!(String::from_utf8(out).unwrap(), r#"{"n":1,"s":"a \"b\", c","z":null}"#);
         let mut out = Vec::new();
         write_json(&mut out, &ty, br#"(,"",x)"#);
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            r#"{"n":null,"s":"","z":"x"}"#
-        );
+        assert_eq!(String::from_utf8(out).unwrap(), r#"{"n":null,"s":"","z":"x"}"#);
     }
 
     #[test]
@@ -613,9 +564,7 @@ mod tests {
         for ok in ["0", "-0", "12", "1.5", "1e5", "1E-05", "-0.001"] {
             assert!(is_json_number(ok.as_bytes()), "{ok}");
         }
-        for bad in [
-            "", "-", "01", "1.", ".5", "NaN", "Infinity", "1e", "1x", "+1",
-        ] {
+        for bad in ["", "-", "01", "1.", ".5", "NaN", "Infinity", "1e", "1x", "+1"] {
             assert!(!is_json_number(bad.as_bytes()), "{bad}");
         }
     }

@@ -42,11 +42,7 @@ pub enum WireError {
     #[error("authentication failed: {0}")]
     Auth(String),
     #[error("server error {code}: {message}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
-    Server {
-        code: String,
-        message: String,
-        detail: Option<String>,
-    },
+    Server { code: String, message: String, detail: Option<String> },
     #[error("protocol violation: {0}")]
     Protocol(String),
     #[error("the server closed the replication connection")]
@@ -102,11 +98,9 @@ fn percent_decode(s: &str) -> Result<String, WireError> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .ok_or_else(|| WireError::Url("truncated %-escape".into()))?;
-            let v = u8::from_str_radix(hex, 16)
-                .map_err(|_| WireError::Url(format!("bad %-escape %{hex}")))?;
+            let hex = s.get(i + 1..i + 3).ok_or_else(|| WireError::Url("truncated %-escape".into()))?;
+            let v =
+                u8::from_str_radix(hex, 16).map_err(|_| WireError::Url(format!("bad %-escape %{hex}")))?;
             out.push(v);
             i += 3;
         } else {
@@ -138,9 +132,7 @@ impl ConnectParams {
             None => (String::new(), None),
         };
         let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
-            let (h, p) = h
-                .split_once(']')
-                .ok_or_else(|| WireError::Url("unterminated [ in host".into()))?;
+            let (h, p) = h.split_once(']').ok_or_else(|| WireError::Url("unterminated [ in host".into()))?;
             (h.to_owned(), p.strip_prefix(':').unwrap_or(""))
         } else {
             match hostport.rsplit_once(':') {
@@ -151,21 +143,12 @@ impl ConnectParams {
         let port = if port.is_empty() {
             5432
         } else {
-            port.parse()
-                .map_err(|_| WireError::Url(format!("bad port {port:?}")))?
+            port.parse().map_err(|_| WireError::Url(format!("bad port {port:?}")))?
         };
         let mut params = ConnectParams {
-            host: if host.is_empty() {
-                "localhost".into()
-            } else {
-                percent_decode(&host)?
-            },
+            host: if host.is_empty() { "localhost".into() } else { percent_decode(&host)? },
             port,
-            user: if user.is_empty() {
-                "postgres".into()
-            } else {
-                user
-            },
+            user: if user.is_empty() { "postgres".into() } else { user },
             password,
             database: percent_decode(database)?,
             sslmode: SslMode::Prefer,
@@ -187,11 +170,7 @@ impl ConnectParams {
                 "user" => params.user = v,
                 "password" => params.password = Some(v),
                 "host" => params.host = v,
-                "port" => {
-                    params.port = v
-                        .parse()
-                        .map_err(|_| WireError::Url(format!("bad port {v:?}")))?
-                }
+                "port" => params.port = v.parse().map_err(|_| WireError::Url(format!("bad port {v:?}")))?,
                 "dbname" => params.database = v,
                 "application_name" => params.application_name = v,
                 _ => {}
@@ -245,9 +224,7 @@ pub enum SnapshotAction {
 impl ReplicationConnection {
     pub async fn connect(params: &ConnectParams) -> Result<Self, WireError> {
         let addr = format!("{}:{}", params.host, params.port);
-        let tcp = TcpStream::connect(&addr)
-            .await
-            .map_err(|source| WireError::Connect { addr, source })?;
+        let tcp = TcpStream::connect(&addr).await.map_err(|source| WireError::Connect { addr, source })?;
         tcp.set_nodelay(true)?;
         let io = negotiate_tls(tcp, params).await?;
         let mut conn = ReplicationConnection {
@@ -307,9 +284,10 @@ impl ReplicationConnection {
         frontend::startup_message(startup.iter().copied(), &mut self.write_buf)?;
         self.flush().await?;
         let password = || {
-            params.password.as_deref().ok_or_else(|| {
-                WireError::Auth("the server asks for a password but the URL has none".into())
-            })
+            params
+                .password
+                .as_deref()
+                .ok_or_else(|| WireError::Auth("the server asks for a password but the URL has none".into()))
         };
         loop {
             match self.read().await? {
@@ -354,11 +332,7 @@ impl ReplicationConnection {
                         _ => err,
                     });
                 }
-                _ => {
-                    return Err(WireError::Protocol(
-                        "unexpected message during startup".into(),
-                    ))
-                }
+                _ => return Err(WireError::Protocol("unexpected message during startup".into())),
             }
         }
     }
@@ -368,9 +342,9 @@ impl ReplicationConnection {
         frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut self.write_buf)?;
         self.flush().await?;
         match self.read().await? {
-            backend::Message::AuthenticationSaslContinue(body) => scram
-                .update(body.data())
-                .map_err(|e| WireError::Auth(e.to_string()))?,
+            backend::Message::AuthenticationSaslContinue(body) => {
+                scram.update(body.data()).map_err(|e| WireError::Auth(e.to_string()))?
+            }
             backend::Message::ErrorResponse(body) => {
                 return Err(WireError::Auth(server_error(&body).to_string()))
             }
@@ -379,12 +353,10 @@ impl ReplicationConnection {
         frontend::sasl_response(scram.message(), &mut self.write_buf)?;
         self.flush().await?;
         match self.read().await? {
-            backend::Message::AuthenticationSaslFinal(body) => scram
-                .finish(body.data())
-                .map_err(|e| WireError::Auth(e.to_string())),
-            backend::Message::ErrorResponse(body) => {
-                Err(WireError::Auth(server_error(&body).to_string()))
+            backend::Message::AuthenticationSaslFinal(body) => {
+                scram.finish(body.data()).map_err(|e| WireError::Auth(e.to_string()))
             }
+            backend::Message::ErrorResponse(body) => Err(WireError::Auth(server_error(&body).to_string())),
             _ => Err(WireError::Protocol("expected SASL final".into())),
         }
     }
@@ -405,9 +377,7 @@ impl ReplicationConnection {
                         row.push(match range {
                             Some(r) => Some(
                                 std::str::from_utf8(buf.get(r).unwrap_or_default())
-                                    .map_err(|_| {
-                                        WireError::Protocol("non-UTF-8 text in a row".into())
-                                    })?
+                                    .map_err(|_| WireError::Protocol("non-UTF-8 text in a row".into()))?
                                     .to_owned(),
                             ),
                             None => None,
@@ -429,9 +399,8 @@ impl ReplicationConnection {
 
     pub async fn identify_system(&mut self) -> Result<SystemIdentity, WireError> {
         let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| WireError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let row =
+            rows.first().ok_or_else(|| WireError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
         let col = |i: usize| row.get(i).cloned().flatten();
         Ok(SystemIdentity {
             system_id: col(0).unwrap_or_default(),
@@ -490,8 +459,7 @@ impl ReplicationConnection {
             match self.read_or_copy_both().await? {
                 None => break,
                 Some(backend::Message::ErrorResponse(body)) => return Err(server_error(&body)),
-                Some(backend::Message::NoticeResponse(_))
-                | Some(backend::Message::ParameterStatus(_)) => {}
+                Some(backend::Message::NoticeResponse(_)) | Some(backend::Message::ParameterStatus(_)) => {}
                 Some(_) => return Err(WireError::Protocol("expected CopyBothResponse".into())),
             }
         }
@@ -510,17 +478,8 @@ impl ReplicationConnection {
 /// A message of the CopyBoth stream.
 #[derive(Debug)]
 pub enum ReplicationMessage {
-    XLogData {
-        wal_start: Lsn,
-        wal_end: Lsn,
-        server_time: i64,
-        data: Bytes,
-    },
-    Keepalive {
-        wal_end: Lsn,
-        server_time: i64,
-        reply_requested: bool,
-    },
+    XLogData { wal_start: Lsn, wal_end: Lsn, server_time: i64, data: Bytes },
+    Keepalive { wal_end: Lsn, server_time: i64, reply_requested: bool },
 }
 
 /// The CopyBoth phase of a walsender connection.
@@ -583,12 +542,7 @@ fn parse_copy_data(mut b: Bytes) -> Result<ReplicationMessage, WireError> {
             let wal_start = Lsn(b.get_u64());
             let wal_end = Lsn(b.get_u64());
             let server_time = b.get_i64();
-            Ok(ReplicationMessage::XLogData {
-                wal_start,
-                wal_end,
-                server_time,
-                data: b,
-            })
+            Ok(ReplicationMessage::XLogData { wal_start, wal_end, server_time, data: b })
         }
         b'k' => {
             if b.len() < 17 {
@@ -600,26 +554,19 @@ fn parse_copy_data(mut b: Bytes) -> Result<ReplicationMessage, WireError> {
                 reply_requested: b.get_u8() == 1,
             })
         }
-        other => Err(WireError::Protocol(format!(
-            "unknown replication message {:?}",
-            char::from(other)
-        ))),
+        other => Err(WireError::Protocol(format!("unknown replication message {:?}", char::from(other)))),
     }
 }
 
 /// Current time in microseconds since the Postgres epoch.
 pub fn now_pg_micros() -> i64 {
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     i64::try_from(unix.as_micros()).unwrap_or(i64::MAX) - PG_EPOCH_OFFSET_MICROS
 }
 
 fn parse_server_version(v: &str) -> u32 {
     // "15.18 (Debian 15.18-0+deb12u1)" -> 150018
-    let mut parts = v
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|p| !p.is_empty());
+    let mut parts = v.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
     let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     major * 10_000 + minor
@@ -644,17 +591,10 @@ fn server_error(body: &backend::ErrorResponseBody) -> WireError {
             _ => {}
         }
     }
-    WireError::Server {
-        code,
-        message,
-        detail,
-    }
+    WireError::Server { code, message, detail }
 }
 
-async fn negotiate_tls(
-    mut tcp: TcpStream,
-    params: &ConnectParams,
-) -> Result<Box<dyn Io>, WireError> {
+async fn negotiate_tls(mut tcp: TcpStream, params: &ConnectParams) -> Result<Box<dyn Io>, WireError> {
     if params.sslmode == SslMode::Disable {
         return Ok(Box::new(tcp));
     }
@@ -665,10 +605,9 @@ async fn negotiate_tls(
     if answer != b'S' {
         return match params.sslmode {
             SslMode::Prefer => Ok(Box::new(tcp)),
-            _ => Err(WireError::Tls(format!(
-                "sslmode={:?} but the server does not offer TLS",
-                params.sslmode
-            ))),
+            _ => {
+                Err(WireError::Tls(format!("sslmode={:?} but the server does not offer TLS", params.sslmode)))
+            }
         };
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -676,9 +615,7 @@ async fn negotiate_tls(
         .with_safe_default_protocol_versions()
         .map_err(|e| WireError::Tls(e.to_string()))?;
     let config = if params.sslmode == SslMode::VerifyFull {
-        let roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
+        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
         builder.with_root_certificates(roots).with_no_client_auth()
     } else {
         // libpq semantics: prefer/require encrypt without verifying the certificate.
@@ -718,12 +655,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerification {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -732,12 +664,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerification {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -751,42 +678,26 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        let p = ConnectParams::from_url(
-            "postgres://al%40ice:p%3Ass@db.example:6543/app?sslmode=require",
-        )
-        .unwrap();
-        assert_eq!(
-            (p.user.as_str(), p.password.as_deref()),
-            ("al@ice", Some("p:ss"))
-        );
-        assert_eq!(
-            (p.host.as_str(), p.port, p.database.as_str()),
-            ("db.example", 6543, "app")
-        );
+        let p = ConnectParams::from_url("postgres://al%40ice:p%3Ass@db.example:6543/app?sslmode=require")
+            .unwrap();
+        assert_eq!((p.user.as_str(), p.password.as_deref()), ("al@ice", Some("p:ss")));
+        assert_eq!((p.host.as_str(), p.port, p.database.as_str()), ("db.example", 6543, "app"));
         assert_eq!(p.sslmode, SslMode::Require);
 
         let p = ConnectParams::from_url("postgresql://u@[::1]/d").unwrap();
         assert_eq!((p.host.as_str(), p.port), ("::1", 5432));
         let p = ConnectParams::from_url("postgres://localhost").unwrap();
-        assert_eq!(
-            (p.user.as_str(), p.database.as_str()),
-            ("postgres", "postgres")
+        assert_eq!((p.user.as_str(), p.database.as_str()), ("postgres", "postgres"));
+        assert!(
+            !format!("{:?}", ConnectParams::from_url("postgres://u:secret@h/d").unwrap()).contains("secret")
         );
-        assert!(!format!(
-            "{:?}",
-            ConnectParams::from_url("postgres://u:secret@h/d").unwrap()
-        )
-        .contains("secret"));
     }
 
     #[test]
     fn rejects_bad_urls() {
-        for url in [
-            "mysql://x",
-            "postgres://h:notaport/d",
-            "postgres://h/d?sslmode=sometimes",
-            "postgres://%zz@h/d",
-        ] {
+        for url in
+            ["mysql://x", "postgres://h:notaport/d", "postgres://h/d?sslmode=sometimes", "postgres://%zz@h/d"]
+        {
             assert!(ConnectParams::from_url(url).is_err(), "{url}");
         }
     }
@@ -799,19 +710,12 @@ mod tests {
         w.put_u64(2);
         w.put_i64(3);
         w.put_slice(b"Bpayload");
-        let ReplicationMessage::XLogData {
-            wal_start,
-            wal_end,
-            server_time,
-            data,
-        } = parse_copy_data(w.freeze()).unwrap()
+        let ReplicationMessage::XLogData { wal_start, wal_end, server_time, data } =
+            parse_copy_data(w.freeze()).unwrap()
         else {
             panic!("not xlogdata")
         };
-        assert_eq!(
-            (wal_start, wal_end, server_time, &data[..]),
-            (Lsn(1), Lsn(2), 3, &b"Bpayload"[..])
-        );
+        assert_eq!((wal_start, wal_end, server_time, &data[..]), (Lsn(1), Lsn(2), 3, &b"Bpayload"[..]));
 
         let mut k = BytesMut::new();
         k.put_u8(b'k');
@@ -820,11 +724,7 @@ mod tests {
         k.put_u8(1);
         assert!(matches!(
             parse_copy_data(k.freeze()).unwrap(),
-            ReplicationMessage::Keepalive {
-                wal_end: Lsn(9),
-                server_time: 8,
-                reply_requested: true
-            }
+            ReplicationMessage::Keepalive { wal_end: Lsn(9), server_time: 8, reply_requested: true }
         ));
 
         for bad in [&b""[..], b"w123", b"k12345678", b"x"] {
@@ -834,10 +734,7 @@ mod tests {
 
     #[test]
     fn server_versions() {
-        assert_eq!(
-            parse_server_version("15.18 (Debian 15.18-0+deb12u1)"),
-            150018
-        );
+        assert_eq!(parse_server_version("15.18 (Debian 15.18-0+deb12u1)"), 150018);
         assert_eq!(parse_server_version("16devel"), 160000);
     }
 }

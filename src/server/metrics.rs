@@ -26,17 +26,9 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     let s = &state.status;
     let mut out = String::with_capacity(1024);
     let mut put = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     };
-    put(
-        CLIENTS,
-        "gauge",
-        "Connected WebSocket clients.",
-        m.clients.load(Ordering::Relaxed).to_string(),
-    );
+    put(CLIENTS, "gauge", "Connected WebSocket clients.", m.clients.load(Ordering::Relaxed).to_string());
     put(
         SUBSCRIPTIONS,
         "gauge",
@@ -65,9 +57,7 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
         SLOW_DISCONNECTS,
         "counter",
         "Clients disconnected because their queue was full.",
-        m.slow_client_disconnects
-            .load(Ordering::Relaxed)
-            .to_string(),
+        m.slow_client_disconnects.load(Ordering::Relaxed).to_string(),
     );
     put(
         LAG_BYTES,

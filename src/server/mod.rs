@@ -50,9 +50,7 @@ pub fn router(state: AppState) -> Router {
 async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
     let s = &state.status;
     if !s.connected.load(Ordering::Relaxed) {
-        let reason = s
-            .error()
-            .unwrap_or_else(|| "replication stream is not connected".into());
+        let reason = s.error().unwrap_or_else(|| "replication stream is not connected".into());
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"ready": false, "reason": reason})),
@@ -61,14 +59,9 @@ async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> 
     if !s.caught_up.load(Ordering::Relaxed) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                serde_json::json!({"ready": false, "reason": "replication stream is catching up",
-                                    "lag_bytes": s.lag_bytes()}),
-            ),
+            Json(serde_json::json!({"ready": false, "reason": "replication stream is catching up",
+                                    "lag_bytes": s.lag_bytes()})),
         );
     }
-    (
-        StatusCode::OK,
-        Json(serde_json::json!({"ready": true, "lag_bytes": s.lag_bytes()})),
-    )
+    (StatusCode::OK, Json(serde_json::json!({"ready": true, "lag_bytes": s.lag_bytes()})))
 }

@@ -53,12 +53,8 @@ pub async fn upgrade(
             .into_response();
     };
     // Keys are accepted without verification until token checks exist.
-    let _apikey = params.apikey.or_else(|| {
-        headers
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    });
+    let _apikey =
+        params.apikey.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::to_owned));
     let limits = state.limits;
     // Small buffers: most sockets are idle most of the time, and each holds its buffers.
     ws.max_message_size(limits.max_frame_bytes)
@@ -90,22 +86,11 @@ enum Close {
 impl Connection {
     fn new(state: AppState, vsn: Vsn) -> Self {
         let (tx, rx) = mpsc::channel(state.limits.client_queue);
-        Connection {
-            state,
-            vsn,
-            channels: HashMap::new(),
-            tx,
-            rx,
-            kill: CancellationToken::new(),
-        }
+        Connection { state, vsn, channels: HashMap::new(), tx, rx, kill: CancellationToken::new() }
     }
 
     async fn run(mut self, socket: WebSocket) {
-        self.state
-            .fanout
-            .metrics
-            .clients
-            .fetch_add(1, Ordering::Relaxed);
+        self.state.fanout.metrics.clients.fetch_add(1, Ordering::Relaxed);
         let (mut sink, mut stream) = socket.split();
         let idle = self.state.limits.idle_timeout;
         let mut deadline = tokio::time::Instant::now() + idle;
@@ -161,23 +146,14 @@ impl Connection {
             }
         };
         if let Close::Code(code, reason) = close {
-            let _ = sink
-                .send(Message::Close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                })))
-                .await;
+            let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
             let _ = sink.close().await;
         }
         let topics: Vec<String> = self.channels.keys().cloned().collect();
         for t in topics {
             self.leave(&t);
         }
-        self.state
-            .fanout
-            .metrics
-            .clients
-            .fetch_sub(1, Ordering::Relaxed);
+        self.state.fanout.metrics.clients.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn reply(&self, f: &ClientFrame, status: &str, response: Value) -> String {
@@ -232,11 +208,7 @@ impl Connection {
             (topic, event) if self.channels.contains_key(topic) => match event {
                 "access_token" => {}
                 "broadcast" | "presence" => {
-                    let ack = frame
-                        .payload
-                        .pointer("/ack")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(true);
+                    let ack = frame.payload.pointer("/ack").and_then(Value::as_bool).unwrap_or(true);
                     if ack && frame.msg_ref.is_some() {
                         out.push(self.reply(&frame, "ok", json!({})));
                     }
@@ -281,11 +253,7 @@ impl Connection {
             if let Ok(mut index) = self.state.fanout.index.write() {
                 for id in &ch.subs {
                     if index.remove(*id) {
-                        self.state
-                            .fanout
-                            .metrics
-                            .subscriptions
-                            .fetch_sub(1, Ordering::Relaxed);
+                        self.state.fanout.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -317,18 +285,10 @@ impl Connection {
             Some(Value::Array(b)) => b.clone(),
             _ => Vec::new(),
         };
-        let resolved = if bindings.is_empty() {
-            Vec::new()
-        } else {
-            self.state.catalog.resolve(&bindings).await
-        };
+        let resolved =
+            if bindings.is_empty() { Vec::new() } else { self.state.catalog.resolve(&bindings).await };
         let (prefix, suffix) = phoenix::change_frame_parts(self.vsn, &topic);
-        let sink = Arc::new(ChannelSink {
-            prefix,
-            suffix,
-            tx: self.tx.clone(),
-            kill: self.kill.clone(),
-        });
+        let sink = Arc::new(ChannelSink { prefix, suffix, tx: self.tx.clone(), kill: self.kill.clone() });
         let mut subs = Vec::new();
         let mut errors = Vec::new();
         let mut echoed = Vec::with_capacity(bindings.len());
@@ -343,23 +303,13 @@ impl Connection {
                 Ok(spec) => {
                     if let Ok(mut index) = self.state.fanout.index.write() {
                         subs.push(index.insert(Arc::clone(&sink), spec));
-                        self.state
-                            .fanout
-                            .metrics
-                            .subscriptions
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.state.fanout.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Err(msg) => errors.push(msg),
             }
         }
-        self.channels.insert(
-            topic.clone(),
-            JoinedChannel {
-                join_ref: frame.join_ref.clone(),
-                subs,
-            },
-        );
+        self.channels.insert(topic.clone(), JoinedChannel { join_ref: frame.join_ref.clone(), subs });
         out.push(self.reply(&frame, "ok", json!({"postgres_changes": echoed})));
         if !bindings.is_empty() {
             let payload = if errors.is_empty() {

@@ -8,20 +8,12 @@ use walcast::bench::{self, BenchOptions};
 use crate::support::fresh_db;
 
 async fn opts(name: &str) -> (BenchOptions, PathBuf) {
-    let json =
-        std::env::temp_dir().join(format!("walcast-bench-{name}-{}.json", std::process::id()));
-    (
-        BenchOptions {
-            database_url: Some(fresh_db().await),
-            json: Some(json.clone()),
-        },
-        json,
-    )
+    let json = std::env::temp_dir().join(format!("walcast-bench-{name}-{}.json", std::process::id()));
+    (BenchOptions { database_url: Some(fresh_db().await), json: Some(json.clone()) }, json)
 }
 
 fn read(path: &PathBuf) -> serde_json::Value {
-    let v =
-        serde_json::from_slice(&std::fs::read(path).expect("json written")).expect("valid json");
+    let v = serde_json::from_slice(&std::fs::read(path).expect("json written")).expect("valid json");
     let _ = std::fs::remove_file(path);
     v
 }
@@ -43,13 +35,7 @@ async fn ingest_scenario() {
     let v = read(&path);
     assert_eq!(v["scenario"], "ingest");
     assert_eq!(v["changes"], 300);
-    for k in [
-        "changes_per_sec",
-        "recvlogical_changes_per_sec",
-        "ratio",
-        "cpu_seconds",
-        "peak_rss_bytes",
-    ] {
+    for k in ["changes_per_sec", "recvlogical_changes_per_sec", "ratio", "cpu_seconds", "peak_rss_bytes"] {
         assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
     }
 }
@@ -64,31 +50,20 @@ async fn match_scenario() {
     let v = read(&path);
     assert_eq!(v["scenario"], "match");
     for k in ["10", "1000", "100000"] {
-        assert!(
-            v["ns_per_change"][k].as_f64().is_some_and(|x| x > 0.0),
-            "{k} in {v}"
-        );
+        assert!(v["ns_per_change"][k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
     }
 }
 
 #[tokio::test]
 async fn fanout_scenario() {
     let (o, path) = opts("fanout").await;
-    bench::sockets::fanout(&o, &socket_opts(5, 100, 2))
-        .await
-        .expect("fanout runs");
+    bench::sockets::fanout(&o, &socket_opts(5, 100, 2)).await.expect("fanout runs");
     let v = read(&path);
-    assert_eq!(
-        (v["scenario"].as_str(), v["clients"].as_u64()),
-        (Some("fanout"), Some(5))
-    );
+    assert_eq!((v["scenario"].as_str(), v["clients"].as_u64()), (Some("fanout"), Some(5)));
     assert_eq!(v["delivered"], 200);
     assert_eq!(v["lost"], 0);
     for q in ["p50", "p95", "p99", "max"] {
-        assert!(
-            v["latency_ms"][q].as_f64().is_some_and(|x| x > 0.0),
-            "{q} in {v}"
-        );
+        assert!(v["latency_ms"][q].as_f64().is_some_and(|x| x > 0.0), "{q} in {v}");
     }
     assert!(v["latency_ms"]["p50"].as_f64() <= v["latency_ms"]["max"].as_f64());
 }
@@ -96,14 +71,9 @@ async fn fanout_scenario() {
 #[tokio::test]
 async fn idle_scenario() {
     let (o, path) = opts("idle").await;
-    bench::sockets::idle(&o, &socket_opts(20, 0, 0))
-        .await
-        .expect("idle runs");
+    bench::sockets::idle(&o, &socket_opts(20, 0, 0)).await.expect("idle runs");
     let v = read(&path);
-    assert_eq!(
-        (v["scenario"].as_str(), v["sockets"].as_u64()),
-        (Some("idle"), Some(20))
-    );
+    assert_eq!((v["scenario"].as_str(), v["sockets"].as_u64()), (Some("idle"), Some(20)));
     assert!(v["rss_bytes_per_socket"].as_f64().is_some(), "{v}");
     assert!(v["rss_bytes_after"].as_u64() > Some(0));
 }

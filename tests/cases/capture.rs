@@ -27,13 +27,9 @@ impl Capture {
     pub async fn start(url: &str, slot_name: &str) -> Capture {
         slot::migrate(url).await.expect("migrations");
         let p = pool(url).await;
-        slot::ensure_publication(&p, "walcast", &["public.*".into()])
-            .await
-            .expect("publication");
+        slot::ensure_publication(&p, "walcast", &["public.*".into()]).await.expect("publication");
         let params = ConnectParams::from_url(url).expect("url");
-        slot::ensure_slot(&p, &params, slot_name)
-            .await
-            .expect("slot");
+        slot::ensure_slot(&p, &params, slot_name).await.expect("slot");
         let (tx, rx) = mpsc::channel(64);
         let dispatched = Arc::new(AtomicU64::new(0));
         let status = Arc::new(ReplicationStatus::default());
@@ -48,12 +44,7 @@ impl Capture {
             status,
         };
         let handle = tokio::spawn(task.run(shutdown.clone()));
-        Capture {
-            rx,
-            dispatched,
-            shutdown,
-            handle,
-        }
+        Capture { rx, dispatched, shutdown, handle }
     }
 
     /// The next change; commits in between are acknowledged as dispatched.
@@ -168,19 +159,13 @@ async fn values_equal_to_jsonb() {
     let changes = cap.next_n(5).await;
 
     let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
-    exec_conn(
-        &mut conn,
-        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'",
-    )
-    .await;
+    exec_conn(&mut conn, "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'")
+        .await;
     let mut failures = Vec::new();
     for c in &changes {
         assert_eq!(c.kind, ChangeKind::Insert);
         let ours = record(c);
-        let id = c
-            .filter_value(0)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .expect("id");
+        let id = c.filter_value(0).map(|v| String::from_utf8_lossy(v).into_owned()).expect("id");
         let (same, theirs): (bool, String) = sqlx::query_as(
             "SELECT $1::jsonb::text = to_jsonb(row_)::text, to_jsonb(row_)::text FROM types row_ WHERE id = $2::int",
         )
@@ -195,10 +180,7 @@ async fn values_equal_to_jsonb() {
             let theirs_v: serde_json::Value = serde_json::from_str(&theirs).unwrap_or_default();
             for (k, v) in theirs_v.as_object().into_iter().flatten() {
                 if ours_v.get(k) != Some(v) {
-                    failures.push(format!(
-                        "row {id} column {k}: ours {:?} postgres {v}",
-                        ours_v.get(k)
-                    ));
+                    failures.push(format!("row {id} column {k}: ours {:?} postgres {v}", ours_v.get(k)));
                 }
             }
             if failures.is_empty() {
@@ -206,11 +188,7 @@ async fn values_equal_to_jsonb() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "values differ from to_jsonb:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "values differ from to_jsonb:\n{}", failures.join("\n"));
     // Column type names are the catalog's.
     let cols = String::from_utf8(changes[0].relation.columns_json.to_vec()).expect("utf8");
     for t in [
@@ -235,46 +213,24 @@ async fn replica_identity_default_and_full() {
     let p = pool(&url).await;
     exec(&p, "CREATE TABLE d (id int PRIMARY KEY, v text); CREATE TABLE f (id int PRIMARY KEY, v text); ALTER TABLE f REPLICA IDENTITY FULL;").await;
     let mut cap = Capture::start(&url, "ident").await;
+    exec(&p, "INSERT INTO d VALUES (1, 'a'); INSERT INTO f VALUES (1, 'a');").await;
     exec(
         &p,
-        "INSERT INTO d VALUES (1, 'a'); INSERT INTO f VALUES (1, 'a');",
+        "UPDATE d SET v = 'b'; UPDATE f SET v = 'b'; UPDATE d SET id = 2; DELETE FROM d; DELETE FROM f;",
     )
     .await;
-    exec(&p, "UPDATE d SET v = 'b'; UPDATE f SET v = 'b'; UPDATE d SET id = 2; DELETE FROM d; DELETE FROM f;").await;
     let c = cap.next_n(7).await;
     assert_eq!(c[2].kind, ChangeKind::Update);
     assert_eq!(record(&c[2]), r#"{"id":1,"v":"b"}"#);
-    assert_eq!(
-        old_record(&c[2]),
-        "{}",
-        "default identity sends no old row when the key is unchanged"
-    );
-    assert_eq!(
-        old_record(&c[3]),
-        r#"{"id":1,"v":"a"}"#,
-        "full identity sends the whole old row"
-    );
-    assert_eq!(
-        old_record(&c[4]),
-        r#"{"id":1}"#,
-        "a key change sends the old key"
-    );
+    assert_eq!(old_record(&c[2]), "{}", "default identity sends no old row when the key is unchanged");
+    assert_eq!(old_record(&c[3]), r#"{"id":1,"v":"a"}"#, "full identity sends the whole old row");
+    assert_eq!(old_record(&c[4]), r#"{"id":1}"#, "a key change sends the old key");
     assert_eq!(record(&c[4]), r#"{"id":2,"v":"b"}"#);
-    assert_eq!(
-        (c[5].kind, old_record(&c[5])),
-        (ChangeKind::Delete, r#"{"id":2}"#.to_owned())
-    );
+    assert_eq!((c[5].kind, old_record(&c[5])), (ChangeKind::Delete, r#"{"id":2}"#.to_owned()));
     assert_eq!(old_record(&c[6]), r#"{"id":1,"v":"b"}"#);
     // Changes of one transaction share the commit and are numbered in order.
-    assert_eq!(
-        (c[2].commit_lsn, c[2].commit_ts),
-        (c[6].commit_lsn, c[6].commit_ts)
-    );
-    assert!(
-        c[2].cursor() < c[3].cursor()
-            && c[3].cursor() < c[6].cursor()
-            && c[0].cursor() < c[2].cursor()
-    );
+    assert_eq!((c[2].commit_lsn, c[2].commit_ts), (c[6].commit_lsn, c[6].commit_ts));
+    assert!(c[2].cursor() < c[3].cursor() && c[3].cursor() < c[6].cursor() && c[0].cursor() < c[2].cursor());
     cap.stop().await;
 }
 
@@ -289,13 +245,7 @@ async fn unchanged_toast_is_never_invented() {
     let c = cap.next_n(4).await;
     let r = record(&c[2]);
     assert_eq!(r, r#"{"id":1,"n":1}"#, "the unsent TOAST value is left out");
-    assert_eq!(
-        c[2].unchanged_toast()
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>(),
-        vec!["blob"]
-    );
+    assert_eq!(c[2].unchanged_toast().iter().map(|s| s.to_string()).collect::<Vec<_>>(), vec!["blob"]);
     let tail = String::from_utf8(c[2].to_tail_json()).expect("utf8");
     assert!(tail.contains(r#""unchanged_toast":["blob"]"#), "{tail}");
     let r = record(&c[3]);
@@ -314,11 +264,7 @@ async fn truncate_and_ddl_mid_stream() {
     exec(&p, "CREATE TABLE t (id int PRIMARY KEY, v int)").await;
     let mut cap = Capture::start(&url, "ddl").await;
     exec(&p, "INSERT INTO t VALUES (1, 1)").await;
-    exec(
-        &p,
-        "ALTER TABLE t ADD COLUMN note text DEFAULT 'x'; INSERT INTO t VALUES (2, 2, 'y')",
-    )
-    .await;
+    exec(&p, "ALTER TABLE t ADD COLUMN note text DEFAULT 'x'; INSERT INTO t VALUES (2, 2, 'y')").await;
     exec(&p, "ALTER TABLE t DROP COLUMN v; ALTER TABLE t ALTER COLUMN note DROP DEFAULT, ALTER COLUMN note TYPE int USING 5; INSERT INTO t VALUES (3, 6)").await;
     exec(&p, "TRUNCATE t").await;
     let c = cap.next_n(4).await;
@@ -347,29 +293,19 @@ async fn resumes_after_a_crash_without_skipping() {
     let mut cap = Capture::start(&url, "resume").await;
     let ids: Vec<String> = cap.next_n(60).await.iter().map(record).collect();
     let want: Vec<String> = (1..=60).map(|i| format!(r#"{{"id":{i}}}"#)).collect();
-    assert_eq!(
-        ids, want,
-        "every change after the acknowledged position is decoded again, in order"
-    );
+    assert_eq!(ids, want, "every change after the acknowledged position is decoded again, in order");
     // Once acknowledged, a restart does not repeat it.
     exec(&p, "INSERT INTO r VALUES (61)").await;
     assert_eq!(record(&cap.next().await), r#"{"id":61}"#);
     let flushed = cap.ack_commit().await;
     cap.stop().await;
-    let info = slot::slot_info(&p, "resume")
-        .await
-        .expect("query")
-        .expect("slot");
+    let info = slot::slot_info(&p, "resume").await.expect("query").expect("slot");
     let confirmed: walcast::replication::lsn::Lsn =
         info.confirmed_flush_lsn.expect("lsn").parse().expect("lsn");
     assert!(confirmed >= flushed);
     exec(&p, "INSERT INTO r VALUES (62)").await;
     let mut cap = Capture::start(&url, "resume").await;
-    assert_eq!(
-        record(&cap.next().await),
-        r#"{"id":62}"#,
-        "acknowledged changes are not sent again"
-    );
+    assert_eq!(record(&cap.next().await), r#"{"id":62}"#, "acknowledged changes are not sent again");
     cap.stop().await;
 }
 
@@ -379,18 +315,13 @@ async fn big_transaction_streams_with_bounded_memory() {
     let p = pool(&url).await;
     exec(&p, "CREATE TABLE m (id int PRIMARY KEY, v text)").await;
     let mut cap = Capture::start(&url, "million").await;
-    exec(
-        &p,
-        "INSERT INTO m SELECT g, 'value ' || g FROM generate_series(1, 1000000) g",
-    )
-    .await;
+    exec(&p, "INSERT INTO m SELECT g, 'value ' || g FROM generate_series(1, 1000000) g").await;
     let rss = || {
         std::fs::read_to_string("/proc/self/status")
             .ok()
             .and_then(|s| {
                 s.lines().find_map(|l| {
-                    l.strip_prefix("VmRSS:")
-                        .map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+                    l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
                 })
             })
             .flatten()
@@ -403,10 +334,8 @@ async fn big_transaction_streams_with_bounded_memory() {
         let c = cap.next().await;
         if i % 50_000 == 0 {
             peak = peak.max(rss());
-            let id: u32 = std::str::from_utf8(c.filter_value(0).expect("id"))
-                .expect("utf8")
-                .parse()
-                .expect("int");
+            let id: u32 =
+                std::str::from_utf8(c.filter_value(0).expect("id")).expect("utf8").parse().expect("int");
             assert!(id > last);
             last = id;
         }
@@ -415,10 +344,7 @@ async fn big_transaction_streams_with_bounded_memory() {
     let growth_mb = peak.saturating_sub(start_rss) / 1024;
     // A million decoded changes held at once would take several hundred MB.
     eprintln!("1M-row transaction: RSS grew by {growth_mb} MB");
-    assert!(
-        growth_mb < 150,
-        "memory grew by {growth_mb} MB while streaming"
-    );
+    assert!(growth_mb < 150, "memory grew by {growth_mb} MB while streaming");
     cap.stop().await;
 }
 
@@ -446,11 +372,7 @@ async fn scram_and_md5_authentication() {
     let Some(port) = support::cluster_port() else {
         return;
     };
-    let db = url
-        .rsplit_once('/')
-        .map(|(_, d)| d.split('?').next().unwrap_or(""))
-        .unwrap_or("")
-        .to_owned();
+    let db = url.rsplit_once('/').map(|(_, d)| d.split('?').next().unwrap_or("")).unwrap_or("").to_owned();
     for user in [support::SCRAM_USER, support::MD5_USER] {
         let good = format!("postgres://{user}:s3cret%20pass@127.0.0.1:{port}/{db}?sslmode=disable");
         let mut c = walcast::replication::wire::ReplicationConnection::connect(

@@ -36,10 +36,7 @@ impl ClientProcess {
             .spawn()
             .expect("client starts");
         let stdout = child.stdout.take().expect("stdout");
-        ClientProcess {
-            child,
-            lines: BufReader::new(stdout).lines(),
-        }
+        ClientProcess { child, lines: BufReader::new(stdout).lines() }
     }
 
     async fn next(&mut self) -> Value {
@@ -124,12 +121,12 @@ fn bindings() -> Value {
 }
 
 async fn commit_workload(p: &sqlx::PgPool) {
+    exec(p, "INSERT INTO todos VALUES (2, 'not mine', '{}', null, null)").await;
     exec(
         p,
-        "INSERT INTO todos VALUES (2, 'not mine', '{}', null, null)",
+        r#"INSERT INTO todos VALUES (1, 'mine', '{a,"b c"}', '{"k": [1, 2]}', '2025-11-19 00:22:40.877+00')"#,
     )
     .await;
-    exec(p, r#"INSERT INTO todos VALUES (1, 'mine', '{a,"b c"}', '{"k": [1, 2]}', '2025-11-19 00:22:40.877+00')"#).await;
     exec(p, "INSERT INTO notes VALUES (7, 'hello'); UPDATE notes SET body = 'bye' WHERE id = 7; DELETE FROM notes WHERE id = 7;").await;
 }
 
@@ -142,21 +139,9 @@ fn check_js_payloads(changes: &[Value]) {
         json!({"id": 1, "task": "mine", "tags": ["a", "b c"], "meta": {"k": [1, 2]}, "due": "2025-11-19T00:22:40.877+00:00"})
     );
     assert_eq!(p[0]["old"], json!({}));
-    assert!(
-        p[0]["commit_timestamp"]
-            .as_str()
-            .is_some_and(|t| t.ends_with('Z')),
-        "{}",
-        p[0]
-    );
-    assert_eq!(
-        (p[0]["schema"].as_str(), p[0]["table"].as_str()),
-        (Some("public"), Some("todos"))
-    );
-    let kinds: Vec<&str> = p[1..]
-        .iter()
-        .map(|x| x["eventType"].as_str().unwrap_or(""))
-        .collect();
+    assert!(p[0]["commit_timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{}", p[0]);
+    assert_eq!((p[0]["schema"].as_str(), p[0]["table"].as_str()), (Some("public"), Some("todos")));
+    let kinds: Vec<&str> = p[1..].iter().map(|x| x["eventType"].as_str().unwrap_or("")).collect();
     assert_eq!(kinds, ["INSERT", "UPDATE", "DELETE"]);
     assert_eq!(p[2]["new"], json!({"id": 7, "body": "bye"}));
     assert_eq!(p[2]["old"], json!({"id": 7, "body": "hello"}));
@@ -169,12 +154,7 @@ async fn realtime_js(vsn: &str) {
     let p = pool(&url).await;
     exec(&p, SCHEMA).await;
     let app = TestApp::spawn(&url).await;
-    let mut client = node_client(
-        &format!("ws://{}/realtime/v1", app.addr),
-        vsn,
-        &bindings(),
-        4,
-    );
+    let mut client = node_client(&format!("ws://{}/realtime/v1", app.addr), vsn, &bindings(), 4);
     client.subscribed().await;
     commit_workload(&p).await;
     let changes = client.changes(4).await;
@@ -207,10 +187,7 @@ async fn python_realtime_client() {
     assert_eq!(data[0]["type"], "INSERT");
     assert_eq!(data[0]["record"]["tags"], json!(["a", "b c"]));
     assert_eq!(data[0]["record"]["id"], 1);
-    let kinds: Vec<&str> = data[1..]
-        .iter()
-        .map(|d| d["type"].as_str().unwrap_or(""))
-        .collect();
+    let kinds: Vec<&str> = data[1..].iter().map(|d| d["type"].as_str().unwrap_or("")).collect();
     assert_eq!(kinds, ["INSERT", "UPDATE", "DELETE"]);
     assert_eq!(data[3]["old_record"], json!({"id": 7, "body": "bye"}));
     app.stop().await;

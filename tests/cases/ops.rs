@@ -15,10 +15,7 @@ async fn dedicated(name: &str, settings: &[(&str, &str)]) -> Cluster {
     let root = std::env::temp_dir().join(format!("walcast-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let mut opts = ClusterOptions::new(&root);
-    opts.settings = settings
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    opts.settings = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     Cluster::start(opts).await.expect("dedicated cluster")
 }
 
@@ -30,40 +27,18 @@ fn walcast_bin() -> std::process::Command {
 async fn check_fails_on_wal_level_replica_and_passes_on_logical() {
     let cluster = dedicated("replica", &[("wal_level", "replica")]).await;
     let url = cluster.url("postgres");
-    let config = Config {
-        database_url: Some(url.clone()),
-        ..Config::default()
-    };
+    let config = Config { database_url: Some(url.clone()), ..Config::default() };
     let p = pool(&url).await;
     let results = check::run(&p, &config).await;
-    let wal = results
-        .iter()
-        .find(|r| r.name == "wal_level")
-        .expect("wal_level check");
+    let wal = results.iter().find(|r| r.name == "wal_level").expect("wal_level check");
     assert_eq!(wal.level, check::Level::Fail);
-    assert!(
-        wal.message.contains("ALTER SYSTEM SET wal_level = logical"),
-        "{}",
-        wal.message
-    );
-    let out = walcast_bin()
-        .arg("check")
-        .env("WALCAST_DATABASE_URL", &url)
-        .output()
-        .expect("walcast check");
+    assert!(wal.message.contains("ALTER SYSTEM SET wal_level = logical"), "{}", wal.message);
+    let out = walcast_bin().arg("check").env("WALCAST_DATABASE_URL", &url).output().expect("walcast check");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
-    assert!(
-        stdout
-            .lines()
-            .any(|l| l.starts_with("FAIL") && l.contains("wal_level")),
-        "{stdout}"
-    );
+    assert!(stdout.lines().any(|l| l.starts_with("FAIL") && l.contains("wal_level")), "{stdout}");
     // serve refuses to start with the same message.
-    let e = walcast::Gateway::prepare(config, true)
-        .await
-        .err()
-        .expect("refuses to start");
+    let e = walcast::Gateway::prepare(config, true).await.err().expect("refuses to start");
     assert!(e.to_string().contains("wal_level"), "{e}");
     p.close().await;
     cluster.stop().await;
@@ -78,10 +53,7 @@ async fn check_fails_on_wal_level_replica_and_passes_on_logical() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.lines().all(|l| !l.starts_with("FAIL")), "{stdout}");
-    assert!(
-        stdout.contains("wal_level") && stdout.contains("logical"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("wal_level") && stdout.contains("logical"), "{stdout}");
 }
 
 #[tokio::test]
@@ -89,41 +61,21 @@ async fn check_warns_about_tables_without_identity() {
     let url = fresh_db().await;
     let p = pool(&url).await;
     exec(&p, "CREATE TABLE nokey (v int); CREATE TABLE nothing (id int PRIMARY KEY); ALTER TABLE nothing REPLICA IDENTITY NOTHING;").await;
-    let config = Config {
-        database_url: Some(url.clone()),
-        slot: "warn_slot".into(),
-        ..Config::default()
-    };
+    let config = Config { database_url: Some(url.clone()), slot: "warn_slot".into(), ..Config::default() };
     let results = check::run(&p, &config).await;
-    let ri = results
-        .iter()
-        .find(|r| r.name == "replica_identity")
-        .expect("check");
+    let ri = results.iter().find(|r| r.name == "replica_identity").expect("check");
     assert_eq!(ri.level, check::Level::Warn);
-    assert!(
-        ri.message.contains("public.nokey") && ri.message.contains("public.nothing"),
-        "{}",
-        ri.message
-    );
-    let config = Config {
-        tables: vec!["public.missing".into()],
-        ..config
-    };
+    assert!(ri.message.contains("public.nokey") && ri.message.contains("public.nothing"), "{}", ri.message);
+    let config = Config { tables: vec!["public.missing".into()], ..config };
     let results = check::run(&p, &config).await;
-    assert!(results
-        .iter()
-        .any(|r| r.level == check::Level::Fail && r.message.contains("public.missing")));
+    assert!(results.iter().any(|r| r.level == check::Level::Fail && r.message.contains("public.missing")));
 }
 
 #[tokio::test]
 async fn dev_mode_starts_stops_and_reuses_its_data() {
     let dir = std::env::temp_dir().join(format!("walcast-devmode-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     for round in 0..2 {
         let mut child = walcast_bin()
             .args(["dev", "--port", &port.to_string(), "--data-dir"])
@@ -134,32 +86,18 @@ async fn dev_mode_starts_stops_and_reuses_its_data() {
             .expect("walcast dev");
         let ready = format!("http://127.0.0.1:{port}/readyz");
         wait_for("dev gateway ready", Duration::from_secs(60), || async {
-            http_get(&ready)
-                .await
-                .ok()
-                .filter(|b| b.contains("\"ready\":true"))
-                .map(|_| ())
+            http_get(&ready).await.ok().filter(|b| b.contains("\"ready\":true")).map(|_| ())
         })
         .await;
-        let conf =
-            std::fs::read_to_string(dir.join("data/postgresql.conf")).expect("cluster files");
+        let conf = std::fs::read_to_string(dir.join("data/postgresql.conf")).expect("cluster files");
         assert!(!conf.is_empty());
         let pg_port: u16 = {
-            let pid =
-                std::fs::read_to_string(dir.join("data/postmaster.pid")).expect("postmaster.pid");
-            pid.lines()
-                .nth(3)
-                .and_then(|l| l.trim().parse().ok())
-                .expect("port line")
+            let pid = std::fs::read_to_string(dir.join("data/postmaster.pid")).expect("postmaster.pid");
+            pid.lines().nth(3).and_then(|l| l.trim().parse().ok()).expect("port line")
         };
-        let p = pool(&format!(
-            "postgres://postgres@127.0.0.1:{pg_port}/postgres?sslmode=disable"
-        ))
-        .await;
-        let posts: i64 = sqlx::query_scalar("SELECT count(*) FROM posts")
-            .fetch_one(&p)
-            .await
-            .expect("demo schema");
+        let p = pool(&format!("postgres://postgres@127.0.0.1:{pg_port}/postgres?sslmode=disable")).await;
+        let posts: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM posts").fetch_one(&p).await.expect("demo schema");
         assert_eq!(posts, round, "data from the previous run is kept");
         exec(&p, "INSERT INTO posts (title) VALUES ('x')").await;
         p.close().await;
@@ -176,20 +114,9 @@ async fn dev_mode_starts_stops_and_reuses_its_data() {
         assert!(status.success(), "dev exits cleanly: {status}");
         let mut stdout = String::new();
         use std::io::Read;
-        child
-            .stdout
-            .take()
-            .expect("stdout")
-            .read_to_string(&mut stdout)
-            .expect("read");
-        assert!(
-            stdout.contains("/realtime/v1/websocket") && stdout.contains("psql '"),
-            "{stdout}"
-        );
-        assert!(
-            !dir.join("data/postmaster.pid").exists(),
-            "the cluster was stopped"
-        );
+        child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read");
+        assert!(stdout.contains("/realtime/v1/websocket") && stdout.contains("psql '"), "{stdout}");
+        assert!(!dir.join("data/postmaster.pid").exists(), "the cluster was stopped");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -203,25 +130,15 @@ async fn survives_postgres_restart_and_idle_keepalives() {
     p.close().await;
     let app = TestApp::spawn(&url).await;
     let mut ws = app.ws(Some("2.0.0")).await;
-    let (_, s) = ws
-        .join(
-            "r",
-            json!([{"event": "INSERT", "schema": "public", "table": "ev"}]),
-        )
-        .await;
+    let (_, s) = ws.join("r", json!([{"event": "INSERT", "schema": "public", "table": "ev"}])).await;
     assert_eq!(s["status"], "ok");
 
     // Longer than wal_sender_timeout with nothing to send: keepalives must keep the stream up.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let p = pool(&url).await;
     exec(&p, "INSERT INTO ev VALUES (1)").await;
-    assert_eq!(
-        ws.recv_event("postgres_changes").await["data"]["record"],
-        json!({"id": 1})
-    );
-    let metrics = http_get(&format!("http://{}/metrics", app.addr))
-        .await
-        .expect("metrics");
+    assert_eq!(ws.recv_event("postgres_changes").await["data"]["record"], json!({"id": 1}));
+    let metrics = http_get(&format!("http://{}/metrics", app.addr)).await.expect("metrics");
     assert!(
         metrics.contains("walcast_replication_connections_total 1\n"),
         "no reconnect while idle:\n{metrics}"
@@ -231,21 +148,10 @@ async fn survives_postgres_restart_and_idle_keepalives() {
     cluster.restart().await.expect("restart");
     let p = pool(&url).await;
     exec(&p, "INSERT INTO ev VALUES (2); INSERT INTO ev VALUES (3);").await;
-    assert_eq!(
-        ws.recv_event("postgres_changes").await["data"]["record"],
-        json!({"id": 2})
-    );
-    assert_eq!(
-        ws.recv_event("postgres_changes").await["data"]["record"],
-        json!({"id": 3})
-    );
-    let metrics = http_get(&format!("http://{}/metrics", app.addr))
-        .await
-        .expect("metrics");
-    assert!(
-        !metrics.contains("walcast_replication_connections_total 1\n"),
-        "reconnected:\n{metrics}"
-    );
+    assert_eq!(ws.recv_event("postgres_changes").await["data"]["record"], json!({"id": 2}));
+    assert_eq!(ws.recv_event("postgres_changes").await["data"]["record"], json!({"id": 3}));
+    let metrics = http_get(&format!("http://{}/metrics", app.addr)).await.expect("metrics");
+    assert!(!metrics.contains("walcast_replication_connections_total 1\n"), "reconnected:\n{metrics}");
     p.close().await;
     app.stop().await;
     cluster.stop().await;
@@ -253,11 +159,7 @@ async fn survives_postgres_restart_and_idle_keepalives() {
 
 #[tokio::test]
 async fn lost_slot_is_reported_clearly() {
-    let cluster = dedicated(
-        "lost",
-        &[("max_slot_wal_keep_size", "1MB"), ("wal_keep_size", "0")],
-    )
-    .await;
+    let cluster = dedicated("lost", &[("max_slot_wal_keep_size", "1MB"), ("wal_keep_size", "0")]).await;
     let url = cluster.url("postgres");
     let p = pool(&url).await;
     exec(&p, "CREATE TABLE filler (v text)").await;
@@ -268,46 +170,32 @@ async fn lost_slot_is_reported_clearly() {
         ..Config::default()
     };
     let params = walcast::replication::wire::ConnectParams::from_url(&url).expect("url");
-    walcast::replication::slot::ensure_slot(&p, &params, "doomed")
-        .await
-        .expect("slot");
+    walcast::replication::slot::ensure_slot(&p, &params, "doomed").await.expect("slot");
     for _ in 0..4 {
         exec(&p, "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 2000); SELECT pg_switch_wal();").await;
     }
     exec(&p, "CHECKPOINT").await;
-    let status: Option<String> = sqlx::query_scalar(
-        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'doomed'",
-    )
-    .fetch_one(&p)
-    .await
-    .expect("slot row");
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'doomed'")
+            .fetch_one(&p)
+            .await
+            .expect("slot row");
     assert_eq!(status.as_deref(), Some("lost"));
-    let e = walcast::Gateway::prepare(config, true)
-        .await
-        .err()
-        .expect("refuses a lost slot");
+    let e = walcast::Gateway::prepare(config, true).await.err().expect("refuses a lost slot");
     let msg = e.to_string();
-    assert!(
-        msg.contains("lost") && msg.contains("walcast slot reset"),
-        "{msg}"
-    );
+    assert!(msg.contains("lost") && msg.contains("walcast slot reset"), "{msg}");
     let out = walcast_bin()
         .args(["slot", "reset"])
         .env("WALCAST_DATABASE_URL", &url)
         .env("WALCAST_SLOT", "doomed")
         .output()
         .expect("slot reset");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: Option<String> = sqlx::query_scalar(
-        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'doomed'",
-    )
-    .fetch_one(&p)
-    .await
-    .expect("slot row");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'doomed'")
+            .fetch_one(&p)
+            .await
+            .expect("slot row");
     assert_eq!(status.as_deref(), Some("reserved"));
     p.close().await;
     cluster.stop().await;
@@ -317,37 +205,21 @@ async fn lost_slot_is_reported_clearly() {
 async fn print_config_redacts_secrets() {
     let out = walcast_bin()
         .args(["serve", "--print-config"])
-        .env(
-            "WALCAST_DATABASE_URL",
-            "postgres://app:hunter2@db.internal:5432/app",
-        )
+        .env("WALCAST_DATABASE_URL", "postgres://app:hunter2@db.internal:5432/app")
         .env("WALCAST_TABLES", "public.posts,app.*")
         .output()
         .expect("print-config");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         stdout.contains("postgres://app:***@db.internal:5432/app") && !stdout.contains("hunter2"),
         "{stdout}"
     );
-    assert!(
-        stdout.contains("\"public.posts\"") && stdout.contains("\"app.*\""),
-        "{stdout}"
-    );
-    let out = walcast_bin()
-        .args(["serve", "--print-config"])
-        .env("WALCAST_LISTEN", "nope")
-        .output()
-        .expect("run");
+    assert!(stdout.contains("\"public.posts\"") && stdout.contains("\"app.*\""), "{stdout}");
+    let out =
+        walcast_bin().args(["serve", "--print-config"]).env("WALCAST_LISTEN", "nope").output().expect("run");
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("listen"),
-        "the error names the key"
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen"), "the error names the key");
 }
 
 #[tokio::test]
@@ -355,11 +227,7 @@ async fn tail_streams_json_lines_on_its_own_slot() {
     use tokio::io::AsyncBufReadExt;
     let url = fresh_db().await;
     let p = pool(&url).await;
-    exec(
-        &p,
-        "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY)",
-    )
-    .await;
+    exec(&p, "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY)").await;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
         .args(["tail", "--tables", "public.a", "--events", "insert,delete"])
         .env("WALCAST_DATABASE_URL", &url)
@@ -373,15 +241,18 @@ async fn tail_streams_json_lines_on_its_own_slot() {
     wait_for("tail slot", Duration::from_secs(30), || {
         let p = p.clone();
         async move {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'walcast_tail_%' AND active")
-                .fetch_one(&p)
-                .await
-                .ok()?;
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'walcast_tail_%' AND active",
+            )
+            .fetch_one(&p)
+            .await
+            .ok()?;
             (n == 1).then_some(())
         }
     })
     .await;
-    exec(&p, "INSERT INTO b VALUES (1); INSERT INTO a VALUES (1, 'x'); UPDATE a SET v = 'y'; DELETE FROM a;").await;
+    exec(&p, "INSERT INTO b VALUES (1); INSERT INTO a VALUES (1, 'x'); UPDATE a SET v = 'y'; DELETE FROM a;")
+        .await;
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut got = Vec::new();
     for _ in 0..2 {
@@ -392,20 +263,12 @@ async fn tail_streams_json_lines_on_its_own_slot() {
             .expect("open");
         got.push(serde_json::from_str::<serde_json::Value>(&line).expect("json line"));
     }
-    assert_eq!(
-        (got[0]["type"].as_str(), got[0]["table"].as_str()),
-        (Some("INSERT"), Some("a"))
-    );
+    assert_eq!((got[0]["type"].as_str(), got[0]["table"].as_str()), (Some("INSERT"), Some("a")));
     assert_eq!(got[0]["record"], json!({"id": 1, "v": "x"}));
     assert!(got[0].get("old_record").is_none());
     assert!(got[0]["cursor"].as_str().is_some_and(|c| !c.is_empty()));
-    assert!(got[0]["commit_timestamp"]
-        .as_str()
-        .is_some_and(|t| t.ends_with('Z')));
-    assert_eq!(
-        got[0]["columns"],
-        json!([{"name": "id", "type": "int4"}, {"name": "v", "type": "text"}])
-    );
+    assert!(got[0]["commit_timestamp"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert_eq!(got[0]["columns"], json!([{"name": "id", "type": "int4"}, {"name": "v", "type": "text"}]));
     assert_eq!(got[1]["type"], "DELETE", "the UPDATE was filtered out");
     assert_eq!(got[1]["old_record"], json!({"id": 1}));
     assert!(got[1].get("record").is_none());
@@ -415,19 +278,15 @@ async fn tail_streams_json_lines_on_its_own_slot() {
         rustix::process::Signal::INT,
     )
     .expect("signal");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
+    let status =
+        tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exits").expect("status");
     assert!(status.success(), "{status}");
     let slots: Vec<String> = sqlx::query_scalar("SELECT slot_name::text FROM pg_replication_slots")
         .fetch_all(&p)
         .await
         .expect("slots");
     assert!(
-        !slots
-            .iter()
-            .any(|s| s.starts_with("walcast_tail_") || s == "gateway_slot_untouched"),
+        !slots.iter().any(|s| s.starts_with("walcast_tail_") || s == "gateway_slot_untouched"),
         "{slots:?}"
     );
 }
@@ -436,39 +295,22 @@ async fn tail_streams_json_lines_on_its_own_slot() {
 async fn quiet_publication_does_not_pin_wal() {
     let url = fresh_db().await;
     let p = pool(&url).await;
-    exec(
-        &p,
-        "CREATE TABLE quiet (id int PRIMARY KEY); CREATE TABLE busy (id int, v text)",
-    )
-    .await;
+    exec(&p, "CREATE TABLE quiet (id int PRIMARY KEY); CREATE TABLE busy (id int, v text)").await;
     let app = TestApp::spawn_with(&url, |c| c.tables = vec!["public.quiet".into()]).await;
     let slot = app.slot.clone();
-    exec(
-        &p,
-        "INSERT INTO busy SELECT g, repeat('x', 200) FROM generate_series(1, 50000) g",
-    )
-    .await;
-    let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&p)
-        .await
-        .expect("lsn");
+    exec(&p, "INSERT INTO busy SELECT g, repeat('x', 200) FROM generate_series(1, 50000) g").await;
+    let target: String =
+        sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&p).await.expect("lsn");
     let target: walcast::replication::lsn::Lsn = target.parse().expect("lsn");
-    wait_for(
-        "the slot to move past WAL it has no changes in",
-        Duration::from_secs(30),
-        || {
-            let p = p.clone();
-            let slot = slot.clone();
-            async move {
-                let info = walcast::replication::slot::slot_info(&p, &slot)
-                    .await
-                    .ok()??;
-                let confirmed: walcast::replication::lsn::Lsn =
-                    info.confirmed_flush_lsn?.parse().ok()?;
-                (confirmed >= target).then_some(())
-            }
-        },
-    )
+    wait_for("the slot to move past WAL it has no changes in", Duration::from_secs(30), || {
+        let p = p.clone();
+        let slot = slot.clone();
+        async move {
+            let info = walcast::replication::slot::slot_info(&p, &slot).await.ok()??;
+            let confirmed: walcast::replication::lsn::Lsn = info.confirmed_flush_lsn?.parse().ok()?;
+            (confirmed >= target).then_some(())
+        }
+    })
     .await;
     app.stop().await;
 }
@@ -503,14 +345,10 @@ async fn replication_over_tls() {
         .status()
         .expect("openssl");
     assert!(status.success());
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .expect("chmod");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
     if rustix::process::geteuid().is_root() {
         let pw = std::fs::read_to_string("/etc/passwd").expect("passwd");
-        let ids = pw
-            .lines()
-            .find(|l| l.starts_with("postgres:"))
-            .expect("postgres user");
+        let ids = pw.lines().find(|l| l.starts_with("postgres:")).expect("postgres user");
         let f: Vec<&str> = ids.split(':').collect();
         for path in [&root, &cert, &key] {
             std::os::unix::fs::chown(path, f[2].parse().ok(), f[3].parse().ok()).expect("chown");
@@ -524,10 +362,7 @@ async fn replication_over_tls() {
     ];
     let cluster = Cluster::start(opts).await.expect("cluster with TLS");
     for mode in ["require", "prefer"] {
-        let url = format!(
-            "postgres://postgres@localhost:{}/postgres?sslmode={mode}",
-            cluster.port
-        );
+        let url = format!("postgres://postgres@localhost:{}/postgres?sslmode={mode}", cluster.port);
         let params = walcast::replication::wire::ConnectParams::from_url(&url).expect("url");
         let mut c = walcast::replication::wire::ReplicationConnection::connect(&params)
             .await
@@ -558,44 +393,38 @@ async fn owned_publication_follows_config_and_external_one_is_left_alone() {
     let published = |name: &'static str| {
         let p = p.clone();
         async move {
-            let mut v: Vec<String> = sqlx::query_scalar("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1")
-                .bind(name)
-                .fetch_all(&p)
-                .await
-                .expect("query");
+            let mut v: Vec<String> = sqlx::query_scalar(
+                "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
+            )
+            .bind(name)
+            .fetch_all(&p)
+            .await
+            .expect("query");
             v.sort();
             v
         }
     };
     assert_eq!(
-        ensure_publication(&p, "mine", &["public.a".into()])
-            .await
-            .expect("create"),
+        ensure_publication(&p, "mine", &["public.a".into()]).await.expect("create"),
         PublicationState::Created
     );
     assert_eq!(published("mine").await, ["public.a"]);
     assert_eq!(
-        ensure_publication(&p, "mine", &["public.b".into(), "app.*".into()])
-            .await
-            .expect("follow"),
+        ensure_publication(&p, "mine", &["public.b".into(), "app.*".into()]).await.expect("follow"),
         PublicationState::Followed
     );
     assert_eq!(published("mine").await, ["app.c", "public.b"]);
     assert_eq!(
-        ensure_publication(&p, "theirs", &["public.b".into()])
-            .await
-            .expect("use"),
+        ensure_publication(&p, "theirs", &["public.b".into()]).await.expect("use"),
         PublicationState::External
     );
-    assert_eq!(
-        published("theirs").await,
-        ["public.a"],
-        "a publication walcast did not create is used as is"
-    );
+    assert_eq!(published("theirs").await, ["public.a"], "a publication walcast did not create is used as is");
     // The gateway's bookkeeping stays in schema walcast, none of it in public.
-    let in_public: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE '%migrations%'")
-        .fetch_one(&p)
-        .await
-        .expect("query");
+    let in_public: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE '%migrations%'",
+    )
+    .fetch_one(&p)
+    .await
+    .expect("query");
     assert_eq!(in_public, 0);
 }

@@ -36,20 +36,13 @@ fn shared() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
         if let Ok(url) = std::env::var("WALCAST_TEST_DATABASE_URL") {
-            return Shared {
-                admin_url: url,
-                port: None,
-            };
+            return Shared { admin_url: url, port: None };
         }
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async move {
-                let root =
-                    std::env::temp_dir().join(format!("walcast-test-{}", std::process::id()));
+                let root = std::env::temp_dir().join(format!("walcast-test-{}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&root);
                 let mut opts = ClusterOptions::new(&root);
                 opts.hba = vec![
@@ -73,10 +66,7 @@ fn shared() -> &'static Shared {
             });
         });
         match rx.recv().expect("cluster thread") {
-            Ok((admin_url, port)) => Shared {
-                admin_url,
-                port: Some(port),
-            },
+            Ok((admin_url, port)) => Shared { admin_url, port: Some(port) },
             Err(e) => panic!("starting the test cluster: {e}"),
         }
     })
@@ -84,10 +74,7 @@ fn shared() -> &'static Shared {
 
 /// Replaces the database name of a URL.
 pub fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map(|(b, q)| (b, Some(q)))
-        .unwrap_or((url, None));
+    let (base, query) = url.split_once('?').map(|(b, q)| (b, Some(q))).unwrap_or((url, None));
     let (prefix, _) = base.rsplit_once('/').unwrap_or((base, ""));
     match query {
         Some(q) => format!("{prefix}/{db}?{q}"),
@@ -99,16 +86,9 @@ pub fn with_database(url: &str, db: &str) -> String {
 pub async fn fresh_db() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let admin = &shared().admin_url;
-    let name = format!(
-        "t{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    );
+    let name = format!("t{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
     let pool = PgPool::connect(admin).await.expect("connect admin");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&pool)
-        .await
-        .expect("create database");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.expect("create database");
     pool.close().await;
     with_database(admin, &name)
 }
@@ -122,10 +102,7 @@ pub async fn pool(url: &str) -> PgPool {
 }
 
 pub async fn exec(pool: &PgPool, sql: &str) {
-    sqlx::raw_sql(sql)
-        .execute(pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    sqlx::raw_sql(sql).execute(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
 /// Polls `cond` until it returns `Some` or the deadline passes.
@@ -139,10 +116,7 @@ where
         if let Some(v) = cond().await {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -164,14 +138,7 @@ impl TestApp {
 
     pub async fn spawn_with(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
         // Slots are cluster-wide: name each after its test's database.
-        let db = db_url
-            .rsplit('/')
-            .next()
-            .unwrap_or("")
-            .split('?')
-            .next()
-            .unwrap_or("")
-            .to_owned();
+        let db = db_url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
         let mut config = Config {
             database_url: Some(db_url.to_owned()),
             listen: "127.0.0.1:0".parse().expect("addr"),
@@ -180,19 +147,11 @@ impl TestApp {
         };
         tweak(&mut config);
         let slot = config.slot.clone();
-        let gateway = Gateway::prepare(config, true)
-            .await
-            .expect("gateway starts");
+        let gateway = Gateway::prepare(config, true).await.expect("gateway starts");
         let addr = gateway.local_addr();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(gateway.run(shutdown.clone()));
-        let app = TestApp {
-            addr,
-            slot,
-            db_url: db_url.to_owned(),
-            shutdown,
-            handle,
-        };
+        let app = TestApp { addr, slot, db_url: db_url.to_owned(), shutdown, handle };
         app.wait_ready().await;
         app
     }
@@ -219,10 +178,7 @@ impl TestApp {
 /// A minimal HTTP/1.1 GET of a `http://host:port/path` URL, returning the whole response.
 pub async fn http_get(url: &str) -> std::io::Result<String> {
     let rest = url.strip_prefix("http://").unwrap_or(url);
-    let (host, path) = rest
-        .split_once('/')
-        .map(|(h, p)| (h, format!("/{p}")))
-        .unwrap_or((rest, "/".into()));
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
     walcast::bench::gateway::http_get(host, &path).await
 }
 
@@ -239,31 +195,16 @@ impl Ws {
         if let Some(v) = vsn {
             url.push_str(&format!("&vsn={v}"));
         }
-        let (inner, _) = tokio_tungstenite::connect_async(&url)
-            .await
-            .expect("websocket connects");
-        Ws {
-            inner,
-            v2: vsn == Some("2.0.0"),
-            next_ref: 0,
-        }
+        let (inner, _) = tokio_tungstenite::connect_async(&url).await.expect("websocket connects");
+        Ws { inner, v2: vsn == Some("2.0.0"), next_ref: 0 }
     }
 
     pub async fn send_text(&mut self, text: &str) {
-        self.inner
-            .send(Message::Text(text.into()))
-            .await
-            .expect("send");
+        self.inner.send(Message::Text(text.into())).await.expect("send");
     }
 
     /// Sends a message and returns its ref.
-    pub async fn push(
-        &mut self,
-        join_ref: Option<&str>,
-        topic: &str,
-        event: &str,
-        payload: Value,
-    ) -> String {
+    pub async fn push(&mut self, join_ref: Option<&str>, topic: &str, event: &str, payload: Value) -> String {
         self.next_ref += 1;
         let r = self.next_ref.to_string();
         let frame = if self.v2 {
@@ -277,22 +218,15 @@ impl Ws {
 
     /// The next text frame as JSON (raw, in the socket's serializer).
     pub async fn recv(&mut self) -> Value {
-        self.try_recv(Duration::from_secs(10))
-            .await
-            .expect("a frame within 10 s")
+        self.try_recv(Duration::from_secs(10)).await.expect("a frame within 10 s")
     }
 
     pub async fn try_recv(&mut self, timeout: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.inner.next())
-                .await
-                .ok()??
-                .ok()?;
+            let msg = tokio::time::timeout_at(deadline, self.inner.next()).await.ok()??.ok()?;
             match msg {
-                Message::Text(t) => {
-                    return Some(serde_json::from_str(&t).expect("server frames are JSON"))
-                }
+                Message::Text(t) => return Some(serde_json::from_str(&t).expect("server frames are JSON")),
                 Message::Close(c) => {
                     return Some(
                         serde_json::json!({"close": c.map(|c| (u16::from(c.code), c.reason.to_string()))}),
