@@ -86,11 +86,24 @@ pub struct ClusterOptions {
     /// Extra pg_hba.conf lines placed before the trust rules.
     pub hba: Vec<String>,
     pub port: Option<u16>,
+    /// Delete `root` once the server has stopped (throwaway clusters of tests and benchmarks).
+    pub remove_on_exit: bool,
 }
 
 impl ClusterOptions {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        ClusterOptions { root: root.into(), settings: Vec::new(), hba: Vec::new(), port: None }
+        ClusterOptions {
+            root: root.into(),
+            settings: Vec::new(),
+            hba: Vec::new(),
+            port: None,
+            remove_on_exit: false,
+        }
+    }
+
+    /// A throwaway cluster: its directory is deleted when the server stops.
+    pub fn throwaway(root: impl Into<PathBuf>) -> Self {
+        ClusterOptions { remove_on_exit: true, ..ClusterOptions::new(root) }
     }
 }
 
@@ -100,6 +113,7 @@ pub struct Cluster {
     pub root: PathBuf,
     pub bin: PathBuf,
     owner: Option<(u32, u32)>,
+    remove_on_exit: bool,
     child: Option<Child>,
 }
 
@@ -144,7 +158,14 @@ impl Cluster {
             };
             match Self::launch(&bin, owner, &opts, port).await {
                 Ok(child) => {
-                    return Ok(Cluster { port, root: opts.root.clone(), bin, owner, child: Some(child) })
+                    return Ok(Cluster {
+                        port,
+                        root: opts.root.clone(),
+                        bin,
+                        owner,
+                        remove_on_exit: opts.remove_on_exit,
+                        child: Some(child),
+                    });
                 }
                 Err(e) => last_err = Some(e),
             }
@@ -184,12 +205,19 @@ impl Cluster {
         let script = format!(
             "{postgres} -D {data}{args} >>{log} 2>&1 & pid=$!\n\
              trap 'kill -INT $pid 2>/dev/null' TERM INT\n\
-             read _ignored\n\
+             read cmd\n\
              kill -INT $pid 2>/dev/null\n\
-             wait $pid\n",
+             wait $pid\n\
+             {cleanup}",
             postgres = shell_quote(&bin.join("postgres").display().to_string()),
             data = shell_quote(&data.display().to_string()),
             log = shell_quote(&log.display().to_string()),
+            cleanup = if opts.remove_on_exit {
+                // A restart says "keep": the next server uses the same directory.
+                format!("[ \"$cmd\" = keep ] || rm -rf {}\n", shell_quote(&opts.root.display().to_string()))
+            } else {
+                String::new()
+            },
         );
         let mut child = command(Path::new("/bin/sh"), owner)
             .arg("-c")
@@ -229,8 +257,17 @@ impl Cluster {
     }
 
     async fn stop_inner(&mut self) {
+        self.stop_watchdog(false).await;
+    }
+
+    /// Ends the watchdog (which stops the server); `keep` spares a throwaway directory.
+    async fn stop_watchdog(&mut self, keep: bool) {
         if let Some(mut child) = self.child.take() {
-            drop(child.stdin.take());
+            if let Some(mut stdin) = child.stdin.take() {
+                if keep {
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut stdin, b"keep\n").await;
+                }
+            }
             let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
         }
     }
@@ -238,8 +275,14 @@ impl Cluster {
     /// Stops the server (fast shutdown, which ends every connection) and starts it again on the
     /// same port and data.
     pub async fn restart(&mut self) -> Result<(), ClusterError> {
-        self.stop_inner().await;
-        let opts = ClusterOptions { port: Some(self.port), ..ClusterOptions::new(self.root.clone()) };
+        self.stop_watchdog(true).await;
+        // Keep the directory across the restart: it is removed only when the cluster is dropped
+        // or stopped for good.
+        let opts = ClusterOptions {
+            port: Some(self.port),
+            remove_on_exit: self.remove_on_exit,
+            ..ClusterOptions::new(self.root.clone())
+        };
         let child = Self::launch(&self.bin, self.owner, &opts, self.port).await?;
         self.child = Some(child);
         Ok(())

@@ -29,7 +29,7 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
         Some(_) => None,
         None => {
             eprintln!("ingest: starting a throwaway PostgreSQL in {}", root.display());
-            Some(Cluster::start(ClusterOptions::new(&root)).await?)
+            Some(Cluster::start(ClusterOptions::throwaway(&root)).await?)
         }
     };
     let url = match (&opts.database_url, &cluster) {
@@ -138,7 +138,6 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     pool.close().await;
     if let Some(c) = cluster {
         c.stop().await;
-        let _ = std::fs::remove_dir_all(&root);
     }
 
     let rate = changes as f64 / gw_secs;

@@ -32,8 +32,8 @@ pub struct SocketOptions {
 }
 
 struct Env {
+    /// A throwaway cluster (its directory goes when it stops), unless `--database-url` was given.
     cluster: Option<Cluster>,
-    root: PathBuf,
     url: String,
     /// The gateway's slot, unique to this run (slots are cluster-wide).
     slot: String,
@@ -57,7 +57,7 @@ async fn database(opts: &BenchOptions, name: &str) -> anyhow::Result<Env> {
         Some(_) => None,
         None => {
             eprintln!("{name}: starting a throwaway PostgreSQL in {}", root.display());
-            let mut o = ClusterOptions::new(&root);
+            let mut o = ClusterOptions::throwaway(&root);
             o.settings.push(("max_connections".into(), "300".into()));
             Some(Cluster::start(o).await?)
         }
@@ -75,7 +75,7 @@ async fn database(opts: &BenchOptions, name: &str) -> anyhow::Result<Env> {
     .execute(&pool)
     .await?;
     pool.close().await;
-    Ok(Env { cluster, root, url, slot: format!("walcast_bench_{name}_{}", std::process::id()) })
+    Ok(Env { cluster, url, slot: format!("walcast_bench_{name}_{}", std::process::id()) })
 }
 
 async fn teardown(env: Env) {
@@ -86,7 +86,6 @@ async fn teardown(env: Env) {
     }
     if let Some(c) = env.cluster {
         c.stop().await;
-        let _ = std::fs::remove_dir_all(&env.root);
     }
 }
 

@@ -392,3 +392,55 @@ async fn scram_and_md5_authentication() {
         assert!(e.to_string().contains("authentication failed"), "{e}");
     }
 }
+
+#[tokio::test]
+async fn exported_snapshot_hands_off_to_the_stream() {
+    use walcast::replication::wire::{ReplicationConnection, SnapshotAction};
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, "CREATE TABLE s (id int PRIMARY KEY); INSERT INTO s VALUES (1);").await;
+    slot::migrate(&url).await.expect("migrations");
+    slot::ensure_publication(&p, "walcast", &["public.*".into()]).await.expect("publication");
+    let params = ConnectParams::from_url(&url).expect("url");
+    let name = format!("snap_{}", url.rsplit('/').next().unwrap_or("x").split('?').next().unwrap_or("x"));
+    let mut conn = ReplicationConnection::connect(&params).await.expect("connect");
+    let created = conn.create_slot(&name, true, SnapshotAction::Export).await.expect("slot with snapshot");
+    let snapshot = created.snapshot_name.expect("an exported snapshot");
+    exec(&p, "INSERT INTO s VALUES (2)").await;
+    // The snapshot sees exactly what was committed before the slot's consistent point…
+    let mut tx = p.begin().await.expect("begin");
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await
+        .expect("isolation");
+    sqlx::query(&format!("SET TRANSACTION SNAPSHOT '{snapshot}'"))
+        .execute(&mut *tx)
+        .await
+        .expect("import snapshot");
+    let ids: Vec<i32> =
+        sqlx::query_scalar("SELECT id FROM s ORDER BY id").fetch_all(&mut *tx).await.expect("read");
+    tx.commit().await.expect("commit");
+    assert_eq!(ids, [1]);
+    // …and the stream carries everything after it, with nothing missed or repeated.
+    let (tx, mut rx) = mpsc::channel(16);
+    let task = ReplicationTask {
+        params,
+        slot: name,
+        publication: "walcast".into(),
+        pool: p.clone(),
+        tx,
+        dispatched: Arc::new(AtomicU64::new(0)),
+        status: Arc::new(ReplicationStatus::default()),
+    };
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(task.run_on(conn, shutdown.clone()));
+    let first = loop {
+        match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("change").expect("open") {
+            ChangeEvent::Change(c) => break c,
+            ChangeEvent::Commit { .. } => {}
+        }
+    };
+    assert_eq!(record(&first), r#"{"id":2}"#);
+    shutdown.cancel();
+    handle.await.expect("join").expect("clean end");
+}

@@ -14,7 +14,7 @@ use crate::support::{exec, fresh_db, http_get, pool, wait_for, TestApp};
 async fn dedicated(name: &str, settings: &[(&str, &str)]) -> Cluster {
     let root = std::env::temp_dir().join(format!("walcast-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let mut opts = ClusterOptions::new(&root);
+    let mut opts = ClusterOptions::throwaway(&root);
     opts.settings = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     Cluster::start(opts).await.expect("dedicated cluster")
 }
@@ -354,7 +354,7 @@ async fn replication_over_tls() {
             std::os::unix::fs::chown(path, f[2].parse().ok(), f[3].parse().ok()).expect("chown");
         }
     }
-    let mut opts = ClusterOptions::new(root.join("cluster"));
+    let mut opts = ClusterOptions::throwaway(root.join("cluster"));
     opts.settings = vec![
         ("ssl".into(), "on".into()),
         ("ssl_cert_file".into(), cert.display().to_string()),

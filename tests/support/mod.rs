@@ -44,7 +44,7 @@ fn shared() -> &'static Shared {
             rt.block_on(async move {
                 let root = std::env::temp_dir().join(format!("walcast-test-{}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&root);
-                let mut opts = ClusterOptions::new(&root);
+                let mut opts = ClusterOptions::throwaway(&root);
                 opts.hba = vec![
                     format!("host all {SCRAM_USER} 127.0.0.1/32 scram-sha-256"),
                     format!("host replication {SCRAM_USER} 127.0.0.1/32 scram-sha-256"),
