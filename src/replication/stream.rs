@@ -39,8 +39,6 @@ pub struct ReplicationStatus {
     pub flushed_lsn: AtomicU64,
     /// Commit time (Postgres micros) of the last transaction handed on.
     pub last_commit_ts: AtomicI64,
-    /// Server time (Postgres micros) of the last message received.
-    pub last_server_time: AtomicI64,
     pub changes_received: AtomicU64,
     /// Times a stream was started (1 + reconnects).
     pub connections: AtomicU64,
@@ -222,14 +220,12 @@ impl ReplicationTask {
                 }
             };
             match msg {
-                ReplicationMessage::XLogData { wal_end, server_time, data, .. } => {
+                ReplicationMessage::XLogData { wal_end, data, .. } => {
                     self.status.received_lsn.fetch_max(wal_end.0, Ordering::Relaxed);
-                    self.status.last_server_time.store(server_time, Ordering::Relaxed);
                     self.handle(p, &mut txn, pgoutput::decode(data)?).await?;
                 }
-                ReplicationMessage::Keepalive { wal_end, server_time, reply_requested } => {
+                ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
                     self.status.server_wal_end.store(wal_end.0, Ordering::Relaxed);
-                    self.status.last_server_time.store(server_time, Ordering::Relaxed);
                     self.status.caught_up.store(true, Ordering::Relaxed);
                     // Nothing open and everything handed on has been dispatched: all WAL up to
                     // the server's position is either delivered or not ours, so it may be confirmed.
