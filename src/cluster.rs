@@ -29,6 +29,8 @@ pub enum ClusterError {
     },
     #[error("initdb failed: {0}")]
     Initdb(String),
+    #[error("the server stopped while starting: {reason} (see {log})")]
+    Exited { reason: String, log: String },
     #[error("the server did not become ready within {seconds} s; see {log}")]
     NotReady { seconds: u64, log: String },
 }
@@ -125,8 +127,12 @@ impl Cluster {
         } else {
             None
         };
-        let data = opts.root.join("data");
         std::fs::create_dir_all(&opts.root).map_err(io(format!("creating {}", opts.root.display())))?;
+        // The server changes into its data directory: every path it is given must be absolute.
+        let root =
+            std::fs::canonicalize(&opts.root).map_err(io(format!("resolving {}", opts.root.display())))?;
+        let opts = ClusterOptions { root, ..opts };
+        let data = opts.root.join("data");
         chown(&opts.root, owner)?;
         if !data.join("PG_VERSION").exists() {
             let out = command(&bin.join("initdb"), owner)
@@ -202,19 +208,27 @@ impl Cluster {
             args.push_str(&format!(" -c {}", shell_quote(&format!("{k}={v}"))));
         }
         // The watchdog: stops the server when our end of its stdin closes (we exited or stopped it).
+        // The watchdog: a reader stops the server when our end of its stdin closes (we exited or
+        // stopped it; a restart first says "keep"). The script itself ends when the server does,
+        // however that happens, so a server that fails at start is noticed at once. (A background
+        // job's stdin is /dev/null unless redirected, hence fd 3.)
+        let keep = opts.root.join(".keep");
         let script = format!(
-            "{postgres} -D {data}{args} >>{log} 2>&1 & pid=$!\n\
+            "exec 3<&0\n\
+             {postgres} -D {data}{args} >>{log} 2>&1 &\n\
+             pid=$!\n\
              trap 'kill -INT $pid 2>/dev/null' TERM INT\n\
-             read cmd\n\
-             kill -INT $pid 2>/dev/null\n\
+             (read cmd <&3; [ \"$cmd\" = keep ] && touch {keep}; kill -INT $pid 2>/dev/null) &\n\
+             reader=$!\n\
              wait $pid\n\
-             {cleanup}",
+             kill $reader 2>/dev/null\n\
+             if [ -e {keep} ]; then rm -f {keep}; else {cleanup}:; fi\n",
             postgres = shell_quote(&bin.join("postgres").display().to_string()),
             data = shell_quote(&data.display().to_string()),
             log = shell_quote(&log.display().to_string()),
+            keep = shell_quote(&keep.display().to_string()),
             cleanup = if opts.remove_on_exit {
-                // A restart says "keep": the next server uses the same directory.
-                format!("[ \"$cmd\" = keep ] || rm -rf {}\n", shell_quote(&opts.root.display().to_string()))
+                format!("rm -rf {}; ", shell_quote(&opts.root.display().to_string()))
             } else {
                 String::new()
             },
@@ -232,7 +246,10 @@ impl Cluster {
         let url = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
         loop {
             if let Ok(Some(_)) = child.try_wait() {
-                return Err(ClusterError::NotReady { seconds: 0, log: log.display().to_string() });
+                return Err(ClusterError::Exited {
+                    reason: last_fatal(&log),
+                    log: log.display().to_string(),
+                });
             }
             if let Ok(c) = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await {
                 let _ = sqlx::Connection::close(c).await;
@@ -313,6 +330,14 @@ fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<(), ClusterError> {
             .map_err(io(format!("chown {}", path.display())))?;
     }
     Ok(())
+}
+
+/// The last FATAL line of the server log, for the error message.
+fn last_fatal(log: &Path) -> String {
+    std::fs::read_to_string(log)
+        .ok()
+        .and_then(|l| l.lines().rev().find(|l| l.contains("FATAL")).map(str::to_owned))
+        .unwrap_or_else(|| "no FATAL line in the log".into())
 }
 
 fn free_port() -> Result<u16, ClusterError> {

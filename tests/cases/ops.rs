@@ -77,9 +77,11 @@ async fn dev_mode_starts_stops_and_reuses_its_data() {
     let _ = std::fs::remove_dir_all(&dir);
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     for round in 0..2 {
+        // Relative, like the default `.walcast/dev`: run from the directory's parent.
         let mut child = walcast_bin()
+            .current_dir(dir.parent().expect("parent"))
             .args(["dev", "--port", &port.to_string(), "--data-dir"])
-            .arg(&dir)
+            .arg(dir.file_name().expect("name"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
