@@ -57,8 +57,11 @@ impl ReplicaIdentity {
 pub struct Column {
     pub name: Arc<str>,
     pub ty: Arc<TypeInfo>,
-    /// Part of the replica identity: carried by the old row of UPDATE/DELETE.
+    /// Part of the replica identity: carried by the old row of UPDATE/DELETE. Under REPLICA
+    /// IDENTITY FULL every column is; this is not the primary key.
     pub is_key: bool,
+    /// Part of the table's primary key (from the catalog): kept by `select`.
+    pub in_primary_key: bool,
 }
 
 /// A published table as the latest Relation message described it.
@@ -214,12 +217,18 @@ impl Change {
     }
 
     /// Writes `old_record`: the columns the old row carries (key columns, or all with FULL).
+    /// An UPDATE that did not change the replica identity key comes without an old row; its
+    /// key columns are then those of the new row (the key did not change).
     pub fn write_old_record(&self, out: &mut Vec<u8>, select: Option<&dyn Fn(&str) -> bool>) -> bool {
         if self.kind == ChangeKind::Insert {
             return false;
         }
         let full = self.relation.replica_identity == ReplicaIdentity::Full;
-        let old = self.old.as_ref().map(|t| &t.0[..]).unwrap_or_default();
+        let old = match (&self.old, &self.new) {
+            (Some(old), _) => &old.0[..],
+            (None, Some(new)) if self.kind == ChangeKind::Update => &new.0[..],
+            _ => &[],
+        };
         let fields = self.relation.columns.iter().zip(old).filter_map(|(col, v)| {
             if select.is_some_and(|s| !s(&col.name)) || !(full || col.is_key) {
                 return None;
@@ -278,6 +287,47 @@ impl Change {
             }
             out.push(b']');
         }
+    }
+}
+
+impl Change {
+    /// The `data` object of a change as clients receive it: `schema`, `table`, `type`,
+    /// `commit_timestamp`, `columns`, `record`/`old_record` where they apply, and `errors`.
+    /// With `select`, records keep the selected columns plus the primary key. A record over
+    /// `max_record_bytes` is sent with only its small values and
+    /// `errors: ["Error 413: Payload Too Large"]`.
+    pub fn render_data(&self, select: Option<&[Arc<str>]>, max_record_bytes: usize) -> Vec<u8> {
+        let rel = &self.relation;
+        let keep = |name: &str| {
+            select.is_none_or(|cols| {
+                cols.iter().any(|c| &**c == name)
+                    || rel.column_index(name).is_some_and(|i| rel.columns[i].in_primary_key)
+            })
+        };
+        let mut out = Vec::with_capacity(256);
+        out.push(b'{');
+        let pred: &dyn Fn(&str) -> bool = &keep;
+        self.write_data_fields(&mut out, select.map(|_| pred));
+        if out.len() <= max_record_bytes {
+            out.extend_from_slice(b",\"errors\":null}");
+            return out;
+        }
+        // Too large: keep only small values.
+        let small = |name: &str| {
+            keep(name)
+                && rel.column_index(name).is_some_and(|i| {
+                    let len = |t: Option<&Tuple>| match t.and_then(|t| t.0.get(i)) {
+                        Some(Value::Text(b)) => b.len(),
+                        _ => 0,
+                    };
+                    len(self.new.as_ref()) <= 64 && len(self.old.as_ref()) <= 64
+                })
+        };
+        out.clear();
+        out.push(b'{');
+        self.write_data_fields(&mut out, Some(&small));
+        out.extend_from_slice(b",\"errors\":[\"Error 413: Payload Too Large\"]}");
+        out
     }
 }
 
@@ -354,9 +404,24 @@ mod tests {
             "todos",
             identity,
             vec![
-                Column { name: "id".into(), ty: Arc::clone(cat.get(20).unwrap()), is_key: true },
-                Column { name: "task".into(), ty: Arc::clone(cat.get(25).unwrap()), is_key: false },
-                Column { name: "body".into(), ty: Arc::clone(cat.get(25).unwrap()), is_key: false },
+                Column {
+                    name: "id".into(),
+                    ty: Arc::clone(cat.get(20).unwrap()),
+                    is_key: true,
+                    in_primary_key: true,
+                },
+                Column {
+                    name: "task".into(),
+                    ty: Arc::clone(cat.get(25).unwrap()),
+                    is_key: identity == ReplicaIdentity::Full,
+                    in_primary_key: false,
+                },
+                Column {
+                    name: "body".into(),
+                    ty: Arc::clone(cat.get(25).unwrap()),
+                    is_key: identity == ReplicaIdentity::Full,
+                    in_primary_key: false,
+                },
             ],
         ))
     }
@@ -400,7 +465,8 @@ mod tests {
         };
         let json = String::from_utf8(c.to_tail_json()).unwrap();
         assert!(json.contains(r#""record":{"id":1,"task":"a"}"#), "{json}");
-        assert!(json.contains(r#""old_record":{}"#), "{json}");
+        // No old row was sent (the key did not change): the key comes from the new row.
+        assert!(json.contains(r#""old_record":{"id":1}"#), "{json}");
         assert!(json.contains(r#""unchanged_toast":["body"]"#), "{json}");
         serde_json::from_str::<serde_json::Value>(&json).unwrap();
 
@@ -414,6 +480,48 @@ mod tests {
         assert!(json.contains(r#""record":{"id":1,"task":"a","body":"long"}"#), "{json}");
         assert!(json.contains(r#""old_record":{"id":1,"task":"b","body":"long"}"#), "{json}");
         assert!(!json.contains("unchanged_toast"), "{json}");
+    }
+
+    #[test]
+    fn select_keeps_the_primary_key_not_the_identity() {
+        let c = Change {
+            relation: relation(ReplicaIdentity::Full),
+            kind: ChangeKind::Update,
+            new: Some(Tuple(vec![t("1"), t("a"), t("b")])),
+            old: Some(Tuple(vec![t("1"), t("x"), t("y")])),
+            commit_lsn: Lsn(1),
+            commit_ts: 0,
+            seq: 0,
+        };
+        let select: Vec<Arc<str>> = vec!["task".into()];
+        let v: serde_json::Value = serde_json::from_slice(&c.render_data(Some(&select), 1 << 20)).unwrap();
+        assert_eq!(v["record"], serde_json::json!({"id": 1, "task": "a"}));
+        assert_eq!(v["old_record"], serde_json::json!({"id": 1, "task": "x"}));
+        assert_eq!(v["errors"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn database_broadcasts_decode() {
+        let b = DbBroadcast::decode(
+            br#"{"id":"u1","topic":"room","event":"e","private":true,"payload":{"x":1},"binary_payload":null}"#,
+        )
+        .unwrap();
+        assert_eq!((&*b.topic, b.private, b.message.event.as_str()), ("realtime:room", true, "e"));
+        let crate::realtime::broadcast::BroadcastPayload::Json(p) = &b.message.payload else { panic!() };
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(p).unwrap(), serde_json::json!({"x": 1}));
+        assert_eq!(b.message.meta.as_deref(), Some(&br#"{"id":"u1"}"#[..]));
+        let b = DbBroadcast::decode(
+            br#"{"id":"u2","topic":"t","event":"e","payload":null,"binary_payload":"00ff10"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            b.message.payload,
+            crate::realtime::broadcast::BroadcastPayload::Binary(Bytes::from_static(&[0, 255, 16]))
+        );
+        assert!(!b.private);
+        for bad in [&b"nope"[..], br#"{"id":"u","topic":"t","binary_payload":"0"}"#, br#"{"topic":"t"}"#] {
+            assert!(DbBroadcast::decode(bad).is_err());
+        }
     }
 
     #[test]
@@ -435,10 +543,83 @@ mod tests {
     }
 }
 
+/// A broadcast sent from the database (`realtime.send`), delivered when its transaction commits.
+#[derive(Debug)]
+pub struct DbBroadcast {
+    /// The channel topic (`realtime:<topic>`).
+    pub topic: Arc<str>,
+    pub private: bool,
+    pub message: crate::realtime::broadcast::BroadcastMessage,
+}
+
+/// Why a database broadcast message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DbBroadcastError {
+    #[error("not the expected JSON object")]
+    Json(#[source] serde_json::Error),
+    #[error("binary_payload is not hex")]
+    Hex,
+}
+
+impl DbBroadcast {
+    /// The logical decoding message prefix the `realtime.messages` trigger emits under.
+    pub const PREFIX: &'static str = "walcast.broadcast";
+
+    /// Reads the message the trigger emits:
+    /// `{"id","topic","event","private","payload"|null,"binary_payload": hex|null}`. Every message
+    /// carries `meta: {"id": …}` (`realtime.send` also puts the id into the payload).
+    pub fn decode(content: &[u8]) -> Result<DbBroadcast, DbBroadcastError> {
+        #[derive(serde::Deserialize)]
+        struct Row {
+            id: String,
+            topic: String,
+            event: Option<String>,
+            #[serde(default)]
+            private: bool,
+            payload: Option<serde_json::Value>,
+            binary_payload: Option<String>,
+        }
+        use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
+        let row: Row = serde_json::from_slice(content).map_err(DbBroadcastError::Json)?;
+        let payload = match (row.binary_payload, row.payload) {
+            (Some(hex), _) => {
+                BroadcastPayload::Binary(Bytes::from(decode_hex(&hex).ok_or(DbBroadcastError::Hex)?))
+            }
+            (None, payload) => {
+                let payload = payload.unwrap_or(serde_json::Value::Null);
+                BroadcastPayload::Json(Bytes::from(
+                    serde_json::to_vec(&payload).map_err(DbBroadcastError::Json)?,
+                ))
+            }
+        };
+        let meta = serde_json::to_vec(&serde_json::json!({"id": row.id})).map_err(DbBroadcastError::Json)?;
+        Ok(DbBroadcast {
+            topic: format!("realtime:{}", row.topic).into(),
+            private: row.private,
+            message: BroadcastMessage {
+                event: row.event.unwrap_or_default(),
+                payload,
+                meta: Some(Bytes::from(meta)),
+            },
+        })
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    let s = s.strip_prefix("\\x").unwrap_or(s).as_bytes();
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    s.chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect()
+}
+
 /// What the replication stage hands the fan-out stage, in commit order.
 #[derive(Debug)]
 pub enum ChangeEvent {
     Change(Change),
+    /// A message committed to `realtime.messages`.
+    Broadcast(DbBroadcast),
     /// The transaction whose changes came before is complete. Once the fan-out has dispatched
     /// it, `end_lsn` may be confirmed to Postgres.
     Commit {

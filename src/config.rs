@@ -44,6 +44,19 @@ pub struct Config {
     pub client_queue: usize,
     /// Channels one socket may join.
     pub max_channels_per_socket: usize,
+    /// Channel joins one socket may make per second.
+    pub max_joins_per_second: u32,
+    /// Broadcasts one socket may send per second; more closes that channel.
+    pub max_events_per_second: u32,
+    /// Presence events (track/untrack) one socket may send per `presence_window_secs`.
+    pub max_presence_events: u32,
+    pub presence_window_secs: u64,
+    /// Largest presence payload, in bytes (JSON).
+    pub max_presence_payload_bytes: usize,
+    /// Largest broadcast payload, in bytes; larger ones are refused and not delivered.
+    pub max_broadcast_payload_bytes: usize,
+    /// Rows of `realtime.messages` older than this many seconds are deleted.
+    pub message_retention_secs: u64,
 }
 
 impl Default for Config {
@@ -55,11 +68,18 @@ impl Default for Config {
             slot: "walcast".into(),
             tables: vec!["public.*".into()],
             log_format: None,
-            max_frame_bytes: 1024 * 1024,
+            max_frame_bytes: 4 * 1024 * 1024,
             max_record_bytes: 1024 * 1024,
             idle_timeout_secs: 60,
             client_queue: 1024,
             max_channels_per_socket: 100,
+            max_joins_per_second: 100,
+            max_events_per_second: 100,
+            max_presence_events: 5,
+            presence_window_secs: 30,
+            max_presence_payload_bytes: 3_000 * 1024,
+            max_broadcast_payload_bytes: 3_000 * 1024,
+            message_retention_secs: 72 * 3600,
         }
     }
 }
@@ -146,6 +166,12 @@ impl Config {
         }
         if self.idle_timeout_secs == 0 {
             return invalid("idle_timeout_secs", "expected at least 1 second");
+        }
+        if self.presence_window_secs == 0 {
+            return invalid("presence_window_secs", "expected at least 1 second");
+        }
+        if self.message_retention_secs == 0 {
+            return invalid("message_retention_secs", "expected at least 1 second");
         }
         Ok(())
     }

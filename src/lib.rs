@@ -6,11 +6,14 @@
 //!    rendering equal to `to_jsonb` (`values`), slot and publication lifecycle (`slot`), and the
 //!    replication task (`stream`) that turns the stream into [`change::Change`]s.
 //! 2. [`change`] — the change model shared by every later stage.
-//! 3. [`fanout`] — the subscription index and the dispatcher that pushes each change, rendered
-//!    once, to the matching channels' socket queues; [`filter`] is the row-filter language and
-//!    [`subscribe`] turns channel joins into index entries.
-//! 4. [`protocol`] — the Phoenix channel wire format of the Supabase Realtime clients.
-//! 5. [`server`] — the axum router: WebSocket endpoints, health, readiness, metrics.
+//! 3. [`realtime`] — the transport-neutral core: sessions (one per client), channels
+//!    (`postgres_changes` bindings, broadcast members, presence), the subscription index and the
+//!    dispatcher that delivers each change, rendered once, to the matching members' outboxes;
+//!    [`filter`] is the row-filter language and [`subscribe`] resolves bindings.
+//! 4. [`protocol`] — wire formats: the Phoenix channel protocol of the Supabase Realtime
+//!    clients, as a session driver and an encoder of core events.
+//! 5. [`server`] — the axum router: IO only — WebSocket endpoints, REST broadcast, health,
+//!    readiness, metrics.
 //!
 //! [`Gateway::prepare`] checks and prepares the database; [`Gateway::run`] serves until the
 //! shutdown token fires, then drains within a bounded time.
@@ -20,9 +23,9 @@ pub mod change;
 pub mod check;
 pub mod cluster;
 pub mod config;
-pub mod fanout;
 pub mod filter;
 pub mod protocol;
+pub mod realtime;
 pub mod replication;
 pub mod server;
 pub mod subscribe;
@@ -39,11 +42,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::fanout::Fanout;
+use crate::realtime::{Hub, Limits};
+use crate::replication::ack::Acknowledgement;
 use crate::replication::slot;
 use crate::replication::stream::{ReplicationStatus, ReplicationTask};
 use crate::replication::wire::ConnectParams;
-use crate::server::{AppState, Limits};
+use crate::server::AppState;
 use crate::subscribe::PublishedCatalog;
 
 #[derive(Debug, thiserror::Error)]
@@ -115,8 +119,10 @@ impl Gateway {
     /// the final standby status update, and returns within 10 s.
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let tracker = TaskTracker::new();
-        let fanout = Fanout::new();
+        let catalog = Arc::new(PublishedCatalog::new(self.pool.clone(), self.config.publication.clone()));
+        let hub = Hub::new(Limits::from_config(&self.config), Some(catalog), None);
         let status = Arc::new(ReplicationStatus::default());
+        let ack = Acknowledgement::new();
         let (tx, rx) = tokio::sync::mpsc::channel(8192);
 
         tracker.spawn(
@@ -126,28 +132,23 @@ impl Gateway {
                 publication: self.config.publication.clone(),
                 pool: self.pool.clone(),
                 tx,
-                dispatched: Arc::clone(&fanout.dispatched),
+                ack: ack.clone(),
                 status: Arc::clone(&status),
             }
             .run(shutdown.clone()),
         );
-        tracker.spawn(fanout::run_dispatcher(
-            fanout.clone(),
-            rx,
-            self.config.max_record_bytes,
+        tracker.spawn(realtime::dispatch::run_dispatcher(hub.clone(), rx, ack, shutdown.clone()));
+        tracker.spawn(slot::prune_messages(
+            self.pool.clone(),
+            Duration::from_secs(self.config.message_retention_secs),
             shutdown.clone(),
         ));
 
         let state = AppState {
-            fanout,
-            catalog: Arc::new(PublishedCatalog::new(self.pool.clone(), self.config.publication.clone())),
+            hub,
             status,
-            limits: Limits {
-                max_frame_bytes: self.config.max_frame_bytes,
-                idle_timeout: Duration::from_secs(self.config.idle_timeout_secs),
-                client_queue: self.config.client_queue,
-                max_channels: self.config.max_channels_per_socket,
-            },
+            max_frame_bytes: self.config.max_frame_bytes,
+            idle_timeout: Duration::from_secs(self.config.idle_timeout_secs),
             shutdown: shutdown.clone(),
         };
         let app = server::router(state);

@@ -2,7 +2,8 @@
 //! binding against the published tables and their columns, compiles its filter, and computes
 //! its stable id. Error messages are the ones clients show to users.
 //!
-//! Owns: the cached view of published tables (refreshed when stale or when a lookup misses).
+//! Owns: the cached view of published tables (refreshed when stale or when a lookup misses),
+//! with each table's primary key.
 //! Must not: touch sockets or the index.
 
 use std::collections::HashMap;
@@ -12,8 +13,32 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::fanout::{BindingSpec, EventFilter};
-use crate::filter::{self, CompiledFilter};
+use crate::filter::{self, CompileError, CompiledFilter, ParseError};
+use crate::realtime::index::{BindingSpec, EventFilter};
+
+/// Why a binding could not be subscribed; `Display` is the message clients show.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BindingError {
+    #[error(
+        "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {params} ({reason})"
+    )]
+    Unavailable { params: String, reason: String },
+    #[error("Error parsing `filter` params: {0}")]
+    Filter(#[source] ParseError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error(
+        "invalid column for filter {column}: DELETE events carry only the replica identity \
+         (set REPLICA IDENTITY FULL on {table} to filter deletes on it)"
+    )]
+    DeleteOutsideIdentity { column: String, table: String },
+    #[error("invalid column for select {0}")]
+    SelectColumn(String),
+    #[error("Unable to read the published tables; try again")]
+    Catalog(#[source] Arc<sqlx::Error>),
+    #[error("change capture is not available on this gateway")]
+    NoCatalog,
+}
 
 #[derive(Debug, Clone)]
 pub struct PublishedColumn {
@@ -84,15 +109,13 @@ impl PublishedCatalog {
 
     /// Resolves a join's bindings, in order. Each is either ready to index or an error message
     /// for the client.
-    pub async fn resolve(&self, bindings: &[Value]) -> Vec<Result<BindingSpec, String>> {
+    pub async fn resolve(&self, bindings: &[Value]) -> Vec<Result<BindingSpec, BindingError>> {
         let mut tables = match self.tables(false).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "loading published tables failed");
-                return bindings
-                    .iter()
-                    .map(|_| Err("Unable to read the published tables; try again".into()))
-                    .collect();
+                let e = Arc::new(e);
+                return bindings.iter().map(|_| Err(BindingError::Catalog(Arc::clone(&e)))).collect();
             }
         };
         let mut out = Vec::with_capacity(bindings.len());
@@ -139,20 +162,15 @@ fn describe(b: &Value) -> String {
     )
 }
 
-fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, String> {
-    let unable = |why: &str| {
-        format!(
-            "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {} ({why})",
-            describe(b)
-        )
-    };
+fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, BindingError> {
+    let unable = |why: &str| BindingError::Unavailable { params: describe(b), reason: why.to_owned() };
     let event_text = field(b, "event").unwrap_or("*");
     let event = EventFilter::parse(event_text)
         .ok_or_else(|| unable(&format!("event must be *, INSERT, UPDATE or DELETE, not {event_text:?}")))?;
     let schema = field(b, "schema").unwrap_or("public");
     let table = field(b, "table").filter(|t| *t != "*");
     let filter_text = field(b, "filter").unwrap_or("");
-    let parsed = filter::parse(filter_text).map_err(|e| format!("Error parsing `filter` params: {e}"))?;
+    let parsed = filter::parse(filter_text).map_err(BindingError::Filter)?;
     let select: Option<Arc<[Arc<str>]>> = match b.get("select") {
         Some(Value::Array(cols)) => Some(cols.iter().filter_map(Value::as_str).map(Arc::from).collect()),
         _ => None,
@@ -179,21 +197,20 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, String> {
     };
     let compiled = CompiledFilter::compile(&parsed, |name| {
         published.columns.iter().find(|c| &*c.name == name).map(|c| (Arc::clone(&c.name), &*c.compare_type))
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     if event == EventFilter::Delete {
         for col in compiled.columns() {
             if !published.columns.iter().any(|c| &*c.name == col && c.in_identity) {
-                return Err(format!(
-                    "invalid column for filter {col}: DELETE events carry only the replica identity \
-                     (set REPLICA IDENTITY FULL on {schema}.{table} to filter deletes on it)"
-                ));
+                return Err(BindingError::DeleteOutsideIdentity {
+                    column: col.to_owned(),
+                    table: format!("{schema}.{table}"),
+                });
             }
         }
     }
     if let Some(cols) = &select {
         if let Some(bad) = cols.iter().find(|c| !published.columns.iter().any(|p| p.name == **c)) {
-            return Err(format!("invalid column for select {bad}"));
+            return Err(BindingError::SelectColumn(bad.to_string()));
         }
     }
     Ok(BindingSpec { id, event, schema: schema.into(), table: Some(table.into()), filter: compiled, select })
@@ -234,21 +251,28 @@ mod tests {
     #[test]
     fn errors_say_what_is_wrong() {
         let t = tables();
-        let e = resolve_one(&t, &json!({"event":"*","schema":"public","table":"nope"})).unwrap_err();
+        let e =
+            resolve_one(&t, &json!({"event":"*","schema":"public","table":"nope"})).unwrap_err().to_string();
         assert!(
             e.starts_with("Unable to subscribe to changes with given parameters")
                 && e.contains("table: nope"),
             "{e}"
         );
-        let e = resolve_one(&t, &json!({"event":"*","table":"todos","filter":"id=eq"})).unwrap_err();
+        let e =
+            resolve_one(&t, &json!({"event":"*","table":"todos","filter":"id=eq"})).unwrap_err().to_string();
         assert!(e.starts_with("Error parsing `filter` params"), "{e}");
-        let e = resolve_one(&t, &json!({"event":"*","table":"todos","filter":"x=eq.1"})).unwrap_err();
+        let e =
+            resolve_one(&t, &json!({"event":"*","table":"todos","filter":"x=eq.1"})).unwrap_err().to_string();
         assert_eq!(e, "invalid column for filter x");
-        let e = resolve_one(&t, &json!({"event":"*","table":"todos","filter":"id=eq.abc"})).unwrap_err();
+        let e = resolve_one(&t, &json!({"event":"*","table":"todos","filter":"id=eq.abc"}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("int8"), "{e}");
-        let e = resolve_one(&t, &json!({"event":"DELETE","table":"todos","filter":"task=eq.a"})).unwrap_err();
+        let e = resolve_one(&t, &json!({"event":"DELETE","table":"todos","filter":"task=eq.a"}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("REPLICA IDENTITY FULL"), "{e}");
-        let e = resolve_one(&t, &json!({"event":"upsert","table":"todos"})).unwrap_err();
+        let e = resolve_one(&t, &json!({"event":"upsert","table":"todos"})).unwrap_err().to_string();
         assert!(e.contains("event must be"), "{e}");
         assert!(resolve_one(&t, &json!({"event":"insert","table":"todos","filter":"task=eq.a"})).is_ok());
         assert!(resolve_one(&t, &json!({"event":"*","schema":"public"})).is_ok());

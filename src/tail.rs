@@ -3,7 +3,6 @@
 //! Must not: confirm anything on, or otherwise touch, the gateway's slot.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -11,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::change::{ChangeEvent, ChangeKind};
 use crate::config::Config;
+use crate::replication::ack::Acknowledgement;
 use crate::replication::slot;
 use crate::replication::stream::{ReplicationStatus, ReplicationTask};
 use crate::replication::wire::{ConnectParams, ReplicationConnection, SnapshotAction};
@@ -42,14 +42,14 @@ pub async fn run(
     let mut conn = ReplicationConnection::connect(&params).await?;
     conn.create_slot(&slot_name, true, SnapshotAction::NoExport).await?;
     let (tx, mut rx) = mpsc::channel(1024);
-    let dispatched = Arc::new(AtomicU64::new(0));
+    let ack = Acknowledgement::new();
     let task = ReplicationTask {
         params,
         slot: slot_name,
         publication: config.publication.clone(),
         pool,
         tx,
-        dispatched: Arc::clone(&dispatched),
+        ack: ack.clone(),
         status: Arc::new(ReplicationStatus::default()),
     };
     let stream_shutdown = shutdown.clone();
@@ -73,7 +73,9 @@ pub async fn run(
                 out.write_all(&line)?;
                 out.flush()?;
             }
-            ChangeEvent::Commit { end_lsn, .. } => dispatched.store(end_lsn.0, Ordering::Release),
+            // Written out: safe to forget.
+            ChangeEvent::Commit { end_lsn, .. } => ack.advance(end_lsn),
+            ChangeEvent::Broadcast(_) => {}
         }
     }
     shutdown.cancel();

@@ -3,7 +3,6 @@
 //! identical slot created at the same position — the walsender's own limit.
 
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::bench::BenchOptions;
 use crate::change::ChangeEvent;
 use crate::cluster::{Cluster, ClusterOptions};
-use crate::fanout::{dispatch, render_data, Fanout, Scratch};
+use crate::realtime::dispatch::{dispatch, Scratch};
+use crate::realtime::{Hub, Limits};
+use crate::replication::ack::Acknowledgement;
 use crate::replication::lsn::Lsn;
 use crate::replication::stream::{ReplicationStatus, ReplicationTask};
 use crate::replication::wire::{ConnectParams, ReplicationConnection, SnapshotAction};
@@ -92,20 +93,20 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
 
     eprintln!("ingest: walcast…");
     let (tx, mut rx) = mpsc::channel(8192);
-    let dispatched = Arc::new(AtomicU64::new(0));
+    let ack = Acknowledgement::new();
     let task = ReplicationTask {
         params,
         slot: gw_slot.clone(),
         publication: "walcast_bench".into(),
         pool: pool.clone(),
         tx,
-        dispatched: Arc::clone(&dispatched),
+        ack: ack.clone(),
         status: Arc::new(ReplicationStatus::default()),
     };
     let shutdown = CancellationToken::new();
     let t = Instant::now();
     let handle = tokio::spawn(task.run(shutdown.clone()));
-    let fanout = Fanout::new();
+    let hub = Hub::new(Limits { max_record_bytes: 1 << 20, ..Limits::default() }, None, None);
     let mut scratch = Scratch::default();
     let mut changes = 0u64;
     let mut bytes = 0usize;
@@ -113,12 +114,13 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
         match ev {
             ChangeEvent::Change(c) => {
                 // Convert (render the data object) and match, as the gateway does per change.
-                bytes += render_data(&c, None, 1 << 20).len();
-                dispatch(&fanout, &c, 1 << 20, &mut scratch);
+                bytes += c.render_data(None, 1 << 20).len();
+                dispatch(&hub, &c, &mut scratch);
                 changes += 1;
             }
+            ChangeEvent::Broadcast(_) => {}
             ChangeEvent::Commit { end_lsn, .. } => {
-                dispatched.store(end_lsn.0, Ordering::Release);
+                ack.advance(end_lsn);
                 if changes >= rows {
                     break;
                 }

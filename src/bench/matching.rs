@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::change::{Change, ChangeKind, Column, Relation, ReplicaIdentity};
-use crate::fanout::{dispatch, BindingSpec, ChannelSink, EventFilter, Fanout, Scratch};
 use crate::filter::{self, CompiledFilter};
-use crate::protocol::phoenix::{change_frame_parts, Vsn};
+use crate::protocol::phoenix::{PhoenixEncoder, Vsn};
+use crate::realtime::dispatch::{dispatch, Scratch};
+use crate::realtime::index::{BindingSpec, EventFilter};
+use crate::realtime::outbox::{Outbox, OutboxReceiver};
+use crate::realtime::{Hub, Limits, Member, TopicKey};
 use crate::replication::lsn::Lsn;
 use crate::replication::pgoutput::{Tuple, Value};
 use crate::replication::values::TypeCatalog;
@@ -30,25 +31,35 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
                 name: "id".into(),
                 ty: Arc::clone(cat.get(20).unwrap_or_else(|| unreachable!())),
                 is_key: true,
+                in_primary_key: true,
             },
             Column {
                 name: "body".into(),
                 ty: Arc::clone(cat.get(25).unwrap_or_else(|| unreachable!())),
                 is_key: false,
+                in_primary_key: false,
             },
         ],
     ));
-    let fanout = Fanout::new();
-    let mut receivers: Vec<mpsc::Receiver<_>> = Vec::with_capacity(subs);
+    let hub = Hub::new(Limits { max_record_bytes: 1 << 20, ..Limits::default() }, None, None);
+    let encoder = PhoenixEncoder::shared(Vsn::V2);
+    let mut receivers: Vec<OutboxReceiver> = Vec::with_capacity(subs);
     {
-        let Ok(mut index) = fanout.index.write() else {
+        let Ok(mut index) = hub.index().write() else {
             return (f64::NAN, f64::NAN);
         };
         for k in 0..subs {
-            let (tx, rx) = mpsc::channel(changes.max(1));
+            let (outbox, rx) = Outbox::new(changes.max(1));
             receivers.push(rx);
-            let (prefix, suffix) = change_frame_parts(Vsn::V2, &format!("realtime:item-{k}"));
-            let sink = Arc::new(ChannelSink { prefix, suffix, tx, kill: CancellationToken::new() });
+            let sink = Arc::new(Member {
+                id: k as u64,
+                session: k as u64,
+                key: TopicKey { topic: format!("realtime:item-{k}").into(), private: false },
+                join_ref: None,
+                outbox,
+                encoder: Arc::clone(&encoder),
+                echo_own: false,
+            });
             let parsed = filter::parse(&format!("id=eq.{k}")).unwrap_or_default();
             let compiled = CompiledFilter::compile(&parsed, |n| {
                 relation.column_index(n).map(|i| (Arc::clone(&relation.columns[i].name), "int8"))
@@ -83,16 +94,16 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
     // Warm-up: one change per subscriber, so every queue is past its first allocation, as in a
     // running gateway; then empty the queues.
     for k in 0..subs {
-        dispatch(&fanout, &change(k, k), 1 << 20, &mut scratch);
+        dispatch(&hub, &change(k, k), &mut scratch);
     }
     for rx in receivers.iter_mut() {
-        while rx.try_recv().is_ok() {}
+        while rx.rx.try_recv().is_ok() {}
     }
     let mut rng = fastrand::Rng::with_seed(1);
     let batch: Vec<Change> = (0..changes).map(|i| change(i, rng.usize(..subs))).collect();
     let start = Instant::now();
     let mut matched = 0;
-    if let Ok(index) = fanout.index.read() {
+    if let Ok(index) = hub.index().read() {
         for c in &batch {
             matched += index.count_matching(c);
         }
@@ -102,7 +113,7 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
     let start = Instant::now();
     let mut delivered = 0;
     for c in &batch {
-        delivered += dispatch(&fanout, c, 1 << 20, &mut scratch);
+        delivered += dispatch(&hub, c, &mut scratch);
     }
     let elapsed = start.elapsed();
     debug_assert_eq!(delivered, changes);

@@ -442,6 +442,7 @@ mod tests {
                     name: (*n).into(),
                     ty: Arc::clone(cat.get(*oid).unwrap()),
                     is_key: *n == "id",
+                    in_primary_key: *n == "id",
                 })
                 .collect(),
         ))

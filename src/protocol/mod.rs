@@ -1,3 +1,5 @@
-//! Client wire formats. Decodes client frames and encodes server frames; never touches sockets.
+//! Client wire formats, one module each. A protocol module decodes client frames into session
+//! calls and implements `realtime::outbox::Encoder` for the core's events; it never touches
+//! sockets or the database.
 
 pub mod phoenix;

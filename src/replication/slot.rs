@@ -43,13 +43,22 @@ fn sql(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> SlotError {
 /// The gateway's migrations, embedded in the binary.
 pub fn migrator() -> Migrator {
     Migrator {
-        migrations: Cow::Owned(vec![Migration::new(
-            1,
-            Cow::Borrowed("walcast schema"),
-            MigrationType::Simple,
-            Cow::Borrowed(include_str!("../../migrations/0001_walcast_schema.sql")),
-            false,
-        )]),
+        migrations: Cow::Owned(vec![
+            Migration::new(
+                1,
+                Cow::Borrowed("walcast schema"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../../migrations/0001_walcast_schema.sql")),
+                false,
+            ),
+            Migration::new(
+                2,
+                Cow::Borrowed("realtime broadcast"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../../migrations/0002_realtime_broadcast.sql")),
+                false,
+            ),
+        ]),
         ..Migrator::DEFAULT
     }
 }
@@ -65,6 +74,50 @@ pub async fn migrate(database_url: &str) -> Result<(), SlotError> {
     migrator().run_direct(&mut conn).await?;
     let _ = conn.close().await;
     Ok(())
+}
+
+/// Deletes `realtime.messages` rows older than `retention`, now and then every
+/// `retention / 10` (at least a minute, at most an hour), while walcast owns the `realtime`
+/// schema; a Supabase-managed schema is left to Supabase.
+pub async fn prune_messages(
+    pool: PgPool,
+    retention: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let every =
+        (retention / 10).clamp(std::time::Duration::from_secs(60), std::time::Duration::from_secs(3600));
+    loop {
+        match delete_old_messages(&pool, retention).await {
+            Ok(Some(n)) if n > 0 => tracing::info!(rows = n, "pruned old realtime.messages"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning realtime.messages failed"),
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// One pruning pass; `None` when the `realtime` schema is not walcast's.
+pub async fn delete_old_messages(
+    pool: &PgPool,
+    retention: std::time::Duration,
+) -> Result<Option<u64>, sqlx::Error> {
+    let owner: Option<String> =
+        sqlx::query_scalar("SELECT value FROM walcast.settings WHERE name = 'realtime_schema'")
+            .fetch_optional(pool)
+            .await?;
+    if owner.as_deref() != Some("walcast") {
+        return Ok(None);
+    }
+    let done =
+        sqlx::query("DELETE FROM realtime.messages WHERE inserted_at < now() - make_interval(secs => $1)")
+            .bind(retention.as_secs_f64())
+            .execute(pool)
+            .await?;
+    Ok(Some(done.rows_affected()))
 }
 
 /// Quotes an identifier for SQL.

@@ -3,7 +3,7 @@
 //!
 //! Owns: reconnection with capped, jittered backoff; deduplication of transactions re-sent after
 //! a reconnect; acknowledgement. The flush position sent to Postgres is the end LSN of the last
-//! commit the fan-out has dispatched (or, when nothing is pending, the server's keepalive
+//! commit the next stage acknowledged (or, when nothing is pending, the server's keepalive
 //! position); never a position merely received. Must not: await a client socket (it awaits only
 //! the bounded channel to the fan-out, which is the backpressure that bounds memory).
 
@@ -16,7 +16,8 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::change::{Change, ChangeEvent, ChangeKind, Column, Relation, ReplicaIdentity};
+use crate::change::{Change, ChangeEvent, ChangeKind, Column, DbBroadcast, Relation, ReplicaIdentity};
+use crate::replication::ack::Acknowledgement;
 use crate::replication::lsn::Lsn;
 use crate::replication::pgoutput::{self, Message, OldTuple, RelationBody};
 use crate::replication::values::{CatalogError, TypeCatalog};
@@ -74,6 +75,8 @@ pub enum StreamError {
     UnknownRelation(u32),
     #[error("the fan-out stage has stopped")]
     FanoutGone,
+    #[error("reading the primary key of a relation")]
+    PrimaryKey(#[source] sqlx::Error),
 }
 
 /// Everything the replication task needs.
@@ -84,8 +87,8 @@ pub struct ReplicationTask {
     /// Ordinary SQL connection for catalog lookups.
     pub pool: PgPool,
     pub tx: mpsc::Sender<ChangeEvent>,
-    /// End LSN of the last commit the fan-out has dispatched.
-    pub dispatched: Arc<AtomicU64>,
+    /// End LSN of the last commit the next stage has finished with: what may be confirmed.
+    pub ack: Acknowledgement,
     pub status: Arc<ReplicationStatus>,
 }
 
@@ -152,7 +155,7 @@ impl ReplicationTask {
     }
 
     fn flush_position(&self, p: &Progress) -> Lsn {
-        Lsn(self.dispatched.load(Ordering::Acquire)).max(p.idle_flush)
+        self.ack.get().max(p.idle_flush)
     }
 
     /// Streams once on a connection that already exists (one that created a temporary slot),
@@ -229,8 +232,7 @@ impl ReplicationTask {
                     self.status.caught_up.store(true, Ordering::Relaxed);
                     // Nothing open and everything handed on has been dispatched: all WAL up to
                     // the server's position is either delivered or not ours, so it may be confirmed.
-                    let idle =
-                        txn.is_none() && Lsn(self.dispatched.load(Ordering::Acquire)) >= p.last_commit_end;
+                    let idle = txn.is_none() && self.ack.get() >= p.last_commit_end;
                     if idle {
                         p.idle_flush = p.idle_flush.max(wal_end);
                     }
@@ -299,6 +301,18 @@ impl ReplicationTask {
                     self.change(p, txn, id, ChangeKind::Truncate, None, None).await?;
                 }
             }
+            Message::Message(m) if m.transactional && m.prefix == DbBroadcast::PREFIX => {
+                let Some(t) = txn.as_ref() else { return Ok(()) };
+                if t.skip {
+                    return Ok(());
+                }
+                match DbBroadcast::decode(&m.content) {
+                    Ok(b) => self.send(ChangeEvent::Broadcast(b)).await?,
+                    Err(e) => {
+                        tracing::warn!(error = %e, lsn = %m.lsn, "skipping a malformed database broadcast")
+                    }
+                }
+            }
             Message::Origin { .. } | Message::Message(_) => {}
         }
         Ok(())
@@ -337,10 +351,24 @@ impl ReplicationTask {
     }
 
     async fn relation(&self, p: &mut Progress, body: RelationBody) -> Result<Arc<Relation>, StreamError> {
+        let primary_key: Vec<String> = sqlx::query_scalar(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = $1::oid AND i.indisprimary",
+        )
+        .bind(body.id as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StreamError::PrimaryKey)?;
         let mut columns = Vec::with_capacity(body.columns.len());
         for c in &body.columns {
             let ty = p.catalog.resolve(&self.pool, c.type_oid).await?;
-            columns.push(Column { name: c.name.as_str().into(), ty, is_key: c.is_key });
+            columns.push(Column {
+                name: c.name.as_str().into(),
+                ty,
+                is_key: c.is_key,
+                in_primary_key: primary_key.contains(&c.name),
+            });
         }
         Ok(Arc::new(Relation::new(
             body.id,

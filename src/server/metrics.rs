@@ -20,12 +20,17 @@ pub const LAG_BYTES: &str = "walcast_replication_lag_bytes";
 pub const LAG_SECONDS: &str = "walcast_replication_lag_seconds";
 pub const CONNECTED: &str = "walcast_replication_connected";
 pub const CONNECTIONS: &str = "walcast_replication_connections_total";
+pub const CHANNELS: &str = "walcast_joined_channels";
+pub const BROADCASTS: &str = "walcast_broadcasts_received_total";
+pub const BROADCASTS_UNDELIVERABLE: &str = "walcast_broadcasts_undeliverable_total";
+pub const PRESENCE_EVENTS: &str = "walcast_presence_events_total";
+pub const RATE_LIMITED: &str = "walcast_rate_limited_total";
 
 pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
-    let m = &state.fanout.metrics;
+    let m = state.hub.metrics();
     let s = &state.status;
     let relaxed = Ordering::Relaxed;
-    let rows: [(&str, &str, &str, String); 10] = [
+    let rows: [(&str, &str, &str, String); 15] = [
         (CLIENTS, "gauge", "Connected WebSocket clients.", m.clients.load(relaxed).to_string()),
         (
             SUBSCRIPTIONS,
@@ -48,7 +53,7 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
         (
             FRAMES_DELIVERED,
             "counter",
-            "Change frames queued to client sockets.",
+            "Frames queued to clients by the core (changes, broadcasts, presence).",
             m.frames_delivered.load(relaxed).to_string(),
         ),
         (
@@ -80,6 +85,31 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
             "counter",
             "Replication streams started (the first plus reconnects).",
             s.connections.load(relaxed).to_string(),
+        ),
+        (CHANNELS, "gauge", "Channels joined, over all clients.", m.channels.load(relaxed).to_string()),
+        (
+            BROADCASTS,
+            "counter",
+            "Broadcasts accepted from clients, REST and the database.",
+            m.broadcasts_received.load(relaxed).to_string(),
+        ),
+        (
+            BROADCASTS_UNDELIVERABLE,
+            "counter",
+            "Binary broadcasts not sent to members whose serializer (1.0.0) cannot carry them.",
+            m.broadcasts_undeliverable.load(relaxed).to_string(),
+        ),
+        (
+            PRESENCE_EVENTS,
+            "counter",
+            "Presence track and untrack events applied.",
+            m.presence_events.load(relaxed).to_string(),
+        ),
+        (
+            RATE_LIMITED,
+            "counter",
+            "Client requests refused by a per-socket limit.",
+            m.rate_limited.load(relaxed).to_string(),
         ),
     ];
     let mut out = String::with_capacity(1536);

@@ -1,6 +1,7 @@
-//! The axum router: WebSocket endpoints, health, readiness and metrics.
-//! Owns: HTTP concerns only. Must not: hold domain logic (that is `subscribe`, `fanout`, `protocol`).
+//! The axum router: WebSocket endpoints, REST broadcast, health, readiness and metrics.
+//! Owns: HTTP concerns only. Must not: hold domain logic (that is `realtime`, `protocol`).
 
+pub mod broadcast;
 pub mod metrics;
 pub mod ws;
 
@@ -8,42 +9,43 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
-use crate::fanout::Fanout;
+use crate::realtime::Hub;
 use crate::replication::stream::ReplicationStatus;
-use crate::subscribe::PublishedCatalog;
 
 /// Everything a request handler may use.
 #[derive(Clone)]
 pub struct AppState {
-    pub fanout: Fanout,
-    pub catalog: Arc<PublishedCatalog>,
+    pub hub: Hub,
     pub status: Arc<ReplicationStatus>,
-    pub limits: Limits,
+    /// Largest client frame (and REST body) accepted.
+    pub max_frame_bytes: usize,
+    pub idle_timeout: Duration,
     /// Cancelled at shutdown: sockets close with 1001.
     pub shutdown: CancellationToken,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_frame_bytes: usize,
-    pub idle_timeout: Duration,
-    pub client_queue: usize,
-    pub max_channels: usize,
-}
-
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let body_limit = DefaultBodyLimit::max(state.max_frame_bytes);
+    let mut router = Router::new()
         .route("/realtime/v1/websocket", get(ws::upgrade))
-        .route("/socket/websocket", get(ws::upgrade))
+        .route("/socket/websocket", get(ws::upgrade));
+    for prefix in ["/api", "/realtime/v1/api"] {
+        router = router
+            .route(&format!("{prefix}/broadcast"), post(broadcast::batch))
+            .route(&format!("{prefix}/broadcast/{{topic}}/events/{{event}}"), post(broadcast::single));
+    }
+    router
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::render))
+        .layer(body_limit)
         .with_state(state)
 }
 

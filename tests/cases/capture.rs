@@ -1,7 +1,6 @@
 //! Change capture against a real server: values equal to `to_jsonb`, replica identity, unchanged
 //! TOAST, TRUNCATE, DDL mid-stream, resume after a crash, authentication.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +8,7 @@ use sqlx::Connection;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use walcast::change::{Change, ChangeEvent, ChangeKind};
+use walcast::replication::ack::Acknowledgement;
 use walcast::replication::slot;
 use walcast::replication::stream::{ReplicationStatus, ReplicationTask};
 use walcast::replication::wire::ConnectParams;
@@ -18,7 +18,7 @@ use crate::support::{self, exec, fresh_db, pool};
 /// A replication task on its own slot, with changes delivered to the test.
 pub struct Capture {
     rx: mpsc::Receiver<ChangeEvent>,
-    pub dispatched: Arc<AtomicU64>,
+    pub ack: Acknowledgement,
     shutdown: CancellationToken,
     handle: tokio::task::JoinHandle<()>,
 }
@@ -31,7 +31,7 @@ impl Capture {
         let params = ConnectParams::from_url(url).expect("url");
         slot::ensure_slot(&p, &params, slot_name).await.expect("slot");
         let (tx, rx) = mpsc::channel(64);
-        let dispatched = Arc::new(AtomicU64::new(0));
+        let ack = Acknowledgement::new();
         let status = Arc::new(ReplicationStatus::default());
         let shutdown = CancellationToken::new();
         let task = ReplicationTask {
@@ -40,11 +40,11 @@ impl Capture {
             publication: "walcast".into(),
             pool: p,
             tx,
-            dispatched: Arc::clone(&dispatched),
+            ack: ack.clone(),
             status,
         };
         let handle = tokio::spawn(task.run(shutdown.clone()));
-        Capture { rx, dispatched, shutdown, handle }
+        Capture { rx, ack, shutdown, handle }
     }
 
     /// The next change; commits in between are acknowledged as dispatched.
@@ -56,9 +56,8 @@ impl Capture {
                 .expect("stream open");
             match ev {
                 ChangeEvent::Change(c) => return c,
-                ChangeEvent::Commit { end_lsn, .. } => {
-                    self.dispatched.fetch_max(end_lsn.0, Ordering::Release);
-                }
+                ChangeEvent::Broadcast(_) => {}
+                ChangeEvent::Commit { end_lsn, .. } => self.ack.advance(end_lsn),
             }
         }
     }
@@ -79,7 +78,7 @@ impl Capture {
                 .expect("commit")
                 .expect("open");
             if let ChangeEvent::Commit { end_lsn, .. } = ev {
-                self.dispatched.fetch_max(end_lsn.0, Ordering::Release);
+                self.ack.advance(end_lsn);
                 return end_lsn;
             }
         }
@@ -222,7 +221,8 @@ async fn replica_identity_default_and_full() {
     let c = cap.next_n(7).await;
     assert_eq!(c[2].kind, ChangeKind::Update);
     assert_eq!(record(&c[2]), r#"{"id":1,"v":"b"}"#);
-    assert_eq!(old_record(&c[2]), "{}", "default identity sends no old row when the key is unchanged");
+    assert!(c[2].old.is_none(), "default identity sends no old row when the key is unchanged");
+    assert_eq!(old_record(&c[2]), r#"{"id":1}"#, "old_record still carries the (unchanged) key");
     assert_eq!(old_record(&c[3]), r#"{"id":1,"v":"a"}"#, "full identity sends the whole old row");
     assert_eq!(old_record(&c[4]), r#"{"id":1}"#, "a key change sends the old key");
     assert_eq!(record(&c[4]), r#"{"id":2,"v":"b"}"#);
@@ -429,7 +429,7 @@ async fn exported_snapshot_hands_off_to_the_stream() {
         publication: "walcast".into(),
         pool: p.clone(),
         tx,
-        dispatched: Arc::new(AtomicU64::new(0)),
+        ack: Acknowledgement::new(),
         status: Arc::new(ReplicationStatus::default()),
     };
     let shutdown = CancellationToken::new();
@@ -437,7 +437,7 @@ async fn exported_snapshot_hands_off_to_the_stream() {
     let first = loop {
         match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("change").expect("open") {
             ChangeEvent::Change(c) => break c,
-            ChangeEvent::Commit { .. } => {}
+            ChangeEvent::Commit { .. } | ChangeEvent::Broadcast(_) => {}
         }
     };
     assert_eq!(record(&first), r#"{"id":2}"#);

@@ -101,7 +101,7 @@ async fn v2_arrays_heartbeat_leave_and_unmatched_topics() {
     );
     assert_eq!(change[4]["ids"], json!([id]));
     assert_eq!(change[4]["data"]["type"], "UPDATE", "the INSERT did not match event UPDATE");
-    assert_eq!(change[4]["data"]["old_record"], json!({}));
+    assert_eq!(change[4]["data"]["old_record"], json!({"id": 5}), "the key, as Supabase sends it");
 
     let l = ws.push(Some("3"), "realtime:b", "phx_leave", json!({})).await;
     assert_eq!(ws.recv().await, json!(["3", l, "realtime:b", "phx_reply", {"status": "ok", "response": {}}]));
@@ -337,7 +337,10 @@ async fn binary_broadcast_frames_are_parsed() {
     use futures_util::SinkExt;
     let (app, _p) = app().await;
     let mut ws = app.ws(Some("2.0.0")).await;
-    ws.join("bin", json!([])).await;
+    let r = ws
+        .push(Some("j1"), "realtime:bin", "phx_join", json!({"config": {"broadcast": {"ack": true}}}))
+        .await;
+    assert_eq!(ws.recv().await[1], json!(r));
     let (join_ref, msg_ref, topic, event, meta, payload) =
         ("j1", "9", "realtime:bin", "cursor", "{}", r#"{"x":1}"#);
     let mut frame = vec![
@@ -357,11 +360,14 @@ async fn binary_broadcast_frames_are_parsed() {
         ws.recv().await,
         json!(["j1", "9", "realtime:bin", "phx_reply", {"status": "ok", "response": {}}])
     );
-    // A truncated binary frame is ignored; the socket stays usable.
+    // A truncated binary frame gets an error naming the problem; the socket stays usable.
     ws.inner
         .send(tokio_tungstenite::tungstenite::Message::Binary(vec![3u8, 200, 0].into()))
         .await
         .expect("send");
+    let err = ws.recv().await;
+    assert_eq!((err[2].as_str(), err[4]["status"].as_str()), (Some("phoenix"), Some("error")), "{err}");
+    assert!(err[4]["response"]["reason"].as_str().unwrap_or("").contains("header"), "{err}");
     let hb = ws.push(None, "phoenix", "heartbeat", json!({})).await;
     assert_eq!(ws.recv().await[1], json!(hb));
     app.stop().await;

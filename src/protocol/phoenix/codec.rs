@@ -2,9 +2,9 @@
 //!
 //! `vsn=1.0.0` (also when absent): JSON objects `{topic, event, payload, ref, join_ref}`; server
 //! frames leave out `join_ref`. `vsn=2.0.0`: JSON arrays `[join_ref, ref, topic, event, payload]`,
-//! plus binary broadcast frames (kind 3 from clients). Owns: decoding client frames into
-//! [`ClientFrame`] and encoding server frames. Must not: touch sockets or subscriptions; never
-//! panic on input.
+//! plus binary broadcast frames (kind 3 from clients, kind 4 to them). Owns: decoding client
+//! frames into [`ClientFrame`] / [`BinaryPush`] and the JSON envelopes of server frames. Must
+//! not: touch sockets or sessions; never panic on input.
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -150,6 +150,77 @@ pub fn decode_binary(frame: &Bytes) -> Result<BinaryPush, FrameError> {
     })
 }
 
+/// Writes a server frame around an already-serialized JSON payload: v1
+/// `{"topic":…,"event":…,"payload":…,"ref":…}`, v2 `[join_ref,ref,topic,event,payload]`.
+pub fn envelope(
+    vsn: Vsn,
+    join_ref: Option<&str>,
+    msg_ref: Option<&str>,
+    topic: &str,
+    event: &str,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + topic.len() + event.len() + 48);
+    let opt = |out: &mut Vec<u8>, v: Option<&str>| match v {
+        Some(s) => write_str(out, s),
+        None => out.extend_from_slice(b"null"),
+    };
+    match vsn {
+        Vsn::V1 => {
+            out.extend_from_slice(b"{\"topic\":");
+            write_str(&mut out, topic);
+            out.extend_from_slice(b",\"event\":");
+            write_str(&mut out, event);
+            out.extend_from_slice(b",\"payload\":");
+            out.extend_from_slice(payload);
+            out.extend_from_slice(b",\"ref\":");
+            opt(&mut out, msg_ref);
+            out.push(b'}');
+        }
+        Vsn::V2 => {
+            out.push(b'[');
+            opt(&mut out, join_ref);
+            out.push(b',');
+            opt(&mut out, msg_ref);
+            out.push(b',');
+            write_str(&mut out, topic);
+            out.push(b',');
+            write_str(&mut out, event);
+            out.push(b',');
+            out.extend_from_slice(payload);
+            out.push(b']');
+        }
+    }
+    out
+}
+
+/// Writes a JSON string literal.
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    crate::replication::values::write_json_str(out, s);
+}
+
+/// Encodes a kind-4 binary broadcast frame: `4, topic_len, event_len, meta_len, encoding`, then
+/// topic, event, metadata and payload. `None` when a field is longer than its one-byte length.
+pub fn encode_binary_broadcast(
+    topic: &str,
+    event: &str,
+    meta: &[u8],
+    json: bool,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
+    let lens = [topic.len(), event.len(), meta.len()];
+    if lens.iter().any(|l| *l > 255) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(5 + lens.iter().sum::<usize>() + payload.len());
+    out.extend_from_slice(&[4, lens[0] as u8, lens[1] as u8, lens[2] as u8, u8::from(json)]);
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(event.as_bytes());
+    out.extend_from_slice(meta);
+    out.extend_from_slice(payload);
+    Some(out)
+}
+
 /// Encodes a server frame with a JSON payload.
 pub fn encode(
     vsn: Vsn,
@@ -163,20 +234,6 @@ pub fn encode(
         Vsn::V1 => serde_json::json!({"topic": topic, "event": event, "payload": payload, "ref": msg_ref})
             .to_string(),
         Vsn::V2 => serde_json::json!([join_ref, msg_ref, topic, event, payload]).to_string(),
-    }
-}
-
-/// The text of a `postgres_changes` push up to and including `"ids":[`, and what follows `data`.
-pub fn change_frame_parts(vsn: Vsn, topic: &str) -> (Bytes, &'static [u8]) {
-    let topic = serde_json::to_string(topic).unwrap_or_else(|_| "\"\"".into());
-    match vsn {
-        Vsn::V1 => (
-            Bytes::from(format!(
-                "{{\"topic\":{topic},\"event\":\"postgres_changes\",\"payload\":{{\"ids\":["
-            )),
-            b"},\"ref\":null}",
-        ),
-        Vsn::V2 => (Bytes::from(format!("[null,null,{topic},\"postgres_changes\",{{\"ids\":[")), b"}]"),
     }
 }
 
@@ -228,13 +285,6 @@ mod tests {
         assert_eq!(v, json!({"topic":"t","event":"phx_reply","payload":{"status":"ok"},"ref":"2"}));
         let v2 = encode(Vsn::V2, Some("1"), None, "t", "system", &json!({}));
         assert_eq!(v2, r#"["1",null,"t","system",{}]"#);
-        let (p, s) = change_frame_parts(Vsn::V2, "realtime:a\"b");
-        let frame = [&p[..], b"1,2],\"data\":{}", s].concat();
-        let v: Value = serde_json::from_slice(&frame).unwrap();
-        assert_eq!(v, json!([null, null, "realtime:a\"b", "postgres_changes", {"ids":[1,2],"data":{}}]));
-        let (p, s) = change_frame_parts(Vsn::V1, "realtime:x");
-        let v: Value = serde_json::from_slice(&[&p[..], b"],\"data\":{}", s].concat()).unwrap();
-        assert_eq!(v["payload"]["ids"], json!([]));
     }
 
     #[test]

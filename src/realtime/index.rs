@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::change::{Change, ChangeKind};
-use crate::fanout::ChannelSink;
 use crate::filter::eval::{row_key_int, Class};
 use crate::filter::{CompiledFilter, IndexKey};
+use crate::realtime::Member;
 
 pub type SubId = u64;
 
@@ -60,7 +60,7 @@ pub struct BindingSpec {
 #[derive(Debug)]
 pub(crate) struct Subscription {
     pub id: SubId,
-    pub channel: Arc<ChannelSink>,
+    pub member: Arc<Member>,
     pub binding: BindingSpec,
     /// Condition already satisfied when found through the equality index.
     pub indexed: Option<usize>,
@@ -186,7 +186,7 @@ impl SubscriptionIndex {
 
     /// Adds a binding for a channel; from the moment this returns, every change dispatched is
     /// matched against it.
-    pub fn insert(&mut self, channel: Arc<ChannelSink>, binding: BindingSpec) -> SubId {
+    pub fn insert(&mut self, member: Arc<Member>, binding: BindingSpec) -> SubId {
         self.next_id += 1;
         let id = self.next_id;
         let key = binding.filter.index_key();
@@ -196,7 +196,7 @@ impl SubscriptionIndex {
         };
         let indexed = key.as_ref().map(|(cond, _)| *cond);
         let residual_conditions = binding.filter.conditions.len() > usize::from(indexed.is_some());
-        let sub = Arc::new(Subscription { id, channel, binding, indexed, residual_conditions });
+        let sub = Arc::new(Subscription { id, member, binding, indexed, residual_conditions });
         match key {
             Some((cond, key)) => {
                 let c = &sub.binding.filter.conditions[cond];

@@ -1,0 +1,213 @@
+//! Core events as Phoenix frames, for the 1.0.0 (JSON objects) and 2.0.0 (JSON arrays, binary
+//! broadcasts) serializers. Frames shared between members carry no per-member data: changes,
+//! broadcasts and presence diffs have `join_ref` and `ref` null.
+
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+
+use crate::protocol::phoenix::codec::{encode_binary_broadcast, envelope, write_str, Vsn};
+use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
+use crate::realtime::outbox::{Direct, Encoder, EncodingId, Event, Frame};
+
+/// The encoder of one serializer version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhoenixEncoder {
+    pub vsn: Vsn,
+}
+
+impl PhoenixEncoder {
+    pub fn shared(vsn: Vsn) -> Arc<dyn Encoder> {
+        Arc::new(PhoenixEncoder { vsn })
+    }
+}
+
+/// Text frames are built from JSON fragments, all valid UTF-8.
+fn text(bytes: Vec<u8>) -> Frame {
+    Frame::Text(Utf8Bytes::from(
+        String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    ))
+}
+
+/// The channel name clients know a topic by (`realtime:room` → `room`).
+pub fn channel_name(topic: &str) -> &str {
+    topic.strip_prefix("realtime:").unwrap_or(topic)
+}
+
+/// `{"type":"broadcast","event":…,"payload":…[,"meta":…]}`: what a 1.0.0 client receives.
+fn broadcast_json(m: &BroadcastMessage, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + m.event.len() + 64);
+    out.extend_from_slice(b"{\"type\":\"broadcast\",\"event\":");
+    write_str(&mut out, &m.event);
+    out.extend_from_slice(b",\"payload\":");
+    out.extend_from_slice(payload);
+    if let Some(meta) = &m.meta {
+        out.extend_from_slice(b",\"meta\":");
+        out.extend_from_slice(meta);
+    }
+    out.push(b'}');
+    out
+}
+
+impl Encoder for PhoenixEncoder {
+    fn id(&self) -> EncodingId {
+        match self.vsn {
+            Vsn::V1 => EncodingId(1),
+            Vsn::V2 => EncodingId(2),
+        }
+    }
+
+    fn encode(&self, topic: &str, event: &Event<'_>) -> Option<Frame> {
+        match event {
+            Event::Change { ids, data } => {
+                let mut payload = Vec::with_capacity(data.len() + 24 + ids.len() * 11);
+                payload.extend_from_slice(b"{\"ids\":[");
+                for (n, id) in ids.iter().enumerate() {
+                    if n > 0 {
+                        payload.push(b',');
+                    }
+                    payload.extend_from_slice(itoa(*id).as_bytes());
+                }
+                payload.extend_from_slice(b"],\"data\":");
+                payload.extend_from_slice(data);
+                payload.push(b'}');
+                Some(text(envelope(self.vsn, None, None, topic, "postgres_changes", &payload)))
+            }
+            Event::Broadcast(m) => match (self.vsn, &m.payload) {
+                (Vsn::V2, p) => {
+                    let (json, bytes) = match p {
+                        BroadcastPayload::Json(b) => (true, b),
+                        BroadcastPayload::Binary(b) => (false, b),
+                    };
+                    let meta = m.meta.as_deref().unwrap_or_default();
+                    match encode_binary_broadcast(topic, &m.event, meta, json, bytes) {
+                        Some(frame) => Some(Frame::Binary(Bytes::from(frame))),
+                        // Too long for the binary header: JSON text, as 1.0.0 receives it.
+                        None if json => Some(text(envelope(
+                            self.vsn,
+                            None,
+                            None,
+                            topic,
+                            "broadcast",
+                            &broadcast_json(m, bytes),
+                        ))),
+                        None => None,
+                    }
+                }
+                (Vsn::V1, BroadcastPayload::Json(b)) => {
+                    Some(text(envelope(self.vsn, None, None, topic, "broadcast", &broadcast_json(m, b))))
+                }
+                // JSON text cannot carry bytes; Supabase skips 1.0.0 members too.
+                (Vsn::V1, BroadcastPayload::Binary(_)) => None,
+            },
+            Event::PresenceDiff(json) => {
+                Some(text(envelope(self.vsn, None, None, topic, "presence_diff", json)))
+            }
+        }
+    }
+
+    fn encode_direct(&self, topic: &str, join_ref: Option<&str>, message: &Direct<'_>) -> Frame {
+        match message {
+            Direct::PresenceState(json) => {
+                text(envelope(self.vsn, join_ref, None, topic, "presence_state", json))
+            }
+            Direct::System { extension, status, message } => {
+                let payload = serde_json::json!({
+                    "extension": extension, "status": status, "message": message, "channel": channel_name(topic)
+                });
+                let payload = serde_json::to_vec(&payload).unwrap_or_default();
+                text(envelope(self.vsn, join_ref, None, topic, "system", &payload))
+            }
+            Direct::Closed => text(envelope(self.vsn, join_ref, join_ref, topic, "phx_close", b"{}")),
+        }
+    }
+}
+
+fn itoa(n: u32) -> String {
+    n.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    fn json_of(f: &Frame) -> Value {
+        serde_json::from_str(f.as_text().expect("text")).expect("json")
+    }
+
+    #[test]
+    fn changes_and_diffs() {
+        let v1 = PhoenixEncoder { vsn: Vsn::V1 };
+        let v2 = PhoenixEncoder { vsn: Vsn::V2 };
+        let ev = Event::Change { ids: &[1, 2], data: br#"{"type":"INSERT"}"# };
+        assert_eq!(
+            json_of(&v2.encode("realtime:a\"b", &ev).unwrap()),
+            json!([null, null, "realtime:a\"b", "postgres_changes", {"ids": [1, 2], "data": {"type": "INSERT"}}])
+        );
+        assert_eq!(
+            json_of(&v1.encode("realtime:x", &Event::Change { ids: &[], data: b"{}" }).unwrap()),
+            json!({"topic": "realtime:x", "event": "postgres_changes", "payload": {"ids": [], "data": {}}, "ref": null})
+        );
+        let d = v2.encode("realtime:x", &Event::PresenceDiff(br#"{"joins":{},"leaves":{}}"#)).unwrap();
+        assert_eq!(
+            json_of(&d),
+            json!([null, null, "realtime:x", "presence_diff", {"joins": {}, "leaves": {}}])
+        );
+        let s = v2.encode_direct("realtime:x", Some("4"), &Direct::PresenceState(b"{}"));
+        assert_eq!(json_of(&s), json!(["4", null, "realtime:x", "presence_state", {}]));
+        let c = v1.encode_direct("realtime:x", Some("4"), &Direct::Closed);
+        assert_eq!(
+            json_of(&c),
+            json!({"topic": "realtime:x", "event": "phx_close", "payload": {}, "ref": "4"})
+        );
+        let sys = v2.encode_direct(
+            "realtime:x",
+            Some("4"),
+            &Direct::System { extension: "system", status: "error", message: "m" },
+        );
+        assert_eq!(
+            json_of(&sys)[4],
+            json!({"extension": "system", "status": "error", "message": "m", "channel": "x"})
+        );
+    }
+
+    #[test]
+    fn broadcasts_per_serializer() {
+        let v1 = PhoenixEncoder { vsn: Vsn::V1 };
+        let v2 = PhoenixEncoder { vsn: Vsn::V2 };
+        let m = BroadcastMessage {
+            event: "cursor".into(),
+            payload: BroadcastPayload::Json(Bytes::from_static(br#"{"x":1}"#)),
+            meta: Some(Bytes::from_static(br#"{"id":"u"}"#)),
+        };
+        assert_eq!(
+            json_of(&v1.encode("realtime:r", &Event::Broadcast(&m)).unwrap()),
+            json!({"topic": "realtime:r", "event": "broadcast", "ref": null,
+                   "payload": {"type": "broadcast", "event": "cursor", "payload": {"x": 1}, "meta": {"id": "u"}}})
+        );
+        let Some(Frame::Binary(b)) = v2.encode("realtime:r", &Event::Broadcast(&m)) else { panic!("binary") };
+        let mut want = vec![4u8, 10, 6, 10, 1];
+        want.extend_from_slice(br#"realtime:rcursor{"id":"u"}{"x":1}"#);
+        assert_eq!(&b[..], &want[..]);
+        let bin = BroadcastMessage {
+            payload: BroadcastPayload::Binary(Bytes::from_static(&[0, 1])),
+            meta: None,
+            ..m
+        };
+        assert!(v1.encode("realtime:r", &Event::Broadcast(&bin)).is_none());
+        let Some(Frame::Binary(b)) = v2.encode("realtime:r", &Event::Broadcast(&bin)) else {
+            panic!("binary")
+        };
+        assert_eq!(&b[..5], &[4, 10, 6, 0, 0]);
+        assert_eq!(&b[b.len() - 2..], &[0, 1]);
+        // A topic too long for the binary header falls back to JSON text for JSON payloads.
+        let long = format!("realtime:{}", "t".repeat(300));
+        let json =
+            BroadcastMessage { payload: BroadcastPayload::Json(Bytes::from_static(b"1")), ..bin.clone() };
+        assert!(matches!(v2.encode(&long, &Event::Broadcast(&json)), Some(Frame::Text(_))));
+        assert!(v2.encode(&long, &Event::Broadcast(&bin)).is_none());
+    }
+}

@@ -1,0 +1,52 @@
+//! Broadcast messages as the core carries them: an event name, a JSON or binary payload kept as
+//! the bytes it arrived in, and optional metadata. Encoded once per wire format by `protocol/`.
+//!
+//! Owns: the message type and its size rule. Must not: parse or re-serialize payloads on the
+//! delivery path.
+
+use bytes::Bytes;
+
+/// A broadcast payload, kept as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BroadcastPayload {
+    /// JSON text (any JSON value).
+    Json(Bytes),
+    /// Opaque bytes (Phoenix 2.0.0 binary frames, REST `application/octet-stream`,
+    /// `realtime.send_binary`).
+    Binary(Bytes),
+}
+
+impl BroadcastPayload {
+    pub fn len(&self) -> usize {
+        match self {
+            BroadcastPayload::Json(b) | BroadcastPayload::Binary(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One broadcast, shared by reference count between every member it reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastMessage {
+    /// The user's event name (`cursor`, `typing`, …).
+    pub event: String,
+    pub payload: BroadcastPayload,
+    /// A JSON object sent to clients as `meta` (e.g. `{"id":"…"}` for database broadcasts).
+    pub meta: Option<Bytes>,
+}
+
+/// Why a broadcast was not delivered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BroadcastError {
+    #[error("the socket has not joined topic {0}")]
+    NotJoined(String),
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { size: usize, limit: usize },
+    #[error("too many messages per second")]
+    RateLimited,
+    #[error("a broadcast needs an `event` name")]
+    MissingEvent,
+}

@@ -1,0 +1,198 @@
+//! The realtime core, independent of any wire format or transport.
+//!
+//! - [`Hub`] — the shared state: the `postgres_changes` subscription index, the channel
+//!   registry (topic → broadcast members + presence), limits and metrics.
+//! - [`session::Session`] — one connected client as a plain state machine: its joined channels,
+//!   its limits, its outbox. Transports (WebSocket today; SSE, plain WebSocket later) decode
+//!   their input into session calls and write what the outbox yields.
+//! - [`index`] / [`dispatch`] — matching committed changes to bindings and delivering them.
+//! - [`presence`], [`broadcast`] — the two pub-sub features; [`bus`] is the seam through which
+//!   they reach other gateway nodes.
+//! - [`outbox`] — encoded frames, the [`outbox::Encoder`] seam that protocol modules implement,
+//!   and the slow-client policy.
+//!
+//! Must not: touch sockets, know a wire format, or await a client.
+
+pub mod broadcast;
+pub mod bus;
+pub mod dispatch;
+pub mod index;
+pub mod outbox;
+pub mod presence;
+mod registry;
+pub mod session;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::realtime::bus::Peers;
+use crate::realtime::index::SubscriptionIndex;
+use crate::realtime::outbox::{Encoder, Outbox};
+use crate::realtime::registry::Channel;
+use crate::subscribe::PublishedCatalog;
+
+/// Identifies one channel membership (one join of one session) in this process.
+pub type MemberId = u64;
+/// Identifies one session in this process.
+pub type SessionId = u64;
+
+/// A channel: public and private channels of one topic are distinct.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicKey {
+    /// The full topic, e.g. `realtime:room`.
+    pub topic: Arc<str>,
+    pub private: bool,
+}
+
+/// One joined channel of one session, as the registry and the index hold it.
+pub struct Member {
+    pub id: MemberId,
+    pub session: SessionId,
+    pub key: TopicKey,
+    /// The Phoenix join reference (for messages addressed to this member alone).
+    pub join_ref: Option<Arc<str>>,
+    pub outbox: Outbox,
+    pub encoder: Arc<dyn Encoder>,
+    /// Receives the broadcasts its own session sends (`config.broadcast.self`).
+    pub echo_own: bool,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member").field("id", &self.id).field("topic", &self.key.topic).finish_non_exhaustive()
+    }
+}
+
+/// Per-session limits, with Supabase's defaults (see `config.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Frames queued per session before it counts as too slow.
+    pub client_queue: usize,
+    pub max_channels: usize,
+    pub max_joins_per_second: u32,
+    pub max_events_per_second: u32,
+    /// Presence events (track/untrack) per `presence_window`.
+    pub max_presence_events: u32,
+    pub presence_window: Duration,
+    pub max_presence_payload_bytes: usize,
+    pub max_broadcast_payload_bytes: usize,
+    /// `postgres_changes` records larger than this are sent with only their small values.
+    pub max_record_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let c = crate::config::Config::default();
+        Limits::from_config(&c)
+    }
+}
+
+impl Limits {
+    pub fn from_config(c: &crate::config::Config) -> Limits {
+        Limits {
+            client_queue: c.client_queue,
+            max_channels: c.max_channels_per_socket,
+            max_joins_per_second: c.max_joins_per_second,
+            max_events_per_second: c.max_events_per_second,
+            max_presence_events: c.max_presence_events,
+            presence_window: Duration::from_secs(c.presence_window_secs),
+            max_presence_payload_bytes: c.max_presence_payload_bytes,
+            max_broadcast_payload_bytes: c.max_broadcast_payload_bytes,
+            max_record_bytes: c.max_record_bytes,
+        }
+    }
+}
+
+/// Counters shared by the core, the transports and `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub clients: AtomicI64,
+    pub channels: AtomicI64,
+    pub subscriptions: AtomicI64,
+    pub changes_dispatched: AtomicU64,
+    pub frames_delivered: AtomicU64,
+    pub slow_client_disconnects: AtomicU64,
+    pub broadcasts_received: AtomicU64,
+    /// Binary broadcasts a member's encoding could not carry (Phoenix 1.0.0).
+    pub broadcasts_undeliverable: AtomicU64,
+    pub presence_events: AtomicU64,
+    pub rate_limited: AtomicU64,
+}
+
+struct HubInner {
+    /// `postgres_changes` bindings.
+    index: RwLock<SubscriptionIndex>,
+    /// Broadcast members and presence, by channel.
+    channels: RwLock<HashMap<TopicKey, Channel>>,
+    limits: Limits,
+    metrics: Metrics,
+    /// Published tables, for resolving bindings; `None` where change capture is not wired
+    /// (unit tests of broadcast and presence).
+    catalog: Option<Arc<PublishedCatalog>>,
+    /// Other gateway nodes; `None` runs a single node.
+    peers: Option<Arc<dyn Peers>>,
+    next_id: AtomicU64,
+    /// Random per process: makes presence refs unique across nodes.
+    node: u64,
+}
+
+/// The core's shared state. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("node", &self.inner.node).finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    pub fn new(limits: Limits, catalog: Option<Arc<PublishedCatalog>>, peers: Option<Arc<dyn Peers>>) -> Hub {
+        Hub {
+            inner: Arc::new(HubInner {
+                index: RwLock::new(SubscriptionIndex::default()),
+                channels: RwLock::new(HashMap::new()),
+                limits,
+                metrics: Metrics::default(),
+                catalog,
+                peers,
+                next_id: AtomicU64::new(1),
+                node: fastrand::u64(..),
+            }),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn catalog(&self) -> Option<&Arc<PublishedCatalog>> {
+        self.inner.catalog.as_ref()
+    }
+
+    /// The subscription index (the dispatcher reads it; sessions add and remove bindings).
+    pub fn index(&self) -> &RwLock<SubscriptionIndex> {
+        &self.inner.index
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn node(&self) -> u64 {
+        self.inner.node
+    }
+
+    /// Number of channels with members or presence (for tests and metrics).
+    pub fn channel_count(&self) -> usize {
+        self.inner.channels.read().map(|c| c.len()).unwrap_or(0)
+    }
+}

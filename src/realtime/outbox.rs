@@ -1,0 +1,142 @@
+//! What the core hands a transport: encoded [`Frame`]s in a bounded per-session queue, and the
+//! [`Encoder`] seam through which a protocol module turns core events into its wire format.
+//!
+//! Owns: the outbox (bounded queue + kill switch) and the slow-client policy — a full queue
+//! disconnects that client, never blocks the sender. Must not: know any wire format; encoders
+//! live in `protocol/`.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio_util::sync::CancellationToken;
+
+use crate::realtime::broadcast::BroadcastMessage;
+use crate::realtime::Metrics;
+
+/// One encoded server message. Cloning shares the bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// UTF-8 text (JSON for the Phoenix serializers).
+    Text(Utf8Bytes),
+    /// Binary (Phoenix 2.0.0 broadcast frames).
+    Binary(Bytes),
+}
+
+impl Frame {
+    pub fn len(&self) -> usize {
+        match self {
+            Frame::Text(t) => t.len(),
+            Frame::Binary(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The text of a text frame.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Frame::Text(t) => Some(t.as_str()),
+            Frame::Binary(_) => None,
+        }
+    }
+}
+
+/// Identifies a wire encoding: members whose encoders share an id receive identical bytes for
+/// identical content on the same topic, so a frame is encoded once per (content, encoding, topic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EncodingId(pub u8);
+
+/// A content event the core delivers to channel members.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// A `postgres_changes` delivery: the matching binding ids and the rendered `data` object.
+    Change { ids: &'a [u32], data: &'a [u8] },
+    /// A broadcast message.
+    Broadcast(&'a BroadcastMessage),
+    /// Presence changes: `{"joins":{…},"leaves":{…}}`.
+    PresenceDiff(&'a [u8]),
+}
+
+/// A message for one member only (it may carry that member's join reference).
+#[derive(Debug, Clone, Copy)]
+pub enum Direct<'a> {
+    /// The whole presence state of the topic: `{"<key>":{"metas":[…]}}`.
+    PresenceState(&'a [u8]),
+    /// A status message about the channel (`system` in Phoenix).
+    System { extension: &'a str, status: &'a str, message: &'a str },
+    /// The channel was closed by the server (after a `System` error saying why).
+    Closed,
+}
+
+/// Turns core events into one wire format. Implemented once per protocol module.
+pub trait Encoder: Send + Sync + 'static {
+    /// Members with equal ids share the frames of [`Encoder::encode`].
+    fn id(&self) -> EncodingId;
+    /// The frame for `event` on `topic`; it must depend on nothing else, since it is shared by
+    /// every member with the same encoding on the topic. `None`: this encoding cannot carry it.
+    fn encode(&self, topic: &str, event: &Event<'_>) -> Option<Frame>;
+    /// A frame for one member.
+    fn encode_direct(&self, topic: &str, join_ref: Option<&str>, message: &Direct<'_>) -> Frame;
+}
+
+/// The sending half of a session's queue. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Frame>,
+    /// Cancelled when the client is too slow; the transport then closes the connection.
+    kill: CancellationToken,
+}
+
+/// The receiving half, owned by the transport.
+#[derive(Debug)]
+pub struct OutboxReceiver {
+    pub rx: mpsc::Receiver<Frame>,
+    /// Cancelled when the core gave up on this client (queue full).
+    pub killed: CancellationToken,
+}
+
+/// What became of one queued frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    Yes,
+    /// The queue was full: the client has been told to disconnect.
+    TooSlow,
+    /// The client is gone.
+    Gone,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize) -> (Outbox, OutboxReceiver) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let kill = CancellationToken::new();
+        (Outbox { tx, kill: kill.clone() }, OutboxReceiver { rx, killed: kill })
+    }
+
+    /// Queues without waiting. A full queue disconnects the client (slow-client policy).
+    pub fn send(&self, frame: Frame, metrics: &Metrics) -> Queued {
+        match self.tx.try_send(frame) {
+            Ok(()) => {
+                metrics.frames_delivered.fetch_add(1, Ordering::Relaxed);
+                Queued::Yes
+            }
+            Err(TrySendError::Full(_)) => {
+                if !self.kill.is_cancelled() {
+                    metrics.slow_client_disconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("client outbound queue full; disconnecting slow client");
+                    self.kill.cancel();
+                }
+                Queued::TooSlow
+            }
+            Err(TrySendError::Closed(_)) => Queued::Gone,
+        }
+    }
+
+    pub fn is_killed(&self) -> bool {
+        self.kill.is_cancelled()
+    }
+}

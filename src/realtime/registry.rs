@@ -1,0 +1,142 @@
+//! The channel registry: topic → members (who receives broadcasts and presence diffs) and the
+//! topic's presence table.
+//!
+//! Owns: membership and presence state, and delivery of broadcasts and presence diffs — each
+//! frame encoded once per encoding and shared by every member. Must not: await anything; the
+//! lock is a std `RwLock` held only while queueing frames.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::realtime::broadcast::BroadcastMessage;
+use crate::realtime::outbox::{Direct, EncodingId, Event, Frame};
+use crate::realtime::presence::{PresenceDiff, PresenceTable};
+use crate::realtime::{Hub, Member, MemberId, TopicKey};
+
+#[derive(Debug, Default)]
+pub(crate) struct Channel {
+    members: Vec<Arc<Member>>,
+    presence: PresenceTable,
+}
+
+/// Frames of one event, by encoding: members share them.
+struct FrameCache<'a> {
+    topic: &'a str,
+    event: Event<'a>,
+    frames: Vec<(EncodingId, Option<Frame>)>,
+}
+
+impl<'a> FrameCache<'a> {
+    fn new(topic: &'a str, event: Event<'a>) -> Self {
+        FrameCache { topic, event, frames: Vec::with_capacity(2) }
+    }
+
+    fn frame(&mut self, member: &Member) -> Option<Frame> {
+        let id = member.encoder.id();
+        if let Some((_, f)) = self.frames.iter().find(|(e, _)| *e == id) {
+            return f.clone();
+        }
+        let f = member.encoder.encode(self.topic, &self.event);
+        self.frames.push((id, f.clone()));
+        f
+    }
+}
+
+impl Hub {
+    /// Adds a member; with `presence_state`, queues the topic's presence state to it first,
+    /// under the same lock, so every later diff follows the state it applies to.
+    pub(crate) fn add_member(&self, member: Arc<Member>, presence_state: bool) {
+        let Ok(mut channels) = self.inner.channels.write() else { return };
+        let channel = channels.entry(member.key.clone()).or_default();
+        if presence_state {
+            let state = channel.presence.to_json();
+            self.send_direct(&member, &Direct::PresenceState(&state));
+        }
+        channel.members.push(member);
+        self.metrics().channels.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Queues the presence state of the member's topic to it (presence enabled after join).
+    pub(crate) fn send_presence_state(&self, member: &Member) {
+        let Ok(channels) = self.inner.channels.read() else { return };
+        let state = channels.get(&member.key).map(|c| c.presence.to_json()).unwrap_or_else(|| b"{}".to_vec());
+        self.send_direct(member, &Direct::PresenceState(&state));
+    }
+
+    /// Removes a member; its presences leave (the diff reaches every node).
+    pub(crate) fn remove_member(&self, member: &Member) {
+        let leaves = {
+            let Ok(mut channels) = self.inner.channels.write() else { return };
+            let Some(channel) = channels.get_mut(&member.key) else { return };
+            let before = channel.members.len();
+            channel.members.retain(|m| m.id != member.id);
+            if channel.members.len() < before {
+                self.metrics().channels.fetch_sub(1, Ordering::Relaxed);
+            }
+            let leaves = channel.presence.of_member(member.id);
+            if channel.members.is_empty() && channel.presence.is_empty() {
+                channels.remove(&member.key);
+            }
+            leaves
+        };
+        if !leaves.is_empty() {
+            self.publish(crate::realtime::bus::BusMessage::Presence {
+                key: member.key.clone(),
+                diff: PresenceDiff { joins: Vec::new(), leaves },
+            });
+        }
+    }
+
+    /// Queues a message for one member.
+    pub(crate) fn send_direct(&self, member: &Member, message: &Direct<'_>) {
+        let frame = member.encoder.encode_direct(&member.key.topic, member.join_ref.as_deref(), message);
+        member.outbox.send(frame, self.metrics());
+    }
+
+    pub(crate) fn deliver_broadcast(
+        &self,
+        key: &TopicKey,
+        origin: Option<MemberId>,
+        message: &BroadcastMessage,
+    ) {
+        let Ok(channels) = self.inner.channels.read() else { return };
+        let Some(channel) = channels.get(key) else { return };
+        let mut cache = FrameCache::new(&key.topic, Event::Broadcast(message));
+        for m in &channel.members {
+            if origin == Some(m.id) && !m.echo_own {
+                continue;
+            }
+            match cache.frame(m) {
+                Some(f) => {
+                    m.outbox.send(f, self.metrics());
+                }
+                None => {
+                    self.metrics().broadcasts_undeliverable.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Applies a presence diff to the topic's table and delivers it to every member.
+    pub(crate) fn apply_presence(&self, key: &TopicKey, diff: &PresenceDiff) {
+        let Ok(mut channels) = self.inner.channels.write() else { return };
+        let channel = channels.entry(key.clone()).or_default();
+        channel.presence.apply(diff);
+        let json = diff.to_json();
+        let mut cache = FrameCache::new(&key.topic, Event::PresenceDiff(&json));
+        for m in &channel.members {
+            if let Some(f) = cache.frame(m) {
+                m.outbox.send(f, self.metrics());
+            }
+        }
+        if channel.members.is_empty() && channel.presence.is_empty() {
+            channels.remove(key);
+        }
+    }
+
+    /// The presence state of a channel as JSON (for tests and the REST API).
+    pub fn presence_state(&self, key: &TopicKey) -> Vec<u8> {
+        let Ok(channels) = self.inner.channels.read() else { return b"{}".to_vec() };
+        channels.get(key).map(|c| c.presence.to_json()).unwrap_or_else(|| b"{}".to_vec())
+    }
+}

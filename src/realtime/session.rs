@@ -1,0 +1,655 @@
+//! A session: one connected client, whatever its transport. A plain state machine: the
+//! transport decodes input into calls here and writes the frames the outbox yields.
+//!
+//! Owns: the client's joined channels (each a [`Membership`] guard whose drop removes its
+//! subscriptions, its broadcast membership and its presences — so leave, close, idle timeout,
+//! slow-client kill and shutdown all clean up through one path), and the per-session limits.
+//! Must not: know a wire format, touch a socket, or block the dispatcher.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::realtime::broadcast::{BroadcastError, BroadcastMessage};
+use crate::realtime::bus::BusMessage;
+use crate::realtime::index::SubId;
+use crate::realtime::outbox::{Direct, Encoder, Outbox, OutboxReceiver};
+use crate::realtime::presence::{new_ref, random_uuid, PresenceDiff, PresenceMeta};
+use crate::realtime::{Hub, Member, SessionId, TopicKey};
+use crate::subscribe::BindingError;
+
+/// What a client asks for when it joins a channel.
+#[derive(Debug, Clone, Default)]
+pub struct JoinRequest {
+    pub topic: String,
+    /// The transport's reference for this join (Phoenix `join_ref`).
+    pub join_ref: Option<Arc<str>>,
+    pub private: bool,
+    /// `postgres_changes` bindings as sent.
+    pub bindings: Vec<Value>,
+    /// Receive this session's own broadcasts.
+    pub broadcast_self: bool,
+    /// Acknowledge each broadcast this session sends.
+    pub broadcast_ack: bool,
+    /// Send the presence state now (otherwise on the first track).
+    pub presence_enabled: bool,
+    /// The presence key; empty → a random UUID.
+    pub presence_key: String,
+}
+
+/// The result of a join that was accepted.
+#[derive(Debug)]
+pub struct Joined {
+    /// For joins with bindings: `Ok` once every binding is live (a change committed from now on
+    /// is delivered), or the errors of those that could not be subscribed (the others are live).
+    pub changes: Option<Result<(), Vec<BindingError>>>,
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    #[error("topic must not be empty")]
+    EmptyTopic,
+    #[error("Too many channels")]
+    TooManyChannels,
+    #[error("Too many joins per second")]
+    TooManyJoins,
+}
+
+/// Why a presence event was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PresenceError {
+    #[error("the socket has not joined topic {0}")]
+    NotJoined(String),
+    #[error("Presence track payload must be a map")]
+    NotAMap,
+    #[error("Track message size exceeded")]
+    PayloadTooLarge,
+    #[error("Client presence rate limit exceeded")]
+    RateLimited,
+}
+
+/// A fixed-window counter: at most `limit` events per `period`.
+#[derive(Debug)]
+struct Window {
+    limit: u32,
+    period: Duration,
+    started: Option<Instant>,
+    count: u32,
+}
+
+impl Window {
+    fn new(limit: u32, period: Duration) -> Self {
+        Window { limit, period, started: None, count: 0 }
+    }
+
+    fn allow(&mut self, now: Instant) -> bool {
+        match self.started {
+            Some(s) if now.duration_since(s) < self.period => {
+                if self.count >= self.limit {
+                    return false;
+                }
+                self.count += 1;
+                true
+            }
+            _ => {
+                self.started = Some(now);
+                self.count = 1;
+                self.limit > 0
+            }
+        }
+    }
+}
+
+/// What this session tracks on a channel.
+#[derive(Debug)]
+struct Tracked {
+    key: Arc<str>,
+    meta: PresenceMeta,
+}
+
+/// One joined channel. Dropping it leaves the channel everywhere.
+#[derive(Debug)]
+pub struct Membership {
+    hub: Hub,
+    member: Arc<Member>,
+    subs: Vec<SubId>,
+    ack: bool,
+    presence_key: Arc<str>,
+    presence_enabled: bool,
+    tracked: Option<Tracked>,
+}
+
+impl Membership {
+    pub fn member(&self) -> &Arc<Member> {
+        &self.member
+    }
+
+    /// Whether the client asked for broadcast acknowledgements.
+    pub fn ack(&self) -> bool {
+        self.ack
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        if !self.subs.is_empty() {
+            if let Ok(mut index) = self.hub.index().write() {
+                for id in &self.subs {
+                    if index.remove(*id) {
+                        self.hub.metrics().subscriptions.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        // Presences leave with the member (the registry sends the diff).
+        self.hub.remove_member(&self.member);
+    }
+}
+
+/// One connected client.
+pub struct Session {
+    hub: Hub,
+    id: SessionId,
+    outbox: Outbox,
+    encoder: Arc<dyn Encoder>,
+    /// Joined channels by topic (a topic is joined at most once; rejoining replaces).
+    channels: HashMap<Arc<str>, Membership>,
+    joins: Window,
+    events: Window,
+    presence_events: Window,
+}
+
+impl Session {
+    /// A new session whose frames are encoded by `encoder`; the receiver goes to the transport.
+    pub fn new(hub: Hub, encoder: Arc<dyn Encoder>) -> (Session, OutboxReceiver) {
+        let limits = *hub.limits();
+        let (outbox, rx) = Outbox::new(limits.client_queue);
+        hub.metrics().clients.fetch_add(1, Ordering::Relaxed);
+        let session = Session {
+            id: hub.next_id(),
+            outbox,
+            encoder,
+            channels: HashMap::new(),
+            joins: Window::new(limits.max_joins_per_second, Duration::from_secs(1)),
+            events: Window::new(limits.max_events_per_second, Duration::from_secs(1)),
+            presence_events: Window::new(limits.max_presence_events, limits.presence_window),
+            hub,
+        };
+        (session, rx)
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    pub fn is_joined(&self, topic: &str) -> bool {
+        self.channels.contains_key(topic)
+    }
+
+    pub fn membership(&self, topic: &str) -> Option<&Membership> {
+        self.channels.get(topic)
+    }
+
+    pub fn joined_topics(&self) -> impl Iterator<Item = &str> {
+        self.channels.keys().map(|t| &**t)
+    }
+
+    /// Joins a channel (replacing an earlier join of the same topic). When this returns, the
+    /// channel receives broadcasts and presence diffs, and every binding reported live receives
+    /// each change committed from now on.
+    pub async fn join(&mut self, req: JoinRequest) -> Result<Joined, JoinError> {
+        if req.topic.is_empty() {
+            return Err(JoinError::EmptyTopic);
+        }
+        if !self.joins.allow(Instant::now()) {
+            self.hub.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Err(JoinError::TooManyJoins);
+        }
+        let topic: Arc<str> = req.topic.as_str().into();
+        // Rejoining replaces the old channel.
+        self.channels.remove(&topic);
+        if self.channels.len() >= self.hub.limits().max_channels {
+            return Err(JoinError::TooManyChannels);
+        }
+        let resolved = if req.bindings.is_empty() {
+            Vec::new()
+        } else {
+            match self.hub.catalog() {
+                Some(catalog) => catalog.resolve(&req.bindings).await,
+                None => req.bindings.iter().map(|_| Err(BindingError::NoCatalog)).collect(),
+            }
+        };
+        let member = Arc::new(Member {
+            id: self.hub.next_id(),
+            session: self.id,
+            key: TopicKey { topic: Arc::clone(&topic), private: req.private },
+            join_ref: req.join_ref.clone(),
+            outbox: self.outbox.clone(),
+            encoder: Arc::clone(&self.encoder),
+            echo_own: req.broadcast_self,
+        });
+        self.hub.add_member(Arc::clone(&member), req.presence_enabled);
+        let mut membership = Membership {
+            hub: self.hub.clone(),
+            member: Arc::clone(&member),
+            subs: Vec::new(),
+            ack: req.broadcast_ack,
+            presence_key: if req.presence_key.is_empty() {
+                random_uuid().into()
+            } else {
+                req.presence_key.into()
+            },
+            presence_enabled: req.presence_enabled,
+            tracked: None,
+        };
+        let mut errors = Vec::new();
+        if !resolved.is_empty() {
+            if let Ok(mut index) = self.hub.index().write() {
+                for r in resolved {
+                    match r {
+                        Ok(spec) => {
+                            membership.subs.push(index.insert(Arc::clone(&member), spec));
+                            self.hub.metrics().subscriptions.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
+        }
+        self.channels.insert(topic, membership);
+        let changes =
+            (!req.bindings.is_empty()).then(|| if errors.is_empty() { Ok(()) } else { Err(errors) });
+        Ok(Joined { changes })
+    }
+
+    /// Leaves a channel; returns false if it was not joined.
+    pub fn leave(&mut self, topic: &str) -> bool {
+        self.channels.remove(topic).is_some()
+    }
+
+    /// Leaves a channel after telling the client why (a `System` error, then `Closed`).
+    pub fn close_channel(&mut self, topic: &str, extension: &str, message: &str) {
+        if let Some(m) = self.channels.remove(topic) {
+            let member = m.member();
+            self.hub.send_direct(member, &Direct::System { extension, status: "error", message });
+            self.hub.send_direct(member, &Direct::Closed);
+        }
+    }
+
+    /// Sends a broadcast to every member of the channel (not back to this session unless it
+    /// joined with `broadcast_self`). Nothing is delivered when an error is returned.
+    pub fn broadcast(&mut self, topic: &str, message: BroadcastMessage) -> Result<(), BroadcastError> {
+        let Some(m) = self.channels.get(topic) else {
+            return Err(BroadcastError::NotJoined(topic.to_owned()));
+        };
+        if !self.events.allow(Instant::now()) {
+            self.hub.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Err(BroadcastError::RateLimited);
+        }
+        let limit = self.hub.limits().max_broadcast_payload_bytes;
+        if message.payload.len() > limit {
+            return Err(BroadcastError::PayloadTooLarge { size: message.payload.len(), limit });
+        }
+        self.hub.metrics().broadcasts_received.fetch_add(1, Ordering::Relaxed);
+        self.hub.publish(BusMessage::Broadcast {
+            key: m.member.key.clone(),
+            origin: Some(m.member.id),
+            message: Arc::new(message),
+        });
+        Ok(())
+    }
+
+    /// Tracks `payload` (a JSON object) under the channel's presence key. Re-tracking an
+    /// identical payload changes nothing; a changed one is a leave of the old meta and a join of
+    /// the new one, in one diff.
+    pub fn track(&mut self, topic: &str, payload: Value) -> Result<(), PresenceError> {
+        let Some(m) = self.channels.get_mut(topic) else {
+            return Err(PresenceError::NotJoined(topic.to_owned()));
+        };
+        if !self.presence_events.allow(Instant::now()) {
+            self.hub.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Err(PresenceError::RateLimited);
+        }
+        let Value::Object(payload) = payload else {
+            return Err(PresenceError::NotAMap);
+        };
+        let size = serde_json::to_vec(&payload).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > self.hub.limits().max_presence_payload_bytes {
+            return Err(PresenceError::PayloadTooLarge);
+        }
+        self.hub.metrics().presence_events.fetch_add(1, Ordering::Relaxed);
+        let phx_ref = new_ref(self.hub.next_id(), self.hub.node());
+        let prev = m.tracked.as_ref().map(|t| Arc::clone(&t.meta.phx_ref));
+        let meta = PresenceMeta::new(phx_ref, prev.as_deref(), m.member.id, payload);
+        if m.tracked.as_ref().is_some_and(|t| t.meta.payload == meta.payload) {
+            return Ok(());
+        }
+        if !m.presence_enabled {
+            // The client's presence state is pending until it receives one.
+            m.presence_enabled = true;
+            self.hub.send_presence_state(&m.member);
+        }
+        let mut diff = PresenceDiff::default();
+        if let Some(old) = m.tracked.take() {
+            diff.leaves.push((old.key, old.meta));
+        }
+        let key = Arc::clone(&m.presence_key);
+        diff.joins.push((Arc::clone(&key), meta.clone()));
+        m.tracked = Some(Tracked { key, meta });
+        self.hub.publish(BusMessage::Presence { key: m.member.key.clone(), diff });
+        Ok(())
+    }
+
+    /// Stops tracking on the channel (a no-op when nothing is tracked).
+    pub fn untrack(&mut self, topic: &str) -> Result<(), PresenceError> {
+        let Some(m) = self.channels.get_mut(topic) else {
+            return Err(PresenceError::NotJoined(topic.to_owned()));
+        };
+        if !self.presence_events.allow(Instant::now()) {
+            self.hub.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Err(PresenceError::RateLimited);
+        }
+        if let Some(old) = m.tracked.take() {
+            self.hub.metrics().presence_events.fetch_add(1, Ordering::Relaxed);
+            let diff = PresenceDiff { joins: Vec::new(), leaves: vec![(old.key, old.meta)] };
+            self.hub.publish(BusMessage::Presence { key: m.member.key.clone(), diff });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Memberships clean up as they drop.
+        self.channels.clear();
+        self.hub.metrics().clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use serde_json::json;
+
+    use super::*;
+    use crate::realtime::broadcast::BroadcastPayload;
+    use crate::realtime::outbox::{EncodingId, Event, Frame};
+    use crate::realtime::Limits;
+
+    /// Renders events as short readable lines: `topic kind detail`.
+    struct Lines(u8);
+
+    impl Encoder for Lines {
+        fn id(&self) -> EncodingId {
+            EncodingId(self.0)
+        }
+
+        fn encode(&self, topic: &str, event: &Event<'_>) -> Option<Frame> {
+            let line = match event {
+                Event::Change { ids, .. } => format!("{topic} change {ids:?}"),
+                Event::Broadcast(m) => match &m.payload {
+                    BroadcastPayload::Json(p) => {
+                        format!("{topic} broadcast {} {}", m.event, String::from_utf8_lossy(p))
+                    }
+                    // Encoding 1 cannot carry bytes (like Phoenix 1.0.0).
+                    BroadcastPayload::Binary(_) if self.0 == 1 => return None,
+                    BroadcastPayload::Binary(p) => format!("{topic} broadcast {} {:?}", m.event, &p[..]),
+                },
+                Event::PresenceDiff(d) => format!("{topic} diff {}", String::from_utf8_lossy(d)),
+            };
+            Some(Frame::Text(line.into()))
+        }
+
+        fn encode_direct(&self, topic: &str, join_ref: Option<&str>, message: &Direct<'_>) -> Frame {
+            let line = match message {
+                Direct::PresenceState(s) => format!("{topic} state {}", String::from_utf8_lossy(s)),
+                Direct::System { message, .. } => format!("{topic} system {message}"),
+                Direct::Closed => format!("{topic} closed {join_ref:?}"),
+            };
+            Frame::Text(line.into())
+        }
+    }
+
+    fn hub(limits: Limits) -> Hub {
+        Hub::new(limits, None, None)
+    }
+
+    fn session(hub: &Hub, encoding: u8) -> (Session, OutboxReceiver) {
+        Session::new(hub.clone(), Arc::new(Lines(encoding)))
+    }
+
+    fn drain(rx: &mut OutboxReceiver) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(f) = rx.rx.try_recv() {
+            out.push(f.as_text().unwrap_or("<binary>").to_owned());
+        }
+        out
+    }
+
+    fn req(topic: &str) -> JoinRequest {
+        JoinRequest { topic: topic.into(), ..JoinRequest::default() }
+    }
+
+    fn json_msg(event: &str, payload: &str) -> BroadcastMessage {
+        BroadcastMessage {
+            event: event.into(),
+            payload: BroadcastPayload::Json(Bytes::copy_from_slice(payload.as_bytes())),
+            meta: None,
+        }
+    }
+
+    fn state_of(line: &str) -> serde_json::Value {
+        serde_json::from_str(line.split_once(" state ").map(|(_, s)| s).unwrap_or("null")).unwrap()
+    }
+
+    fn diff_of(line: &str) -> serde_json::Value {
+        serde_json::from_str(line.split_once(" diff ").map(|(_, s)| s).unwrap_or("null")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn broadcast_reaches_other_members_and_self_only_when_asked() {
+        let hub = hub(Limits::default());
+        let (mut a, mut arx) = session(&hub, 2);
+        let (mut b, mut brx) = session(&hub, 2);
+        let (mut c, mut crx) = session(&hub, 1);
+        a.join(req("room")).await.unwrap();
+        b.join(JoinRequest { broadcast_self: true, ..req("room") }).await.unwrap();
+        c.join(req("other")).await.unwrap();
+        a.broadcast("room", json_msg("cursor", r#"{"x":1}"#)).unwrap();
+        assert!(drain(&mut arx).is_empty(), "no echo without self");
+        assert_eq!(drain(&mut brx), [r#"room broadcast cursor {"x":1}"#]);
+        assert!(drain(&mut crx).is_empty(), "other topics see nothing");
+        b.broadcast("room", json_msg("typing", "true")).unwrap();
+        assert_eq!(drain(&mut arx), ["room broadcast typing true"]);
+        assert_eq!(drain(&mut brx), ["room broadcast typing true"], "self: true echoes");
+        assert_eq!(
+            c.broadcast("room", json_msg("x", "1")),
+            Err(BroadcastError::NotJoined("room".into())),
+            "only members may send"
+        );
+        // A private channel of the same name is another channel.
+        c.join(JoinRequest { private: true, ..req("room") }).await.unwrap();
+        a.broadcast("room", json_msg("x", "1")).unwrap();
+        assert!(drain(&mut crx).is_empty());
+    }
+
+    #[tokio::test]
+    async fn binary_broadcasts_skip_encodings_that_cannot_carry_them() {
+        let hub = hub(Limits::default());
+        let (mut a, _arx) = session(&hub, 2);
+        let (mut v1, mut v1rx) = session(&hub, 1);
+        let (mut v2, mut v2rx) = session(&hub, 2);
+        for s in [&mut a, &mut v1, &mut v2] {
+            s.join(req("room")).await.unwrap();
+        }
+        let bin = BroadcastMessage {
+            event: "blob".into(),
+            payload: BroadcastPayload::Binary(Bytes::from_static(&[0, 1, 2])),
+            meta: None,
+        };
+        a.broadcast("room", bin).unwrap();
+        assert_eq!(drain(&mut v2rx), ["room broadcast blob [0, 1, 2]"]);
+        assert!(drain(&mut v1rx).is_empty());
+        assert_eq!(hub.metrics().broadcasts_undeliverable.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn payload_and_rate_limits() {
+        let limits = Limits {
+            max_broadcast_payload_bytes: 8,
+            max_events_per_second: 3,
+            max_joins_per_second: 4,
+            max_channels: 3,
+            ..Limits::default()
+        };
+        let hub = hub(limits);
+        let (mut a, _arx) = session(&hub, 2);
+        let (mut b, mut brx) = session(&hub, 2);
+        a.join(req("room")).await.unwrap();
+        b.join(req("room")).await.unwrap();
+        assert_eq!(
+            a.broadcast("room", json_msg("e", r#""123456789""#)),
+            Err(BroadcastError::PayloadTooLarge { size: 11, limit: 8 })
+        );
+        assert!(drain(&mut brx).is_empty(), "nothing delivered over the limit");
+        // The refused attempt counted towards the rate too.
+        for _ in 0..2 {
+            a.broadcast("room", json_msg("e", "1")).unwrap();
+        }
+        assert_eq!(a.broadcast("room", json_msg("e", "1")), Err(BroadcastError::RateLimited));
+        assert_eq!(drain(&mut brx).len(), 2);
+        // Three more joins fit the rate, but only three channels per session.
+        a.join(req("r2")).await.unwrap();
+        a.join(req("r3")).await.unwrap();
+        assert_eq!(a.join(req("r4")).await.unwrap_err(), JoinError::TooManyChannels);
+        assert_eq!(a.join(req("r5")).await.unwrap_err(), JoinError::TooManyJoins);
+        // Rejoining a joined topic replaces it rather than counting twice.
+        let (mut c, _crx) = session(&hub, 2);
+        for _ in 0..4 {
+            c.join(req("same")).await.unwrap();
+        }
+        assert_eq!(c.joined_topics().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn presence_state_diffs_and_cleanup() {
+        let hub = hub(Limits { max_presence_events: 100, ..Limits::default() });
+        let (mut a, mut arx) = session(&hub, 2);
+        let (mut b, mut brx) = session(&hub, 1);
+        a.join(JoinRequest { presence_enabled: true, presence_key: "alice".into(), ..req("room") })
+            .await
+            .unwrap();
+        assert_eq!(drain(&mut arx), ["room state {}"], "the state follows a presence-enabled join");
+        a.track("room", json!({"status": "online"})).unwrap();
+        let lines = drain(&mut arx);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let d = diff_of(&lines[0]);
+        assert_eq!(d["joins"]["alice"]["metas"][0]["status"], "online");
+        let first_ref = d["joins"]["alice"]["metas"][0]["phx_ref"].clone();
+
+        // A member without presence enabled at join gets the state on its first track.
+        b.join(JoinRequest { presence_key: "bob".into(), ..req("room") }).await.unwrap();
+        assert!(drain(&mut brx).is_empty());
+        b.track("room", json!({})).unwrap();
+        let lines = drain(&mut brx);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(state_of(&lines[0])["alice"]["metas"][0]["phx_ref"], first_ref);
+        assert!(diff_of(&lines[1])["joins"]["bob"].is_object());
+        assert_eq!(drain(&mut arx).len(), 1, "alice sees bob join");
+
+        // Identical re-track: nothing. Changed: one diff with the leave and the join.
+        a.track("room", json!({"status": "online"})).unwrap();
+        assert!(drain(&mut brx).is_empty());
+        a.track("room", json!({"status": "away"})).unwrap();
+        let d = diff_of(&drain(&mut brx)[0]);
+        assert_eq!(d["leaves"]["alice"]["metas"][0]["phx_ref"], first_ref);
+        assert_eq!(d["joins"]["alice"]["metas"][0]["phx_ref_prev"], first_ref);
+        assert_eq!(d["joins"]["alice"]["metas"][0]["status"], "away");
+
+        // Several sessions under one key: several metas.
+        let (mut a2, _a2rx) = session(&hub, 2);
+        a2.join(JoinRequest { presence_key: "alice".into(), ..req("room") }).await.unwrap();
+        a2.track("room", json!({"device": "phone"})).unwrap();
+        drain(&mut brx);
+        let state: serde_json::Value =
+            serde_json::from_slice(&hub.presence_state(&TopicKey { topic: "room".into(), private: false }))
+                .unwrap();
+        assert_eq!(state["alice"]["metas"].as_array().map(Vec::len), Some(2));
+
+        // Untrack, leave and session drop all produce the leave.
+        a2.untrack("room").unwrap();
+        assert!(diff_of(&drain(&mut brx)[0])["leaves"]["alice"].is_object());
+        a.leave("room");
+        assert!(diff_of(&drain(&mut brx)[0])["leaves"]["alice"].is_object());
+        drop(a2);
+        assert!(drain(&mut brx).is_empty(), "a2 had untracked already");
+        let (mut watcher, mut wrx) = session(&hub, 2);
+        watcher.join(req("room")).await.unwrap();
+        drop(b);
+        assert!(diff_of(&drain(&mut wrx)[0])["leaves"]["bob"].is_object());
+        drop(watcher);
+        drop(a);
+        assert_eq!(hub.channel_count(), 0, "nothing left behind");
+        assert_eq!(hub.metrics().clients.load(Ordering::Relaxed), 0);
+        assert_eq!(hub.metrics().channels.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn presence_limits_and_bad_payloads() {
+        let limits = Limits { max_presence_events: 2, max_presence_payload_bytes: 16, ..Limits::default() };
+        let hub = hub(limits);
+        let (mut a, _arx) = session(&hub, 2);
+        a.join(req("room")).await.unwrap();
+        assert_eq!(a.track("room", json!("not a map")), Err(PresenceError::NotAMap));
+        assert_eq!(a.track("room", json!({"long": "xxxxxxxxxxxxxxxx"})), Err(PresenceError::PayloadTooLarge));
+        assert_eq!(a.track("room", json!({})), Err(PresenceError::RateLimited));
+        assert_eq!(a.track("nope", json!({})), Err(PresenceError::NotJoined("nope".into())));
+    }
+
+    #[tokio::test]
+    async fn close_channel_tells_the_client_then_leaves() {
+        let hub = hub(Limits::default());
+        let (mut a, mut arx) = session(&hub, 2);
+        a.join(JoinRequest { join_ref: Some("7".into()), ..req("room") }).await.unwrap();
+        a.close_channel("room", "system", "Too many messages per second");
+        assert_eq!(drain(&mut arx), ["room system Too many messages per second", "room closed Some(\"7\")"]);
+        assert!(!a.is_joined("room"));
+        assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_disconnects_that_client_only() {
+        let hub = hub(Limits { client_queue: 2, ..Limits::default() });
+        let (mut a, _arx) = session(&hub, 2);
+        let (mut slow, slow_rx) = session(&hub, 2);
+        let (mut fast, mut fast_rx) = session(&hub, 2);
+        for s in [&mut a, &mut slow, &mut fast] {
+            s.join(req("room")).await.unwrap();
+        }
+        for i in 0..3 {
+            a.broadcast("room", json_msg("n", &i.to_string())).unwrap();
+            assert_eq!(drain(&mut fast_rx).len(), 1);
+        }
+        assert!(slow_rx.killed.is_cancelled());
+        assert!(!fast_rx.killed.is_cancelled());
+        assert_eq!(hub.metrics().slow_client_disconnects.load(Ordering::Relaxed), 1);
+        drop(slow);
+    }
+
+    #[test]
+    fn windows() {
+        let mut w = Window::new(2, Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert!(w.allow(t0) && w.allow(t0) && !w.allow(t0));
+        assert!(w.allow(t0 + Duration::from_secs(1)));
+        assert!(!Window::new(0, Duration::from_secs(1)).allow(t0));
+    }
+}

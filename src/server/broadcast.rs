@@ -1,0 +1,134 @@
+//! REST broadcast, as Supabase serves it under `/api/…` and `/realtime/v1/api/…`:
+//! `POST /broadcast` (a batch of JSON messages) and `POST /broadcast/{topic}/events/{event}`
+//! (one message; JSON or `application/octet-stream` body). Both answer 202 with an empty body.
+//!
+//! Owns: HTTP parsing and status codes. Must not: deliver anything itself (it publishes on the
+//! core's bus like a socket does).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
+use crate::realtime::bus::BusMessage;
+use crate::realtime::TopicKey;
+use crate::server::AppState;
+
+#[derive(Debug, Deserialize)]
+pub struct Batch {
+    messages: Vec<BatchMessage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchMessage {
+    topic: String,
+    event: String,
+    #[serde(default)]
+    payload: Value,
+    #[serde(default)]
+    private: bool,
+    /// Sent to clients as `meta.id`.
+    id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SingleParams {
+    #[serde(default)]
+    private: Option<String>,
+}
+
+fn error(status: StatusCode, key: &str, message: impl Into<String>) -> Response {
+    (status, Json(json!({ key: message.into() }))).into_response()
+}
+
+fn too_large() -> Response {
+    error(StatusCode::UNPROCESSABLE_ENTITY, "message", "Payload size exceeds tenant limit")
+}
+
+fn publish(state: &AppState, topic: &str, private: bool, message: BroadcastMessage) {
+    state.hub.metrics().broadcasts_received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.hub.publish(BusMessage::Broadcast {
+        key: TopicKey { topic: format!("realtime:{topic}").into(), private },
+        origin: None,
+        message: Arc::new(message),
+    });
+}
+
+/// `POST /api/broadcast` `{"messages":[{topic, event, payload, private?, id?}]}`. Every message is
+/// checked before any is delivered.
+pub async fn batch(State(state): State<AppState>, body: Bytes) -> Response {
+    let batch: Batch = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "error",
+                format!("expected {{\"messages\":[{{\"topic\",\"event\",\"payload\"}}]}}: {e}"),
+            )
+        }
+    };
+    let limit = state.hub.limits().max_broadcast_payload_bytes;
+    let mut ready = Vec::with_capacity(batch.messages.len());
+    for m in batch.messages {
+        if m.topic.is_empty() {
+            return error(StatusCode::BAD_REQUEST, "error", "a message has an empty topic");
+        }
+        let payload = serde_json::to_vec(&m.payload).unwrap_or_else(|_| b"null".to_vec());
+        if payload.len() > limit {
+            return too_large();
+        }
+        let meta = m.id.as_ref().map(|id| axum::body::Bytes::from(json!({"id": id}).to_string()));
+        ready.push((
+            m.topic,
+            m.private,
+            BroadcastMessage { event: m.event, payload: BroadcastPayload::Json(payload.into()), meta },
+        ));
+    }
+    for (topic, private, message) in ready {
+        publish(&state, &topic, private, message);
+    }
+    StatusCode::ACCEPTED.into_response()
+}
+
+/// `POST /api/broadcast/{topic}/events/{event}[?private=true]` with a JSON or binary body.
+pub async fn single(
+    State(state): State<AppState>,
+    Path((topic, event)): Path<(String, String)>,
+    Query(params): Query<SingleParams>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let payload = match content_type.as_str() {
+        "application/json" => {
+            if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+                return error(StatusCode::BAD_REQUEST, "error", "the body is not valid JSON");
+            }
+            BroadcastPayload::Json(body)
+        }
+        "application/octet-stream" => BroadcastPayload::Binary(body),
+        _ => {
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "error",
+                "Unsupported Media Type. Use application/json or application/octet-stream",
+            )
+        }
+    };
+    if payload.len() > state.hub.limits().max_broadcast_payload_bytes {
+        return too_large();
+    }
+    let private = params.private.as_deref().is_some_and(|p| p.eq_ignore_ascii_case("true"));
+    publish(&state, &topic, private, BroadcastMessage { event, payload, meta: None });
+    StatusCode::ACCEPTED.into_response()
+}
