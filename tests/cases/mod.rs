@@ -3,3 +3,4 @@ mod capture;
 mod clients;
 mod gateway;
 mod ops;
+mod realtime;

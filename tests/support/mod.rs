@@ -182,6 +182,26 @@ pub async fn http_get(url: &str) -> std::io::Result<String> {
     walcast::bench::gateway::http_get(host, &path).await
 }
 
+/// A kind-4 binary broadcast as JSON:
+/// `{"binary":{"topic","event","meta","json":bool,"payload": JSON value or byte array}}`.
+pub fn decode_kind4(b: &[u8]) -> Value {
+    assert!(b.len() >= 5 && b[0] == 4, "server binary frames are kind 4: {b:?}");
+    let (t, e, m) = (b[1] as usize, b[2] as usize, b[3] as usize);
+    let json = b[4] == 1;
+    let at = 5;
+    let text = |r: std::ops::Range<usize>| String::from_utf8(b[r].to_vec()).expect("utf-8");
+    let topic = text(at..at + t);
+    let event = text(at + t..at + t + e);
+    let meta = text(at + t + e..at + t + e + m);
+    let payload = &b[at + t + e + m..];
+    serde_json::json!({"binary": {
+        "topic": topic, "event": event,
+        "meta": if meta.is_empty() { Value::Null } else { serde_json::from_str(&meta).expect("meta is JSON") },
+        "json": json,
+        "payload": if json { serde_json::from_slice(payload).expect("payload is JSON") } else { serde_json::json!(payload) },
+    }})
+}
+
 /// A raw Phoenix client over WebSocket.
 pub struct Ws {
     pub inner: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -227,6 +247,7 @@ impl Ws {
             let msg = tokio::time::timeout_at(deadline, self.inner.next()).await.ok()??.ok()?;
             match msg {
                 Message::Text(t) => return Some(serde_json::from_str(&t).expect("server frames are JSON")),
+                Message::Binary(b) => return Some(decode_kind4(&b)),
                 Message::Close(c) => {
                     return Some(
                         serde_json::json!({"close": c.map(|c| (u16::from(c.code), c.reason.to_string()))}),
@@ -269,6 +290,67 @@ impl Ws {
         }
     }
 
+    /// Sends a kind-3 binary broadcast push; returns its ref.
+    pub async fn push_binary(
+        &mut self,
+        join_ref: &str,
+        topic: &str,
+        event: &str,
+        json: bool,
+        payload: &[u8],
+    ) -> String {
+        self.next_ref += 1;
+        let r = self.next_ref.to_string();
+        let mut f = vec![
+            3u8,
+            join_ref.len() as u8,
+            r.len() as u8,
+            topic.len() as u8,
+            event.len() as u8,
+            0,
+            u8::from(json),
+        ];
+        for part in [join_ref.as_bytes(), r.as_bytes(), topic.as_bytes(), event.as_bytes(), payload] {
+            f.extend_from_slice(part);
+        }
+        self.inner.send(Message::Binary(f.into())).await.expect("send");
+        r
+    }
+
+    /// Joins `realtime:<name>` with a config (no bindings); returns the reply payload.
+    pub async fn join_config(&mut self, name: &str, config: Value) -> Value {
+        let topic = format!("realtime:{name}");
+        let r = self.push(Some("j1"), &topic, "phx_join", serde_json::json!({"config": config})).await;
+        loop {
+            let f = self.recv().await;
+            let (_, e, p, fr, _) = self.parts(&f);
+            if e == "phx_reply" && fr.as_str() == Some(r.as_str()) {
+                return p;
+            }
+        }
+    }
+
+    /// Frames until `pred` holds for one, which is returned; the others are dropped.
+    pub async fn recv_until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let f = self
+                .try_recv(Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|| panic!("timed out waiting for {what}"));
+            if pred(&f) {
+                return f;
+            }
+        }
+    }
+
+    /// Asserts nothing but the reply to a heartbeat arrives (a fence for "nothing was sent").
+    pub async fn expect_quiet(&mut self, why: &str) {
+        let hb = self.push(None, "phoenix", "heartbeat", serde_json::json!({})).await;
+        let f = self.recv().await;
+        let (_, e, _, r, _) = self.parts(&f);
+        assert!(e == "phx_reply" && r.as_str() == Some(hb.as_str()), "{why}: got {f}");
+    }
+
     /// Joins `realtime:<name>` with the given bindings; returns (reply payload, system payload).
     pub async fn join(&mut self, name: &str, bindings: Value) -> (Value, Value) {
         let topic = format!("realtime:{name}");
@@ -289,4 +371,22 @@ impl Ws {
             }
         }
     }
+}
+
+/// A minimal HTTP/1.1 POST; returns (status, body).
+pub async fn http_post(addr: SocketAddr, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\napikey: test\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    s.write_all(body).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
 }
