@@ -192,3 +192,294 @@ async fn python_realtime_client() {
     assert_eq!(data[3]["old_record"], json!({"id": 7, "body": "bye"}));
     app.stop().await;
 }
+
+/// A client process driven by JSON-line commands (`peer.mjs` / `peer.py`).
+struct Peer {
+    name: &'static str,
+    child: Child,
+    stdin: tokio::process::ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+    /// Events read while waiting for another kind, kept in order for later waits.
+    pending: std::collections::VecDeque<Value>,
+}
+
+impl Peer {
+    fn spawn(name: &'static str, mut cmd: Command) -> Peer {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("client starts");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        Peer { name, child, stdin, lines: BufReader::new(stdout).lines(), pending: Default::default() }
+    }
+
+    fn js(name: &'static str, endpoint: &str, vsn: &str, topic: &str, config: Value) -> Peer {
+        let dir = clients_dir().join("node");
+        let mut cmd = Command::new("node");
+        cmd.current_dir(&dir).arg("peer.mjs").arg(endpoint).arg(vsn).arg(topic).arg(config.to_string());
+        Peer::spawn(name, cmd)
+    }
+
+    fn python(name: &'static str, endpoint: &str, topic: &str, config: Value) -> Peer {
+        let dir = clients_dir().join("python");
+        let mut cmd = Command::new(dir.join(".venv/bin/python"));
+        cmd.current_dir(&dir).arg("peer.py").arg(endpoint).arg(topic).arg(config.to_string());
+        Peer::spawn(name, cmd)
+    }
+
+    async fn cmd(&mut self, v: Value) {
+        use tokio::io::AsyncWriteExt;
+        let line = format!("{v}\n");
+        self.stdin.write_all(line.as_bytes()).await.expect("write to client");
+        self.stdin.flush().await.expect("flush");
+    }
+
+    async fn next(&mut self, what: &str) -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(40), self.lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("{}: no output within 40 s while waiting for {what}", self.name))
+            .expect("read")
+            .unwrap_or_else(|| panic!("{} exited early", self.name));
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{} printed {line}", self.name));
+        assert_ne!(v["kind"], "timeout", "{} timed out", self.name);
+        v
+    }
+
+    /// The first event satisfying `pred`; others stay queued for later waits (presence events,
+    /// which arrive at any time, are dropped).
+    async fn until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(at) = self.pending.iter().position(&pred) {
+            return self.pending.remove(at).unwrap_or_default();
+        }
+        loop {
+            let v = self.next(what).await;
+            if pred(&v) {
+                return v;
+            }
+            if v["kind"] != "presence" {
+                self.pending.push_back(v.clone());
+            }
+            assert!(
+                v["kind"] != "status" || v["status"].as_str().is_some_and(|s| s.ends_with("SUBSCRIBED")),
+                "{} while waiting for {what}: {v}",
+                self.name
+            );
+        }
+    }
+
+    async fn subscribed(&mut self) {
+        let v = self.until("SUBSCRIBED", |v| v["kind"] == "status").await;
+        assert!(v["status"].as_str().is_some_and(|s| s.ends_with("SUBSCRIBED")), "{}: {v}", self.name);
+    }
+
+    /// The next broadcast: (event, payload, meta).
+    async fn broadcast(&mut self) -> (String, Value, Value) {
+        let v = self.until("a broadcast", |v| v["kind"] == "broadcast").await;
+        (v["event"].as_str().unwrap_or("").to_owned(), v["payload"].clone(), v["meta"].clone())
+    }
+
+    async fn sent(&mut self) -> Value {
+        let v = self.until("a command result", |v| v["kind"] == "sent").await;
+        assert!(v.get("error").is_none_or(Value::is_null), "{}: {v}", self.name);
+        v["result"].clone()
+    }
+
+    /// Waits until the presence state, as this client shows it, has exactly `keys`.
+    async fn presence_keys(&mut self, keys: &[&str]) -> Value {
+        let mut want: Vec<&str> = keys.to_vec();
+        want.sort();
+        loop {
+            self.cmd(json!({"op": "state"})).await;
+            let v = self.until("state", |v| v["kind"] == "state").await;
+            let mut have: Vec<String> =
+                v["state"].as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+            have.sort();
+            if have == want {
+                return v["state"].clone();
+            }
+            // Presence events arrive asynchronously; wait for the next one, then look again.
+            self.until("a presence event", |v| v["kind"] == "presence").await;
+        }
+    }
+
+    async fn exit(mut self) {
+        self.cmd(json!({"op": "exit"})).await;
+        let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .expect("exits")
+            .expect("status");
+        assert!(status.success(), "{} exit {status}", self.name);
+    }
+}
+
+/// A broadcast from `from` that every peer in `to` sees next, proving nothing else came first.
+async fn fence(from: &mut Peer, to: &mut [&mut Peer], n: u32) {
+    from.cmd(json!({"op": "send", "event": "fence", "payload": {"n": n}})).await;
+    from.sent().await;
+    for p in to.iter_mut() {
+        let (event, payload, _) = p.broadcast().await;
+        assert_eq!(
+            (event.as_str(), &payload),
+            ("fence", &json!({"n": n})),
+            "{}: nothing before the fence",
+            p.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn broadcast_with_the_official_clients() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, SCHEMA).await;
+    let app = TestApp::spawn(&url).await;
+    let endpoint = format!("ws://{}/realtime/v1", app.addr);
+    let mut js2 =
+        Peer::js("js 2.0.0", &endpoint, "2.0.0", "room", json!({"broadcast": {"self": true, "ack": true}}));
+    let mut js1 = Peer::js("js 1.0.0", &endpoint, "1.0.0", "room", json!({"broadcast": {"self": false}}));
+    let mut py =
+        Peer::python("python", &endpoint, "room", json!({"broadcast": {"self": false, "ack": false}}));
+    for peer in [&mut js2, &mut js1, &mut py] {
+        peer.subscribed().await;
+    }
+
+    // JSON broadcast from a 2.0.0 client (binary kind 3 on the wire): ack, self echo, both serializers.
+    js2.cmd(json!({"op": "send", "event": "cursor", "payload": {"x": 1, "y": [2, 3]}})).await;
+    assert_eq!(js2.sent().await, "ok", "ack: true resolves after the server's reply");
+    for peer in [&mut js2, &mut js1, &mut py] {
+        let (event, payload, _) = peer.broadcast().await;
+        assert_eq!((event.as_str(), payload), ("cursor", json!({"x": 1, "y": [2, 3]})), "{}", peer.name);
+    }
+
+    // From a 1.0.0 client without self: not echoed.
+    js1.cmd(json!({"op": "send", "event": "typing", "payload": {"on": true}})).await;
+    js1.sent().await;
+    for peer in [&mut js2, &mut py] {
+        assert_eq!(peer.broadcast().await.0, "typing", "{}", peer.name);
+    }
+    fence(&mut js2, &mut [&mut js1, &mut py], 1).await;
+    assert_eq!(js2.broadcast().await.0, "fence", "self: true echoes the fence");
+
+    // Binary payload: 2.0.0 members receive the bytes; 1.0.0 members receive nothing.
+    js2.cmd(json!({"op": "send", "event": "blob", "bytes": [0, 1, 2, 255]})).await;
+    js2.sent().await;
+    let (event, payload, _) = js2.broadcast().await;
+    assert_eq!((event.as_str(), payload), ("blob", json!({"bytes": [0, 1, 2, 255]})));
+    fence(&mut js2, &mut [&mut js1, &mut py], 2).await;
+    js2.broadcast().await;
+
+    // From Python (1.0.0 JSON push).
+    py.cmd(json!({"op": "send", "event": "from_py", "payload": {"n": 3}})).await;
+    py.sent().await;
+    for peer in [&mut js2, &mut js1] {
+        assert_eq!(peer.broadcast().await, ("from_py".into(), json!({"n": 3}), Value::Null), "{}", peer.name);
+    }
+
+    // REST: realtime-js httpSend (single-message endpoint, JSON and binary) and Python http_send.
+    js1.cmd(json!({"op": "httpSend", "event": "rest", "payload": {"via": "http"}})).await;
+    assert_eq!(js1.sent().await, json!({"success": true}));
+    for peer in [&mut js2, &mut js1, &mut py] {
+        assert_eq!(peer.broadcast().await.1, json!({"via": "http"}), "{}", peer.name);
+    }
+    js1.cmd(json!({"op": "httpSend", "event": "rest_bytes", "bytes": [9, 8]})).await;
+    js1.sent().await;
+    assert_eq!(js2.broadcast().await.1, json!({"bytes": [9, 8]}));
+    py.cmd(json!({"op": "httpSend", "event": "rest_py", "payload": {"via": "python"}})).await;
+    py.sent().await;
+    // REST messages have no sender channel: every member receives them, the sender's too.
+    for peer in [&mut js2, &mut js1, &mut py] {
+        assert_eq!(peer.broadcast().await.0, "rest_py", "{}", peer.name);
+    }
+
+    // realtime-js send() on a client that is not connected falls back to the batch endpoint.
+    js1.cmd(json!({"op": "restBatch", "event": "batched", "payload": {"via": "batch"}})).await;
+    assert_eq!(js1.sent().await, "ok");
+    for peer in [&mut js2, &mut js1, &mut py] {
+        assert_eq!(
+            peer.broadcast().await,
+            ("batched".into(), json!({"via": "batch"}), Value::Null),
+            "{}",
+            peer.name
+        );
+    }
+
+    // From the database: delivered on commit with meta.id; a rollback delivers nothing.
+    exec(&p, "BEGIN; SELECT realtime.send('{\"lost\": 1}', 'db', 'room', false); ROLLBACK;").await;
+    exec(&p, "SELECT realtime.send('{\"kept\": 1}', 'db', 'room', false)").await;
+    for peer in [&mut js2, &mut js1, &mut py] {
+        let (event, payload, meta) = peer.broadcast().await;
+        assert_eq!(
+            (event.as_str(), &payload["kept"]),
+            ("db", &json!(1)),
+            "{}: the rolled-back one never came",
+            peer.name
+        );
+        assert!(meta["id"].is_string() && payload["id"] == meta["id"], "{}: {payload} {meta}", peer.name);
+    }
+    for peer in [js2, js1, py] {
+        peer.exit().await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn presence_with_the_official_clients() {
+    let url = fresh_db().await;
+    let app = TestApp::spawn(&url).await;
+    let endpoint = format!("ws://{}/realtime/v1", app.addr);
+    let mut a = Peer::js("js 2.0.0", &endpoint, "2.0.0", "lobby", json!({"presence": {"key": "alice"}}));
+    let mut b = Peer::js("js 1.0.0", &endpoint, "1.0.0", "lobby", json!({"presence": {"key": "bob"}}));
+    let mut c = Peer::python("python", &endpoint, "lobby", json!({"presence": {"key": "carol"}}));
+    for peer in [&mut a, &mut b, &mut c] {
+        peer.subscribed().await;
+    }
+    a.cmd(json!({"op": "track", "payload": {"name": "Alice"}})).await;
+    assert_eq!(a.sent().await, "ok");
+    b.cmd(json!({"op": "track", "payload": {"name": "Bob"}})).await;
+    b.sent().await;
+    c.cmd(json!({"op": "track", "payload": {"name": "Carol"}})).await;
+    c.sent().await;
+    for peer in [&mut a, &mut b, &mut c] {
+        let state = peer.presence_keys(&["alice", "bob", "carol"]).await;
+        assert_eq!(state["alice"][0]["name"], "Alice", "{}: {state}", peer.name);
+        assert!(
+            state["alice"][0]["presence_ref"].is_string() || state["alice"][0]["phx_ref"].is_string(),
+            "{state}"
+        );
+    }
+    // A second tab for alice: two presences under one key.
+    let mut a2 =
+        Peer::js("js second tab", &endpoint, "2.0.0", "lobby", json!({"presence": {"key": "alice"}}));
+    a2.subscribed().await;
+    a2.cmd(json!({"op": "track", "payload": {"name": "Alice", "tab": 2}})).await;
+    a2.sent().await;
+    let join = a.until("alice's second join", |v| v["event"] == "join" && v["key"] == "alice").await;
+    assert_eq!(join["presences"][0]["tab"], 2, "{join}");
+    loop {
+        a.cmd(json!({"op": "state"})).await;
+        let s = a.until("state", |v| v["kind"] == "state").await;
+        if s["state"]["alice"].as_array().map(Vec::len) == Some(2) {
+            break;
+        }
+        a.until("presence", |v| v["kind"] == "presence").await;
+    }
+    // Untrack, and a client that dies: both leave for everyone.
+    c.cmd(json!({"op": "untrack"})).await;
+    c.sent().await;
+    let leave = b.until("carol leaves", |v| v["event"] == "leave" && v["key"] == "carol").await;
+    assert_eq!(leave["presences"][0]["name"], "Carol");
+    drop(b);
+    for peer in [&mut a, &mut c] {
+        peer.presence_keys(&["alice"]).await;
+    }
+    a2.exit().await;
+    let state = c.presence_keys(&["alice"]).await;
+    assert_eq!(state["alice"].as_array().map(Vec::len), Some(1), "{state}");
+    a.exit().await;
+    c.exit().await;
+    app.stop().await;
+}
