@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::realtime::{Hub, Limits};
+use crate::realtime::{Hub, HubParts, Limits};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::slot;
 use crate::replication::stream::{ReplicationStatus, ReplicationTask};
@@ -120,8 +120,13 @@ impl Gateway {
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let tracker = TaskTracker::new();
         let catalog = Arc::new(PublishedCatalog::new(self.pool.clone(), self.config.publication.clone()));
-        let hub = Hub::new(Limits::from_config(&self.config), Some(catalog), None);
         let status = Arc::new(ReplicationStatus::default());
+        let hub = Hub::new(HubParts {
+            limits: Limits::from_config(&self.config),
+            catalog: Some(catalog),
+            peers: None,
+            replication_live: Some(status.live.subscribe()),
+        });
         let ack = Acknowledgement::new();
         let (tx, rx) = tokio::sync::mpsc::channel(8192);
 

@@ -106,7 +106,7 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     let shutdown = CancellationToken::new();
     let t = Instant::now();
     let handle = tokio::spawn(task.run(shutdown.clone()));
-    let hub = Hub::new(Limits { max_record_bytes: 1 << 20, ..Limits::default() }, None, None);
+    let hub = Hub::with_limits(Limits { max_record_bytes: 1 << 20, ..Limits::default() });
     let mut scratch = Scratch::default();
     let mut changes = 0u64;
     let mut bytes = 0usize;

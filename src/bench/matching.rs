@@ -41,7 +41,7 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
             },
         ],
     ));
-    let hub = Hub::new(Limits { max_record_bytes: 1 << 20, ..Limits::default() }, None, None);
+    let hub = Hub::with_limits(Limits { max_record_bytes: 1 << 20, ..Limits::default() });
     let encoder = PhoenixEncoder::shared(Vsn::V2);
     let mut receivers: Vec<OutboxReceiver> = Vec::with_capacity(subs);
     {

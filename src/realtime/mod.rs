@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use crate::realtime::bus::Peers;
 use crate::realtime::index::SubscriptionIndex;
 use crate::realtime::outbox::{Encoder, Outbox};
@@ -133,6 +135,8 @@ struct HubInner {
     catalog: Option<Arc<PublishedCatalog>>,
     /// Other gateway nodes; `None` runs a single node.
     peers: Option<Arc<dyn Peers>>,
+    /// True while database broadcasts flow (the replication stream is connected).
+    replication_live: Option<watch::Receiver<bool>>,
     next_id: AtomicU64,
     /// Random per process: makes presence refs unique across nodes.
     node: u64,
@@ -150,20 +154,42 @@ impl std::fmt::Debug for Hub {
     }
 }
 
+/// What a [`Hub`] is built from; everything but the limits is optional.
+#[derive(Default)]
+pub struct HubParts {
+    pub limits: Limits,
+    /// Resolves `postgres_changes` bindings; without it they are refused.
+    pub catalog: Option<Arc<PublishedCatalog>>,
+    pub peers: Option<Arc<dyn Peers>>,
+    /// Whether the replication stream is live (for `replication_ready`).
+    pub replication_live: Option<watch::Receiver<bool>>,
+}
+
 impl Hub {
-    pub fn new(limits: Limits, catalog: Option<Arc<PublishedCatalog>>, peers: Option<Arc<dyn Peers>>) -> Hub {
+    pub fn new(parts: HubParts) -> Hub {
         Hub {
             inner: Arc::new(HubInner {
                 index: RwLock::new(SubscriptionIndex::default()),
                 channels: RwLock::new(HashMap::new()),
-                limits,
+                limits: parts.limits,
                 metrics: Metrics::default(),
-                catalog,
-                peers,
+                catalog: parts.catalog,
+                peers: parts.peers,
+                replication_live: parts.replication_live,
                 next_id: AtomicU64::new(1),
                 node: fastrand::u64(..),
             }),
         }
+    }
+
+    /// With these limits and nothing else (broadcast and presence only).
+    pub fn with_limits(limits: Limits) -> Hub {
+        Hub::new(HubParts { limits, ..HubParts::default() })
+    }
+
+    /// Whether the replication stream is live; `None` when this hub has none.
+    pub fn replication_live(&self) -> Option<watch::Receiver<bool>> {
+        self.inner.replication_live.clone()
     }
 
     pub fn limits(&self) -> &Limits {

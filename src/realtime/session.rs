@@ -38,6 +38,8 @@ pub struct JoinRequest {
     pub presence_enabled: bool,
     /// The presence key; empty → a random UUID.
     pub presence_key: String,
+    /// Tell the client (a `System` ok) once database broadcasts reach the channel.
+    pub replication_ready: bool,
 }
 
 /// The result of a join that was accepted.
@@ -265,9 +267,36 @@ impl Session {
             }
         }
         self.channels.insert(topic, membership);
+        if req.replication_ready {
+            self.notify_replication_ready(&member);
+        }
         let changes =
             (!req.bindings.is_empty()).then(|| if errors.is_empty() { Ok(()) } else { Err(errors) });
         Ok(Joined { changes })
+    }
+
+    /// Queues `Replication connection established` to the member once the replication stream is
+    /// live (at once if it is), unless the member has left by then.
+    fn notify_replication_ready(&self, member: &Arc<Member>) {
+        let Some(mut live) = self.hub.replication_live() else { return };
+        let ready = Direct::System {
+            extension: "system",
+            status: "ok",
+            message: "Replication connection established",
+        };
+        if *live.borrow_and_update() {
+            self.hub.send_direct(member, &ready);
+            return;
+        }
+        let hub = self.hub.clone();
+        let member = Arc::downgrade(member);
+        tokio::spawn(async move {
+            if live.wait_for(|l| *l).await.is_ok() {
+                if let Some(member) = member.upgrade() {
+                    hub.send_direct(&member, &ready);
+                }
+            }
+        });
     }
 
     /// Leaves a channel; returns false if it was not joined.
@@ -419,7 +448,7 @@ mod tests {
     }
 
     fn hub(limits: Limits) -> Hub {
-        Hub::new(limits, None, None)
+        Hub::with_limits(limits)
     }
 
     fn session(hub: &Hub, encoding: u8) -> (Session, OutboxReceiver) {

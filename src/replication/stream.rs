@@ -29,6 +29,8 @@ use crate::replication::wire::{
 #[derive(Debug, Default)]
 pub struct ReplicationStatus {
     pub connected: AtomicBool,
+    /// `connected`, observable: true from the start of a stream until it ends.
+    pub live: tokio::sync::watch::Sender<bool>,
     /// Set once the walsender has sent a keepalive on this connection: it sends them when it has
     /// nothing more to send (or, under load, at least every half `wal_sender_timeout`).
     pub caught_up: AtomicBool,
@@ -48,6 +50,11 @@ pub struct ReplicationStatus {
 }
 
 impl ReplicationStatus {
+    fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+        self.live.send_replace(connected);
+    }
+
     fn set_error(&self, e: Option<String>) {
         if let Ok(mut g) = self.last_error.lock() {
             *g = e;
@@ -128,7 +135,7 @@ impl ReplicationTask {
         loop {
             let started = Instant::now();
             let result = self.stream_once(&mut progress, &shutdown).await;
-            self.status.connected.store(false, Ordering::Relaxed);
+            self.status.set_connected(false);
             self.status.caught_up.store(false, Ordering::Relaxed);
             match result {
                 Ok(()) => return,
@@ -167,7 +174,7 @@ impl ReplicationTask {
     ) -> Result<(), StreamError> {
         let mut progress = Progress::new();
         let r = self.stream_conn(&mut progress, conn, &shutdown).await;
-        self.status.connected.store(false, Ordering::Relaxed);
+        self.status.set_connected(false);
         r
     }
 
@@ -187,7 +194,7 @@ impl ReplicationTask {
         shutdown: &CancellationToken,
     ) -> Result<(), StreamError> {
         let mut stream = conn.start_replication(&self.slot, Lsn::ZERO, &self.publication).await?;
-        self.status.connected.store(true, Ordering::Relaxed);
+        self.status.set_connected(true);
         self.status.connections.fetch_add(1, Ordering::Relaxed);
         self.status.set_error(None);
         tracing::info!(slot = %self.slot, publication = %self.publication, "replication stream started");

@@ -388,7 +388,15 @@ async fn broadcast_from_the_database_on_commit_in_order() {
     let (_, system) =
         public.join("room", json!([{"event": "INSERT", "schema": "public", "table": "items"}])).await;
     assert_eq!(system["status"], "ok");
-    private.join_config("room", json!({"private": true})).await;
+    let reply =
+        private.join_config("room", json!({"private": true, "broadcast": {"replication_ready": true}})).await;
+    assert_eq!(reply["status"], "ok");
+    let ready = private.recv().await;
+    assert_eq!(
+        ready,
+        json!({"topic": "realtime:room", "event": "system", "ref": null,
+               "payload": {"extension": "system", "status": "ok", "message": "Replication connection established", "channel": "room"}})
+    );
     item.join_config("items:1", json!({"private": true})).await;
 
     // A rolled-back transaction delivers nothing.

@@ -233,6 +233,7 @@ impl PhoenixConnection {
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_owned(),
+            replication_ready: flag(broadcast.and_then(|b| b.get("replication_ready"))).unwrap_or(false),
         };
         let echoed: Vec<Value> = req
             .bindings
