@@ -124,6 +124,60 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000)]
         sockets: usize,
     },
+    /// Every client on its own topic subscribed to every INSERT of one table, against the
+    /// raw-WebSocket relay: latency at a fixed rate, then the highest rate within the p99 bound.
+    SameTable {
+        #[arg(long, default_value_t = 2_000)]
+        clients: usize,
+        /// Changes committed per second in the fixed-rate run.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[command(flatten)]
+        search: SearchArgs,
+    },
+    /// Sockets in topics, one sender per topic, against the raw-WebSocket relay.
+    Broadcast {
+        #[arg(long, default_value_t = 10_000)]
+        sockets: usize,
+        #[arg(long, default_value_t = 100)]
+        topics: usize,
+        /// Messages per second per topic in the fixed-rate run.
+        #[arg(long, default_value_t = 10)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[command(flatten)]
+        search: SearchArgs,
+    },
+    /// Sockets in topics each tracking once: time until every presence state is complete.
+    Presence {
+        #[arg(long, default_value_t = 2_000)]
+        sockets: usize,
+        #[arg(long, default_value_t = 20)]
+        topics: usize,
+    },
+    /// The raw-WebSocket relay the realtime scenarios compare against (run by them).
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        listen: String,
+    },
+}
+
+/// The search for the highest rate within a latency bound.
+#[derive(Debug, clap::Args)]
+struct SearchArgs {
+    /// Rates to try, ascending (changes/s, or messages/s per topic); empty skips the search.
+    #[arg(long, value_delimiter = ',')]
+    steps: Vec<u64>,
+    /// Seconds per step.
+    #[arg(long, default_value_t = 5)]
+    step_seconds: u64,
+    /// The p99 bound, in ms.
+    #[arg(long, default_value_t = 50.0)]
+    p99_ms: f64,
 }
 
 fn init_tracing(format: Option<LogFormat>) {
@@ -273,10 +327,45 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
                     };
                     bench::sockets::idle(&opts, &s).await?;
                 }
+                Scenario::SameTable { clients, rate, seconds, search } => {
+                    let o = realtime_options(clients, 1, rate, seconds, search, gateway_url.clone())?;
+                    bench::realtime::same_table(&opts, &o).await?;
+                }
+                Scenario::Broadcast { sockets, topics, rate, seconds, search } => {
+                    let o = realtime_options(sockets, topics, rate, seconds, search, gateway_url.clone())?;
+                    bench::realtime::broadcast(&opts, &o).await?;
+                }
+                Scenario::Presence { sockets, topics } => {
+                    let search = SearchArgs { steps: Vec::new(), step_seconds: 0, p99_ms: 0.0 };
+                    let o = realtime_options(sockets, topics, 0, 0, search, gateway_url.clone())?;
+                    bench::realtime::presence(&opts, &o).await?;
+                }
+                Scenario::Relay { listen } => bench::relay::serve(&listen).await?,
             }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn realtime_options(
+    clients: usize,
+    topics: usize,
+    rate: u64,
+    seconds: u64,
+    search: SearchArgs,
+    gateway_url: Option<String>,
+) -> anyhow::Result<bench::realtime::RealtimeOptions> {
+    Ok(bench::realtime::RealtimeOptions {
+        clients,
+        topics,
+        rate,
+        seconds,
+        step_seconds: search.step_seconds,
+        steps: search.steps,
+        p99_bound_ms: search.p99_ms,
+        gateway_bin: std::env::current_exe()?,
+        gateway_url,
+    })
 }
 
 const DEMO_SCHEMA: &str = "

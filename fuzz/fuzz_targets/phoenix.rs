@@ -1,12 +1,32 @@
-//! Phoenix text and binary frame decoding must never panic.
+//! Phoenix text and binary frames must never panic: neither the decoders nor a connection (session,
+//! channels, broadcast, presence) fed the same bytes; nor the database broadcast decoder.
 #![no_main]
+use std::sync::OnceLock;
+
 use libfuzzer_sys::fuzz_target;
-use walcast::protocol::phoenix::{decode_binary, decode_text, Vsn};
+use walcast::change::DbBroadcast;
+use walcast::protocol::phoenix::{decode_binary, decode_text, PhoenixConnection, Vsn};
+use walcast::realtime::{Hub, Limits};
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"))
+}
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(s) = std::str::from_utf8(data) {
-        let _ = decode_text(Vsn::V1, s);
-        let _ = decode_text(Vsn::V2, s);
+    let bytes = bytes::Bytes::copy_from_slice(data);
+    let _ = decode_binary(&bytes);
+    let _ = DbBroadcast::decode(data);
+    let hub = Hub::with_limits(Limits::default());
+    for vsn in [Vsn::V1, Vsn::V2] {
+        let (mut conn, _outbox) = PhoenixConnection::new(hub.clone(), vsn);
+        if let Ok(s) = std::str::from_utf8(data) {
+            let _ = decode_text(vsn, s);
+            // Each line is a frame: a join, then pushes on it, exercise the session paths.
+            for line in s.lines() {
+                let _ = runtime().block_on(conn.handle_text(line));
+            }
+        }
+        let _ = conn.handle_binary(&bytes);
     }
-    let _ = decode_binary(&bytes::Bytes::copy_from_slice(data));
 });

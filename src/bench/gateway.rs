@@ -32,6 +32,8 @@ impl GatewayProcess {
             .env("WALCAST_LOG_FORMAT", "json")
             // Bench clients do not heartbeat.
             .env("WALCAST_IDLE_TIMEOUT_SECS", "3600")
+            // Throughput is measured, not the per-socket rate limits.
+            .env("WALCAST_MAX_EVENTS_PER_SECOND", "1000000")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

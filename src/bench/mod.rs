@@ -5,6 +5,8 @@
 pub mod gateway;
 pub mod ingest;
 pub mod matching;
+pub mod realtime;
+pub mod relay;
 pub mod sockets;
 
 use std::path::PathBuf;

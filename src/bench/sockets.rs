@@ -31,16 +31,16 @@ pub struct SocketOptions {
     pub gateway_url: Option<String>,
 }
 
-struct Env {
+pub(crate) struct Env {
     /// A throwaway cluster (its directory goes when it stops), unless `--database-url` was given.
     cluster: Option<Cluster>,
-    url: String,
+    pub(crate) url: String,
     /// The gateway's slot, unique to this run (slots are cluster-wide).
-    slot: String,
+    pub(crate) slot: String,
 }
 
 /// Raises the open-file limit and checks that `sockets` connections fit under it.
-fn ensure_open_files(sockets: usize) -> anyhow::Result<()> {
+pub(crate) fn ensure_open_files(sockets: usize) -> anyhow::Result<()> {
     let nofile = raise_nofile_limit();
     anyhow::ensure!(
         nofile >= sockets as u64 + 200,
@@ -50,7 +50,7 @@ fn ensure_open_files(sockets: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn database(opts: &BenchOptions, name: &str) -> anyhow::Result<Env> {
+pub(crate) async fn database(opts: &BenchOptions, name: &str) -> anyhow::Result<Env> {
     let root = std::env::temp_dir().join(format!("walcast-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let cluster = match &opts.database_url {
@@ -78,7 +78,7 @@ async fn database(opts: &BenchOptions, name: &str) -> anyhow::Result<Env> {
     Ok(Env { cluster, url, slot: format!("walcast_bench_{name}_{}", std::process::id()) })
 }
 
-async fn teardown(env: Env) {
+pub(crate) async fn teardown(env: Env) {
     if let Ok(pool) = crate::connect_pool(&env.url).await {
         let _ = sqlx::raw_sql("DROP TABLE IF EXISTS walcast_bench_items").execute(&pool).await;
         let _ = sqlx::query("SELECT pg_drop_replication_slot($1)").bind(&env.slot).execute(&pool).await;
@@ -89,7 +89,8 @@ async fn teardown(env: Env) {
     }
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub(crate) type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Connects and joins `realtime:c<i>` with an `eq` filter on key `i`; returns once subscribed.
 async fn join(addr: &str, i: usize) -> anyhow::Result<Socket> {

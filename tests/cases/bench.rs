@@ -77,3 +77,59 @@ async fn idle_scenario() {
     assert!(v["rss_bytes_per_socket"].as_f64().is_some(), "{v}");
     assert!(v["rss_bytes_after"].as_u64() > Some(0));
 }
+
+fn realtime_opts(
+    clients: usize,
+    topics: usize,
+    rate: u64,
+    steps: Vec<u64>,
+) -> bench::realtime::RealtimeOptions {
+    bench::realtime::RealtimeOptions {
+        clients,
+        topics,
+        rate,
+        seconds: 1,
+        step_seconds: 1,
+        steps,
+        // Generous: this checks the harness, not the speed of a loaded test machine.
+        p99_bound_ms: 10_000.0,
+        gateway_bin: PathBuf::from(env!("CARGO_BIN_EXE_walcast")),
+        gateway_url: None,
+    }
+}
+
+#[tokio::test]
+async fn same_table_scenario() {
+    let (o, path) = opts("same_table").await;
+    bench::realtime::same_table(&o, &realtime_opts(4, 1, 20, vec![10, 20])).await.expect("same-table runs");
+    let v = read(&path);
+    assert_eq!(v["scenario"], "same-table");
+    assert_eq!((v["fixed"]["sent"].as_u64(), v["fixed"]["delivered"].as_u64()), (Some(20), Some(80)));
+    assert_eq!(v["fixed"]["lost"], 0);
+    assert_eq!(v["walcast_steps"].as_array().map(Vec::len), Some(2));
+    assert_eq!(v["relay_steps"][1]["delivered"], 80, "the relay reaches every client too: {v}");
+    assert_eq!((v["walcast_max_rate"].as_u64(), v["relay_max_rate"].as_u64()), (Some(20), Some(20)));
+    assert_eq!(v["ratio"], 1.0);
+    assert!(v["fixed"]["latency_ms"]["p99"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+}
+
+#[tokio::test]
+async fn broadcast_scenario() {
+    let (o, path) = opts("broadcast").await;
+    bench::realtime::broadcast(&o, &realtime_opts(12, 3, 5, vec![5])).await.expect("broadcast runs");
+    let v = read(&path);
+    assert_eq!((v["scenario"].as_str(), v["sockets"].as_u64()), (Some("broadcast"), Some(12)));
+    // 3 senders × 5 messages, each to the 3 other members of its topic.
+    assert_eq!((v["fixed"]["sent"].as_u64(), v["fixed"]["delivered"].as_u64()), (Some(15), Some(45)));
+    assert_eq!(v["relay_steps"][0]["delivered"], 45);
+    assert!(v["ratio"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+}
+
+#[tokio::test]
+async fn presence_scenario() {
+    let (o, path) = opts("presence").await;
+    bench::realtime::presence(&o, &realtime_opts(12, 3, 0, vec![])).await.expect("presence runs");
+    let v = read(&path);
+    assert_eq!((v["sockets"].as_u64(), v["complete"].as_u64()), (Some(12), Some(12)));
+    assert!(v["ms_until_every_state_complete"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+}

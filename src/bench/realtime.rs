@@ -1,0 +1,646 @@
+//! The realtime scenarios, each against the raw-WebSocket relay (`relay.rs`) in the same run:
+//!
+//! - `same-table`: C clients, each on its own channel topic, each subscribed to every INSERT of
+//!   one table; a writer commits R changes/s. Every change goes to every client.
+//! - `broadcast`: S sockets in T topics; one member of each topic broadcasts R messages/s, the
+//!   others receive them.
+//! - `presence`: S sockets in T topics each track once; the time until every socket's presence
+//!   state is complete, and the gateway's memory.
+//!
+//! Latency runs from just before a message is sent (the INSERT, or the broadcast push) to its
+//! receipt, on one clock: every message carries `t=<µs since the run started>`. A step passes when
+//! nothing is lost and p99 ≤ the bound; the highest passing rate is compared with the relay's.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::bench::gateway::{proc_usage, BenchGateway};
+use crate::bench::sockets::{database, ensure_open_files, teardown, Socket};
+use crate::bench::BenchOptions;
+
+#[derive(Debug, Clone)]
+pub struct RealtimeOptions {
+    /// Receiving sockets (same-table, presence) or all sockets (broadcast).
+    pub clients: usize,
+    /// Topics (broadcast, presence).
+    pub topics: usize,
+    /// The fixed-rate measurement: changes/s (same-table) or messages/s per topic (broadcast).
+    pub rate: u64,
+    pub seconds: u64,
+    /// Seconds per step of the search for the highest rate within the latency bound.
+    pub step_seconds: u64,
+    /// Rates tried in the search, ascending; empty skips the search.
+    pub steps: Vec<u64>,
+    /// The latency bound of the search, in ms.
+    pub p99_bound_ms: f64,
+    pub gateway_bin: PathBuf,
+    pub gateway_url: Option<String>,
+}
+
+/// Receipts of one socket.
+#[derive(Debug)]
+struct Receiver {
+    hist: Mutex<Histogram<u64>>,
+    received: AtomicU64,
+}
+
+impl Receiver {
+    fn new() -> Arc<Receiver> {
+        Arc::new(Receiver {
+            hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!())),
+            received: AtomicU64::new(0),
+        })
+    }
+}
+
+/// The `t=<µs>` stamp in a frame's bytes.
+fn find_stamp(bytes: &[u8]) -> Option<u64> {
+    let at = bytes.windows(2).position(|w| w == b"t=")? + 2;
+    let digits = bytes[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&bytes[at..at + digits]).ok()?.parse().ok()
+}
+
+fn micros_since(start: Instant) -> u64 {
+    start.elapsed().as_micros() as u64
+}
+
+/// Records every stamped frame the socket receives.
+fn spawn_reader(
+    mut stream: SplitStream<Socket>,
+    start: Instant,
+    r: Arc<Receiver>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            let bytes: &[u8] = match &msg {
+                Message::Text(t) => t.as_bytes(),
+                Message::Binary(b) => b,
+                _ => continue,
+            };
+            if let Some(t) = find_stamp(bytes) {
+                let us = micros_since(start).saturating_sub(t).max(1);
+                if let Ok(mut h) = r.hist.lock() {
+                    let _ = h.record(us.min(60_000_000));
+                }
+                r.received.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    })
+}
+
+/// One measured step.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    rate: u64,
+    sent: u64,
+    expected: u64,
+    delivered: u64,
+    secs: f64,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Step {
+    fn lost(&self) -> u64 {
+        self.expected.saturating_sub(self.delivered)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({"rate": self.rate, "sent": self.sent, "delivered": self.delivered, "lost": self.lost(),
+               "deliveries_per_sec": (self.delivered as f64 / self.secs).round(),
+               "latency_ms": {"p50": self.p50, "p99": self.p99, "max": self.max}})
+    }
+
+    fn print(&self, who: &str) {
+        println!(
+            "{who:>8} {:>8} {:>12.0} {:>10} {:>6} {:>9.2} {:>9.2} {:>9.2}",
+            self.rate,
+            self.delivered as f64 / self.secs,
+            self.delivered,
+            self.lost(),
+            self.p50,
+            self.p99,
+            self.max
+        );
+    }
+}
+
+fn print_header() {
+    println!(
+        "{:>8} {:>8} {:>12} {:>10} {:>6} {:>9} {:>9} {:>9}",
+        "server", "rate", "deliveries/s", "delivered", "lost", "p50 ms", "p99 ms", "max ms"
+    );
+}
+
+/// How a step sends its messages: `send(seq, stamp)` for each tick.
+enum Source {
+    /// INSERTs into walcast_bench_items through a pool.
+    Db(sqlx::PgPool),
+    /// One publishing socket per topic, with the frame for a stamp.
+    Sockets(Vec<SplitSink<Socket, Message>>, fn(usize, u64) -> Message),
+}
+
+/// Sends `rate` ticks per second for `seconds`, then waits until every receiver has its share or
+/// nothing moved for 5 s. `per_tick` is the messages each tick sends; `fanout` how many
+/// receivers each message reaches.
+async fn step(
+    source: &mut Source,
+    receivers: &[Arc<Receiver>],
+    start: Instant,
+    rate: u64,
+    seconds: u64,
+    fanout: u64,
+    seq: &mut i64,
+) -> anyhow::Result<Step> {
+    for r in receivers {
+        if let Ok(mut h) = r.hist.lock() {
+            h.reset();
+        }
+        r.received.store(0, Ordering::Relaxed);
+    }
+    let ticks = rate * seconds;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let began = Instant::now();
+    let mut sent = 0u64;
+    let mut inflight = Vec::new();
+    for _ in 0..ticks {
+        tick.tick().await;
+        match source {
+            Source::Db(pool) => {
+                *seq += 1;
+                let (pool, id) = (pool.clone(), *seq);
+                inflight.push(tokio::spawn(async move {
+                    let mut conn = pool.acquire().await?;
+                    let body = format!("t={}", micros_since(start));
+                    sqlx::query("INSERT INTO walcast_bench_items (id, k, body) VALUES ($1, 0, $2)")
+                        .bind(id)
+                        .bind(body)
+                        .execute(&mut *conn)
+                        .await
+                }));
+                if inflight.len() >= 256 {
+                    for h in inflight.drain(..) {
+                        h.await??;
+                    }
+                }
+                sent += 1;
+            }
+            Source::Sockets(sinks, frame) => {
+                for (i, sink) in sinks.iter_mut().enumerate() {
+                    sink.send(frame(i, micros_since(start))).await?;
+                    sent += 1;
+                }
+            }
+        }
+    }
+    for h in inflight.drain(..) {
+        h.await??;
+    }
+    let expected = sent * fanout;
+    let total = |rs: &[Arc<Receiver>]| rs.iter().map(|r| r.received.load(Ordering::Relaxed)).sum::<u64>();
+    let (mut last, mut moved) = (0, Instant::now());
+    loop {
+        let n = total(receivers);
+        if n >= expected || moved.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        if n != last {
+            (last, moved) = (n, Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = began.elapsed().as_secs_f64().max(1e-9).min(seconds as f64 + 5.0);
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for r in receivers {
+        if let Ok(h) = r.hist.lock() {
+            all.add(&*h)?;
+        }
+    }
+    let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Step {
+        rate,
+        sent,
+        expected,
+        delivered: total(receivers),
+        secs: secs.max(seconds as f64),
+        p50: ms(0.5),
+        p99: ms(0.99),
+        max: all.max() as f64 / 1000.0,
+    })
+}
+
+/// Runs the steps in order and returns them with the highest passing rate.
+async fn search(
+    who: &str,
+    source: &mut Source,
+    receivers: &[Arc<Receiver>],
+    start: Instant,
+    o: &RealtimeOptions,
+    fanout: u64,
+    seq: &mut i64,
+) -> anyhow::Result<(Vec<Step>, Option<Step>)> {
+    let mut steps = Vec::new();
+    let mut best = None;
+    for &rate in &o.steps {
+        let s = step(source, receivers, start, rate, o.step_seconds, fanout, seq).await?;
+        s.print(who);
+        steps.push(s);
+        if s.lost() > 0 || s.p99 > o.p99_bound_ms {
+            break;
+        }
+        best = Some(s);
+    }
+    Ok((steps, best))
+}
+
+/// The relay as a child process.
+struct Relay {
+    child: Child,
+    addr: String,
+}
+
+impl Relay {
+    async fn start(bin: &PathBuf) -> anyhow::Result<Relay> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args(["bench", "relay", "--listen", &addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "relay did not start within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Relay { child, addr })
+    }
+
+    async fn connect(&self, group: String) -> anyhow::Result<Socket> {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/?group={group}", self.addr)).await?;
+        Ok(ws)
+    }
+
+    fn usage(&self) -> Option<(f64, u64, u64)> {
+        self.child.id().map(proc_usage)
+    }
+}
+
+async fn connect_all<F, Fut>(n: usize, f: F) -> anyhow::Result<Vec<Socket>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Socket>>,
+{
+    let mut out = Vec::with_capacity(n);
+    let mut at = 0;
+    while at < n {
+        let end = (at + 200).min(n);
+        for s in futures_util::future::join_all((at..end).map(&f)).await {
+            out.push(s?);
+        }
+        at = end;
+    }
+    Ok(out)
+}
+
+/// Sends a 2.0.0 join and waits for its reply (and, with bindings, the `system` ok).
+async fn phoenix_join(
+    addr: &str,
+    topic: String,
+    config: serde_json::Value,
+    wait_system: bool,
+) -> anyhow::Result<Socket> {
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/realtime/v1/websocket?apikey=bench&vsn=2.0.0"))
+            .await?;
+    let join = json!(["1", "1", topic, "phx_join", {"config": config}]);
+    ws.send(Message::Text(join.to_string().into())).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let Some(msg) = tokio::time::timeout(Duration::from_secs(60), ws.next()).await?.transpose()? else {
+            break;
+        };
+        if let Message::Text(t) = msg {
+            let system = t.contains("\"system\"");
+            if (wait_system && system) || (!wait_system && t.contains("phx_reply")) {
+                anyhow::ensure!(t.contains("\"status\":\"ok\""), "join failed: {t}");
+                return Ok(ws);
+            }
+        }
+    }
+    anyhow::bail!("join of {topic} not answered within 60 s")
+}
+
+/// A change frame's worth of bytes for the relay, stamped.
+fn relay_change_frame(_: usize, t: u64) -> Message {
+    Message::Text(
+        format!(
+            "[null,null,\"realtime:c0\",\"postgres_changes\",{{\"ids\":[1234567],\"data\":{{\"schema\":\"public\",\
+             \"table\":\"walcast_bench_items\",\"type\":\"INSERT\",\"commit_timestamp\":\"2026-11-22T00:00:00.000Z\",\
+             \"columns\":[{{\"name\":\"id\",\"type\":\"int8\"}},{{\"name\":\"k\",\"type\":\"int4\"}},{{\"name\":\"body\",\"type\":\"text\"}}],\
+             \"record\":{{\"id\":1,\"k\":0,\"body\":\"t={t}\"}},\"errors\":null}}}}]"
+        )
+        .into(),
+    )
+}
+
+fn walcast_broadcast_frame(topic: usize, t: u64) -> Message {
+    Message::Text(
+        format!("[\"1\",null,\"realtime:b{topic}\",\"broadcast\",{{\"type\":\"broadcast\",\"event\":\"m\",\"payload\":{{\"m\":\"t={t}\"}}}}]")
+            .into(),
+    )
+}
+
+fn relay_broadcast_frame(topic: usize, t: u64) -> Message {
+    // The same bytes a walcast member receives (kind 4), sent as they are.
+    let payload = format!("{{\"m\":\"t={t}\"}}");
+    let topic = format!("realtime:b{topic}");
+    let mut f = vec![4u8, topic.len() as u8, 1, 0, 1];
+    f.extend_from_slice(topic.as_bytes());
+    f.push(b'm');
+    f.extend_from_slice(payload.as_bytes());
+    Message::Binary(f.into())
+}
+
+/// Receivers, their reader tasks, and the sockets' sending halves.
+struct Split {
+    receivers: Vec<Arc<Receiver>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    sinks: Vec<SplitSink<Socket, Message>>,
+}
+
+fn split_readers(sockets: Vec<Socket>, start: Instant) -> Split {
+    let mut receivers = Vec::new();
+    let mut tasks = Vec::new();
+    let mut sinks = Vec::new();
+    for ws in sockets {
+        let (sink, stream) = ws.split();
+        let r = Receiver::new();
+        tasks.push(spawn_reader(stream, start, Arc::clone(&r)));
+        receivers.push(r);
+        sinks.push(sink);
+    }
+    Split { receivers, tasks, sinks }
+}
+
+pub async fn same_table(opts: &BenchOptions, o: &RealtimeOptions) -> anyhow::Result<serde_json::Value> {
+    ensure_open_files(o.clients + 10)?;
+    let start = Instant::now();
+    let env = database(opts, "same_table").await?;
+    let gw = BenchGateway::start(o.gateway_url.as_deref(), &o.gateway_bin, &env.url, &env.slot, 4096).await?;
+    eprintln!("same-table: {} clients joining, each on its own topic…", o.clients);
+    let binding = json!({"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "walcast_bench_items"}]});
+    let addr = gw.addr().to_owned();
+    let sockets =
+        connect_all(o.clients, |i| phoenix_join(&addr, format!("realtime:c{i}"), binding.clone(), true))
+            .await?;
+    let Split { receivers, tasks, sinks: _sinks } = split_readers(sockets, start);
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&env.url).await?;
+    let mut source = Source::Db(pool.clone());
+    let mut seq = 0i64;
+    print_header();
+    eprintln!("same-table: {} changes/s for {} s", o.rate, o.seconds);
+    let cpu0 = gw.usage().map(|u| u.0);
+    let fixed = step(&mut source, &receivers, start, o.rate, o.seconds, o.clients as u64, &mut seq).await?;
+    fixed.print("walcast");
+    let usage = gw.usage();
+    let (w_steps, w_best) =
+        search("walcast", &mut source, &receivers, start, o, o.clients as u64, &mut seq).await?;
+    for t in tasks {
+        t.abort();
+    }
+    pool.close().await;
+    gw.stop().await;
+    teardown(env).await;
+
+    eprintln!("same-table: the raw-WebSocket relay, same clients and rates…");
+    let relay = Relay::start(&o.gateway_bin).await?;
+    let sockets = connect_all(o.clients, |_| relay.connect("g0".into())).await?;
+    let Split { receivers, tasks, sinks: _sinks } = split_readers(sockets, start);
+    let publisher = relay.connect("g0".into()).await?;
+    let (sink, _stream) = publisher.split();
+    let mut source = Source::Sockets(vec![sink], relay_change_frame);
+    let (r_steps, r_best) =
+        search("relay", &mut source, &receivers, start, o, o.clients as u64, &mut seq).await?;
+    for t in tasks {
+        t.abort();
+    }
+    let relay_usage = relay.usage();
+    drop(relay);
+    let ratio = match (w_best, r_best) {
+        (Some(w), Some(r)) => Some(w.rate as f64 / r.rate as f64),
+        _ => None,
+    };
+    println!(
+        "highest rate with 0 lost and p99 <= {} ms: walcast {:?}, relay {:?}, ratio {}",
+        o.p99_bound_ms,
+        w_best.map(|s| s.rate),
+        r_best.map(|s| s.rate),
+        ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "n/a".into())
+    );
+    let v = json!({
+        "scenario": "same-table", "clients": o.clients,
+        "fixed": fixed.json(),
+        "gateway_cpu_seconds_fixed": usage.zip(cpu0).map(|(u, c)| ((u.0 - c) * 100.0).round() / 100.0),
+        "gateway_peak_rss_bytes": usage.map(|u| u.2),
+        "walcast_steps": w_steps.iter().map(Step::json).collect::<Vec<_>>(),
+        "relay_steps": r_steps.iter().map(Step::json).collect::<Vec<_>>(),
+        "walcast_max_rate": w_best.map(|s| s.rate), "relay_max_rate": r_best.map(|s| s.rate),
+        "ratio": ratio, "relay_peak_rss_bytes": relay_usage.map(|u| u.2),
+    });
+    super::write_json(opts, &v)?;
+    Ok(v)
+}
+
+pub async fn broadcast(opts: &BenchOptions, o: &RealtimeOptions) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(
+        o.topics > 0 && o.clients >= 2 * o.topics,
+        "broadcast needs at least two sockets per topic"
+    );
+    ensure_open_files(o.clients + 10)?;
+    let start = Instant::now();
+    let per_topic = o.clients / o.topics;
+    let receivers_per_message = (per_topic - 1) as u64;
+    let env = database(opts, "broadcast").await?;
+    let gw = BenchGateway::start(o.gateway_url.as_deref(), &o.gateway_bin, &env.url, &env.slot, 4096).await?;
+    eprintln!("broadcast: {} sockets in {} topics…", per_topic * o.topics, o.topics);
+    let addr = gw.addr().to_owned();
+    // Socket i is in topic i % topics; sockets 0..topics are the senders.
+    let sockets = connect_all(per_topic * o.topics, |i| {
+        phoenix_join(
+            &addr,
+            format!("realtime:b{}", i % o.topics),
+            json!({"broadcast": {"self": false}}),
+            false,
+        )
+    })
+    .await?;
+    let Split { receivers, tasks, mut sinks } = split_readers(sockets, start);
+    let senders: Vec<_> = sinks.drain(..o.topics).collect();
+    let mut source = Source::Sockets(senders, walcast_broadcast_frame);
+    let mut seq = 0;
+    print_header();
+    let cpu0 = gw.usage().map(|u| u.0);
+    let fixed =
+        step(&mut source, &receivers, start, o.rate, o.seconds, receivers_per_message, &mut seq).await?;
+    fixed.print("walcast");
+    let usage = gw.usage();
+    let (w_steps, w_best) =
+        search("walcast", &mut source, &receivers, start, o, receivers_per_message, &mut seq).await?;
+    for t in tasks {
+        t.abort();
+    }
+    drop(sinks);
+    gw.stop().await;
+    teardown(env).await;
+
+    eprintln!("broadcast: the raw-WebSocket relay…");
+    let relay = Relay::start(&o.gateway_bin).await?;
+    let sockets = connect_all(per_topic * o.topics, |i| relay.connect(format!("b{}", i % o.topics))).await?;
+    let Split { receivers, tasks, mut sinks } = split_readers(sockets, start);
+    let senders: Vec<_> = sinks.drain(..o.topics).collect();
+    let mut source = Source::Sockets(senders, relay_broadcast_frame);
+    let (r_steps, r_best) =
+        search("relay", &mut source, &receivers, start, o, receivers_per_message, &mut seq).await?;
+    for t in tasks {
+        t.abort();
+    }
+    drop(relay);
+    let per_sec = |s: &Step| s.delivered as f64 / s.secs;
+    let ratio = match (&w_best, &r_best) {
+        (Some(w), Some(r)) => Some(per_sec(w) / per_sec(r)),
+        _ => None,
+    };
+    println!(
+        "highest delivered msgs/s with 0 lost and p99 <= {} ms: walcast {:?}, relay {:?}, ratio {}",
+        o.p99_bound_ms,
+        w_best.as_ref().map(|s| per_sec(s).round()),
+        r_best.as_ref().map(|s| per_sec(s).round()),
+        ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "n/a".into())
+    );
+    let v = json!({
+        "scenario": "broadcast", "sockets": per_topic * o.topics, "topics": o.topics,
+        "fixed": fixed.json(),
+        "gateway_cpu_seconds_fixed": usage.zip(cpu0).map(|(u, c)| ((u.0 - c) * 100.0).round() / 100.0),
+        "gateway_peak_rss_bytes": usage.map(|u| u.2),
+        "walcast_steps": w_steps.iter().map(Step::json).collect::<Vec<_>>(),
+        "relay_steps": r_steps.iter().map(Step::json).collect::<Vec<_>>(),
+        "walcast_max_deliveries_per_sec": w_best.as_ref().map(per_sec),
+        "relay_max_deliveries_per_sec": r_best.as_ref().map(per_sec),
+        "ratio": ratio,
+    });
+    super::write_json(opts, &v)?;
+    Ok(v)
+}
+
+pub async fn presence(opts: &BenchOptions, o: &RealtimeOptions) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(o.topics > 0 && o.clients >= o.topics, "presence needs at least one socket per topic");
+    ensure_open_files(o.clients + 10)?;
+    let per_topic = o.clients / o.topics;
+    let n = per_topic * o.topics;
+    let env = database(opts, "presence").await?;
+    let gw = BenchGateway::start(o.gateway_url.as_deref(), &o.gateway_bin, &env.url, &env.slot, 4096).await?;
+    let addr = gw.addr().to_owned();
+    eprintln!("presence: {n} sockets joining {} topics…", o.topics);
+    let rss_before = gw.usage().map(|u| u.1);
+    let sockets = connect_all(n, |i| {
+        phoenix_join(
+            &addr,
+            format!("realtime:p{}", i % o.topics),
+            json!({"presence": {"key": format!("user{i}"), "enabled": true}}),
+            false,
+        )
+    })
+    .await?;
+    let rss_joined = gw.usage().map(|u| u.1);
+    // Each socket counts the keys it knows; complete at `per_topic`.
+    let complete = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let done_at: Arc<Mutex<Option<Duration>>> = Arc::default();
+    let mut sinks = Vec::with_capacity(n);
+    let mut tasks = Vec::with_capacity(n);
+    for ws in sockets {
+        let (sink, mut stream) = ws.split();
+        sinks.push(sink);
+        let (complete, done_at) = (Arc::clone(&complete), Arc::clone(&done_at));
+        tasks.push(tokio::spawn(async move {
+            let mut keys: HashSet<String> = HashSet::new();
+            let mut counted = false;
+            while let Some(Ok(Message::Text(t))) = stream.next().await {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) else { continue };
+                match v[3].as_str() {
+                    Some("presence_state") => {
+                        keys.extend(v[4].as_object().into_iter().flat_map(|o| o.keys().cloned()))
+                    }
+                    Some("presence_diff") => {
+                        keys.extend(v[4]["joins"].as_object().into_iter().flat_map(|o| o.keys().cloned()));
+                        for k in v[4]["leaves"].as_object().into_iter().flat_map(|o| o.keys()) {
+                            keys.remove(k);
+                        }
+                    }
+                    _ => continue,
+                }
+                if !counted && keys.len() >= per_topic {
+                    counted = true;
+                    if complete.fetch_add(1, Ordering::AcqRel) + 1 == n as u64 {
+                        if let Ok(mut d) = done_at.lock() {
+                            *d = Some(started.elapsed());
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    eprintln!("presence: every socket tracks once…");
+    for (i, sink) in sinks.iter_mut().enumerate() {
+        let track = json!(["1", "2", format!("realtime:p{}", i % o.topics), "presence",
+                           {"type": "presence", "event": "track", "payload": {"user": i, "online_at": 1_763_769_600}}]);
+        sink.send(Message::Text(track.to_string().into())).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while complete.load(Ordering::Acquire) < n as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = done_at.lock().ok().and_then(|d| *d);
+    let usage = gw.usage();
+    for t in tasks {
+        t.abort();
+    }
+    gw.stop().await;
+    teardown(env).await;
+    let complete_n = complete.load(Ordering::Acquire);
+    println!(
+        "{:>8} {:>7} {:>10} {:>14} {:>16} {:>16}",
+        "sockets", "topics", "complete", "time to all ms", "rss joined MiB", "rss after MiB"
+    );
+    println!(
+        "{n:>8} {:>7} {complete_n:>10} {:>14} {:>16} {:>16}",
+        o.topics,
+        elapsed.map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0)).unwrap_or_else(|| "incomplete".into()),
+        rss_joined.map(|r| r >> 20).unwrap_or(0),
+        usage.map(|u| u.1 >> 20).unwrap_or(0)
+    );
+    let v = json!({
+        "scenario": "presence", "sockets": n, "topics": o.topics, "complete": complete_n,
+        "ms_until_every_state_complete": elapsed.map(|d| d.as_secs_f64() * 1000.0),
+        "gateway_rss_bytes": {"before": rss_before, "joined": rss_joined, "tracked": usage.map(|u| u.1)},
+        "gateway_cpu_seconds": usage.map(|u| u.0),
+    });
+    super::write_json(opts, &v)?;
+    anyhow::ensure!(complete_n == n as u64, "only {complete_n} of {n} sockets saw a complete presence state");
+    Ok(v)
+}
