@@ -64,9 +64,9 @@ impl Receiver {
     }
 }
 
-/// The `t=<µs>` stamp in a frame's bytes.
+/// The `t=<µs>` stamp in a frame's bytes (near its end, so searched from there).
 fn find_stamp(bytes: &[u8]) -> Option<u64> {
-    let at = bytes.windows(2).position(|w| w == b"t=")? + 2;
+    let at = bytes.windows(2).rposition(|w| w == b"t=")? + 2;
     let digits = bytes[at..].iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&bytes[at..at + digits]).ok()?.parse().ok()
 }

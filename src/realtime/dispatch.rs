@@ -55,7 +55,26 @@ pub async fn run_dispatcher(
 /// A `select` column list, compared by content.
 type Select = Option<Arc<[Arc<str>]>>;
 /// What makes two change frames identical: encoding, topic, binding ids and which `data`.
-type FrameKey = (EncodingId, Arc<str>, Vec<u32>, usize);
+type FrameKey = (EncodingId, Arc<str>, Ids, usize);
+
+/// Binding ids as a cache key, inline for the common case of a few.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Ids {
+    Inline([u32; 4], u8),
+    Heap(Vec<u32>),
+}
+
+impl Ids {
+    fn of(ids: &[u32]) -> Ids {
+        if ids.len() <= 4 {
+            let mut a = [0; 4];
+            a[..ids.len()].copy_from_slice(ids);
+            Ids::Inline(a, ids.len() as u8)
+        } else {
+            Ids::Heap(ids.to_vec())
+        }
+    }
+}
 
 /// Buffers reused across changes so matching allocates little in the steady state.
 #[derive(Default)]
@@ -112,7 +131,7 @@ pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> usize {
         let frame = if matched.len() == 1 {
             member.encoder.encode(&member.key.topic, &event)
         } else {
-            let key = (member.encoder.id(), Arc::clone(&member.key.topic), scratch.ids.clone(), data_at);
+            let key = (member.encoder.id(), Arc::clone(&member.key.topic), Ids::of(&scratch.ids), data_at);
             scratch
                 .frames
                 .entry(key)

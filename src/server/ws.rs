@@ -73,15 +73,21 @@ async fn serve(state: AppState, vsn: Vsn, socket: WebSocket) {
     let (mut conn, mut outbox) = PhoenixConnection::new(state.hub.clone(), vsn);
     let (mut sink, mut stream) = socket.split();
     let idle = state.idle_timeout;
-    let mut deadline = tokio::time::Instant::now() + idle;
+    // These futures live for the whole connection: building them per loop turn would register
+    // and drop a waiter on the shared shutdown token and a timer entry for every frame written.
     let shutdown = state.shutdown.clone();
+    let shutdown = shutdown.cancelled();
+    let killed = outbox.killed.clone();
+    let killed = killed.cancelled();
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(shutdown, killed, idle_timer);
     let close = loop {
         let replies = tokio::select! {
             biased;
             // Shutdown first: every socket gets a proper close frame.
-            _ = shutdown.cancelled() => break Close::Code(1001, "server shutting down"),
+            _ = &mut shutdown => break Close::Code(1001, "server shutting down"),
             // A client the core gave up on must not receive anything more.
-            _ = outbox.killed.cancelled() => break Close::Code(1008, "client too slow: outbound queue full"),
+            _ = &mut killed => break Close::Code(1008, "client too slow: outbound queue full"),
             // Queued frames before reading more input: write them in one batch, flush once.
             Some(frame) = outbox.rx.recv() => {
                 let mut ok = sink.feed(message(frame)).await.is_ok();
@@ -97,7 +103,7 @@ async fn serve(state: AppState, vsn: Vsn, socket: WebSocket) {
                 continue;
             }
             msg = stream.next() => {
-                deadline = tokio::time::Instant::now() + idle;
+                idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
                 match msg {
                     None => break Close::Gone,
                     Some(Err(e)) => {
@@ -114,7 +120,7 @@ async fn serve(state: AppState, vsn: Vsn, socket: WebSocket) {
                     Some(Ok(_)) => continue,
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => break Close::Code(1000, "idle timeout"),
+            _ = &mut idle_timer => break Close::Code(1000, "idle timeout"),
         };
         let mut ok = true;
         for r in replies {

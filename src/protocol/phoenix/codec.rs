@@ -160,7 +160,20 @@ pub fn envelope(
     event: &str,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + topic.len() + event.len() + 48);
+    envelope_with(vsn, join_ref, msg_ref, topic, event, payload.len(), |out| out.extend_from_slice(payload))
+}
+
+/// Like [`envelope`], with the payload written in place by `payload` (one buffer, one copy).
+pub fn envelope_with(
+    vsn: Vsn,
+    join_ref: Option<&str>,
+    msg_ref: Option<&str>,
+    topic: &str,
+    event: &str,
+    payload_len: usize,
+    payload: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload_len + topic.len() + event.len() + 48);
     let opt = |out: &mut Vec<u8>, v: Option<&str>| match v {
         Some(s) => write_str(out, s),
         None => out.extend_from_slice(b"null"),
@@ -172,7 +185,7 @@ pub fn envelope(
             out.extend_from_slice(b",\"event\":");
             write_str(&mut out, event);
             out.extend_from_slice(b",\"payload\":");
-            out.extend_from_slice(payload);
+            payload(&mut out);
             out.extend_from_slice(b",\"ref\":");
             opt(&mut out, msg_ref);
             out.push(b'}');
@@ -187,7 +200,7 @@ pub fn envelope(
             out.push(b',');
             write_str(&mut out, event);
             out.push(b',');
-            out.extend_from_slice(payload);
+            payload(&mut out);
             out.push(b']');
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 
-use crate::protocol::phoenix::codec::{encode_binary_broadcast, envelope, write_str, Vsn};
+use crate::protocol::phoenix::codec::{encode_binary_broadcast, envelope, envelope_with, write_str, Vsn};
 use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
 use crate::realtime::outbox::{Direct, Encoder, EncodingId, Event, Frame};
 
@@ -61,18 +61,20 @@ impl Encoder for PhoenixEncoder {
     fn encode(&self, topic: &str, event: &Event<'_>) -> Option<Frame> {
         match event {
             Event::Change { ids, data } => {
-                let mut payload = Vec::with_capacity(data.len() + 24 + ids.len() * 11);
-                payload.extend_from_slice(b"{\"ids\":[");
-                for (n, id) in ids.iter().enumerate() {
-                    if n > 0 {
-                        payload.push(b',');
+                let len = data.len() + 24 + ids.len() * 11;
+                let frame = envelope_with(self.vsn, None, None, topic, "postgres_changes", len, |out| {
+                    out.extend_from_slice(b"{\"ids\":[");
+                    for (n, id) in ids.iter().enumerate() {
+                        if n > 0 {
+                            out.push(b',');
+                        }
+                        write_u32(out, *id);
                     }
-                    payload.extend_from_slice(itoa(*id).as_bytes());
-                }
-                payload.extend_from_slice(b"],\"data\":");
-                payload.extend_from_slice(data);
-                payload.push(b'}');
-                Some(text(envelope(self.vsn, None, None, topic, "postgres_changes", &payload)))
+                    out.extend_from_slice(b"],\"data\":");
+                    out.extend_from_slice(data);
+                    out.push(b'}');
+                });
+                Some(text(frame))
             }
             Event::Broadcast(m) => match (self.vsn, &m.payload) {
                 (Vsn::V2, p) => {
@@ -124,8 +126,19 @@ impl Encoder for PhoenixEncoder {
     }
 }
 
-fn itoa(n: u32) -> String {
-    n.to_string()
+/// Writes a decimal integer without allocating.
+fn write_u32(out: &mut Vec<u8>, mut n: u32) {
+    let mut buf = [0u8; 10];
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[at..]);
 }
 
 #[cfg(test)]
