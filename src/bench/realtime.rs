@@ -152,9 +152,9 @@ enum Source {
     Sockets(Vec<SplitSink<Socket, Message>>, fn(usize, u64) -> Message),
 }
 
-/// Sends `rate` ticks per second for `seconds`, then waits until every receiver has its share or
-/// nothing moved for 5 s. `per_tick` is the messages each tick sends; `fanout` how many
-/// receivers each message reaches.
+/// Sends `rate` messages per second (per publishing socket) for `seconds`, then waits until every
+/// receiver has its share or nothing moved for 5 s. `fanout` is how many receivers each message
+/// reaches.
 async fn step(
     source: &mut Source,
     receivers: &[Arc<Receiver>],
@@ -170,13 +170,19 @@ async fn step(
         }
         r.received.store(0, Ordering::Relaxed);
     }
-    let ticks = rate * seconds;
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    // Sockets take turns, one message per tick, so the messages of all topics are spread evenly
+    // over each second rather than sent in bursts.
+    let streams = match source {
+        Source::Db(_) => 1,
+        Source::Sockets(sinks, _) => sinks.len().max(1) as u64,
+    };
+    let ticks = rate * seconds * streams;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / (rate * streams) as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let began = Instant::now();
     let mut sent = 0u64;
     let mut inflight = Vec::new();
-    for _ in 0..ticks {
+    for n in 0..ticks {
         tick.tick().await;
         match source {
             Source::Db(pool) => {
@@ -196,15 +202,13 @@ async fn step(
                         h.await??;
                     }
                 }
-                sent += 1;
             }
             Source::Sockets(sinks, frame) => {
-                for (i, sink) in sinks.iter_mut().enumerate() {
-                    sink.send(frame(i, micros_since(start))).await?;
-                    sent += 1;
-                }
+                let i = (n % streams) as usize;
+                sinks[i].send(frame(i, micros_since(start))).await?;
             }
         }
+        sent += 1;
     }
     for h in inflight.drain(..) {
         h.await??;
