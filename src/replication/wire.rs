@@ -482,6 +482,9 @@ pub enum ReplicationMessage {
     Keepalive { wal_end: Lsn, server_time: i64, reply_requested: bool },
 }
 
+/// How long `finish` waits for the server to end the copy before closing anyway.
+const FINISH_WAIT: Duration = Duration::from_secs(10);
+
 /// The CopyBoth phase of a walsender connection.
 pub struct ReplicationStream {
     conn: ReplicationConnection,
@@ -520,12 +523,29 @@ impl ReplicationStream {
         self.conn.flush().await
     }
 
-    /// Ends the stream (CopyDone, Terminate) after a final status update.
+    /// Ends the stream after a final status update: CopyDone, then waits (up to `FINISH_WAIT`) for
+    /// the server to end its side of the copy, which it does only after it has read the status
+    /// update, so the slot's confirmed position is up to date when this returns; then Terminate.
     pub async fn finish(mut self, flush: Lsn) -> Result<(), WireError> {
         self.send_status(flush, flush, flush, false).await?;
         frontend::copy_done(&mut self.conn.write_buf);
         self.conn.flush().await?;
-        self.conn.close().await
+        let drained = tokio::time::timeout(FINISH_WAIT, async {
+            loop {
+                match self.conn.read().await? {
+                    backend::Message::ReadyForQuery(_) => return Ok(()),
+                    backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
+                    // Changes still in flight, the server's CopyDone, CommandComplete, notices.
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        let closed = self.conn.close().await;
+        match drained {
+            Ok(r) => r.and(closed),
+            Err(_) => closed,
+        }
     }
 }
 
