@@ -11,6 +11,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use crate::auth::AuthMode;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -57,6 +59,48 @@ pub struct Config {
     pub max_broadcast_payload_bytes: usize,
     /// Rows of `realtime.messages` older than this many seconds are deleted.
     pub message_retention_secs: u64,
+    /// Who may connect: tokens, key sources, claim checks.
+    pub auth: AuthConfig,
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `required` (default): every connection and join needs a valid JWT. `off`: none is checked.
+    pub mode: AuthMode,
+    /// Shared secret for HS256/384/512 tokens (env `WALCAST_AUTH__JWT_SECRET`).
+    pub jwt_secret: Option<String>,
+    /// A JWK set for RS*/PS*/ES*/EdDSA tokens: an `https://` URL, a file path, or inline JSON.
+    pub jwks: Option<String>,
+    /// Seconds between fetches of a JWKS URL (an unknown `kid` fetches sooner).
+    pub jwks_refresh_secs: u64,
+    /// Claims that must have exactly these values, e.g. `{ iss = "https://…/auth/v1" }`.
+    pub claims: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Required,
+            jwt_secret: None,
+            jwks: None,
+            jwks_refresh_secs: 600,
+            claims: Default::default(),
+        }
+    }
+}
+
+impl AuthConfig {
+    pub fn settings(&self) -> crate::auth::VerifierSettings {
+        crate::auth::VerifierSettings {
+            mode: Some(self.mode),
+            jwt_secret: self.jwt_secret.clone(),
+            jwks: self.jwks.clone(),
+            jwks_refresh: std::time::Duration::from_secs(self.jwks_refresh_secs),
+            claims: self.claims.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -80,6 +124,7 @@ impl Default for Config {
             max_presence_payload_bytes: 3_000 * 1024,
             max_broadcast_payload_bytes: 3_000 * 1024,
             message_retention_secs: 72 * 3600,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -173,6 +218,12 @@ impl Config {
         if self.message_retention_secs == 0 {
             return invalid("message_retention_secs", "expected at least 1 second");
         }
+        if self.auth.jwt_secret.as_deref().is_some_and(|s| !s.is_empty() && s.len() < 32) {
+            return invalid("auth.jwt_secret", "expected at least 32 characters");
+        }
+        if self.auth.jwks_refresh_secs == 0 {
+            return invalid("auth.jwks_refresh_secs", "expected at least 1 second");
+        }
         Ok(())
     }
 
@@ -187,6 +238,9 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.database_url = shown.database_url.map(|u| redact_url(&u));
+        if shown.auth.jwt_secret.is_some() {
+            shown.auth.jwt_secret = Some("***".into());
+        }
         toml::to_string_pretty(&shown).unwrap_or_default()
     }
 }

@@ -18,6 +18,7 @@
 //! [`Gateway::prepare`] checks and prepares the database; [`Gateway::run`] serves until the
 //! shutdown token fires, then drains within a bounded time.
 
+pub mod auth;
 pub mod bench;
 pub mod change;
 pub mod check;
@@ -41,6 +42,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Verifier;
 use crate::config::Config;
 use crate::realtime::{Hub, HubParts, Limits};
 use crate::replication::ack::Acknowledgement;
@@ -60,6 +62,8 @@ pub enum StartError {
     Preflight(String),
     #[error(transparent)]
     Slot(#[from] slot::SlotError),
+    #[error(transparent)]
+    Auth(#[from] auth::SetupError),
     #[error("listening on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -76,6 +80,7 @@ pub async fn connect_pool(url: &str) -> Result<PgPool, sqlx::Error> {
 /// A gateway whose database is prepared and whose listener is bound, ready to run.
 pub struct Gateway {
     config: Config,
+    verifier: Verifier,
     pool: PgPool,
     params: ConnectParams,
     listener: TcpListener,
@@ -86,6 +91,12 @@ impl Gateway {
     /// FAIL), makes sure the publication and slot exist, and binds the listener.
     pub async fn prepare(config: Config, migrate: bool) -> Result<Gateway, StartError> {
         let url = config.database_url()?.to_owned();
+        let verifier = Verifier::new(config.auth.settings()).await?;
+        if !verifier.required() {
+            tracing::warn!(
+                "auth.mode = \"off\": no token is checked; every client may read every published row"
+            );
+        }
         let params = ConnectParams::from_url(&url)
             .map_err(|e| config::ConfigError::Invalid { key: "database_url", message: e.to_string() })?;
         let pool = connect_pool(&url).await.map_err(StartError::Connect)?;
@@ -108,7 +119,7 @@ impl Gateway {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        Ok(Gateway { config, pool, params, listener })
+        Ok(Gateway { config, verifier, pool, params, listener })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -126,6 +137,7 @@ impl Gateway {
             catalog: Some(catalog),
             peers: None,
             replication_live: Some(status.live.subscribe()),
+            verifier: self.verifier.clone(),
         });
         let ack = Acknowledgement::new();
         let (tx, rx) = tokio::sync::mpsc::channel(8192);

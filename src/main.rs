@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -46,6 +47,24 @@ enum Command {
     },
     /// Check the configured database and print one line per check; exit 1 on any FAIL.
     Check,
+    /// Print an HS256 token signed with auth.jwt_secret (or --secret-file), for tests and tools.
+    Token {
+        /// The `role` claim (the database role the client acts as).
+        #[arg(long, default_value = "authenticated")]
+        role: String,
+        /// The `sub` claim (the user id `auth.uid()` returns).
+        #[arg(long)]
+        sub: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+        /// More claims, as a JSON object.
+        #[arg(long, value_name = "JSON")]
+        claims: Option<String>,
+        /// Read the secret from this file (`walcast dev` keeps one in its data directory).
+        #[arg(long, value_name = "PATH")]
+        secret_file: Option<PathBuf>,
+    },
     /// Stream decoded changes as JSON lines on stdout through a temporary slot.
     Tail {
         /// Only these tables (comma list of schema.table).
@@ -251,6 +270,28 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev { data_dir, port } => dev(config, data_dir, port).await,
+        Command::Token { role, sub, ttl_secs, claims, secret_file } => {
+            let secret = match secret_file {
+                Some(path) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+                None => config.auth.jwt_secret.clone().context(
+                    "no secret: set auth.jwt_secret (WALCAST_AUTH__JWT_SECRET) or pass --secret-file",
+                )?,
+            };
+            let extra = match claims {
+                Some(json) => match serde_json::from_str(&json).context("--claims")? {
+                    serde_json::Value::Object(m) => m,
+                    _ => anyhow::bail!("--claims: expected a JSON object"),
+                },
+                None => Default::default(),
+            };
+            let token =
+                walcast::auth::mint(&secret, &role, sub.as_deref(), Duration::from_secs(ttl_secs), extra)?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check => {
             let url = config.database_url()?;
             let pool = walcast::connect_pool(url).await.context("connecting to the database")?;
@@ -385,7 +426,33 @@ CREATE TABLE IF NOT EXISTS public.comments (
 ALTER TABLE public.comments REPLICA IDENTITY FULL;
 ";
 
+/// The dev secret: `auth.jwt_secret` when set, else the one kept in the data directory (made on
+/// the first run).
+fn dev_secret(config: &Config, data_dir: &std::path::Path) -> anyhow::Result<(String, PathBuf)> {
+    let path = std::path::absolute(data_dir.join("jwt_secret"))?;
+    if let Some(s) = config.auth.jwt_secret.clone().filter(|s| !s.is_empty()) {
+        return Ok((s, path));
+    }
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        return Ok((s.trim().to_owned(), path));
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let secret = walcast::auth::random_secret()?;
+    let mut f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)
+    }
+    .with_context(|| format!("writing {}", path.display()))?;
+    std::io::Write::write_all(&mut f, secret.as_bytes())?;
+    Ok((secret, path))
+}
+
 async fn dev(mut config: Config, data_dir: PathBuf, port: u16) -> anyhow::Result<ExitCode> {
+    let (secret, secret_path) = dev_secret(&config, &data_dir)?;
+    config.auth.jwt_secret = Some(secret.clone());
+    let ten_years = Duration::from_secs(10 * 365 * 24 * 3600);
+    let anon = walcast::auth::mint(&secret, "anon", None, ten_years, Default::default())?;
+    let service = walcast::auth::mint(&secret, "service_role", None, ten_years, Default::default())?;
     let cluster = Cluster::start(ClusterOptions::new(&data_dir)).await?;
     let url = cluster.url("postgres");
     let pool = walcast::connect_pool(&url).await?;
@@ -403,7 +470,10 @@ async fn dev(mut config: Config, data_dir: PathBuf, port: u16) -> anyhow::Result
     let addr = gateway.local_addr();
     println!();
     println!("walcast dev is running");
-    println!("  WebSocket : ws://{addr}/realtime/v1/websocket?apikey=dev&vsn=2.0.0");
+    println!("  WebSocket : ws://{addr}/realtime/v1/websocket?apikey=<anon key>&vsn=2.0.0");
+    println!("  anon key         : {anon}");
+    println!("  service_role key : {service}");
+    println!("  a user's token   : walcast token --secret-file {} --sub <user id>", secret_path.display());
     println!("  Health    : http://{addr}/healthz  (ready: http://{addr}/readyz)");
     println!("  Make changes:");
     println!("    psql '{url}' -c \"INSERT INTO posts (title) VALUES ('hello') RETURNING id\"");

@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = DbBroadcast::decode(data);
     let hub = Hub::with_limits(Limits::default());
     for vsn in [Vsn::V1, Vsn::V2] {
-        let (mut conn, _outbox) = PhoenixConnection::new(hub.clone(), vsn);
+        let (mut conn, _outbox) = PhoenixConnection::new(hub.clone(), vsn, None);
         if let Ok(s) = std::str::from_utf8(data) {
             let _ = decode_text(vsn, s);
             // Each line is a frame: a join, then pushes on it, exercise the session paths.

@@ -8,6 +8,16 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
+/// The secret the bench's gateway child verifies tokens with. A gateway given with
+/// `--gateway-url` must use it too (`WALCAST_AUTH__JWT_SECRET`), or run with `auth.mode = "off"`.
+pub const BENCH_SECRET: &str = "walcast-bench-secret-not-for-production-use";
+
+/// The key bench sockets connect with: a `service_role` token signed with [`BENCH_SECRET`].
+pub fn apikey() -> String {
+    crate::auth::mint(BENCH_SECRET, "service_role", None, Duration::from_secs(24 * 3600), Default::default())
+        .unwrap_or_default()
+}
+
 pub struct GatewayProcess {
     pub child: Child,
     pub addr: String,
@@ -30,6 +40,7 @@ impl GatewayProcess {
             .env("WALCAST_SLOT", slot)
             .env("WALCAST_CLIENT_QUEUE", client_queue.to_string())
             .env("WALCAST_LOG_FORMAT", "json")
+            .env("WALCAST_AUTH__JWT_SECRET", BENCH_SECRET)
             // Bench clients do not heartbeat.
             .env("WALCAST_IDLE_TIMEOUT_SECS", "3600")
             // Throughput is measured, not the per-socket rate limits.

@@ -328,9 +328,11 @@ async fn phoenix_join(
     config: serde_json::Value,
     wait_system: bool,
 ) -> anyhow::Result<Socket> {
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://{addr}/realtime/v1/websocket?apikey=bench&vsn=2.0.0"))
-            .await?;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{addr}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
+        super::gateway::apikey()
+    ))
+    .await?;
     let join = json!(["1", "1", topic, "phx_join", {"config": config}]);
     ws.send(Message::Text(join.to_string().into())).await?;
     let deadline = Instant::now() + Duration::from_secs(60);

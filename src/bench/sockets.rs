@@ -94,7 +94,7 @@ pub(crate) type Socket =
 
 /// Connects and joins `realtime:c<i>` with an `eq` filter on key `i`; returns once subscribed.
 async fn join(addr: &str, i: usize) -> anyhow::Result<Socket> {
-    let url = format!("ws://{addr}/realtime/v1/websocket?apikey=bench&vsn=2.0.0");
+    let url = format!("ws://{addr}/realtime/v1/websocket?apikey={}&vsn=2.0.0", super::gateway::apikey());
     let (mut ws, _) = tokio_tungstenite::connect_async(&url).await?;
     let binding = serde_json::json!({"event": "INSERT", "schema": "public", "table": "walcast_bench_items", "filter": format!("k=eq.{i}")});
     let join = serde_json::json!(["1", "1", format!("realtime:c{i}"), "phx_join", {"config": {"postgres_changes": [binding]}}]);

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::auth::Verifier;
 use crate::realtime::bus::Peers;
 use crate::realtime::index::SubscriptionIndex;
 use crate::realtime::outbox::{Encoder, Outbox};
@@ -137,6 +138,7 @@ struct HubInner {
     peers: Option<Arc<dyn Peers>>,
     /// True while database broadcasts flow (the replication stream is connected).
     replication_live: Option<watch::Receiver<bool>>,
+    verifier: Verifier,
     next_id: AtomicU64,
     /// Random per process: makes presence refs unique across nodes.
     node: u64,
@@ -163,6 +165,8 @@ pub struct HubParts {
     pub peers: Option<Arc<dyn Peers>>,
     /// Whether the replication stream is live (for `replication_ready`).
     pub replication_live: Option<watch::Receiver<bool>>,
+    /// Verifies tokens at join and refresh; the default accepts every client.
+    pub verifier: Verifier,
 }
 
 impl Hub {
@@ -176,6 +180,7 @@ impl Hub {
                 catalog: parts.catalog,
                 peers: parts.peers,
                 replication_live: parts.replication_live,
+                verifier: parts.verifier,
                 next_id: AtomicU64::new(1),
                 node: fastrand::u64(..),
             }),
@@ -190,6 +195,10 @@ impl Hub {
     /// Whether the replication stream is live; `None` when this hub has none.
     pub fn replication_live(&self) -> Option<watch::Receiver<bool>> {
         self.inner.replication_live.clone()
+    }
+
+    pub fn verifier(&self) -> &Verifier {
+        &self.inner.verifier
     }
 
     pub fn limits(&self) -> &Limits {

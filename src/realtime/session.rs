@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::auth::{AuthError, Credentials};
 use crate::realtime::broadcast::{BroadcastError, BroadcastMessage};
 use crate::realtime::bus::BusMessage;
 use crate::realtime::index::SubId;
@@ -40,6 +41,8 @@ pub struct JoinRequest {
     pub presence_key: String,
     /// Tell the client (a `System` ok) once database broadcasts reach the channel.
     pub replication_ready: bool,
+    /// A token for this channel; otherwise the one the session connected with.
+    pub access_token: Option<String>,
 }
 
 /// The result of a join that was accepted.
@@ -59,6 +62,8 @@ pub enum JoinError {
     TooManyChannels,
     #[error("Too many joins per second")]
     TooManyJoins,
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// Why a presence event was refused.
@@ -123,9 +128,17 @@ pub struct Membership {
     presence_key: Arc<str>,
     presence_enabled: bool,
     tracked: Option<Tracked>,
+    /// The token this channel was authorized with (none when authentication is off).
+    credentials: Option<Credentials>,
+    /// When that token expires; the channel is closed then.
+    expires_at: Option<Instant>,
 }
 
 impl Membership {
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_ref()
+    }
+
     pub fn member(&self) -> &Arc<Member> {
         &self.member
     }
@@ -163,11 +176,23 @@ pub struct Session {
     joins: Window,
     events: Window,
     presence_events: Window,
+    /// The token the client connected with (none when authentication is off).
+    connect: Option<Credentials>,
+}
+
+/// Whether a token names Supabase's opaque API keys (`sb_…`), which stand for "no user token".
+fn is_api_key(token: &str) -> bool {
+    token.starts_with("sb_")
 }
 
 impl Session {
     /// A new session whose frames are encoded by `encoder`; the receiver goes to the transport.
-    pub fn new(hub: Hub, encoder: Arc<dyn Encoder>) -> (Session, OutboxReceiver) {
+    /// `connect` is the verified token the client connected with.
+    pub fn new(
+        hub: Hub,
+        encoder: Arc<dyn Encoder>,
+        connect: Option<Credentials>,
+    ) -> (Session, OutboxReceiver) {
         let limits = *hub.limits();
         let (outbox, rx) = Outbox::new(limits.client_queue);
         hub.metrics().clients.fetch_add(1, Ordering::Relaxed);
@@ -179,6 +204,7 @@ impl Session {
             joins: Window::new(limits.max_joins_per_second, Duration::from_secs(1)),
             events: Window::new(limits.max_events_per_second, Duration::from_secs(1)),
             presence_events: Window::new(limits.max_presence_events, limits.presence_window),
+            connect,
             hub,
         };
         (session, rx)
@@ -215,6 +241,7 @@ impl Session {
             self.hub.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
             return Err(JoinError::TooManyJoins);
         }
+        let credentials = self.authenticate(req.access_token.as_deref()).await?;
         let topic: Arc<str> = req.topic.as_str().into();
         // Rejoining replaces the old channel.
         self.channels.remove(&topic);
@@ -251,6 +278,8 @@ impl Session {
             },
             presence_enabled: req.presence_enabled,
             tracked: None,
+            expires_at: credentials.as_ref().map(|c| Instant::now() + c.claims.time_left()),
+            credentials,
         };
         let mut errors = Vec::new();
         if !resolved.is_empty() {
@@ -273,6 +302,64 @@ impl Session {
         let changes =
             (!req.bindings.is_empty()).then(|| if errors.is_empty() { Ok(()) } else { Err(errors) });
         Ok(Joined { changes })
+    }
+
+    /// The credentials a join acts with: its own token when it brings one, else the connect
+    /// token (verified again: it may have expired since). `None` when authentication is off.
+    async fn authenticate(&self, access_token: Option<&str>) -> Result<Option<Credentials>, AuthError> {
+        let verifier = self.hub.verifier();
+        if !verifier.required() {
+            return Ok(None);
+        }
+        let token = match access_token.filter(|t| !t.is_empty() && !is_api_key(t)) {
+            Some(t) => t,
+            None => match &self.connect {
+                Some(c) => &*c.token,
+                None => return Err(AuthError::Missing),
+            },
+        };
+        verifier.verify(token).await.map(Some)
+    }
+
+    /// A new token for a joined channel (`access_token` event). The same token, an API key or
+    /// an unknown topic changes nothing; an invalid token is an error (the caller closes the
+    /// channel).
+    pub async fn refresh_token(&mut self, topic: &str, token: &str) -> Result<(), AuthError> {
+        let verifier = self.hub.verifier().clone();
+        if !verifier.required() || is_api_key(token) {
+            return Ok(());
+        }
+        let Some(current) = self.channels.get(topic) else { return Ok(()) };
+        if current.credentials.as_ref().is_some_and(|c| &*c.token == token) {
+            return Ok(());
+        }
+        let credentials = verifier.verify(token).await?;
+        if let Some(m) = self.channels.get_mut(topic) {
+            m.expires_at = Some(Instant::now() + credentials.claims.time_left());
+            m.credentials = Some(credentials);
+        }
+        Ok(())
+    }
+
+    /// When the first channel token expires.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.channels.values().filter_map(|m| m.expires_at).min()
+    }
+
+    /// Closes every channel whose token has expired by `now`, telling the client why.
+    pub fn expire(&mut self, now: Instant) {
+        let expired: Vec<(Arc<str>, i64)> = self
+            .channels
+            .iter()
+            .filter(|(_, m)| m.expires_at.is_some_and(|at| at <= now))
+            .map(|(t, m)| {
+                let ago = m.credentials.as_ref().map(|c| crate::auth::unix_now() - c.claims.exp).unwrap_or(0);
+                (Arc::clone(t), ago.max(0))
+            })
+            .collect();
+        for (topic, ago) in expired {
+            self.close_channel(&topic, "system", &AuthError::Expired(ago).to_string());
+        }
     }
 
     /// Queues `Replication connection established` to the member once the replication stream is
@@ -452,7 +539,7 @@ mod tests {
     }
 
     fn session(hub: &Hub, encoding: u8) -> (Session, OutboxReceiver) {
-        Session::new(hub.clone(), Arc::new(Lines(encoding)))
+        Session::new(hub.clone(), Arc::new(Lines(encoding)), None)
     }
 
     fn drain(rx: &mut OutboxReceiver) -> Vec<String> {

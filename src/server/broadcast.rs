@@ -15,6 +15,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::auth::Credentials;
 use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
 use crate::realtime::bus::BusMessage;
 use crate::realtime::TopicKey;
@@ -47,6 +48,29 @@ fn error(status: StatusCode, key: &str, message: impl Into<String>) -> Response 
     (status, Json(json!({ key: message.into() }))).into_response()
 }
 
+/// The bearer token (`Authorization: Bearer`, else the `apikey` header), verified. Any failure
+/// is Supabase's 401 `{"message":"Unauthorized"}`.
+async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Option<Credentials>, Response> {
+    let verifier = state.hub.verifier();
+    if !verifier.required() {
+        return Ok(None);
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    let token = bearer.or_else(|| headers.get("apikey").and_then(|v| v.to_str().ok()));
+    let unauthorized = || error(StatusCode::UNAUTHORIZED, "message", "Unauthorized");
+    let Some(token) = token else { return Err(unauthorized()) };
+    match verifier.verify(token).await {
+        Ok(c) => Ok(Some(c)),
+        Err(e) => {
+            tracing::debug!(error = %e, "REST broadcast refused");
+            Err(unauthorized())
+        }
+    }
+}
+
 fn too_large() -> Response {
     error(StatusCode::UNPROCESSABLE_ENTITY, "message", "Payload size exceeds tenant limit")
 }
@@ -62,7 +86,10 @@ fn publish(state: &AppState, topic: &str, private: bool, message: BroadcastMessa
 
 /// `POST /api/broadcast` `{"messages":[{topic, event, payload, private?, id?}]}`. Every message is
 /// checked before any is delivered.
-pub async fn batch(State(state): State<AppState>, body: Bytes) -> Response {
+pub async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(denied) = authorize(&state, &headers).await {
+        return denied;
+    }
     let batch: Batch = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
@@ -104,6 +131,9 @@ pub async fn single(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Err(denied) = authorize(&state, &headers).await {
+        return denied;
+    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

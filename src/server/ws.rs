@@ -5,6 +5,8 @@
 //! timeout, and close codes (1001 shutdown, 1008 too slow, 1009 frame too large, 1000 idle).
 //! Must not: hold channel state or block other sockets; cleanup is the session's drop.
 
+use std::time::Duration;
+
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -14,6 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::auth::{AuthError, Credentials};
 use crate::protocol::phoenix::{PhoenixConnection, Vsn};
 use crate::realtime::outbox::Frame;
 use crate::server::AppState;
@@ -45,16 +48,37 @@ pub async fn upgrade(
         )
             .into_response();
     };
-    // Keys are accepted without verification until token checks exist.
-    let _apikey =
+    let apikey =
         params.apikey.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::to_owned));
+    let credentials = match authenticate(&state, apikey.as_deref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade refused");
+            return (StatusCode::UNAUTHORIZED, Json(json!({"error": e.connect_message()}))).into_response();
+        }
+    };
     let max = state.max_frame_bytes;
     // Small buffers: most sockets are idle most of the time, and each holds its buffers.
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
-        .on_upgrade(move |socket| serve(state, vsn, socket))
+        .on_upgrade(move |socket| serve(state, vsn, credentials, socket))
+}
+
+/// The connect key, verified; `None` when authentication is off.
+async fn authenticate(state: &AppState, apikey: Option<&str>) -> Result<Option<Credentials>, AuthError> {
+    let verifier = state.hub.verifier();
+    if !verifier.required() {
+        return Ok(None);
+    }
+    let key = apikey.filter(|k| !k.trim().is_empty()).ok_or(AuthError::Missing)?;
+    verifier.verify(key).await.map(Some)
+}
+
+/// A timer position far enough away to mean "never".
+fn never() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
 fn message(frame: Frame) -> Message {
@@ -69,8 +93,8 @@ enum Close {
     Gone,
 }
 
-async fn serve(state: AppState, vsn: Vsn, socket: WebSocket) {
-    let (mut conn, mut outbox) = PhoenixConnection::new(state.hub.clone(), vsn);
+async fn serve(state: AppState, vsn: Vsn, credentials: Option<Credentials>, socket: WebSocket) {
+    let (mut conn, mut outbox) = PhoenixConnection::new(state.hub.clone(), vsn, credentials);
     let (mut sink, mut stream) = socket.split();
     let idle = state.idle_timeout;
     // These futures live for the whole connection: building them per loop turn would register
@@ -80,7 +104,10 @@ async fn serve(state: AppState, vsn: Vsn, socket: WebSocket) {
     let killed = outbox.killed.clone();
     let killed = killed.cancelled();
     let idle_timer = tokio::time::sleep(idle);
-    tokio::pin!(shutdown, killed, idle_timer);
+    // A channel's token expiring; re-armed only when the earliest expiry changes.
+    let mut armed = None;
+    let expiry = tokio::time::sleep_until(never());
+    tokio::pin!(shutdown, killed, idle_timer, expiry);
     let close = loop {
         let replies = tokio::select! {
             biased;
@@ -121,7 +148,16 @@ async fn serve(state: AppState, vsn: Vsn, socket: WebSocket) {
                 }
             }
             _ = &mut idle_timer => break Close::Code(1000, "idle timeout"),
+            _ = &mut expiry => {
+                conn.on_deadline();
+                Vec::new()
+            }
         };
+        let next = conn.next_deadline();
+        if next != armed {
+            armed = next;
+            expiry.as_mut().reset(next.map(tokio::time::Instant::from_std).unwrap_or_else(never));
+        }
         let mut ok = true;
         for r in replies {
             ok = ok && sink.feed(message(r)).await.is_ok();

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::support::{exec, fresh_db, pool, TestApp};
+use crate::support::{self, exec, fresh_db, pool, TestApp};
 
 const SCHEMA: &str = "
 CREATE TABLE todos (id bigint PRIMARY KEY, task text, tags text[], meta jsonb, due timestamptz);
@@ -30,6 +30,7 @@ struct ClientProcess {
 impl ClientProcess {
     fn spawn(mut cmd: Command) -> ClientProcess {
         let mut child = cmd
+            .env("WALCAST_TEST_APIKEY", support::anon_key())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -206,6 +207,7 @@ struct Peer {
 impl Peer {
     fn spawn(name: &'static str, mut cmd: Command) -> Peer {
         let mut child = cmd
+            .env("WALCAST_TEST_APIKEY", support::anon_key())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -9,7 +9,7 @@ use walcast::check;
 use walcast::cluster::{Cluster, ClusterOptions};
 use walcast::config::Config;
 
-use crate::support::{exec, fresh_db, http_get, pool, wait_for, TestApp};
+use crate::support::{self, exec, fresh_db, http_get, pool, wait_for, TestApp};
 
 async fn dedicated(name: &str, settings: &[(&str, &str)]) -> Cluster {
     let root = std::env::temp_dir().join(format!("walcast-{name}-{}", std::process::id()));
@@ -27,7 +27,8 @@ fn walcast_bin() -> std::process::Command {
 async fn check_fails_on_wal_level_replica_and_passes_on_logical() {
     let cluster = dedicated("replica", &[("wal_level", "replica")]).await;
     let url = cluster.url("postgres");
-    let config = Config { database_url: Some(url.clone()), ..Config::default() };
+    let mut config = Config { database_url: Some(url.clone()), ..Config::default() };
+    config.auth.jwt_secret = Some(support::TEST_SECRET.into());
     let p = pool(&url).await;
     let results = check::run(&p, &config).await;
     let wal = results.iter().find(|r| r.name == "wal_level").expect("wal_level check");
@@ -165,12 +166,13 @@ async fn lost_slot_is_reported_clearly() {
     let url = cluster.url("postgres");
     let p = pool(&url).await;
     exec(&p, "CREATE TABLE filler (v text)").await;
-    let config = Config {
+    let mut config = Config {
         database_url: Some(url.clone()),
         slot: "doomed".into(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         ..Config::default()
     };
+    config.auth.jwt_secret = Some(support::TEST_SECRET.into());
     let params = walcast::replication::wire::ConnectParams::from_url(&url).expect("url");
     walcast::replication::slot::ensure_slot(&p, &params, "doomed").await.expect("slot");
     for _ in 0..4 {

@@ -24,6 +24,18 @@ use walcast::Gateway;
 pub const SCRAM_USER: &str = "walcast_scram";
 pub const MD5_USER: &str = "walcast_md5";
 pub const PASSWORD: &str = "s3cret pass";
+/// The secret every test gateway verifies HS tokens with.
+pub const TEST_SECRET: &str = "walcast-test-secret-0123456789-abcdefghijklmnop";
+
+/// A token signed with [`TEST_SECRET`] for `role`, valid for an hour.
+pub fn token(role: &str, sub: Option<&str>) -> String {
+    walcast::auth::mint(TEST_SECRET, role, sub, Duration::from_secs(3600), Default::default()).expect("token")
+}
+
+/// The key ordinary test clients connect with (role `anon`).
+pub fn anon_key() -> String {
+    token("anon", None)
+}
 
 struct Shared {
     admin_url: String,
@@ -145,6 +157,7 @@ impl TestApp {
             slot: format!("slot_{db}"),
             ..Config::default()
         };
+        config.auth.jwt_secret = Some(TEST_SECRET.into());
         tweak(&mut config);
         let slot = config.slot.clone();
         let gateway = Gateway::prepare(config, true).await.expect("gateway starts");
@@ -211,12 +224,35 @@ pub struct Ws {
 
 impl Ws {
     pub async fn connect(addr: SocketAddr, path: &str, vsn: Option<&str>) -> Ws {
-        let mut url = format!("ws://{addr}{path}?apikey=test");
-        if let Some(v) = vsn {
-            url.push_str(&format!("&vsn={v}"));
+        match Ws::connect_with(addr, path, vsn, Some(&anon_key())).await {
+            Ok(ws) => ws,
+            Err((status, body)) => panic!("websocket refused: {status} {body}"),
         }
-        let (inner, _) = tokio_tungstenite::connect_async(&url).await.expect("websocket connects");
-        Ws { inner, v2: vsn == Some("2.0.0"), next_ref: 0 }
+    }
+
+    /// Connects with `apikey` (none: no key at all); a refused upgrade is `Err((status, body))`.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        path: &str,
+        vsn: Option<&str>,
+        apikey: Option<&str>,
+    ) -> Result<Ws, (u16, String)> {
+        let mut params = Vec::new();
+        if let Some(k) = apikey {
+            params.push(format!("apikey={k}"));
+        }
+        if let Some(v) = vsn {
+            params.push(format!("vsn={v}"));
+        }
+        let url = format!("ws://{addr}{path}?{}", params.join("&"));
+        match tokio_tungstenite::connect_async(&url).await {
+            Ok((inner, _)) => Ok(Ws { inner, v2: vsn == Some("2.0.0"), next_ref: 0 }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let body = resp.body().as_deref().map(|b| String::from_utf8_lossy(b).into_owned());
+                Err((resp.status().as_u16(), body.unwrap_or_default()))
+            }
+            Err(e) => panic!("websocket connect: {e}"),
+        }
     }
 
     pub async fn send_text(&mut self, text: &str) {
@@ -355,7 +391,7 @@ impl Ws {
     pub async fn join(&mut self, name: &str, bindings: Value) -> (Value, Value) {
         let topic = format!("realtime:{name}");
         let payload = serde_json::json!({"config": {"broadcast": {"ack": false, "self": false},
-            "presence": {"key": ""}, "postgres_changes": bindings, "private": false}, "access_token": "x"});
+            "presence": {"key": ""}, "postgres_changes": bindings, "private": false}});
         let r = self.push(Some("j1"), &topic, "phx_join", payload).await;
         let mut reply = Value::Null;
         loop {
@@ -375,12 +411,20 @@ impl Ws {
 
 /// A minimal HTTP/1.1 POST; returns (status, body).
 pub async fn http_post(addr: SocketAddr, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    let auth = format!("apikey: {}", anon_key());
+    http_post_with(addr, path, &[&auth, &format!("Content-Type: {content_type}")], body).await
+}
+
+/// A minimal HTTP/1.1 POST with these header lines; returns (status, body).
+pub async fn http_post_with(addr: SocketAddr, path: &str, headers: &[&str], body: &[u8]) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\napikey: test\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
+    let mut head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
     s.write_all(head.as_bytes()).await.expect("write");
     s.write_all(body).await.expect("write");
     let mut out = Vec::new();

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+use crate::auth::Credentials;
 use crate::protocol::phoenix::codec::{self, ClientFrame, Vsn};
 use crate::protocol::phoenix::encoder::{channel_name, PhoenixEncoder};
 use crate::realtime::broadcast::{BroadcastError, BroadcastMessage, BroadcastPayload};
@@ -35,9 +36,20 @@ fn flag(v: Option<&Value>) -> Option<bool> {
 }
 
 impl PhoenixConnection {
-    pub fn new(hub: Hub, vsn: Vsn) -> (PhoenixConnection, OutboxReceiver) {
-        let (session, rx) = Session::new(hub, PhoenixEncoder::shared(vsn));
+    /// A connection whose client connected with `credentials` (none when authentication is off).
+    pub fn new(hub: Hub, vsn: Vsn, credentials: Option<Credentials>) -> (PhoenixConnection, OutboxReceiver) {
+        let (session, rx) = Session::new(hub, PhoenixEncoder::shared(vsn), credentials);
         (PhoenixConnection { session, vsn }, rx)
+    }
+
+    /// When the transport must call [`PhoenixConnection::on_deadline`] (a channel token expires).
+    pub fn next_deadline(&self) -> Option<std::time::Instant> {
+        self.session.next_expiry()
+    }
+
+    /// Closes the channels whose token has expired (a `system` error, then `phx_close`).
+    pub fn on_deadline(&mut self) {
+        self.session.expire(std::time::Instant::now());
     }
 
     pub fn session(&self) -> &Session {
@@ -97,8 +109,14 @@ impl PhoenixConnection {
             }
             (_, "broadcast") if joined => self.broadcast_json(&frame, &mut out),
             (_, "presence") if joined => self.presence(&frame, &mut out),
-            // Token checks come with authentication; a refresh has no reply.
-            (_, "access_token") if joined => {}
+            // A refresh has no reply; a bad token closes the channel.
+            (_, "access_token") if joined => {
+                if let Some(token) = frame.payload.get("access_token").and_then(Value::as_str) {
+                    if let Err(e) = self.session.refresh_token(&frame.topic, token).await {
+                        self.session.close_channel(&frame.topic, "system", &e.to_string());
+                    }
+                }
+            }
             (_, _) if joined => out.push(self.reply(&frame, "ok", json!({}))),
             _ => out.push(self.reply(&frame, "error", json!({"reason": "unmatched topic"}))),
         }
@@ -234,6 +252,10 @@ impl PhoenixConnection {
                 .unwrap_or("")
                 .to_owned(),
             replication_ready: flag(broadcast.and_then(|b| b.get("replication_ready"))).unwrap_or(false),
+            access_token: ["access_token", "user_token"]
+                .iter()
+                .find_map(|k| frame.payload.get(*k).and_then(Value::as_str))
+                .map(str::to_owned),
         };
         let echoed: Vec<Value> = req
             .bindings
@@ -268,6 +290,7 @@ impl PhoenixConnection {
                     JoinError::TooManyChannels => format!("ChannelRateLimitReached: {e}"),
                     JoinError::TooManyJoins => format!("ClientJoinRateLimitReached: {e}"),
                     JoinError::EmptyTopic => e.to_string(),
+                    JoinError::Auth(a) => format!("{}: {a}", a.code()),
                 };
                 out.push(self.reply(&frame, "error", json!({"reason": reason})));
             }

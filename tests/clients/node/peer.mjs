@@ -11,7 +11,7 @@ const [endpoint, vsn, topic, configJson] = process.argv.slice(2)
 const out = (o) => process.stdout.write(JSON.stringify(o) + '\n')
 const plain = (v) => (v instanceof ArrayBuffer ? { bytes: Array.from(new Uint8Array(v)) } : v)
 
-const client = new RealtimeClient(endpoint, { params: { apikey: 'test-key' }, transport: WebSocket, vsn })
+const client = new RealtimeClient(endpoint, { params: { apikey: process.env.WALCAST_TEST_APIKEY }, transport: WebSocket, vsn })
 const channel = client.channel(topic, { config: JSON.parse(configJson) })
 channel.on('broadcast', { event: '*' }, (msg) => out({ kind: 'broadcast', event: msg.event, payload: plain(msg.payload), meta: msg.meta ?? null }))
 channel.on('presence', { event: 'sync' }, () => out({ kind: 'presence', event: 'sync', state: channel.presenceState() }))
@@ -27,7 +27,7 @@ readline.createInterface({ input: process.stdin }).on('line', async (line) => {
       out({ kind: 'sent', result: await channel.send({ type: 'broadcast', event: cmd.event, payload: payloadOf(cmd) }) })
     } else if (cmd.op === 'restBatch') {
       // A client that never connected: send() falls back to the REST batch endpoint.
-      const idle = new RealtimeClient(endpoint, { params: { apikey: 'test-key' }, transport: WebSocket, vsn })
+      const idle = new RealtimeClient(endpoint, { params: { apikey: process.env.WALCAST_TEST_APIKEY }, transport: WebSocket, vsn })
       const quiet = console.warn
       console.warn = () => {}
       out({ kind: 'sent', result: await idle.channel(topic).send({ type: 'broadcast', event: cmd.event, payload: cmd.payload }) })

@@ -8,7 +8,7 @@ const [endpoint, vsn, bindingsJson, expected] = process.argv.slice(2)
 const bindings = JSON.parse(bindingsJson)
 const out = (o) => process.stdout.write(JSON.stringify(o) + '\n')
 
-const client = new RealtimeClient(endpoint, { params: { apikey: 'test-key' }, transport: WebSocket, vsn })
+const client = new RealtimeClient(endpoint, { params: { apikey: process.env.WALCAST_TEST_APIKEY }, transport: WebSocket, vsn })
 const channel = client.channel('room')
 let received = 0
 bindings.forEach((b, i) => {

@@ -5,6 +5,7 @@ Usage: python peer.py <endpoint> <topic> <channel-config-json>
 """
 import asyncio
 import json
+import os
 import sys
 
 from realtime import AsyncRealtimeClient
@@ -17,7 +18,7 @@ def out(obj):
 
 async def main():
     endpoint, topic, config_json = sys.argv[1], sys.argv[2], sys.argv[3]
-    client = AsyncRealtimeClient(endpoint, "test-key")
+    client = AsyncRealtimeClient(endpoint, os.environ["WALCAST_TEST_APIKEY"])
     await client.connect()
     channel = client.channel(topic, {"config": json.loads(config_json)})
     channel.on_broadcast(

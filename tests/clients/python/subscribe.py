@@ -4,6 +4,7 @@ Usage: python subscribe.py <endpoint> <bindings-json> <expected-changes>
 """
 import asyncio
 import json
+import os
 import sys
 
 from realtime import AsyncRealtimeClient
@@ -17,7 +18,7 @@ def out(obj):
 async def main():
     endpoint, bindings_json, expected = sys.argv[1], sys.argv[2], int(sys.argv[3])
     bindings = json.loads(bindings_json)
-    client = AsyncRealtimeClient(endpoint, "test-key")
+    client = AsyncRealtimeClient(endpoint, os.environ["WALCAST_TEST_APIKEY"])
     await client.connect()
     channel = client.channel("room")
     done = asyncio.Event()
