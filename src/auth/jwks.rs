@@ -54,7 +54,7 @@ pub enum JwksError {
 }
 
 /// After a miss, the set is fetched again at most this often.
-const MISS_REFETCH: Duration = Duration::from_secs(30);
+const MISS_REFETCH: Duration = Duration::from_secs(10);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A key set and, for a URL, when it was last fetched.
@@ -106,7 +106,7 @@ impl Jwks {
         self.keys.read().map(|k| Arc::clone(&k)).unwrap_or_default()
     }
 
-    /// The key with this `kid`, fetching the set again when it is stale or (at most every 30 s)
+    /// The key with this `kid`, fetching the set again when it is stale or (at most every 10 s)
     /// when the key is unknown — keys rotate.
     pub async fn find(&self, kid: &str) -> Option<Jwk> {
         let lookup = |keys: &[Jwk]| keys.iter().find(|k| k.common.key_id.as_deref() == Some(kid)).cloned();
@@ -132,7 +132,7 @@ impl Jwks {
     }
 
     /// Fetches a URL set again when it is older than the refresh period, or (`missed`) when a
-    /// key was not found and the last attempt is older than 30 s. Returns whether it fetched.
+    /// key was not found and the last attempt is older than 10 s. Returns whether it fetched.
     async fn refresh_if(&self, missed: bool) -> bool {
         if self.client.is_none() {
             return false;

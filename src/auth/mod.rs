@@ -385,3 +385,223 @@ pub fn random_secret() -> Result<String, rustls::Error> {
         .map_err(|_| rustls::Error::FailedToGetRandomBytes)?;
     Ok(URL_SAFE_NO_PAD.encode(bytes))
 }
+
+#[cfg(test)]
+mod tests {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+    use serde_json::json;
+
+    use super::*;
+
+    const SECRET: &str = "unit-test-secret-unit-test-secret-0123";
+
+    fn claims(role: &str, exp_in: i64) -> Value {
+        json!({"role": role, "exp": unix_now() + exp_in, "sub": "user-1", "iat": unix_now()})
+    }
+
+    fn hs(claims: &Value, secret: &str) -> String {
+        encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    }
+
+    fn b64(v: &Value) -> String {
+        URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+    }
+
+    fn verifier(secret: Option<&str>, jwks: Option<Value>, claims: &[(&str, &str)]) -> Verifier {
+        block_on(Verifier::new(VerifierSettings {
+            mode: None,
+            jwt_secret: secret.map(str::to_owned),
+            jwks: jwks.map(|j| j.to_string()),
+            jwks_refresh: Duration::from_secs(60),
+            claims: claims.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }))
+        .unwrap()
+    }
+
+    fn check(v: &Verifier, token: &str) -> Result<Credentials, AuthError> {
+        block_on(v.verify(token))
+    }
+
+    #[test]
+    fn hs_tokens_verify_and_carry_their_claims() {
+        let v = verifier(Some(SECRET), None, &[]);
+        let c = check(&v, &hs(&claims("authenticated", 60), SECRET)).unwrap();
+        assert_eq!((&*c.claims.role, c.claims.sub.as_deref()), ("authenticated", Some("user-1")));
+        let json: Value = serde_json::from_str(&c.claims.json).unwrap();
+        assert_eq!(json["sub"], "user-1");
+        assert!(c.claims.time_left() > Duration::from_secs(50));
+        for alg in [Algorithm::HS384, Algorithm::HS512] {
+            let t =
+                encode(&Header::new(alg), &claims("anon", 60), &EncodingKey::from_secret(SECRET.as_bytes()));
+            assert!(check(&v, &t.unwrap()).is_ok(), "{alg:?}");
+        }
+    }
+
+    #[test]
+    fn refusals_carry_supabase_messages() {
+        let v = verifier(Some(SECRET), None, &[]);
+        assert_eq!(check(&v, ""), Err(AuthError::Missing));
+        assert_eq!(check(&v, "not-a-jwt"), Err(AuthError::Malformed));
+        assert_eq!(check(&v, "a.b"), Err(AuthError::Malformed));
+        assert_eq!(check(&v, "!!.??.x"), Err(AuthError::Malformed));
+        assert_eq!(
+            check(&v, &hs(&claims("anon", 60), "another-secret-another-secret-0123")),
+            Err(AuthError::Signature)
+        );
+        let expired = check(&v, &hs(&claims("anon", -30), SECRET));
+        assert!(matches!(expired, Err(AuthError::Expired(n)) if (30..=32).contains(&n)), "{expired:?}");
+        assert_eq!(expired.unwrap_err().connect_message(), "Token has expired");
+        assert_eq!(check(&v, &hs(&json!({"role": "anon"}), SECRET)), Err(AuthError::MissingClaims));
+        assert_eq!(check(&v, &hs(&json!({"exp": unix_now() + 60}), SECRET)), Err(AuthError::MissingClaims));
+        assert_eq!(
+            check(&v, &hs(&json!({"role": "anon", "exp": "soon"}), SECRET)),
+            Err(AuthError::InvalidExpiry)
+        );
+        let bad_iat = json!({"role": "anon", "exp": unix_now() + 60, "iat": "x"});
+        assert_eq!(check(&v, &hs(&bad_iat, SECRET)), Err(AuthError::Claim("iat".into())));
+        let later = json!({"role": "anon", "exp": unix_now() + 60, "nbf": unix_now() + 30});
+        assert_eq!(check(&v, &hs(&later, SECRET)), Err(AuthError::Claim("nbf".into())));
+        // alg none: no signer, whatever the signature part says.
+        let none = format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&claims("anon", 60)));
+        assert_eq!(check(&v, &none), Err(AuthError::NoKey));
+        let err = AuthError::Expired(5);
+        assert_eq!(format!("{}: {err}", err.code()), "InvalidJWTToken: Token has expired 5 seconds ago");
+    }
+
+    #[test]
+    fn a_changed_payload_breaks_the_signature() {
+        let v = verifier(Some(SECRET), None, &[]);
+        let t = hs(&claims("anon", 60), SECRET);
+        let parts: Vec<&str> = t.split('.').collect();
+        let forged = format!("{}.{}.{}", parts[0], b64(&claims("service_role", 60)), parts[2]);
+        assert_eq!(check(&v, &forged), Err(AuthError::Signature));
+    }
+
+    #[test]
+    fn claim_validators_match_exactly() {
+        let v = verifier(Some(SECRET), None, &[("iss", "https://auth.example"), ("aud", "authenticated")]);
+        let mut c = claims("authenticated", 60);
+        c["iss"] = json!("https://auth.example");
+        c["aud"] = json!(["other", "authenticated"]);
+        assert!(check(&v, &hs(&c, SECRET)).is_ok());
+        c["iss"] = json!("https://evil.example");
+        assert_eq!(check(&v, &hs(&c, SECRET)), Err(AuthError::Claim("iss".into())));
+    }
+
+    fn ec_key() -> (Vec<u8>, Value) {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+        let public = pair.public_key().as_ref();
+        let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "ec-1", "use": "sig",
+            "x": URL_SAFE_NO_PAD.encode(&public[1..33]), "y": URL_SAFE_NO_PAD.encode(&public[33..65])});
+        (pkcs8.as_ref().to_vec(), jwk)
+    }
+
+    fn ed_key() -> (Vec<u8>, Value) {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let jwk = json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed-1",
+            "x": URL_SAFE_NO_PAD.encode(pair.public_key().as_ref())});
+        (pkcs8.as_ref().to_vec(), jwk)
+    }
+
+    fn signed(alg: Algorithm, kid: Option<&str>, key: &EncodingKey, c: &Value) -> String {
+        let mut h = Header::new(alg);
+        h.kid = kid.map(str::to_owned);
+        encode(&h, c, key).unwrap()
+    }
+
+    #[test]
+    fn jwks_keys_are_chosen_by_kid_and_type() {
+        let (ec_der, ec_jwk) = ec_key();
+        let (ed_der, ed_jwk) = ed_key();
+        let rsa_jwk = json!({"kty": "RSA", "kid": "rsa-1", "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw", "e": "AQAB"});
+        // An X25519 key cannot verify anything: it is skipped, the rest of the set still loads.
+        let x25519 =
+            json!({"kty": "OKP", "crv": "X25519", "kid": "x-1", "x": URL_SAFE_NO_PAD.encode([7u8; 32])});
+        let set = json!({"keys": [ec_jwk, ed_jwk, rsa_jwk, x25519, {"kty": "weird"}]});
+        let v = verifier(None, Some(set), &[]);
+        let ec = EncodingKey::from_ec_der(&ec_der);
+        let ed = EncodingKey::from_ed_der(&ed_der);
+        assert!(check(&v, &signed(Algorithm::ES256, Some("ec-1"), &ec, &claims("anon", 60))).is_ok());
+        assert!(check(&v, &signed(Algorithm::EdDSA, Some("ed-1"), &ed, &claims("anon", 60))).is_ok());
+        // Without a kid, the only key of the right type is used.
+        assert!(check(&v, &signed(Algorithm::ES256, None, &ec, &claims("anon", 60))).is_ok());
+        // RFC 8037 spelling of the algorithm.
+        let t = signed(Algorithm::EdDSA, Some("ed-1"), &ed, &claims("anon", 60));
+        let parts: Vec<&str> = t.split('.').collect();
+        let header = b64(&json!({"alg": "Ed25519", "kid": "ed-1"}));
+        let msg = format!("{header}.{}", parts[1]);
+        let sig = jsonwebtoken::crypto::sign(msg.as_bytes(), &ed, Algorithm::EdDSA).unwrap();
+        assert!(check(&v, &format!("{msg}.{sig}")).is_ok());
+        // Unknown kid, a key of another type under the named kid, a wrong key.
+        let unknown = signed(Algorithm::ES256, Some("nope"), &ec, &claims("anon", 60));
+        assert_eq!(check(&v, &unknown), Err(AuthError::UnknownKey("nope".into())));
+        let mismatched = signed(Algorithm::ES256, Some("rsa-1"), &ec, &claims("anon", 60));
+        assert_eq!(check(&v, &mismatched), Err(AuthError::UnknownKey("rsa-1".into())));
+        let (other_der, _) = ec_key();
+        let wrong = signed(
+            Algorithm::ES256,
+            Some("ec-1"),
+            &EncodingKey::from_ec_der(&other_der),
+            &claims("anon", 60),
+        );
+        assert_eq!(check(&v, &wrong), Err(AuthError::Signature));
+        // Only a JWKS is configured: an HS token has no key.
+        assert_eq!(check(&v, &hs(&claims("anon", 60), SECRET)), Err(AuthError::NoKey));
+    }
+
+    #[test]
+    fn hs_tokens_use_an_oct_key_by_kid_else_the_secret() {
+        let k = "oct-key-oct-key-oct-key-oct-key-0123";
+        let set = json!({"keys": [{"kty": "oct", "kid": "h-1", "k": URL_SAFE_NO_PAD.encode(k)}]});
+        let v = verifier(Some(SECRET), Some(set), &[]);
+        assert!(check(
+            &v,
+            &signed(
+                Algorithm::HS256,
+                Some("h-1"),
+                &EncodingKey::from_secret(k.as_bytes()),
+                &claims("anon", 60)
+            )
+        )
+        .is_ok());
+        let other_kid = signed(
+            Algorithm::HS256,
+            Some("h-2"),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+            &claims("anon", 60),
+        );
+        assert!(check(&v, &other_kid).is_ok(), "an HS kid not in the set falls back to the secret");
+    }
+
+    #[test]
+    fn settings_need_a_key_source_unless_off() {
+        let none = block_on(Verifier::new(VerifierSettings::default()));
+        assert!(matches!(none, Err(SetupError::NoKeySource)));
+        let off =
+            block_on(Verifier::new(VerifierSettings { mode: Some(AuthMode::Off), ..Default::default() }));
+        assert!(!off.unwrap().required());
+        let bad = block_on(Verifier::new(VerifierSettings {
+            jwks: Some("{\"nokeys\":1}".into()),
+            ..Default::default()
+        }));
+        assert!(matches!(bad, Err(SetupError::Jwks(JwksError::Shape))));
+    }
+
+    #[test]
+    fn minted_tokens_verify() {
+        let t = mint(SECRET, "service_role", Some("u"), Duration::from_secs(60), Map::new()).unwrap();
+        let c = check(&verifier(Some(SECRET), None, &[]), &t).unwrap();
+        assert_eq!(&*c.claims.role, "service_role");
+        assert_eq!(random_secret().unwrap().len(), 64);
+        assert_ne!(random_secret().unwrap(), random_secret().unwrap());
+    }
+}

@@ -220,17 +220,56 @@ impl Peer {
     }
 
     fn js(name: &'static str, endpoint: &str, vsn: &str, topic: &str, config: Value) -> Peer {
+        Peer::js_as(name, endpoint, vsn, topic, config, None)
+    }
+
+    /// A realtime-js peer whose `accessToken` option yields `token`.
+    fn js_as(
+        name: &'static str,
+        endpoint: &str,
+        vsn: &str,
+        topic: &str,
+        config: Value,
+        token: Option<&str>,
+    ) -> Peer {
         let dir = clients_dir().join("node");
         let mut cmd = Command::new("node");
         cmd.current_dir(&dir).arg("peer.mjs").arg(endpoint).arg(vsn).arg(topic).arg(config.to_string());
+        if let Some(t) = token {
+            cmd.env("WALCAST_TEST_ACCESS_TOKEN", t);
+        }
         Peer::spawn(name, cmd)
     }
 
     fn python(name: &'static str, endpoint: &str, topic: &str, config: Value) -> Peer {
+        Peer::python_as(name, endpoint, topic, config, None)
+    }
+
+    /// A Python peer that calls `set_auth(token)` before it joins.
+    fn python_as(
+        name: &'static str,
+        endpoint: &str,
+        topic: &str,
+        config: Value,
+        token: Option<&str>,
+    ) -> Peer {
         let dir = clients_dir().join("python");
         let mut cmd = Command::new(dir.join(".venv/bin/python"));
         cmd.current_dir(&dir).arg("peer.py").arg(endpoint).arg(topic).arg(config.to_string());
+        if let Some(t) = token {
+            cmd.env("WALCAST_TEST_ACCESS_TOKEN", t);
+        }
         Peer::spawn(name, cmd)
+    }
+
+    /// The first status event, whatever it is.
+    async fn status(&mut self) -> Value {
+        loop {
+            let v = self.next("a status").await;
+            if v["kind"] == "status" {
+                return v;
+            }
+        }
     }
 
     async fn cmd(&mut self, v: Value) {
@@ -483,5 +522,56 @@ async fn presence_with_the_official_clients() {
     assert_eq!(state["alice"].as_array().map(Vec::len), Some(1), "{state}");
     a.exit().await;
     c.exit().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_with_the_official_clients() {
+    let url = fresh_db().await;
+    let app = TestApp::spawn(&url).await;
+    let endpoint = format!("ws://{}/realtime/v1", app.addr);
+    let config = json!({"broadcast": {"self": true, "ack": true}});
+    let user = support::token("authenticated", Some("user-1"));
+    let expired = support::token_expiring("authenticated", Some("user-1"), -60);
+
+    // realtime-js with the accessToken option, Python with set_auth: joined with the user token.
+    let mut js = Peer::js_as("js user", &endpoint, "2.0.0", "room", config.clone(), Some(&user));
+    let mut py = Peer::python_as("python user", &endpoint, "room", config.clone(), Some(&user));
+    js.subscribed().await;
+    py.subscribed().await;
+    fence(&mut js, &mut [&mut py], 1).await;
+    assert_eq!(js.broadcast().await.0, "fence");
+
+    // An expired user token: the join is refused with Supabase's reason, on both clients.
+    for mut peer in [
+        Peer::js_as("js expired", &endpoint, "2.0.0", "room", config.clone(), Some(&expired)),
+        Peer::python_as("python expired", &endpoint, "room", config.clone(), Some(&expired)),
+    ] {
+        let v = peer.status().await;
+        assert!(v["status"].as_str().is_some_and(|s| s.ends_with("CHANNEL_ERROR")), "{}: {v}", peer.name);
+        let err = v["error"].as_str().unwrap_or("");
+        assert!(err.contains("InvalidJWTToken: Token has expired"), "{}: {err}", peer.name);
+    }
+
+    // setAuth with a new valid token: pushed to the joined channel, which stays open.
+    js.cmd(json!({"op": "setAuth", "token": support::token("authenticated", Some("user-1"))})).await;
+    js.sent().await;
+    fence(&mut js, &mut [&mut py], 2).await;
+    assert_eq!(js.broadcast().await.0, "fence");
+    // setAuth with a forged token closes the channel for that client only.
+    let forged = support::signed(
+        &json!({"role": "service_role", "exp": walcast::auth::unix_now() + 600}),
+        "forged-secret-forged-secret-forged-secret",
+    );
+    js.cmd(json!({"op": "setAuth", "token": forged})).await;
+    let v = js.status().await;
+    assert!(
+        v["status"].as_str().is_some_and(|s| s.ends_with("CLOSED") || s.ends_with("CHANNEL_ERROR")),
+        "{v}"
+    );
+    py.cmd(json!({"op": "send", "event": "still", "payload": {}})).await;
+    py.sent().await;
+    assert_eq!(py.broadcast().await.0, "still", "the other client's channel is untouched");
+    py.exit().await;
     app.stop().await;
 }

@@ -1,3 +1,4 @@
+mod auth;
 mod bench;
 mod capture;
 mod clients;

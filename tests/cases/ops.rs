@@ -77,6 +77,7 @@ async fn dev_mode_starts_stops_and_reuses_its_data() {
     let dir = std::env::temp_dir().join(format!("walcast-devmode-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let mut first_secret = None;
     for round in 0..2 {
         // Relative, like the default `.walcast/dev`: run from the directory's parent.
         let mut child = walcast_bin()
@@ -94,6 +95,20 @@ async fn dev_mode_starts_stops_and_reuses_its_data() {
         .await;
         let conf = std::fs::read_to_string(dir.join("data/postgresql.conf")).expect("cluster files");
         assert!(!conf.is_empty());
+        // Tokens are required; the secret is made on the first run and kept.
+        let secret = std::fs::read_to_string(dir.join("jwt_secret")).expect("the dev secret");
+        match &first_secret {
+            None => first_secret = Some(secret.clone()),
+            Some(first) => assert_eq!(first, &secret, "the secret is kept across runs"),
+        }
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let path = "/realtime/v1/websocket";
+        let refused =
+            support::Ws::connect_with(addr, path, Some("2.0.0"), None).await.err().expect("refused");
+        assert_eq!(refused.0, 401);
+        let key = walcast::auth::mint(&secret, "anon", None, Duration::from_secs(60), Default::default())
+            .expect("token");
+        assert!(support::Ws::connect_with(addr, path, Some("2.0.0"), Some(&key)).await.is_ok());
         let pg_port: u16 = {
             let pid = std::fs::read_to_string(dir.join("data/postmaster.pid")).expect("postmaster.pid");
             pid.lines().nth(3).and_then(|l| l.trim().parse().ok()).expect("port line")
@@ -119,6 +134,8 @@ async fn dev_mode_starts_stops_and_reuses_its_data() {
         use std::io::Read;
         child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read");
         assert!(stdout.contains("/realtime/v1/websocket") && stdout.contains("psql '"), "{stdout}");
+        assert!(stdout.contains("anon key") && stdout.contains("service_role key"), "{stdout}");
+        assert!(stdout.contains("walcast token --secret-file"), "{stdout}");
         assert!(!dir.join("data/postmaster.pid").exists(), "the cluster was stopped");
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -32,6 +32,26 @@ pub fn token(role: &str, sub: Option<&str>) -> String {
     walcast::auth::mint(TEST_SECRET, role, sub, Duration::from_secs(3600), Default::default()).expect("token")
 }
 
+/// An error and its causes, as one line.
+pub fn error_text(e: &dyn std::error::Error) -> String {
+    walcast::replication::stream::error_chain(e)
+}
+
+/// `claims` signed (HS256) with `secret`.
+pub fn signed(claims: &Value, secret: &str) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).expect("token")
+}
+
+/// A token for `role` that expires `exp_in` seconds from now (negative: already expired).
+pub fn token_expiring(role: &str, sub: Option<&str>, exp_in: i64) -> String {
+    let mut claims = serde_json::json!({"role": role, "exp": walcast::auth::unix_now() + exp_in});
+    if let Some(sub) = sub {
+        claims["sub"] = sub.into();
+    }
+    signed(&claims, TEST_SECRET)
+}
+
 /// The key ordinary test clients connect with (role `anon`).
 pub fn anon_key() -> String {
     token("anon", None)

@@ -2,7 +2,7 @@
 // line per event on stdout. Usage: node peer.mjs <endpoint> <vsn> <topic> <channel-config-json>
 // Commands: send {event, payload | bytes}, httpSend {event, payload | bytes}, restBatch {event,
 // payload} (send() from a client that never connected: the REST batch endpoint), track {payload},
-// untrack, state, exit. Events: status, broadcast, presence (sync/join/leave + state), sent.
+// untrack, setAuth {token}, state, exit. Events: status, broadcast, presence (sync/join/leave + state), sent.
 import { RealtimeClient } from '@supabase/realtime-js'
 import WebSocket from 'ws'
 import readline from 'node:readline'
@@ -11,7 +11,13 @@ const [endpoint, vsn, topic, configJson] = process.argv.slice(2)
 const out = (o) => process.stdout.write(JSON.stringify(o) + '\n')
 const plain = (v) => (v instanceof ArrayBuffer ? { bytes: Array.from(new Uint8Array(v)) } : v)
 
-const client = new RealtimeClient(endpoint, { params: { apikey: process.env.WALCAST_TEST_APIKEY }, transport: WebSocket, vsn })
+// WALCAST_TEST_ACCESS_TOKEN: a user token, through the accessToken option (setAuth replaces it).
+let userToken = process.env.WALCAST_TEST_ACCESS_TOKEN || null
+const options = { params: { apikey: process.env.WALCAST_TEST_APIKEY }, transport: WebSocket, vsn }
+if (userToken) options.accessToken = async () => userToken
+const client = new RealtimeClient(endpoint, options)
+// As supabase-js does: fetch the token before the first join, so the join carries it.
+if (userToken) await client.setAuth()
 const channel = client.channel(topic, { config: JSON.parse(configJson) })
 channel.on('broadcast', { event: '*' }, (msg) => out({ kind: 'broadcast', event: msg.event, payload: plain(msg.payload), meta: msg.meta ?? null }))
 channel.on('presence', { event: 'sync' }, () => out({ kind: 'presence', event: 'sync', state: channel.presenceState() }))
@@ -38,6 +44,10 @@ readline.createInterface({ input: process.stdin }).on('line', async (line) => {
       out({ kind: 'sent', result: await channel.track(cmd.payload) })
     } else if (cmd.op === 'untrack') {
       out({ kind: 'sent', result: await channel.untrack() })
+    } else if (cmd.op === 'setAuth') {
+      userToken = cmd.token
+      await client.setAuth(cmd.token)
+      out({ kind: 'sent', result: 'ok' })
     } else if (cmd.op === 'state') {
       out({ kind: 'state', state: channel.presenceState() })
     } else if (cmd.op === 'exit') {

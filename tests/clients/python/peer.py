@@ -20,6 +20,8 @@ async def main():
     endpoint, topic, config_json = sys.argv[1], sys.argv[2], sys.argv[3]
     client = AsyncRealtimeClient(endpoint, os.environ["WALCAST_TEST_APIKEY"])
     await client.connect()
+    if os.environ.get("WALCAST_TEST_ACCESS_TOKEN"):
+        await client.set_auth(os.environ["WALCAST_TEST_ACCESS_TOKEN"])
     channel = client.channel(topic, {"config": json.loads(config_json)})
     channel.on_broadcast(
         "*",
