@@ -15,6 +15,9 @@
 //! 5. [`server`] — the axum router: IO only — WebSocket endpoints, REST broadcast, health,
 //!    readiness, metrics.
 //!
+//! [`auth`] verifies the JWTs clients present (connect, join, refresh, REST) before the core acts
+//! on them.
+//!
 //! [`Gateway::prepare`] checks and prepares the database; [`Gateway::run`] serves until the
 //! shutdown token fires, then drains within a bounded time.
 

@@ -228,6 +228,7 @@ async fn print_config_redacts_secrets() {
         .args(["serve", "--print-config"])
         .env("WALCAST_DATABASE_URL", "postgres://app:hunter2@db.internal:5432/app")
         .env("WALCAST_TABLES", "public.posts,app.*")
+        .env("WALCAST_AUTH__JWT_SECRET", "correct-horse-battery-staple-0123456789")
         .output()
         .expect("print-config");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -237,6 +238,14 @@ async fn print_config_redacts_secrets() {
         "{stdout}"
     );
     assert!(stdout.contains("\"public.posts\"") && stdout.contains("\"app.*\""), "{stdout}");
+    assert!(stdout.contains("jwt_secret = \"***\"") && !stdout.contains("correct-horse"), "{stdout}");
+    let short = walcast_bin()
+        .args(["serve", "--print-config"])
+        .env("WALCAST_AUTH__JWT_SECRET", "short")
+        .output()
+        .expect("run");
+    assert_eq!(short.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&short.stderr).contains("auth.jwt_secret"), "the error names the key");
     let out =
         walcast_bin().args(["serve", "--print-config"]).env("WALCAST_LISTEN", "nope").output().expect("run");
     assert_eq!(out.status.code(), Some(2));
