@@ -122,6 +122,8 @@ pub struct Metrics {
     pub broadcasts_undeliverable: AtomicU64,
     pub presence_events: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Tokens refused (connect, join, refresh, REST) and channels closed when their token expired.
+    pub auth_refused: AtomicU64,
 }
 
 struct HubInner {

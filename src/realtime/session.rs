@@ -318,7 +318,11 @@ impl Session {
                 None => return Err(AuthError::Missing),
             },
         };
-        verifier.verify(token).await.map(Some)
+        let verified = verifier.verify(token).await;
+        if verified.is_err() {
+            self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        verified.map(Some)
     }
 
     /// A new token for a joined channel (`access_token` event). The same token, an API key or
@@ -333,7 +337,9 @@ impl Session {
         if current.credentials.as_ref().is_some_and(|c| &*c.token == token) {
             return Ok(());
         }
-        let credentials = verifier.verify(token).await?;
+        let credentials = verifier.verify(token).await.inspect_err(|_| {
+            self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
+        })?;
         if let Some(m) = self.channels.get_mut(topic) {
             m.expires_at = Some(Instant::now() + credentials.claims.time_left());
             m.credentials = Some(credentials);
@@ -358,6 +364,7 @@ impl Session {
             })
             .collect();
         for (topic, ago) in expired {
+            self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
             self.close_channel(&topic, "system", &AuthError::Expired(ago).to_string());
         }
     }

@@ -60,7 +60,10 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Option<Crede
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
     let token = bearer.or_else(|| headers.get("apikey").and_then(|v| v.to_str().ok()));
-    let unauthorized = || error(StatusCode::UNAUTHORIZED, "message", "Unauthorized");
+    let unauthorized = || {
+        state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        error(StatusCode::UNAUTHORIZED, "message", "Unauthorized")
+    };
     let Some(token) = token else { return Err(unauthorized()) };
     match verifier.verify(token).await {
         Ok(c) => Ok(Some(c)),

@@ -25,12 +25,13 @@ pub const BROADCASTS: &str = "walcast_broadcasts_received_total";
 pub const BROADCASTS_UNDELIVERABLE: &str = "walcast_broadcasts_undeliverable_total";
 pub const PRESENCE_EVENTS: &str = "walcast_presence_events_total";
 pub const RATE_LIMITED: &str = "walcast_rate_limited_total";
+pub const AUTH_REFUSED: &str = "walcast_auth_refused_total";
 
 pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     let m = state.hub.metrics();
     let s = &state.status;
     let relaxed = Ordering::Relaxed;
-    let rows: [(&str, &str, &str, String); 15] = [
+    let rows: [(&str, &str, &str, String); 16] = [
         (CLIENTS, "gauge", "Connected WebSocket clients.", m.clients.load(relaxed).to_string()),
         (
             SUBSCRIPTIONS,
@@ -110,6 +111,12 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
             "counter",
             "Client requests refused by a per-socket limit.",
             m.rate_limited.load(relaxed).to_string(),
+        ),
+        (
+            AUTH_REFUSED,
+            "counter",
+            "Tokens refused: at connect, join, refresh or REST broadcast, and channels closed on expiry.",
+            m.auth_refused.load(relaxed).to_string(),
         ),
     ];
     let mut out = String::with_capacity(1536);

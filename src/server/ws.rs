@@ -54,6 +54,7 @@ pub async fn upgrade(
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(error = %e, "upgrade refused");
+            state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return (StatusCode::UNAUTHORIZED, Json(json!({"error": e.connect_message()}))).into_response();
         }
     };

@@ -121,6 +121,13 @@ async fn the_connect_key_must_verify() {
     .expect("request");
     req.headers_mut().insert("x-api-key", anon_key().parse().expect("header"));
     tokio_tungstenite::connect_async(req).await.expect("the x-api-key header is accepted");
+    let metrics = support::http_get(&format!("http://{}/metrics", app.addr)).await.expect("metrics");
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("walcast_auth_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the counter");
+    assert_eq!(refused, 6, "every refused upgrade is counted");
     app.stop().await;
 }
 
