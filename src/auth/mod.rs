@@ -31,9 +31,10 @@ pub struct Claims {
 }
 
 impl Claims {
-    /// Time left before the token expires (zero once it has).
+    /// Time left before the token expires (zero once it has; at most a century).
     pub fn time_left(&self) -> Duration {
-        Duration::from_secs(u64::try_from(self.exp - unix_now()).unwrap_or(0))
+        let secs = u64::try_from(self.exp.saturating_sub(unix_now())).unwrap_or(0);
+        Duration::from_secs(secs.min(100 * 365 * 24 * 3600))
     }
 }
 
@@ -250,7 +251,7 @@ impl Verifier {
         };
         let now = unix_now();
         if exp <= now {
-            return Err(AuthError::Expired(now - exp));
+            return Err(AuthError::Expired(now.saturating_sub(exp)));
         }
         if claims.get("iat").is_some_and(|v| !v.is_number()) {
             return Err(AuthError::Claim("iat".into()));
@@ -469,6 +470,13 @@ mod tests {
         // alg none: no signer, whatever the signature part says.
         let none = format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&claims("anon", 60)));
         assert_eq!(check(&v, &none), Err(AuthError::NoKey));
+        // Extreme expiries neither overflow nor panic.
+        assert!(matches!(
+            check(&v, &hs(&json!({"role": "anon", "exp": -9.2e18}), SECRET)),
+            Err(AuthError::Expired(_))
+        ));
+        let far = check(&v, &hs(&json!({"role": "anon", "exp": 9.2e18}), SECRET)).unwrap();
+        assert!(std::time::Instant::now().checked_add(far.claims.time_left()).is_some());
         let err = AuthError::Expired(5);
         assert_eq!(format!("{}: {err}", err.code()), "InvalidJWTToken: Token has expired 5 seconds ago");
     }

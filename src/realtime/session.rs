@@ -278,7 +278,7 @@ impl Session {
             },
             presence_enabled: req.presence_enabled,
             tracked: None,
-            expires_at: credentials.as_ref().map(|c| Instant::now() + c.claims.time_left()),
+            expires_at: credentials.as_ref().and_then(|c| Instant::now().checked_add(c.claims.time_left())),
             credentials,
         };
         let mut errors = Vec::new();
@@ -341,7 +341,7 @@ impl Session {
             self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
         })?;
         if let Some(m) = self.channels.get_mut(topic) {
-            m.expires_at = Some(Instant::now() + credentials.claims.time_left());
+            m.expires_at = Instant::now().checked_add(credentials.claims.time_left());
             m.credentials = Some(credentials);
         }
         Ok(())
@@ -359,7 +359,11 @@ impl Session {
             .iter()
             .filter(|(_, m)| m.expires_at.is_some_and(|at| at <= now))
             .map(|(t, m)| {
-                let ago = m.credentials.as_ref().map(|c| crate::auth::unix_now() - c.claims.exp).unwrap_or(0);
+                let ago = m
+                    .credentials
+                    .as_ref()
+                    .map(|c| crate::auth::unix_now().saturating_sub(c.claims.exp))
+                    .unwrap_or(0);
                 (Arc::clone(t), ago.max(0))
             })
             .collect();
