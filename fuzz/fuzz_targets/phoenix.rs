@@ -1,5 +1,5 @@
 //! Phoenix text and binary frames must never panic: neither the decoders nor a connection (session,
-//! channels, broadcast, presence) fed the same bytes; nor the database broadcast decoder.
+//! channels, broadcast, presence) fed the same bytes; nor the database broadcast decoder, nor token verification.
 #![no_main]
 use std::sync::OnceLock;
 
@@ -17,6 +17,11 @@ fuzz_target!(|data: &[u8]| {
     let bytes = bytes::Bytes::copy_from_slice(data);
     let _ = decode_binary(&bytes);
     let _ = DbBroadcast::decode(data);
+    // Tokens are wire input too: any text verifies or is refused, never panics.
+    if let Ok(s) = std::str::from_utf8(data) {
+        let verifier = walcast::auth::Verifier::with_secret("fuzz-secret-fuzz-secret-fuzz-secret");
+        let _ = runtime().block_on(verifier.verify(s));
+    }
     let hub = Hub::with_limits(Limits::default());
     for vsn in [Vsn::V1, Vsn::V2] {
         let (mut conn, _outbox) = PhoenixConnection::new(hub.clone(), vsn, None);
