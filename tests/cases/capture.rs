@@ -339,19 +339,7 @@ async fn big_transaction_streams_with_bounded_memory() {
         .spawn()
         .expect("tail starts");
     let pid = child.id().expect("pid");
-    support::wait_for("the tail's slot", Duration::from_secs(30), || {
-        let p = p.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'walcast_tail_%' AND active",
-            )
-            .fetch_one(&p)
-            .await
-            .ok()?;
-            (n == 1).then_some(())
-        }
-    })
-    .await;
+    support::wait_for_tail_slots(&p, "the tail's slot", true, 1).await;
     let (start_rss, _) = rss_kb(pid);
     exec(&p, "INSERT INTO m SELECT g, 'value ' || g FROM generate_series(1, 1000000) g").await;
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();

@@ -268,19 +268,7 @@ async fn tail_streams_json_lines_on_its_own_slot() {
         .spawn()
         .expect("tail starts");
     // The tail's temporary slot appears once it streams.
-    wait_for("tail slot", Duration::from_secs(30), || {
-        let p = p.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'walcast_tail_%' AND active",
-            )
-            .fetch_one(&p)
-            .await
-            .ok()?;
-            (n == 1).then_some(())
-        }
-    })
-    .await;
+    support::wait_for_tail_slots(&p, "the tail's slot", true, 1).await;
     exec(&p, "INSERT INTO b VALUES (1); INSERT INTO a VALUES (1, 'x'); UPDATE a SET v = 'y'; DELETE FROM a;")
         .await;
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
@@ -313,19 +301,7 @@ async fn tail_streams_json_lines_on_its_own_slot() {
     assert!(status.success(), "{status}");
     // The server drops a temporary slot once its walsender has exited, which can lag the
     // client's exit: wait for it with a deadline.
-    wait_for("the tail's temporary slot to go", Duration::from_secs(30), || {
-        let p = p.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'walcast_tail_%'",
-            )
-            .fetch_one(&p)
-            .await
-            .ok()?;
-            (n == 0).then_some(())
-        }
-    })
-    .await;
+    support::wait_for_tail_slots(&p, "the tail's temporary slot to go", false, 0).await;
     let gateway: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'gateway_slot_untouched'",
     )

@@ -32,6 +32,23 @@ pub fn token(role: &str, sub: Option<&str>) -> String {
     walcast::auth::mint(TEST_SECRET, role, sub, Duration::from_secs(3600), Default::default()).expect("token")
 }
 
+/// Waits until `want` temporary slots of `walcast tail` exist (`active`: only those streaming).
+pub async fn wait_for_tail_slots(p: &PgPool, what: &str, active: bool, want: i64) {
+    let sql = if active {
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'walcast_tail_%' AND active"
+    } else {
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'walcast_tail_%'"
+    };
+    wait_for(what, Duration::from_secs(30), || {
+        let p = p.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(sql).fetch_one(&p).await.ok()?;
+            (n == want).then_some(())
+        }
+    })
+    .await;
+}
+
 /// An error and its causes, as one line.
 pub fn error_text(e: &dyn std::error::Error) -> String {
     walcast::replication::stream::error_chain(e)
