@@ -258,6 +258,18 @@ impl Change {
     /// "old_record":…` (record/old_record only where they apply) plus `unchanged_toast` when some
     /// values were left out.
     pub fn write_data_fields(&self, out: &mut Vec<u8>, select: Option<&dyn Fn(&str) -> bool>) {
+        self.write_fields(out, select, false, false)
+    }
+
+    /// `write_data_fields`, with `columns` limited to `select` when `limit_columns` (columns a
+    /// subscriber may not see are not named either) and `old_record` left empty when `strip_old`.
+    fn write_fields(
+        &self,
+        out: &mut Vec<u8>,
+        select: Option<&dyn Fn(&str) -> bool>,
+        limit_columns: bool,
+        strip_old: bool,
+    ) {
         out.extend_from_slice(b"\"schema\":");
         write_json_str(out, &self.relation.schema);
         out.extend_from_slice(b",\"table\":");
@@ -267,16 +279,38 @@ impl Change {
         out.extend_from_slice(b"\",\"commit_timestamp\":");
         write_json_str(out, &self.commit_timestamp());
         out.extend_from_slice(b",\"columns\":");
-        out.extend_from_slice(&self.relation.columns_json);
+        match select.filter(|_| limit_columns) {
+            None => out.extend_from_slice(&self.relation.columns_json),
+            Some(keep) => {
+                out.push(b'[');
+                let shown = self.relation.columns.iter().filter(|c| keep(&c.name));
+                for (i, c) in shown.enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(b"{\"name\":");
+                    write_json_str(out, &c.name);
+                    out.extend_from_slice(b",\"type\":");
+                    write_json_str(out, &c.ty.name);
+                    out.push(b'}');
+                }
+                out.push(b']');
+            }
+        }
         if self.new.is_some() {
             out.extend_from_slice(b",\"record\":");
             self.write_record(out, select);
         }
         if matches!(self.kind, ChangeKind::Update | ChangeKind::Delete) {
             out.extend_from_slice(b",\"old_record\":");
-            self.write_old_record(out, select);
+            if strip_old {
+                out.extend_from_slice(b"{}");
+            } else {
+                self.write_old_record(out, select);
+            }
         }
-        let toast = self.unchanged_toast();
+        let toast: Vec<Arc<str>> =
+            self.unchanged_toast().into_iter().filter(|n| select.is_none_or(|keep| keep(n))).collect();
         if !toast.is_empty() {
             out.extend_from_slice(b",\"unchanged_toast\":[");
             for (i, name) in toast.iter().enumerate() {
@@ -288,26 +322,73 @@ impl Change {
             out.push(b']');
         }
     }
+
+    /// The row version as `{"column": text-or-null, …}`: what a row-level security check
+    /// rebuilds the row from. `old` picks the old row. Unsent TOAST values come from a full old
+    /// row or are left out (NULL to the check).
+    pub fn write_row_text(&self, out: &mut Vec<u8>, old: bool) {
+        let row = if old { self.old.as_ref() } else { self.new.as_ref() };
+        out.push(b'{');
+        let Some(row) = row else {
+            out.push(b'}');
+            return;
+        };
+        let mut n = 0;
+        for (i, (col, v)) in self.relation.columns.iter().zip(&row.0).enumerate() {
+            let text = match v {
+                Value::Text(t) => Some(&t[..]),
+                Value::Null => None,
+                Value::UnchangedToast => match self.old_text(i) {
+                    Some(t) if !old => Some(&t[..]),
+                    _ => continue,
+                },
+            };
+            if n > 0 {
+                out.push(b',');
+            }
+            n += 1;
+            write_json_str(out, &col.name);
+            out.push(b':');
+            match text {
+                Some(t) => crate::replication::values::write_json_string(out, t),
+                None => out.extend_from_slice(b"null"),
+            }
+        }
+        out.push(b'}');
+    }
+}
+
+/// How one subscriber sees a change: the columns it asked for (`select`, plus the primary key),
+/// minus the columns it may not read (`hidden`), and whether its `old_record` is withheld.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct View<'a> {
+    pub select: Option<&'a [Arc<str>]>,
+    pub hidden: Option<&'a [Arc<str>]>,
+    pub strip_old: bool,
 }
 
 impl Change {
     /// The `data` object of a change as clients receive it: `schema`, `table`, `type`,
     /// `commit_timestamp`, `columns`, `record`/`old_record` where they apply, and `errors`.
-    /// With `select`, records keep the selected columns plus the primary key. A record over
-    /// `max_record_bytes` is sent with only its small values and
-    /// `errors: ["Error 413: Payload Too Large"]`.
-    pub fn render_data(&self, select: Option<&[Arc<str>]>, max_record_bytes: usize) -> Vec<u8> {
+    /// With `select`, records keep the selected columns plus the primary key; `hidden` columns
+    /// appear nowhere (not in `columns` either). A record over `max_record_bytes` is sent with
+    /// only its small values and `errors: ["Error 413: Payload Too Large"]`.
+    pub fn render_data(&self, view: View<'_>, max_record_bytes: usize) -> Vec<u8> {
         let rel = &self.relation;
+        let View { select, hidden, strip_old } = view;
+        let hidden = hidden.filter(|h| !h.is_empty());
         let keep = |name: &str| {
-            select.is_none_or(|cols| {
-                cols.iter().any(|c| &**c == name)
-                    || rel.column_index(name).is_some_and(|i| rel.columns[i].in_primary_key)
-            })
+            hidden.is_none_or(|h| !h.iter().any(|c| &**c == name))
+                && select.is_none_or(|cols| {
+                    cols.iter().any(|c| &**c == name)
+                        || rel.column_index(name).is_some_and(|i| rel.columns[i].in_primary_key)
+                })
         };
+        let limited = select.is_some() || hidden.is_some();
         let mut out = Vec::with_capacity(256);
         out.push(b'{');
         let pred: &dyn Fn(&str) -> bool = &keep;
-        self.write_data_fields(&mut out, select.map(|_| pred));
+        self.write_fields(&mut out, limited.then_some(pred), hidden.is_some(), strip_old);
         if out.len() <= max_record_bytes {
             out.extend_from_slice(b",\"errors\":null}");
             return out;
@@ -325,7 +406,7 @@ impl Change {
         };
         out.clear();
         out.push(b'{');
-        self.write_data_fields(&mut out, Some(&small));
+        self.write_fields(&mut out, Some(&small), hidden.is_some(), strip_old);
         out.extend_from_slice(b",\"errors\":[\"Error 413: Payload Too Large\"]}");
         out
     }
@@ -494,10 +575,65 @@ mod tests {
             seq: 0,
         };
         let select: Vec<Arc<str>> = vec!["task".into()];
-        let v: serde_json::Value = serde_json::from_slice(&c.render_data(Some(&select), 1 << 20)).unwrap();
+        let view = View { select: Some(&select), ..View::default() };
+        let v: serde_json::Value = serde_json::from_slice(&c.render_data(view, 1 << 20)).unwrap();
         assert_eq!(v["record"], serde_json::json!({"id": 1, "task": "a"}));
         assert_eq!(v["old_record"], serde_json::json!({"id": 1, "task": "x"}));
         assert_eq!(v["errors"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn hidden_columns_appear_nowhere_and_old_records_can_be_withheld() {
+        let c = Change {
+            relation: relation(ReplicaIdentity::Full),
+            kind: ChangeKind::Update,
+            new: Some(Tuple(vec![t("1"), t("a"), t("secret-new")])),
+            old: Some(Tuple(vec![t("1"), t("x"), t("secret-old")])),
+            commit_lsn: Lsn(1),
+            commit_ts: 0,
+            seq: 0,
+        };
+        let hidden: Vec<Arc<str>> = vec!["body".into()];
+        let view = View { hidden: Some(&hidden), ..View::default() };
+        let data = c.render_data(view, 1 << 20);
+        assert!(!String::from_utf8_lossy(&data).contains("secret"), "{}", String::from_utf8_lossy(&data));
+        let v: serde_json::Value = serde_json::from_slice(&data).unwrap();
+        assert_eq!(v["record"], serde_json::json!({"id": 1, "task": "a"}));
+        assert_eq!(v["old_record"], serde_json::json!({"id": 1, "task": "x"}));
+        let names: Vec<&str> =
+            v["columns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["id", "task"]);
+        // Even the primary key goes when it is hidden.
+        let hidden: Vec<Arc<str>> = vec!["id".into()];
+        let select: Vec<Arc<str>> = vec!["task".into()];
+        let view = View { select: Some(&select), hidden: Some(&hidden), strip_old: true };
+        let v: serde_json::Value = serde_json::from_slice(&c.render_data(view, 1 << 20)).unwrap();
+        assert_eq!(v["record"], serde_json::json!({"task": "a"}));
+        assert_eq!(v["old_record"], serde_json::json!({}));
+        // Without a view nothing changes.
+        let v: serde_json::Value = serde_json::from_slice(&c.render_data(View::default(), 1 << 20)).unwrap();
+        assert_eq!(v["columns"].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn row_text_is_what_the_check_rebuilds_rows_from() {
+        let c = Change {
+            relation: relation(ReplicaIdentity::Full),
+            kind: ChangeKind::Update,
+            new: Some(Tuple(vec![t("1"), Value::Null, Value::UnchangedToast])),
+            old: Some(Tuple(vec![t("1"), t("x\"y"), t("long")])),
+            commit_lsn: Lsn(1),
+            commit_ts: 0,
+            seq: 0,
+        };
+        let text = |old| {
+            let mut out = Vec::new();
+            c.write_row_text(&mut out, old);
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap()
+        };
+        // Values stay text (the check casts them); unsent TOAST comes from the old row.
+        assert_eq!(text(false), serde_json::json!({"id": "1", "task": null, "body": "long"}));
+        assert_eq!(text(true), serde_json::json!({"id": "1", "task": "x\"y", "body": "long"}));
     }
 
     #[test]

@@ -77,6 +77,10 @@ pub struct AuthConfig {
     pub jwks_refresh_secs: u64,
     /// Claims that must have exactly these values, e.g. `{ iss = "https://…/auth/v1" }`.
     pub claims: std::collections::BTreeMap<String, String>,
+    /// DELETEs on tables with row-level security whose old row has only the key (REPLICA
+    /// IDENTITY not FULL): `withhold` (default; nothing leaks) or `deliver` to subscribers whose
+    /// role may SELECT the table.
+    pub key_only_deletes: crate::auth::rls::KeyOnlyDeletes,
 }
 
 impl Default for AuthConfig {
@@ -87,6 +91,7 @@ impl Default for AuthConfig {
             jwks: None,
             jwks_refresh_secs: 600,
             claims: Default::default(),
+            key_only_deletes: Default::default(),
         }
     }
 }

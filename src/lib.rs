@@ -41,6 +41,8 @@ use std::time::Duration;
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+
+use crate::auth::rls::RowSecurity;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -141,6 +143,10 @@ impl Gateway {
             peers: None,
             replication_live: Some(status.live.subscribe()),
             verifier: self.verifier.clone(),
+            rls: self
+                .verifier
+                .required()
+                .then(|| Arc::new(RowSecurity::new(self.pool.clone(), self.config.auth.key_only_deletes))),
         });
         let ack = Acknowledgement::new();
         let (tx, rx) = tokio::sync::mpsc::channel(8192);

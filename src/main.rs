@@ -457,6 +457,7 @@ async fn dev(mut config: Config, data_dir: PathBuf, port: u16) -> anyhow::Result
     let url = cluster.url("postgres");
     let pool = walcast::connect_pool(&url).await?;
     sqlx::raw_sql(DEMO_SCHEMA).execute(&pool).await.context("creating the demo schema")?;
+    sqlx::raw_sql(walcast::cluster::API_ROLES_SQL).execute(&pool).await.context("creating the API roles")?;
     pool.close().await;
     config.database_url = Some(url.clone());
     config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));

@@ -38,6 +38,14 @@ pub enum BindingError {
     Catalog(#[source] Arc<sqlx::Error>),
     #[error("change capture is not available on this gateway")]
     NoCatalog,
+    #[error("permission denied for table {table}: role {role} may not SELECT it")]
+    NoSelect { table: String, role: String },
+    #[error("permission denied for column {column} of table {table}: role {role} may not SELECT it")]
+    HiddenColumn { column: String, table: String, role: String },
+    #[error("Unable to check row-level security on {table} for role {role}: {message}")]
+    Authorization { table: String, role: String, message: String },
+    #[error("Unable to check row-level security; try again")]
+    RlsUnavailable(#[source] Arc<crate::auth::rls::RlsError>),
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +60,8 @@ pub struct PublishedColumn {
 #[derive(Debug, Clone)]
 pub struct PublishedTable {
     pub columns: Vec<PublishedColumn>,
+    /// REPLICA IDENTITY FULL: old rows carry every column.
+    pub full_identity: bool,
 }
 
 type Tables = HashMap<(String, String), PublishedTable>;
@@ -77,12 +87,13 @@ impl PublishedCatalog {
                 return Ok(Arc::clone(t));
             }
         }
-        let rows: Vec<(String, String, String, String, bool)> = sqlx::query_as(
+        let rows: Vec<(String, String, String, String, bool, bool)> = sqlx::query_as(
             "SELECT pt.schemaname::text, pt.tablename::text, a.attname::text, \
                     COALESCE(bt.typname, t.typname)::text, \
                     (c.relreplident = 'f' OR a.attnum = ANY(COALESCE((SELECT i.indkey::int2[] FROM pg_index i \
                         WHERE i.indrelid = c.oid AND CASE c.relreplident WHEN 'i' THEN i.indisreplident ELSE i.indisprimary END \
-                        LIMIT 1), '{}'))) \
+                        LIMIT 1), '{}'))), \
+                    c.relreplident = 'f' \
              FROM pg_publication_tables pt \
              JOIN pg_namespace n ON n.nspname = pt.schemaname \
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
@@ -95,10 +106,10 @@ impl PublishedCatalog {
         .fetch_all(&self.pool)
         .await?;
         let mut tables: Tables = HashMap::new();
-        for (schema, table, column, type_name, in_identity) in rows {
+        for (schema, table, column, type_name, in_identity, full_identity) in rows {
             tables
                 .entry((schema, table))
-                .or_insert_with(|| PublishedTable { columns: Vec::new() })
+                .or_insert_with(|| PublishedTable { columns: Vec::new(), full_identity })
                 .columns
                 .push(PublishedColumn { name: column.into(), compare_type: type_name.into(), in_identity });
         }
@@ -190,6 +201,7 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, BindingError> 
             table: None,
             filter: CompiledFilter::default(),
             select,
+            full_identity: false,
         });
     };
     let Some(published) = tables.get(&(schema.to_owned(), table.to_owned())) else {
@@ -213,7 +225,15 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, BindingError> 
             return Err(BindingError::SelectColumn(bad.to_string()));
         }
     }
-    Ok(BindingSpec { id, event, schema: schema.into(), table: Some(table.into()), filter: compiled, select })
+    Ok(BindingSpec {
+        id,
+        event,
+        schema: schema.into(),
+        table: Some(table.into()),
+        filter: compiled,
+        select,
+        full_identity: published.full_identity,
+    })
 }
 
 #[cfg(test)]
@@ -230,7 +250,10 @@ mod tests {
         };
         HashMap::from([(
             ("public".to_owned(), "todos".to_owned()),
-            PublishedTable { columns: vec![col("id", "int8", true), col("task", "text", false)] },
+            PublishedTable {
+                columns: vec![col("id", "int8", true), col("task", "text", false)],
+                full_identity: false,
+            },
         )])
     }
 

@@ -7,6 +7,7 @@
 //! decide what a role may see (authorization happens where channels and changes are).
 
 pub mod jwks;
+pub mod rls;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -114,7 +114,7 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
         match ev {
             ChangeEvent::Change(c) => {
                 // Convert (render the data object) and match, as the gateway does per change.
-                bytes += c.render_data(None, 1 << 20).len();
+                bytes += c.render_data(crate::change::View::default(), 1 << 20).len();
                 dispatch(&hub, &c, &mut scratch);
                 changes += 1;
             }

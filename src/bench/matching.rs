@@ -59,6 +59,7 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
                 outbox,
                 encoder: Arc::clone(&encoder),
                 echo_own: false,
+                subject: std::sync::RwLock::new(None),
             });
             let parsed = filter::parse(&format!("id=eq.{k}")).unwrap_or_default();
             let compiled = CompiledFilter::compile(&parsed, |n| {
@@ -74,6 +75,7 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
                     table: Some("items".into()),
                     filter: compiled,
                     select: None,
+                    full_identity: false,
                 },
             );
         }
@@ -113,7 +115,7 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
     let start = Instant::now();
     let mut delivered = 0;
     for c in &batch {
-        delivered += dispatch(&hub, c, &mut scratch);
+        delivered += dispatch(&hub, c, &mut scratch).unwrap_or(0);
     }
     let elapsed = start.elapsed();
     debug_assert_eq!(delivered, changes);

@@ -74,6 +74,7 @@ pub(crate) async fn database(opts: &BenchOptions, name: &str) -> anyhow::Result<
     )
     .execute(&pool)
     .await?;
+    sqlx::raw_sql(crate::cluster::API_ROLES_SQL).execute(&pool).await?;
     pool.close().await;
     Ok(Env { cluster, url, slot: format!("walcast_bench_{name}_{}", std::process::id()) })
 }

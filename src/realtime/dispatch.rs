@@ -1,21 +1,34 @@
 //! The dispatcher task: takes replication events in commit order, matches each change against
-//! the index, renders its `data` once per distinct `select`, encodes it once per (encoding,
-//! topic, ids) and queues the shared bytes to each member without waiting; relays database
-//! broadcasts to their channels; and advances the acknowledgement after each commit.
+//! the index, applies row-level security, renders `data` once per distinct view (select, hidden
+//! columns, withheld old record), encodes it once per (encoding, topic, ids, view) and queues the
+//! shared bytes to each member without waiting; relays database broadcasts to their channels; and
+//! advances the acknowledgement after each commit.
+//!
+//! A change whose subscribers need no row check (authentication off, tables without row-level
+//! security, cached answers) is delivered at once. Otherwise it starts a batch: the events that
+//! are already waiting join it (in order), rows are checked with one query per table for every
+//! distinct subject among the matching subscribers, and then the batch is delivered in order.
+//! The acknowledgement passes a commit only after all its changes are delivered or withheld.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::change::{Change, ChangeEvent};
+use crate::auth::rls::{Access, Hidden, KeyOnlyDeletes, Request, Subject, Table, Verdict};
+use crate::change::{Change, ChangeEvent, ChangeKind, DbBroadcast, ReplicaIdentity, View};
 use crate::realtime::bus::BusMessage;
 use crate::realtime::index::Subscription;
 use crate::realtime::outbox::{EncodingId, Event, Frame};
-use crate::realtime::{Hub, TopicKey};
+use crate::realtime::{Hub, Member, TopicKey};
 use crate::replication::ack::Acknowledgement;
+use crate::replication::lsn::Lsn;
+
+/// Events gathered into one batch at most.
+const MAX_BATCH: usize = 4096;
 
 /// Runs until the replication side closes the channel or `shutdown` fires.
 pub async fn run_dispatcher(
@@ -25,8 +38,9 @@ pub async fn run_dispatcher(
     shutdown: CancellationToken,
 ) {
     let mut scratch = Scratch::default();
+    let mut batch = Batch::default();
     loop {
-        let event = tokio::select! {
+        let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
             e = rx.recv() => match e {
@@ -34,22 +48,52 @@ pub async fn run_dispatcher(
                 None => return,
             },
         };
-        match event {
-            ChangeEvent::Change(change) => {
-                dispatch(&hub, &change, &mut scratch);
-                hub.metrics().changes_dispatched.fetch_add(1, Ordering::Relaxed);
+        let mut next = Some(first);
+        while let Some(event) = next {
+            if batch.items.is_empty() {
+                handle_now(&hub, event, &ack, &mut scratch, &mut batch);
+            } else {
+                batch.push(&hub, event);
             }
-            ChangeEvent::Broadcast(b) => {
-                hub.metrics().broadcasts_received.fetch_add(1, Ordering::Relaxed);
-                hub.publish(BusMessage::Broadcast {
-                    key: TopicKey { topic: b.topic, private: b.private },
-                    origin: None,
-                    message: Arc::new(b.message),
-                });
+            next = if batch.items.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
+        }
+        if !batch.items.is_empty() {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = batch.authorize(&hub) => {}
             }
-            ChangeEvent::Commit { end_lsn, .. } => ack.advance(end_lsn),
+            batch.deliver(&hub, &ack, &mut scratch);
         }
     }
+}
+
+fn handle_now(
+    hub: &Hub,
+    event: ChangeEvent,
+    ack: &Acknowledgement,
+    scratch: &mut Scratch,
+    batch: &mut Batch,
+) {
+    match event {
+        ChangeEvent::Change(change) => match dispatch(hub, &change, scratch) {
+            Some(_) => {
+                hub.metrics().changes_dispatched.fetch_add(1, Ordering::Relaxed);
+            }
+            None => batch.push(hub, ChangeEvent::Change(change)),
+        },
+        ChangeEvent::Broadcast(b) => publish(hub, b),
+        ChangeEvent::Commit { end_lsn, .. } => ack.advance(end_lsn),
+    }
+}
+
+fn publish(hub: &Hub, b: DbBroadcast) {
+    hub.metrics().broadcasts_received.fetch_add(1, Ordering::Relaxed);
+    hub.publish(BusMessage::Broadcast {
+        key: TopicKey { topic: b.topic, private: b.private },
+        origin: None,
+        message: Arc::new(b.message),
+    });
 }
 
 /// A `select` column list, compared by content.
@@ -76,73 +120,394 @@ impl Ids {
     }
 }
 
+/// How one member receives one change.
+#[derive(Debug, Clone, PartialEq)]
+enum Decision {
+    Deliver {
+        hidden: Hidden,
+        strip_old: bool,
+    },
+    Withhold,
+    /// Needs a row check first.
+    Check,
+}
+
+const DELIVER_ALL: Decision = Decision::Deliver { hidden: None, strip_old: false };
+
+/// What can be decided without a query: no subject (authentication off) → everything; a cached
+/// answer for the role that does not depend on the row.
+fn decide_cached(hub: &Hub, change: &Change, member: &Member) -> Decision {
+    let Some(rls) = hub.rls() else { return DELIVER_ALL };
+    let Some(subject) = member.subject() else { return DELIVER_ALL };
+    match rls.cached(&change.relation, &subject.role) {
+        Some(Access::Open(hidden)) => Decision::Deliver { hidden, strip_old: false },
+        Some(Access::Denied) | Some(Access::Failed(_)) => Decision::Withhold,
+        Some(Access::Rows(_)) | None => Decision::Check,
+    }
+}
+
 /// Buffers reused across changes so matching allocates little in the steady state.
 #[derive(Default)]
 pub struct Scratch {
-    /// Rendered `data` objects of the current change, by `select` column list (content).
-    data: Vec<(Select, Vec<u8>)>,
+    /// Rendered `data` objects of the current change, by view (content).
+    data: Vec<(Select, Hidden, bool, Vec<u8>)>,
     /// Frames of the current change.
     frames: HashMap<FrameKey, Option<Frame>>,
     ids: Vec<u32>,
+    decisions: Vec<Decision>,
 }
 
-/// Matches and delivers one change. Returns the number of frames queued.
-pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> usize {
+impl Scratch {
+    fn start(&mut self) {
+        self.data.clear();
+        self.frames.clear();
+    }
+
+    /// Renders (once per view) and queues one change to one member. Returns whether queued.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &mut self,
+        hub: &Hub,
+        change: &Change,
+        member: &Member,
+        ids: &[u32],
+        select: &Select,
+        hidden: &Hidden,
+        strip_old: bool,
+        shared: bool,
+    ) -> bool {
+        let at = self.data.iter().position(|(s, h, o, _)| {
+            s.as_deref() == select.as_deref() && h.as_deref() == hidden.as_deref() && *o == strip_old
+        });
+        let data_at = match at {
+            Some(at) => at,
+            None => {
+                let view = View { select: select.as_deref(), hidden: hidden.as_deref(), strip_old };
+                let data = change.render_data(view, hub.limits().max_record_bytes);
+                self.data.push((select.clone(), hidden.clone(), strip_old, data));
+                self.data.len() - 1
+            }
+        };
+        let data = &self.data[data_at].3;
+        let event = Event::Change { ids, data };
+        // Most changes reach one member: encode directly, cache only when it can repeat.
+        let frame = if !shared {
+            member.encoder.encode(&member.key.topic, &event)
+        } else {
+            let key = (member.encoder.id(), Arc::clone(&member.key.topic), Ids::of(ids), data_at);
+            self.frames.entry(key).or_insert_with(|| member.encoder.encode(&member.key.topic, &event)).clone()
+        };
+        match frame {
+            Some(frame) => member.outbox.send(frame, hub.metrics()) == crate::realtime::outbox::Queued::Yes,
+            None => false,
+        }
+    }
+}
+
+/// Matches and delivers one change unless a row check is needed first (`None`: nothing was
+/// delivered; the caller checks and delivers it). Returns the number of frames queued.
+pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usize> {
     let Ok(index) = hub.index().read() else {
-        return 0;
+        return Some(0);
     };
     if index.is_empty() {
-        return 0;
+        return Some(0);
     }
     let mut matched: Vec<&Arc<Subscription>> = Vec::new();
     index.matching(change, |sub| matched.push(sub));
     if matched.is_empty() {
-        return 0;
+        return Some(0);
     }
     // One push per member, with all of its matching binding ids.
     if matched.len() > 1 {
         matched.sort_unstable_by_key(|s| (Arc::as_ptr(&s.member) as usize, s.binding.id));
         matched.dedup_by_key(|s| (Arc::as_ptr(&s.member) as usize, s.binding.id));
     }
-    scratch.data.clear();
-    scratch.frames.clear();
-    let max_record_bytes = hub.limits().max_record_bytes;
-    let mut delivered = 0;
-    let mut i = 0;
-    while i < matched.len() {
-        let sub = matched[i];
-        let member = &sub.member;
-        scratch.ids.clear();
-        while i < matched.len() && Arc::ptr_eq(&matched[i].member, member) {
-            scratch.ids.push(matched[i].binding.id);
-            i += 1;
-        }
-        let select = &sub.binding.select;
-        let data_at = match scratch.data.iter().position(|(k, _)| k.as_deref() == select.as_deref()) {
-            Some(at) => at,
-            None => {
-                scratch.data.push((select.clone(), change.render_data(select.as_deref(), max_record_bytes)));
-                scratch.data.len() - 1
+    scratch.decisions.clear();
+    if hub.rls().is_some() {
+        let mut i = 0;
+        while i < matched.len() {
+            let member = &matched[i].member;
+            let decision = decide_cached(hub, change, member);
+            if decision == Decision::Check {
+                return None;
             }
-        };
-        let data = &scratch.data[data_at].1;
-        let event = Event::Change { ids: &scratch.ids, data };
-        // Most changes reach one member: encode directly, cache only when it can repeat.
-        let frame = if matched.len() == 1 {
-            member.encoder.encode(&member.key.topic, &event)
-        } else {
-            let key = (member.encoder.id(), Arc::clone(&member.key.topic), Ids::of(&scratch.ids), data_at);
-            scratch
-                .frames
-                .entry(key)
-                .or_insert_with(|| member.encoder.encode(&member.key.topic, &event))
-                .clone()
-        };
-        if let Some(frame) = frame {
-            if member.outbox.send(frame, hub.metrics()) == crate::realtime::outbox::Queued::Yes {
-                delivered += 1;
+            scratch.decisions.push(decision);
+            while i < matched.len() && Arc::ptr_eq(&matched[i].member, member) {
+                i += 1;
             }
         }
     }
-    delivered
+    scratch.start();
+    let shared = matched.len() > 1;
+    let mut delivered = 0;
+    let mut ids = std::mem::take(&mut scratch.ids);
+    let mut i = 0;
+    let mut group = 0;
+    while i < matched.len() {
+        let sub = matched[i];
+        let member = &sub.member;
+        ids.clear();
+        while i < matched.len() && Arc::ptr_eq(&matched[i].member, member) {
+            ids.push(matched[i].binding.id);
+            i += 1;
+        }
+        let decision = scratch.decisions.get(group).cloned().unwrap_or(DELIVER_ALL);
+        group += 1;
+        match decision {
+            Decision::Deliver { hidden, strip_old } => {
+                if scratch.deliver(hub, change, member, &ids, &sub.binding.select, &hidden, strip_old, shared)
+                {
+                    delivered += 1;
+                }
+            }
+            _ => {
+                hub.metrics().rls_withheld.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    scratch.ids = ids;
+    Some(delivered)
+}
+
+/// One member's match of a batched change.
+struct Target {
+    member: Arc<Member>,
+    ids: Vec<u32>,
+    select: Select,
+    subject: Option<Arc<Subject>>,
+    decision: Decision,
+}
+
+struct Pending {
+    change: Change,
+    targets: Vec<Target>,
+    /// Positions (1-based) of the new and old row versions in their table's row list; 0 = not
+    /// checked.
+    new_row: u32,
+    old_row: u32,
+}
+
+enum Item {
+    Change(Pending),
+    Broadcast(DbBroadcast),
+    Commit(Lsn),
+}
+
+/// The rows of one table in a batch and the subjects to check them for.
+struct TableCheck {
+    /// A JSON array under construction.
+    rows: Vec<u8>,
+    row_count: u32,
+    subjects: HashMap<Arc<Subject>, usize>,
+    requests: Vec<(Arc<Subject>, Vec<u32>)>,
+    verdicts: Vec<Verdict>,
+}
+
+impl TableCheck {
+    fn new() -> TableCheck {
+        TableCheck {
+            rows: b"[".to_vec(),
+            row_count: 0,
+            subjects: HashMap::new(),
+            requests: Vec::new(),
+            verdicts: Vec::new(),
+        }
+    }
+
+    fn add_row(&mut self, change: &Change, old: bool) -> u32 {
+        if self.row_count > 0 {
+            self.rows.push(b',');
+        }
+        change.write_row_text(&mut self.rows, old);
+        self.row_count += 1;
+        self.row_count
+    }
+
+    fn want(&mut self, subject: &Arc<Subject>, rows: [u32; 2]) {
+        let at = *self.subjects.entry(Arc::clone(subject)).or_insert_with(|| {
+            self.requests.push((Arc::clone(subject), Vec::new()));
+            self.requests.len() - 1
+        });
+        let wanted = &mut self.requests[at].1;
+        for r in rows.into_iter().filter(|r| *r > 0) {
+            if wanted.last() != Some(&r) {
+                wanted.push(r);
+            }
+        }
+    }
+
+    fn verdict(&self, subject: &Arc<Subject>) -> Option<&Verdict> {
+        self.subjects.get(subject).and_then(|at| self.verdicts.get(*at))
+    }
+}
+
+#[derive(Default)]
+struct Batch {
+    items: Vec<Item>,
+    /// By table oid; each keeps the relation the rows were decoded with.
+    tables: HashMap<u32, (Arc<crate::change::Relation>, TableCheck)>,
+}
+
+impl Batch {
+    fn push(&mut self, hub: &Hub, event: ChangeEvent) {
+        match event {
+            ChangeEvent::Change(change) => {
+                let pending = self.match_change(hub, change);
+                self.items.push(Item::Change(pending));
+            }
+            ChangeEvent::Broadcast(b) => self.items.push(Item::Broadcast(b)),
+            ChangeEvent::Commit { end_lsn, .. } => self.items.push(Item::Commit(end_lsn)),
+        }
+    }
+
+    fn match_change(&mut self, hub: &Hub, change: Change) -> Pending {
+        let mut targets: Vec<Target> = Vec::new();
+        if let Ok(index) = hub.index().read() {
+            let mut matched: Vec<&Arc<Subscription>> = Vec::new();
+            index.matching(&change, |sub| matched.push(sub));
+            matched.sort_unstable_by_key(|s| (Arc::as_ptr(&s.member) as usize, s.binding.id));
+            matched.dedup_by_key(|s| (Arc::as_ptr(&s.member) as usize, s.binding.id));
+            for sub in matched {
+                match targets.last_mut() {
+                    Some(t) if Arc::ptr_eq(&t.member, &sub.member) => t.ids.push(sub.binding.id),
+                    _ => targets.push(Target {
+                        member: Arc::clone(&sub.member),
+                        ids: vec![sub.binding.id],
+                        select: sub.binding.select.clone(),
+                        subject: sub.member.subject(),
+                        decision: decide_cached(hub, &change, &sub.member),
+                    }),
+                }
+            }
+        }
+        let mut pending = Pending { change, targets, new_row: 0, old_row: 0 };
+        if pending.targets.iter().any(|t| t.decision == Decision::Check) {
+            let change = &pending.change;
+            let (_, table) = self
+                .tables
+                .entry(change.relation.id)
+                .or_insert_with(|| (Arc::clone(&change.relation), TableCheck::new()));
+            if change.new.is_some() {
+                pending.new_row = table.add_row(change, false);
+            }
+            if has_full_old_row(change) {
+                pending.old_row = table.add_row(change, true);
+            }
+            for t in &pending.targets {
+                if let (Decision::Check, Some(subject)) = (&t.decision, &t.subject) {
+                    table.want(subject, [pending.new_row, pending.old_row]);
+                }
+            }
+        }
+        pending
+    }
+
+    /// Runs the row checks of this batch, one query per table, retrying while the database
+    /// cannot be reached (nothing is delivered or acknowledged meanwhile).
+    async fn authorize(&mut self, hub: &Hub) {
+        let Some(rls) = hub.rls() else { return };
+        for (oid, (relation, table)) in self.tables.iter_mut() {
+            table.rows.push(b']');
+            let rows = String::from_utf8_lossy(&table.rows);
+            let requests: Vec<Request<'_>> =
+                table.requests.iter().map(|(s, w)| Request { subject: s, wanted: w }).collect();
+            let mut backoff = Duration::from_millis(50);
+            let verdicts = loop {
+                hub.metrics().rls_checks.fetch_add(1, Ordering::Relaxed);
+                match rls.check(Table::Oid(*oid), &requests, &rows).await {
+                    Ok(v) => break v,
+                    Err(e) => {
+                        tracing::warn!(error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string),
+                            table = %format_args!("{}.{}", relation.schema, relation.table),
+                            "row-level security check failed; retrying (delivery waits)");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            for ((subject, _), v) in table.requests.iter().zip(&verdicts) {
+                rls.remember(relation, &subject.role, &v.access);
+            }
+            table.verdicts = verdicts;
+        }
+    }
+
+    /// Delivers every item in order, then forgets the batch.
+    fn deliver(&mut self, hub: &Hub, ack: &Acknowledgement, scratch: &mut Scratch) {
+        let key_only_deletes = hub.rls().map(|r| r.key_only_deletes()).unwrap_or_default();
+        for item in self.items.drain(..) {
+            match item {
+                Item::Change(p) => {
+                    scratch.start();
+                    let shared = p.targets.len() > 1;
+                    let table = self.tables.get(&p.change.relation.id).map(|(_, t)| t);
+                    for t in &p.targets {
+                        let decision = match (&t.decision, &t.subject, table) {
+                            (Decision::Check, Some(subject), Some(table)) => match table.verdict(subject) {
+                                Some(v) => resolve(&p, v, key_only_deletes),
+                                None => Decision::Withhold,
+                            },
+                            (Decision::Check, _, _) => Decision::Withhold,
+                            (d, _, _) => d.clone(),
+                        };
+                        match decision {
+                            Decision::Deliver { hidden, strip_old } => {
+                                scratch.deliver(
+                                    hub, &p.change, &t.member, &t.ids, &t.select, &hidden, strip_old, shared,
+                                );
+                            }
+                            _ => {
+                                hub.metrics().rls_withheld.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    hub.metrics().changes_dispatched.fetch_add(1, Ordering::Relaxed);
+                }
+                Item::Broadcast(b) => publish(hub, b),
+                Item::Commit(end_lsn) => ack.advance(end_lsn),
+            }
+        }
+        self.tables.clear();
+    }
+}
+
+/// The old row carries every column (REPLICA IDENTITY FULL), so a policy can be evaluated on it.
+fn has_full_old_row(change: &Change) -> bool {
+    change.old.is_some() && change.relation.replica_identity == ReplicaIdentity::Full
+}
+
+/// The decision for one subscriber once its verdict is known. The version a subscriber must be
+/// able to see is the one the change carries: the new row of INSERT and UPDATE, the old row of
+/// DELETE. An UPDATE's `old_record` is withheld unless the old version was visible too.
+fn resolve(p: &Pending, v: &Verdict, key_only_deletes: KeyOnlyDeletes) -> Decision {
+    let hidden = match &v.access {
+        Access::Open(h) => return Decision::Deliver { hidden: h.clone(), strip_old: false },
+        Access::Rows(h) => h.clone(),
+        Access::Denied | Access::Failed(_) => return Decision::Withhold,
+    };
+    let change = &p.change;
+    match change.kind {
+        ChangeKind::Insert | ChangeKind::Update => {
+            if p.new_row == 0 || !v.sees(p.new_row) {
+                return Decision::Withhold;
+            }
+            let strip_old = change.old.is_some() && (p.old_row == 0 || !v.sees(p.old_row));
+            Decision::Deliver { hidden, strip_old }
+        }
+        ChangeKind::Delete => {
+            if p.old_row > 0 {
+                if v.sees(p.old_row) {
+                    Decision::Deliver { hidden, strip_old: false }
+                } else {
+                    Decision::Withhold
+                }
+            } else if key_only_deletes == KeyOnlyDeletes::Deliver {
+                Decision::Deliver { hidden, strip_old: false }
+            } else {
+                Decision::Withhold
+            }
+        }
+        ChangeKind::Truncate => Decision::Withhold,
+    }
 }

@@ -55,6 +55,8 @@ pub struct BindingSpec {
     pub filter: CompiledFilter,
     /// Columns `record`/`old_record` are limited to (plus the key), when the binding asked.
     pub select: Option<Arc<[Arc<str>]>>,
+    /// The table has REPLICA IDENTITY FULL (false for schema-wide bindings).
+    pub full_identity: bool,
 }
 
 #[derive(Debug)]

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::auth::rls::{RowSecurity, Subject};
 use crate::auth::Verifier;
 use crate::realtime::bus::Peers;
 use crate::realtime::index::SubscriptionIndex;
@@ -60,6 +61,21 @@ pub struct Member {
     pub encoder: Arc<dyn Encoder>,
     /// Receives the broadcasts its own session sends (`config.broadcast.self`).
     pub echo_own: bool,
+    /// Who it reads changes as (row-level security); `None` when authentication is off. A
+    /// token refresh replaces it.
+    pub subject: RwLock<Option<Arc<Subject>>>,
+}
+
+impl Member {
+    pub fn subject(&self) -> Option<Arc<Subject>> {
+        self.subject.read().ok().and_then(|s| s.clone())
+    }
+
+    pub fn set_subject(&self, subject: Option<Arc<Subject>>) {
+        if let Ok(mut s) = self.subject.write() {
+            *s = subject;
+        }
+    }
 }
 
 impl std::fmt::Debug for Member {
@@ -122,6 +138,10 @@ pub struct Metrics {
     pub broadcasts_undeliverable: AtomicU64,
     pub presence_events: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// `walcast.rls_check` calls (one per table per batch of changes).
+    pub rls_checks: AtomicU64,
+    /// Change deliveries withheld by row-level security (per subscriber and change).
+    pub rls_withheld: AtomicU64,
     /// Tokens refused (connect, join, refresh, REST) and channels closed when their token expired.
     pub auth_refused: AtomicU64,
 }
@@ -141,6 +161,7 @@ struct HubInner {
     /// True while database broadcasts flow (the replication stream is connected).
     replication_live: Option<watch::Receiver<bool>>,
     verifier: Verifier,
+    rls: Option<Arc<RowSecurity>>,
     next_id: AtomicU64,
     /// Random per process: makes presence refs unique across nodes.
     node: u64,
@@ -169,6 +190,9 @@ pub struct HubParts {
     pub replication_live: Option<watch::Receiver<bool>>,
     /// Verifies tokens at join and refresh; the default accepts every client.
     pub verifier: Verifier,
+    /// Row-level security for `postgres_changes`; `None` delivers every change to every
+    /// matching subscriber (authentication off, or no database).
+    pub rls: Option<Arc<RowSecurity>>,
 }
 
 impl Hub {
@@ -183,6 +207,7 @@ impl Hub {
                 peers: parts.peers,
                 replication_live: parts.replication_live,
                 verifier: parts.verifier,
+                rls: parts.rls,
                 next_id: AtomicU64::new(1),
                 node: fastrand::u64(..),
             }),
@@ -201,6 +226,10 @@ impl Hub {
 
     pub fn verifier(&self) -> &Verifier {
         &self.inner.verifier
+    }
+
+    pub fn rls(&self) -> Option<&Arc<RowSecurity>> {
+        self.inner.rls.as_ref()
     }
 
     pub fn limits(&self) -> &Limits {

@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::auth::rls::{Access, KeyOnlyDeletes, Request, RowSecurity, Subject, Table};
 use crate::auth::{AuthError, Credentials};
 use crate::realtime::broadcast::{BroadcastError, BroadcastMessage};
 use crate::realtime::bus::BusMessage;
-use crate::realtime::index::SubId;
+use crate::realtime::index::{BindingSpec, SubId};
 use crate::realtime::outbox::{Direct, Encoder, Outbox, OutboxReceiver};
 use crate::realtime::presence::{new_ref, random_uuid, PresenceDiff, PresenceMeta};
 use crate::realtime::{Hub, Member, SessionId, TopicKey};
@@ -51,6 +52,9 @@ pub struct Joined {
     /// For joins with bindings: `Ok` once every binding is live (a change committed from now on
     /// is delivered), or the errors of those that could not be subscribed (the others are live).
     pub changes: Option<Result<(), Vec<BindingError>>>,
+    /// Things the client should know about its live bindings (e.g. DELETEs that row-level
+    /// security withholds).
+    pub notices: Vec<String>,
 }
 
 /// Why a join was refused.
@@ -180,6 +184,51 @@ pub struct Session {
     connect: Option<Credentials>,
 }
 
+/// Whether `subject` may subscribe to a single-table binding: its role must be able to SELECT
+/// the table and every column the filter or `select` names. Returns a notice when row-level
+/// security will withhold the table's DELETEs (key-only old rows). Schema-wide bindings are
+/// checked per table as changes arrive.
+async fn authorize_binding(
+    rls: &RowSecurity,
+    subject: &Subject,
+    spec: &BindingSpec,
+) -> Result<Option<String>, BindingError> {
+    let Some(table) = spec.table.as_deref() else { return Ok(None) };
+    let name = format!("{}.{}", spec.schema, table);
+    let request = Request { subject, wanted: &[] };
+    let verdict = rls
+        .check(Table::Name { schema: &spec.schema, table }, std::slice::from_ref(&request), "[]")
+        .await
+        .map_err(|e| BindingError::RlsUnavailable(Arc::new(e)))?
+        .pop();
+    let role = subject.role.to_string();
+    let (hidden, rows) = match verdict.map(|v| v.access) {
+        Some(Access::Open(h)) => (h, false),
+        Some(Access::Rows(h)) => (h, true),
+        Some(Access::Denied) => return Err(BindingError::NoSelect { table: name, role }),
+        Some(Access::Failed(message)) => {
+            return Err(BindingError::Authorization { table: name, role, message: message.to_string() })
+        }
+        None => return Err(BindingError::Authorization { table: name, role, message: "no answer".into() }),
+    };
+    if let Some(hidden) = hidden {
+        let named = spec.filter.columns().chain(spec.select.iter().flat_map(|s| s.iter().map(|c| &**c)));
+        for column in named {
+            if hidden.iter().any(|h| &**h == column) {
+                return Err(BindingError::HiddenColumn { column: column.to_owned(), table: name, role });
+            }
+        }
+    }
+    let deletes = spec.event.accepts(crate::change::ChangeKind::Delete);
+    if rows && deletes && !spec.full_identity && rls.key_only_deletes() == KeyOnlyDeletes::Withhold {
+        return Ok(Some(format!(
+            "DELETE events on {name} are not delivered: row-level security cannot be checked on \
+             their key-only old rows (set REPLICA IDENTITY FULL on {name})"
+        )));
+    }
+    Ok(None)
+}
+
 /// Whether a token names Supabase's opaque API keys (`sb_…`), which stand for "no user token".
 fn is_api_key(token: &str) -> bool {
     token.starts_with("sb_")
@@ -248,7 +297,7 @@ impl Session {
         if self.channels.len() >= self.hub.limits().max_channels {
             return Err(JoinError::TooManyChannels);
         }
-        let resolved = if req.bindings.is_empty() {
+        let mut resolved = if req.bindings.is_empty() {
             Vec::new()
         } else {
             match self.hub.catalog() {
@@ -256,6 +305,18 @@ impl Session {
                 None => req.bindings.iter().map(|_| Err(BindingError::NoCatalog)).collect(),
             }
         };
+        let mut notices = Vec::new();
+        if let (Some(rls), Some(c)) = (self.hub.rls(), credentials.as_ref()) {
+            let subject = Subject::of(&c.claims);
+            for r in resolved.iter_mut() {
+                let Ok(spec) = r else { continue };
+                match authorize_binding(rls, &subject, spec).await {
+                    Ok(Some(notice)) => notices.push(notice),
+                    Ok(None) => {}
+                    Err(e) => *r = Err(e),
+                }
+            }
+        }
         let member = Arc::new(Member {
             id: self.hub.next_id(),
             session: self.id,
@@ -264,6 +325,7 @@ impl Session {
             outbox: self.outbox.clone(),
             encoder: Arc::clone(&self.encoder),
             echo_own: req.broadcast_self,
+            subject: std::sync::RwLock::new(credentials.as_ref().map(|c| Arc::new(Subject::of(&c.claims)))),
         });
         self.hub.add_member(Arc::clone(&member), req.presence_enabled);
         let mut membership = Membership {
@@ -301,7 +363,7 @@ impl Session {
         }
         let changes =
             (!req.bindings.is_empty()).then(|| if errors.is_empty() { Ok(()) } else { Err(errors) });
-        Ok(Joined { changes })
+        Ok(Joined { changes, notices })
     }
 
     /// The credentials a join acts with: its own token when it brings one, else the connect
@@ -341,6 +403,7 @@ impl Session {
             self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
         })?;
         if let Some(m) = self.channels.get_mut(topic) {
+            m.member.set_subject(Some(Arc::new(Subject::of(&credentials.claims))));
             m.expires_at = Instant::now().checked_add(credentials.claims.time_left());
             m.credentials = Some(credentials);
         }

@@ -58,6 +58,13 @@ pub fn migrator() -> Migrator {
                 Cow::Borrowed(include_str!("../../migrations/0002_realtime_broadcast.sql")),
                 false,
             ),
+            Migration::new(
+                3,
+                Cow::Borrowed("row level security"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../../migrations/0003_row_level_security.sql")),
+                false,
+            ),
         ]),
         ..Migrator::DEFAULT
     }

@@ -5,3 +5,4 @@ mod clients;
 mod gateway;
 mod ops;
 mod realtime;
+mod rls;

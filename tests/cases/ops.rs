@@ -16,7 +16,11 @@ async fn dedicated(name: &str, settings: &[(&str, &str)]) -> Cluster {
     let _ = std::fs::remove_dir_all(&root);
     let mut opts = ClusterOptions::throwaway(&root);
     opts.settings = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    Cluster::start(opts).await.expect("dedicated cluster")
+    let cluster = Cluster::start(opts).await.expect("dedicated cluster");
+    let p = pool(&cluster.url("postgres")).await;
+    exec(&p, walcast::cluster::API_ROLES_SQL).await;
+    p.close().await;
+    cluster
 }
 
 fn walcast_bin() -> std::process::Command {

@@ -103,6 +103,19 @@ fn shared() -> &'static Shared {
                 let cluster = Cluster::start(opts).await;
                 match cluster {
                     Ok(c) => {
+                        // Every test database is made from template1: roles and default
+                        // privileges set there apply to all of them.
+                        let template = c.url("template1");
+                        let roles = async {
+                            let pool = PgPool::connect(&template).await?;
+                            sqlx::raw_sql(walcast::cluster::API_ROLES_SQL).execute(&pool).await?;
+                            pool.close().await;
+                            Ok::<_, sqlx::Error>(())
+                        };
+                        if let Err(e) = roles.await {
+                            let _ = tx.send(Err(format!("creating the API roles: {e}")));
+                            return;
+                        }
                         let _ = tx.send(Ok((c.url("postgres"), c.port)));
                         // Keep the cluster alive for the life of the process.
                         std::future::pending::<()>().await;

@@ -274,8 +274,15 @@ impl PhoenixConnection {
                 if let Some(changes) = joined.changes {
                     let name = channel_name(&frame.topic);
                     let payload = match changes {
-                        Ok(()) => json!({"extension": "postgres_changes", "status": "ok",
-                                         "message": "Subscribed to PostgreSQL", "channel": name}),
+                        Ok(()) => {
+                            let mut message = String::from("Subscribed to PostgreSQL");
+                            for notice in &joined.notices {
+                                message.push_str("; ");
+                                message.push_str(notice);
+                            }
+                            json!({"extension": "postgres_changes", "status": "ok",
+                                   "message": message, "channel": name})
+                        }
                         Err(errors) => {
                             let message =
                                 errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");

@@ -1,0 +1,322 @@
+//! Row-level security for `postgres_changes`: asks Postgres which row versions each subscriber
+//! may SELECT, as its role with its claims (`walcast.rls_check`, migration 0003), and keeps what
+//! does not depend on the row (may the role read the table at all, does row-level security apply
+//! to it, which columns are hidden) in a cache per (table, role).
+//!
+//! A cached answer is valid only for the `Relation` it was computed under: Postgres sends a new
+//! Relation message after any change to the table's catalog entry (policies, `ENABLE ROW LEVEL
+//! SECURITY`, grants), so such a change is seen in commit order before the next row change. Role
+//! attributes and memberships are not part of it; answers are recomputed after `ACCESS_TTL`.
+//!
+//! Owns: the SQL call, the cache, logging each policy error once. Must not: touch sockets or the
+//! index, or log row values.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+
+use crate::auth::Claims;
+use crate::change::Relation;
+
+/// How long a cached access answer is trusted when the table itself has not changed.
+pub const ACCESS_TTL: Duration = Duration::from_secs(30);
+
+/// Who a subscriber acts as: the token's role and its whole claims object. Subscribers with
+/// equal subjects are checked once per batch.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    pub role: Arc<str>,
+    /// The claims as JSON (`request.jwt.claims`).
+    pub claims: Arc<str>,
+    hash: u64,
+}
+
+impl Subject {
+    pub fn new(role: Arc<str>, claims: Arc<str>) -> Subject {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        role.hash(&mut h);
+        claims.hash(&mut h);
+        Subject { role, claims, hash: h.finish() }
+    }
+
+    pub fn of(claims: &Claims) -> Subject {
+        Subject::new(Arc::clone(&claims.role), Arc::clone(&claims.json))
+    }
+}
+
+impl PartialEq for Subject {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.role == other.role && self.claims == other.claims
+    }
+}
+
+impl Eq for Subject {}
+
+impl Hash for Subject {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// Columns a role may not SELECT; `None` when it may read them all.
+pub type Hidden = Option<Arc<[Arc<str>]>>;
+
+/// What a role may read of a table, independent of the row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Access {
+    /// No column of the table.
+    Denied,
+    /// Every row: row-level security does not apply to this role.
+    Open(Hidden),
+    /// The rows its policies let it see.
+    Rows(Hidden),
+    /// The check failed (an unknown role, a policy that raised): nothing.
+    Failed(Arc<str>),
+}
+
+impl Access {
+    pub fn hidden(&self) -> Option<&[Arc<str>]> {
+        match self {
+            Access::Open(h) | Access::Rows(h) => h.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// The answer for one subject: its access, and for `Rows` which wanted rows it may see.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub access: Access,
+    /// 1-based positions in the row list, ascending.
+    pub visible: Vec<u32>,
+}
+
+impl Verdict {
+    pub fn sees(&self, row: u32) -> bool {
+        match &self.access {
+            Access::Open(_) => true,
+            Access::Rows(_) => self.visible.binary_search(&row).is_ok(),
+            _ => false,
+        }
+    }
+}
+
+/// One subject and the rows to check for it.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub subject: &'a Subject,
+    /// 1-based positions in the row list.
+    pub wanted: &'a [u32],
+}
+
+/// The table a check is about.
+#[derive(Debug, Clone, Copy)]
+pub enum Table<'a> {
+    Oid(u32),
+    Name { schema: &'a str, table: &'a str },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RlsError {
+    #[error("row-level security check failed")]
+    Query(#[source] sqlx::Error),
+    #[error("row-level security check returned an unknown access {0:?}")]
+    Protocol(String),
+}
+
+/// What happens to a DELETE on a table with row-level security whose old row carries only the
+/// key (REPLICA IDENTITY is not FULL), so the policy cannot be evaluated on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyOnlyDeletes {
+    /// Not delivered (nothing leaks).
+    #[default]
+    Withhold,
+    /// Delivered to subscribers whose role may SELECT the table.
+    Deliver,
+}
+
+struct Cached {
+    relation: Arc<Relation>,
+    at: Instant,
+    access: Access,
+}
+
+/// Row-level security checks against one database.
+pub struct RowSecurity {
+    pool: PgPool,
+    key_only_deletes: KeyOnlyDeletes,
+    cache: Mutex<HashMap<(u32, Arc<str>), Cached>>,
+    /// (table, message) pairs already logged.
+    logged: Mutex<HashSet<(u32, Arc<str>)>>,
+}
+
+impl std::fmt::Debug for RowSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowSecurity")
+            .field("key_only_deletes", &self.key_only_deletes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RowSecurity {
+    pub fn new(pool: PgPool, key_only_deletes: KeyOnlyDeletes) -> RowSecurity {
+        RowSecurity {
+            pool,
+            key_only_deletes,
+            cache: Mutex::new(HashMap::new()),
+            logged: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn key_only_deletes(&self) -> KeyOnlyDeletes {
+        self.key_only_deletes
+    }
+
+    /// The cached access of `role` to `relation`, if still valid for this relation.
+    pub fn cached(&self, relation: &Arc<Relation>, role: &Arc<str>) -> Option<Access> {
+        let cache = self.cache.lock().ok()?;
+        let c = cache.get(&(relation.id, Arc::clone(role)))?;
+        (Arc::ptr_eq(&c.relation, relation) && c.at.elapsed() < ACCESS_TTL).then(|| c.access.clone())
+    }
+
+    /// Remembers an access answer computed under `relation`. Failures are not cached: they are
+    /// retried with the next change.
+    pub fn remember(&self, relation: &Arc<Relation>, role: &Arc<str>, access: &Access) {
+        if matches!(access, Access::Failed(_)) {
+            return;
+        }
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.insert(
+                (relation.id, Arc::clone(role)),
+                Cached { relation: Arc::clone(relation), at: Instant::now(), access: access.clone() },
+            );
+        }
+    }
+
+    /// Checks `rows` (a JSON array of `{"column": text}` objects) for each request, in one
+    /// round trip. Verdicts come back in request order. A policy error denies that request
+    /// only (logged once per table and message); an error of the call itself is returned.
+    pub async fn check(
+        &self,
+        table: Table<'_>,
+        requests: &[Request<'_>],
+        rows: &str,
+    ) -> Result<Vec<Verdict>, RlsError> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Sorted by role: the function looks policies up once per role.
+        let mut order: Vec<usize> = (0..requests.len()).collect();
+        order.sort_by(|a, b| requests[*a].subject.role.cmp(&requests[*b].subject.role));
+        let roles: Vec<&str> = order.iter().map(|i| &*requests[*i].subject.role).collect();
+        let claims: Vec<&str> = order.iter().map(|i| &*requests[*i].subject.claims).collect();
+        let wanted: Vec<String> = order.iter().map(|i| int_array(requests[*i].wanted)).collect();
+        let sql = "SELECT k, access, hidden, visible, error FROM walcast.rls_check(\
+             CASE WHEN $1 <> 0 THEN $1::oid::regclass ELSE format('%I.%I', $6, $7)::regclass END, \
+             $2::text[], $3::text[]::jsonb[], $4::text[], $5::text::jsonb)";
+        let (oid, schema, name) = match table {
+            Table::Oid(oid) => (i64::from(oid), "", ""),
+            Table::Name { schema, table } => (0, schema, table),
+        };
+        type Row = (i32, String, Option<Vec<String>>, Option<Vec<i32>>, Option<String>);
+        let result: Vec<Row> = sqlx::query_as(sql)
+            .bind(oid)
+            .bind(&roles)
+            .bind(&claims)
+            .bind(&wanted)
+            .bind(rows)
+            .bind(schema)
+            .bind(name)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(RlsError::Query)?;
+        let mut verdicts: Vec<Option<Verdict>> = vec![None; requests.len()];
+        for (k, access, hidden, visible, error) in result {
+            let Some(&at) = usize::try_from(k - 1).ok().and_then(|i| order.get(i)) else { continue };
+            let hidden: Hidden =
+                hidden.filter(|h| !h.is_empty()).map(|h| h.into_iter().map(Arc::from).collect());
+            let access = match access.as_str() {
+                "none" => Access::Denied,
+                "open" => Access::Open(hidden),
+                "rls" => Access::Rows(hidden),
+                "error" => {
+                    let message: Arc<str> = error.unwrap_or_default().into();
+                    self.log_once(table, &requests[at].subject.role, &message);
+                    Access::Failed(message)
+                }
+                other => return Err(RlsError::Protocol(other.to_owned())),
+            };
+            let mut visible: Vec<u32> =
+                visible.unwrap_or_default().into_iter().filter_map(|v| u32::try_from(v).ok()).collect();
+            visible.sort_unstable();
+            verdicts[at] = Some(Verdict { access, visible });
+        }
+        Ok(verdicts
+            .into_iter()
+            .map(|v| v.unwrap_or(Verdict { access: Access::Failed("no answer".into()), visible: Vec::new() }))
+            .collect())
+    }
+
+    fn log_once(&self, table: Table<'_>, role: &str, message: &Arc<str>) {
+        let id = match table {
+            Table::Oid(oid) => oid,
+            Table::Name { .. } => 0,
+        };
+        let first = self.logged.lock().map(|mut l| l.len() < 10_000 && l.insert((id, Arc::clone(message))));
+        if first.unwrap_or(false) {
+            match table {
+                Table::Oid(oid) => {
+                    tracing::warn!(table_oid = oid, role, error = %message, "row-level security check failed; denied")
+                }
+                Table::Name { schema, table } => {
+                    tracing::warn!(%schema, %table, role, error = %message, "row-level security check failed; denied")
+                }
+            }
+        }
+    }
+}
+
+/// `{1,2,3}`.
+fn int_array(v: &[u32]) -> String {
+    let mut s = String::with_capacity(2 + v.len() * 4);
+    s.push('{');
+    for (i, n) in v.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&n.to_string());
+    }
+    s.push('}');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_compare_by_content() {
+        let a = Subject::new("authenticated".into(), r#"{"sub":"a"}"#.into());
+        let b = Subject::new("authenticated".into(), r#"{"sub":"a"}"#.into());
+        let c = Subject::new("authenticated".into(), r#"{"sub":"b"}"#.into());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let set: HashSet<Subject> = [a, b, c].into_iter().collect();
+        assert_eq!(set.len(), 2);
+    }
+
+    #[test]
+    fn verdicts() {
+        let rows = Verdict { access: Access::Rows(None), visible: vec![2, 5] };
+        assert!(rows.sees(2) && rows.sees(5) && !rows.sees(3));
+        assert!(Verdict { access: Access::Open(None), visible: vec![] }.sees(9));
+        assert!(!Verdict { access: Access::Denied, visible: vec![1] }.sees(1));
+        assert!(!Verdict { access: Access::Failed("x".into()), visible: vec![1] }.sees(1));
+        assert_eq!(int_array(&[]), "{}");
+        assert_eq!(int_array(&[1, 20]), "{1,20}");
+    }
+}

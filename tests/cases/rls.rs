@@ -1,0 +1,341 @@
+//! Row-level security for `postgres_changes` against a real database: each subscriber receives
+//! exactly the row versions its role, with its claims, may SELECT — `auth.uid()` policies,
+//! role-based policies, a subquery into a membership table that changes mid-stream, column
+//! grants, a row whose successive versions belong to different users, DELETEs, BYPASSRLS, table
+//! owners with and without FORCE, policy errors, token refresh, and key-only DELETEs.
+//!
+//! "Did not receive" is proven with a marker: after the changes under test, a change every
+//! subscriber may see is committed, and each subscriber's next frames must be exactly what it
+//! may see followed by the marker.
+
+use serde_json::{json, Value};
+
+use crate::support::{exec, fresh_db, pool, token, TestApp, Ws};
+
+const PATH: &str = "/realtime/v1/websocket";
+const A: &str = "00000000-0000-0000-0000-00000000000a";
+const B: &str = "00000000-0000-0000-0000-00000000000b";
+
+const SCHEMA: &str = "
+CREATE SCHEMA auth;
+CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
+    SELECT (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')::uuid
+$$;
+GRANT USAGE ON SCHEMA auth TO anon, authenticated;
+
+CREATE TABLE docs (id int PRIMARY KEY, owner uuid, body text, secret text, public bool NOT NULL DEFAULT false);
+ALTER TABLE docs REPLICA IDENTITY FULL;
+ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own ON docs FOR SELECT TO authenticated USING (owner = auth.uid());
+CREATE POLICY published ON docs FOR SELECT TO anon, authenticated USING (public);
+CREATE POLICY not_hidden ON docs AS RESTRICTIVE FOR SELECT USING (body IS DISTINCT FROM 'hidden');
+REVOKE SELECT ON docs FROM authenticated;
+GRANT SELECT (id, owner, body, public) ON docs TO authenticated;
+
+CREATE TABLE members (room int, user_id uuid);
+GRANT SELECT ON members TO authenticated;
+CREATE TABLE messages (id int PRIMARY KEY, room int, body text);
+ALTER TABLE messages REPLICA IDENTITY FULL;
+ALTER TABLE messages ENABLE ROW LEVEL SECURITY;
+CREATE POLICY in_room ON messages FOR SELECT TO authenticated USING (
+    EXISTS (SELECT 1 FROM members m WHERE m.room = messages.room AND m.user_id = auth.uid()));
+
+CREATE TABLE open_notes (id int PRIMARY KEY, body text);
+CREATE TABLE staff_only (id int PRIMARY KEY);
+REVOKE SELECT ON staff_only FROM anon, authenticated;
+CREATE TABLE keyed (id int PRIMARY KEY, owner uuid);
+ALTER TABLE keyed ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own ON keyed FOR SELECT TO authenticated USING (owner = auth.uid());
+";
+
+async fn app(tweak: impl FnOnce(&mut walcast::config::Config)) -> (TestApp, sqlx::PgPool) {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, SCHEMA).await;
+    (TestApp::spawn_with(&url, tweak).await, p)
+}
+
+async fn connect(app: &TestApp, key: &str) -> Ws {
+    match Ws::connect_with(app.addr, PATH, None, Some(key)).await {
+        Ok(ws) => ws,
+        Err((status, body)) => panic!("refused: {status} {body}"),
+    }
+}
+
+fn user(sub: &str) -> String {
+    token("authenticated", Some(sub))
+}
+
+/// Joins with one binding on `table`; returns the `system` message.
+async fn subscribe(ws: &mut Ws, name: &str, table: &str) -> Value {
+    let (_, system) = ws.join(name, json!([{"event": "*", "schema": "public", "table": table}])).await;
+    system
+}
+
+/// The next `postgres_changes` data object.
+async fn next_change(ws: &mut Ws) -> Value {
+    ws.recv_until("a change", |f| f["event"] == "postgres_changes").await["payload"]["data"].clone()
+}
+
+/// The next changes up to and including one whose record has `marker` as body; returns their
+/// (type, id) pairs, without the marker.
+async fn changes_until_marker(ws: &mut Ws, marker: &str) -> Vec<(String, i64)> {
+    let mut seen = Vec::new();
+    loop {
+        let d = next_change(ws).await;
+        if d["record"]["body"] == marker {
+            return seen;
+        }
+        let row = if d["type"] == "DELETE" { &d["old_record"] } else { &d["record"] };
+        seen.push((d["type"].as_str().unwrap_or("").to_owned(), row["id"].as_i64().unwrap_or(-1)));
+    }
+}
+
+fn ty(t: &str, id: i64) -> (String, i64) {
+    (t.to_owned(), id)
+}
+
+#[tokio::test]
+async fn each_subscriber_gets_the_row_versions_it_may_see() {
+    let (app, p) = app(|_| {}).await;
+    let mut a = connect(&app, &user(A)).await;
+    let mut b = connect(&app, &user(B)).await;
+    let mut anon = connect(&app, &crate::support::anon_key()).await;
+    let mut service = connect(&app, &token("service_role", None)).await;
+    for ws in [&mut a, &mut b, &mut anon, &mut service] {
+        let system = subscribe(ws, "docs", "docs").await;
+        assert_eq!(system["status"], "ok", "{system}");
+    }
+    exec(
+        &p,
+        &format!(
+            "INSERT INTO docs VALUES (1, '{A}', 'a1', 's1'), (2, '{A}', 'a2', 's2'), (3, '{B}', 'b3', 's3');
+             INSERT INTO docs VALUES (4, '{A}', 'hidden', 's4');
+             UPDATE docs SET body = 'v1' WHERE id = 1;
+             UPDATE docs SET owner = '{B}', body = 'v2' WHERE id = 1;
+             DELETE FROM docs WHERE id = 2;
+             INSERT INTO docs VALUES (5, NULL, 'marker', 's5', true);"
+        ),
+    )
+    .await;
+    // A: its inserts, v1 of row 1 (not v2, which belongs to B), the delete of its row 2.
+    assert_eq!(
+        changes_until_marker(&mut a, "marker").await,
+        [ty("INSERT", 1), ty("INSERT", 2), ty("UPDATE", 1), ty("DELETE", 2)]
+    );
+    // B: its insert and v2 of row 1 — not v1, not the delete of A's row.
+    assert_eq!(changes_until_marker(&mut b, "marker").await, [ty("INSERT", 3), ty("UPDATE", 1)]);
+    // anon sees public rows only; service_role bypasses row-level security.
+    assert_eq!(changes_until_marker(&mut anon, "marker").await, []);
+    assert_eq!(
+        changes_until_marker(&mut service, "marker").await,
+        [
+            ty("INSERT", 1),
+            ty("INSERT", 2),
+            ty("INSERT", 3),
+            ty("INSERT", 4),
+            ty("UPDATE", 1),
+            ty("UPDATE", 1),
+            ty("DELETE", 2)
+        ]
+    );
+
+    // What B got for v2: the new version, without the column it may not read, and without the
+    // old version (owned by A).
+    exec(
+        &p,
+        &format!(
+            "UPDATE docs SET body = 'v3' WHERE id = 1; INSERT INTO docs VALUES (6, '{B}', 'marker2', 's6')"
+        ),
+    )
+    .await;
+    let d = next_change(&mut b).await;
+    assert_eq!(d["record"], json!({"id": 1, "owner": B, "body": "v3", "public": false}), "{d}");
+    assert_eq!(d["old_record"], json!({"id": 1, "owner": B, "body": "v2", "public": false}), "{d}");
+    assert!(!d.to_string().contains("secret") && !d.to_string().contains("s1"), "{d}");
+    let d = next_change(&mut b).await;
+    assert_eq!(d["record"]["body"], "marker2");
+    // A row moving from A to B: B receives it with the old record withheld.
+    exec(&p, &format!("UPDATE docs SET owner = '{B}' WHERE id = 3; INSERT INTO docs VALUES (7, '{A}', 'x', 's'); UPDATE docs SET owner = '{B}' WHERE id = 7")).await;
+    let d = next_change(&mut b).await;
+    assert_eq!((d["type"].as_str(), d["record"]["id"].as_i64()), (Some("UPDATE"), Some(3)));
+    assert_eq!(d["old_record"], json!({"id": 3, "owner": B, "body": "b3", "public": false}));
+    let d = next_change(&mut b).await;
+    assert_eq!((d["type"].as_str(), d["record"]["id"].as_i64()), (Some("UPDATE"), Some(7)));
+    assert_eq!(d["old_record"], json!({}), "the old version was A's: {d}");
+    let secret_free =
+        |v: &Value| v["columns"].as_array().is_some_and(|c| c.iter().all(|c| c["name"] != "secret"));
+    assert!(secret_free(&d), "{d}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn policies_with_subqueries_follow_the_membership_table() {
+    let (app, p) = app(|_| {}).await;
+    exec(&p, &format!("INSERT INTO members VALUES (1, '{A}'), (2, '{B}')")).await;
+    let mut a = connect(&app, &user(A)).await;
+    let mut b = connect(&app, &user(B)).await;
+    subscribe(&mut a, "room", "messages").await;
+    subscribe(&mut b, "room", "messages").await;
+    exec(&p, "INSERT INTO messages VALUES (1, 1, 'for room 1'), (2, 2, 'for room 2')").await;
+    assert_eq!(next_change(&mut a).await["record"]["id"], 1);
+    assert_eq!(next_change(&mut b).await["record"]["id"], 2);
+    // B joins room 1 mid-stream: from then on it receives room 1's messages.
+    exec(&p, &format!("INSERT INTO members VALUES (1, '{B}')")).await;
+    exec(&p, "INSERT INTO messages VALUES (3, 1, 'after B joined')").await;
+    assert_eq!(next_change(&mut a).await["record"]["id"], 3);
+    assert_eq!(next_change(&mut b).await["record"]["id"], 3);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn subscribe_time_refusals_and_notices() {
+    let (app, p) = app(|_| {}).await;
+    let _ = p;
+    let mut a = connect(&app, &user(A)).await;
+    let system = subscribe(&mut a, "staff", "staff_only").await;
+    assert_eq!(system["status"], "error", "{system}");
+    let message = system["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("permission denied for table public.staff_only")
+            && message.contains("authenticated"),
+        "{message}"
+    );
+    // A filter or select on a column the role may not read would leak it.
+    let (_, system) = a
+        .join("f", json!([{"event": "*", "schema": "public", "table": "docs", "filter": "secret=eq.x"}]))
+        .await;
+    assert_eq!(system["status"], "error", "{system}");
+    assert!(
+        system["message"].as_str().unwrap_or("").contains("permission denied for column secret"),
+        "{system}"
+    );
+    // Key-only DELETEs cannot be checked: the subscriber is told they are withheld.
+    let system = subscribe(&mut a, "keyed", "keyed").await;
+    assert_eq!(system["status"], "ok", "{system}");
+    let message = system["message"].as_str().unwrap_or("");
+    assert!(
+        message.starts_with("Subscribed to PostgreSQL; DELETE events on public.keyed are not delivered"),
+        "{message}"
+    );
+    // Only DELETEs are affected, and tables without row-level security say nothing.
+    let (_, system) = a.join("ins", json!([{"event": "INSERT", "schema": "public", "table": "keyed"}])).await;
+    assert_eq!(system["message"], "Subscribed to PostgreSQL");
+    let system = subscribe(&mut a, "open", "open_notes").await;
+    assert_eq!(system["message"], "Subscribed to PostgreSQL");
+    // A role that does not exist is refused with Postgres's reason.
+    let mut ghost = connect(&app, &token("nobody_here", Some(A))).await;
+    let system = subscribe(&mut ghost, "docs", "docs").await;
+    assert_eq!(system["status"], "error", "{system}");
+    assert!(
+        system["message"].as_str().unwrap_or("").contains("role \"nobody_here\" does not exist"),
+        "{system}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn key_only_deletes_are_withheld_unless_configured() {
+    for deliver in [false, true] {
+        let (app, p) = app(|c| {
+            if deliver {
+                c.auth.key_only_deletes = walcast::auth::rls::KeyOnlyDeletes::Deliver;
+            }
+        })
+        .await;
+        exec(&p, &format!("INSERT INTO keyed VALUES (1, '{A}')")).await;
+        let mut a = connect(&app, &user(A)).await;
+        let mut b = connect(&app, &user(B)).await;
+        subscribe(&mut a, "keyed", "keyed").await;
+        subscribe(&mut b, "keyed", "keyed").await;
+        exec(&p, &format!("DELETE FROM keyed WHERE id = 1; INSERT INTO keyed VALUES (2, '{A}'), (3, '{B}')"))
+            .await;
+        let first = next_change(&mut a).await;
+        if deliver {
+            assert_eq!((first["type"].as_str(), &first["old_record"]), (Some("DELETE"), &json!({"id": 1})));
+            assert_eq!(next_change(&mut a).await["record"]["id"], 2);
+            // B may SELECT the table, so the opt-in delivers the key to B too.
+            assert_eq!(next_change(&mut b).await["type"], "DELETE");
+        } else {
+            assert_eq!((first["type"].as_str(), first["record"]["id"].as_i64()), (Some("INSERT"), Some(2)));
+        }
+        assert_eq!(next_change(&mut b).await["record"]["id"], 3);
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn catalog_changes_apply_in_commit_order() {
+    let (app, p) = app(|_| {}).await;
+    let owner = format!("owner_{}", app.slot);
+    exec(
+        &p,
+        &format!(
+            "CREATE ROLE {owner} NOLOGIN; GRANT USAGE ON SCHEMA auth TO {owner}; ALTER TABLE docs OWNER TO {owner};
+             CREATE POLICY owner_sees_public ON docs FOR SELECT TO {owner} USING (public);"
+        ),
+    )
+    .await;
+    let mut o = connect(&app, &token(&owner, Some(A))).await;
+    let mut b = connect(&app, &user(B)).await;
+    subscribe(&mut o, "docs", "docs").await;
+    subscribe(&mut b, "docs", "docs").await;
+    subscribe(&mut b, "open", "open_notes").await;
+    // The owner bypasses row-level security until it is forced (then only its policy applies);
+    // B sees open_notes until row-level security is enabled there (no policy: nothing). Each
+    // statement is a transaction of its own.
+    for sql in [
+        format!("INSERT INTO docs VALUES (1, '{B}', 'before', 's')"),
+        "INSERT INTO open_notes VALUES (1, 'before')".to_owned(),
+        "ALTER TABLE docs FORCE ROW LEVEL SECURITY".to_owned(),
+        "ALTER TABLE open_notes ENABLE ROW LEVEL SECURITY".to_owned(),
+        format!("INSERT INTO docs VALUES (2, '{B}', 'after', 's')"),
+        "INSERT INTO open_notes VALUES (2, 'after')".to_owned(),
+        format!("INSERT INTO docs VALUES (3, '{A}', 'marker', 's', true)"),
+    ] {
+        exec(&p, &sql).await;
+    }
+    assert_eq!(changes_until_marker(&mut o, "marker").await, [ty("INSERT", 1)]);
+    let mut got = Vec::new();
+    loop {
+        let d = next_change(&mut b).await;
+        if d["record"]["body"] == "marker" {
+            break;
+        }
+        got.push((d["table"].as_str().unwrap_or("").to_owned(), d["record"]["id"].as_i64().unwrap_or(-1)));
+    }
+    assert_eq!(got, [("docs".to_owned(), 1), ("open_notes".to_owned(), 1), ("docs".to_owned(), 2)]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_policy_denies_its_subscriber_only_and_refresh_switches_users() {
+    let (app, p) = app(|_| {}).await;
+    exec(
+        &p,
+        &format!(
+            "CREATE FUNCTION auth.fragile() RETURNS bool LANGUAGE plpgsql STABLE AS $$
+             BEGIN
+                 IF auth.uid() = '{B}' THEN RAISE EXCEPTION 'fragile policy'; END IF;
+                 RETURN true;
+             END $$;
+             CREATE POLICY fragile ON messages FOR SELECT TO authenticated USING (auth.fragile());"
+        ),
+    )
+    .await;
+    let mut a = connect(&app, &user(A)).await;
+    let mut b = connect(&app, &user(B)).await;
+    subscribe(&mut a, "room", "messages").await;
+    let system = subscribe(&mut b, "room", "messages").await;
+    assert_eq!(system["status"], "ok", "{system}");
+    exec(&p, "INSERT INTO messages VALUES (1, 1, 'one'), (2, 2, 'two')").await;
+    assert_eq!(next_change(&mut a).await["record"]["id"], 1);
+    assert_eq!(next_change(&mut a).await["record"]["id"], 2);
+    // B switches to A's token: from then on it reads as A.
+    b.push(Some("j1"), "realtime:room", "access_token", json!({"access_token": user(A)})).await;
+    b.expect_quiet("a good refresh has no reply").await;
+    exec(&p, "INSERT INTO messages VALUES (3, 3, 'three')").await;
+    assert_eq!(next_change(&mut a).await["record"]["id"], 3);
+    assert_eq!(next_change(&mut b).await["record"]["id"], 3, "B got nothing while its policy failed");
+    app.stop().await;
+}
