@@ -177,6 +177,21 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         topics: usize,
     },
+    /// Row-level security: subscribers over users, each with its user's token, on a table with an
+    /// `owner = auth.uid()` policy; against the same deliveries without row-level security.
+    Rls {
+        #[arg(long, default_value_t = 1_000)]
+        clients: usize,
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        /// Changes committed per second in the fixed-rate run.
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[command(flatten)]
+        search: SearchArgs,
+    },
     /// The raw-WebSocket relay the realtime scenarios compare against (run by them).
     #[command(hide = true)]
     Relay {
@@ -380,6 +395,20 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
                     let search = SearchArgs { steps: Vec::new(), step_seconds: 0, p99_ms: 0.0 };
                     let o = realtime_options(sockets, topics, 0, 0, search, gateway_url.clone())?;
                     bench::realtime::presence(&opts, &o).await?;
+                }
+                Scenario::Rls { clients, users, rate, seconds, search } => {
+                    let o = bench::rls::RlsOptions {
+                        clients,
+                        users,
+                        rate,
+                        seconds,
+                        steps: search.steps,
+                        step_seconds: search.step_seconds,
+                        p99_bound_ms: search.p99_ms,
+                        gateway_bin: std::env::current_exe()?,
+                        gateway_url: gateway_url.clone(),
+                    };
+                    bench::rls::run(&opts, &o).await?;
                 }
                 Scenario::Relay { listen } => bench::relay::serve(&listen).await?,
             }

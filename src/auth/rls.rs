@@ -108,14 +108,16 @@ impl Verdict {
 #[derive(Debug)]
 pub struct Request<'a> {
     pub subject: &'a Subject,
-    /// 1-based positions in the row list.
-    pub wanted: &'a [u32],
+    /// 1-based positions in the row list, ascending; `None` for every row.
+    pub wanted: Option<&'a [u32]>,
 }
 
 /// The table a check is about.
 #[derive(Debug, Clone, Copy)]
 pub enum Table<'a> {
-    Oid(u32),
+    /// A table as a Relation message named it.
+    Oid { oid: u32, schema: &'a str, table: &'a str },
+    /// A table by name (at subscribe time).
     Name { schema: &'a str, table: &'a str },
 }
 
@@ -214,16 +216,24 @@ impl RowSecurity {
         order.sort_by(|a, b| requests[*a].subject.role.cmp(&requests[*b].subject.role));
         let roles: Vec<&str> = order.iter().map(|i| &*requests[*i].subject.role).collect();
         let claims: Vec<&str> = order.iter().map(|i| &*requests[*i].subject.claims).collect();
-        let wanted: Vec<String> = order.iter().map(|i| int_array(requests[*i].wanted)).collect();
-        let sql = "SELECT k, access, hidden, visible, error FROM walcast.rls_check(\
+        let wanted: Vec<Option<String>> = order.iter().map(|i| requests[*i].wanted.map(int_array)).collect();
+        // The row type, spelled in the statement: it types the rebuilt rows.
+        let (schema, name) = match table {
+            Table::Oid { schema, table, .. } | Table::Name { schema, table } => (schema, table),
+        };
+        let sql = format!(
+            "SELECT k, access, hidden, visible, error FROM walcast.rls_check(\
              CASE WHEN $1 <> 0 THEN $1::oid::regclass ELSE format('%I.%I', $6, $7)::regclass END, \
-             $2::text[], $3::text[]::jsonb[], $4::text[], $5::text::jsonb)";
-        let (oid, schema, name) = match table {
-            Table::Oid(oid) => (i64::from(oid), "", ""),
-            Table::Name { schema, table } => (0, schema, table),
+             $2::text[], $3::text[]::jsonb[], $4::text[], $5::text::jsonb, NULL::{}.{}[])",
+            quote_ident(schema),
+            quote_ident(name)
+        );
+        let oid = match table {
+            Table::Oid { oid, .. } => i64::from(oid),
+            Table::Name { .. } => 0,
         };
         type Row = (i32, String, Option<Vec<String>>, Option<Vec<i32>>, Option<String>);
-        let result: Vec<Row> = sqlx::query_as(sql)
+        let result: Vec<Row> = sqlx::query_as(&sql)
             .bind(oid)
             .bind(&roles)
             .bind(&claims)
@@ -263,21 +273,20 @@ impl RowSecurity {
 
     fn log_once(&self, table: Table<'_>, role: &str, message: &Arc<str>) {
         let id = match table {
-            Table::Oid(oid) => oid,
+            Table::Oid { oid, .. } => oid,
             Table::Name { .. } => 0,
         };
         let first = self.logged.lock().map(|mut l| l.len() < 10_000 && l.insert((id, Arc::clone(message))));
         if first.unwrap_or(false) {
-            match table {
-                Table::Oid(oid) => {
-                    tracing::warn!(table_oid = oid, role, error = %message, "row-level security check failed; denied")
-                }
-                Table::Name { schema, table } => {
-                    tracing::warn!(%schema, %table, role, error = %message, "row-level security check failed; denied")
-                }
-            }
+            let (Table::Oid { schema, table, .. } | Table::Name { schema, table }) = table;
+            tracing::warn!(%schema, %table, role, error = %message, "row-level security check failed; denied");
         }
     }
+}
+
+/// `"name"`, with inner quotes doubled.
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// `{1,2,3}`.
@@ -318,5 +327,6 @@ mod tests {
         assert!(!Verdict { access: Access::Failed("x".into()), visible: vec![1] }.sees(1));
         assert_eq!(int_array(&[]), "{}");
         assert_eq!(int_array(&[1, 20]), "{1,20}");
+        assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
     }
 }

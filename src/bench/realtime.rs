@@ -50,16 +50,25 @@ pub struct RealtimeOptions {
 
 /// Receipts of one socket.
 #[derive(Debug)]
-struct Receiver {
+pub(crate) struct Receiver {
     hist: Mutex<Histogram<u64>>,
-    received: AtomicU64,
+    pub(crate) received: AtomicU64,
+    /// Stamped frames that lack `must_contain` (rows this socket must never see).
+    pub(crate) leaked: AtomicU64,
+    must_contain: Option<Vec<u8>>,
 }
 
 impl Receiver {
     fn new() -> Arc<Receiver> {
+        Receiver::expecting(None)
+    }
+
+    pub(crate) fn expecting(must_contain: Option<Vec<u8>>) -> Arc<Receiver> {
         Arc::new(Receiver {
             hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!())),
             received: AtomicU64::new(0),
+            leaked: AtomicU64::new(0),
+            must_contain,
         })
     }
 }
@@ -76,7 +85,7 @@ fn micros_since(start: Instant) -> u64 {
 }
 
 /// Records every stamped frame the socket receives.
-fn spawn_reader(
+pub(crate) fn spawn_reader(
     mut stream: SplitStream<Socket>,
     start: Instant,
     r: Arc<Receiver>,
@@ -89,6 +98,11 @@ fn spawn_reader(
                 _ => continue,
             };
             if let Some(t) = find_stamp(bytes) {
+                if let Some(needle) = &r.must_contain {
+                    if !bytes.windows(needle.len()).any(|w| w == &needle[..]) {
+                        r.leaked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 let us = micros_since(start).saturating_sub(t).max(1);
                 if let Ok(mut h) = r.hist.lock() {
                     let _ = h.record(us.min(60_000_000));
@@ -101,29 +115,29 @@ fn spawn_reader(
 
 /// One measured step.
 #[derive(Debug, Clone, Copy)]
-struct Step {
-    rate: u64,
+pub(crate) struct Step {
+    pub(crate) rate: u64,
     sent: u64,
     expected: u64,
-    delivered: u64,
+    pub(crate) delivered: u64,
     secs: f64,
     p50: f64,
-    p99: f64,
+    pub(crate) p99: f64,
     max: f64,
 }
 
 impl Step {
-    fn lost(&self) -> u64 {
+    pub(crate) fn lost(&self) -> u64 {
         self.expected.saturating_sub(self.delivered)
     }
 
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         json!({"rate": self.rate, "sent": self.sent, "delivered": self.delivered, "lost": self.lost(),
                "deliveries_per_sec": (self.delivered as f64 / self.secs).round(),
                "latency_ms": {"p50": self.p50, "p99": self.p99, "max": self.max}})
     }
 
-    fn print(&self, who: &str) {
+    pub(crate) fn print(&self, who: &str) {
         println!(
             "{who:>8} {:>8} {:>12.0} {:>10} {:>6} {:>9.2} {:>9.2} {:>9.2}",
             self.rate,
@@ -137,7 +151,7 @@ impl Step {
     }
 }
 
-fn print_header() {
+pub(crate) fn print_header() {
     println!(
         "{:>8} {:>8} {:>12} {:>10} {:>6} {:>9} {:>9} {:>9}",
         "server", "rate", "deliveries/s", "delivered", "lost", "p50 ms", "p99 ms", "max ms"
@@ -145,9 +159,9 @@ fn print_header() {
 }
 
 /// How a step sends its messages: `send(seq, stamp)` for each tick.
-enum Source {
-    /// INSERTs into walcast_bench_items through a pool.
-    Db(sqlx::PgPool),
+pub(crate) enum Source {
+    /// INSERTs through a pool: the statement takes the row id ($1) and the stamp ($2).
+    Db(sqlx::PgPool, &'static str),
     /// One publishing socket per topic, with the frame for a stamp.
     Sockets(Vec<SplitSink<Socket, Message>>, fn(usize, u64) -> Message),
 }
@@ -155,7 +169,7 @@ enum Source {
 /// Sends `rate` messages per second (per publishing socket) for `seconds`, then waits until every
 /// receiver has its share or nothing moved for 5 s. `fanout` is how many receivers each message
 /// reaches.
-async fn step(
+pub(crate) async fn step(
     source: &mut Source,
     receivers: &[Arc<Receiver>],
     start: Instant,
@@ -173,7 +187,7 @@ async fn step(
     // Sockets take turns, one message per tick, so the messages of all topics are spread evenly
     // over each second rather than sent in bursts.
     let streams = match source {
-        Source::Db(_) => 1,
+        Source::Db(..) => 1,
         Source::Sockets(sinks, _) => sinks.len().max(1) as u64,
     };
     let ticks = rate * seconds * streams;
@@ -185,17 +199,13 @@ async fn step(
     for n in 0..ticks {
         tick.tick().await;
         match source {
-            Source::Db(pool) => {
+            Source::Db(pool, sql) => {
                 *seq += 1;
-                let (pool, id) = (pool.clone(), *seq);
+                let (pool, id, sql) = (pool.clone(), *seq, *sql);
                 inflight.push(tokio::spawn(async move {
                     let mut conn = pool.acquire().await?;
                     let body = format!("t={}", micros_since(start));
-                    sqlx::query("INSERT INTO walcast_bench_items (id, k, body) VALUES ($1, 0, $2)")
-                        .bind(id)
-                        .bind(body)
-                        .execute(&mut *conn)
-                        .await
+                    sqlx::query(sql).bind(id).bind(body).execute(&mut *conn).await
                 }));
                 if inflight.len() >= 256 {
                     for h in inflight.drain(..) {
@@ -304,7 +314,7 @@ impl Relay {
     }
 }
 
-async fn connect_all<F, Fut>(n: usize, f: F) -> anyhow::Result<Vec<Socket>>
+pub(crate) async fn connect_all<F, Fut>(n: usize, f: F) -> anyhow::Result<Vec<Socket>>
 where
     F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Socket>>,
@@ -328,12 +338,27 @@ async fn phoenix_join(
     config: serde_json::Value,
     wait_system: bool,
 ) -> anyhow::Result<Socket> {
+    phoenix_join_as(addr, topic, config, wait_system, None).await
+}
+
+/// `phoenix_join` with an `access_token` for the channel.
+pub(crate) async fn phoenix_join_as(
+    addr: &str,
+    topic: String,
+    config: serde_json::Value,
+    wait_system: bool,
+    access_token: Option<String>,
+) -> anyhow::Result<Socket> {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!(
         "ws://{addr}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
         super::gateway::apikey()
     ))
     .await?;
-    let join = json!(["1", "1", topic, "phx_join", {"config": config}]);
+    let mut payload = json!({"config": config});
+    if let Some(t) = access_token {
+        payload["access_token"] = t.into();
+    }
+    let join = json!(["1", "1", topic, "phx_join", payload]);
     ws.send(Message::Text(join.to_string().into())).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
@@ -416,7 +441,8 @@ pub async fn same_table(opts: &BenchOptions, o: &RealtimeOptions) -> anyhow::Res
             .await?;
     let Split { receivers, tasks, sinks: _sinks } = split_readers(sockets, start);
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&env.url).await?;
-    let mut source = Source::Db(pool.clone());
+    let mut source =
+        Source::Db(pool.clone(), "INSERT INTO walcast_bench_items (id, k, body) VALUES ($1, 0, $2)");
     let mut seq = 0i64;
     print_header();
     eprintln!("same-table: {} changes/s for {} s", o.rate, o.seconds);

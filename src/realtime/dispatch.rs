@@ -118,6 +118,28 @@ impl Ids {
             Ids::Heap(ids.to_vec())
         }
     }
+
+    fn push(&mut self, id: u32) {
+        match self {
+            Ids::Inline(a, n) if (*n as usize) < a.len() => {
+                a[*n as usize] = id;
+                *n += 1;
+            }
+            Ids::Inline(a, n) => {
+                let mut v = a[..*n as usize].to_vec();
+                v.push(id);
+                *self = Ids::Heap(v);
+            }
+            Ids::Heap(v) => v.push(id),
+        }
+    }
+
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            Ids::Inline(a, n) => &a[..*n as usize],
+            Ids::Heap(v) => v,
+        }
+    }
 }
 
 /// How one member receives one change.
@@ -136,9 +158,9 @@ const DELIVER_ALL: Decision = Decision::Deliver { hidden: None, strip_old: false
 
 /// What can be decided without a query: no subject (authentication off) → everything; a cached
 /// answer for the role that does not depend on the row.
-fn decide_cached(hub: &Hub, change: &Change, member: &Member) -> Decision {
+fn decide_cached(hub: &Hub, change: &Change, subject: Option<&Arc<Subject>>) -> Decision {
     let Some(rls) = hub.rls() else { return DELIVER_ALL };
-    let Some(subject) = member.subject() else { return DELIVER_ALL };
+    let Some(subject) = subject else { return DELIVER_ALL };
     match rls.cached(&change.relation, &subject.role) {
         Some(Access::Open(hidden)) => Decision::Deliver { hidden, strip_old: false },
         Some(Access::Denied) | Some(Access::Failed(_)) => Decision::Withhold,
@@ -155,6 +177,8 @@ pub struct Scratch {
     frames: HashMap<FrameKey, Option<Frame>>,
     ids: Vec<u32>,
     decisions: Vec<Decision>,
+    /// Decisions of the current change by subject (interned, so by pointer).
+    memo: HashMap<usize, Decision>,
 }
 
 impl Scratch {
@@ -225,10 +249,18 @@ pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usi
     }
     scratch.decisions.clear();
     if hub.rls().is_some() {
+        scratch.memo.clear();
         let mut i = 0;
         while i < matched.len() {
             let member = &matched[i].member;
-            let decision = decide_cached(hub, change, member);
+            let decision = match member.subject() {
+                None => DELIVER_ALL,
+                Some(s) => scratch
+                    .memo
+                    .entry(Arc::as_ptr(&s) as usize)
+                    .or_insert_with(|| decide_cached(hub, change, Some(&s)))
+                    .clone(),
+            };
             if decision == Decision::Check {
                 return None;
             }
@@ -273,15 +305,18 @@ pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usi
 /// One member's match of a batched change.
 struct Target {
     member: Arc<Member>,
-    ids: Vec<u32>,
+    ids: Ids,
     select: Select,
-    subject: Option<Arc<Subject>>,
-    decision: Decision,
+    /// Index into `Pending::subjects`.
+    subject: u32,
 }
 
 struct Pending {
     change: Change,
     targets: Vec<Target>,
+    /// The distinct subjects among the targets (`None`: authentication off) and what is known
+    /// for each before the check.
+    subjects: Vec<(Option<Arc<Subject>>, Decision)>,
     /// Positions (1-based) of the new and old row versions in their table's row list; 0 = not
     /// checked.
     new_row: u32,
@@ -362,27 +397,35 @@ impl Batch {
     }
 
     fn match_change(&mut self, hub: &Hub, change: Change) -> Pending {
-        let mut targets: Vec<Target> = Vec::new();
+        let mut pending =
+            Pending { change, targets: Vec::new(), subjects: Vec::new(), new_row: 0, old_row: 0 };
+        let mut by_subject: HashMap<usize, u32> = HashMap::new();
         if let Ok(index) = hub.index().read() {
             let mut matched: Vec<&Arc<Subscription>> = Vec::new();
-            index.matching(&change, |sub| matched.push(sub));
+            index.matching(&pending.change, |sub| matched.push(sub));
             matched.sort_unstable_by_key(|s| (Arc::as_ptr(&s.member) as usize, s.binding.id));
             matched.dedup_by_key(|s| (Arc::as_ptr(&s.member) as usize, s.binding.id));
             for sub in matched {
-                match targets.last_mut() {
-                    Some(t) if Arc::ptr_eq(&t.member, &sub.member) => t.ids.push(sub.binding.id),
-                    _ => targets.push(Target {
-                        member: Arc::clone(&sub.member),
-                        ids: vec![sub.binding.id],
-                        select: sub.binding.select.clone(),
-                        subject: sub.member.subject(),
-                        decision: decide_cached(hub, &change, &sub.member),
-                    }),
+                if let Some(t) = pending.targets.last_mut().filter(|t| Arc::ptr_eq(&t.member, &sub.member)) {
+                    t.ids.push(sub.binding.id);
+                    continue;
                 }
+                let subject = sub.member.subject();
+                let key = subject.as_ref().map(|s| Arc::as_ptr(s) as usize).unwrap_or(0);
+                let at = *by_subject.entry(key).or_insert_with(|| {
+                    let decision = decide_cached(hub, &pending.change, subject.as_ref());
+                    pending.subjects.push((subject, decision));
+                    (pending.subjects.len() - 1) as u32
+                });
+                pending.targets.push(Target {
+                    member: Arc::clone(&sub.member),
+                    ids: Ids::of(&[sub.binding.id]),
+                    select: sub.binding.select.clone(),
+                    subject: at,
+                });
             }
         }
-        let mut pending = Pending { change, targets, new_row: 0, old_row: 0 };
-        if pending.targets.iter().any(|t| t.decision == Decision::Check) {
+        if pending.subjects.iter().any(|(_, d)| *d == Decision::Check) {
             let change = &pending.change;
             let (_, table) = self
                 .tables
@@ -394,8 +437,8 @@ impl Batch {
             if has_full_old_row(change) {
                 pending.old_row = table.add_row(change, true);
             }
-            for t in &pending.targets {
-                if let (Decision::Check, Some(subject)) = (&t.decision, &t.subject) {
+            for (subject, decision) in &pending.subjects {
+                if let (Decision::Check, Some(subject)) = (decision, subject) {
                     table.want(subject, [pending.new_row, pending.old_row]);
                 }
             }
@@ -410,12 +453,17 @@ impl Batch {
         for (oid, (relation, table)) in self.tables.iter_mut() {
             table.rows.push(b']');
             let rows = String::from_utf8_lossy(&table.rows);
-            let requests: Vec<Request<'_>> =
-                table.requests.iter().map(|(s, w)| Request { subject: s, wanted: w }).collect();
+            let all = table.row_count as usize;
+            let requests: Vec<Request<'_>> = table
+                .requests
+                .iter()
+                .map(|(s, w)| Request { subject: s, wanted: (w.len() < all).then_some(&w[..]) })
+                .collect();
             let mut backoff = Duration::from_millis(50);
             let verdicts = loop {
                 hub.metrics().rls_checks.fetch_add(1, Ordering::Relaxed);
-                match rls.check(Table::Oid(*oid), &requests, &rows).await {
+                let table = Table::Oid { oid: *oid, schema: &relation.schema, table: &relation.table };
+                match rls.check(table, &requests, &rows).await {
                     Ok(v) => break v,
                     Err(e) => {
                         tracing::warn!(error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string),
@@ -440,28 +488,33 @@ impl Batch {
             match item {
                 Item::Change(p) => {
                     scratch.start();
-                    let shared = p.targets.len() > 1;
                     let table = self.tables.get(&p.change.relation.id).map(|(_, t)| t);
-                    for t in &p.targets {
-                        let decision = match (&t.decision, &t.subject, table) {
+                    let decisions: Vec<Decision> = p
+                        .subjects
+                        .iter()
+                        .map(|(subject, decision)| match (decision, subject, table) {
                             (Decision::Check, Some(subject), Some(table)) => match table.verdict(subject) {
                                 Some(v) => resolve(&p, v, key_only_deletes),
                                 None => Decision::Withhold,
                             },
                             (Decision::Check, _, _) => Decision::Withhold,
                             (d, _, _) => d.clone(),
-                        };
-                        match decision {
+                        })
+                        .collect();
+                    let shared = p.targets.len() > 1;
+                    let mut withheld = 0;
+                    for t in &p.targets {
+                        match &decisions[t.subject as usize] {
                             Decision::Deliver { hidden, strip_old } => {
+                                let ids = t.ids.as_slice();
                                 scratch.deliver(
-                                    hub, &p.change, &t.member, &t.ids, &t.select, &hidden, strip_old, shared,
+                                    hub, &p.change, &t.member, ids, &t.select, hidden, *strip_old, shared,
                                 );
                             }
-                            _ => {
-                                hub.metrics().rls_withheld.fetch_add(1, Ordering::Relaxed);
-                            }
+                            _ => withheld += 1,
                         }
                     }
+                    hub.metrics().rls_withheld.fetch_add(withheld, Ordering::Relaxed);
                     hub.metrics().changes_dispatched.fetch_add(1, Ordering::Relaxed);
                 }
                 Item::Broadcast(b) => publish(hub, b),

@@ -162,6 +162,8 @@ struct HubInner {
     replication_live: Option<watch::Receiver<bool>>,
     verifier: Verifier,
     rls: Option<Arc<RowSecurity>>,
+    /// Equal subjects share one `Arc`, so the dispatcher groups subscribers by pointer.
+    subjects: std::sync::Mutex<HashMap<Subject, std::sync::Weak<Subject>>>,
     next_id: AtomicU64,
     /// Random per process: makes presence refs unique across nodes.
     node: u64,
@@ -208,6 +210,7 @@ impl Hub {
                 replication_live: parts.replication_live,
                 verifier: parts.verifier,
                 rls: parts.rls,
+                subjects: std::sync::Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 node: fastrand::u64(..),
             }),
@@ -230,6 +233,21 @@ impl Hub {
 
     pub fn rls(&self) -> Option<&Arc<RowSecurity>> {
         self.inner.rls.as_ref()
+    }
+
+    /// The shared `Arc` for a subject equal to `subject`.
+    pub fn intern_subject(&self, subject: Subject) -> Arc<Subject> {
+        let Ok(mut subjects) = self.inner.subjects.lock() else { return Arc::new(subject) };
+        if let Some(s) = subjects.get(&subject).and_then(std::sync::Weak::upgrade) {
+            return s;
+        }
+        // Forget subjects nobody holds once they could be half the map.
+        if subjects.len() >= 1024 && subjects.len().is_power_of_two() {
+            subjects.retain(|_, w| w.strong_count() > 0);
+        }
+        let s = Arc::new(subject.clone());
+        subjects.insert(subject, Arc::downgrade(&s));
+        s
     }
 
     pub fn limits(&self) -> &Limits {

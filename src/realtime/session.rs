@@ -195,7 +195,7 @@ async fn authorize_binding(
 ) -> Result<Option<String>, BindingError> {
     let Some(table) = spec.table.as_deref() else { return Ok(None) };
     let name = format!("{}.{}", spec.schema, table);
-    let request = Request { subject, wanted: &[] };
+    let request = Request { subject, wanted: Some(&[]) };
     let verdict = rls
         .check(Table::Name { schema: &spec.schema, table }, std::slice::from_ref(&request), "[]")
         .await
@@ -325,7 +325,9 @@ impl Session {
             outbox: self.outbox.clone(),
             encoder: Arc::clone(&self.encoder),
             echo_own: req.broadcast_self,
-            subject: std::sync::RwLock::new(credentials.as_ref().map(|c| Arc::new(Subject::of(&c.claims)))),
+            subject: std::sync::RwLock::new(
+                credentials.as_ref().map(|c| self.hub.intern_subject(Subject::of(&c.claims))),
+            ),
         });
         self.hub.add_member(Arc::clone(&member), req.presence_enabled);
         let mut membership = Membership {
@@ -403,7 +405,7 @@ impl Session {
             self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
         })?;
         if let Some(m) = self.channels.get_mut(topic) {
-            m.member.set_subject(Some(Arc::new(Subject::of(&credentials.claims))));
+            m.member.set_subject(Some(self.hub.intern_subject(Subject::of(&credentials.claims))));
             m.expires_at = Instant::now().checked_add(credentials.claims.time_left());
             m.credentials = Some(credentials);
         }

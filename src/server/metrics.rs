@@ -26,12 +26,14 @@ pub const BROADCASTS_UNDELIVERABLE: &str = "walcast_broadcasts_undeliverable_tot
 pub const PRESENCE_EVENTS: &str = "walcast_presence_events_total";
 pub const RATE_LIMITED: &str = "walcast_rate_limited_total";
 pub const AUTH_REFUSED: &str = "walcast_auth_refused_total";
+pub const RLS_CHECKS: &str = "walcast_rls_checks_total";
+pub const RLS_WITHHELD: &str = "walcast_rls_withheld_total";
 
 pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     let m = state.hub.metrics();
     let s = &state.status;
     let relaxed = Ordering::Relaxed;
-    let rows: [(&str, &str, &str, String); 16] = [
+    let rows: [(&str, &str, &str, String); 18] = [
         (CLIENTS, "gauge", "Connected WebSocket clients.", m.clients.load(relaxed).to_string()),
         (
             SUBSCRIPTIONS,
@@ -117,6 +119,18 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
             "counter",
             "Tokens refused: at connect, join, refresh or REST broadcast, and channels closed on expiry.",
             m.auth_refused.load(relaxed).to_string(),
+        ),
+        (
+            RLS_CHECKS,
+            "counter",
+            "Row-level security queries (one per table per batch of changes).",
+            m.rls_checks.load(relaxed).to_string(),
+        ),
+        (
+            RLS_WITHHELD,
+            "counter",
+            "Change deliveries withheld by row-level security (per subscriber and change).",
+            m.rls_withheld.load(relaxed).to_string(),
         ),
     ];
     let mut out = String::with_capacity(1536);
