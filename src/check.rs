@@ -210,6 +210,43 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         Err(e) => out.push(r(Level::Warn, "replica_identity", e.to_string())),
     }
 
+    if config.auth.mode == crate::auth::AuthMode::Required {
+        let keyless: Result<Vec<(String, String)>, _> = sqlx::query_as(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r','p') AND c.relrowsecurity AND c.relreplident <> 'f' \
+               AND n.nspname NOT IN ('pg_catalog','information_schema','walcast') \
+               AND (n.nspname = ANY($1) OR (n.nspname || '.' || c.relname) = ANY($2)) ORDER BY 1, 2",
+        )
+        .bind(&spec.schemas)
+        .bind(spec.tables.iter().map(|(s, t)| format!("{s}.{t}")).collect::<Vec<_>>())
+        .fetch_all(pool)
+        .await;
+        let withheld = match config.auth.key_only_deletes {
+            crate::auth::rls::KeyOnlyDeletes::Withhold => "are withheld from every subscriber",
+            crate::auth::rls::KeyOnlyDeletes::Deliver => {
+                "are delivered (key only) to every role that may SELECT the table"
+            }
+        };
+        match keyless {
+            Ok(rows) if rows.is_empty() => out.push(r(
+                Level::Ok,
+                "rls_deletes",
+                "every table with row-level security has REPLICA IDENTITY FULL",
+            )),
+            Ok(rows) => {
+                for (schema, table) in rows {
+                    out.push(r(Level::Warn, "rls_deletes", format!(
+                        "{schema}.{table} has row-level security but not REPLICA IDENTITY FULL: its DELETEs carry only the key, \
+                         so row-level security cannot be checked on them and they {withheld}; \
+                         run ALTER TABLE {schema}.{table} REPLICA IDENTITY FULL"
+                    )));
+                }
+            }
+            Err(e) => out.push(r(Level::Warn, "rls_deletes", e.to_string())),
+        }
+    }
+
     match slot::slot_info(pool, &config.slot).await {
         Ok(None) => out.push(r(Level::Ok, "slot", format!("{} will be created", config.slot))),
         Ok(Some(info)) => {

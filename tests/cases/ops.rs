@@ -71,6 +71,23 @@ async fn check_warns_about_tables_without_identity() {
     let ri = results.iter().find(|r| r.name == "replica_identity").expect("check");
     assert_eq!(ri.level, check::Level::Warn);
     assert!(ri.message.contains("public.nokey") && ri.message.contains("public.nothing"), "{}", ri.message);
+    let rls = |results: &[check::CheckResult]| -> Vec<(check::Level, String)> {
+        results.iter().filter(|r| r.name == "rls_deletes").map(|r| (r.level, r.message.clone())).collect()
+    };
+    assert_eq!(rls(&results).first().map(|r| r.0), Some(check::Level::Ok));
+    // A table with row-level security whose DELETEs carry only the key: one warning, naming it.
+    exec(&p, "CREATE TABLE guarded (id int PRIMARY KEY); ALTER TABLE guarded ENABLE ROW LEVEL SECURITY;")
+        .await;
+    let warned = rls(&check::run(&p, &config).await);
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(
+        warned[0].0 == check::Level::Warn
+            && warned[0].1.contains("public.guarded")
+            && warned[0].1.contains("withheld"),
+        "{warned:?}"
+    );
+    exec(&p, "ALTER TABLE guarded REPLICA IDENTITY FULL").await;
+    assert_eq!(rls(&check::run(&p, &config).await).first().map(|r| r.0), Some(check::Level::Ok));
     let config = Config { tables: vec!["public.missing".into()], ..config };
     let results = check::run(&p, &config).await;
     assert!(results.iter().any(|r| r.level == check::Level::Fail && r.message.contains("public.missing")));
