@@ -327,6 +327,9 @@ where
             out.push(s?);
         }
         at = end;
+        if n >= 1000 && at % 1000 == 0 {
+            eprintln!("  {at} sockets joined");
+        }
     }
     Ok(out)
 }

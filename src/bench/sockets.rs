@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -93,44 +93,21 @@ pub(crate) async fn teardown(env: Env) {
 pub(crate) type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Connects and joins `realtime:c<i>` with an `eq` filter on key `i`; returns once subscribed.
-async fn join(addr: &str, i: usize) -> anyhow::Result<Socket> {
-    let url = format!("ws://{addr}/realtime/v1/websocket?apikey={}&vsn=2.0.0", super::gateway::apikey());
-    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await?;
-    let binding = serde_json::json!({"event": "INSERT", "schema": "public", "table": "walcast_bench_items", "filter": format!("k=eq.{i}")});
-    let join = serde_json::json!(["1", "1", format!("realtime:c{i}"), "phx_join", {"config": {"postgres_changes": [binding]}}]);
-    ws.send(Message::Text(join.to_string().into())).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let Some(msg) = tokio::time::timeout(Duration::from_secs(60), ws.next()).await?.transpose()? else {
-            break;
-        };
-        if let Message::Text(t) = msg {
-            if t.contains("\"system\"") {
-                anyhow::ensure!(t.contains("\"status\":\"ok\""), "subscription failed: {t}");
-                return Ok(ws);
-            }
-        }
-    }
-    anyhow::bail!("client {i} was not subscribed within 60 s")
-}
-
-/// Opens `n` subscribed sockets, 200 at a time.
+/// Opens `n` sockets, socket `i` joined to `realtime:c<i>` with an `eq` filter on key `i`;
+/// returns once all are subscribed.
 async fn join_all(addr: &str, n: usize) -> anyhow::Result<Vec<Socket>> {
-    let mut sockets = Vec::with_capacity(n);
-    let mut start = 0;
-    while start < n {
-        let end = (start + 200).min(n);
-        let batch = futures_util::future::join_all((start..end).map(|i| join(addr, i))).await;
-        for s in batch {
-            sockets.push(s?);
-        }
-        start = end;
-        if n >= 1000 && start % 1000 == 0 {
-            eprintln!("  {start} clients subscribed");
-        }
-    }
-    Ok(sockets)
+    crate::bench::realtime::connect_all(n, |i| {
+        let binding = serde_json::json!({"event": "INSERT", "schema": "public",
+            "table": "walcast_bench_items", "filter": format!("k=eq.{i}")});
+        crate::bench::realtime::phoenix_join_as(
+            addr,
+            format!("realtime:c{i}"),
+            serde_json::json!({"postgres_changes": [binding]}),
+            true,
+            None,
+        )
+    })
+    .await
 }
 
 pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<serde_json::Value> {
