@@ -43,6 +43,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
 use crate::auth::rls::RowSecurity;
+use crate::auth::topics::TopicPolicies;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -147,6 +148,7 @@ impl Gateway {
                 .verifier
                 .required()
                 .then(|| Arc::new(RowSecurity::new(self.pool.clone(), self.config.auth.key_only_deletes))),
+            topics: Some(Arc::new(TopicPolicies::new(self.pool.clone()))),
         });
         let ack = Acknowledgement::new();
         let (tx, rx) = tokio::sync::mpsc::channel(8192);

@@ -8,6 +8,7 @@
 
 pub mod jwks;
 pub mod rls;
+pub mod topics;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

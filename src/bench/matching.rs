@@ -60,6 +60,8 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
                 encoder: Arc::clone(&encoder),
                 echo_own: false,
                 subject: std::sync::RwLock::new(None),
+                reads: crate::realtime::Member::reads_of(&crate::auth::topics::TopicAccess::ALL).into(),
+                replay: None,
             });
             let parsed = filter::parse(&format!("id=eq.{k}")).unwrap_or_default();
             let compiled = CompiledFilter::compile(&parsed, |n| {

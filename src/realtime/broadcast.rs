@@ -4,6 +4,9 @@
 //! Owns: the message type and its size rule. Must not: parse or re-serialize payloads on the
 //! delivery path.
 
+use std::collections::HashSet;
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 /// A broadcast payload, kept as received.
@@ -38,6 +41,28 @@ pub struct BroadcastMessage {
     pub meta: Option<Bytes>,
 }
 
+impl BroadcastMessage {
+    /// The `id` in `meta` (database broadcasts carry one).
+    pub fn meta_id(&self) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            id: Option<String>,
+        }
+        let meta: Meta = serde_json::from_slice(self.meta.as_deref()?).ok()?;
+        meta.id
+    }
+}
+
+/// A member that asked for a replay of a private topic: live broadcasts are held while the
+/// replay is sent, then the replayed ones are not sent again.
+#[derive(Debug)]
+pub enum ReplayGate {
+    /// Live broadcasts that arrived while the replay was loading, in order.
+    Holding(Vec<Arc<BroadcastMessage>>),
+    /// The ids that were replayed.
+    Replayed(HashSet<Arc<str>>),
+}
+
 /// Why a broadcast was not delivered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BroadcastError {
@@ -49,4 +74,7 @@ pub enum BroadcastError {
     RateLimited,
     #[error("a broadcast needs an `event` name")]
     MissingEvent,
+    /// A private channel whose policies do not let the sender write.
+    #[error("You do not have permissions to write to this Channel topic: {0}")]
+    Unauthorized(String),
 }

@@ -23,14 +23,16 @@ mod registry;
 pub mod session;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::auth::rls::{RowSecurity, Subject};
+use crate::auth::topics::{TopicAccess, TopicPolicies};
 use crate::auth::Verifier;
+use crate::realtime::broadcast::ReplayGate;
 use crate::realtime::bus::Peers;
 use crate::realtime::index::SubscriptionIndex;
 use crate::realtime::outbox::{Encoder, Outbox};
@@ -50,6 +52,12 @@ pub struct TopicKey {
     pub private: bool,
 }
 
+/// The channel name of a topic: `room` for `realtime:room` (what policies and database
+/// broadcasts name).
+pub fn channel_name(topic: &str) -> &str {
+    topic.strip_prefix("realtime:").unwrap_or(topic)
+}
+
 /// One joined channel of one session, as the registry and the index hold it.
 pub struct Member {
     pub id: MemberId,
@@ -64,9 +72,32 @@ pub struct Member {
     /// Who it reads changes as (row-level security); `None` when authentication is off. A
     /// token refresh replaces it.
     pub subject: RwLock<Option<Arc<Subject>>>,
+    /// What it may read on a private channel ([`READS_BROADCAST`], [`READS_PRESENCE`]); both on
+    /// public channels. A token refresh may change it.
+    pub reads: AtomicU8,
+    /// Set while a broadcast replay is being sent, and afterwards to skip what it replayed.
+    pub replay: Option<std::sync::Mutex<ReplayGate>>,
 }
 
+/// [`Member::reads`]: receives broadcasts.
+pub const READS_BROADCAST: u8 = 1;
+/// [`Member::reads`]: receives presence state and diffs.
+pub const READS_PRESENCE: u8 = 2;
+
 impl Member {
+    /// The read bits for `access`.
+    pub fn reads_of(access: &TopicAccess) -> u8 {
+        u8::from(access.broadcast_read) * READS_BROADCAST + u8::from(access.presence_read) * READS_PRESENCE
+    }
+
+    pub fn reads_broadcast(&self) -> bool {
+        self.reads.load(Ordering::Relaxed) & READS_BROADCAST != 0
+    }
+
+    pub fn reads_presence(&self) -> bool {
+        self.reads.load(Ordering::Relaxed) & READS_PRESENCE != 0
+    }
+
     pub fn subject(&self) -> Option<Arc<Subject>> {
         self.subject.read().ok().and_then(|s| s.clone())
     }
@@ -162,6 +193,7 @@ struct HubInner {
     replication_live: Option<watch::Receiver<bool>>,
     verifier: Verifier,
     rls: Option<Arc<RowSecurity>>,
+    topics: Option<Arc<TopicPolicies>>,
     /// Equal subjects share one `Arc`, so the dispatcher groups subscribers by pointer.
     subjects: std::sync::Mutex<HashMap<Subject, std::sync::Weak<Subject>>>,
     next_id: AtomicU64,
@@ -195,6 +227,9 @@ pub struct HubParts {
     /// Row-level security for `postgres_changes`; `None` delivers every change to every
     /// matching subscriber (authentication off, or no database).
     pub rls: Option<Arc<RowSecurity>>,
+    /// Private channel policies and broadcast replay (`realtime.messages`); `None` without a
+    /// database: private channels of authenticated clients are then refused.
+    pub topics: Option<Arc<TopicPolicies>>,
 }
 
 impl Hub {
@@ -210,6 +245,7 @@ impl Hub {
                 replication_live: parts.replication_live,
                 verifier: parts.verifier,
                 rls: parts.rls,
+                topics: parts.topics,
                 subjects: std::sync::Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 node: fastrand::u64(..),
@@ -233,6 +269,10 @@ impl Hub {
 
     pub fn rls(&self) -> Option<&Arc<RowSecurity>> {
         self.inner.rls.as_ref()
+    }
+
+    pub fn topics(&self) -> Option<&Arc<TopicPolicies>> {
+        self.inner.topics.as_ref()
     }
 
     /// The shared `Arc` for a subject equal to `subject`.

@@ -8,7 +8,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::realtime::broadcast::BroadcastMessage;
+use crate::auth::topics::Replayed;
+use crate::realtime::broadcast::{BroadcastMessage, ReplayGate};
 use crate::realtime::outbox::{Direct, EncodingId, Event, Frame};
 use crate::realtime::presence::{PresenceDiff, PresenceTable};
 use crate::realtime::{Hub, Member, MemberId, TopicKey};
@@ -48,7 +49,7 @@ impl Hub {
     pub(crate) fn add_member(&self, member: Arc<Member>, presence_state: bool) {
         let Ok(mut channels) = self.inner.channels.write() else { return };
         let channel = channels.entry(member.key.clone()).or_default();
-        if presence_state {
+        if presence_state && member.reads_presence() {
             let state = channel.presence.to_json();
             self.send_direct(&member, &Direct::PresenceState(&state));
         }
@@ -58,6 +59,9 @@ impl Hub {
 
     /// Queues the presence state of the member's topic to it (presence enabled after join).
     pub(crate) fn send_presence_state(&self, member: &Member) {
+        if !member.reads_presence() {
+            return;
+        }
         let Ok(channels) = self.inner.channels.read() else { return };
         let state = channels.get(&member.key).map(|c| c.presence.to_json()).unwrap_or_else(|| b"{}".to_vec());
         self.send_direct(member, &Direct::PresenceState(&state));
@@ -97,14 +101,30 @@ impl Hub {
         &self,
         key: &TopicKey,
         origin: Option<MemberId>,
-        message: &BroadcastMessage,
+        message: &Arc<BroadcastMessage>,
     ) {
         let Ok(channels) = self.inner.channels.read() else { return };
         let Some(channel) = channels.get(key) else { return };
         let mut cache = FrameCache::new(&key.topic, Event::Broadcast(message));
+        let mut id: Option<Option<String>> = None;
         for m in &channel.members {
-            if origin == Some(m.id) && !m.echo_own {
+            if (origin == Some(m.id) && !m.echo_own) || !m.reads_broadcast() {
                 continue;
+            }
+            if let Some(gate) = &m.replay {
+                let Ok(mut gate) = gate.lock() else { continue };
+                match &mut *gate {
+                    ReplayGate::Holding(held) => {
+                        held.push(Arc::clone(message));
+                        continue;
+                    }
+                    ReplayGate::Replayed(ids) => {
+                        let id = id.get_or_insert_with(|| message.meta_id());
+                        if id.as_deref().is_some_and(|id| ids.contains(id)) {
+                            continue;
+                        }
+                    }
+                }
             }
             match cache.frame(m) {
                 Some(f) => {
@@ -117,6 +137,36 @@ impl Hub {
         }
     }
 
+    /// Queues one broadcast to one member (replays), unless its encoding cannot carry it.
+    pub(crate) fn send_broadcast_to(&self, member: &Member, message: &BroadcastMessage) {
+        match member.encoder.encode(&member.key.topic, &Event::Broadcast(message)) {
+            Some(f) => {
+                member.outbox.send(f, self.metrics());
+            }
+            None => {
+                self.metrics().broadcasts_undeliverable.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Queues the replayed broadcasts, then the live ones held meanwhile (except those the
+    /// replay already had); from then on live broadcasts flow, replayed ids skipped.
+    pub(crate) fn release_replay(&self, member: &Member, replayed: &[Replayed]) {
+        for r in replayed {
+            self.send_broadcast_to(member, &r.message);
+        }
+        let ids: std::collections::HashSet<Arc<str>> = replayed.iter().map(|r| Arc::clone(&r.id)).collect();
+        let Some(Ok(mut gate)) = member.replay.as_ref().map(|g| g.lock()) else { return };
+        if let ReplayGate::Holding(held) = &mut *gate {
+            for message in held.drain(..) {
+                if message.meta_id().is_none_or(|id| !ids.contains(id.as_str())) {
+                    self.send_broadcast_to(member, &message);
+                }
+            }
+        }
+        *gate = ReplayGate::Replayed(ids);
+    }
+
     /// Applies a presence diff to the topic's table and delivers it to every member.
     pub(crate) fn apply_presence(&self, key: &TopicKey, diff: &PresenceDiff) {
         let Ok(mut channels) = self.inner.channels.write() else { return };
@@ -124,7 +174,7 @@ impl Hub {
         channel.presence.apply(diff);
         let json = diff.to_json();
         let mut cache = FrameCache::new(&key.topic, Event::PresenceDiff(&json));
-        for m in &channel.members {
+        for m in channel.members.iter().filter(|m| m.reads_presence()) {
             if let Some(f) = cache.frame(m) {
                 m.outbox.send(f, self.metrics());
             }

@@ -14,13 +14,14 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::auth::rls::{Access, KeyOnlyDeletes, Request, RowSecurity, Subject, Table};
+use crate::auth::topics::{TopicAccess, TopicError, MAX_REPLAY};
 use crate::auth::{AuthError, Credentials};
-use crate::realtime::broadcast::{BroadcastError, BroadcastMessage};
+use crate::realtime::broadcast::{BroadcastError, BroadcastMessage, ReplayGate};
 use crate::realtime::bus::BusMessage;
 use crate::realtime::index::{BindingSpec, SubId};
 use crate::realtime::outbox::{Direct, Encoder, Outbox, OutboxReceiver};
 use crate::realtime::presence::{new_ref, random_uuid, PresenceDiff, PresenceMeta};
-use crate::realtime::{Hub, Member, SessionId, TopicKey};
+use crate::realtime::{channel_name, Hub, Member, SessionId, TopicKey};
 use crate::subscribe::BindingError;
 
 /// What a client asks for when it joins a channel.
@@ -44,6 +45,9 @@ pub struct JoinRequest {
     pub replication_ready: bool,
     /// A token for this channel; otherwise the one the session connected with.
     pub access_token: Option<String>,
+    /// Replay a private topic's recent database broadcasts first: `{"since": <Unix ms>,
+    /// "limit": 1..=25}` as sent.
+    pub replay: Option<Value>,
 }
 
 /// The result of a join that was accepted.
@@ -68,6 +72,36 @@ pub enum JoinError {
     TooManyJoins,
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// A private channel whose policies let the subject read neither broadcasts nor presence.
+    #[error("You do not have permissions to read from this Channel topic: {0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Replay(ReplayRefusal),
+    /// The private channel's policies could not be checked (the database is unreachable).
+    #[error("Realtime was unable to connect to the project database")]
+    Unavailable,
+}
+
+/// Why a replay was refused; Supabase's messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayRefusal {
+    #[error("Replay is not allowed for public channels")]
+    PublicChannel,
+    #[error("Replay params are not valid")]
+    InvalidParams,
+    #[error("Realtime was unable to replay messages")]
+    Failed,
+}
+
+/// Why a token refresh closes the channel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefreshError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("You no longer have permission to read from this Channel topic: {0}")]
+    Revoked(String),
+    #[error("Realtime was unable to connect to the project database")]
+    Unavailable,
 }
 
 /// Why a presence event was refused.
@@ -81,6 +115,9 @@ pub enum PresenceError {
     PayloadTooLarge,
     #[error("Client presence rate limit exceeded")]
     RateLimited,
+    /// A private channel whose policies do not let the subject track presence.
+    #[error("You do not have permissions to track presence on this Channel topic: {0}")]
+    Unauthorized(String),
 }
 
 /// A fixed-window counter: at most `limit` events per `period`.
@@ -136,6 +173,8 @@ pub struct Membership {
     credentials: Option<Credentials>,
     /// When that token expires; the channel is closed then.
     expires_at: Option<Instant>,
+    /// What the private channel's policies allow (everything on public channels).
+    access: TopicAccess,
 }
 
 impl Membership {
@@ -229,6 +268,34 @@ async fn authorize_binding(
     Ok(None)
 }
 
+/// What `subject` may do on private channel `name` (everything on public channels, and when
+/// authentication is off). A policy that raises denies everything.
+async fn topic_access(
+    hub: &Hub,
+    private: bool,
+    subject: Option<&Subject>,
+    name: &str,
+) -> Result<TopicAccess, TopicError> {
+    let (true, Some(subject)) = (private, subject) else { return Ok(TopicAccess::ALL) };
+    let Some(topics) = hub.topics() else {
+        return Err(TopicError::Policy("private channels need a database".into()));
+    };
+    match topics.access(subject, name).await {
+        Err(TopicError::Policy(_)) => Ok(TopicAccess::default()),
+        other => other,
+    }
+}
+
+/// `{"since": <Unix ms>, "limit": 1..=25}` (limit optional, clamped like Supabase's).
+fn replay_params(v: &Value) -> Option<(i64, i64)> {
+    let since = v.get("since")?.as_i64()?;
+    let limit = match v.get("limit") {
+        None | Some(Value::Null) => MAX_REPLAY,
+        Some(l) => l.as_i64()?,
+    };
+    Some((since, limit))
+}
+
 /// Whether a token names Supabase's opaque API keys (`sb_…`), which stand for "no user token".
 fn is_api_key(token: &str) -> bool {
     token.starts_with("sb_")
@@ -291,6 +358,22 @@ impl Session {
             return Err(JoinError::TooManyJoins);
         }
         let credentials = self.authenticate(req.access_token.as_deref()).await?;
+        let subject = credentials.as_ref().map(|c| self.hub.intern_subject(Subject::of(&c.claims)));
+        let name = channel_name(&req.topic).to_owned();
+        let access = topic_access(&self.hub, req.private, subject.as_deref(), &name).await.map_err(|e| {
+            tracing::warn!(error = %crate::replication::stream::error_chain(&e), "private channel check failed");
+            JoinError::Unavailable
+        })?;
+        if !access.may_join(req.presence_enabled) {
+            self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(JoinError::Unauthorized(name));
+        }
+        let replay = match &req.replay {
+            None | Some(Value::Null) => None,
+            Some(_) if !req.private => return Err(JoinError::Replay(ReplayRefusal::PublicChannel)),
+            Some(_) if !access.broadcast_read => return Err(JoinError::Unauthorized(name)),
+            Some(v) => Some(replay_params(v).ok_or(JoinError::Replay(ReplayRefusal::InvalidParams))?),
+        };
         let topic: Arc<str> = req.topic.as_str().into();
         // Rejoining replaces the old channel.
         self.channels.remove(&topic);
@@ -306,11 +389,10 @@ impl Session {
             }
         };
         let mut notices = Vec::new();
-        if let (Some(rls), Some(c)) = (self.hub.rls(), credentials.as_ref()) {
-            let subject = Subject::of(&c.claims);
+        if let (Some(rls), Some(subject)) = (self.hub.rls(), subject.as_ref()) {
             for r in resolved.iter_mut() {
                 let Ok(spec) = r else { continue };
-                match authorize_binding(rls, &subject, spec).await {
+                match authorize_binding(rls, subject, spec).await {
                     Ok(Some(notice)) => notices.push(notice),
                     Ok(None) => {}
                     Err(e) => *r = Err(e),
@@ -325,9 +407,9 @@ impl Session {
             outbox: self.outbox.clone(),
             encoder: Arc::clone(&self.encoder),
             echo_own: req.broadcast_self,
-            subject: std::sync::RwLock::new(
-                credentials.as_ref().map(|c| self.hub.intern_subject(Subject::of(&c.claims))),
-            ),
+            subject: std::sync::RwLock::new(subject),
+            reads: Member::reads_of(&access).into(),
+            replay: replay.is_some().then(|| std::sync::Mutex::new(ReplayGate::Holding(Vec::new()))),
         });
         self.hub.add_member(Arc::clone(&member), req.presence_enabled);
         let mut membership = Membership {
@@ -344,6 +426,7 @@ impl Session {
             tracked: None,
             expires_at: credentials.as_ref().and_then(|c| Instant::now().checked_add(c.claims.time_left())),
             credentials,
+            access,
         };
         let mut errors = Vec::new();
         if !resolved.is_empty() {
@@ -358,6 +441,17 @@ impl Session {
                     }
                 }
             }
+        }
+        if let Some((since, limit)) = replay {
+            // On failure the membership drops here, leaving nothing behind.
+            let replayed = match self.hub.topics() {
+                Some(topics) => topics.replay(&name, since, limit).await.map_err(|e| {
+                    tracing::warn!(error = %crate::replication::stream::error_chain(&e), "broadcast replay failed");
+                }),
+                None => Err(()),
+            };
+            let replayed = replayed.map_err(|()| JoinError::Replay(ReplayRefusal::Failed))?;
+            self.hub.release_replay(&member, &replayed);
         }
         self.channels.insert(topic, membership);
         if req.replication_ready {
@@ -392,7 +486,7 @@ impl Session {
     /// A new token for a joined channel (`access_token` event). The same token, an API key or
     /// an unknown topic changes nothing; an invalid token is an error (the caller closes the
     /// channel).
-    pub async fn refresh_token(&mut self, topic: &str, token: &str) -> Result<(), AuthError> {
+    pub async fn refresh_token(&mut self, topic: &str, token: &str) -> Result<(), RefreshError> {
         let verifier = self.hub.verifier().clone();
         if !verifier.required() || is_api_key(token) {
             return Ok(());
@@ -401,11 +495,25 @@ impl Session {
         if current.credentials.as_ref().is_some_and(|c| &*c.token == token) {
             return Ok(());
         }
+        let private = current.member.key.private;
         let credentials = verifier.verify(token).await.inspect_err(|_| {
             self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
         })?;
+        let subject = self.hub.intern_subject(Subject::of(&credentials.claims));
+        let name = channel_name(topic);
+        // Private channels are authorized again with the new claims.
+        let access = topic_access(&self.hub, private, Some(&subject), name).await.map_err(|e| {
+            tracing::warn!(error = %crate::replication::stream::error_chain(&e), "private channel check failed");
+            RefreshError::Unavailable
+        })?;
         if let Some(m) = self.channels.get_mut(topic) {
-            m.member.set_subject(Some(self.hub.intern_subject(Subject::of(&credentials.claims))));
+            if access.revokes_read(&m.access) {
+                self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(RefreshError::Revoked(name.to_owned()));
+            }
+            m.access = access;
+            m.member.reads.store(Member::reads_of(&access), Ordering::Relaxed);
+            m.member.set_subject(Some(subject));
             m.expires_at = Instant::now().checked_add(credentials.claims.time_left());
             m.credentials = Some(credentials);
         }
@@ -482,6 +590,9 @@ impl Session {
         let Some(m) = self.channels.get(topic) else {
             return Err(BroadcastError::NotJoined(topic.to_owned()));
         };
+        if !m.access.broadcast_write {
+            return Err(BroadcastError::Unauthorized(channel_name(topic).to_owned()));
+        }
         if !self.events.allow(Instant::now()) {
             self.hub.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
             return Err(BroadcastError::RateLimited);
@@ -509,6 +620,9 @@ impl Session {
         if !self.presence_events.allow(Instant::now()) {
             self.hub.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
             return Err(PresenceError::RateLimited);
+        }
+        if !m.access.presence_write {
+            return Err(PresenceError::Unauthorized(channel_name(topic).to_owned()));
         }
         let Value::Object(payload) = payload else {
             return Err(PresenceError::NotAMap);
@@ -834,6 +948,71 @@ mod tests {
         assert!(!fast_rx.killed.is_cancelled());
         assert_eq!(hub.metrics().slow_client_disconnects.load(Ordering::Relaxed), 1);
         drop(slow);
+    }
+
+    fn member(hub: &Hub, topic: &str, reads: u8, replay: bool) -> (Arc<Member>, OutboxReceiver) {
+        let (outbox, rx) = Outbox::new(64);
+        let m = Arc::new(Member {
+            id: hub.next_id(),
+            session: hub.next_id(),
+            key: TopicKey { topic: topic.into(), private: false },
+            join_ref: None,
+            outbox,
+            encoder: Arc::new(Lines(2)),
+            echo_own: false,
+            subject: std::sync::RwLock::new(None),
+            reads: reads.into(),
+            replay: replay.then(|| std::sync::Mutex::new(ReplayGate::Holding(Vec::new()))),
+        });
+        hub.add_member(Arc::clone(&m), true);
+        (m, rx)
+    }
+
+    fn with_id(event: &str) -> BroadcastMessage {
+        BroadcastMessage {
+            event: event.into(),
+            payload: BroadcastPayload::Json(Bytes::from_static(b"1")),
+            meta: Some(Bytes::from(format!(r#"{{"id":"{event}"}}"#))),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replay_comes_first_and_is_not_repeated_live() {
+        let hub = hub(Limits::default());
+        let (mut a, _arx) = session(&hub, 2);
+        a.join(req("room")).await.unwrap();
+        let (m, mut rx) = member(&hub, "room", crate::realtime::READS_BROADCAST, true);
+        // Live broadcasts while the replay loads are held.
+        a.broadcast("room", with_id("m2")).unwrap();
+        a.broadcast("room", with_id("m3")).unwrap();
+        assert!(drain(&mut rx).is_empty());
+        let replayed: Vec<_> = ["m1", "m2"]
+            .iter()
+            .map(|id| crate::auth::topics::Replayed { id: (*id).into(), message: Arc::new(with_id(id)) })
+            .collect();
+        hub.release_replay(&m, &replayed);
+        assert_eq!(drain(&mut rx), ["room broadcast m1 1", "room broadcast m2 1", "room broadcast m3 1"]);
+        // A replayed id arriving late from the stream is skipped; others flow.
+        a.broadcast("room", with_id("m1")).unwrap();
+        a.broadcast("room", with_id("m4")).unwrap();
+        assert_eq!(drain(&mut rx), ["room broadcast m4 1"]);
+    }
+
+    #[tokio::test]
+    async fn members_receive_only_what_they_may_read() {
+        let hub = hub(Limits { max_presence_events: 100, ..Limits::default() });
+        let (mut a, _arx) = session(&hub, 2);
+        a.join(req("room")).await.unwrap();
+        let (_none, mut none_rx) = member(&hub, "room", 0, false);
+        let (_presence, mut presence_rx) = member(&hub, "room", crate::realtime::READS_PRESENCE, false);
+        let (_broadcast, mut broadcast_rx) = member(&hub, "room", crate::realtime::READS_BROADCAST, false);
+        a.broadcast("room", json_msg("e", "1")).unwrap();
+        a.track("room", json!({"k": 1})).unwrap();
+        assert!(drain(&mut none_rx).is_empty());
+        let p = drain(&mut presence_rx);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("room state") && p[1].starts_with("room diff"), "{p:?}");
+        assert_eq!(drain(&mut broadcast_rx), ["room broadcast e 1"]);
     }
 
     #[test]

@@ -65,6 +65,13 @@ pub fn migrator() -> Migrator {
                 Cow::Borrowed(include_str!("../../migrations/0003_row_level_security.sql")),
                 false,
             ),
+            Migration::new(
+                4,
+                Cow::Borrowed("private channels"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../../migrations/0004_private_channels.sql")),
+                false,
+            ),
         ]),
         ..Migrator::DEFAULT
     }

@@ -1,6 +1,7 @@
 //! REST broadcast, as Supabase serves it under `/api/…` and `/realtime/v1/api/…`:
 //! `POST /broadcast` (a batch of JSON messages) and `POST /broadcast/{topic}/events/{event}`
 //! (one message; JSON or `application/octet-stream` body). Both answer 202 with an empty body.
+//! Sends to private topics need the bearer's policies on `realtime.messages` to allow them.
 //!
 //! Owns: HTTP parsing and status codes. Must not: deliver anything itself (it publishes on the
 //! core's bus like a socket does).
@@ -15,6 +16,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::auth::rls::Subject;
+use crate::auth::topics::TopicError;
 use crate::auth::Credentials;
 use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
 use crate::realtime::bus::BusMessage;
@@ -74,6 +77,30 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Option<Crede
     }
 }
 
+/// Whether the bearer may send to private `topic` (its policies on `realtime.messages` allow
+/// a broadcast INSERT): 403 `{"message":"Unauthorized"}` if not. Without authentication every
+/// sender may.
+async fn may_write(state: &AppState, credentials: Option<&Credentials>, topic: &str) -> Result<(), Response> {
+    let Some(c) = credentials else { return Ok(()) };
+    let forbidden = || {
+        state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        error(StatusCode::FORBIDDEN, "message", "Unauthorized")
+    };
+    let Some(topics) = state.hub.topics() else { return Err(forbidden()) };
+    match topics.access(&Subject::of(&c.claims), topic).await {
+        Ok(access) if access.broadcast_write => Ok(()),
+        Ok(_) | Err(TopicError::Policy(_)) => Err(forbidden()),
+        Err(e) => {
+            tracing::warn!(error = %crate::replication::stream::error_chain(&e), "REST broadcast check failed");
+            Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "message",
+                "Realtime was unable to connect to the project database",
+            ))
+        }
+    }
+}
+
 fn too_large() -> Response {
     error(StatusCode::UNPROCESSABLE_ENTITY, "message", "Payload size exceeds tenant limit")
 }
@@ -88,11 +115,13 @@ fn publish(state: &AppState, topic: &str, private: bool, message: BroadcastMessa
 }
 
 /// `POST /api/broadcast` `{"messages":[{topic, event, payload, private?, id?}]}`. Every message is
-/// checked before any is delivered.
+/// checked before any is delivered: one private topic the bearer may not write to refuses the
+/// whole batch (403).
 pub async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(denied) = authorize(&state, &headers).await {
-        return denied;
-    }
+    let credentials = match authorize(&state, &headers).await {
+        Ok(c) => c,
+        Err(denied) => return denied,
+    };
     let batch: Batch = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
@@ -120,6 +149,15 @@ pub async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Byte
             BroadcastMessage { event: m.event, payload: BroadcastPayload::Json(payload.into()), meta },
         ));
     }
+    let mut checked: Vec<&str> = Vec::new();
+    for (topic, _, _) in ready.iter().filter(|(_, private, _)| *private) {
+        if !checked.contains(&topic.as_str()) {
+            if let Err(denied) = may_write(&state, credentials.as_ref(), topic).await {
+                return denied;
+            }
+            checked.push(topic);
+        }
+    }
     for (topic, private, message) in ready {
         publish(&state, &topic, private, message);
     }
@@ -134,9 +172,10 @@ pub async fn single(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(denied) = authorize(&state, &headers).await {
-        return denied;
-    }
+    let credentials = match authorize(&state, &headers).await {
+        Ok(c) => c,
+        Err(denied) => return denied,
+    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -162,6 +201,11 @@ pub async fn single(
         return too_large();
     }
     let private = params.private.as_deref().is_some_and(|p| p.eq_ignore_ascii_case("true"));
+    if private {
+        if let Err(denied) = may_write(&state, credentials.as_ref(), &topic).await {
+            return denied;
+        }
+    }
     publish(&state, &topic, private, BroadcastMessage { event, payload, meta: None });
     StatusCode::ACCEPTED.into_response()
 }

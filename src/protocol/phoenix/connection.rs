@@ -195,6 +195,9 @@ impl PhoenixConnection {
             Err(BroadcastError::RateLimited) => {
                 self.session.close_channel(&frame.topic, "system", "Too many messages per second");
             }
+            Err(e @ BroadcastError::Unauthorized(_)) => {
+                out.push(self.reply(frame, "error", json!({"reason": format!("Unauthorized: {e}")})));
+            }
             Err(e) => out.push(self.reply(frame, "error", json!({"reason": e.to_string()}))),
         }
     }
@@ -217,6 +220,9 @@ impl PhoenixConnection {
             Ok(()) => out.push(self.reply(frame, "ok", json!({}))),
             Err(e @ (PresenceError::RateLimited | PresenceError::PayloadTooLarge)) => {
                 self.session.close_channel(&frame.topic, "system", &e.to_string());
+            }
+            Err(e @ PresenceError::Unauthorized(_)) => {
+                out.push(self.reply(frame, "error", json!({"reason": format!("Unauthorized: {e}")})));
             }
             Err(e) => out.push(self.reply(frame, "error", json!({"reason": e.to_string()}))),
         }
@@ -256,6 +262,7 @@ impl PhoenixConnection {
                 .iter()
                 .find_map(|k| frame.payload.get(*k).and_then(Value::as_str))
                 .map(str::to_owned),
+            replay: broadcast.and_then(|b| b.get("replay")).cloned(),
         };
         let echoed: Vec<Value> = req
             .bindings
@@ -298,6 +305,9 @@ impl PhoenixConnection {
                     JoinError::TooManyJoins => format!("ClientJoinRateLimitReached: {e}"),
                     JoinError::EmptyTopic => e.to_string(),
                     JoinError::Auth(a) => format!("{}: {a}", a.code()),
+                    JoinError::Unauthorized(_) => format!("Unauthorized: {e}"),
+                    JoinError::Replay(_) => format!("UnableToReplayMessages: {e}"),
+                    JoinError::Unavailable => format!("UnableToConnectToProject: {e}"),
                 };
                 out.push(self.reply(&frame, "error", json!({"reason": reason})));
             }

@@ -30,10 +30,7 @@ fn text(bytes: Vec<u8>) -> Frame {
     ))
 }
 
-/// The channel name clients know a topic by (`realtime:room` → `room`).
-pub fn channel_name(topic: &str) -> &str {
-    topic.strip_prefix("realtime:").unwrap_or(topic)
-}
+pub use crate::realtime::channel_name;
 
 /// `{"type":"broadcast","event":…,"payload":…[,"meta":…]}`: what a 1.0.0 client receives.
 fn broadcast_json(m: &BroadcastMessage, payload: &[u8]) -> Vec<u8> {
