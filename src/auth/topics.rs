@@ -28,8 +28,12 @@ pub struct TopicAccess {
 
 impl TopicAccess {
     /// Everything: public channels, and private ones when authentication is off.
-    pub const ALL: TopicAccess =
-        TopicAccess { broadcast_read: true, broadcast_write: true, presence_read: true, presence_write: true };
+    pub const ALL: TopicAccess = TopicAccess {
+        broadcast_read: true,
+        broadcast_write: true,
+        presence_read: true,
+        presence_write: true,
+    };
 
     /// Whether a join may proceed: it may read broadcasts, or presence when presence is on.
     pub fn may_join(&self, presence_enabled: bool) -> bool {

@@ -4,5 +4,6 @@ mod capture;
 mod clients;
 mod gateway;
 mod ops;
+mod private;
 mod realtime;
 mod rls;

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::support::{exec, fresh_db, http_post, pool, TestApp};
+use crate::support::{exec, fresh_db, http_post, http_post_with, pool, token, TestApp, Ws};
 
 async fn app_with(tweak: impl FnOnce(&mut walcast::config::Config)) -> (TestApp, sqlx::PgPool) {
     let url = fresh_db().await;
@@ -359,9 +359,15 @@ async fn rest_broadcast_endpoints() {
     let (status, _) = http_post(app.addr, "/api/broadcast", "application/json", b"{\"nope\":1}").await;
     assert_eq!(status, 400);
     v2.expect_quiet("refused requests deliver nothing").await;
-    // Private and public channels of one name are distinct.
-    let (status, _) =
-        http_post(app.addr, "/api/broadcast/news/events/secret?private=true", "application/json", b"1").await;
+    // Private and public channels of one name are distinct (service_role may write anywhere).
+    let service = format!("Authorization: Bearer {}", token("service_role", None));
+    let (status, _) = http_post_with(
+        app.addr,
+        "/api/broadcast/news/events/secret?private=true",
+        &[&service, "Content-Type: application/json"],
+        b"1",
+    )
+    .await;
     assert_eq!(status, 202);
     v2.expect_quiet("a private send does not reach the public channel").await;
     app.stop().await;
@@ -383,8 +389,14 @@ async fn broadcast_from_the_database_on_commit_in_order() {
     )
     .await;
     let mut public = app.ws(Some("2.0.0")).await;
-    let mut private = app.ws(None).await;
-    let mut item = app.ws(None).await;
+    // service_role bypasses the policies on realtime.messages, so it may join private channels.
+    let service = token("service_role", None);
+    let addr = app.addr;
+    let connect = |key: String| async move {
+        Ws::connect_with(addr, "/realtime/v1/websocket", None, Some(&key)).await.expect("connect")
+    };
+    let mut private = connect(service.clone()).await;
+    let mut item = connect(service).await;
     let (_, system) =
         public.join("room", json!([{"event": "INSERT", "schema": "public", "table": "items"}])).await;
     assert_eq!(system["status"], "ok");
