@@ -583,3 +583,117 @@ async fn tokens_with_the_official_clients() {
     py.exit().await;
     app.stop().await;
 }
+
+/// Rows owned by users (`owner = auth.uid()`), and a private room whose members are listed.
+const OWNED: &str = "
+CREATE SCHEMA auth;
+CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
+    SELECT (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')::uuid
+$$;
+GRANT USAGE ON SCHEMA auth TO anon, authenticated;
+CREATE TABLE docs (id int PRIMARY KEY, owner uuid, body text);
+ALTER TABLE docs REPLICA IDENTITY FULL;
+ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own ON docs FOR SELECT TO authenticated USING (owner = auth.uid());
+CREATE TABLE room_members (room text, user_id uuid);
+GRANT SELECT ON room_members TO authenticated;
+";
+
+const ROOM_POLICIES: &str = "
+CREATE POLICY members ON realtime.messages FOR SELECT TO authenticated USING (
+    EXISTS (SELECT 1 FROM public.room_members m WHERE m.room = realtime.topic() AND m.user_id = auth.uid()));
+CREATE POLICY members_send ON realtime.messages FOR INSERT TO authenticated WITH CHECK (
+    EXISTS (SELECT 1 FROM public.room_members m WHERE m.room = realtime.topic() AND m.user_id = auth.uid()));
+";
+
+impl Peer {
+    /// The (type, id) of each change up to the one whose record's body is `end`, in the shape
+    /// the client delivers (realtime-js: `eventType`/`new`/`old`; Python: `data`).
+    async fn changes_until(&mut self, end: &str) -> Vec<(String, i64)> {
+        let mut seen = Vec::new();
+        loop {
+            let v = self.until("a change", |v| v["kind"] == "change").await;
+            let p = &v["payload"];
+            let (kind, new, old) = if p.get("eventType").is_some() {
+                (&p["eventType"], &p["new"], &p["old"])
+            } else {
+                (&p["data"]["type"], &p["data"]["record"], &p["data"]["old_record"])
+            };
+            if new["body"] == end {
+                return seen;
+            }
+            let id = if kind == "DELETE" { &old["id"] } else { &new["id"] };
+            seen.push((kind.as_str().unwrap_or("").to_owned(), id.as_i64().unwrap_or(-1)));
+        }
+    }
+}
+
+#[tokio::test]
+async fn row_level_security_and_private_channels_with_the_official_clients() {
+    const A: &str = "00000000-0000-0000-0000-00000000000a";
+    const B: &str = "00000000-0000-0000-0000-00000000000b";
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, OWNED).await;
+    let app = TestApp::spawn(&url).await;
+    exec(&p, ROOM_POLICIES).await;
+    exec(&p, &format!("INSERT INTO room_members VALUES ('room', '{A}')")).await;
+    let endpoint = format!("ws://{}/realtime/v1", app.addr);
+    let (a, b) = (support::token("authenticated", Some(A)), support::token("authenticated", Some(B)));
+    let docs = json!([{"event": "*", "schema": "public", "table": "docs"}]);
+
+    // A member on the private room with realtime-js; B on the public one with Python.
+    let private =
+        json!({"private": true, "broadcast": {"self": true, "ack": true}, "postgres_changes": docs});
+    let mut js = Peer::js_as("js A", &endpoint, "2.0.0", "room", private, Some(&a));
+    let mut py = Peer::python_as("python B", &endpoint, "room", json!({"postgres_changes": docs}), Some(&b));
+    js.subscribed().await;
+    py.subscribed().await;
+    // B is no member: its private joins are refused, on both clients.
+    for mut peer in [
+        Peer::js_as("js B private", &endpoint, "2.0.0", "room", json!({"private": true}), Some(&b)),
+        Peer::python_as("python B private", &endpoint, "room", json!({"private": true}), Some(&b)),
+    ] {
+        let v = peer.status().await;
+        assert!(v["status"].as_str().is_some_and(|s| s.ends_with("CHANNEL_ERROR")), "{}: {v}", peer.name);
+        let err = v["error"].as_str().unwrap_or("");
+        assert!(
+            err.contains("Unauthorized: You do not have permissions to read from this Channel topic: room"),
+            "{}: {err}",
+            peer.name
+        );
+    }
+
+    // Each sees only its own rows' versions.
+    exec(
+        &p,
+        &format!(
+            "INSERT INTO docs VALUES (1, '{A}', 'a1'), (2, '{B}', 'b2');
+             UPDATE docs SET body = 'a1 v2' WHERE id = 1;
+             DELETE FROM docs WHERE id = 2;
+             INSERT INTO docs VALUES (3, '{A}', 'end'), (4, '{B}', 'end');"
+        ),
+    )
+    .await;
+    let own = |pairs: &[(&str, i64)]| pairs.iter().map(|(k, i)| ((*k).to_owned(), *i)).collect::<Vec<_>>();
+    assert_eq!(js.changes_until("end").await, own(&[("INSERT", 1), ("UPDATE", 1)]));
+    assert_eq!(py.changes_until("end").await, own(&[("INSERT", 2), ("DELETE", 2)]));
+
+    // The member may send on the private room.
+    js.cmd(json!({"op": "send", "event": "hi", "payload": {"n": 1}})).await;
+    assert_eq!(js.sent().await, "ok");
+    assert_eq!(js.broadcast().await.0, "hi");
+
+    // setAuth to B's token: reading the private room is revoked, so the channel closes.
+    js.cmd(json!({"op": "setAuth", "token": b})).await;
+    js.sent().await;
+    let v = js.status().await;
+    assert!(
+        v["status"].as_str().is_some_and(|s| s.ends_with("CLOSED") || s.ends_with("CHANNEL_ERROR")),
+        "{v}"
+    );
+    exec(&p, &format!("INSERT INTO docs VALUES (5, '{B}', 'b5'), (6, '{B}', 'end')")).await;
+    assert_eq!(py.changes_until("end").await, own(&[("INSERT", 5)]), "the other client is untouched");
+    py.exit().await;
+    app.stop().await;
+}

@@ -2,7 +2,8 @@
 // line per event on stdout. Usage: node peer.mjs <endpoint> <vsn> <topic> <channel-config-json>
 // Commands: send {event, payload | bytes}, httpSend {event, payload | bytes}, restBatch {event,
 // payload} (send() from a client that never connected: the REST batch endpoint), track {payload},
-// untrack, setAuth {token}, state, exit. Events: status, broadcast, presence (sync/join/leave + state), sent.
+// untrack, setAuth {token}, state, exit. Events: status, broadcast, presence (sync/join/leave + state), sent,
+// change (postgres_changes, for the bindings listed under "postgres_changes" in the config).
 import { RealtimeClient } from '@supabase/realtime-js'
 import WebSocket from 'ws'
 import readline from 'node:readline'
@@ -18,11 +19,15 @@ if (userToken) options.accessToken = async () => userToken
 const client = new RealtimeClient(endpoint, options)
 // As supabase-js does: fetch the token before the first join, so the join carries it.
 if (userToken) await client.setAuth()
-const channel = client.channel(topic, { config: JSON.parse(configJson) })
+const { postgres_changes: bindings = [], ...config } = JSON.parse(configJson)
+const channel = client.channel(topic, { config })
 channel.on('broadcast', { event: '*' }, (msg) => out({ kind: 'broadcast', event: msg.event, payload: plain(msg.payload), meta: msg.meta ?? null }))
 channel.on('presence', { event: 'sync' }, () => out({ kind: 'presence', event: 'sync', state: channel.presenceState() }))
 channel.on('presence', { event: 'join' }, ({ key, newPresences }) => out({ kind: 'presence', event: 'join', key, presences: newPresences }))
 channel.on('presence', { event: 'leave' }, ({ key, leftPresences }) => out({ kind: 'presence', event: 'leave', key, presences: leftPresences }))
+bindings.forEach((b, i) => {
+  channel.on('postgres_changes', b, (payload) => out({ kind: 'change', binding: i, payload }))
+})
 channel.subscribe((status, err) => out({ kind: 'status', status, error: err ? String(err.message || err) : null }))
 
 const payloadOf = (cmd) => (cmd.bytes ? new Uint8Array(cmd.bytes).buffer : cmd.payload)

@@ -22,7 +22,10 @@ async def main():
     await client.connect()
     if os.environ.get("WALCAST_TEST_ACCESS_TOKEN"):
         await client.set_auth(os.environ["WALCAST_TEST_ACCESS_TOKEN"])
-    channel = client.channel(topic, {"config": json.loads(config_json)})
+    config = json.loads(config_json)
+    # Bindings listed under "postgres_changes" are registered with on_postgres_changes.
+    bindings = config.pop("postgres_changes", [])
+    channel = client.channel(topic, {"config": config})
     channel.on_broadcast(
         "*",
         lambda m: out({"kind": "broadcast", "event": m.get("event"), "payload": m.get("payload"), "meta": m.get("meta")}),
@@ -34,6 +37,15 @@ async def main():
     channel.on_presence_leave(
         lambda key, current, left: out({"kind": "presence", "event": "leave", "key": key, "presences": left})
     )
+
+    for i, b in enumerate(bindings):
+        channel.on_postgres_changes(
+            b.get("event", "*"),
+            callback=lambda payload, i=i: out({"kind": "change", "binding": i, "payload": payload}),
+            table=b.get("table", "*"),
+            schema=b.get("schema", "public"),
+            filter=b.get("filter"),
+        )
 
     def on_status(status, err):
         out({"kind": "status", "status": str(getattr(status, "value", status)), "error": str(err) if err else None})
