@@ -120,18 +120,21 @@ pub async fn run(opts: &BenchOptions, o: &RlsOptions) -> anyhow::Result<serde_js
             if checked { "each with its user's token" } else { "service_role, filtered by owner" }
         );
         let users = o.users;
+        // One token per user, shared by its sockets (as a browser's tabs share one session):
+        // the check's cost follows distinct (role, claims), and tokens minted a second apart
+        // differ in `iat`/`exp`.
+        let tokens: Vec<Option<String>> = (0..users)
+            .map(|u| {
+                let ttl = Duration::from_secs(24 * 3600);
+                crate::auth::mint(BENCH_SECRET, "authenticated", Some(&user_id(u)), ttl, Default::default())
+                    .ok()
+            })
+            .collect();
         let sockets = connect_all(o.clients, |i| {
             let u = i % users;
             let mut binding = json!({"event": "INSERT", "schema": "public", "table": "walcast_bench_owned"});
             let token = if checked {
-                crate::auth::mint(
-                    BENCH_SECRET,
-                    "authenticated",
-                    Some(&user_id(u)),
-                    Duration::from_secs(24 * 3600),
-                    Default::default(),
-                )
-                .ok()
+                tokens[u].clone()
             } else {
                 binding["filter"] = format!("owner=eq.{}", user_id(u)).into();
                 None

@@ -31,6 +31,10 @@ use crate::replication::lsn::Lsn;
 const MAX_BATCH: usize = 4096;
 
 /// Runs until the replication side closes the channel or `shutdown` fires.
+///
+/// While one batch's rows are being checked, the events that arrive are matched into the next
+/// batch, so the dispatcher's matching overlaps the database's checking; batches are delivered
+/// in order.
 pub async fn run_dispatcher(
     hub: Hub,
     mut rx: mpsc::Receiver<ChangeEvent>,
@@ -39,32 +43,51 @@ pub async fn run_dispatcher(
 ) {
     let mut scratch = Scratch::default();
     let mut batch = Batch::default();
+    let mut next_batch = Batch::default();
+    let mut closed = false;
     loop {
-        let first = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            e = rx.recv() => match e {
-                Some(e) => e,
-                None => return,
-            },
-        };
-        let mut next = Some(first);
-        while let Some(event) = next {
-            if batch.items.is_empty() {
-                handle_now(&hub, event, &ack, &mut scratch, &mut batch);
-            } else {
-                batch.push(&hub, event);
+        if batch.items.is_empty() {
+            if closed {
+                return;
             }
-            next = if batch.items.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
-        }
-        if !batch.items.is_empty() {
-            tokio::select! {
+            let first = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
-                _ = batch.authorize(&hub) => {}
+                e = rx.recv() => match e {
+                    Some(e) => e,
+                    None => return,
+                },
+            };
+            let mut next = Some(first);
+            while let Some(event) = next {
+                if batch.items.is_empty() {
+                    handle_now(&hub, event, &ack, &mut scratch, &mut batch);
+                } else {
+                    batch.push(&hub, event);
+                }
+                next = if batch.items.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
             }
-            batch.deliver(&hub, &ack, &mut scratch);
+            if batch.items.is_empty() {
+                continue;
+            }
         }
+        {
+            let check = batch.authorize(&hub);
+            tokio::pin!(check);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    _ = &mut check => break,
+                    e = rx.recv(), if !closed && next_batch.items.len() < MAX_BATCH => match e {
+                        Some(e) => next_batch.push(&hub, e),
+                        None => closed = true,
+                    },
+                }
+            }
+        }
+        batch.deliver(&hub, &ack, &mut scratch);
+        std::mem::swap(&mut batch, &mut next_batch);
     }
 }
 
@@ -178,7 +201,7 @@ pub struct Scratch {
     ids: Vec<u32>,
     decisions: Vec<Decision>,
     /// Decisions of the current change by subject (interned, so by pointer).
-    memo: HashMap<usize, Decision>,
+    memo: HashMap<usize, Decision, PtrHash>,
 }
 
 impl Scratch {
@@ -228,6 +251,43 @@ impl Scratch {
     }
 }
 
+/// Hashes addresses (`usize` keys) with one multiplication: the maps keyed by interned
+/// pointers are on the per-member path.
+#[derive(Default, Clone, Copy)]
+struct PtrHasher(u64);
+
+impl std::hash::Hasher for PtrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+}
+
+type PtrHash = std::hash::BuildHasherDefault<PtrHasher>;
+
+/// Puts each member's matching subscriptions next to each other (ids ascending) without exact
+/// repeats. Usually every member matched once: one pass that stamps each member says so, and
+/// the sort is skipped.
+fn group_by_member(hub: &Hub, matched: &mut Vec<&Arc<Subscription>>) {
+    if matched.len() < 2 {
+        return;
+    }
+    let stamp = hub.next_id();
+    if matched.iter().any(|s| s.member.seen.swap(stamp, Ordering::Relaxed) == stamp) {
+        matched.sort_unstable_by_key(|s| (Arc::as_ptr(&s.member) as usize, s.binding.id));
+        matched.dedup_by_key(|s| (Arc::as_ptr(&s.member) as usize, s.binding.id));
+    }
+}
+
 /// Matches and delivers one change unless a row check is needed first (`None`: nothing was
 /// delivered; the caller checks and delivers it). Returns the number of frames queued.
 pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usize> {
@@ -243,10 +303,7 @@ pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usi
         return Some(0);
     }
     // One push per member, with all of its matching binding ids.
-    if matched.len() > 1 {
-        matched.sort_unstable_by_key(|s| (Arc::as_ptr(&s.member) as usize, s.binding.id));
-        matched.dedup_by_key(|s| (Arc::as_ptr(&s.member) as usize, s.binding.id));
-    }
+    group_by_member(hub, &mut matched);
     scratch.decisions.clear();
     if hub.rls().is_some() {
         scratch.memo.clear();
@@ -399,24 +456,31 @@ impl Batch {
     fn match_change(&mut self, hub: &Hub, change: Change) -> Pending {
         let mut pending =
             Pending { change, targets: Vec::new(), subjects: Vec::new(), new_row: 0, old_row: 0 };
-        let mut by_subject: HashMap<usize, u32> = HashMap::new();
+        let mut by_subject: HashMap<usize, u32, PtrHash> = HashMap::default();
         if let Ok(index) = hub.index().read() {
             let mut matched: Vec<&Arc<Subscription>> = Vec::new();
             index.matching(&pending.change, |sub| matched.push(sub));
-            matched.sort_unstable_by_key(|s| (Arc::as_ptr(&s.member) as usize, s.binding.id));
-            matched.dedup_by_key(|s| (Arc::as_ptr(&s.member) as usize, s.binding.id));
+            group_by_member(hub, &mut matched);
             for sub in matched {
                 if let Some(t) = pending.targets.last_mut().filter(|t| Arc::ptr_eq(&t.member, &sub.member)) {
                     t.ids.push(sub.binding.id);
                     continue;
                 }
-                let subject = sub.member.subject();
-                let key = subject.as_ref().map(|s| Arc::as_ptr(s) as usize).unwrap_or(0);
-                let at = *by_subject.entry(key).or_insert_with(|| {
-                    let decision = decide_cached(hub, &pending.change, subject.as_ref());
-                    pending.subjects.push((subject, decision));
-                    (pending.subjects.len() - 1) as u32
-                });
+                // Most members share a subject seen already: look it up without cloning it.
+                let seen =
+                    sub.member.subject.read().ok().map(|s| s.as_ref().map_or(0, |s| Arc::as_ptr(s) as usize));
+                let at = match seen.and_then(|key| by_subject.get(&key)) {
+                    Some(at) => *at,
+                    None => {
+                        let subject = sub.member.subject();
+                        let key = subject.as_ref().map_or(0, |s| Arc::as_ptr(s) as usize);
+                        let decision = decide_cached(hub, &pending.change, subject.as_ref());
+                        pending.subjects.push((subject, decision));
+                        let at = (pending.subjects.len() - 1) as u32;
+                        by_subject.insert(key, at);
+                        at
+                    }
+                };
                 pending.targets.push(Target {
                     member: Arc::clone(&sub.member),
                     ids: Ids::of(&[sub.binding.id]),

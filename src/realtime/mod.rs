@@ -77,6 +77,9 @@ pub struct Member {
     pub reads: AtomicU8,
     /// Set while a broadcast replay is being sent, and afterwards to skip what it replayed.
     pub replay: Option<std::sync::Mutex<ReplayGate>>,
+    /// The dispatcher's mark of the last change that matched this member (grouping without a
+    /// sort); start at 0.
+    pub seen: AtomicU64,
 }
 
 /// [`Member::reads`]: receives broadcasts.

@@ -410,6 +410,7 @@ impl Session {
             subject: std::sync::RwLock::new(subject),
             reads: Member::reads_of(&access).into(),
             replay: replay.is_some().then(|| std::sync::Mutex::new(ReplayGate::Holding(Vec::new()))),
+            seen: Default::default(),
         });
         self.hub.add_member(Arc::clone(&member), req.presence_enabled);
         let mut membership = Membership {
@@ -963,6 +964,7 @@ mod tests {
             subject: std::sync::RwLock::new(None),
             reads: reads.into(),
             replay: replay.then(|| std::sync::Mutex::new(ReplayGate::Holding(Vec::new()))),
+            seen: Default::default(),
         });
         hub.add_member(Arc::clone(&m), true);
         (m, rx)
