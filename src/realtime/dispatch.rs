@@ -63,7 +63,7 @@ pub async fn run_dispatcher(
                 if batch.items.is_empty() {
                     handle_now(&hub, event, &ack, &mut scratch, &mut batch);
                 } else {
-                    batch.push(&hub, event);
+                    batch.push(&hub, event, &mut scratch.groups);
                 }
                 next = if batch.items.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
             }
@@ -80,7 +80,7 @@ pub async fn run_dispatcher(
                     _ = shutdown.cancelled() => return,
                     _ = &mut check => break,
                     e = rx.recv(), if !closed && next_batch.items.len() < MAX_BATCH => match e {
-                        Some(e) => next_batch.push(&hub, e),
+                        Some(e) => next_batch.push(&hub, e, &mut scratch.groups),
                         None => closed = true,
                     },
                 }
@@ -103,7 +103,7 @@ fn handle_now(
             Some(_) => {
                 hub.metrics().changes_dispatched.fetch_add(1, Ordering::Relaxed);
             }
-            None => batch.push(hub, ChangeEvent::Change(change)),
+            None => batch.push(hub, ChangeEvent::Change(change), &mut scratch.groups),
         },
         ChangeEvent::Broadcast(b) => publish(hub, b),
         ChangeEvent::Commit { end_lsn, .. } => ack.advance(end_lsn),
@@ -202,6 +202,8 @@ pub struct Scratch {
     decisions: Vec<Decision>,
     /// Decisions of the current change by subject (interned, so by pointer).
     memo: HashMap<usize, Decision, PtrHash>,
+    /// Groupings of matches kept across changes and batches.
+    groups: Groups,
 }
 
 impl Scratch {
@@ -364,16 +366,76 @@ struct Target {
     member: Arc<Member>,
     ids: Ids,
     select: Select,
-    /// Index into `Pending::subjects`.
-    subject: u32,
 }
+
+/// The members a change reaches, grouped by subject. Changes of one table and kind share one
+/// grouping while the index's generation lasts, when no binding that could match them has a
+/// filter (then matching does not depend on the row).
+struct Grouped {
+    /// The distinct subjects (`None`: authentication off).
+    subjects: Vec<Option<Arc<Subject>>>,
+    /// Ordered by subject: `ranges[i]` are the targets of `subjects[i]`.
+    targets: Vec<Target>,
+    ranges: Vec<std::ops::Range<usize>>,
+}
+
+impl Grouped {
+    /// Matches `change` and groups the members by subject.
+    fn build(hub: &Hub, index: &crate::realtime::index::SubscriptionIndex, change: &Change) -> Grouped {
+        let mut matched: Vec<&Arc<Subscription>> = Vec::new();
+        index.matching(change, |sub| matched.push(sub));
+        group_by_member(hub, &mut matched);
+        let mut subjects: Vec<Option<Arc<Subject>>> = Vec::new();
+        let mut by_subject: HashMap<usize, u32, PtrHash> = HashMap::default();
+        let mut targets: Vec<(u32, Target)> = Vec::with_capacity(matched.len());
+        for sub in matched {
+            if let Some((_, t)) = targets.last_mut().filter(|(_, t)| Arc::ptr_eq(&t.member, &sub.member)) {
+                t.ids.push(sub.binding.id);
+                continue;
+            }
+            // Most members share a subject seen already: look it up without cloning it.
+            let seen =
+                sub.member.subject.read().ok().map(|s| s.as_ref().map_or(0, |s| Arc::as_ptr(s) as usize));
+            let at = match seen.and_then(|key| by_subject.get(&key)) {
+                Some(at) => *at,
+                None => {
+                    let subject = sub.member.subject();
+                    let key = subject.as_ref().map_or(0, |s| Arc::as_ptr(s) as usize);
+                    subjects.push(subject);
+                    let at = (subjects.len() - 1) as u32;
+                    by_subject.insert(key, at);
+                    at
+                }
+            };
+            targets.push((
+                at,
+                Target {
+                    member: Arc::clone(&sub.member),
+                    ids: Ids::of(&[sub.binding.id]),
+                    select: sub.binding.select.clone(),
+                },
+            ));
+        }
+        targets.sort_by_key(|(at, _)| *at);
+        let mut ranges = Vec::with_capacity(subjects.len());
+        let mut start = 0;
+        for at in 0..subjects.len() {
+            let n = targets[start..].iter().take_while(|(a, _)| *a as usize == at).count();
+            ranges.push(start..start + n);
+            start += n;
+        }
+        Grouped { subjects, targets: targets.into_iter().map(|(_, t)| t).collect(), ranges }
+    }
+}
+
+/// A cached grouping: the index generation and relation it was computed under.
+type GroupEntry = (u64, Arc<crate::change::Relation>, Arc<Grouped>);
 
 struct Pending {
     change: Change,
-    targets: Vec<Target>,
-    /// The distinct subjects among the targets (`None`: authentication off) and what is known
-    /// for each before the check.
-    subjects: Vec<(Option<Arc<Subject>>, Decision)>,
+    group: Arc<Grouped>,
+    /// What is known for each subject of the group before the check.
+    decisions: Vec<Decision>,
     /// Positions (1-based) of the new and old row versions in their table's row list; 0 = not
     /// checked.
     new_row: u32,
@@ -441,11 +503,15 @@ struct Batch {
     tables: HashMap<u32, (Arc<crate::change::Relation>, TableCheck)>,
 }
 
+/// Groupings of row-independent matches by (table, kind), with the index generation and
+/// relation they were computed under; shared by every batch.
+type Groups = HashMap<(u32, ChangeKind), GroupEntry>;
+
 impl Batch {
-    fn push(&mut self, hub: &Hub, event: ChangeEvent) {
+    fn push(&mut self, hub: &Hub, event: ChangeEvent, groups: &mut Groups) {
         match event {
             ChangeEvent::Change(change) => {
-                let pending = self.match_change(hub, change);
+                let pending = self.match_change(hub, change, groups);
                 self.items.push(Item::Change(pending));
             }
             ChangeEvent::Broadcast(b) => self.items.push(Item::Broadcast(b)),
@@ -453,43 +519,32 @@ impl Batch {
         }
     }
 
-    fn match_change(&mut self, hub: &Hub, change: Change) -> Pending {
-        let mut pending =
-            Pending { change, targets: Vec::new(), subjects: Vec::new(), new_row: 0, old_row: 0 };
-        let mut by_subject: HashMap<usize, u32, PtrHash> = HashMap::default();
-        if let Ok(index) = hub.index().read() {
-            let mut matched: Vec<&Arc<Subscription>> = Vec::new();
-            index.matching(&pending.change, |sub| matched.push(sub));
-            group_by_member(hub, &mut matched);
-            for sub in matched {
-                if let Some(t) = pending.targets.last_mut().filter(|t| Arc::ptr_eq(&t.member, &sub.member)) {
-                    t.ids.push(sub.binding.id);
-                    continue;
-                }
-                // Most members share a subject seen already: look it up without cloning it.
-                let seen =
-                    sub.member.subject.read().ok().map(|s| s.as_ref().map_or(0, |s| Arc::as_ptr(s) as usize));
-                let at = match seen.and_then(|key| by_subject.get(&key)) {
-                    Some(at) => *at,
-                    None => {
-                        let subject = sub.member.subject();
-                        let key = subject.as_ref().map_or(0, |s| Arc::as_ptr(s) as usize);
-                        let decision = decide_cached(hub, &pending.change, subject.as_ref());
-                        pending.subjects.push((subject, decision));
-                        let at = (pending.subjects.len() - 1) as u32;
-                        by_subject.insert(key, at);
-                        at
+    fn match_change(&mut self, hub: &Hub, change: Change, groups: &mut Groups) -> Pending {
+        let group = match hub.index().read() {
+            Ok(index) if index.row_independent(&change) => {
+                let key = (change.relation.id, change.kind);
+                match groups.get(&key) {
+                    Some((generation, relation, g))
+                        if *generation == index.generation() && Arc::ptr_eq(relation, &change.relation) =>
+                    {
+                        Arc::clone(g)
                     }
-                };
-                pending.targets.push(Target {
-                    member: Arc::clone(&sub.member),
-                    ids: Ids::of(&[sub.binding.id]),
-                    select: sub.binding.select.clone(),
-                    subject: at,
-                });
+                    _ => {
+                        // Groupings of an older generation hold members that may have left.
+                        groups.retain(|_, (generation, _, _)| *generation == index.generation());
+                        let g = Arc::new(Grouped::build(hub, &index, &change));
+                        let entry = (index.generation(), Arc::clone(&change.relation), Arc::clone(&g));
+                        groups.insert(key, entry);
+                        g
+                    }
+                }
             }
-        }
-        if pending.subjects.iter().any(|(_, d)| *d == Decision::Check) {
+            Ok(index) => Arc::new(Grouped::build(hub, &index, &change)),
+            Err(_) => Arc::new(Grouped { subjects: Vec::new(), targets: Vec::new(), ranges: Vec::new() }),
+        };
+        let decisions = group.subjects.iter().map(|s| decide_cached(hub, &change, s.as_ref())).collect();
+        let mut pending = Pending { change, group, decisions, new_row: 0, old_row: 0 };
+        if pending.decisions.contains(&Decision::Check) {
             let change = &pending.change;
             let (_, table) = self
                 .tables
@@ -501,7 +556,7 @@ impl Batch {
             if has_full_old_row(change) {
                 pending.old_row = table.add_row(change, true);
             }
-            for (subject, decision) in &pending.subjects {
+            for (subject, decision) in pending.group.subjects.iter().zip(&pending.decisions) {
                 if let (Decision::Check, Some(subject)) = (decision, subject) {
                     table.want(subject, [pending.new_row, pending.old_row]);
                 }
@@ -554,9 +609,10 @@ impl Batch {
                     scratch.start();
                     let table = self.tables.get(&p.change.relation.id).map(|(_, t)| t);
                     let decisions: Vec<Decision> = p
-                        .subjects
+                        .decisions
                         .iter()
-                        .map(|(subject, decision)| match (decision, subject, table) {
+                        .zip(&p.group.subjects)
+                        .map(|(decision, subject)| match (decision, subject, table) {
                             (Decision::Check, Some(subject), Some(table)) => match table.verdict(subject) {
                                 Some(v) => resolve(&p, v, key_only_deletes),
                                 None => Decision::Withhold,
@@ -565,17 +621,18 @@ impl Batch {
                             (d, _, _) => d.clone(),
                         })
                         .collect();
-                    let shared = p.targets.len() > 1;
+                    let shared = p.group.targets.len() > 1;
                     let mut withheld = 0;
-                    for t in &p.targets {
-                        match &decisions[t.subject as usize] {
-                            Decision::Deliver { hidden, strip_old } => {
-                                let ids = t.ids.as_slice();
-                                scratch.deliver(
-                                    hub, &p.change, &t.member, ids, &t.select, hidden, *strip_old, shared,
-                                );
-                            }
-                            _ => withheld += 1,
+                    for (decision, range) in decisions.iter().zip(&p.group.ranges) {
+                        let Decision::Deliver { hidden, strip_old } = decision else {
+                            withheld += range.len() as u64;
+                            continue;
+                        };
+                        for t in &p.group.targets[range.clone()] {
+                            let ids = t.ids.as_slice();
+                            scratch.deliver(
+                                hub, &p.change, &t.member, ids, &t.select, hidden, *strip_old, shared,
+                            );
                         }
                     }
                     hub.metrics().rls_withheld.fetch_add(withheld, Ordering::Relaxed);

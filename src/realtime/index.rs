@@ -134,11 +134,18 @@ pub(crate) struct TableSubs {
     /// Column name → equality index.
     pub eq: HashMap<Arc<str>, EqIndex>,
     pub residual: Vec<Arc<Subscription>>,
+    /// Residual subscriptions with a filter (the others match on table and event alone).
+    pub filtered: usize,
 }
 
 impl TableSubs {
     fn is_empty(&self) -> bool {
         self.residual.is_empty() && self.eq.is_empty()
+    }
+
+    /// Whether which of these subscriptions match depends only on the change's table and kind.
+    fn row_independent(&self) -> bool {
+        self.eq.is_empty() && self.filtered == 0
     }
 
     /// Calls `f` with every subscription that may match the change, and the condition an index
@@ -170,6 +177,10 @@ impl TableSubs {
 #[derive(Debug, Default)]
 pub struct SubscriptionIndex {
     next_id: SubId,
+    /// Changes on every insert and remove, and when a member's subject changes (see
+    /// [`SubscriptionIndex::touch`]): a grouping of matches computed under one generation is
+    /// valid while it lasts.
+    generation: u64,
     pub(crate) subs: HashMap<SubId, Arc<Subscription>>,
     /// (schema, table) → subscriptions on that table.
     pub(crate) tables: HashMap<(Arc<str>, Arc<str>), TableSubs>,
@@ -186,10 +197,29 @@ impl SubscriptionIndex {
         self.subs.is_empty()
     }
 
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Marks a change that matching alone does not see (a member's subject was replaced).
+    pub fn touch(&mut self) {
+        self.generation += 1;
+    }
+
+    /// Whether the subscriptions a change matches depend only on its table and kind (no
+    /// binding that could match it has a filter), so one grouping serves every such change.
+    pub(crate) fn row_independent(&self, change: &Change) -> bool {
+        let rel = &change.relation;
+        let exact = self.tables.get(&(Arc::clone(&rel.schema), Arc::clone(&rel.table)));
+        let any = if &*rel.schema == "*" { None } else { self.schemas.get("*") };
+        [exact, self.schemas.get(&rel.schema), any].into_iter().flatten().all(TableSubs::row_independent)
+    }
+
     /// Adds a binding for a channel; from the moment this returns, every change dispatched is
     /// matched against it.
     pub fn insert(&mut self, member: Arc<Member>, binding: BindingSpec) -> SubId {
         self.next_id += 1;
+        self.generation += 1;
         let id = self.next_id;
         let key = binding.filter.index_key();
         let table = match &binding.table {
@@ -209,7 +239,10 @@ impl SubscriptionIndex {
                     IndexKey::Bytes(k) => push(&mut eq.bytes, k, Arc::clone(&sub)),
                 }
             }
-            None => table.residual.push(Arc::clone(&sub)),
+            None => {
+                table.filtered += usize::from(!sub.binding.filter.conditions.is_empty());
+                table.residual.push(Arc::clone(&sub));
+            }
         }
         self.subs.insert(id, sub);
         id
@@ -241,6 +274,7 @@ impl SubscriptionIndex {
         let Some(sub) = self.subs.remove(&id) else {
             return false;
         };
+        self.generation += 1;
         let b = &sub.binding;
         let (map_key_table, schema) =
             (b.table.as_ref().map(|t| (Arc::clone(&b.schema), Arc::clone(t))), &b.schema);
@@ -262,7 +296,10 @@ impl SubscriptionIndex {
                     }
                 }
             }
-            _ => table.residual.retain(|s| s.id != id),
+            _ => {
+                table.residual.retain(|s| s.id != id);
+                table.filtered = table.filtered.saturating_sub(usize::from(!b.filter.conditions.is_empty()));
+            }
         }
         if table.is_empty() {
             match map_key_table {

@@ -515,6 +515,10 @@ impl Session {
             m.access = access;
             m.member.reads.store(Member::reads_of(&access), Ordering::Relaxed);
             m.member.set_subject(Some(subject));
+            // Groupings of matches by subject are stale now.
+            if let Ok(mut index) = self.hub.index().write() {
+                index.touch();
+            }
             m.expires_at = Instant::now().checked_add(credentials.claims.time_left());
             m.credentials = Some(credentials);
         }

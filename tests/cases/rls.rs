@@ -350,3 +350,38 @@ async fn a_failing_policy_denies_its_subscriber_only_and_refresh_switches_users(
     assert_eq!(next_change(&mut b).await["record"]["id"], 3, "B got nothing while its policy failed");
     app.stop().await;
 }
+
+/// Subscribers of a table without filters are grouped by subject once and the grouping reused
+/// across changes: a join, a leave and a token refresh in between must each be seen by the
+/// very next change.
+#[tokio::test]
+async fn joins_leaves_and_refreshes_between_changes_are_seen() {
+    let (app, p) = app(|_| {}).await;
+    let mut a = connect(&app, &user(A)).await;
+    assert_eq!(subscribe(&mut a, "docs", "docs").await["status"], "ok");
+    exec(&p, &format!("INSERT INTO docs VALUES (1, '{A}', 'a1', 's'); INSERT INTO docs VALUES (2, NULL, 'm1', 's', true);")).await;
+    assert_eq!(changes_until_marker(&mut a, "m1").await, [ty("INSERT", 1)]);
+
+    // B joins between two changes of the same table and kind.
+    let mut b = connect(&app, &user(B)).await;
+    assert_eq!(subscribe(&mut b, "docs", "docs").await["status"], "ok");
+    exec(&p, &format!("INSERT INTO docs VALUES (3, '{B}', 'b3', 's'); INSERT INTO docs VALUES (4, NULL, 'm2', 's', true);")).await;
+    assert_eq!(changes_until_marker(&mut b, "m2").await, [ty("INSERT", 3)]);
+    assert_eq!(changes_until_marker(&mut a, "m2").await, []);
+
+    // A switches to B's token: the next change is judged as B.
+    a.push(Some("j1"), "realtime:docs", "access_token", json!({"access_token": user(B)})).await;
+    a.expect_quiet("a refresh has no reply").await;
+    exec(&p, &format!("INSERT INTO docs VALUES (5, '{B}', 'b5', 's'); INSERT INTO docs VALUES (6, NULL, 'm3', 's', true);")).await;
+    assert_eq!(changes_until_marker(&mut a, "m3").await, [ty("INSERT", 5)]);
+    assert_eq!(changes_until_marker(&mut b, "m3").await, [ty("INSERT", 5)]);
+
+    // B leaves: nothing more reaches it.
+    let r = b.push(Some("j1"), "realtime:docs", "phx_leave", json!({})).await;
+    b.recv_until("the leave reply", |f| f["event"] == "phx_reply" && f["ref"] == r.as_str()).await;
+    b.recv_event("phx_close").await;
+    exec(&p, &format!("INSERT INTO docs VALUES (7, '{B}', 'b7', 's'); INSERT INTO docs VALUES (8, NULL, 'm4', 's', true);")).await;
+    assert_eq!(changes_until_marker(&mut a, "m4").await, [ty("INSERT", 7)]);
+    b.expect_quiet("nothing after the leave").await;
+    app.stop().await;
+}
