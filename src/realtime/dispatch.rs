@@ -299,6 +299,14 @@ pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usi
     if index.is_empty() {
         return Some(0);
     }
+    // A grouping kept from earlier changes says, per subject, whether a check is needed, without
+    // visiting every member.
+    let cacheable = hub.rls().is_some() && index.row_independent(change);
+    if let Some(g) = cacheable.then(|| cached_group(&scratch.groups, &index, change)).flatten() {
+        if g.subjects.iter().any(|s| decide_cached(hub, change, s.as_ref()) == Decision::Check) {
+            return None;
+        }
+    }
     let mut matched: Vec<&Arc<Subscription>> = Vec::new();
     index.matching(change, |sub| matched.push(sub));
     if matched.is_empty() {
@@ -431,6 +439,18 @@ impl Grouped {
 /// A cached grouping: the index generation and relation it was computed under.
 type GroupEntry = (u64, Arc<crate::change::Relation>, Arc<Grouped>);
 
+/// The grouping kept for `change`'s table and kind, if computed under the current index
+/// generation and the change's relation. Only for changes whose matches do not depend on the
+/// row (`SubscriptionIndex::row_independent`, which the caller checks).
+fn cached_group<'a>(
+    groups: &'a Groups,
+    index: &crate::realtime::index::SubscriptionIndex,
+    change: &Change,
+) -> Option<&'a Arc<Grouped>> {
+    let (generation, relation, g) = groups.get(&(change.relation.id, change.kind))?;
+    (*generation == index.generation() && Arc::ptr_eq(relation, &change.relation)).then_some(g)
+}
+
 struct Pending {
     change: Change,
     group: Arc<Grouped>,
@@ -521,24 +541,17 @@ impl Batch {
 
     fn match_change(&mut self, hub: &Hub, change: Change, groups: &mut Groups) -> Pending {
         let group = match hub.index().read() {
-            Ok(index) if index.row_independent(&change) => {
-                let key = (change.relation.id, change.kind);
-                match groups.get(&key) {
-                    Some((generation, relation, g))
-                        if *generation == index.generation() && Arc::ptr_eq(relation, &change.relation) =>
-                    {
-                        Arc::clone(g)
-                    }
-                    _ => {
-                        // Groupings of an older generation hold members that may have left.
-                        groups.retain(|_, (generation, _, _)| *generation == index.generation());
-                        let g = Arc::new(Grouped::build(hub, &index, &change));
-                        let entry = (index.generation(), Arc::clone(&change.relation), Arc::clone(&g));
-                        groups.insert(key, entry);
-                        g
-                    }
+            Ok(index) if index.row_independent(&change) => match cached_group(groups, &index, &change) {
+                Some(g) => Arc::clone(g),
+                None => {
+                    // Groupings of an older generation hold members that may have left.
+                    groups.retain(|_, (generation, _, _)| *generation == index.generation());
+                    let g = Arc::new(Grouped::build(hub, &index, &change));
+                    let entry = (index.generation(), Arc::clone(&change.relation), Arc::clone(&g));
+                    groups.insert((change.relation.id, change.kind), entry);
+                    g
                 }
-            }
+            },
             Ok(index) => Arc::new(Grouped::build(hub, &index, &change)),
             Err(_) => Arc::new(Grouped { subjects: Vec::new(), targets: Vec::new(), ranges: Vec::new() }),
         };

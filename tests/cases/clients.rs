@@ -586,11 +586,6 @@ async fn tokens_with_the_official_clients() {
 
 /// Rows owned by users (`owner = auth.uid()`), and a private room whose members are listed.
 const OWNED: &str = "
-CREATE SCHEMA auth;
-CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
-    SELECT (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')::uuid
-$$;
-GRANT USAGE ON SCHEMA auth TO anon, authenticated;
 CREATE TABLE docs (id int PRIMARY KEY, owner uuid, body text);
 ALTER TABLE docs REPLICA IDENTITY FULL;
 ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
@@ -634,6 +629,7 @@ async fn row_level_security_and_private_channels_with_the_official_clients() {
     const B: &str = "00000000-0000-0000-0000-00000000000b";
     let url = fresh_db().await;
     let p = pool(&url).await;
+    exec(&p, crate::support::AUTH_UID).await;
     exec(&p, OWNED).await;
     let app = TestApp::spawn(&url).await;
     exec(&p, ROOM_POLICIES).await;

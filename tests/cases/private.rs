@@ -17,11 +17,6 @@ const C: &str = "00000000-0000-0000-0000-00000000000c";
 
 /// Policies in the style of Supabase's documentation: membership decides, per extension.
 const POLICIES: &str = "
-CREATE SCHEMA auth;
-CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
-    SELECT (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')::uuid
-$$;
-GRANT USAGE ON SCHEMA auth TO anon, authenticated;
 CREATE TABLE room_members (room text, user_id uuid, writer bool NOT NULL, presence bool NOT NULL);
 GRANT SELECT ON room_members TO authenticated;
 CREATE POLICY members_read ON realtime.messages FOR SELECT TO authenticated USING (
@@ -39,6 +34,7 @@ async fn app() -> (TestApp, sqlx::PgPool) {
     let p = pool(&url).await;
     // The realtime schema comes with the gateway's migrations.
     let app = TestApp::spawn(&url).await;
+    exec(&p, crate::support::AUTH_UID).await;
     exec(&p, POLICIES).await;
     exec(
         &p,
@@ -85,6 +81,11 @@ async fn events_until(ws: &mut Ws, marker: &str) -> Vec<String> {
     }
 }
 
+/// Pushes `event` with `payload` on the joined `realtime:room`; returns its ref.
+async fn push_room(ws: &mut Ws, event: &str, payload: Value) -> String {
+    ws.push(Some("j1"), "realtime:room", event, payload).await
+}
+
 /// The reply to push `r`.
 async fn reply_to(ws: &mut Ws, r: &str) -> Value {
     ws.recv_until("a reply", |f| f["event"] == "phx_reply" && f["ref"] == r).await["payload"].clone()
@@ -115,37 +116,24 @@ async fn joins_broadcasts_and_presence_follow_the_policies() {
 
     // A writes; C reads (and received no presence state before it); B's public channel hears
     // nothing.
-    a.push(
-        Some("j1"),
-        "realtime:room",
-        "broadcast",
-        json!({"type": "broadcast", "event": "hello", "payload": {"from": "a"}}),
-    )
-    .await;
+    push_room(&mut a, "broadcast", json!({"type": "broadcast", "event": "hello", "payload": {"from": "a"}}))
+        .await;
     assert_eq!(events_until(&mut c, "hello").await, Vec::<String>::new());
     // C may not write: a precise error to C, nothing to anyone.
-    let r = c
-        .push(
-            Some("j1"),
-            "realtime:room",
-            "broadcast",
-            json!({"type": "broadcast", "event": "nope", "payload": {}}),
-        )
-        .await;
+    let r =
+        push_room(&mut c, "broadcast", json!({"type": "broadcast", "event": "nope", "payload": {}})).await;
     assert_eq!(
         reply_to(&mut c, &r).await,
         json!({"status": "error", "response": {"reason":
             "Unauthorized: You do not have permissions to write to this Channel topic: room"}})
     );
     // Presence: A tracks; C, without presence read, sees no diff.
-    let r = a
-        .push(
-            Some("j1"),
-            "realtime:room",
-            "presence",
-            json!({"type": "presence", "event": "track", "payload": {"online": true}}),
-        )
-        .await;
+    let r = push_room(
+        &mut a,
+        "presence",
+        json!({"type": "presence", "event": "track", "payload": {"online": true}}),
+    )
+    .await;
     assert_eq!(reply_to(&mut a, &r).await["status"], "ok");
     let diff = a.recv_event("presence_diff").await;
     assert!(diff["joins"]["a"].is_object(), "{diff}");
@@ -155,14 +143,7 @@ async fn joins_broadcasts_and_presence_follow_the_policies() {
     assert!(events_until(&mut a, "marker").await.iter().all(|e| e != "broadcast"), "no echo to A");
     b.expect_quiet("a private broadcast does not reach the public channel").await;
     // C may not track.
-    let r = c
-        .push(
-            Some("j1"),
-            "realtime:room",
-            "presence",
-            json!({"type": "presence", "event": "track", "payload": {}}),
-        )
-        .await;
+    let r = push_room(&mut c, "presence", json!({"type": "presence", "event": "track", "payload": {}})).await;
     let refused = reply_to(&mut c, &r).await;
     assert_eq!(refused["status"], "error", "{refused}");
     assert!(
@@ -180,9 +161,8 @@ async fn refresh_reevaluates_and_rest_sends_are_checked() {
     let reply = join_private(&mut a, json!({})).await;
     assert_eq!(reply["status"], "ok", "{reply}");
     // A fresh token for the same member keeps the channel (no reply).
-    a.push(
-        Some("j1"),
-        "realtime:room",
+    push_room(
+        &mut a,
         "access_token",
         json!({"access_token": token_expiring("authenticated", Some(A), 7200)}),
     )
@@ -214,7 +194,7 @@ async fn refresh_reevaluates_and_rest_sends_are_checked() {
     assert_eq!(next_broadcast(&mut a).await["event"], "priv");
 
     // Refreshing to a token whose policies deny reading closes the channel.
-    a.push(Some("j1"), "realtime:room", "access_token", json!({"access_token": user(B)})).await;
+    push_room(&mut a, "access_token", json!({"access_token": user(B)})).await;
     let system = a.recv_event("system").await;
     assert_eq!(
         (&system["status"], &system["message"]),

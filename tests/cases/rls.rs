@@ -17,11 +17,6 @@ const A: &str = "00000000-0000-0000-0000-00000000000a";
 const B: &str = "00000000-0000-0000-0000-00000000000b";
 
 const SCHEMA: &str = "
-CREATE SCHEMA auth;
-CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
-    SELECT (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')::uuid
-$$;
-GRANT USAGE ON SCHEMA auth TO anon, authenticated;
 
 CREATE TABLE docs (id int PRIMARY KEY, owner uuid, body text, secret text, public bool NOT NULL DEFAULT false);
 ALTER TABLE docs REPLICA IDENTITY FULL;
@@ -51,6 +46,7 @@ CREATE POLICY own ON keyed FOR SELECT TO authenticated USING (owner = auth.uid()
 async fn app(tweak: impl FnOnce(&mut walcast::config::Config)) -> (TestApp, sqlx::PgPool) {
     let url = fresh_db().await;
     let p = pool(&url).await;
+    exec(&p, crate::support::AUTH_UID).await;
     exec(&p, SCHEMA).await;
     (TestApp::spawn_with(&url, tweak).await, p)
 }

@@ -183,6 +183,15 @@ where
     }
 }
 
+/// Supabase's `auth.uid()`: the `sub` claim of the subscriber's token, for policies.
+pub const AUTH_UID: &str = "
+CREATE SCHEMA auth;
+CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
+    SELECT (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')::uuid
+$$;
+GRANT USAGE ON SCHEMA auth TO anon, authenticated;
+";
+
 /// A gateway running in this process on a free port.
 pub struct TestApp {
     pub addr: SocketAddr,
