@@ -32,12 +32,17 @@ pub fn token(role: &str, sub: Option<&str>) -> String {
     walcast::auth::mint(TEST_SECRET, role, sub, Duration::from_secs(3600), Default::default()).expect("token")
 }
 
-/// Waits until `want` temporary slots of `walcast tail` exist (`active`: only those streaming).
+/// Waits until `want` temporary slots of `walcast tail` exist in this database (`active`: only
+/// those streaming). A slot being created is already active while it waits for the cluster's
+/// running transactions (other tests') to end; a change committed before it is consistent is
+/// never decoded, so "streaming" also needs its `confirmed_flush_lsn`.
 pub async fn wait_for_tail_slots(p: &PgPool, what: &str, active: bool, want: i64) {
     let sql = if active {
-        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'walcast_tail_%' AND active"
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'walcast_tail_%' \
+         AND database = current_database() AND active AND confirmed_flush_lsn IS NOT NULL"
     } else {
-        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'walcast_tail_%'"
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'walcast_tail_%' \
+         AND database = current_database()"
     };
     wait_for(what, Duration::from_secs(30), || {
         let p = p.clone();
