@@ -115,6 +115,24 @@ impl Relation {
     }
 }
 
+/// Where an event stands in the total commit order: its transaction's commit LSN, then its place
+/// in the transaction (changes and database broadcasts share one count, from 0). A position is
+/// stable across gateway restarts: decoding the same WAL numbers it the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position {
+    pub lsn: Lsn,
+    pub seq: u32,
+}
+
+impl Position {
+    pub const ZERO: Position = Position { lsn: Lsn::ZERO, seq: 0 };
+
+    /// After every event of the transaction committed at `lsn` (a commit's own position).
+    pub fn end_of(lsn: Lsn) -> Position {
+        Position { lsn, seq: u32::MAX }
+    }
+}
+
 /// One committed change. Changes of one transaction share `commit_lsn` and `commit_ts` and are
 /// numbered by `seq` in commit order.
 #[derive(Debug)]
@@ -134,6 +152,10 @@ pub struct Change {
 }
 
 impl Change {
+    pub fn position(&self) -> Position {
+        Position { lsn: self.commit_lsn, seq: self.seq }
+    }
+
     /// An opaque string that orders changes totally: commit LSN, then position in the transaction.
     pub fn cursor(&self) -> String {
         format!("{:016X}{:08X}", self.commit_lsn.0, self.seq)
@@ -258,7 +280,7 @@ impl Change {
     /// "old_record":…` (record/old_record only where they apply) plus `unchanged_toast` when some
     /// values were left out.
     pub fn write_data_fields(&self, out: &mut Vec<u8>, select: Option<&dyn Fn(&str) -> bool>) {
-        self.write_fields(out, select, false, false)
+        self.write_fields(out, select, false, false, None)
     }
 
     /// `write_data_fields`, with `columns` limited to `select` when `limit_columns` (columns a
@@ -269,6 +291,7 @@ impl Change {
         select: Option<&dyn Fn(&str) -> bool>,
         limit_columns: bool,
         strip_old: bool,
+        cursor: Option<&str>,
     ) {
         out.extend_from_slice(b"\"schema\":");
         write_json_str(out, &self.relation.schema);
@@ -278,6 +301,10 @@ impl Change {
         out.extend_from_slice(self.kind.as_str().as_bytes());
         out.extend_from_slice(b"\",\"commit_timestamp\":");
         write_json_str(out, &self.commit_timestamp());
+        if let Some(cursor) = cursor {
+            out.extend_from_slice(b",\"cursor\":");
+            write_json_str(out, cursor);
+        }
         out.extend_from_slice(b",\"columns\":");
         match select.filter(|_| limit_columns) {
             None => out.extend_from_slice(&self.relation.columns_json),
@@ -365,6 +392,8 @@ pub struct View<'a> {
     pub select: Option<&'a [Arc<str>]>,
     pub hidden: Option<&'a [Arc<str>]>,
     pub strip_old: bool,
+    /// The change's resume cursor (when a change log keeps it).
+    pub cursor: Option<&'a str>,
 }
 
 impl Change {
@@ -375,7 +404,7 @@ impl Change {
     /// only its small values and `errors: ["Error 413: Payload Too Large"]`.
     pub fn render_data(&self, view: View<'_>, max_record_bytes: usize) -> Vec<u8> {
         let rel = &self.relation;
-        let View { select, hidden, strip_old } = view;
+        let View { select, hidden, strip_old, cursor } = view;
         let hidden = hidden.filter(|h| !h.is_empty());
         let keep = |name: &str| {
             hidden.is_none_or(|h| !h.iter().any(|c| &**c == name))
@@ -388,7 +417,7 @@ impl Change {
         let mut out = Vec::with_capacity(256);
         out.push(b'{');
         let pred: &dyn Fn(&str) -> bool = &keep;
-        self.write_fields(&mut out, limited.then_some(pred), hidden.is_some(), strip_old);
+        self.write_fields(&mut out, limited.then_some(pred), hidden.is_some(), strip_old, cursor);
         if out.len() <= max_record_bytes {
             out.extend_from_slice(b",\"errors\":null}");
             return out;
@@ -406,7 +435,7 @@ impl Change {
         };
         out.clear();
         out.push(b'{');
-        self.write_fields(&mut out, Some(&small), hidden.is_some(), strip_old);
+        self.write_fields(&mut out, Some(&small), hidden.is_some(), strip_old, cursor);
         out.extend_from_slice(b",\"errors\":[\"Error 413: Payload Too Large\"]}");
         out
     }
@@ -606,7 +635,7 @@ mod tests {
         // Even the primary key goes when it is hidden.
         let hidden: Vec<Arc<str>> = vec!["id".into()];
         let select: Vec<Arc<str>> = vec!["task".into()];
-        let view = View { select: Some(&select), hidden: Some(&hidden), strip_old: true };
+        let view = View { select: Some(&select), hidden: Some(&hidden), strip_old: true, ..View::default() };
         let v: serde_json::Value = serde_json::from_slice(&c.render_data(view, 1 << 20)).unwrap();
         assert_eq!(v["record"], serde_json::json!({"task": "a"}));
         assert_eq!(v["old_record"], serde_json::json!({}));
@@ -682,6 +711,10 @@ mod tests {
 /// A broadcast sent from the database (`realtime.send`), delivered when its transaction commits.
 #[derive(Debug)]
 pub struct DbBroadcast {
+    /// Where it was committed (set by the replication task).
+    pub position: Position,
+    /// The message as the trigger emitted it (what the change log keeps).
+    pub raw: Bytes,
     /// The channel topic (`realtime:<topic>`).
     pub topic: Arc<str>,
     pub private: bool,
@@ -730,6 +763,8 @@ impl DbBroadcast {
         };
         let meta = serde_json::to_vec(&serde_json::json!({"id": row.id})).map_err(DbBroadcastError::Json)?;
         Ok(DbBroadcast {
+            position: Position::ZERO,
+            raw: Bytes::copy_from_slice(content),
             topic: format!("realtime:{}", row.topic).into(),
             private: row.private,
             message: BroadcastMessage {

@@ -61,6 +61,48 @@ pub struct Config {
     pub message_retention_secs: u64,
     /// Who may connect: tokens, key sources, claim checks.
     pub auth: AuthConfig,
+    /// The durable change log clients resume from.
+    pub changelog: ChangelogConfig,
+}
+
+/// The `[changelog]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChangelogConfig {
+    /// Keep a durable log of every change (default). Without it nothing can be resumed and the
+    /// slot is confirmed once changes are dispatched.
+    pub enabled: bool,
+    /// Where the log's segments live (created if missing; one gateway per directory).
+    pub dir: std::path::PathBuf,
+    /// Changes older than this many seconds may be removed.
+    pub max_age_secs: u64,
+    /// The log is kept under this many bytes, oldest segments removed first.
+    pub max_bytes: u64,
+    /// A segment is closed once it is this large.
+    pub segment_bytes: u64,
+}
+
+impl Default for ChangelogConfig {
+    fn default() -> Self {
+        ChangelogConfig {
+            enabled: true,
+            dir: "walcast-data/changelog".into(),
+            max_age_secs: 24 * 3600,
+            max_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+impl ChangelogConfig {
+    pub fn settings(&self) -> crate::log::LogSettings {
+        crate::log::LogSettings {
+            dir: self.dir.clone(),
+            max_age: std::time::Duration::from_secs(self.max_age_secs),
+            max_bytes: self.max_bytes,
+            segment_bytes: self.segment_bytes,
+        }
+    }
 }
 
 /// The `[auth]` table.
@@ -130,6 +172,7 @@ impl Default for Config {
             max_broadcast_payload_bytes: 3_000 * 1024,
             message_retention_secs: 72 * 3600,
             auth: AuthConfig::default(),
+            changelog: ChangelogConfig::default(),
         }
     }
 }
@@ -228,6 +271,18 @@ impl Config {
         }
         if self.auth.jwks_refresh_secs == 0 {
             return invalid("auth.jwks_refresh_secs", "expected at least 1 second");
+        }
+        if self.changelog.max_age_secs == 0 {
+            return invalid("changelog.max_age_secs", "expected at least 1 second");
+        }
+        if self.changelog.segment_bytes < 4096 {
+            return invalid("changelog.segment_bytes", "expected at least 4096");
+        }
+        if self.changelog.max_bytes < self.changelog.segment_bytes {
+            return invalid("changelog.max_bytes", "expected at least changelog.segment_bytes");
+        }
+        if self.changelog.enabled && self.changelog.dir.as_os_str().is_empty() {
+            return invalid("changelog.dir", "expected a directory");
         }
         Ok(())
     }

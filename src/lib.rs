@@ -28,6 +28,7 @@ pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod filter;
+pub mod log;
 pub mod protocol;
 pub mod realtime;
 pub mod replication;
@@ -50,6 +51,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
 use crate::config::Config;
+use crate::log::{Appender, ChangeLog, Recovered, WriterHandle};
 use crate::realtime::{Hub, HubParts, Limits};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::slot;
@@ -70,6 +72,8 @@ pub enum StartError {
     Slot(#[from] slot::SlotError),
     #[error(transparent)]
     Auth(#[from] auth::SetupError),
+    #[error(transparent)]
+    Log(#[from] log::LogError),
     #[error("listening on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -90,6 +94,17 @@ pub struct Gateway {
     pool: PgPool,
     params: ConnectParams,
     listener: TcpListener,
+    /// The flush position confirmed to Postgres.
+    ack: Acknowledgement,
+    log: Option<OpenLog>,
+}
+
+/// The change log as opened by `prepare`.
+struct OpenLog {
+    log: ChangeLog,
+    appender: Appender,
+    writer: WriterHandle,
+    recovered: Recovered,
 }
 
 impl Gateway {
@@ -120,12 +135,40 @@ impl Gateway {
         }
         let state = slot::ensure_publication(&pool, &config.publication, &config.tables).await?;
         tracing::info!(publication = %config.publication, ?state, "publication ready");
-        let start = slot::ensure_slot(&pool, &params, &config.slot).await?;
-        tracing::info!(slot = %config.slot, resume_at = %start, "slot ready");
+        let ready = slot::prepare_slot(&pool, &params, &config.slot).await?;
+        tracing::info!(slot = %config.slot, resume_at = %ready.start, "slot ready");
+        let ack = Acknowledgement::new();
+        let log = if config.changelog.enabled {
+            let settings = config.changelog.settings();
+            let identity = log::Identity {
+                system_id: ready.system_id.clone(),
+                database: params.database.clone(),
+                slot: config.slot.clone(),
+            };
+            let fresh = ready.created;
+            let log_ack = ack.clone();
+            let opened =
+                tokio::task::spawn_blocking(move || ChangeLog::open(&settings, &identity, fresh, log_ack))
+                    .await
+                    .map_err(|e| log::LogError::Io {
+                        path: config.changelog.dir.clone(),
+                        action: "opening",
+                        source: std::io::Error::other(e.to_string()),
+                    })??;
+            let (log, appender, writer, recovered) = opened;
+            tracing::info!(dir = %config.changelog.dir.display(), epoch = format_args!("{:08X}", log.epoch()),
+                last_commit = %recovered.last_commit, reset = recovered.reset, "change log ready");
+            Some(OpenLog { log, appender, writer, recovered })
+        } else {
+            tracing::warn!(
+                "changelog.enabled = false: clients cannot resume, and changes are confirmed once dispatched"
+            );
+            None
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        Ok(Gateway { config, verifier, pool, params, listener })
+        Ok(Gateway { config, verifier, pool, params, listener, ack, log })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -149,9 +192,20 @@ impl Gateway {
                 .required()
                 .then(|| Arc::new(RowSecurity::new(self.pool.clone(), self.config.auth.key_only_deletes))),
             topics: Some(Arc::new(TopicPolicies::new(self.pool.clone()))),
+            log: self.log.as_ref().map(|l| l.log.clone()),
         });
-        let ack = Acknowledgement::new();
+        let ack = self.ack;
         let (tx, rx) = tokio::sync::mpsc::channel(8192);
+        let (appender, writer, resume_after) = match self.log {
+            Some(l) => {
+                // Everything kept counts as matched: a resume replays it from the log.
+                hub.set_matched(*l.log.written().borrow());
+                (Some(l.appender), Some(l.writer), l.recovered.last_commit)
+            }
+            None => (None, None, crate::replication::lsn::Lsn::ZERO),
+        };
+        // With a log, the log's writer confirms (durable); without, the dispatcher (delivered).
+        let dispatched = if appender.is_some() { Acknowledgement::new() } else { ack.clone() };
 
         tracker.spawn(
             ReplicationTask {
@@ -162,10 +216,17 @@ impl Gateway {
                 tx,
                 ack: ack.clone(),
                 status: Arc::clone(&status),
+                resume_after,
             }
             .run(shutdown.clone()),
         );
-        tracker.spawn(realtime::dispatch::run_dispatcher(hub.clone(), rx, ack, shutdown.clone()));
+        tracker.spawn(realtime::dispatch::run_dispatcher(
+            hub.clone(),
+            rx,
+            dispatched,
+            appender,
+            shutdown.clone(),
+        ));
         tracker.spawn(slot::prune_messages(
             self.pool.clone(),
             Duration::from_secs(self.config.message_retention_secs),
@@ -189,6 +250,14 @@ impl Gateway {
         if tokio::time::timeout(Duration::from_secs(9), tracker.wait()).await.is_err() {
             tracing::warn!("tasks still running 9 s after shutdown; leaving them");
             server.abort();
+        }
+        if let Some(writer) = writer {
+            // The dispatcher has stopped (its appender is dropped): the writer syncs and ends.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::task::spawn_blocking(move || writer.join()),
+            )
+            .await;
         }
         self.pool.close().await;
         Ok(())

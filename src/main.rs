@@ -490,6 +490,9 @@ async fn dev(mut config: Config, data_dir: PathBuf, port: u16) -> anyhow::Result
     pool.close().await;
     config.database_url = Some(url.clone());
     config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    if config.changelog.dir == walcast::config::ChangelogConfig::default().dir {
+        config.changelog.dir = data_dir.join("changelog");
+    }
     let gateway = match Gateway::prepare(config, true).await {
         Ok(g) => g,
         Err(e) => {

@@ -44,6 +44,7 @@ pub async fn run(
     let (tx, mut rx) = mpsc::channel(1024);
     let ack = Acknowledgement::new();
     let task = ReplicationTask {
+        resume_after: crate::replication::lsn::Lsn::ZERO,
         params,
         slot: slot_name,
         publication: config.publication.clone(),

@@ -33,11 +33,15 @@ impl GatewayProcess {
     ) -> anyhow::Result<GatewayProcess> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
+        // A change log of its own, started afresh each run.
+        let log_dir = std::env::temp_dir().join(format!("walcast-bench-changelog-{slot}"));
+        let _ = std::fs::remove_dir_all(&log_dir);
         let child = Command::new(bin)
             .arg("serve")
             .env("WALCAST_DATABASE_URL", database_url)
             .env("WALCAST_LISTEN", &addr)
             .env("WALCAST_SLOT", slot)
+            .env("WALCAST_CHANGELOG__DIR", &log_dir)
             .env("WALCAST_CLIENT_QUEUE", client_queue.to_string())
             .env("WALCAST_LOG_FORMAT", "json")
             .env("WALCAST_AUTH__JWT_SECRET", BENCH_SECRET)

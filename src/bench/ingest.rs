@@ -95,6 +95,7 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     let (tx, mut rx) = mpsc::channel(8192);
     let ack = Acknowledgement::new();
     let task = ReplicationTask {
+        resume_after: crate::replication::lsn::Lsn::ZERO,
         params,
         slot: gw_slot.clone(),
         publication: "walcast_bench".into(),

@@ -62,6 +62,7 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
                 subject: std::sync::RwLock::new(None),
                 reads: crate::realtime::Member::reads_of(&crate::auth::topics::TopicAccess::ALL).into(),
                 replay: None,
+                resume: None,
                 seen: Default::default(),
             });
             let parsed = filter::parse(&format!("id=eq.{k}")).unwrap_or_default();

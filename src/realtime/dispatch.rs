@@ -19,7 +19,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::rls::{Access, Hidden, KeyOnlyDeletes, Request, Subject, Table, Verdict};
+use crate::change::Position;
 use crate::change::{Change, ChangeEvent, ChangeKind, DbBroadcast, ReplicaIdentity, View};
+use crate::log::Appender;
 use crate::realtime::bus::BusMessage;
 use crate::realtime::index::Subscription;
 use crate::realtime::outbox::{EncodingId, Event, Frame};
@@ -39,6 +41,7 @@ pub async fn run_dispatcher(
     hub: Hub,
     mut rx: mpsc::Receiver<ChangeEvent>,
     ack: Acknowledgement,
+    mut log: Option<Appender>,
     shutdown: CancellationToken,
 ) {
     let mut scratch = Scratch::default();
@@ -60,12 +63,18 @@ pub async fn run_dispatcher(
             };
             let mut next = Some(first);
             while let Some(event) = next {
+                if let Some(log) = log.as_mut() {
+                    log.append(&event);
+                }
                 if batch.items.is_empty() {
                     handle_now(&hub, event, &ack, &mut scratch, &mut batch);
                 } else {
                     batch.push(&hub, event, &mut scratch.groups);
                 }
                 next = if batch.items.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
+            }
+            if let Some(log) = log.as_mut() {
+                log.flush();
             }
             if batch.items.is_empty() {
                 continue;
@@ -80,7 +89,15 @@ pub async fn run_dispatcher(
                     _ = shutdown.cancelled() => return,
                     _ = &mut check => break,
                     e = rx.recv(), if !closed && next_batch.items.len() < MAX_BATCH => match e {
-                        Some(e) => next_batch.push(&hub, e, &mut scratch.groups),
+                        Some(e) => {
+                            if let Some(log) = log.as_mut() {
+                                log.append(&e);
+                                if rx.is_empty() {
+                                    log.flush();
+                                }
+                            }
+                            next_batch.push(&hub, e, &mut scratch.groups)
+                        }
                         None => closed = true,
                     },
                 }
@@ -204,12 +221,19 @@ pub struct Scratch {
     memo: HashMap<usize, Decision, PtrHash>,
     /// Groupings of matches kept across changes and batches.
     groups: Groups,
+    /// The current change's position and cursor (with a change log).
+    position: Position,
+    cursor: Option<String>,
+    /// Replays collect their frames here instead of queueing them (they wait for room).
+    pub(crate) collect: Option<Vec<Frame>>,
 }
 
 impl Scratch {
-    fn start(&mut self) {
+    fn start(&mut self, hub: &Hub, change: &Change) {
         self.data.clear();
         self.frames.clear();
+        self.position = change.position();
+        self.cursor = hub.log().map(|log| log.cursor(self.position).to_string());
     }
 
     /// Renders (once per view) and queues one change to one member. Returns whether queued.
@@ -231,14 +255,19 @@ impl Scratch {
         let data_at = match at {
             Some(at) => at,
             None => {
-                let view = View { select: select.as_deref(), hidden: hidden.as_deref(), strip_old };
+                let view = View {
+                    select: select.as_deref(),
+                    hidden: hidden.as_deref(),
+                    strip_old,
+                    cursor: self.cursor.as_deref(),
+                };
                 let data = change.render_data(view, hub.limits().max_record_bytes);
                 self.data.push((select.clone(), hidden.clone(), strip_old, data));
                 self.data.len() - 1
             }
         };
         let data = &self.data[data_at].3;
-        let event = Event::Change { ids, data };
+        let event = Event::Change { ids, data, cursor: self.cursor.as_deref() };
         // Most changes reach one member: encode directly, cache only when it can repeat.
         let frame = if !shared {
             member.encoder.encode(&member.key.topic, &event)
@@ -246,9 +275,13 @@ impl Scratch {
             let key = (member.encoder.id(), Arc::clone(&member.key.topic), Ids::of(ids), data_at);
             self.frames.entry(key).or_insert_with(|| member.encoder.encode(&member.key.topic, &event)).clone()
         };
-        match frame {
-            Some(frame) => member.outbox.send(frame, hub.metrics()) == crate::realtime::outbox::Queued::Yes,
-            None => false,
+        match (frame, self.collect.as_mut()) {
+            (Some(frame), Some(collected)) => {
+                collected.push(frame);
+                true
+            }
+            (Some(frame), None) => member.deliver_live(self.position, frame, hub),
+            (None, _) => false,
         }
     }
 }
@@ -296,6 +329,7 @@ pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usi
     let Ok(index) = hub.index().read() else {
         return Some(0);
     };
+    hub.set_matched(change.position());
     if index.is_empty() {
         return Some(0);
     }
@@ -337,7 +371,7 @@ pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usi
             }
         }
     }
-    scratch.start();
+    scratch.start(hub, change);
     let shared = matched.len() > 1;
     let mut delivered = 0;
     let mut ids = std::mem::take(&mut scratch.ids);
@@ -540,7 +574,11 @@ impl Batch {
     }
 
     fn match_change(&mut self, hub: &Hub, change: Change, groups: &mut Groups) -> Pending {
-        let group = match hub.index().read() {
+        let index = hub.index().read();
+        if index.is_ok() {
+            hub.set_matched(change.position());
+        }
+        let group = match index {
             Ok(index) if index.row_independent(&change) => match cached_group(groups, &index, &change) {
                 Some(g) => Arc::clone(g),
                 None => {
@@ -555,6 +593,11 @@ impl Batch {
             Ok(index) => Arc::new(Grouped::build(hub, &index, &change)),
             Err(_) => Arc::new(Grouped { subjects: Vec::new(), targets: Vec::new(), ranges: Vec::new() }),
         };
+        self.pending(hub, change, group)
+    }
+
+    /// The pending delivery of `change` to `group`, its rows queued for checking where needed.
+    fn pending(&mut self, hub: &Hub, change: Change, group: Arc<Grouped>) -> Pending {
         let decisions = group.subjects.iter().map(|s| decide_cached(hub, &change, s.as_ref())).collect();
         let mut pending = Pending { change, group, decisions, new_row: 0, old_row: 0 };
         if pending.decisions.contains(&Decision::Check) {
@@ -619,7 +662,7 @@ impl Batch {
         for item in self.items.drain(..) {
             match item {
                 Item::Change(p) => {
-                    scratch.start();
+                    scratch.start(hub, &p.change);
                     let table = self.tables.get(&p.change.relation.id).map(|(_, t)| t);
                     let decisions: Vec<Decision> = p
                         .decisions
@@ -697,4 +740,46 @@ fn resolve(p: &Pending, v: &Verdict, key_only_deletes: KeyOnlyDeletes) -> Decisi
         }
         ChangeKind::Truncate => Decision::Withhold,
     }
+}
+
+/// The frames of one member's replay of `changes` from the change log: matched against its own
+/// subscriptions and decided by row-level security exactly as live changes are, in order.
+pub(crate) async fn replay_batch(
+    hub: &Hub,
+    member: &Arc<Member>,
+    subs: &[Arc<Subscription>],
+    changes: impl Iterator<Item = Change>,
+    scratch: &mut Scratch,
+) -> Vec<Frame> {
+    let subject = member.subject();
+    let mut batch = Batch::default();
+    for change in changes {
+        let mut ids: Option<Ids> = None;
+        let mut select = None;
+        for s in subs.iter().filter(|s| s.matches(&change)) {
+            match ids.as_mut() {
+                Some(ids) => ids.push(s.binding.id),
+                None => {
+                    ids = Some(Ids::of(&[s.binding.id]));
+                    select = s.binding.select.clone();
+                }
+            }
+        }
+        let Some(ids) = ids else { continue };
+        let group = Arc::new(Grouped {
+            subjects: vec![subject.clone()],
+            targets: vec![Target { member: Arc::clone(member), ids, select }],
+            ranges: std::iter::once(0..1).collect(),
+        });
+        let pending = batch.pending(hub, change, group);
+        batch.items.push(Item::Change(pending));
+    }
+    if batch.items.is_empty() {
+        return Vec::new();
+    }
+    batch.authorize(hub).await;
+    scratch.collect = Some(Vec::new());
+    // Replays acknowledge nothing: the items are all changes.
+    batch.deliver(hub, &Acknowledgement::new(), scratch);
+    scratch.collect.take().unwrap_or_default()
 }

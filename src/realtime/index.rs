@@ -71,6 +71,15 @@ pub(crate) struct Subscription {
 }
 
 impl Subscription {
+    /// Whether this subscription matches `change` (table, event and filter), outside the index.
+    pub(crate) fn matches(&self, change: &Change) -> bool {
+        let b = &self.binding;
+        let rel = &change.relation;
+        let schema_ok = &*b.schema == "*" || b.schema == rel.schema;
+        let table_ok = b.table.as_ref().is_none_or(|t| *t == rel.table);
+        schema_ok && table_ok && self.accepts(change, false)
+    }
+
     /// Event and filter check; an index hit with nothing else to evaluate skips the filter.
     fn accepts(&self, change: &Change, via_index: bool) -> bool {
         if !self.binding.event.accepts(change.kind) {
@@ -246,6 +255,11 @@ impl SubscriptionIndex {
         }
         self.subs.insert(id, sub);
         id
+    }
+
+    /// The subscription added as `id`.
+    pub(crate) fn get(&self, id: SubId) -> Option<&Arc<Subscription>> {
+        self.subs.get(&id)
     }
 
     /// Calls `f` with every subscription whose table, event and filter match the change.

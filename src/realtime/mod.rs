@@ -20,6 +20,7 @@ pub mod index;
 pub mod outbox;
 pub mod presence;
 mod registry;
+pub mod resume;
 pub mod session;
 
 use std::collections::HashMap;
@@ -32,6 +33,8 @@ use tokio::sync::watch;
 use crate::auth::rls::{RowSecurity, Subject};
 use crate::auth::topics::{TopicAccess, TopicPolicies};
 use crate::auth::Verifier;
+use crate::change::Position;
+use crate::log::ChangeLog;
 use crate::realtime::broadcast::ReplayGate;
 use crate::realtime::bus::Peers;
 use crate::realtime::index::SubscriptionIndex;
@@ -77,6 +80,8 @@ pub struct Member {
     pub reads: AtomicU8,
     /// Set while a broadcast replay is being sent, and afterwards to skip what it replayed.
     pub replay: Option<std::sync::Mutex<ReplayGate>>,
+    /// Set when it resumes from a cursor: holds live changes while the log is replayed.
+    pub resume: Option<std::sync::Mutex<resume::ResumeGate>>,
     /// The dispatcher's mark of the last change that matched this member (grouping without a
     /// sort); start at 0.
     pub seen: AtomicU64,
@@ -197,6 +202,12 @@ struct HubInner {
     verifier: Verifier,
     rls: Option<Arc<RowSecurity>>,
     topics: Option<Arc<TopicPolicies>>,
+    log: Option<ChangeLog>,
+    /// The last change matched against the index (written by the dispatcher under the index's
+    /// read lock, so a reader holding the write lock sees a consistent cut: later changes will
+    /// be matched against what it adds).
+    matched_lsn: AtomicU64,
+    matched_seq: std::sync::atomic::AtomicU32,
     /// Equal subjects share one `Arc`, so the dispatcher groups subscribers by pointer.
     subjects: std::sync::Mutex<HashMap<Subject, std::sync::Weak<Subject>>>,
     next_id: AtomicU64,
@@ -233,6 +244,8 @@ pub struct HubParts {
     /// Private channel policies and broadcast replay (`realtime.messages`); `None` without a
     /// database: private channels of authenticated clients are then refused.
     pub topics: Option<Arc<TopicPolicies>>,
+    /// The durable change log (cursors and resume); `None` keeps no history.
+    pub log: Option<ChangeLog>,
 }
 
 impl Hub {
@@ -249,6 +262,9 @@ impl Hub {
                 verifier: parts.verifier,
                 rls: parts.rls,
                 topics: parts.topics,
+                log: parts.log,
+                matched_lsn: AtomicU64::new(0),
+                matched_seq: Default::default(),
                 subjects: std::sync::Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 node: fastrand::u64(..),
@@ -276,6 +292,24 @@ impl Hub {
 
     pub fn topics(&self) -> Option<&Arc<TopicPolicies>> {
         self.inner.topics.as_ref()
+    }
+
+    pub fn log(&self) -> Option<&ChangeLog> {
+        self.inner.log.as_ref()
+    }
+
+    /// Records that the dispatcher matched the change at `p`; call with the index read lock held.
+    pub(crate) fn set_matched(&self, p: Position) {
+        self.inner.matched_lsn.store(p.lsn.0, Ordering::Relaxed);
+        self.inner.matched_seq.store(p.seq, Ordering::Relaxed);
+    }
+
+    /// The last change matched; read with the index write lock held for a consistent cut.
+    pub(crate) fn matched(&self) -> Position {
+        Position {
+            lsn: crate::replication::lsn::Lsn(self.inner.matched_lsn.load(Ordering::Relaxed)),
+            seq: self.inner.matched_seq.load(Ordering::Relaxed),
+        }
     }
 
     /// The shared `Arc` for a subject equal to `subject`.

@@ -54,8 +54,9 @@ pub struct EncodingId(pub u8);
 /// A content event the core delivers to channel members.
 #[derive(Debug, Clone, Copy)]
 pub enum Event<'a> {
-    /// A `postgres_changes` delivery: the matching binding ids and the rendered `data` object.
-    Change { ids: &'a [u32], data: &'a [u8] },
+    /// A `postgres_changes` delivery: the matching binding ids, the rendered `data` object and
+    /// the change's resume cursor (also inside `data`) when a change log keeps it.
+    Change { ids: &'a [u32], data: &'a [u8], cursor: Option<&'a str> },
     /// A broadcast message.
     Broadcast(&'a BroadcastMessage),
     /// Presence changes: `{"joins":{…},"leaves":{…}}`.
@@ -71,6 +72,9 @@ pub enum Direct<'a> {
     System { extension: &'a str, status: &'a str, message: &'a str },
     /// The channel was closed by the server (after a `System` error saying why).
     Closed,
+    /// A resume could not continue without missing changes: the client must load its state
+    /// again. `code` is machine-readable (`expired`, `other_log`, …).
+    Gap { code: &'a str, message: &'a str },
 }
 
 /// Turns core events into one wire format. Implemented once per protocol module.
@@ -134,6 +138,34 @@ impl Outbox {
             }
             Err(TrySendError::Closed(_)) => Queued::Gone,
         }
+    }
+
+    /// Queues, waiting for room (replays: the client reads at its own pace).
+    pub async fn send_wait(&self, frame: Frame, metrics: &Metrics) -> Queued {
+        if self.kill.is_cancelled() {
+            return Queued::TooSlow;
+        }
+        match self.tx.send(frame).await {
+            Ok(()) => {
+                metrics.frames_delivered.fetch_add(1, Ordering::Relaxed);
+                Queued::Yes
+            }
+            Err(_) => Queued::Gone,
+        }
+    }
+
+    /// Gives up on this client as too slow (the transport closes it).
+    pub fn kill(&self, metrics: &Metrics) {
+        if !self.kill.is_cancelled() {
+            metrics.slow_client_disconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("client fell too far behind while resuming; disconnecting slow client");
+            self.kill.cancel();
+        }
+    }
+
+    /// Whether the client is gone (its receiver dropped).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
     }
 
     pub fn is_killed(&self) -> bool {

@@ -16,11 +16,13 @@ use serde_json::Value;
 use crate::auth::rls::{Access, KeyOnlyDeletes, Request, RowSecurity, Subject, Table};
 use crate::auth::topics::{TopicAccess, TopicError, MAX_REPLAY};
 use crate::auth::{AuthError, Credentials};
+use crate::change::Position;
 use crate::realtime::broadcast::{BroadcastError, BroadcastMessage, ReplayGate};
 use crate::realtime::bus::BusMessage;
 use crate::realtime::index::{BindingSpec, SubId};
 use crate::realtime::outbox::{Direct, Encoder, Outbox, OutboxReceiver};
 use crate::realtime::presence::{new_ref, random_uuid, PresenceDiff, PresenceMeta};
+use crate::realtime::resume::Resume;
 use crate::realtime::{channel_name, Hub, Member, SessionId, TopicKey};
 use crate::subscribe::BindingError;
 
@@ -48,6 +50,8 @@ pub struct JoinRequest {
     /// Replay a private topic's recent database broadcasts first: `{"since": <Unix ms>,
     /// "limit": 1..=25}` as sent.
     pub replay: Option<Value>,
+    /// Resume the `postgres_changes` bindings after this cursor (from the change log).
+    pub since: Option<String>,
 }
 
 /// The result of a join that was accepted.
@@ -59,6 +63,8 @@ pub struct Joined {
     /// Things the client should know about its live bindings (e.g. DELETEs that row-level
     /// security withholds).
     pub notices: Vec<String>,
+    /// The replay of a join with `since`: the transport starts it once it has answered the join.
+    pub resume: Option<Resume>,
 }
 
 /// Why a join was refused.
@@ -80,6 +86,8 @@ pub enum JoinError {
     /// The private channel's policies could not be checked (the database is unreachable).
     #[error("Realtime was unable to connect to the project database")]
     Unavailable,
+    #[error(transparent)]
+    Cursor(#[from] crate::log::ParseCursorError),
 }
 
 /// Why a replay was refused; Supabase's messages.
@@ -374,6 +382,7 @@ impl Session {
             Some(_) if !access.broadcast_read => return Err(JoinError::Unauthorized(name)),
             Some(v) => Some(replay_params(v).ok_or(JoinError::Replay(ReplayRefusal::InvalidParams))?),
         };
+        let since: Option<crate::log::Cursor> = req.since.as_deref().map(str::parse).transpose()?;
         let topic: Arc<str> = req.topic.as_str().into();
         // Rejoining replaces the old channel.
         self.channels.remove(&topic);
@@ -410,6 +419,7 @@ impl Session {
             subject: std::sync::RwLock::new(subject),
             reads: Member::reads_of(&access).into(),
             replay: replay.is_some().then(|| std::sync::Mutex::new(ReplayGate::Holding(Vec::new()))),
+            resume: since.is_some().then(crate::realtime::resume::holding_gate),
             seen: Default::default(),
         });
         self.hub.add_member(Arc::clone(&member), req.presence_enabled);
@@ -430,19 +440,35 @@ impl Session {
             access,
         };
         let mut errors = Vec::new();
+        let mut subs = Vec::new();
+        let mut through = Position::ZERO;
         if !resolved.is_empty() {
             if let Ok(mut index) = self.hub.index().write() {
                 for r in resolved {
                     match r {
                         Ok(spec) => {
-                            membership.subs.push(index.insert(Arc::clone(&member), spec));
+                            let id = index.insert(Arc::clone(&member), spec);
+                            subs.extend(index.get(id).cloned());
+                            membership.subs.push(id);
                             self.hub.metrics().subscriptions.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => errors.push(e),
                     }
                 }
+                // Under the write lock: every change after this one is matched against `subs`.
+                through = self.hub.matched();
             }
         }
+        let resume = since.map(|cursor| Resume {
+            hub: self.hub.clone(),
+            member: Arc::clone(&member),
+            subs,
+            after: match self.hub.log() {
+                Some(_) => Ok(cursor),
+                None => Err(crate::log::Gap::NoLog),
+            },
+            through,
+        });
         if let Some((since, limit)) = replay {
             // On failure the membership drops here, leaving nothing behind.
             let replayed = match self.hub.topics() {
@@ -460,7 +486,7 @@ impl Session {
         }
         let changes =
             (!req.bindings.is_empty()).then(|| if errors.is_empty() { Ok(()) } else { Err(errors) });
-        Ok(Joined { changes, notices })
+        Ok(Joined { changes, notices, resume })
     }
 
     /// The credentials a join acts with: its own token when it brings one, else the connect
@@ -724,6 +750,7 @@ mod tests {
                 Direct::PresenceState(s) => format!("{topic} state {}", String::from_utf8_lossy(s)),
                 Direct::System { message, .. } => format!("{topic} system {message}"),
                 Direct::Closed => format!("{topic} closed {join_ref:?}"),
+                Direct::Gap { code, .. } => format!("{topic} gap {code}"),
             };
             Frame::Text(line.into())
         }
@@ -968,6 +995,7 @@ mod tests {
             subject: std::sync::RwLock::new(None),
             reads: reads.into(),
             replay: replay.then(|| std::sync::Mutex::new(ReplayGate::Holding(Vec::new()))),
+            resume: None,
             seen: Default::default(),
         });
         hub.add_member(Arc::clone(&m), true);

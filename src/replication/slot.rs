@@ -313,15 +313,34 @@ pub async fn slot_info(pool: &PgPool, slot: &str) -> Result<Option<SlotInfo>, Sl
 
 /// Makes sure the persistent slot exists and is usable; returns the position streaming resumes at.
 pub async fn ensure_slot(pool: &PgPool, params: &ConnectParams, slot: &str) -> Result<Lsn, SlotError> {
-    if let Some(info) = slot_info(pool, slot).await? {
-        check_slot(slot, &info, &params.database)?;
-        return Ok(info.confirmed_flush_lsn.and_then(|l| l.parse().ok()).unwrap_or_default());
-    }
+    Ok(prepare_slot(pool, params, slot).await?.start)
+}
+
+/// The slot a gateway streams from, as it found it.
+#[derive(Debug, Clone)]
+pub struct SlotReady {
+    /// Where streaming resumes (the slot's confirmed position).
+    pub start: Lsn,
+    /// The slot was made just now: nothing before `start` can be streamed from it.
+    pub created: bool,
+    /// The cluster's system identifier (`IDENTIFY_SYSTEM`).
+    pub system_id: String,
+}
+
+/// Makes sure the slot exists (creating it when missing) and identifies the cluster.
+pub async fn prepare_slot(pool: &PgPool, params: &ConnectParams, slot: &str) -> Result<SlotReady, SlotError> {
     let mut conn = ReplicationConnection::connect(params).await?;
+    let system_id = conn.identify_system().await?.system_id;
+    if let Some(info) = slot_info(pool, slot).await? {
+        conn.close().await?;
+        check_slot(slot, &info, &params.database)?;
+        let start = info.confirmed_flush_lsn.and_then(|l| l.parse().ok()).unwrap_or_default();
+        return Ok(SlotReady { start, created: false, system_id });
+    }
     let created = conn.create_slot(slot, false, SnapshotAction::NoExport).await?;
     conn.close().await?;
     tracing::info!(slot, lsn = %created.consistent_point, "created replication slot");
-    Ok(created.consistent_point)
+    Ok(SlotReady { start: created.consistent_point, created: true, system_id })
 }
 
 pub fn check_slot(slot: &str, info: &SlotInfo, database: &str) -> Result<(), SlotError> {

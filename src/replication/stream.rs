@@ -16,7 +16,9 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::change::{Change, ChangeEvent, ChangeKind, Column, DbBroadcast, Relation, ReplicaIdentity};
+use crate::change::{
+    Change, ChangeEvent, ChangeKind, Column, DbBroadcast, Position, Relation, ReplicaIdentity,
+};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::lsn::Lsn;
 use crate::replication::pgoutput::{self, Message, OldTuple, RelationBody};
@@ -97,6 +99,9 @@ pub struct ReplicationTask {
     /// End LSN of the last commit the next stage has finished with: what may be confirmed.
     pub ack: Acknowledgement,
     pub status: Arc<ReplicationStatus>,
+    /// Commit LSN of the last transaction already kept (in the change log): transactions at or
+    /// before it are not handed on again after a restart.
+    pub resume_after: Lsn,
 }
 
 /// State that survives reconnects.
@@ -113,11 +118,11 @@ struct Progress {
 }
 
 impl Progress {
-    fn new() -> Self {
+    fn new(resume_after: Lsn) -> Self {
         Progress {
             catalog: TypeCatalog::default(),
             relations: HashMap::new(),
-            last_commit_lsn: Lsn::ZERO,
+            last_commit_lsn: resume_after,
             last_commit_end: Lsn::ZERO,
             idle_flush: Lsn::ZERO,
         }
@@ -130,7 +135,7 @@ const STATUS_MIN_GAP: Duration = Duration::from_millis(200);
 impl ReplicationTask {
     /// Streams until `shutdown`, reconnecting on errors.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut progress = Progress::new();
+        let mut progress = Progress::new(self.resume_after);
         let mut attempt: u32 = 0;
         loop {
             let started = Instant::now();
@@ -172,7 +177,7 @@ impl ReplicationTask {
         conn: ReplicationConnection,
         shutdown: CancellationToken,
     ) -> Result<(), StreamError> {
-        let mut progress = Progress::new();
+        let mut progress = Progress::new(self.resume_after);
         let r = self.stream_conn(&mut progress, conn, &shutdown).await;
         self.status.set_connected(false);
         r
@@ -309,12 +314,17 @@ impl ReplicationTask {
                 }
             }
             Message::Message(m) if m.transactional && m.prefix == DbBroadcast::PREFIX => {
-                let Some(t) = txn.as_ref() else { return Ok(()) };
+                let Some(t) = txn.as_mut() else { return Ok(()) };
                 if t.skip {
                     return Ok(());
                 }
+                let position = Position { lsn: t.commit_lsn, seq: t.seq };
+                t.seq += 1;
                 match DbBroadcast::decode(&m.content) {
-                    Ok(b) => self.send(ChangeEvent::Broadcast(b)).await?,
+                    Ok(mut b) => {
+                        b.position = position;
+                        self.send(ChangeEvent::Broadcast(b)).await?
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, lsn = %m.lsn, "skipping a malformed database broadcast")
                     }

@@ -35,6 +35,7 @@ impl Capture {
         let status = Arc::new(ReplicationStatus::default());
         let shutdown = CancellationToken::new();
         let task = ReplicationTask {
+            resume_after: walcast::replication::lsn::Lsn::ZERO,
             params,
             slot: slot_name.into(),
             publication: "walcast".into(),
@@ -442,6 +443,7 @@ async fn exported_snapshot_hands_off_to_the_stream() {
     // …and the stream carries everything after it, with nothing missed or repeated.
     let (tx, mut rx) = mpsc::channel(16);
     let task = ReplicationTask {
+        resume_after: walcast::replication::lsn::Lsn::ZERO,
         params,
         slot: name,
         publication: "walcast".into(),

@@ -197,6 +197,26 @@ $$;
 GRANT USAGE ON SCHEMA auth TO anon, authenticated;
 ";
 
+/// The change log directory of a test database's gateway, under a directory of this process
+/// (those of earlier processes are removed on first use).
+pub fn log_dir(db: &str) -> std::path::PathBuf {
+    static BASE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let base = BASE.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(pid) = name.strip_prefix("walcast-test-logs-") else { continue };
+                if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        tmp.join(format!("walcast-test-logs-{}", std::process::id()))
+    });
+    base.join(db)
+}
+
 /// A gateway running in this process on a free port.
 pub struct TestApp {
     pub addr: SocketAddr,
@@ -222,6 +242,8 @@ impl TestApp {
             ..Config::default()
         };
         config.auth.jwt_secret = Some(TEST_SECRET.into());
+        // One change log per test database, kept across restarts within this test process.
+        config.changelog.dir = log_dir(&db);
         tweak(&mut config);
         let slot = config.slot.clone();
         let gateway = Gateway::prepare(config, true).await.expect("gateway starts");

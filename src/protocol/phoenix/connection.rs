@@ -238,10 +238,8 @@ impl PhoenixConnection {
             return;
         }
         let config = frame.payload.get("config").unwrap_or(&Value::Null);
-        let bindings: Vec<Value> = match config.get("postgres_changes") {
-            Some(Value::Array(b)) => b.clone(),
-            _ => Vec::new(),
-        };
+        let bindings = bindings_of(config);
+        let since = bindings_since(&bindings);
         let broadcast = config.get("broadcast");
         let presence = config.get("presence");
         let req = JoinRequest {
@@ -263,6 +261,8 @@ impl PhoenixConnection {
                 .find_map(|k| frame.payload.get(*k).and_then(Value::as_str))
                 .map(str::to_owned),
             replay: broadcast.and_then(|b| b.get("replay")).cloned(),
+            // A cursor on any binding resumes the channel's bindings after it.
+            since,
         };
         let echoed: Vec<Value> = req
             .bindings
@@ -298,6 +298,10 @@ impl PhoenixConnection {
                     };
                     out.push(self.frame(frame.join_ref.as_deref(), None, &frame.topic, "system", &payload));
                 }
+                // After the replies above: the replayed changes follow them.
+                if let Some(resume) = joined.resume {
+                    resume.start();
+                }
             }
             Err(e) => {
                 let reason = match e {
@@ -308,9 +312,22 @@ impl PhoenixConnection {
                     JoinError::Unauthorized(_) => format!("Unauthorized: {e}"),
                     JoinError::Replay(_) => format!("UnableToReplayMessages: {e}"),
                     JoinError::Unavailable => format!("UnableToConnectToProject: {e}"),
+                    JoinError::Cursor(_) => format!("InvalidCursor: {e}"),
                 };
                 out.push(self.reply(&frame, "error", json!({"reason": reason})));
             }
         }
     }
+}
+
+fn bindings_of(config: &Value) -> Vec<Value> {
+    match config.get("postgres_changes") {
+        Some(Value::Array(b)) => b.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// The `since` cursor of the first binding that carries one.
+fn bindings_since(bindings: &[Value]) -> Option<String> {
+    bindings.iter().find_map(|b| b.get("since").and_then(Value::as_str)).map(str::to_owned)
 }

@@ -57,7 +57,7 @@ impl Encoder for PhoenixEncoder {
 
     fn encode(&self, topic: &str, event: &Event<'_>) -> Option<Frame> {
         match event {
-            Event::Change { ids, data } => {
+            Event::Change { ids, data, .. } => {
                 let len = data.len() + 24 + ids.len() * 11;
                 let frame = envelope_with(self.vsn, None, None, topic, "postgres_changes", len, |out| {
                     out.extend_from_slice(b"{\"ids\":[");
@@ -119,6 +119,14 @@ impl Encoder for PhoenixEncoder {
                 text(envelope(self.vsn, join_ref, None, topic, "system", &payload))
             }
             Direct::Closed => text(envelope(self.vsn, join_ref, join_ref, topic, "phx_close", b"{}")),
+            Direct::Gap { code, message } => {
+                let payload = serde_json::json!({
+                    "extension": "postgres_changes", "status": "error", "message": message,
+                    "gap": code, "channel": channel_name(topic)
+                });
+                let payload = serde_json::to_vec(&payload).unwrap_or_default();
+                text(envelope(self.vsn, join_ref, None, topic, "system", &payload))
+            }
         }
     }
 }
@@ -152,13 +160,15 @@ mod tests {
     fn changes_and_diffs() {
         let v1 = PhoenixEncoder { vsn: Vsn::V1 };
         let v2 = PhoenixEncoder { vsn: Vsn::V2 };
-        let ev = Event::Change { ids: &[1, 2], data: br#"{"type":"INSERT"}"# };
+        let ev = Event::Change { ids: &[1, 2], data: br#"{"type":"INSERT"}"#, cursor: None };
         assert_eq!(
             json_of(&v2.encode("realtime:a\"b", &ev).unwrap()),
             json!([null, null, "realtime:a\"b", "postgres_changes", {"ids": [1, 2], "data": {"type": "INSERT"}}])
         );
         assert_eq!(
-            json_of(&v1.encode("realtime:x", &Event::Change { ids: &[], data: b"{}" }).unwrap()),
+            json_of(
+                &v1.encode("realtime:x", &Event::Change { ids: &[], data: b"{}", cursor: None }).unwrap()
+            ),
             json!({"topic": "realtime:x", "event": "postgres_changes", "payload": {"ids": [], "data": {}}, "ref": null})
         );
         let d = v2.encode("realtime:x", &Event::PresenceDiff(br#"{"joins":{},"leaves":{}}"#)).unwrap();

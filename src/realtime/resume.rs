@@ -1,0 +1,188 @@
+//! Resuming a subscription from a cursor: the changes after it are replayed from the change log,
+//! then live delivery continues, with no gap and no duplicate.
+//!
+//! The hand-off: the member joins with a [`ResumeGate`] that holds its live changes. While its
+//! bindings are added to the index, the session reads the last change the dispatcher matched
+//! (`through`): every later change is matched against the new bindings and held; every change
+//! up to `through` is in the log. The replay sends the log's changes after the cursor up to
+//! `through` (filters and row-level security applied as live), then the gate sends what it held
+//! after `through` and lets live changes pass, skipping any at or before the cursor.
+//!
+//! Owns: the gate and the replay task. Must not: block the dispatcher (the gate is a short lock),
+//! or deliver anything it cannot place in order.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::change::Position;
+use crate::log::{Cursor, Entry, Gap, LogReader};
+use crate::realtime::dispatch::{replay_batch, Scratch};
+use crate::realtime::index::Subscription;
+use crate::realtime::outbox::{Direct, Frame, Queued};
+use crate::realtime::{Hub, Member};
+
+/// Live changes a resuming member may hold before it counts as too slow.
+const MAX_HELD: usize = 65_536;
+/// Events read from the log per step.
+const READ_BATCH: usize = 512;
+/// How long a replay waits for the log writer to catch up with the dispatcher.
+const WRITTEN_WAIT: Duration = Duration::from_secs(30);
+
+/// A member's live changes during a resume.
+#[derive(Debug)]
+pub enum ResumeGate {
+    /// Replaying: live changes are kept, in order, with their positions.
+    Holding(Vec<(Position, Frame)>),
+    /// Live: changes at or before `through` were replayed (or were before the cursor).
+    Live { through: Position },
+}
+
+impl Member {
+    /// Queues one live change frame, through the resume gate when there is one. Returns whether
+    /// it was queued (or held).
+    pub(crate) fn deliver_live(&self, position: Position, frame: Frame, hub: &Hub) -> bool {
+        let Some(gate) = &self.resume else {
+            return self.outbox.send(frame, hub.metrics()) == Queued::Yes;
+        };
+        let Ok(mut gate) = gate.lock() else { return false };
+        match &mut *gate {
+            ResumeGate::Holding(held) => {
+                if held.len() >= MAX_HELD {
+                    self.outbox.kill(hub.metrics());
+                    return false;
+                }
+                held.push((position, frame));
+                true
+            }
+            ResumeGate::Live { through } if position <= *through => false,
+            ResumeGate::Live { .. } => self.outbox.send(frame, hub.metrics()) == Queued::Yes,
+        }
+    }
+
+    /// Ends the replay: sends what was held after `through`, then lets live changes pass.
+    fn release(&self, through: Position, hub: &Hub) {
+        let Some(gate) = &self.resume else { return };
+        let Ok(mut gate) = gate.lock() else { return };
+        if let ResumeGate::Holding(held) = std::mem::replace(&mut *gate, ResumeGate::Live { through }) {
+            for (position, frame) in held {
+                if position > through && self.outbox.send(frame, hub.metrics()) != Queued::Yes {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A replay prepared by a join, started by the transport once it has answered the join (so the
+/// answer comes before the replayed changes).
+pub struct Resume {
+    pub(crate) hub: Hub,
+    pub(crate) member: Arc<Member>,
+    pub(crate) subs: Vec<Arc<Subscription>>,
+    /// Resume after this change; `Err` when the cursor cannot be served at all.
+    pub(crate) after: Result<Cursor, Gap>,
+    /// The last change matched before the bindings were added.
+    pub(crate) through: Position,
+}
+
+impl std::fmt::Debug for Resume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resume").field("after", &self.after).field("through", &self.through).finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReplayError {
+    #[error(transparent)]
+    Gap(#[from] Gap),
+    #[error(transparent)]
+    Read(#[from] crate::log::reader::LogReadError),
+    #[error("the change log writer did not reach the resume point")]
+    Stalled,
+    #[error("the client went away")]
+    Gone,
+}
+
+impl Resume {
+    /// Runs the replay in its own task, then opens the gate.
+    pub fn start(self) {
+        tokio::spawn(self.run());
+    }
+
+    async fn run(self) {
+        let after = self.after.as_ref().map(|c| c.position).unwrap_or(Position::ZERO);
+        let replayed = self.replay().await;
+        let through = self.through.max(after);
+        match replayed {
+            Ok(()) => {}
+            Err(ReplayError::Gone) => return,
+            Err(e) => {
+                let (code, message) = match &e {
+                    ReplayError::Gap(g) => {
+                        (g.code(), format!("changes were missed: {g}; load the current state again"))
+                    }
+                    other => {
+                        tracing::warn!(error = %crate::replication::stream::error_chain(other), "resume from the change log failed");
+                        (
+                            "unavailable",
+                            format!("changes could not be replayed: {other}; load the current state again"),
+                        )
+                    }
+                };
+                let frame = self.member.encoder.encode_direct(
+                    &self.member.key.topic,
+                    self.member.join_ref.as_deref(),
+                    &Direct::Gap { code, message: &message },
+                );
+                let _ = self.member.outbox.send_wait(frame, self.hub.metrics()).await;
+            }
+        }
+        self.member.release(through, &self.hub);
+    }
+
+    async fn replay(&self) -> Result<(), ReplayError> {
+        let after = self.after.map_err(ReplayError::Gap)?;
+        let log = self.hub.log().ok_or(Gap::NoLog)?;
+        if after.position >= self.through {
+            // Nothing to replay (the cursor is at or after everything matched so far).
+            return log.check(&after).map_err(ReplayError::Gap);
+        }
+        let mut written = log.written();
+        let through = self.through;
+        match tokio::time::timeout(WRITTEN_WAIT, written.wait_for(|p| *p >= through)).await {
+            Ok(Ok(_)) => {}
+            _ => return Err(ReplayError::Stalled),
+        }
+        let mut reader: Option<LogReader> = Some(log.read(&after, through)?);
+        let mut scratch = Scratch::default();
+        loop {
+            let Some(mut r) = reader.take() else { return Ok(()) };
+            let (r, entries) = tokio::task::spawn_blocking(move || {
+                let entries = r.next_batch(READ_BATCH);
+                (r, entries)
+            })
+            .await
+            .map_err(|_| ReplayError::Stalled)?;
+            let entries = entries?;
+            if entries.is_empty() {
+                return Ok(());
+            }
+            reader = Some(r);
+            let changes = entries.into_iter().filter_map(|e| match e {
+                Entry::Change(c) => Some(c),
+                Entry::Broadcast(_) => None,
+            });
+            let frames = replay_batch(&self.hub, &self.member, &self.subs, changes, &mut scratch).await;
+            for frame in frames {
+                if self.member.outbox.send_wait(frame, self.hub.metrics()).await != Queued::Yes {
+                    return Err(ReplayError::Gone);
+                }
+            }
+        }
+    }
+}
+
+/// The gate a resuming member starts with.
+pub(crate) fn holding_gate() -> Mutex<ResumeGate> {
+    Mutex::new(ResumeGate::Holding(Vec::new()))
+}
