@@ -6,4 +6,5 @@ mod gateway;
 mod ops;
 mod private;
 mod realtime;
+mod resume;
 mod rls;
