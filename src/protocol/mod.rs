@@ -3,3 +3,4 @@
 //! sockets or the database.
 
 pub mod phoenix;
+pub mod sse;

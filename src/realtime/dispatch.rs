@@ -267,7 +267,7 @@ impl Scratch {
             }
         };
         let data = &self.data[data_at].3;
-        let event = Event::Change { ids, data, cursor: self.cursor.as_deref() };
+        let event = Event::Change { ids, data, cursor: self.cursor.as_deref(), kind: change.kind };
         // Most changes reach one member: encode directly, cache only when it can repeat.
         let frame = if !shared {
             member.encoder.encode(&member.key.topic, &event)

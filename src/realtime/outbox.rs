@@ -56,7 +56,7 @@ pub struct EncodingId(pub u8);
 pub enum Event<'a> {
     /// A `postgres_changes` delivery: the matching binding ids, the rendered `data` object and
     /// the change's resume cursor (also inside `data`) when a change log keeps it.
-    Change { ids: &'a [u32], data: &'a [u8], cursor: Option<&'a str> },
+    Change { ids: &'a [u32], data: &'a [u8], cursor: Option<&'a str>, kind: crate::change::ChangeKind },
     /// A broadcast message.
     Broadcast(&'a BroadcastMessage),
     /// Presence changes: `{"joins":{…},"leaves":{…}}`.

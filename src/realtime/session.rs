@@ -65,6 +65,9 @@ pub struct Joined {
     pub notices: Vec<String>,
     /// The replay of a join with `since`: the transport starts it once it has answered the join.
     pub resume: Option<Resume>,
+    /// The last change matched before the bindings went live: every later change is delivered
+    /// (a resume point for clients that join without a cursor).
+    pub matched: Position,
 }
 
 /// Why a join was refused.
@@ -486,7 +489,7 @@ impl Session {
         }
         let changes =
             (!req.bindings.is_empty()).then(|| if errors.is_empty() { Ok(()) } else { Err(errors) });
-        Ok(Joined { changes, notices, resume })
+        Ok(Joined { changes, notices, resume, matched: through })
     }
 
     /// The credentials a join acts with: its own token when it brings one, else the connect

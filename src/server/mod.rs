@@ -3,6 +3,7 @@
 
 pub mod broadcast;
 pub mod metrics;
+pub mod sse;
 pub mod ws;
 
 use std::sync::atomic::Ordering;
@@ -35,7 +36,8 @@ pub fn router(state: AppState) -> Router {
     let body_limit = DefaultBodyLimit::max(state.max_frame_bytes);
     let mut router = Router::new()
         .route("/realtime/v1/websocket", get(ws::upgrade))
-        .route("/socket/websocket", get(ws::upgrade));
+        .route("/socket/websocket", get(ws::upgrade))
+        .route("/v1/tables/{table}/changes", get(sse::changes));
     for prefix in ["/api", "/realtime/v1/api"] {
         router = router
             .route(&format!("{prefix}/broadcast"), post(broadcast::batch))

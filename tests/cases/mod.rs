@@ -8,3 +8,4 @@ mod private;
 mod realtime;
 mod resume;
 mod rls;
+mod sse;

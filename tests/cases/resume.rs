@@ -99,7 +99,8 @@ async fn cursors_it_cannot_serve_get_a_gap_and_bad_ones_an_error() {
     let (_, cursor) = next_change(&mut ws).await;
 
     // Another log's cursor (another epoch): a gap signal, then live changes as usual.
-    let foreign = format!("{:08X}{}", u32::from_str_radix(&cursor[..8], 16).unwrap().wrapping_add(1), &cursor[8..]);
+    let foreign =
+        format!("{:08X}{}", u32::from_str_radix(&cursor[..8], 16).unwrap().wrapping_add(1), &cursor[8..]);
     let mut other = app.ws(None).await;
     other.join("feed", inserts(Some(&foreign))).await;
     let gap = other.recv_event("system").await;
@@ -114,9 +115,8 @@ async fn cursors_it_cannot_serve_get_a_gap_and_bad_ones_an_error() {
     let r = other
         .push(Some("9"), topic, "phx_join", json!({"config": {"postgres_changes": inserts(Some("nope"))}}))
         .await;
-    let reply = other
-        .recv_until("the refused join", |f| f["event"] == "phx_reply" && f["ref"] == json!(r))
-        .await;
+    let reply =
+        other.recv_until("the refused join", |f| f["event"] == "phx_reply" && f["ref"] == json!(r)).await;
     assert_eq!(reply["payload"]["status"], "error");
     let reason = reply["payload"]["response"]["reason"].as_str().unwrap_or("");
     assert!(reason.starts_with("InvalidCursor: invalid cursor"), "{reason}");

@@ -160,14 +160,28 @@ mod tests {
     fn changes_and_diffs() {
         let v1 = PhoenixEncoder { vsn: Vsn::V1 };
         let v2 = PhoenixEncoder { vsn: Vsn::V2 };
-        let ev = Event::Change { ids: &[1, 2], data: br#"{"type":"INSERT"}"#, cursor: None };
+        let ev = Event::Change {
+            ids: &[1, 2],
+            data: br#"{"type":"INSERT"}"#,
+            cursor: None,
+            kind: crate::change::ChangeKind::Insert,
+        };
         assert_eq!(
             json_of(&v2.encode("realtime:a\"b", &ev).unwrap()),
             json!([null, null, "realtime:a\"b", "postgres_changes", {"ids": [1, 2], "data": {"type": "INSERT"}}])
         );
         assert_eq!(
             json_of(
-                &v1.encode("realtime:x", &Event::Change { ids: &[], data: b"{}", cursor: None }).unwrap()
+                &v1.encode(
+                    "realtime:x",
+                    &Event::Change {
+                        ids: &[],
+                        data: b"{}",
+                        cursor: None,
+                        kind: crate::change::ChangeKind::Insert
+                    }
+                )
+                .unwrap()
             ),
             json!({"topic": "realtime:x", "event": "postgres_changes", "payload": {"ids": [], "data": {}}, "ref": null})
         );

@@ -1,0 +1,134 @@
+//! Server-Sent Events: core events as `text/event-stream` messages, one change JSON shape for
+//! every transport (`schema`, `table`, `type`, `commit_timestamp`, `cursor`, `columns`,
+//! `record`, `old_record`, `errors`).
+//!
+//! A change is `id: <cursor>` (so `Last-Event-ID` resumes), `event: insert|update|delete|
+//! truncate`, `data: <the change JSON>`. A gap is `event: gap` with `{"code","message"}`; an
+//! error or a closed stream `event: error`. Long-poll reads the same messages back
+//! ([`parse`]). Owns: the format. Must not: touch sockets or the database.
+
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+
+use crate::change::ChangeKind;
+use crate::realtime::outbox::{Direct, Encoder, EncodingId, Event, Frame};
+
+/// The SSE encoder (stateless: every member shares its frames).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SseEncoder;
+
+impl SseEncoder {
+    pub fn shared() -> Arc<dyn Encoder> {
+        Arc::new(SseEncoder)
+    }
+}
+
+/// How long a browser waits before reconnecting, sent first.
+pub const RETRY: &str = "retry: 2000\n\n";
+/// A comment that keeps proxies from closing an idle stream.
+pub const KEEP_ALIVE: &str = ": keep-alive\n\n";
+
+fn event_name(kind: ChangeKind) -> &'static str {
+    match kind {
+        ChangeKind::Insert => "insert",
+        ChangeKind::Update => "update",
+        ChangeKind::Delete => "delete",
+        ChangeKind::Truncate => "truncate",
+    }
+}
+
+/// One message. `data` must not contain a newline (compact JSON never does).
+pub fn message(id: Option<&str>, event: &str, data: &[u8]) -> Frame {
+    let mut s = String::with_capacity(data.len() + event.len() + 64);
+    if let Some(id) = id {
+        s.push_str("id: ");
+        s.push_str(id);
+        s.push('\n');
+    }
+    s.push_str("event: ");
+    s.push_str(event);
+    s.push_str("\ndata: ");
+    s.push_str(&String::from_utf8_lossy(data));
+    s.push_str("\n\n");
+    Frame::Text(Utf8Bytes::from(s))
+}
+
+impl Encoder for SseEncoder {
+    fn id(&self) -> EncodingId {
+        EncodingId(10)
+    }
+
+    fn encode(&self, _topic: &str, event: &Event<'_>) -> Option<Frame> {
+        match event {
+            Event::Change { data, cursor, kind, .. } => Some(message(*cursor, event_name(*kind), data)),
+            // Change streams carry no broadcasts or presence.
+            Event::Broadcast(_) | Event::PresenceDiff(_) => None,
+        }
+    }
+
+    fn encode_direct(&self, _topic: &str, _join_ref: Option<&str>, message_: &Direct<'_>) -> Frame {
+        match message_ {
+            Direct::Gap { code, message: text } => {
+                let body = serde_json::json!({"code": code, "message": text});
+                message(None, "gap", body.to_string().as_bytes())
+            }
+            Direct::System { extension, status, message: text } => {
+                let body = serde_json::json!({"extension": extension, "status": status, "message": text});
+                message(
+                    None,
+                    if *status == "error" { "error" } else { "system" },
+                    body.to_string().as_bytes(),
+                )
+            }
+            Direct::Closed => message(None, "error", br#"{"message":"the stream was closed by the server"}"#),
+            Direct::PresenceState(_) => Frame::Text(Utf8Bytes::from_static(":\n\n")),
+        }
+    }
+}
+
+/// One message read back: (id, event, data).
+pub fn parse(frame: &str) -> Option<(Option<&str>, &str, &str)> {
+    let mut id = None;
+    let mut event = None;
+    let mut data = None;
+    for line in frame.lines() {
+        if let Some(v) = line.strip_prefix("id: ") {
+            id = Some(v);
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            event = Some(v);
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data = Some(v);
+        }
+    }
+    Some((id, event?, data?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_gaps_and_errors() {
+        let e = SseEncoder;
+        let f = e
+            .encode(
+                "t",
+                &Event::Change {
+                    ids: &[1],
+                    data: br#"{"type":"UPDATE"}"#,
+                    cursor: Some("C1"),
+                    kind: ChangeKind::Update,
+                },
+            )
+            .unwrap();
+        assert_eq!(f.as_text(), Some("id: C1\nevent: update\ndata: {\"type\":\"UPDATE\"}\n\n"));
+        assert_eq!(parse(f.as_text().unwrap()), Some((Some("C1"), "update", r#"{"type":"UPDATE"}"#)));
+        let g = e.encode_direct("t", None, &Direct::Gap { code: "expired", message: "m" });
+        assert_eq!(parse(g.as_text().unwrap()), Some((None, "gap", r#"{"code":"expired","message":"m"}"#)));
+        let s =
+            e.encode_direct("t", None, &Direct::System { extension: "x", status: "error", message: "no" });
+        assert_eq!(parse(s.as_text().unwrap()).map(|p| p.1), Some("error"));
+        assert_eq!(parse(": keep-alive\n\n"), None);
+    }
+}

@@ -1,0 +1,339 @@
+//! Changes over plain HTTP: `GET /v1/tables/{schema}.{table}/changes` as Server-Sent Events
+//! (`Accept: text/event-stream`) or as a long-poll (`Accept: application/json`). Both are one
+//! session with one channel; a cursor (`since`, or `Last-Event-ID`) resumes from the change log.
+//!
+//! Owns: HTTP concerns — the token (header, query or cookie, since `EventSource` cannot set
+//! headers), query parameters, the event stream with its keep-alives, the long-poll's wait and
+//! limit, status codes. Must not: hold channel state (that is the session's) or match changes.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::{AuthError, Credentials};
+use crate::protocol::sse::{self, SseEncoder};
+use crate::realtime::outbox::{Frame, OutboxReceiver};
+use crate::realtime::session::{JoinError, JoinRequest, Session};
+use crate::server::AppState;
+
+/// Keep-alive comments this often on an idle stream.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// A long-poll waits this long for a change unless `wait` says otherwise.
+const DEFAULT_WAIT: u64 = 25;
+const MAX_WAIT: u64 = 120;
+const DEFAULT_LIMIT: usize = 1000;
+const MAX_LIMIT: usize = 10_000;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ChangesParams {
+    pub filter: Option<String>,
+    /// `*` (default) or a comma list of `insert`, `update`, `delete`.
+    pub events: Option<String>,
+    /// A comma list of columns (the primary key is always kept).
+    pub select: Option<String>,
+    /// Resume after this cursor (`Last-Event-ID` wins).
+    pub since: Option<String>,
+    pub snapshot: Option<String>,
+    pub access_token: Option<String>,
+    pub apikey: Option<String>,
+    /// Long-poll: seconds to hold the request when no change is waiting.
+    pub wait: Option<u64>,
+    /// Long-poll: most changes per response.
+    pub limit: Option<usize>,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+/// The request's token: `Authorization: Bearer`, then `apikey` / `x-api-key` headers, then the
+/// `access_token` / `apikey` query parameters, then an `access_token` cookie.
+fn token(headers: &HeaderMap, params: &ChangesParams) -> Option<String> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let bearer = header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let cookie = header("cookie").and_then(|c| {
+        c.split(';')
+            .filter_map(|p| p.trim().split_once('='))
+            .find(|(k, _)| *k == "access_token")
+            .map(|(_, v)| v)
+    });
+    bearer
+        .or_else(|| header("apikey"))
+        .or_else(|| header("x-api-key"))
+        .or(params.access_token.as_deref())
+        .or(params.apikey.as_deref())
+        .or(cookie)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+}
+
+async fn authenticate(state: &AppState, token: Option<&str>) -> Result<Option<Credentials>, AuthError> {
+    let verifier = state.hub.verifier();
+    if !verifier.required() {
+        return Ok(None);
+    }
+    verifier.verify(token.ok_or(AuthError::Missing)?).await.map(Some)
+}
+
+/// The `postgres_changes` bindings a request asks for: one per event.
+fn bindings(schema: &str, table: &str, params: &ChangesParams) -> Result<Vec<Value>, String> {
+    let events: Vec<String> = match params.events.as_deref().map(str::trim) {
+        None | Some("") | Some("*") => vec!["*".into()],
+        Some(list) => list
+            .split(',')
+            .map(|e| match e.trim().to_ascii_lowercase().as_str() {
+                e @ ("insert" | "update" | "delete") => Ok(e.to_ascii_uppercase()),
+                "*" => Ok("*".into()),
+                other => Err(format!("events: {other:?} is not one of insert, update, delete, *")),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let select: Option<Vec<&str>> =
+        params.select.as_deref().map(|s| s.split(',').map(str::trim).filter(|c| !c.is_empty()).collect());
+    Ok(events
+        .into_iter()
+        .map(|event| {
+            let mut b = json!({"event": event, "schema": schema, "table": table});
+            if let Some(f) = params.filter.as_deref().filter(|f| !f.is_empty()) {
+                b["filter"] = json!(f);
+            }
+            if let Some(cols) = &select {
+                b["select"] = json!(cols);
+            }
+            b
+        })
+        .collect())
+}
+
+pub async fn changes(
+    State(state): State<AppState>,
+    Path(table): Path<String>,
+    Query(params): Query<ChangesParams>,
+    headers: HeaderMap,
+) -> Response {
+    let stream = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    let credentials = match authenticate(&state, token(&headers, &params).as_deref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return error(StatusCode::UNAUTHORIZED, e.connect_message());
+        }
+    };
+    let Some((schema, name)) = table.split_once('.').filter(|(s, t)| !s.is_empty() && !t.is_empty()) else {
+        return error(StatusCode::BAD_REQUEST, format!("table {table:?}: expected schema.table"));
+    };
+    if params.snapshot.as_deref().is_some_and(|s| s == "true" || s == "1") {
+        return error(StatusCode::NOT_IMPLEMENTED, "snapshot=true is not available on this transport yet");
+    }
+    let bindings = match bindings(schema, name, &params) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let since = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(params.since.clone())
+        .filter(|s| !s.is_empty());
+    let (mut session, outbox) = Session::new(state.hub.clone(), SseEncoder::shared(), credentials);
+    let topic = format!("changes:{schema}.{name}");
+    let req = JoinRequest { topic: topic.clone(), bindings, since: since.clone(), ..JoinRequest::default() };
+    let joined = match session.join(req).await {
+        Ok(j) => j,
+        Err(e @ JoinError::Cursor(_)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(JoinError::Auth(e)) => return error(StatusCode::UNAUTHORIZED, e.connect_message()),
+        Err(e @ JoinError::Unavailable) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    if let Some(Err(errors)) = &joined.changes {
+        let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        let status = if errors.iter().any(|e| matches!(e, crate::subscribe::BindingError::NoSelect { .. })) {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        return error(status, message);
+    }
+    let start = state.hub.log().map(|log| log.cursor(joined.matched).to_string());
+    if let Some(resume) = joined.resume {
+        resume.start();
+    }
+    if stream {
+        event_stream(state, session, outbox, topic, joined.notices)
+    } else {
+        long_poll(state, session, outbox, &params, since.or(start)).await
+    }
+}
+
+/// What the event stream holds between chunks.
+struct Streaming {
+    session: Session,
+    outbox: OutboxReceiver,
+    topic: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    keep_alive: tokio::time::Interval,
+    /// Sent before anything else.
+    first: Option<String>,
+    done: bool,
+}
+
+fn event_stream(
+    state: AppState,
+    session: Session,
+    outbox: OutboxReceiver,
+    topic: String,
+    notices: Vec<String>,
+) -> Response {
+    let mut first = String::from(sse::RETRY);
+    for n in notices {
+        first.push_str(&format!(": {}\n\n", n.replace('\n', " ")));
+    }
+    let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
+    keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let s = Streaming {
+        session,
+        outbox,
+        topic,
+        shutdown: state.shutdown.clone(),
+        keep_alive,
+        first: Some(first),
+        done: false,
+    };
+    let body = futures_util::stream::unfold(s, |mut s| async move {
+        if let Some(first) = s.first.take() {
+            // The first tick of an interval is immediate: use it up with the first chunk.
+            s.keep_alive.tick().await;
+            return Some((Ok::<Bytes, Infallible>(Bytes::from(first)), s));
+        }
+        if s.done {
+            return None;
+        }
+        let expiry = s.session.next_expiry().map(tokio::time::Instant::from_std);
+        let chunk = tokio::select! {
+            biased;
+            _ = s.shutdown.cancelled() => {
+                s.done = true;
+                sse::message(None, "error", br#"{"message":"server shutting down"}"#)
+            }
+            _ = s.outbox.killed.cancelled() => {
+                s.done = true;
+                sse::message(None, "error", br#"{"message":"client too slow: resume from the last event id"}"#)
+            }
+            frame = s.outbox.rx.recv() => match frame {
+                Some(f) => f,
+                None => return None,
+            },
+            _ = async { tokio::time::sleep_until(expiry.unwrap_or_else(far)).await }, if expiry.is_some() => {
+                s.session.expire(std::time::Instant::now());
+                if !s.session.is_joined(&s.topic) {
+                    // The session queued why; it is sent next, then the stream ends.
+                    s.done = s.outbox.rx.is_empty();
+                }
+                Frame::Text(sse::KEEP_ALIVE.into())
+            }
+            _ = s.keep_alive.tick() => Frame::Text(sse::KEEP_ALIVE.into()),
+        };
+        if !s.session.is_joined(&s.topic) && s.outbox.rx.is_empty() {
+            s.done = true;
+        }
+        let bytes = match chunk {
+            Frame::Text(t) => Bytes::copy_from_slice(t.as_bytes()),
+            Frame::Binary(b) => b,
+        };
+        Some((Ok(bytes), s))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn far() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
+/// Collects the changes waiting (or the first to arrive within `wait`), up to `limit`.
+async fn long_poll(
+    state: AppState,
+    session: Session,
+    mut outbox: OutboxReceiver,
+    params: &ChangesParams,
+    since: Option<String>,
+) -> Response {
+    let wait = Duration::from_secs(params.wait.unwrap_or(DEFAULT_WAIT).min(MAX_WAIT));
+    let limit = params.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut changes: Vec<u8> = b"[".to_vec();
+    let mut count = 0;
+    let mut cursor = since;
+    loop {
+        let frame = if count == 0 {
+            tokio::select! {
+                biased;
+                _ = state.shutdown.cancelled() => break,
+                f = outbox.rx.recv() => f,
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        } else {
+            // Something arrived: take what is already waiting, without holding the request.
+            match outbox.rx.try_recv() {
+                Ok(f) => Some(f),
+                Err(_) => break,
+            }
+        };
+        let Some(frame) = frame else { break };
+        let Some((id, event, data)) = frame.as_text().and_then(sse::parse) else { continue };
+        match event {
+            "gap" => {
+                let body: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+                return (
+                    StatusCode::CONFLICT,
+                    Json(json!({"error": "gap", "code": body["code"], "message": body["message"]})),
+                )
+                    .into_response();
+            }
+            "error" => {
+                let body: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+                return error(StatusCode::SERVICE_UNAVAILABLE, body["message"].as_str().unwrap_or("error"));
+            }
+            _ => {
+                if count > 0 {
+                    changes.push(b',');
+                }
+                changes.extend_from_slice(data.as_bytes());
+                count += 1;
+                if let Some(id) = id {
+                    cursor = Some(id.to_owned());
+                }
+                if count >= limit {
+                    break;
+                }
+            }
+        }
+    }
+    drop(session);
+    changes.push(b']');
+    let mut body = b"{\"changes\":".to_vec();
+    body.extend_from_slice(&changes);
+    body.extend_from_slice(b",\"cursor\":");
+    body.extend_from_slice(serde_json::to_string(&cursor).unwrap_or_else(|_| "null".into()).as_bytes());
+    body.push(b'}');
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
