@@ -206,7 +206,7 @@ fn event_stream(
         session,
         outbox,
         topic,
-        shutdown: state.shutdown.clone(),
+        shutdown: state.shutdown,
         keep_alive,
         first: Some(first),
         done: false,
