@@ -1,6 +1,7 @@
 //! Changes over HTTP: Server-Sent Events (resume with `Last-Event-ID`, across a gateway killed
 //! with SIGKILL) and long-poll, with their errors.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -40,6 +41,8 @@ impl Sse {
 
     /// The next message (comments and `retry:` skipped); `None` when the stream ends.
     async fn next(&mut self) -> Option<Message> {
+        // Keep-alive comments do not count: a message must come within the deadline.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(end) = self.buf.find("\n\n") {
                 let block: String = self.buf.drain(..end + 2).collect();
@@ -60,10 +63,8 @@ impl Sse {
                 }
                 continue;
             }
-            let chunk = tokio::time::timeout(Duration::from_secs(20), self.resp.chunk())
-                .await
-                .expect("an SSE message within 20 s")
-                .ok()??;
+            // `None` after 20 s without a message, as at the end of the stream.
+            let chunk = tokio::time::timeout_at(deadline, self.resp.chunk()).await.ok()?.ok()??;
             self.buf.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
         }
     }
@@ -184,4 +185,131 @@ async fn long_poll_returns_waiting_changes_holds_when_none_and_answers_a_gap_wit
         "{body}"
     );
     app.stop().await;
+}
+
+/// A gateway in a child process, so that it can be killed with SIGKILL.
+async fn spawn_gateway(url: &str, slot: &str, log_dir: &std::path::Path) -> (tokio::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
+        .arg("serve")
+        .env("WALCAST_DATABASE_URL", url)
+        .env("WALCAST_LISTEN", format!("127.0.0.1:{port}"))
+        .env("WALCAST_SLOT", slot)
+        .env("WALCAST_CHANGELOG__DIR", log_dir)
+        .env("WALCAST_AUTH__JWT_SECRET", crate::support::TEST_SECRET)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("gateway process");
+    let base = format!("http://127.0.0.1:{port}");
+    let ready = format!("{base}/readyz");
+    crate::support::wait_for("gateway process ready", Duration::from_secs(30), || async {
+        let body = reqwest::get(&ready).await.ok()?.text().await.ok()?;
+        body.contains("\"ready\":true").then_some(())
+    })
+    .await;
+    (child, base)
+}
+
+#[tokio::test]
+async fn an_event_stream_resumes_without_loss_across_a_gateway_killed_with_sigkill_under_load() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, SCHEMA).await;
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    let slot: String = format!("slot_{db}")
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let log_dir = crate::support::log_dir(&format!("{db}-killed"));
+    let (mut gateway, base) = spawn_gateway(&url, &slot, &log_dir).await;
+
+    // Subscribed (the response has begun) before the first write.
+    let mut sse = Sse::open(&base, &key_query(), None).await.unwrap();
+    // One writer, one transaction per row (items + ledger together): commit order = id order.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let writer = tokio::spawn({
+        let (p, stop, written) = (p.clone(), Arc::clone(&stop), Arc::clone(&written));
+        async move {
+            let mut id = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                id += 1;
+                exec(
+                    &p,
+                    &format!("INSERT INTO items VALUES ({id}, 'v'); INSERT INTO ledger (item) VALUES ({id})"),
+                )
+                .await;
+                written.store(id, std::sync::atomic::Ordering::Relaxed);
+            }
+            id
+        }
+    });
+
+    let mut got: Vec<i64> = Vec::new();
+    let mut last: Option<String> = None;
+    let mut early = None;
+    while got.len() < 300 {
+        let (id, event, data) = sse.next().await.expect("stream open");
+        assert_eq!(event, "insert", "{data}");
+        got.push(data["record"]["id"].as_i64().unwrap());
+        if got.len() == 100 {
+            early = id.clone();
+        }
+        last = id;
+    }
+    gateway.start_kill().expect("SIGKILL");
+    let _ = gateway.wait().await;
+    // Whatever was already sent arrives; then the stream ends.
+    while let Some((id, _, data)) = sse.next().await {
+        got.push(data["record"]["id"].as_i64().unwrap());
+        last = id;
+    }
+    // Transactions keep committing while the gateway is down.
+    let down_at = written.load(std::sync::atomic::Ordering::Relaxed);
+    crate::support::wait_for("writes while the gateway is down", Duration::from_secs(30), || {
+        let written = Arc::clone(&written);
+        async move { (written.load(std::sync::atomic::Ordering::Relaxed) >= down_at + 200).then_some(()) }
+    })
+    .await;
+
+    let (_gateway, base) = spawn_gateway(&url, &slot, &log_dir).await;
+    let mut sse = Sse::open(&base, &key_query(), last.as_deref()).await.unwrap();
+    // A client that was further behind replays from before the kill, through the restart.
+    let mut behind = Sse::open(&base, &key_query(), early.as_deref()).await.unwrap();
+    crate::support::wait_for("writes after the restart", Duration::from_secs(30), || {
+        let written = Arc::clone(&written);
+        async move { (written.load(std::sync::atomic::Ordering::Relaxed) >= down_at + 400).then_some(()) }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let total = writer.await.unwrap();
+    let ledger: Vec<i64> =
+        sqlx::query_scalar("SELECT item FROM ledger ORDER BY seq").fetch_all(&p).await.unwrap();
+    assert_eq!(ledger.len() as i64, total);
+    while got.len() < ledger.len() {
+        let Some((_, event, data)) = sse.next().await else {
+            let missing: Vec<&i64> = ledger.iter().filter(|i| !got.contains(i)).take(20).collect();
+            panic!(
+                "{} of {} received within 20 s of each other; missing {missing:?}",
+                got.len(),
+                ledger.len()
+            )
+        };
+        assert_eq!(event, "insert", "{data}");
+        got.push(data["record"]["id"].as_i64().unwrap());
+    }
+    assert_eq!(got, ledger, "exactly the committed set, in commit order");
+    let mut replayed = Vec::new();
+    while replayed.len() < ledger.len() - 100 {
+        let Some((_, _, data)) = behind.next().await else {
+            panic!("{} of {} replayed", replayed.len(), ledger.len() - 100)
+        };
+        replayed.push(data["record"]["id"].as_i64().unwrap());
+    }
+    assert_eq!(replayed, ledger[100..], "replayed across the kill: nothing lost, nothing twice");
+    drop(sse);
+    let _ = std::fs::remove_dir_all(&log_dir);
 }
