@@ -26,6 +26,8 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     let recv_slot = format!("walcast_bench_recv_{}", std::process::id());
     // A second pg_recvlogical run after walcast's, so neither reader is favoured by going second.
     let recv2_slot = format!("walcast_bench_recv2_{}", std::process::id());
+    // walcast again, appending every change to a change log (the cost of durability).
+    let log_slot = format!("walcast_bench_log_{}", std::process::id());
     let cluster = match &opts.database_url {
         Some(_) => None,
         None => {
@@ -47,11 +49,11 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     ] {
         sqlx::query(stmt).execute(&pool).await?;
     }
-    for slot in [&gw_slot, &recv_slot, &recv2_slot] {
+    for slot in [&gw_slot, &recv_slot, &recv2_slot, &log_slot] {
         let _ = sqlx::query("SELECT pg_drop_replication_slot($1)").bind(slot).execute(&pool).await;
     }
     let params = ConnectParams::from_url(&url)?;
-    for slot in [&gw_slot, &recv_slot, &recv2_slot] {
+    for slot in [&gw_slot, &recv_slot, &recv2_slot, &log_slot] {
         let mut c = ReplicationConnection::connect(&params).await?;
         c.create_slot(slot, false, SnapshotAction::NoExport).await?;
         c.close().await?;
@@ -92,50 +94,17 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     let recv_first = recvlogical(&url, &recv_slot, &end).await?;
 
     eprintln!("ingest: walcast…");
-    let (tx, mut rx) = mpsc::channel(8192);
-    let ack = Acknowledgement::new();
-    let task = ReplicationTask {
-        resume_after: crate::replication::lsn::Lsn::ZERO,
-        params,
-        slot: gw_slot.clone(),
-        publication: "walcast_bench".into(),
-        pool: pool.clone(),
-        tx,
-        ack: ack.clone(),
-        status: Arc::new(ReplicationStatus::default()),
-    };
-    let shutdown = CancellationToken::new();
-    let t = Instant::now();
-    let handle = tokio::spawn(task.run(shutdown.clone()));
-    let hub = Hub::with_limits(Limits { max_record_bytes: 1 << 20, ..Limits::default() });
-    let mut scratch = Scratch::default();
-    let mut changes = 0u64;
-    let mut bytes = 0usize;
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            ChangeEvent::Change(c) => {
-                // Convert (render the data object) and match, as the gateway does per change.
-                bytes += c.render_data(crate::change::View::default(), 1 << 20).len();
-                dispatch(&hub, &c, &mut scratch);
-                changes += 1;
-            }
-            ChangeEvent::Broadcast(_) => {}
-            ChangeEvent::Commit { end_lsn, .. } => {
-                ack.advance(end_lsn);
-                if changes >= rows {
-                    break;
-                }
-            }
-        }
-    }
-    let gw_secs = t.elapsed().as_secs_f64();
-    shutdown.cancel();
-    let _ = handle.await;
+    let (changes, gw_secs, bytes) = walcast_pass(&params, &pool, &gw_slot, rows, None).await?;
+    eprintln!("ingest: walcast with the change log…");
+    let log_dir = root.join("changelog");
+    let _ = std::fs::remove_dir_all(&log_dir);
+    let (log_changes, log_secs, _) = walcast_pass(&params, &pool, &log_slot, rows, Some(&log_dir)).await?;
+    let _ = std::fs::remove_dir_all(&log_dir);
     eprintln!("ingest: pg_recvlogical again…");
     let recv_second = recvlogical(&url, &recv2_slot, &end).await?;
     let recv_secs = recv_first.min(recv_second);
 
-    for slot in [&gw_slot, &recv_slot, &recv2_slot] {
+    for slot in [&gw_slot, &recv_slot, &recv2_slot, &log_slot] {
         let _ = sqlx::query("SELECT pg_drop_replication_slot($1)").bind(slot).execute(&pool).await;
     }
     pool.close().await;
@@ -149,13 +118,18 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
     println!("{:<28} {:>14} {:>10} {:>16}", "reader", "changes", "seconds", "changes/s");
     println!("{:<28} {:>14} {:>10.2} {:>16.0}", "walcast (decode+render+match)", changes, gw_secs, rate);
     println!("{:<28} {:>14} {:>10.2} {:>16.0}", "pg_recvlogical", rows, recv_secs, recv_rate);
+    let log_rate = log_changes as f64 / log_secs;
+    println!("{:<28} {:>14} {:>10.2} {:>16.0}", "walcast + change log", log_changes, log_secs, log_rate);
     println!("ratio {:.2}; rendered {} MB of JSON", rate / recv_rate, bytes / 1_000_000);
+    println!("change log append cost: {:.2} of the rate without it", log_rate / rate);
     let v = serde_json::json!({
         "scenario": "ingest",
         "changes": changes,
         "changes_per_sec": rate.round(),
         "recvlogical_changes_per_sec": recv_rate.round(),
         "ratio": (rate / recv_rate * 100.0).round() / 100.0,
+        "with_log_changes_per_sec": log_rate.round(),
+        "log_ratio": (log_rate / rate * 100.0).round() / 100.0,
         "cpu_seconds": cpu,
         "peak_rss_bytes": rss,
     });
@@ -177,4 +151,88 @@ async fn recvlogical(url: &str, slot: &str, end: &str) -> anyhow::Result<f64> {
     let secs = t.elapsed().as_secs_f64();
     anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
     Ok(secs)
+}
+
+/// One pass of walcast over the slot: decode, render and match every change, as the gateway
+/// does; with `log`, also append it to a change log and confirm only what the log synced.
+/// Returns (changes, seconds, rendered bytes).
+async fn walcast_pass(
+    params: &ConnectParams,
+    pool: &sqlx::PgPool,
+    slot: &str,
+    rows: u64,
+    log: Option<&std::path::Path>,
+) -> anyhow::Result<(u64, f64, usize)> {
+    let (tx, mut rx) = mpsc::channel(8192);
+    let ack = Acknowledgement::new();
+    let mut appender = match log {
+        Some(dir) => {
+            let settings = crate::log::LogSettings {
+                dir: dir.to_owned(),
+                max_age: std::time::Duration::from_secs(3600),
+                max_bytes: 1 << 40,
+                segment_bytes: 64 << 20,
+            };
+            let identity = crate::log::Identity {
+                system_id: "bench".into(),
+                database: "bench".into(),
+                slot: slot.into(),
+            };
+            let (_, appender, writer, _) =
+                crate::log::ChangeLog::open(&settings, &identity, true, ack.clone())?;
+            Some((appender, writer))
+        }
+        None => None,
+    };
+    let task = ReplicationTask {
+        resume_after: Lsn::ZERO,
+        params: params.clone(),
+        slot: slot.to_owned(),
+        publication: "walcast_bench".into(),
+        pool: pool.clone(),
+        tx,
+        ack: ack.clone(),
+        status: Arc::new(ReplicationStatus::default()),
+    };
+    let shutdown = CancellationToken::new();
+    let t = Instant::now();
+    let handle = tokio::spawn(task.run(shutdown.clone()));
+    let hub = Hub::with_limits(Limits { max_record_bytes: 1 << 20, ..Limits::default() });
+    let mut scratch = Scratch::default();
+    let mut changes = 0u64;
+    let mut bytes = 0usize;
+    while let Some(ev) = rx.recv().await {
+        if let Some((a, _)) = appender.as_mut() {
+            a.append(&ev);
+            if rx.is_empty() {
+                a.flush();
+            }
+        }
+        match ev {
+            ChangeEvent::Change(c) => {
+                // Convert (render the data object) and match, as the gateway does per change.
+                bytes += c.render_data(crate::change::View::default(), 1 << 20).len();
+                dispatch(&hub, &c, &mut scratch);
+                changes += 1;
+            }
+            ChangeEvent::Broadcast(_) => {}
+            ChangeEvent::Commit { end_lsn, .. } => {
+                if appender.is_none() {
+                    ack.advance(end_lsn);
+                }
+                if changes >= rows {
+                    break;
+                }
+            }
+        }
+    }
+    // With the log, the pass ends when the last change is durable.
+    if let Some((a, writer)) = appender.take() {
+        drop(a);
+        tokio::task::spawn_blocking(move || writer.join()).await?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    shutdown.cancel();
+    let _ = handle.await;
+    Ok((changes, secs, bytes))
 }
