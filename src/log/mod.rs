@@ -301,9 +301,9 @@ impl ChangeLog {
             durable: watch::Sender::new(last),
         });
         let mut sizes = VecDeque::new();
-        for (prev, path) in &segments {
+        for (_, path) in &segments {
             let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-            sizes.push_back(SegmentFile { prev: *prev, path: path.clone(), len });
+            sizes.push_back(SegmentFile { path: path.clone(), len });
         }
         if let Some(s) = sizes.back_mut() {
             s.len = size;
@@ -384,17 +384,10 @@ impl ChangeLog {
 fn list_segments(dir: &Path) -> Result<Vec<(Position, PathBuf)>, LogError> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io(dir, "listing"))? {
-        let entry = entry.map_err(io(dir, "listing"))?;
-        let name = entry.file_name();
-        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".seg")) else { continue };
-        if stem.len() != 24 {
-            continue;
+        let path = entry.map_err(io(dir, "listing"))?.path();
+        if let Some(prev) = segment_prev(&path) {
+            out.push((prev, path));
         }
-        let (Ok(lsn), Ok(seq)) = (u64::from_str_radix(&stem[..16], 16), u32::from_str_radix(&stem[16..], 16))
-        else {
-            continue;
-        };
-        out.push((Position { lsn: Lsn(lsn), seq }, entry.path()));
     }
     out.sort();
     Ok(out)
@@ -470,7 +463,7 @@ fn recover_tail(path: &Path, epoch: u32) -> Result<Tail, LogError> {
         // A segment whose header never made it to disk: write it again.
         let mut f =
             OpenOptions::new().write(true).truncate(true).open(path).map_err(io(path, "repairing"))?;
-        let prev = list_prev(path).unwrap_or(Position::ZERO);
+        let prev = segment_prev(path).unwrap_or(Position::ZERO);
         f.write_all(&segment_header(epoch, prev)).map_err(io(path, "repairing"))?;
         f.sync_data().map_err(io(path, "syncing"))?;
         return Ok(Tail { len: SEGMENT_HEADER as u64, cut: bytes.len() as u64, commit: None, last: None });
@@ -500,9 +493,13 @@ fn recover_tail(path: &Path, epoch: u32) -> Result<Tail, LogError> {
     Ok(Tail { len: keep as u64, cut, commit, last })
 }
 
-/// The position a segment's file name says comes before it.
-fn list_prev(path: &Path) -> Option<Position> {
-    let stem = path.file_stem()?.to_str()?;
+/// The position a segment's file name (`<16 hex LSN><8 hex seq>.seg`) says comes before it;
+/// `None` for any other file.
+fn segment_prev(path: &Path) -> Option<Position> {
+    let stem = path.file_name()?.to_str()?.strip_suffix(".seg")?;
+    if stem.len() != 24 {
+        return None;
+    }
     Some(Position {
         lsn: Lsn(u64::from_str_radix(stem.get(..16)?, 16).ok()?),
         seq: u32::from_str_radix(stem.get(16..)?, 16).ok()?,
@@ -553,7 +550,7 @@ impl Appender {
                 self.ends_txn = false;
             }
             ChangeEvent::Broadcast(b) => {
-                record::encode_broadcast(&mut self.buf, b.position, 0, &b.raw);
+                record::encode_broadcast(&mut self.buf, b.position, &b.raw);
                 self.through = Some(b.position);
                 self.ends_txn = false;
             }
@@ -594,7 +591,6 @@ impl Drop for Appender {
 }
 
 struct SegmentFile {
-    prev: Position,
     path: PathBuf,
     len: u64,
 }
@@ -691,7 +687,7 @@ impl Writer {
         }
         sync_dir(&self.shared.dir)?;
         self.file = f;
-        self.segments.push_back(SegmentFile { prev: self.last, path, len });
+        self.segments.push_back(SegmentFile { path, len });
         self.retain();
         Ok(())
     }
@@ -721,7 +717,7 @@ impl Writer {
                     break;
                 }
             }
-            let _ = self.segments.pop_front().map(|s| s.prev);
+            self.segments.pop_front();
         }
     }
 }

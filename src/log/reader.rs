@@ -138,7 +138,7 @@ impl LogReader {
                         seq: c.position.seq,
                     }));
                 }
-                Record::Broadcast { position, raw, .. } => match DbBroadcast::decode(&raw) {
+                Record::Broadcast { position, raw } => match DbBroadcast::decode(&raw) {
                     Ok(mut b) => {
                         b.position = position;
                         out.push(Entry::Broadcast(b));

@@ -66,7 +66,6 @@ pub enum Record {
     /// A `realtime.messages` row as the trigger emitted it.
     Broadcast {
         position: Position,
-        commit_ts: i64,
         raw: Bytes,
     },
     /// The end of a transaction: everything before it in the log is whole.
@@ -200,10 +199,9 @@ pub fn encode_change(out: &mut Vec<u8>, c: &crate::change::Change) {
     })
 }
 
-pub fn encode_broadcast(out: &mut Vec<u8>, position: Position, commit_ts: i64, raw: &[u8]) {
+pub fn encode_broadcast(out: &mut Vec<u8>, position: Position, raw: &[u8]) {
     frame(out, TAG_BROADCAST, |out| {
         put_position(out, position);
-        out.extend_from_slice(&commit_ts.to_le_bytes());
         put_str(out, raw);
     })
 }
@@ -262,9 +260,8 @@ pub fn decode(frame: &Bytes, at: usize) -> Result<Record, RecordError> {
         }
         TAG_BROADCAST => {
             let position = r.position()?;
-            let commit_ts = r.i64()?;
             let raw = r.bytes()?;
-            Record::Broadcast { position, commit_ts, raw }
+            Record::Broadcast { position, raw }
         }
         TAG_COMMIT => Record::Commit { commit_lsn: Lsn(r.u64()?), end_lsn: Lsn(r.u64()?) },
         tag => return Err(RecordError::Tag { at, tag }),
@@ -471,7 +468,7 @@ mod tests {
         let mut out = Vec::new();
         encode_relation(&mut out, &rel);
         encode_change(&mut out, &change(&rel));
-        encode_broadcast(&mut out, Position { lsn: Lsn(0x1_0000_0010), seq: 4 }, 778, br#"{"id":"x"}"#);
+        encode_broadcast(&mut out, Position { lsn: Lsn(0x1_0000_0010), seq: 4 }, br#"{"id":"x"}"#);
         encode_commit(&mut out, Lsn(0x1_0000_0010), Lsn(0x1_0000_0040));
         out
     }
@@ -521,8 +518,8 @@ mod tests {
                 old: c.old
             }
         );
-        let Record::Broadcast { position, commit_ts, raw } = &records[2] else { panic!() };
-        assert_eq!((position.seq, *commit_ts, &raw[..]), (4, 778, &br#"{"id":"x"}"#[..]));
+        let Record::Broadcast { position, raw } = &records[2] else { panic!() };
+        assert_eq!((position.seq, &raw[..]), (4, &br#"{"id":"x"}"#[..]));
         assert_eq!(records[3].position(), Some(Position::end_of(Lsn(0x1_0000_0010))));
         assert!(
             records[1].position() < records[2].position() && records[2].position() < records[3].position()
@@ -568,7 +565,7 @@ mod tests {
             (TAG_CHANGE, [&[0u8; 24][..], &[b'I', 1], &0xFFFF_FFFFu32.to_le_bytes()].concat()),
             (TAG_CHANGE, [&[0u8; 24][..], &[b'I', 1], &1u32.to_le_bytes(), b"?"].concat()),
             (TAG_RELATION, [&7u32.to_le_bytes()[..], &100u32.to_le_bytes()].concat()),
-            (TAG_BROADCAST, [&[0u8; 20][..], &50u32.to_le_bytes(), b"ab"].concat()),
+            (TAG_BROADCAST, [&[0u8; 12][..], &50u32.to_le_bytes(), b"ab"].concat()),
         ];
         for (tag, body) in cases {
             let mut out = Vec::new();

@@ -79,8 +79,8 @@ pub struct Resume {
     pub(crate) hub: Hub,
     pub(crate) member: Arc<Member>,
     pub(crate) subs: Vec<Arc<Subscription>>,
-    /// Resume after this change; `Err` when the cursor cannot be served at all.
-    pub(crate) after: Result<Cursor, Gap>,
+    /// Resume after this change.
+    pub(crate) after: Cursor,
     /// The last change matched before the bindings were added.
     pub(crate) through: Position,
 }
@@ -110,9 +110,8 @@ impl Resume {
     }
 
     async fn run(self) {
-        let after = self.after.as_ref().map(|c| c.position).unwrap_or(Position::ZERO);
         let replayed = self.replay().await;
-        let through = self.through.max(after);
+        let through = self.through.max(self.after.position);
         match replayed {
             Ok(()) => {}
             Err(ReplayError::Gone) => return,
@@ -141,7 +140,7 @@ impl Resume {
     }
 
     async fn replay(&self) -> Result<(), ReplayError> {
-        let after = self.after.map_err(ReplayError::Gap)?;
+        let after = self.after;
         let log = self.hub.log().ok_or(Gap::NoLog)?;
         if after.position >= self.through {
             // Nothing to replay (the cursor is at or after everything matched so far).

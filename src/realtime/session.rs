@@ -466,10 +466,7 @@ impl Session {
             hub: self.hub.clone(),
             member: Arc::clone(&member),
             subs,
-            after: match self.hub.log() {
-                Some(_) => Ok(cursor),
-                None => Err(crate::log::Gap::NoLog),
-            },
+            after: cursor,
             through,
         });
         if let Some((since, limit)) = replay {

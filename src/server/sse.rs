@@ -236,11 +236,8 @@ fn event_stream(
                 None => return None,
             },
             _ = async { tokio::time::sleep_until(expiry.unwrap_or_else(far)).await }, if expiry.is_some() => {
+                // A closed channel queues why; that is sent next, then the stream ends (below).
                 s.session.expire(std::time::Instant::now());
-                if !s.session.is_joined(&s.topic) {
-                    // The session queued why; it is sent next, then the stream ends.
-                    s.done = s.outbox.rx.is_empty();
-                }
                 Frame::Text(sse::KEEP_ALIVE.into())
             }
             _ = s.keep_alive.tick() => Frame::Text(sse::KEEP_ALIVE.into()),
