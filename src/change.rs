@@ -149,6 +149,10 @@ pub struct Change {
     pub commit_ts: i64,
     /// Position in the transaction, from 0.
     pub seq: u32,
+    /// The transaction's id (32 bits, as pgoutput sends it; 0 when not known, e.g. replayed).
+    pub xid: u32,
+    /// A row of an initial snapshot (INSERT-shaped, `"snapshot":true` in `data`), not a change.
+    pub snapshot: bool,
 }
 
 impl Change {
@@ -299,7 +303,12 @@ impl Change {
         write_json_str(out, &self.relation.table);
         out.extend_from_slice(b",\"type\":\"");
         out.extend_from_slice(self.kind.as_str().as_bytes());
-        out.extend_from_slice(b"\",\"commit_timestamp\":");
+        if self.snapshot {
+            out.extend_from_slice(b"\",\"snapshot\":true");
+        } else {
+            out.push(b'"');
+        }
+        out.extend_from_slice(b",\"commit_timestamp\":");
         write_json_str(out, &self.commit_timestamp());
         if let Some(cursor) = cursor {
             out.extend_from_slice(b",\"cursor\":");
@@ -557,6 +566,8 @@ mod tests {
             commit_lsn: Lsn(0x10),
             commit_ts: 0,
             seq: 2,
+            xid: 0,
+            snapshot: false,
         };
         assert_eq!(c.cursor(), "000000000000001000000002");
         assert!(c.cursor() < Change { seq: 10, ..c }.cursor());
@@ -572,6 +583,8 @@ mod tests {
             commit_lsn: Lsn(1),
             commit_ts: 0,
             seq: 0,
+            xid: 0,
+            snapshot: false,
         };
         let json = String::from_utf8(c.to_tail_json()).unwrap();
         assert!(json.contains(r#""record":{"id":1,"task":"a"}"#), "{json}");
@@ -602,6 +615,8 @@ mod tests {
             commit_lsn: Lsn(1),
             commit_ts: 0,
             seq: 0,
+            xid: 0,
+            snapshot: false,
         };
         let select: Vec<Arc<str>> = vec!["task".into()];
         let view = View { select: Some(&select), ..View::default() };
@@ -621,6 +636,8 @@ mod tests {
             commit_lsn: Lsn(1),
             commit_ts: 0,
             seq: 0,
+            xid: 0,
+            snapshot: false,
         };
         let hidden: Vec<Arc<str>> = vec!["body".into()];
         let view = View { hidden: Some(&hidden), ..View::default() };
@@ -654,6 +671,8 @@ mod tests {
             commit_lsn: Lsn(1),
             commit_ts: 0,
             seq: 0,
+            xid: 0,
+            snapshot: false,
         };
         let text = |old| {
             let mut out = Vec::new();
@@ -699,6 +718,8 @@ mod tests {
             commit_lsn: Lsn(1),
             commit_ts: 0,
             seq: 0,
+            xid: 0,
+            snapshot: false,
         };
         let json = String::from_utf8(c.to_tail_json()).unwrap();
         assert!(!json.contains("\"record\""), "{json}");

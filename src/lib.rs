@@ -52,6 +52,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::log::{Appender, ChangeLog, Recovered, WriterHandle};
+use crate::realtime::snapshot::SnapshotSource;
 use crate::realtime::{Hub, HubParts, Limits};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::slot;
@@ -193,13 +194,14 @@ impl Gateway {
                 .then(|| Arc::new(RowSecurity::new(self.pool.clone(), self.config.auth.key_only_deletes))),
             topics: Some(Arc::new(TopicPolicies::new(self.pool.clone()))),
             log: self.log.as_ref().map(|l| l.log.clone()),
+            snapshots: Some(Arc::new(SnapshotSource::new(&self.pool))),
         });
         let ack = self.ack;
         let (tx, rx) = tokio::sync::mpsc::channel(8192);
         let (appender, writer, resume_after) = match self.log {
             Some(l) => {
                 // Everything kept counts as matched: a resume replays it from the log.
-                hub.set_matched(*l.log.written().borrow());
+                hub.set_matched(*l.log.written().borrow(), 0);
                 (Some(l.appender), Some(l.writer), l.recovered.last_commit)
             }
             None => (None, None, crate::replication::lsn::Lsn::ZERO),

@@ -46,6 +46,8 @@ pub enum BindingError {
     Authorization { table: String, role: String, message: String },
     #[error("Unable to check row-level security; try again")]
     RlsUnavailable(#[source] Arc<crate::auth::rls::RlsError>),
+    #[error("invalid snapshot: a snapshot needs a binding on one table, not a whole schema")]
+    SnapshotNeedsTable,
 }
 
 #[derive(Debug, Clone)]

@@ -95,6 +95,8 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
         commit_lsn: Lsn(i as u64),
         commit_ts: 0,
         seq: 0,
+        xid: 0,
+        snapshot: false,
     };
     let mut scratch = Scratch::default();
     // Warm-up: one change per subscriber, so every queue is past its first allocation, as in a

@@ -462,7 +462,17 @@ mod tests {
             ChangeKind::Delete => (None, Some(tuple)),
             _ => (Some(tuple), None),
         };
-        Change { relation: relation(), kind, new, old, commit_lsn: Lsn(1), commit_ts: 0, seq: 0 }
+        Change {
+            relation: relation(),
+            kind,
+            new,
+            old,
+            commit_lsn: Lsn(1),
+            commit_ts: 0,
+            seq: 0,
+            xid: 0,
+            snapshot: false,
+        }
     }
 
     fn row() -> Change {

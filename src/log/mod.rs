@@ -784,6 +784,8 @@ mod tests {
                     commit_lsn: Lsn(100 * n),
                     commit_ts: n as i64,
                     seq: i,
+                    xid: 0,
+                    snapshot: false,
                 })
             })
             .collect();

@@ -136,6 +136,8 @@ impl LogReader {
                         commit_lsn: c.position.lsn,
                         commit_ts: c.commit_ts,
                         seq: c.position.seq,
+                        xid: 0,
+                        snapshot: false,
                     }));
                 }
                 Record::Broadcast { position, raw } => match DbBroadcast::decode(&raw) {

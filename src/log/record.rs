@@ -460,6 +460,8 @@ mod tests {
             commit_lsn: Lsn(0x1_0000_0010),
             commit_ts: 777,
             seq: 3,
+            xid: 0,
+            snapshot: false,
         }
     }
 

@@ -3,7 +3,8 @@
 //! `record`, `old_record`, `errors`).
 //!
 //! A change is `id: <cursor>` (so `Last-Event-ID` resumes), `event: insert|update|delete|
-//! truncate`, `data: <the change JSON>`. A gap is `event: gap` with `{"code","message"}`; an
+//! truncate`, `data: <the change JSON>`. An initial snapshot is `event: snapshot` rows (no id:
+//! they cannot be resumed into) and then `event: snapshot-end` with the hand-off cursor as id. A gap is `event: gap` with `{"code","message"}`; an
 //! error or a closed stream `event: error`. Long-poll reads the same messages back
 //! ([`parse`]). Owns: the format. Must not: touch sockets or the database.
 
@@ -61,6 +62,7 @@ impl Encoder for SseEncoder {
 
     fn encode(&self, _topic: &str, event: &Event<'_>) -> Option<Frame> {
         match event {
+            Event::Change { data, snapshot: true, .. } => Some(message(None, "snapshot", data)),
             Event::Change { data, cursor, kind, .. } => Some(message(*cursor, event_name(*kind), data)),
             // Change streams carry no broadcasts or presence.
             Event::Broadcast(_) | Event::PresenceDiff(_) => None,
@@ -82,6 +84,10 @@ impl Encoder for SseEncoder {
                 )
             }
             Direct::Closed => message(None, "error", br#"{"message":"the stream was closed by the server"}"#),
+            Direct::SnapshotEnd { cursor, rows } => {
+                let body = serde_json::json!({"cursor": cursor, "rows": rows});
+                message(*cursor, "snapshot-end", body.to_string().as_bytes())
+            }
             Direct::PresenceState(_) => Frame::Text(Utf8Bytes::from_static(":\n\n")),
         }
     }
@@ -119,6 +125,7 @@ mod tests {
                     data: br#"{"type":"UPDATE"}"#,
                     cursor: Some("C1"),
                     kind: ChangeKind::Update,
+                    snapshot: false,
                 },
             )
             .unwrap();

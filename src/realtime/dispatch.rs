@@ -223,6 +223,7 @@ pub struct Scratch {
     groups: Groups,
     /// The current change's position and cursor (with a change log).
     position: Position,
+    xid: u32,
     cursor: Option<String>,
     /// Replays collect their frames here instead of queueing them (they wait for room).
     pub(crate) collect: Option<Vec<Frame>>,
@@ -233,7 +234,9 @@ impl Scratch {
         self.data.clear();
         self.frames.clear();
         self.position = change.position();
-        self.cursor = hub.log().map(|log| log.cursor(self.position).to_string());
+        self.xid = change.xid;
+        self.cursor =
+            if change.snapshot { None } else { hub.log().map(|log| log.cursor(self.position).to_string()) };
     }
 
     /// Renders (once per view) and queues one change to one member. Returns whether queued.
@@ -267,7 +270,13 @@ impl Scratch {
             }
         };
         let data = &self.data[data_at].3;
-        let event = Event::Change { ids, data, cursor: self.cursor.as_deref(), kind: change.kind };
+        let event = Event::Change {
+            ids,
+            data,
+            cursor: self.cursor.as_deref(),
+            kind: change.kind,
+            snapshot: change.snapshot,
+        };
         // Most changes reach one member: encode directly, cache only when it can repeat.
         let frame = if !shared {
             member.encoder.encode(&member.key.topic, &event)
@@ -280,7 +289,7 @@ impl Scratch {
                 collected.push(frame);
                 true
             }
-            (Some(frame), None) => member.deliver_live(self.position, frame, hub),
+            (Some(frame), None) => member.deliver_live(self.position, self.xid, frame, hub),
             (None, _) => false,
         }
     }
@@ -329,7 +338,7 @@ pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usi
     let Ok(index) = hub.index().read() else {
         return Some(0);
     };
-    hub.set_matched(change.position());
+    hub.set_matched(change.position(), change.xid);
     if index.is_empty() {
         return Some(0);
     }
@@ -576,7 +585,7 @@ impl Batch {
     fn match_change(&mut self, hub: &Hub, change: Change, groups: &mut Groups) -> Pending {
         let index = hub.index().read();
         if index.is_ok() {
-            hub.set_matched(change.position());
+            hub.set_matched(change.position(), change.xid);
         }
         let group = match index {
             Ok(index) if index.row_independent(&change) => match cached_group(groups, &index, &change) {

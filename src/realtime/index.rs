@@ -77,7 +77,15 @@ impl Subscription {
         let rel = &change.relation;
         let schema_ok = &*b.schema == "*" || b.schema == rel.schema;
         let table_ok = b.table.as_ref().is_none_or(|t| *t == rel.table);
-        schema_ok && table_ok && self.accepts(change, false)
+        // A snapshot row stands for the row's current state: every binding of its table whose
+        // filter it passes receives it, whatever the event.
+        schema_ok
+            && table_ok
+            && if change.snapshot {
+                self.binding.filter.matches(change, None)
+            } else {
+                self.accepts(change, false)
+            }
     }
 
     /// Event and filter check; an index hit with nothing else to evaluate skips the filter.

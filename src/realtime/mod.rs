@@ -22,6 +22,7 @@ pub mod presence;
 mod registry;
 pub mod resume;
 pub mod session;
+pub mod snapshot;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
@@ -203,17 +204,24 @@ struct HubInner {
     rls: Option<Arc<RowSecurity>>,
     topics: Option<Arc<TopicPolicies>>,
     log: Option<ChangeLog>,
+    snapshots: Option<Arc<snapshot::SnapshotSource>>,
     /// The last change matched against the index (written by the dispatcher under the index's
     /// read lock, so a reader holding the write lock sees a consistent cut: later changes will
     /// be matched against what it adds).
     matched_lsn: AtomicU64,
     matched_seq: std::sync::atomic::AtomicU32,
+    /// The transactions matched last, (commit LSN, xid), oldest first: a snapshot checks that
+    /// those it should contain are visible to it.
+    recent: std::sync::Mutex<std::collections::VecDeque<(crate::replication::lsn::Lsn, u32)>>,
     /// Equal subjects share one `Arc`, so the dispatcher groups subscribers by pointer.
     subjects: std::sync::Mutex<HashMap<Subject, std::sync::Weak<Subject>>>,
     next_id: AtomicU64,
     /// Random per process: makes presence refs unique across nodes.
     node: u64,
 }
+
+/// How many recently matched transactions the hub remembers (see [`Hub::recent_txns`]).
+pub(crate) const RECENT_TXNS: usize = 1024;
 
 /// The core's shared state. Cheap to clone.
 #[derive(Clone)]
@@ -246,6 +254,8 @@ pub struct HubParts {
     pub topics: Option<Arc<TopicPolicies>>,
     /// The durable change log (cursors and resume); `None` keeps no history.
     pub log: Option<ChangeLog>,
+    /// Where initial snapshots are read; `None` refuses them.
+    pub snapshots: Option<Arc<snapshot::SnapshotSource>>,
 }
 
 impl Hub {
@@ -263,8 +273,10 @@ impl Hub {
                 rls: parts.rls,
                 topics: parts.topics,
                 log: parts.log,
+                snapshots: parts.snapshots,
                 matched_lsn: AtomicU64::new(0),
                 matched_seq: Default::default(),
+                recent: Default::default(),
                 subjects: std::sync::Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 node: fastrand::u64(..),
@@ -298,10 +310,26 @@ impl Hub {
         self.inner.log.as_ref()
     }
 
+    pub fn snapshots(&self) -> Option<&Arc<snapshot::SnapshotSource>> {
+        self.inner.snapshots.as_ref()
+    }
+
     /// Records that the dispatcher matched the change at `p`; call with the index read lock held.
-    pub(crate) fn set_matched(&self, p: Position) {
-        self.inner.matched_lsn.store(p.lsn.0, Ordering::Relaxed);
+    pub(crate) fn set_matched(&self, p: Position, xid: u32) {
+        if self.inner.matched_lsn.swap(p.lsn.0, Ordering::Relaxed) != p.lsn.0 {
+            if let Ok(mut recent) = self.inner.recent.lock() {
+                if recent.len() == RECENT_TXNS {
+                    recent.pop_front();
+                }
+                recent.push_back((p.lsn, xid));
+            }
+        }
         self.inner.matched_seq.store(p.seq, Ordering::Relaxed);
+    }
+
+    /// The transactions matched last, (commit LSN, xid), oldest first.
+    pub(crate) fn recent_txns(&self) -> Vec<(crate::replication::lsn::Lsn, u32)> {
+        self.inner.recent.lock().map(|r| r.iter().copied().collect()).unwrap_or_default()
     }
 
     /// The last change matched; read with the index write lock held for a consistent cut.

@@ -56,7 +56,14 @@ pub struct EncodingId(pub u8);
 pub enum Event<'a> {
     /// A `postgres_changes` delivery: the matching binding ids, the rendered `data` object and
     /// the change's resume cursor (also inside `data`) when a change log keeps it.
-    Change { ids: &'a [u32], data: &'a [u8], cursor: Option<&'a str>, kind: crate::change::ChangeKind },
+    Change {
+        ids: &'a [u32],
+        data: &'a [u8],
+        cursor: Option<&'a str>,
+        kind: crate::change::ChangeKind,
+        /// A row of an initial snapshot rather than a change.
+        snapshot: bool,
+    },
     /// A broadcast message.
     Broadcast(&'a BroadcastMessage),
     /// Presence changes: `{"joins":{…},"leaves":{…}}`.
@@ -75,6 +82,9 @@ pub enum Direct<'a> {
     /// A resume could not continue without missing changes: the client must load its state
     /// again. `code` is machine-readable (`expired`, `other_log`, …).
     Gap { code: &'a str, message: &'a str },
+    /// The initial snapshot is complete (`rows` rows were sent); changes follow. `cursor` is
+    /// where a client that saw nothing after this resumes (with a change log).
+    SnapshotEnd { cursor: Option<&'a str>, rows: u64 },
 }
 
 /// Turns core events into one wire format. Implemented once per protocol module.

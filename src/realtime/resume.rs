@@ -19,6 +19,7 @@ use crate::log::{Cursor, Entry, Gap, LogReader};
 use crate::realtime::dispatch::{replay_batch, Scratch};
 use crate::realtime::index::Subscription;
 use crate::realtime::outbox::{Direct, Frame, Queued};
+use crate::realtime::snapshot::XidSnapshot;
 use crate::realtime::{Hub, Member};
 
 /// Live changes a resuming member may hold before it counts as too slow.
@@ -28,19 +29,21 @@ const READ_BATCH: usize = 512;
 /// How long a replay waits for the log writer to catch up with the dispatcher.
 const WRITTEN_WAIT: Duration = Duration::from_secs(30);
 
-/// A member's live changes during a resume.
+/// A member's live changes during a resume or a snapshot.
 #[derive(Debug)]
 pub enum ResumeGate {
-    /// Replaying: live changes are kept, in order, with their positions.
-    Holding(Vec<(Position, Frame)>),
-    /// Live: changes at or before `through` were replayed (or were before the cursor).
-    Live { through: Position },
+    /// Replaying (or reading the snapshot): live changes are kept, in order, with their
+    /// positions and transaction ids.
+    Holding(Vec<(Position, u32, Frame)>),
+    /// Live: changes at or before `through` were replayed (or were before the cursor, or are in
+    /// the snapshot); so are those that `shown` shows.
+    Live { through: Position, shown: Option<Arc<XidSnapshot>> },
 }
 
 impl Member {
-    /// Queues one live change frame, through the resume gate when there is one. Returns whether
-    /// it was queued (or held).
-    pub(crate) fn deliver_live(&self, position: Position, frame: Frame, hub: &Hub) -> bool {
+    /// Queues one live change frame (of transaction `xid`), through the resume gate when there
+    /// is one. Returns whether it was queued (or held).
+    pub(crate) fn deliver_live(&self, position: Position, xid: u32, frame: Frame, hub: &Hub) -> bool {
         let Some(gate) = &self.resume else {
             return self.outbox.send(frame, hub.metrics()) == Queued::Yes;
         };
@@ -51,21 +54,47 @@ impl Member {
                     self.outbox.kill(hub.metrics());
                     return false;
                 }
-                held.push((position, frame));
+                held.push((position, xid, frame));
                 true
             }
-            ResumeGate::Live { through } if position <= *through => false,
-            ResumeGate::Live { .. } => self.outbox.send(frame, hub.metrics()) == Queued::Yes,
+            ResumeGate::Live { through, .. } if position <= *through => false,
+            ResumeGate::Live { shown, .. } => {
+                if let Some(s) = shown {
+                    if s.shows(position.lsn, xid) {
+                        return false;
+                    }
+                    if position.lsn >= s.boundary {
+                        // Past every transaction the snapshot can show.
+                        *shown = None;
+                    }
+                }
+                self.outbox.send(frame, hub.metrics()) == Queued::Yes
+            }
         }
     }
 
     /// Ends the replay: sends what was held after `through`, then lets live changes pass.
     fn release(&self, through: Position, hub: &Hub) {
+        self.open_gate(through, None, hub);
+    }
+
+    /// Ends a snapshot: sends what was held after `through` that the snapshot does not show, then
+    /// lets live changes pass (those it shows still skipped).
+    pub(crate) fn release_after_snapshot(&self, through: Position, shown: Arc<XidSnapshot>, hub: &Hub) {
+        self.open_gate(through, Some(shown), hub);
+    }
+
+    fn open_gate(&self, through: Position, shown: Option<Arc<XidSnapshot>>, hub: &Hub) {
         let Some(gate) = &self.resume else { return };
         let Ok(mut gate) = gate.lock() else { return };
-        if let ResumeGate::Holding(held) = std::mem::replace(&mut *gate, ResumeGate::Live { through }) {
-            for (position, frame) in held {
-                if position > through && self.outbox.send(frame, hub.metrics()) != Queued::Yes {
+        let filter = shown.clone();
+        if let ResumeGate::Holding(held) = std::mem::replace(&mut *gate, ResumeGate::Live { through, shown })
+        {
+            for (position, xid, frame) in held {
+                if position <= through || filter.as_ref().is_some_and(|s| s.shows(position.lsn, xid)) {
+                    continue;
+                }
+                if self.outbox.send(frame, hub.metrics()) != Queued::Yes {
                     break;
                 }
             }
@@ -177,6 +206,23 @@ impl Resume {
                     return Err(ReplayError::Gone);
                 }
             }
+        }
+    }
+}
+
+/// What a join with `since` or `snapshot` sends before live changes; the transport starts it
+/// once it has answered the join.
+#[derive(Debug)]
+pub enum Handoff {
+    Resume(Resume),
+    Snapshot(crate::realtime::snapshot::Snapshot),
+}
+
+impl Handoff {
+    pub fn start(self) {
+        match self {
+            Handoff::Resume(r) => r.start(),
+            Handoff::Snapshot(s) => s.start(),
         }
     }
 }

@@ -22,7 +22,8 @@ use crate::realtime::bus::BusMessage;
 use crate::realtime::index::{BindingSpec, SubId};
 use crate::realtime::outbox::{Direct, Encoder, Outbox, OutboxReceiver};
 use crate::realtime::presence::{new_ref, random_uuid, PresenceDiff, PresenceMeta};
-use crate::realtime::resume::Resume;
+use crate::realtime::resume::{Handoff, Resume};
+use crate::realtime::snapshot::Snapshot;
 use crate::realtime::{channel_name, Hub, Member, SessionId, TopicKey};
 use crate::subscribe::BindingError;
 
@@ -52,6 +53,8 @@ pub struct JoinRequest {
     pub replay: Option<Value>,
     /// Resume the `postgres_changes` bindings after this cursor (from the change log).
     pub since: Option<String>,
+    /// Send the rows the bindings match now, then the changes after them.
+    pub snapshot: bool,
 }
 
 /// The result of a join that was accepted.
@@ -63,8 +66,9 @@ pub struct Joined {
     /// Things the client should know about its live bindings (e.g. DELETEs that row-level
     /// security withholds).
     pub notices: Vec<String>,
-    /// The replay of a join with `since`: the transport starts it once it has answered the join.
-    pub resume: Option<Resume>,
+    /// The replay of a join with `since`, or the snapshot of a join with `snapshot`: the
+    /// transport starts it once it has answered the join.
+    pub handoff: Option<Handoff>,
     /// The last change matched before the bindings went live: every later change is delivered
     /// (a resume point for clients that join without a cursor).
     pub matched: Position,
@@ -91,6 +95,17 @@ pub enum JoinError {
     Unavailable,
     #[error(transparent)]
     Cursor(#[from] crate::log::ParseCursorError),
+    #[error("{0}")]
+    Snapshot(SnapshotRefusal),
+}
+
+/// Why a join with `snapshot` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotRefusal {
+    #[error("InvalidSnapshot: snapshot and since exclude each other (a snapshot is the current state)")]
+    WithCursor,
+    #[error("InvalidSnapshot: snapshots need the gateway's database")]
+    Unavailable,
 }
 
 /// Why a replay was refused; Supabase's messages.
@@ -386,6 +401,14 @@ impl Session {
             Some(v) => Some(replay_params(v).ok_or(JoinError::Replay(ReplayRefusal::InvalidParams))?),
         };
         let since: Option<crate::log::Cursor> = req.since.as_deref().map(str::parse).transpose()?;
+        if req.snapshot {
+            if since.is_some() {
+                return Err(JoinError::Snapshot(SnapshotRefusal::WithCursor));
+            }
+            if self.hub.snapshots().is_none() {
+                return Err(JoinError::Snapshot(SnapshotRefusal::Unavailable));
+            }
+        }
         let topic: Arc<str> = req.topic.as_str().into();
         // Rejoining replaces the old channel.
         self.channels.remove(&topic);
@@ -422,7 +445,7 @@ impl Session {
             subject: std::sync::RwLock::new(subject),
             reads: Member::reads_of(&access).into(),
             replay: replay.is_some().then(|| std::sync::Mutex::new(ReplayGate::Holding(Vec::new()))),
-            resume: since.is_some().then(crate::realtime::resume::holding_gate),
+            resume: (since.is_some() || req.snapshot).then(crate::realtime::resume::holding_gate),
             seen: Default::default(),
         });
         self.hub.add_member(Arc::clone(&member), req.presence_enabled);
@@ -448,6 +471,14 @@ impl Session {
         if !resolved.is_empty() {
             if let Ok(mut index) = self.hub.index().write() {
                 for r in resolved {
+                    let r = r.and_then(|spec| {
+                        let one_table = spec.table.is_some() && &*spec.schema != "*";
+                        if req.snapshot && !one_table {
+                            Err(BindingError::SnapshotNeedsTable)
+                        } else {
+                            Ok(spec)
+                        }
+                    });
                     match r {
                         Ok(spec) => {
                             let id = index.insert(Arc::clone(&member), spec);
@@ -462,13 +493,34 @@ impl Session {
                 through = self.hub.matched();
             }
         }
-        let resume = since.map(|cursor| Resume {
-            hub: self.hub.clone(),
-            member: Arc::clone(&member),
-            subs,
-            after: cursor,
-            through,
-        });
+        let handoff = match since {
+            Some(cursor) => Some(Handoff::Resume(Resume {
+                hub: self.hub.clone(),
+                member: Arc::clone(&member),
+                subs,
+                after: cursor,
+                through,
+            })),
+            None if req.snapshot => {
+                let mut tables: Vec<(Arc<str>, Arc<str>)> = Vec::new();
+                for sub in &subs {
+                    if let Some(table) = &sub.binding.table {
+                        let t = (Arc::clone(&sub.binding.schema), Arc::clone(table));
+                        if !tables.contains(&t) {
+                            tables.push(t);
+                        }
+                    }
+                }
+                Some(Handoff::Snapshot(Snapshot {
+                    hub: self.hub.clone(),
+                    member: Arc::clone(&member),
+                    subs,
+                    tables,
+                    through,
+                }))
+            }
+            None => None,
+        };
         if let Some((since, limit)) = replay {
             // On failure the membership drops here, leaving nothing behind.
             let replayed = match self.hub.topics() {
@@ -486,7 +538,7 @@ impl Session {
         }
         let changes =
             (!req.bindings.is_empty()).then(|| if errors.is_empty() { Ok(()) } else { Err(errors) });
-        Ok(Joined { changes, notices, resume, matched: through })
+        Ok(Joined { changes, notices, handoff, matched: through })
     }
 
     /// The credentials a join acts with: its own token when it brings one, else the connect
@@ -751,6 +803,7 @@ mod tests {
                 Direct::System { message, .. } => format!("{topic} system {message}"),
                 Direct::Closed => format!("{topic} closed {join_ref:?}"),
                 Direct::Gap { code, .. } => format!("{topic} gap {code}"),
+                Direct::SnapshotEnd { rows, .. } => format!("{topic} snapshot-end {rows}"),
             };
             Frame::Text(line.into())
         }

@@ -282,6 +282,7 @@ impl ReplicationTask {
                     commit_lsn: b.final_lsn,
                     commit_ts: b.commit_ts,
                     seq: 0,
+                    xid: b.xid,
                     skip: b.final_lsn <= p.last_commit_lsn,
                 });
             }
@@ -361,6 +362,8 @@ impl ReplicationTask {
             commit_lsn: t.commit_lsn,
             commit_ts: t.commit_ts,
             seq: t.seq,
+            xid: t.xid,
+            snapshot: false,
         };
         t.seq += 1;
         self.status.changes_received.fetch_add(1, Ordering::Relaxed);
@@ -401,6 +404,7 @@ struct Txn {
     commit_lsn: Lsn,
     commit_ts: i64,
     seq: u32,
+    xid: u32,
     /// Already handed on before a reconnect.
     skip: bool,
 }

@@ -134,9 +134,13 @@ pub async fn changes(
     let Some((schema, name)) = table.split_once('.').filter(|(s, t)| !s.is_empty() && !t.is_empty()) else {
         return error(StatusCode::BAD_REQUEST, format!("table {table:?}: expected schema.table"));
     };
-    if params.snapshot.as_deref().is_some_and(|s| s == "true" || s == "1") {
-        return error(StatusCode::NOT_IMPLEMENTED, "snapshot=true is not available on this transport yet");
-    }
+    let snapshot = match params.snapshot.as_deref() {
+        None | Some("" | "false" | "0") => false,
+        Some("true" | "1") => true,
+        Some(other) => {
+            return error(StatusCode::BAD_REQUEST, format!("snapshot: {other:?} is not true or false"))
+        }
+    };
     let bindings = match bindings(schema, name, &params) {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
@@ -149,10 +153,18 @@ pub async fn changes(
         .filter(|s| !s.is_empty());
     let (mut session, outbox) = Session::new(state.hub.clone(), SseEncoder::shared(), credentials);
     let topic = format!("changes:{schema}.{name}");
-    let req = JoinRequest { topic: topic.clone(), bindings, since: since.clone(), ..JoinRequest::default() };
+    let req = JoinRequest {
+        topic: topic.clone(),
+        bindings,
+        since: since.clone(),
+        snapshot,
+        ..JoinRequest::default()
+    };
     let joined = match session.join(req).await {
         Ok(j) => j,
-        Err(e @ JoinError::Cursor(_)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ (JoinError::Cursor(_) | JoinError::Snapshot(_))) => {
+            return error(StatusCode::BAD_REQUEST, e.to_string())
+        }
         Err(JoinError::Auth(e)) => return error(StatusCode::UNAUTHORIZED, e.connect_message()),
         Err(e @ JoinError::Unavailable) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
@@ -167,13 +179,13 @@ pub async fn changes(
         return error(status, message);
     }
     let start = state.hub.log().map(|log| log.cursor(joined.matched).to_string());
-    if let Some(resume) = joined.resume {
-        resume.start();
+    if let Some(handoff) = joined.handoff {
+        handoff.start();
     }
     if stream {
         event_stream(state, session, outbox, topic, joined.notices)
     } else {
-        long_poll(state, session, outbox, &params, since.or(start)).await
+        long_poll(state, session, outbox, &params, since.or(start), snapshot).await
     }
 }
 
@@ -263,13 +275,15 @@ fn far() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
-/// Collects the changes waiting (or the first to arrive within `wait`), up to `limit`.
+/// Collects the changes waiting (or the first to arrive within `wait`), up to `limit`. With a
+/// snapshot, its rows come first (all of them, whatever `limit`), then the changes waiting.
 async fn long_poll(
     state: AppState,
     session: Session,
     mut outbox: OutboxReceiver,
     params: &ChangesParams,
     since: Option<String>,
+    mut snapshot: bool,
 ) -> Response {
     let wait = Duration::from_secs(params.wait.unwrap_or(DEFAULT_WAIT).min(MAX_WAIT));
     let limit = params.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
@@ -278,12 +292,12 @@ async fn long_poll(
     let mut count = 0;
     let mut cursor = since;
     loop {
-        let frame = if count == 0 {
+        let frame = if count == 0 || snapshot {
             tokio::select! {
                 biased;
                 _ = state.shutdown.cancelled() => break,
                 f = outbox.rx.recv() => f,
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep_until(deadline), if !snapshot => break,
             }
         } else {
             // Something arrived: take what is already waiting, without holding the request.
@@ -306,6 +320,17 @@ async fn long_poll(
             "error" => {
                 let body: Value = serde_json::from_str(data).unwrap_or(Value::Null);
                 return error(StatusCode::SERVICE_UNAVAILABLE, body["message"].as_str().unwrap_or("error"));
+            }
+            "snapshot-end" => {
+                snapshot = false;
+                cursor = id.map(str::to_owned);
+            }
+            "snapshot" => {
+                if count > 0 {
+                    changes.push(b',');
+                }
+                changes.extend_from_slice(data.as_bytes());
+                count += 1;
             }
             _ => {
                 if count > 0 {

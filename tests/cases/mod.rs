@@ -8,4 +8,5 @@ mod private;
 mod realtime;
 mod resume;
 mod rls;
+mod snapshot;
 mod sse;

@@ -14,16 +14,20 @@ CREATE TABLE ledger (seq bigserial PRIMARY KEY, item bigint NOT NULL);
 ";
 
 /// One SSE message: (id, event, data).
-type Message = (Option<String>, String, Value);
+pub(super) type Message = (Option<String>, String, Value);
 
 /// A minimal `EventSource`: reads messages off a streaming response.
-struct Sse {
+pub(super) struct Sse {
     resp: reqwest::Response,
     buf: String,
 }
 
 impl Sse {
-    async fn open(base: &str, query: &str, last_event_id: Option<&str>) -> Result<Sse, (u16, String)> {
+    pub(super) async fn open(
+        base: &str,
+        query: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<Sse, (u16, String)> {
         let mut req = reqwest::Client::new()
             .get(format!("{base}/v1/tables/public.items/changes?{query}"))
             .header("accept", "text/event-stream");
@@ -40,7 +44,7 @@ impl Sse {
     }
 
     /// The next message (comments and `retry:` skipped); `None` when the stream ends.
-    async fn next(&mut self) -> Option<Message> {
+    pub(super) async fn next(&mut self) -> Option<Message> {
         // Keep-alive comments do not count: a message must come within the deadline.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -70,11 +74,11 @@ impl Sse {
     }
 }
 
-fn key_query() -> String {
+pub(super) fn key_query() -> String {
     format!("access_token={}", anon_key())
 }
 
-async fn get_json(url: &str) -> (u16, Value) {
+pub(super) async fn get_json(url: &str) -> (u16, Value) {
     let resp =
         reqwest::Client::new().get(url).header("accept", "application/json").send().await.expect("get");
     let status = resp.status().as_u16();

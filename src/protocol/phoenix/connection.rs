@@ -240,6 +240,7 @@ impl PhoenixConnection {
         let config = frame.payload.get("config").unwrap_or(&Value::Null);
         let bindings = bindings_of(config);
         let since = bindings_since(&bindings);
+        let snapshot = bindings.iter().any(|b| flag(b.get("snapshot")).unwrap_or(false));
         let broadcast = config.get("broadcast");
         let presence = config.get("presence");
         let req = JoinRequest {
@@ -261,8 +262,10 @@ impl PhoenixConnection {
                 .find_map(|k| frame.payload.get(*k).and_then(Value::as_str))
                 .map(str::to_owned),
             replay: broadcast.and_then(|b| b.get("replay")).cloned(),
-            // A cursor on any binding resumes the channel's bindings after it.
+            // A cursor on any binding resumes the channel's bindings after it; `snapshot` on any
+            // binding sends the rows of all of them first.
             since,
+            snapshot,
         };
         let echoed: Vec<Value> = req
             .bindings
@@ -298,9 +301,9 @@ impl PhoenixConnection {
                     };
                     out.push(self.frame(frame.join_ref.as_deref(), None, &frame.topic, "system", &payload));
                 }
-                // After the replies above: the replayed changes follow them.
-                if let Some(resume) = joined.resume {
-                    resume.start();
+                // After the replies above: the replayed changes (or the snapshot) follow them.
+                if let Some(handoff) = joined.handoff {
+                    handoff.start();
                 }
             }
             Err(e) => {
@@ -313,6 +316,7 @@ impl PhoenixConnection {
                     JoinError::Replay(_) => format!("UnableToReplayMessages: {e}"),
                     JoinError::Unavailable => format!("UnableToConnectToProject: {e}"),
                     JoinError::Cursor(_) => format!("InvalidCursor: {e}"),
+                    JoinError::Snapshot(_) => e.to_string(),
                 };
                 out.push(self.reply(&frame, "error", json!({"reason": reason})));
             }

@@ -127,6 +127,14 @@ impl Encoder for PhoenixEncoder {
                 let payload = serde_json::to_vec(&payload).unwrap_or_default();
                 text(envelope(self.vsn, join_ref, None, topic, "system", &payload))
             }
+            Direct::SnapshotEnd { cursor, rows } => {
+                let payload = serde_json::json!({
+                    "extension": "postgres_changes", "status": "ok", "message": "Snapshot complete",
+                    "snapshot": "end", "rows": rows, "cursor": cursor, "channel": channel_name(topic)
+                });
+                let payload = serde_json::to_vec(&payload).unwrap_or_default();
+                text(envelope(self.vsn, join_ref, None, topic, "system", &payload))
+            }
         }
     }
 }
@@ -165,6 +173,7 @@ mod tests {
             data: br#"{"type":"INSERT"}"#,
             cursor: None,
             kind: crate::change::ChangeKind::Insert,
+            snapshot: false,
         };
         assert_eq!(
             json_of(&v2.encode("realtime:a\"b", &ev).unwrap()),
@@ -178,7 +187,8 @@ mod tests {
                         ids: &[],
                         data: b"{}",
                         cursor: None,
-                        kind: crate::change::ChangeKind::Insert
+                        kind: crate::change::ChangeKind::Insert,
+                        snapshot: false
                     }
                 )
                 .unwrap()

@@ -1,0 +1,387 @@
+//! Initial snapshots with a consistent hand-off to live changes: a join with `snapshot` first
+//! receives the current rows its bindings match (filters and row-level security applied as for
+//! live changes), then an end marker, then exactly the changes the snapshot does not reflect.
+//!
+//! The hand-off: the member joins with a held [`ResumeGate`](super::resume::ResumeGate), and
+//! its bindings go live at the dispatcher's last matched change (`through`). Only then is the
+//! snapshot taken, in a `REPEATABLE READ` transaction whose MVCC snapshot (`xmin`, `xmax`, the
+//! running xids) and WAL insert position (`boundary`) are read with it. A transaction is in the
+//! snapshot exactly when its xid is visible to it, and every transaction visible to it committed
+//! before `boundary`. So: changes up to `through` are in the snapshot (checked against the hub's
+//! recent transactions; the snapshot is taken again in the rare case one is not yet visible), and
+//! of the later ones the gate drops those whose transaction the snapshot already shows, until the
+//! stream passes `boundary`. A row committed during the snapshot appears once, in its final
+//! state.
+//!
+//! Owns: the snapshot transaction (its own small connection pool, so long snapshots never starve
+//! row-level security checks), reading a table's rows as `Change`s (INSERT-shaped, marked
+//! `snapshot`), and the xid visibility rule. Must not: hold more than one batch of rows in memory,
+//! or block the dispatcher.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Row;
+
+use crate::change::{Change, ChangeKind, Column, Position, Relation, ReplicaIdentity};
+use crate::realtime::dispatch::{replay_batch, Scratch};
+use crate::realtime::index::Subscription;
+use crate::realtime::outbox::{Direct, Queued};
+use crate::realtime::{Hub, Member};
+use crate::replication::lsn::Lsn;
+use crate::replication::pgoutput::{Tuple, Value};
+use crate::replication::values::{CatalogError, TypeCatalog};
+
+/// Connections the snapshots of one gateway share (more snapshots wait for one).
+pub const SNAPSHOT_CONNECTIONS: u32 = 4;
+/// Rows read, checked and sent per step (the memory a snapshot holds).
+const ROWS_PER_BATCH: usize = 256;
+/// Attempts at a snapshot that shows every transaction already matched.
+const ATTEMPTS: u32 = 50;
+
+/// Where snapshots are read: a pool of its own and the type catalog.
+pub struct SnapshotSource {
+    pool: PgPool,
+    types: tokio::sync::Mutex<TypeCatalog>,
+}
+
+impl std::fmt::Debug for SnapshotSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotSource").finish_non_exhaustive()
+    }
+}
+
+impl SnapshotSource {
+    /// A source with its own pool, connecting as `pool` does (lazily).
+    pub fn new(pool: &PgPool) -> SnapshotSource {
+        let options = (*pool.connect_options()).clone();
+        let pool = PgPoolOptions::new()
+            .max_connections(SNAPSHOT_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy_with(options);
+        SnapshotSource { pool, types: tokio::sync::Mutex::new(TypeCatalog::default()) }
+    }
+}
+
+/// An MVCC snapshot as `pg_current_snapshot()` gives it, with 32-bit xids as pgoutput sends them,
+/// and the WAL insert position read after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XidSnapshot {
+    xmin: u32,
+    xmax: u32,
+    /// Running when the snapshot was taken (sorted).
+    xip: Vec<u32>,
+    /// Every transaction visible to the snapshot committed before this position.
+    pub boundary: Lsn,
+}
+
+/// `a` comes before `b` in xid order (modulo 2³², as Postgres compares normal xids).
+fn precedes(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+impl XidSnapshot {
+    /// Parses `xmin:xmax:xip,…` (64-bit xids, as `pg_snapshot` prints them).
+    pub fn parse(text: &str, boundary: Lsn) -> Option<XidSnapshot> {
+        let mut parts = text.trim().split(':');
+        let xid = |s: &str| s.trim().parse::<u64>().ok().map(|x| x as u32);
+        let xmin = xid(parts.next()?)?;
+        let xmax = xid(parts.next()?)?;
+        let mut xip = match parts.next() {
+            None | Some("") => Vec::new(),
+            Some(list) => list.split(',').map(xid).collect::<Option<Vec<u32>>>()?,
+        };
+        if parts.next().is_some() {
+            return None;
+        }
+        xip.sort_unstable();
+        Some(XidSnapshot { xmin, xmax, xip, boundary })
+    }
+
+    /// Whether the committed transaction `xid` is visible to the snapshot (its changes are in
+    /// the snapshot's rows). 0 (unknown) is never visible.
+    pub fn visible(&self, xid: u32) -> bool {
+        if xid == 0 {
+            return false;
+        }
+        if precedes(xid, self.xmin) {
+            return true;
+        }
+        precedes(xid, self.xmax) && self.xip.binary_search(&xid).is_err()
+    }
+
+    /// Whether a live change of transaction `xid` committed at `lsn` is already in the snapshot.
+    pub fn shows(&self, lsn: Lsn, xid: u32) -> bool {
+        lsn < self.boundary && self.visible(xid)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SnapshotError {
+    #[error("snapshots are not available (no database)")]
+    NoSource,
+    #[error("reading the snapshot")]
+    Query(#[from] sqlx::Error),
+    #[error(transparent)]
+    Types(#[from] CatalogError),
+    #[error("table {0} not found")]
+    NoTable(String),
+    #[error(
+        "the gateway's database role is subject to row-level security on {0}; grant it BYPASSRLS \
+         (subscribers' row-level security is applied by the gateway)"
+    )]
+    GatewayRls(String),
+    #[error("the database did not give a usable snapshot ({0:?})")]
+    BadSnapshot(String),
+    #[error("no snapshot showed every transaction already delivered")]
+    NotSettled,
+    #[error("the client went away")]
+    Gone,
+}
+
+/// A snapshot prepared by a join, started by the transport once it has answered the join.
+pub struct Snapshot {
+    pub(crate) hub: Hub,
+    pub(crate) member: Arc<Member>,
+    pub(crate) subs: Vec<Arc<Subscription>>,
+    /// The tables to read, in binding order, each once.
+    pub(crate) tables: Vec<(Arc<str>, Arc<str>)>,
+    /// The last change matched before the bindings were added.
+    pub(crate) through: Position,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot").field("tables", &self.tables).field("through", &self.through).finish()
+    }
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+impl Snapshot {
+    /// Reads and sends the snapshot in its own task, then opens the gate.
+    pub fn start(self) {
+        tokio::spawn(self.run());
+    }
+
+    async fn run(self) {
+        let metrics = self.hub.metrics();
+        match self.send().await {
+            Ok((rows, shown)) => {
+                let cursor = self.hub.log().map(|log| log.cursor(self.through).to_string());
+                let frame = self.member.encoder.encode_direct(
+                    &self.member.key.topic,
+                    self.member.join_ref.as_deref(),
+                    &Direct::SnapshotEnd { cursor: cursor.as_deref(), rows },
+                );
+                if self.member.outbox.send_wait(frame, metrics).await != Queued::Yes {
+                    return;
+                }
+                self.member.release_after_snapshot(self.through, Arc::new(shown), &self.hub);
+            }
+            Err(SnapshotError::Gone) => {}
+            Err(e) => {
+                tracing::warn!(error = %crate::replication::stream::error_chain(&e), "snapshot failed");
+                let message = format!(
+                    "the snapshot failed: {}; changes follow, but subscribe again for the current rows",
+                    crate::replication::stream::error_chain(&e)
+                );
+                let frame = self.member.encoder.encode_direct(
+                    &self.member.key.topic,
+                    self.member.join_ref.as_deref(),
+                    &Direct::Gap { code: "snapshot_failed", message: &message },
+                );
+                let _ = self.member.outbox.send_wait(frame, metrics).await;
+                self.member.release_after_snapshot(self.through, Arc::new(XidSnapshot::none()), &self.hub);
+            }
+        }
+    }
+
+    /// Takes the snapshot and sends its rows; returns how many and the snapshot's visibility.
+    async fn send(&self) -> Result<(u64, XidSnapshot), SnapshotError> {
+        let source = self.hub.snapshots().ok_or(SnapshotError::NoSource)?;
+        let mut attempt = 0;
+        let (mut tx, shown, now) = loop {
+            let mut tx = source.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
+            // The first statement takes the transaction's snapshot; the rest is read after it.
+            let (text, boundary, now): (String, String, i64) = sqlx::query_as(
+                "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text, \
+                        (extract(epoch FROM now()) * 1000000)::int8 - 946684800000000, \
+                        set_config('TimeZone', 'UTC', true), set_config('DateStyle', 'ISO', true), \
+                        set_config('IntervalStyle', 'postgres', true), \
+                        set_config('extra_float_digits', '3', true), set_config('bytea_output', 'hex', true)",
+            )
+            .fetch_one(&mut *tx)
+            .await
+            .map(|r: (String, String, i64, String, String, String, String, String)| (r.0, r.1, r.2))?;
+            let boundary: Lsn = boundary.parse().map_err(|_| SnapshotError::BadSnapshot(boundary.clone()))?;
+            let shown = XidSnapshot::parse(&text, boundary).ok_or(SnapshotError::BadSnapshot(text))?;
+            // Transactions matched up to `through` are not delivered live: the snapshot must show
+            // them. One committed (and decoded) just before may not be visible yet.
+            let settled = self
+                .hub
+                .recent_txns()
+                .into_iter()
+                .filter(|(lsn, _)| *lsn <= self.through.lsn)
+                .all(|(_, xid)| xid == 0 || shown.visible(xid));
+            if settled {
+                break (tx, shown, now);
+            }
+            drop(tx);
+            attempt += 1;
+            if attempt >= ATTEMPTS {
+                return Err(SnapshotError::NotSettled);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let mut rows = 0;
+        let mut scratch = Scratch::default();
+        for (schema, table) in &self.tables {
+            let relation = self.relation(source, &mut tx, schema, table).await?;
+            let columns: Vec<String> = relation
+                .columns
+                .iter()
+                .map(|c| {
+                    let q = quote_ident(&c.name);
+                    format!("CASE WHEN num_nulls({q}) = 1 THEN NULL ELSE format('%s', {q}) END")
+                })
+                .collect();
+            let sql = format!(
+                "SELECT {} FROM {}.{}",
+                if columns.is_empty() { "1".to_owned() } else { columns.join(", ") },
+                quote_ident(schema),
+                quote_ident(table)
+            );
+            let mut stream = sqlx::query(&sql).fetch(&mut *tx);
+            let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
+            loop {
+                let row = stream.try_next().await?;
+                let done = row.is_none();
+                if let Some(row) = row {
+                    let values = (0..relation.columns.len())
+                        .map(|i| {
+                            row.try_get::<Option<String>, _>(i).map(|v| match v {
+                                Some(t) => Value::Text(t.into()),
+                                None => Value::Null,
+                            })
+                        })
+                        .collect::<Result<Vec<Value>, sqlx::Error>>()?;
+                    batch.push(Change {
+                        relation: Arc::clone(&relation),
+                        kind: ChangeKind::Insert,
+                        new: Some(Tuple(values)),
+                        old: None,
+                        commit_lsn: self.through.lsn,
+                        commit_ts: now,
+                        seq: 0,
+                        xid: 0,
+                        snapshot: true,
+                    });
+                }
+                if batch.len() >= ROWS_PER_BATCH || (done && !batch.is_empty()) {
+                    let frames =
+                        replay_batch(&self.hub, &self.member, &self.subs, batch.drain(..), &mut scratch)
+                            .await;
+                    for frame in frames {
+                        if self.member.outbox.send_wait(frame, self.hub.metrics()).await != Queued::Yes {
+                            return Err(SnapshotError::Gone);
+                        }
+                        rows += 1;
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+        let _ = tx.rollback().await;
+        Ok((rows, shown))
+    }
+
+    /// The table's shape as pgoutput describes it (generated columns are not replicated).
+    async fn relation(
+        &self,
+        source: &SnapshotSource,
+        tx: &mut sqlx::PgConnection,
+        schema: &str,
+        table: &str,
+    ) -> Result<Arc<Relation>, SnapshotError> {
+        let rows = sqlx::query(
+            "SELECT c.oid::int8, c.relreplident::text, row_security_active(c.oid), a.attname::text, \
+                    a.atttypid::int8, \
+                    (c.relreplident = 'f' OR a.attnum = ANY(COALESCE((SELECT i.indkey::int2[] FROM pg_index i \
+                        WHERE i.indrelid = c.oid AND CASE c.relreplident WHEN 'i' THEN i.indisreplident ELSE i.indisprimary END \
+                        LIMIT 1), '{}'))), \
+                    a.attnum = ANY(COALESCE((SELECT i.indkey::int2[] FROM pg_index i \
+                        WHERE i.indrelid = c.oid AND i.indisprimary LIMIT 1), '{}')) \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                  AND a.attgenerated = '' \
+             WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum",
+        )
+        .bind(schema)
+        .bind(table)
+        .fetch_all(&mut *tx)
+        .await?;
+        let name = format!("{schema}.{table}");
+        let first = rows.first().ok_or_else(|| SnapshotError::NoTable(name.clone()))?;
+        let oid: i64 = first.try_get(0)?;
+        let identity: String = first.try_get(1)?;
+        if first.try_get::<bool, _>(2)? {
+            return Err(SnapshotError::GatewayRls(name));
+        }
+        let mut columns = Vec::with_capacity(rows.len());
+        let mut types = source.types.lock().await;
+        for row in &rows {
+            let name: String = row.try_get(3)?;
+            let ty: i64 = row.try_get(4)?;
+            columns.push(Column {
+                name: name.into(),
+                ty: types.resolve(&source.pool, ty as u32).await?,
+                is_key: row.try_get(5)?,
+                in_primary_key: row.try_get(6)?,
+            });
+        }
+        Ok(Arc::new(Relation::new(
+            oid as u32,
+            schema,
+            table,
+            ReplicaIdentity::from_byte(identity.bytes().next().unwrap_or(b'd')),
+            columns,
+        )))
+    }
+}
+
+impl XidSnapshot {
+    /// Shows nothing: every later change is delivered (after a failed snapshot).
+    fn none() -> XidSnapshot {
+        XidSnapshot { xmin: 0, xmax: 0, xip: Vec::new(), boundary: Lsn::ZERO }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visibility() {
+        let s = XidSnapshot::parse("100:110:102,105", Lsn(50)).unwrap();
+        assert!(s.visible(99) && s.visible(100) && s.visible(101) && s.visible(109));
+        assert!(!s.visible(102) && !s.visible(105) && !s.visible(110) && !s.visible(200));
+        assert!(!s.visible(0));
+        assert!(s.shows(Lsn(49), 101) && !s.shows(Lsn(50), 101) && !s.shows(Lsn(10), 105));
+        // 64-bit xids with an epoch compare by their low 32 bits, modulo 2^32.
+        let wrapped =
+            XidSnapshot::parse(&format!("{}:{}:", (1u64 << 32) - 5, (1u64 << 32) + 5), Lsn(1)).unwrap();
+        assert!(wrapped.visible(u32::MAX - 10) && wrapped.visible(u32::MAX - 2) && wrapped.visible(3));
+        assert!(!wrapped.visible(5) && !wrapped.visible(6));
+        for bad in ["", "1", "a:2:", "1:2:x", "1:2:3:4"] {
+            assert_eq!(XidSnapshot::parse(bad, Lsn(1)), None, "{bad:?}");
+        }
+        assert!(!XidSnapshot::none().shows(Lsn(0), 1));
+    }
+}
