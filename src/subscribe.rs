@@ -238,6 +238,44 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, BindingError> 
     })
 }
 
+/// The `postgres_changes` bindings of the plain transports (SSE, long-poll, JSON WebSocket) for
+/// one table: one per event of `events` (`*` or a comma list of `insert`, `update`, `delete`),
+/// each with the filter and `select` (a comma list of columns).
+pub fn table_bindings(
+    schema: &str,
+    table: &str,
+    filter: Option<&str>,
+    events: Option<&str>,
+    select: Option<&str>,
+) -> Result<Vec<Value>, String> {
+    let events: Vec<String> = match events.map(str::trim) {
+        None | Some("") | Some("*") => vec!["*".into()],
+        Some(list) => list
+            .split(',')
+            .map(|e| match e.trim().to_ascii_lowercase().as_str() {
+                e @ ("insert" | "update" | "delete") => Ok(e.to_ascii_uppercase()),
+                "*" => Ok("*".into()),
+                other => Err(format!("events: {other:?} is not one of insert, update, delete, *")),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let select: Option<Vec<&str>> =
+        select.map(|s| s.split(',').map(str::trim).filter(|c| !c.is_empty()).collect());
+    Ok(events
+        .into_iter()
+        .map(|event| {
+            let mut b = serde_json::json!({"event": event, "schema": schema, "table": table});
+            if let Some(f) = filter.filter(|f| !f.is_empty()) {
+                b["filter"] = serde_json::json!(f);
+            }
+            if let Some(cols) = &select {
+                b["select"] = serde_json::json!(cols);
+            }
+            b
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

@@ -3,4 +3,5 @@
 //! sockets or the database.
 
 pub mod phoenix;
+pub mod plain;
 pub mod sse;

@@ -352,6 +352,11 @@ impl Session {
         (session, rx)
     }
 
+    /// Replaces the connection's token (a transport that authenticates after connecting).
+    pub fn set_connect(&mut self, credentials: Credentials) {
+        self.connect = Some(credentials);
+    }
+
     pub fn hub(&self) -> &Hub {
         &self.hub
     }

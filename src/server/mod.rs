@@ -37,7 +37,8 @@ pub fn router(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/realtime/v1/websocket", get(ws::upgrade))
         .route("/socket/websocket", get(ws::upgrade))
-        .route("/v1/tables/{table}/changes", get(sse::changes));
+        .route("/v1/tables/{table}/changes", get(sse::changes))
+        .route("/v1/ws", get(ws::upgrade_plain));
     for prefix in ["/api", "/realtime/v1/api"] {
         router = router
             .route(&format!("{prefix}/broadcast"), post(broadcast::batch))

@@ -55,7 +55,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// The request's token: `Authorization: Bearer`, then `apikey` / `x-api-key` headers, then the
 /// `access_token` / `apikey` query parameters, then an `access_token` cookie.
-fn token(headers: &HeaderMap, params: &ChangesParams) -> Option<String> {
+pub(crate) fn token(headers: &HeaderMap, access_token: Option<&str>, apikey: Option<&str>) -> Option<String> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     let bearer = header("authorization")
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
@@ -69,49 +69,22 @@ fn token(headers: &HeaderMap, params: &ChangesParams) -> Option<String> {
     bearer
         .or_else(|| header("apikey"))
         .or_else(|| header("x-api-key"))
-        .or(params.access_token.as_deref())
-        .or(params.apikey.as_deref())
+        .or(access_token)
+        .or(apikey)
         .or(cookie)
         .filter(|t| !t.is_empty())
         .map(str::to_owned)
 }
 
-async fn authenticate(state: &AppState, token: Option<&str>) -> Result<Option<Credentials>, AuthError> {
+pub(crate) async fn authenticate(
+    state: &AppState,
+    token: Option<&str>,
+) -> Result<Option<Credentials>, AuthError> {
     let verifier = state.hub.verifier();
     if !verifier.required() {
         return Ok(None);
     }
     verifier.verify(token.ok_or(AuthError::Missing)?).await.map(Some)
-}
-
-/// The `postgres_changes` bindings a request asks for: one per event.
-fn bindings(schema: &str, table: &str, params: &ChangesParams) -> Result<Vec<Value>, String> {
-    let events: Vec<String> = match params.events.as_deref().map(str::trim) {
-        None | Some("") | Some("*") => vec!["*".into()],
-        Some(list) => list
-            .split(',')
-            .map(|e| match e.trim().to_ascii_lowercase().as_str() {
-                e @ ("insert" | "update" | "delete") => Ok(e.to_ascii_uppercase()),
-                "*" => Ok("*".into()),
-                other => Err(format!("events: {other:?} is not one of insert, update, delete, *")),
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    let select: Option<Vec<&str>> =
-        params.select.as_deref().map(|s| s.split(',').map(str::trim).filter(|c| !c.is_empty()).collect());
-    Ok(events
-        .into_iter()
-        .map(|event| {
-            let mut b = json!({"event": event, "schema": schema, "table": table});
-            if let Some(f) = params.filter.as_deref().filter(|f| !f.is_empty()) {
-                b["filter"] = json!(f);
-            }
-            if let Some(cols) = &select {
-                b["select"] = json!(cols);
-            }
-            b
-        })
-        .collect())
 }
 
 pub async fn changes(
@@ -124,7 +97,12 @@ pub async fn changes(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/event-stream"));
-    let credentials = match authenticate(&state, token(&headers, &params).as_deref()).await {
+    let credentials = match authenticate(
+        &state,
+        token(&headers, params.access_token.as_deref(), params.apikey.as_deref()).as_deref(),
+    )
+    .await
+    {
         Ok(c) => c,
         Err(e) => {
             state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -141,7 +119,13 @@ pub async fn changes(
             return error(StatusCode::BAD_REQUEST, format!("snapshot: {other:?} is not true or false"))
         }
     };
-    let bindings = match bindings(schema, name, &params) {
+    let bindings = match crate::subscribe::table_bindings(
+        schema,
+        name,
+        params.filter.as_deref(),
+        params.events.as_deref(),
+        params.select.as_deref(),
+    ) {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };

@@ -1,5 +1,7 @@
-//! The Phoenix WebSocket transport: IO only. Each socket task reads frames, hands them to its
-//! [`PhoenixConnection`], writes the replies, and writes what the session's outbox yields.
+//! The WebSocket transports, IO only: Phoenix (`/realtime/v1/websocket`) and the plain JSON
+//! protocol (`/v1/ws`). Each socket task reads frames, hands them to its connection
+//! ([`PhoenixConnection`], [`PlainConnection`]), writes the replies, and writes what the
+//! session's outbox yields.
 //!
 //! Owns: the upgrade (serializer version, size limits, small buffers), batched writes, the idle
 //! timeout, and close codes (1001 shutdown, 1008 too slow, 1009 frame too large, 1000 idle).
@@ -18,7 +20,8 @@ use serde_json::json;
 
 use crate::auth::{AuthError, Credentials};
 use crate::protocol::phoenix::{PhoenixConnection, Vsn};
-use crate::realtime::outbox::Frame;
+use crate::protocol::plain::PlainConnection;
+use crate::realtime::outbox::{Frame, OutboxReceiver};
 use crate::server::AppState;
 
 /// Initial read buffer per socket; it grows for larger frames.
@@ -64,7 +67,10 @@ pub async fn upgrade(
         .max_frame_size(max)
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
-        .on_upgrade(move |socket| serve(state, vsn, credentials, socket))
+        .on_upgrade(move |socket| {
+            let (conn, outbox) = PhoenixConnection::new(state.hub.clone(), vsn, credentials);
+            serve(state, conn, outbox, socket)
+        })
 }
 
 /// The connect key, verified; `None` when authentication is off.
@@ -94,8 +100,89 @@ enum Close {
     Gone,
 }
 
-async fn serve(state: AppState, vsn: Vsn, credentials: Option<Credentials>, socket: WebSocket) {
-    let (mut conn, mut outbox) = PhoenixConnection::new(state.hub.clone(), vsn, credentials);
+/// What a WebSocket protocol gives the IO loop.
+pub(crate) trait SocketProtocol: Send {
+    /// The frames to write now, before anything queued.
+    fn text(&mut self, text: &str) -> impl std::future::Future<Output = Vec<Frame>> + Send;
+    fn binary(&mut self, bytes: &axum::body::Bytes) -> Vec<Frame>;
+    /// When [`SocketProtocol::on_deadline`] is due (a channel token expires).
+    fn next_deadline(&self) -> Option<std::time::Instant>;
+    fn on_deadline(&mut self);
+}
+
+impl SocketProtocol for PhoenixConnection {
+    fn text(&mut self, text: &str) -> impl std::future::Future<Output = Vec<Frame>> + Send {
+        self.handle_text(text)
+    }
+    fn binary(&mut self, bytes: &axum::body::Bytes) -> Vec<Frame> {
+        self.handle_binary(bytes)
+    }
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        PhoenixConnection::next_deadline(self)
+    }
+    fn on_deadline(&mut self) {
+        PhoenixConnection::on_deadline(self)
+    }
+}
+
+impl SocketProtocol for PlainConnection {
+    fn text(&mut self, text: &str) -> impl std::future::Future<Output = Vec<Frame>> + Send {
+        self.handle_text(text)
+    }
+    fn binary(&mut self, bytes: &axum::body::Bytes) -> Vec<Frame> {
+        self.handle_binary(bytes)
+    }
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        PlainConnection::next_deadline(self)
+    }
+    fn on_deadline(&mut self) {
+        PlainConnection::on_deadline(self)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PlainParams {
+    pub access_token: Option<String>,
+    pub apikey: Option<String>,
+}
+
+/// `/v1/ws`: the plain JSON protocol. A token given at connect (query, header or cookie) must
+/// verify; without one the client authenticates with an `auth` message.
+pub async fn upgrade_plain(
+    State(state): State<AppState>,
+    Query(params): Query<PlainParams>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = crate::server::sse::token(&headers, params.access_token.as_deref(), params.apikey.as_deref());
+    let credentials = match token {
+        None => None,
+        Some(t) => match crate::server::sse::authenticate(&state, Some(&t)).await {
+            Ok(c) => c,
+            Err(e) => {
+                state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return (StatusCode::UNAUTHORIZED, Json(json!({"error": e.connect_message()})))
+                    .into_response();
+            }
+        },
+    };
+    let max = state.max_frame_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        .on_upgrade(move |socket| {
+            let (conn, outbox) = PlainConnection::new(state.hub.clone(), credentials);
+            serve(state, conn, outbox, socket)
+        })
+}
+
+async fn serve<C: SocketProtocol>(
+    state: AppState,
+    mut conn: C,
+    mut outbox: OutboxReceiver,
+    socket: WebSocket,
+) {
     let (mut sink, mut stream) = socket.split();
     let idle = state.idle_timeout;
     // These futures live for the whole connection: building them per loop turn would register
@@ -142,8 +229,8 @@ async fn serve(state: AppState, vsn: Vsn, credentials: Option<Credentials>, sock
                         }
                         break Close::Gone;
                     }
-                    Some(Ok(Message::Text(text))) => conn.handle_text(&text).await,
-                    Some(Ok(Message::Binary(bytes))) => conn.handle_binary(&bytes),
+                    Some(Ok(Message::Text(text))) => conn.text(&text).await,
+                    Some(Ok(Message::Binary(bytes))) => conn.binary(&bytes),
                     Some(Ok(Message::Close(_))) => break Close::Gone,
                     Some(Ok(_)) => continue,
                 }

@@ -241,6 +241,25 @@ impl Peer {
         Peer::spawn(name, cmd)
     }
 
+    /// A generic WebSocket client (Python `websockets`): lines in are frames out, and back.
+    fn plain(name: &'static str, url: &str) -> Peer {
+        let dir = clients_dir().join("python");
+        let mut cmd = Command::new(dir.join(".venv/bin/python"));
+        cmd.current_dir(&dir).arg("plain.py").arg(url);
+        Peer::spawn(name, cmd)
+    }
+
+    /// The first frame of `type` (others are kept for later waits).
+    async fn frame(&mut self, kind: &str) -> Value {
+        self.until(kind, |v| v["type"] == kind).await
+    }
+
+    async fn raw(&mut self, line: &str) {
+        use tokio::io::AsyncWriteExt;
+        self.stdin.write_all(format!("{line}\n").as_bytes()).await.expect("write to client");
+        self.stdin.flush().await.expect("flush");
+    }
+
     fn python(name: &'static str, endpoint: &str, topic: &str, config: Value) -> Peer {
         Peer::python_as(name, endpoint, topic, config, None)
     }
@@ -691,5 +710,130 @@ async fn row_level_security_and_private_channels_with_the_official_clients() {
     exec(&p, &format!("INSERT INTO docs VALUES (5, '{B}', 'b5'), (6, '{B}', 'end')")).await;
     assert_eq!(py.changes_until("end").await, own(&[("INSERT", 5)]), "the other client is untouched");
     py.exit().await;
+    app.stop().await;
+}
+
+/// The plain JSON WebSocket protocol (`/v1/ws`) from a generic client (Python `websockets`):
+/// ping, auth by message, a table channel with filter / events / select and a snapshot, live
+/// changes with cursors, errors, a broadcast room shared with Phoenix clients, and a resume with
+/// `since` after unsubscribing.
+#[tokio::test]
+async fn plain_websocket_protocol_from_a_generic_client() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(
+        &p,
+        "CREATE TABLE items (id bigint PRIMARY KEY, v text, w text); \
+              INSERT INTO items SELECT g, 'v' || g, 'w' FROM generate_series(1, 5) g",
+    )
+    .await;
+    let app = TestApp::spawn(&url).await;
+    let mut c = Peer::plain("python websockets", &format!("ws://{}/v1/ws", app.addr));
+
+    c.cmd(json!({"type": "ping", "id": 1})).await;
+    assert_eq!(c.frame("pong").await, json!({"type": "pong", "id": 1}));
+    let table = "table:public.items";
+    c.cmd(json!({"type": "subscribe", "channel": table})).await;
+    let e = c.frame("error").await;
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("auth")), "{e}");
+    c.cmd(json!({"type": "auth", "token": "not-a-jwt"})).await;
+    assert!(c.frame("error").await["message"].is_string());
+    c.cmd(json!({"type": "auth", "token": support::anon_key(), "id": "a"})).await;
+    assert_eq!(c.frame("authenticated").await["id"], "a");
+
+    c.cmd(json!({"type": "subscribe", "channel": table, "filter": "nope"})).await;
+    assert!(c.frame("error").await["message"].as_str().is_some_and(|m| m.contains("filter")));
+    c.cmd(json!({"type": "subscribe", "id": 3, "channel": table, "filter": "id=lte.3",
+                 "events": ["insert", "update"], "select": ["v"], "snapshot": true}))
+        .await;
+    let sub = c.frame("subscribed").await;
+    assert!(sub["id"] == 3 && sub["cursor"].as_str().is_some_and(|c| c.len() == 32), "{sub}");
+    let mut rows = Vec::new();
+    let end = loop {
+        let f = c.until("snapshot", |v| v["type"] == "change" || v["type"] == "snapshot-end").await;
+        if f["type"] == "snapshot-end" {
+            break f;
+        }
+        assert_eq!(
+            (&f["channel"], &f["data"]["snapshot"], f.get("cursor")),
+            (&json!(table), &json!(true), None)
+        );
+        rows.push(f["data"]["record"].clone());
+    };
+    rows.sort_by_key(|r| r["id"].as_i64());
+    assert_eq!(rows, [json!({"id": 1, "v": "v1"}), json!({"id": 2, "v": "v2"}), json!({"id": 3, "v": "v3"})]);
+    assert_eq!(end["rows"], 3, "{end}");
+
+    exec(
+        &p,
+        "INSERT INTO items VALUES (9, 'x', 'w'); UPDATE items SET v = 'B' WHERE id = 2; \
+              DELETE FROM items WHERE id = 1; INSERT INTO items VALUES (0, 'z', 'w')",
+    )
+    .await;
+    let update = c.frame("change").await;
+    assert_eq!(
+        (&update["data"]["type"], &update["data"]["record"]),
+        (&json!("UPDATE"), &json!({"id": 2, "v": "B"}))
+    );
+    let cursor = update["cursor"].as_str().expect("cursor").to_owned();
+    assert_eq!(update["data"]["cursor"], cursor.as_str(), "one change shape: the cursor is in data too");
+    let insert = c.frame("change").await;
+    assert_eq!(insert["data"]["record"], json!({"id": 0, "v": "z"}), "no delete (events), no id 9 (filter)");
+    c.cmd(json!({"type": "ping", "id": "fence"})).await;
+    let next = c.next("the fence").await;
+    assert_eq!(next["type"], "pong", "nothing else was delivered: {next}");
+
+    // Errors, each to this client only.
+    c.raw("{not json").await;
+    assert!(c.frame("error").await["message"].as_str().is_some_and(|m| m.starts_with("invalid JSON")));
+    c.cmd(json!({"type": "hello"})).await;
+    assert!(c.frame("error").await["message"].as_str().is_some_and(|m| m.contains("unknown message type")));
+    c.cmd(json!({"type": "subscribe", "channel": "table:items"})).await;
+    assert!(c.frame("error").await["message"].as_str().is_some_and(|m| m.contains("table:<schema>.<table>")));
+    c.cmd(json!({"type": "subscribe", "channel": table})).await;
+    assert!(c.frame("error").await["message"].as_str().is_some_and(|m| m.contains("already subscribed")));
+
+    // A broadcast room shared with a Phoenix client.
+    let mut phx = app.ws(None).await;
+    let reply = phx.join_config("chat", json!({"broadcast": {"self": false}})).await;
+    assert_eq!(reply["status"], "ok");
+    c.cmd(json!({"type": "subscribe", "channel": "chat"})).await;
+    assert_eq!(c.frame("subscribed").await["channel"], "chat");
+    c.cmd(json!({"type": "publish", "id": 7, "channel": "chat", "event": "typing", "data": {"who": "py"}}))
+        .await;
+    assert_eq!(c.frame("published").await["id"], 7);
+    let b = phx.recv_event("broadcast").await;
+    assert_eq!((&b["event"], &b["payload"]), (&json!("typing"), &json!({"who": "py"})));
+    phx.push(
+        Some("j1"),
+        "realtime:chat",
+        "broadcast",
+        json!({"type": "broadcast", "event": "hi", "payload": {"n": 1}}),
+    )
+    .await;
+    let m = c.frame("message").await;
+    assert_eq!(m, json!({"type": "message", "channel": "chat", "event": "hi", "data": {"n": 1}}));
+
+    // Unsubscribed, the client misses changes; subscribing with `since` replays them.
+    c.cmd(json!({"type": "unsubscribe", "channel": table})).await;
+    assert_eq!(c.frame("unsubscribed").await["channel"], table);
+    exec(&p, "UPDATE items SET v = 'C' WHERE id = 3").await;
+    c.cmd(json!({"type": "subscribe", "channel": table, "filter": "id=lte.3", "since": cursor})).await;
+    c.frame("subscribed").await;
+    let mut replayed = Vec::new();
+    for _ in 0..3 {
+        let f = c.frame("change").await;
+        let id = if f["data"]["type"] == "DELETE" {
+            &f["data"]["old_record"]["id"]
+        } else {
+            &f["data"]["record"]["id"]
+        };
+        replayed.push(json!([f["data"]["type"], id]));
+    }
+    assert_eq!(
+        replayed,
+        [json!(["DELETE", 1]), json!(["INSERT", 0]), json!(["UPDATE", 3])],
+        "after the cursor, in order"
+    );
     app.stop().await;
 }
