@@ -499,6 +499,73 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// Parses an ISO 8601 timestamp with a zone (`2026-11-22T10:00:00.123Z`, `…+02:00`; a space
+/// may stand for the `T`) into microseconds since the Unix epoch.
+pub fn parse_timestamp(s: &str) -> Option<i64> {
+    let b = s.trim().as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = b.get(r)?;
+        part.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| part.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0')))
+    };
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut at = 19;
+    let mut micros = 0i64;
+    if b.get(at) == Some(&b'.') {
+        at += 1;
+        let start = at;
+        while b.get(at).is_some_and(u8::is_ascii_digit) {
+            if at - start < 6 {
+                micros = micros * 10 + i64::from(b[at] - b'0');
+            }
+            at += 1;
+        }
+        if at == start {
+            return None;
+        }
+        for _ in (at - start).min(6)..6 {
+            micros *= 10;
+        }
+    }
+    let offset_secs = match &b[at..] {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), ..] => {
+            let rest = &s.trim()[at + 1..];
+            let (oh, om) = match rest.len() {
+                5 if rest.as_bytes()[2] == b':' => (&rest[..2], &rest[3..]),
+                4 => (&rest[..2], &rest[2..]),
+                2 => (rest, "00"),
+                _ => return None,
+            };
+            let (oh, om): (i64, i64) = (oh.parse().ok()?, om.parse().ok()?);
+            let secs = oh * 3600 + om * 60;
+            if *sign == b'-' {
+                -secs
+            } else {
+                secs
+            }
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(y, mo as u32, d as u32);
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_secs;
+    secs.checked_mul(1_000_000)?.checked_add(micros)
+}
+
 /// (year, month, day) → days since 1970-01-01.
 pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -513,6 +580,26 @@ pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_parse_as_clients_print_them() {
+        let t = parse_timestamp("2026-11-22T10:00:00.123Z").unwrap();
+        assert_eq!(format_timestamp_millis(t), "2026-11-22T10:00:00.123Z");
+        assert_eq!(parse_timestamp("2026-11-22 12:00:00.123+02:00"), Some(t));
+        assert_eq!(parse_timestamp("2026-11-22T09:30:00.123456-0030"), Some(t + 456));
+        assert_eq!(parse_timestamp("1970-01-01T00:00:00Z"), Some(0));
+        for bad in [
+            "",
+            "2026-11-22",
+            "2026-11-22T10:00:00",
+            "2026-13-01T00:00:00Z",
+            "2026-11-22T10:00:00.Z",
+            "x026-11-22T10:00:00Z",
+            "2026-11-22T10:00:00+2",
+        ] {
+            assert_eq!(parse_timestamp(bad), None, "{bad:?}");
+        }
+    }
     use crate::replication::values::TypeCatalog;
 
     fn relation(identity: ReplicaIdentity) -> Arc<Relation> {

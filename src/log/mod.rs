@@ -36,7 +36,7 @@ use crate::change::{ChangeEvent, Position};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::lsn::Lsn;
 
-pub use reader::{Entry, LogReader};
+pub use reader::{Entry, LogReadError, LogReader};
 
 /// `meta.json`'s format version.
 const META_VERSION: u32 = 1;
@@ -111,7 +111,10 @@ impl std::fmt::Display for Cursor {
 
 /// The text is not a cursor walcast issued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid cursor {0:?}: expected the 32 hexadecimal digits of a delivered change's cursor")]
+#[error(
+    "invalid cursor {0:?}: expected the 32 hexadecimal digits of a delivered change's cursor, or an \
+     ISO 8601 commit timestamp with a zone"
+)]
 pub struct ParseCursorError(pub String);
 
 impl std::str::FromStr for Cursor {
@@ -368,6 +371,62 @@ impl ChangeLog {
         match segments.first() {
             Some((oldest, _)) if *oldest > cursor.position => Err(Gap::Expired),
             _ => Ok(()),
+        }
+    }
+
+    /// Where to resume for "changes committed at or after `unix_micros`": the position just
+    /// before the first such change (`through` when there is none up to it). A time before the
+    /// retained log is a gap, unless the log still holds everything since its epoch began.
+    /// Blocking IO; `through` must have been written.
+    pub fn position_at(&self, unix_micros: i64, through: Position) -> Result<Position, LogReadError> {
+        let target = unix_micros.saturating_sub(crate::replication::wire::PG_EPOCH_OFFSET_MICROS);
+        let epoch = self.shared.epoch;
+        let segments = list_segments(&self.shared.dir)?;
+        // The first change of a segment and its commit time.
+        let first_change = |seg: &(Position, PathBuf)| -> Result<Option<i64>, LogReadError> {
+            let mut r = LogReader::new(vec![seg.clone()], epoch, seg.0, through)?;
+            loop {
+                let batch = r.next_batch(64)?;
+                if batch.is_empty() {
+                    return Ok(None);
+                }
+                if let Some(ts) = batch.iter().find_map(|e| match e {
+                    Entry::Change(c) => Some(c.commit_ts),
+                    Entry::Broadcast(_) => None,
+                }) {
+                    return Ok(Some(ts));
+                }
+            }
+        };
+        // The newest segment that starts before the target time.
+        let mut start = None;
+        for (i, seg) in segments.iter().enumerate().rev() {
+            if first_change(seg)?.is_some_and(|ts| ts < target) {
+                start = Some(i);
+                break;
+            }
+        }
+        let start = match start {
+            Some(i) => segments[i].0,
+            None => match segments.first() {
+                Some((oldest, _)) if *oldest > Position::ZERO => return Err(Gap::Expired.into()),
+                _ => return Ok(Position::ZERO),
+            },
+        };
+        let mut r = LogReader::new(segments, epoch, start, through)?;
+        loop {
+            let batch = r.next_batch(512)?;
+            if batch.is_empty() {
+                return Ok(through);
+            }
+            for e in &batch {
+                if let Entry::Change(c) = e {
+                    if c.commit_ts >= target {
+                        // Every event of this transaction and later is after this position.
+                        return Ok(Position::end_of(Lsn(c.commit_lsn.0.saturating_sub(1))));
+                    }
+                }
+            }
         }
     }
 

@@ -102,14 +102,37 @@ impl Member {
     }
 }
 
+/// Where a resume starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// After this change.
+    Cursor(Cursor),
+    /// From the first change committed at or after this time (microseconds since the Unix
+    /// epoch): the changes of that millisecond may repeat, none is missed.
+    Time(i64),
+}
+
+impl std::str::FromStr for Since {
+    type Err = crate::log::ParseCursorError;
+
+    fn from_str(s: &str) -> Result<Since, Self::Err> {
+        if s.contains(['-', ':']) {
+            return crate::change::parse_timestamp(s)
+                .map(Since::Time)
+                .ok_or_else(|| crate::log::ParseCursorError(s.chars().take(64).collect()));
+        }
+        s.parse().map(Since::Cursor)
+    }
+}
+
 /// A replay prepared by a join, started by the transport once it has answered the join (so the
 /// answer comes before the replayed changes).
 pub struct Resume {
     pub(crate) hub: Hub,
     pub(crate) member: Arc<Member>,
     pub(crate) subs: Vec<Arc<Subscription>>,
-    /// Resume after this change.
-    pub(crate) after: Cursor,
+    /// Resume after this change, or from this commit time.
+    pub(crate) after: Since,
     /// The last change matched before the bindings were added.
     pub(crate) through: Position,
 }
@@ -140,9 +163,14 @@ impl Resume {
 
     async fn run(self) {
         let replayed = self.replay().await;
-        let through = self.through.max(self.after.position);
+        let after = match (&replayed, self.after) {
+            (Ok(after), _) => *after,
+            (Err(_), Since::Cursor(c)) => c.position,
+            (Err(_), Since::Time(_)) => self.through,
+        };
+        let through = self.through.max(after);
         match replayed {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(ReplayError::Gone) => return,
             Err(e) => {
                 let (code, message) = match &e {
@@ -168,23 +196,43 @@ impl Resume {
         self.member.release(through, &self.hub);
     }
 
-    async fn replay(&self) -> Result<(), ReplayError> {
-        let after = self.after;
+    /// Replays; returns the position it resumed after.
+    async fn replay(&self) -> Result<Position, ReplayError> {
         let log = self.hub.log().ok_or(Gap::NoLog)?;
-        if after.position >= self.through {
-            // Nothing to replay (the cursor is at or after everything matched so far).
-            return log.check(&after).map_err(ReplayError::Gap);
+        let through = self.through;
+        if let Since::Cursor(after) = self.after {
+            if after.position >= through {
+                // Nothing to replay (the cursor is at or after everything matched so far).
+                return log.check(&after).map(|()| after.position).map_err(ReplayError::Gap);
+            }
         }
         let mut written = log.written();
-        let through = self.through;
         match tokio::time::timeout(WRITTEN_WAIT, written.wait_for(|p| *p >= through)).await {
             Ok(Ok(_)) => {}
             _ => return Err(ReplayError::Stalled),
         }
+        let after = match self.after {
+            Since::Cursor(c) => c,
+            Since::Time(t) => {
+                let l = log.clone();
+                let at = tokio::task::spawn_blocking(move || l.position_at(t, through))
+                    .await
+                    .map_err(|_| ReplayError::Stalled)?
+                    .map_err(|e| match e {
+                        crate::log::LogReadError::Gap(g) => ReplayError::Gap(g),
+                        other => ReplayError::Read(other),
+                    })?;
+                log.cursor(at)
+            }
+        };
+        let done = after.position;
+        if done >= through {
+            return Ok(done);
+        }
         let mut reader: Option<LogReader> = Some(log.read(&after, through)?);
         let mut scratch = Scratch::default();
         loop {
-            let Some(mut r) = reader.take() else { return Ok(()) };
+            let Some(mut r) = reader.take() else { return Ok(done) };
             let (r, entries) = tokio::task::spawn_blocking(move || {
                 let entries = r.next_batch(READ_BATCH);
                 (r, entries)
@@ -193,7 +241,7 @@ impl Resume {
             .map_err(|_| ReplayError::Stalled)?;
             let entries = entries?;
             if entries.is_empty() {
-                return Ok(());
+                return Ok(done);
             }
             reader = Some(r);
             let changes = entries.into_iter().filter_map(|e| match e {

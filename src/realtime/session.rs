@@ -405,7 +405,8 @@ impl Session {
             Some(_) if !access.broadcast_read => return Err(JoinError::Unauthorized(name)),
             Some(v) => Some(replay_params(v).ok_or(JoinError::Replay(ReplayRefusal::InvalidParams))?),
         };
-        let since: Option<crate::log::Cursor> = req.since.as_deref().map(str::parse).transpose()?;
+        let since: Option<crate::realtime::resume::Since> =
+            req.since.as_deref().map(str::parse).transpose()?;
         if req.snapshot {
             if since.is_some() {
                 return Err(JoinError::Snapshot(SnapshotRefusal::WithCursor));
