@@ -191,9 +191,14 @@ async fn long_poll_returns_waiting_changes_holds_when_none_and_answers_a_gap_wit
     app.stop().await;
 }
 
-/// A gateway in a child process, so that it can be killed with SIGKILL.
-async fn spawn_gateway(url: &str, slot: &str, log_dir: &std::path::Path) -> (tokio::process::Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+/// A gateway in a child process on `port`, so that it can be killed with SIGKILL and come back
+/// at the same address.
+async fn spawn_gateway(
+    url: &str,
+    slot: &str,
+    log_dir: &std::path::Path,
+    port: u16,
+) -> (tokio::process::Child, String) {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
         .arg("serve")
         .env("WALCAST_DATABASE_URL", url)
@@ -216,8 +221,82 @@ async fn spawn_gateway(url: &str, slot: &str, log_dir: &std::path::Path) -> (tok
     (child, base)
 }
 
+/// A browser-style `EventSource` (the `eventsource` npm package) in a node process.
+struct NodeEventSource {
+    _child: tokio::process::Child,
+    _stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl NodeEventSource {
+    fn spawn(url: &str) -> NodeEventSource {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/node");
+        assert!(
+            dir.join("node_modules/eventsource").exists(),
+            "run `npm ci` in {} (or .ci/run)",
+            dir.display()
+        );
+        let mut child = tokio::process::Command::new("node")
+            .current_dir(&dir)
+            .arg("eventsource.mjs")
+            .arg(url)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        use tokio::io::AsyncBufReadExt;
+        NodeEventSource { _child: child, _stdin: stdin, lines: tokio::io::BufReader::new(stdout).lines() }
+    }
+
+    /// The next line of `kind`, within 30 s.
+    async fn next(&mut self, kind: &str) -> Value {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("EventSource: nothing within 30 s while waiting for {kind}"))
+                .expect("read")
+                .expect("EventSource exited");
+            let v: Value = serde_json::from_str(&line).expect("JSON line");
+            if v["kind"] == kind {
+                return v;
+            }
+        }
+    }
+}
+
+/// Writers committing one `items` row and its `ledger` row per transaction, concurrently: writer
+/// `w` writes ids `w, w + WRITERS, …` in order.
+const WRITERS: i64 = 4;
+
+/// Checks a client's (cursor, id) deliveries against the ledger: the same set, each once, cursors
+/// strictly increasing (commit order), and each writer's ids in the order it committed them.
+fn check_against_ledger(who: &str, got: &[(String, i64)], ledger: &[i64]) {
+    let mut ids: Vec<i64> = got.iter().map(|(_, id)| *id).collect();
+    assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "{who}: cursors not strictly increasing");
+    for w in 0..WRITERS {
+        let mine: Vec<i64> = ids.iter().copied().filter(|id| id % WRITERS == w).collect();
+        assert!(mine.windows(2).all(|p| p[0] < p[1]), "{who}: writer {w}'s commits out of order");
+    }
+    ids.sort_unstable();
+    let mut want = ledger.to_vec();
+    want.sort_unstable();
+    let missing: Vec<&i64> = want.iter().filter(|i| ids.binary_search(i).is_err()).take(10).collect();
+    assert_eq!(
+        ids.len(),
+        want.len(),
+        "{who}: {} received, {} committed; missing {missing:?}",
+        ids.len(),
+        want.len()
+    );
+    assert!(ids == want, "{who}: not exactly the committed set; missing {missing:?}");
+}
+
 #[tokio::test]
-async fn an_event_stream_resumes_without_loss_across_a_gateway_killed_with_sigkill_under_load() {
+async fn event_streams_resume_without_loss_across_a_gateway_killed_with_sigkill_under_load() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
     let url = fresh_db().await;
     let p = pool(&url).await;
     exec(&p, SCHEMA).await;
@@ -228,92 +307,114 @@ async fn an_event_stream_resumes_without_loss_across_a_gateway_killed_with_sigki
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
     let log_dir = crate::support::log_dir(&format!("{db}-killed"));
-    let (mut gateway, base) = spawn_gateway(&url, &slot, &log_dir).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (mut gateway, base) = spawn_gateway(&url, &slot, &log_dir, port).await;
 
-    // Subscribed (the response has begun) before the first write.
+    // Subscribed (the responses have begun) before the first write.
     let mut sse = Sse::open(&base, &key_query(), None).await.unwrap();
-    // One writer, one transaction per row (items + ledger together): commit order = id order.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let written = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let writer = tokio::spawn({
-        let (p, stop, written) = (p.clone(), Arc::clone(&stop), Arc::clone(&written));
-        async move {
-            let mut id = 0i64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                id += 1;
-                exec(
-                    &p,
-                    &format!("INSERT INTO items VALUES ({id}, 'v'); INSERT INTO ledger (item) VALUES ({id})"),
-                )
-                .await;
-                written.store(id, std::sync::atomic::Ordering::Relaxed);
-            }
-            id
+    let mut browser =
+        NodeEventSource::spawn(&format!("{base}/v1/tables/public.items/changes?{}", key_query()));
+    browser.next("open").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicI64::new(0));
+    let started = std::time::Instant::now();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (p, stop, committed) = (p.clone(), Arc::clone(&stop), Arc::clone(&committed));
+            tokio::spawn(async move {
+                let mut id = w;
+                while !stop.load(Ordering::Relaxed) {
+                    exec(
+                        &p,
+                        &format!(
+                            "INSERT INTO items VALUES ({id}, 'v'); INSERT INTO ledger (item) VALUES ({id})"
+                        ),
+                    )
+                    .await;
+                    committed.fetch_add(1, Ordering::Relaxed);
+                    id += WRITERS;
+                }
+            })
+        })
+        .collect();
+    let at_least = |n: i64| {
+        let committed = Arc::clone(&committed);
+        move || {
+            let committed = Arc::clone(&committed);
+            async move { (committed.load(Ordering::Relaxed) >= n).then_some(()) }
         }
-    });
+    };
 
-    let mut got: Vec<i64> = Vec::new();
-    let mut last: Option<String> = None;
+    let mut got: Vec<(String, i64)> = Vec::new();
     let mut early = None;
-    while got.len() < 300 {
+    while got.len() < 600 {
         let (id, event, data) = sse.next().await.expect("stream open");
         assert_eq!(event, "insert", "{data}");
-        got.push(data["record"]["id"].as_i64().unwrap());
+        got.push((id.clone().expect("id"), data["record"]["id"].as_i64().unwrap()));
         if got.len() == 100 {
-            early = id.clone();
+            early = id;
         }
-        last = id;
     }
     gateway.start_kill().expect("SIGKILL");
     let _ = gateway.wait().await;
     // Whatever was already sent arrives; then the stream ends.
     while let Some((id, _, data)) = sse.next().await {
-        got.push(data["record"]["id"].as_i64().unwrap());
-        last = id;
+        got.push((id.expect("id"), data["record"]["id"].as_i64().unwrap()));
     }
     // Transactions keep committing while the gateway is down.
-    let down_at = written.load(std::sync::atomic::Ordering::Relaxed);
-    crate::support::wait_for("writes while the gateway is down", Duration::from_secs(30), || {
-        let written = Arc::clone(&written);
-        async move { (written.load(std::sync::atomic::Ordering::Relaxed) >= down_at + 200).then_some(()) }
-    })
+    let down_at = committed.load(Ordering::Relaxed);
+    crate::support::wait_for(
+        "writes while the gateway is down",
+        Duration::from_secs(30),
+        at_least(down_at + 500),
+    )
     .await;
 
-    let (_gateway, base) = spawn_gateway(&url, &slot, &log_dir).await;
+    let (_gateway, base) = spawn_gateway(&url, &slot, &log_dir, port).await;
+    let last = got.last().map(|(c, _)| c.clone());
     let mut sse = Sse::open(&base, &key_query(), last.as_deref()).await.unwrap();
     // A client that was further behind replays from before the kill, through the restart.
     let mut behind = Sse::open(&base, &key_query(), early.as_deref()).await.unwrap();
-    crate::support::wait_for("writes after the restart", Duration::from_secs(30), || {
-        let written = Arc::clone(&written);
-        async move { (written.load(std::sync::atomic::Ordering::Relaxed) >= down_at + 400).then_some(()) }
-    })
-    .await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let total = writer.await.unwrap();
+    crate::support::wait_for("writes after the restart", Duration::from_secs(30), at_least(down_at + 1000))
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let elapsed = started.elapsed();
     let ledger: Vec<i64> =
         sqlx::query_scalar("SELECT item FROM ledger ORDER BY seq").fetch_all(&p).await.unwrap();
-    assert_eq!(ledger.len() as i64, total);
+    assert_eq!(ledger.len() as i64, committed.load(Ordering::Relaxed));
+    eprintln!(
+        "sigkill test: {} transactions in {:.1} s ({:.0}/s)",
+        ledger.len(),
+        elapsed.as_secs_f64(),
+        ledger.len() as f64 / elapsed.as_secs_f64()
+    );
     while got.len() < ledger.len() {
-        let Some((_, event, data)) = sse.next().await else {
-            let missing: Vec<&i64> = ledger.iter().filter(|i| !got.contains(i)).take(20).collect();
-            panic!(
-                "{} of {} received within 20 s of each other; missing {missing:?}",
-                got.len(),
-                ledger.len()
-            )
+        let Some((id, event, data)) = sse.next().await else {
+            panic!("{} of {} received within 20 s of each other", got.len(), ledger.len())
         };
         assert_eq!(event, "insert", "{data}");
-        got.push(data["record"]["id"].as_i64().unwrap());
+        got.push((id.expect("id"), data["record"]["id"].as_i64().unwrap()));
     }
-    assert_eq!(got, ledger, "exactly the committed set, in commit order");
+    check_against_ledger("live client", &got, &ledger);
     let mut replayed = Vec::new();
     while replayed.len() < ledger.len() - 100 {
-        let Some((_, _, data)) = behind.next().await else {
+        let Some((id, _, data)) = behind.next().await else {
             panic!("{} of {} replayed", replayed.len(), ledger.len() - 100)
         };
-        replayed.push(data["record"]["id"].as_i64().unwrap());
+        replayed.push((id.expect("id"), data["record"]["id"].as_i64().unwrap()));
     }
-    assert_eq!(replayed, ledger[100..], "replayed across the kill: nothing lost, nothing twice");
+    assert_eq!(replayed[..], got[100..], "replayed across the kill: the same changes, same cursors");
+    // The EventSource reconnected by itself with Last-Event-ID (after connection errors).
+    let mut seen = Vec::new();
+    while seen.len() < ledger.len() {
+        let v = browser.next("event").await;
+        assert_eq!(v["event"], "insert", "{v}");
+        seen.push((v["id"].as_str().expect("id").to_owned(), v["data"]["record"]["id"].as_i64().unwrap()));
+    }
+    check_against_ledger("EventSource", &seen, &ledger);
     drop(sse);
     let _ = std::fs::remove_dir_all(&log_dir);
 }
