@@ -198,6 +198,85 @@ async fn survives_postgres_restart_and_idle_keepalives() {
     cluster.stop().await;
 }
 
+/// A Postgres restart (fast shutdown, transactions aborted) under concurrent writers: an SSE
+/// client that stays connected to the gateway ends with exactly the committed set, in commit
+/// order. Writers retry what failed; a retry of a transaction that did commit changes nothing.
+#[tokio::test]
+async fn an_event_stream_loses_nothing_across_a_postgres_restart_under_load() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+
+    use super::sse::{check_against_ledger, key_query, Sse, WRITERS};
+    let mut cluster = dedicated("restart-load", &[]).await;
+    let url = cluster.url("postgres");
+    let p = pool(&url).await;
+    exec(&p, "CREATE TABLE items (id bigint PRIMARY KEY, v text); CREATE TABLE ledger (item bigint PRIMARY KEY)").await;
+    let app = TestApp::spawn(&url).await;
+    let base = format!("http://{}", app.addr);
+    let mut sse = Sse::open(&base, &key_query(), None).await.expect("stream");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicI64::new(0));
+    let failures = Arc::new(AtomicI64::new(0));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (url, stop, committed, failures) =
+                (url.clone(), Arc::clone(&stop), Arc::clone(&committed), Arc::clone(&failures));
+            tokio::spawn(async move {
+                let p = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(2))
+                    .connect_lazy(&url)
+                    .expect("pool");
+                let mut id = w;
+                while !stop.load(Ordering::Relaxed) {
+                    let sql = format!(
+                        "INSERT INTO items VALUES ({id}, 'v') ON CONFLICT DO NOTHING; \
+                         INSERT INTO ledger VALUES ({id}) ON CONFLICT DO NOTHING"
+                    );
+                    // Retried until it is known to have committed: an error may hide a commit.
+                    if sqlx::raw_sql(&sql).execute(&p).await.is_err() {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    committed.fetch_add(1, Ordering::Relaxed);
+                    id += WRITERS;
+                }
+            })
+        })
+        .collect();
+    let at_least = |n: i64| {
+        let committed = Arc::clone(&committed);
+        move || {
+            let committed = Arc::clone(&committed);
+            async move { (committed.load(Ordering::Relaxed) >= n).then_some(()) }
+        }
+    };
+    wait_for("writes before the restart", Duration::from_secs(30), at_least(300)).await;
+    cluster.restart().await.expect("restart");
+    let after = committed.load(Ordering::Relaxed);
+    wait_for("writes after the restart", Duration::from_secs(60), at_least(after + 300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.expect("writer");
+    }
+    assert!(failures.load(Ordering::Relaxed) > 0, "the restart interrupted the writers");
+    let ledger: Vec<i64> = sqlx::query_scalar("SELECT item FROM ledger").fetch_all(&p).await.expect("ledger");
+    let mut got = Vec::new();
+    while got.len() < ledger.len() {
+        let Some((id, event, data)) = sse.next().await else {
+            panic!("{} of {} received within 20 s of each other", got.len(), ledger.len())
+        };
+        assert_eq!(event, "insert", "{data}");
+        got.push((id.expect("id"), data["record"]["id"].as_i64().expect("id")));
+    }
+    check_against_ledger("client across a Postgres restart", &got, &ledger);
+    p.close().await;
+    app.stop().await;
+    cluster.stop().await;
+}
+
 #[tokio::test]
 async fn lost_slot_is_reported_clearly() {
     let cluster = dedicated("lost", &[("max_slot_wal_keep_size", "1MB"), ("wal_keep_size", "0")]).await;

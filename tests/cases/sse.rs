@@ -269,11 +269,11 @@ impl NodeEventSource {
 
 /// Writers committing one `items` row and its `ledger` row per transaction, concurrently: writer
 /// `w` writes ids `w, w + WRITERS, …` in order.
-const WRITERS: i64 = 4;
+pub(super) const WRITERS: i64 = 4;
 
 /// Checks a client's (cursor, id) deliveries against the ledger: the same set, each once, cursors
 /// strictly increasing (commit order), and each writer's ids in the order it committed them.
-fn check_against_ledger(who: &str, got: &[(String, i64)], ledger: &[i64]) {
+pub(super) fn check_against_ledger(who: &str, got: &[(String, i64)], ledger: &[i64]) {
     let mut ids: Vec<i64> = got.iter().map(|(_, id)| *id).collect();
     assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "{who}: cursors not strictly increasing");
     for w in 0..WRITERS {
