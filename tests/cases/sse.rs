@@ -418,3 +418,47 @@ async fn event_streams_resume_without_loss_across_a_gateway_killed_with_sigkill_
     drop(sse);
     let _ = std::fs::remove_dir_all(&log_dir);
 }
+
+/// Retention exceeded: a cursor whose segment was removed gets the gap signal (SSE `gap`,
+/// long-poll 409), never a silent skip; a recent cursor still resumes.
+#[tokio::test]
+async fn a_cursor_older_than_retention_gets_a_gap() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, SCHEMA).await;
+    let app = TestApp::spawn_with(&url, |c| {
+        c.changelog.segment_bytes = 16 * 1024;
+        c.changelog.max_bytes = 64 * 1024;
+    })
+    .await;
+    let base = format!("http://{}", app.addr);
+    let mut sse = Sse::open(&base, &key_query(), None).await.unwrap();
+    // About 300 KiB of changes in 60 transactions: segments roll and the oldest are removed.
+    for t in 0..60 {
+        exec(&p, &format!("INSERT INTO items SELECT g, repeat('x', 1000) FROM generate_series({}, {}) g", t * 5, t * 5 + 4))
+            .await;
+    }
+    let mut cursors = Vec::new();
+    while cursors.len() < 300 {
+        let (id, _, _) = sse.next().await.expect("change");
+        cursors.push(id.expect("id"));
+    }
+    // The log writer trails delivery a little: wait until it has rolled past the first segment.
+    let poll = format!("{base}/v1/tables/public.items/changes?{}&wait=0&since={}", key_query(), cursors[0]);
+    let body = crate::support::wait_for("the oldest segment removed", Duration::from_secs(20), || async {
+        let (status, body) = get_json(&poll).await;
+        assert!(status == 200 || status == 409, "{status} {body}");
+        (status == 409).then_some(body)
+    })
+    .await;
+    assert_eq!(body["code"], "expired", "{body}");
+    let (_, event, data) = Sse::open(&base, &key_query(), Some(&cursors[0])).await.unwrap().next().await.unwrap();
+    assert_eq!((event.as_str(), data["code"].as_str()), ("gap", Some("expired")), "{data}");
+    // The last few are still kept: resuming there replays the rest.
+    let mut recent = Sse::open(&base, &key_query(), Some(&cursors[295])).await.unwrap();
+    for want in &cursors[296..] {
+        let (id, event, _) = recent.next().await.unwrap();
+        assert_eq!((event.as_str(), id.as_deref()), ("insert", Some(want.as_str())));
+    }
+    app.stop().await;
+}
