@@ -192,6 +192,16 @@ enum Scenario {
         #[command(flatten)]
         search: SearchArgs,
     },
+    /// Changes replayed from the change log over SSE, to one client and to many at once, against
+    /// a raw sequential read of the segment files.
+    Replay {
+        /// Rows committed (and then replayed).
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// Clients replaying at once in the second pass.
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+    },
     /// The raw-WebSocket relay the realtime scenarios compare against (run by them).
     #[command(hide = true)]
     Relay {
@@ -409,6 +419,11 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
                         gateway_url: gateway_url.clone(),
                     };
                     bench::rls::run(&opts, &o).await?;
+                }
+                Scenario::Replay { rows, clients } => {
+                    let o =
+                        bench::replay::ReplayOptions { rows, clients, gateway_bin: std::env::current_exe()? };
+                    bench::replay::run(&opts, &o).await?;
                 }
                 Scenario::Relay { listen } => bench::relay::serve(&listen).await?,
             }

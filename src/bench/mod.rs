@@ -7,6 +7,7 @@ pub mod ingest;
 pub mod matching;
 pub mod realtime;
 pub mod relay;
+pub mod replay;
 pub mod rls;
 pub mod sockets;
 

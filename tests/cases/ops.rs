@@ -210,7 +210,11 @@ async fn an_event_stream_loses_nothing_across_a_postgres_restart_under_load() {
     let mut cluster = dedicated("restart-load", &[]).await;
     let url = cluster.url("postgres");
     let p = pool(&url).await;
-    exec(&p, "CREATE TABLE items (id bigint PRIMARY KEY, v text); CREATE TABLE ledger (item bigint PRIMARY KEY)").await;
+    exec(
+        &p,
+        "CREATE TABLE items (id bigint PRIMARY KEY, v text); CREATE TABLE ledger (item bigint PRIMARY KEY)",
+    )
+    .await;
     let app = TestApp::spawn(&url).await;
     let base = format!("http://{}", app.addr);
     let mut sse = Sse::open(&base, &key_query(), None).await.expect("stream");

@@ -435,8 +435,15 @@ async fn a_cursor_older_than_retention_gets_a_gap() {
     let mut sse = Sse::open(&base, &key_query(), None).await.unwrap();
     // About 300 KiB of changes in 60 transactions: segments roll and the oldest are removed.
     for t in 0..60 {
-        exec(&p, &format!("INSERT INTO items SELECT g, repeat('x', 1000) FROM generate_series({}, {}) g", t * 5, t * 5 + 4))
-            .await;
+        exec(
+            &p,
+            &format!(
+                "INSERT INTO items SELECT g, repeat('x', 1000) FROM generate_series({}, {}) g",
+                t * 5,
+                t * 5 + 4
+            ),
+        )
+        .await;
     }
     let mut cursors = Vec::new();
     while cursors.len() < 300 {
@@ -452,7 +459,8 @@ async fn a_cursor_older_than_retention_gets_a_gap() {
     })
     .await;
     assert_eq!(body["code"], "expired", "{body}");
-    let (_, event, data) = Sse::open(&base, &key_query(), Some(&cursors[0])).await.unwrap().next().await.unwrap();
+    let (_, event, data) =
+        Sse::open(&base, &key_query(), Some(&cursors[0])).await.unwrap().next().await.unwrap();
     assert_eq!((event.as_str(), data["code"].as_str()), ("gap", Some("expired")), "{data}");
     // The last few are still kept: resuming there replays the rest.
     let mut recent = Sse::open(&base, &key_query(), Some(&cursors[295])).await.unwrap();
