@@ -107,6 +107,22 @@ pub async fn run(opts: &BenchOptions, o: &ReplayOptions) -> anyhow::Result<()> {
         next += n;
     }
     pool.close().await;
+    // Replay only: wait until the gateway has taken in every row (the replay then waits for
+    // the log writer by itself).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let metrics = http_get(&addr, "/metrics").await?;
+        let dispatched = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(crate::server::metrics::CHANGES_DISPATCHED))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if dispatched >= o.rows {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the gateway took in {dispatched} of {} rows", o.rows);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // The first replay also waits for the log writer to have everything.
     eprintln!("replay: one client");

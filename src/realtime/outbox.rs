@@ -44,6 +44,13 @@ impl Frame {
             Frame::Binary(_) => None,
         }
     }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Frame::Text(t) => t.as_bytes(),
+            Frame::Binary(b) => b,
+        }
+    }
 }
 
 /// Identifies a wire encoding: members whose encoders share an id receive identical bytes for

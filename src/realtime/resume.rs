@@ -74,28 +74,38 @@ impl Member {
     }
 
     /// Ends the replay: sends what was held after `through`, then lets live changes pass.
-    fn release(&self, through: Position, hub: &Hub) {
-        self.open_gate(through, None, hub);
+    async fn release(&self, through: Position, hub: &Hub) {
+        self.open_gate(through, None, hub).await;
     }
 
     /// Ends a snapshot: sends what was held after `through` that the snapshot does not show, then
     /// lets live changes pass (those it shows still skipped).
-    pub(crate) fn release_after_snapshot(&self, through: Position, shown: Arc<XidSnapshot>, hub: &Hub) {
-        self.open_gate(through, Some(shown), hub);
+    pub(crate) async fn release_after_snapshot(&self, through: Position, shown: Arc<XidSnapshot>, hub: &Hub) {
+        self.open_gate(through, Some(shown), hub).await;
     }
 
-    fn open_gate(&self, through: Position, shown: Option<Arc<XidSnapshot>>, hub: &Hub) {
+    /// Sends the held changes with backpressure, taking them in turns (the dispatcher keeps
+    /// holding new ones meanwhile), and goes live once nothing is held.
+    async fn open_gate(&self, through: Position, shown: Option<Arc<XidSnapshot>>, hub: &Hub) {
         let Some(gate) = &self.resume else { return };
-        let Ok(mut gate) = gate.lock() else { return };
-        let filter = shown.clone();
-        if let ResumeGate::Holding(held) = std::mem::replace(&mut *gate, ResumeGate::Live { through, shown })
-        {
+        loop {
+            let held = {
+                let Ok(mut gate) = gate.lock() else { return };
+                match &mut *gate {
+                    ResumeGate::Holding(held) if held.is_empty() => {
+                        *gate = ResumeGate::Live { through, shown };
+                        return;
+                    }
+                    ResumeGate::Holding(held) => std::mem::take(held),
+                    ResumeGate::Live { .. } => return,
+                }
+            };
             for (position, xid, frame) in held {
-                if position <= through || filter.as_ref().is_some_and(|s| s.shows(position.lsn, xid)) {
+                if position <= through || shown.as_ref().is_some_and(|s| s.shows(position.lsn, xid)) {
                     continue;
                 }
-                if self.outbox.send(frame, hub.metrics()) != Queued::Yes {
-                    break;
+                if self.outbox.send_wait(frame, hub.metrics()).await != Queued::Yes {
+                    return;
                 }
             }
         }
@@ -193,7 +203,7 @@ impl Resume {
                 let _ = self.member.outbox.send_wait(frame, self.hub.metrics()).await;
             }
         }
-        self.member.release(through, &self.hub);
+        self.member.release(through, &self.hub).await;
     }
 
     /// Replays; returns the position it resumed after.

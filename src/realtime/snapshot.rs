@@ -181,7 +181,7 @@ impl Snapshot {
                 if self.member.outbox.send_wait(frame, metrics).await != Queued::Yes {
                     return;
                 }
-                self.member.release_after_snapshot(self.through, Arc::new(shown), &self.hub);
+                self.member.release_after_snapshot(self.through, Arc::new(shown), &self.hub).await;
             }
             Err(SnapshotError::Gone) => {}
             Err(e) => {
@@ -196,7 +196,7 @@ impl Snapshot {
                     &Direct::Gap { code: "snapshot_failed", message: &message },
                 );
                 let _ = self.member.outbox.send_wait(frame, metrics).await;
-                self.member.release_after_snapshot(self.through, Arc::new(XidSnapshot::none()), &self.hub);
+                self.member.release_after_snapshot(self.through, Arc::new(XidSnapshot::none()), &self.hub).await;
             }
         }
     }

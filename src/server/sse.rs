@@ -23,6 +23,8 @@ use crate::realtime::outbox::{Frame, OutboxReceiver};
 use crate::realtime::session::{JoinError, JoinRequest, Session};
 use crate::server::AppState;
 
+/// Queued messages are gathered into one body chunk up to about this size.
+const CHUNK_BYTES: usize = 64 * 1024;
 /// Keep-alive comments this often on an idle stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// A long-poll waits this long for a change unless `wait` says otherwise.
@@ -238,14 +240,18 @@ fn event_stream(
             }
             _ = s.keep_alive.tick() => Frame::Text(sse::KEEP_ALIVE.into()),
         };
+        // Whatever else is already queued goes out in the same chunk (one write, not one each).
+        let mut buf = Vec::from(chunk.as_bytes());
+        while buf.len() < CHUNK_BYTES && !s.done {
+            match s.outbox.rx.try_recv() {
+                Ok(f) => buf.extend_from_slice(f.as_bytes()),
+                Err(_) => break,
+            }
+        }
         if !s.session.is_joined(&s.topic) && s.outbox.rx.is_empty() {
             s.done = true;
         }
-        let bytes = match chunk {
-            Frame::Text(t) => Bytes::copy_from_slice(t.as_bytes()),
-            Frame::Binary(b) => b,
-        };
-        Some((Ok(bytes), s))
+        Some((Ok(Bytes::from(buf)), s))
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
