@@ -196,7 +196,9 @@ impl Snapshot {
                     &Direct::Gap { code: "snapshot_failed", message: &message },
                 );
                 let _ = self.member.outbox.send_wait(frame, metrics).await;
-                self.member.release_after_snapshot(self.through, Arc::new(XidSnapshot::none()), &self.hub).await;
+                self.member
+                    .release_after_snapshot(self.through, Arc::new(XidSnapshot::none()), &self.hub)
+                    .await;
             }
         }
     }
