@@ -5,3 +5,31 @@
 pub mod phoenix;
 pub mod plain;
 pub mod sse;
+
+use std::future::Future;
+
+use bytes::Bytes;
+
+use crate::realtime::outbox::Frame;
+use crate::realtime::session::Session;
+
+/// A WebSocket protocol's side of one connection, driven by the transport's IO loop: client
+/// frames in, the frames to write at once out (before anything queued in the outbox).
+pub trait Connection: Send {
+    fn session(&mut self) -> &mut Session;
+    /// Handles a text frame.
+    fn text(&mut self, text: &str) -> impl Future<Output = Vec<Frame>> + Send;
+    /// Handles a binary frame.
+    fn binary(&mut self, bytes: &Bytes) -> Vec<Frame>;
+
+    /// When the transport must call [`Connection::on_deadline`] (a channel token expires).
+    fn next_deadline(&mut self) -> Option<std::time::Instant> {
+        self.session().next_expiry()
+    }
+
+    /// Closes the channels whose token has expired (an error, then a close, in the protocol's
+    /// words).
+    fn on_deadline(&mut self) {
+        self.session().expire(std::time::Instant::now());
+    }
+}

@@ -182,77 +182,6 @@ impl PlainConnection {
         (PlainConnection { session }, rx)
     }
 
-    /// When the transport must call [`PlainConnection::on_deadline`] (a channel token expires).
-    pub fn next_deadline(&self) -> Option<std::time::Instant> {
-        self.session.next_expiry()
-    }
-
-    /// Closes the channels whose token has expired (`error`, then `unsubscribed`).
-    pub fn on_deadline(&mut self) {
-        self.session.expire(std::time::Instant::now());
-    }
-
-    /// Binary frames are not part of this protocol.
-    pub fn handle_binary(&mut self, _bytes: &Bytes) -> Vec<Frame> {
-        vec![error(&None, None, "binary frames are not supported: send JSON text")]
-    }
-
-    /// Handles a text frame; returns the frames to write now, before anything queued.
-    pub async fn handle_text(&mut self, text: &str) -> Vec<Frame> {
-        let msg: Value = match serde_json::from_str(text) {
-            Ok(v @ Value::Object(_)) => v,
-            Ok(_) => return vec![error(&None, None, "a message must be a JSON object with a \"type\"")],
-            Err(e) => return vec![error(&None, None, format!("invalid JSON: {e}"))],
-        };
-        let id = msg.get("id").cloned();
-        let channel = msg.get("channel").and_then(Value::as_str).filter(|c| !c.is_empty());
-        let kind = msg.get("type").and_then(Value::as_str).unwrap_or("");
-        match (kind, channel) {
-            ("ping", _) => vec![reply(&id, json!({"type": "pong"}))],
-            ("auth", _) => vec![self.auth(&id, msg.get("token").and_then(Value::as_str)).await],
-            ("subscribe", Some(channel)) => self.subscribe(&id, channel, &msg).await,
-            ("unsubscribe", Some(channel)) => {
-                if self.session.leave(&topic_of(channel)) {
-                    vec![reply(&id, json!({"type": "unsubscribed", "channel": channel}))]
-                } else {
-                    vec![error(&id, Some(channel), "not subscribed")]
-                }
-            }
-            ("publish", Some(channel)) => {
-                let Some(event) = msg.get("event").and_then(Value::as_str).filter(|e| !e.is_empty()) else {
-                    return vec![error(&id, Some(channel), "publish needs an \"event\"")];
-                };
-                let data = msg.get("data").unwrap_or(&Value::Null);
-                let payload =
-                    BroadcastPayload::Json(Bytes::from(serde_json::to_vec(data).unwrap_or_default()));
-                let message = BroadcastMessage { event: event.to_owned(), payload, meta: None };
-                match self.session.broadcast(&topic_of(channel), message) {
-                    Ok(()) if id.is_some() => {
-                        vec![reply(&id, json!({"type": "published", "channel": channel}))]
-                    }
-                    Ok(()) => Vec::new(),
-                    Err(e) => vec![error(&id, Some(channel), e)],
-                }
-            }
-            ("track", Some(channel)) => {
-                let data = msg.get("data").cloned().unwrap_or_else(|| json!({}));
-                match self.session.track(&topic_of(channel), data) {
-                    Ok(()) => Vec::new(),
-                    Err(e) => vec![error(&id, Some(channel), e)],
-                }
-            }
-            ("untrack", Some(channel)) => match self.session.untrack(&topic_of(channel)) {
-                Ok(()) => Vec::new(),
-                Err(e) => vec![error(&id, Some(channel), e)],
-            },
-            ("subscribe" | "unsubscribe" | "publish" | "track" | "untrack", None) => {
-                vec![error(&id, None, format!("{kind} needs a \"channel\""))]
-            }
-            ("", _) => vec![error(&id, channel, "a message needs a \"type\"")],
-            (other, _) => vec![error(&id, channel, format!("unknown message type {other:?}"))],
-        }
-    }
-
     /// Verifies a token: it becomes the connection's, and replaces the token of every channel
     /// already subscribed (one that no longer verifies is closed).
     async fn auth(&mut self, id: &Option<Value>, token: Option<&str>) -> Frame {
@@ -348,6 +277,73 @@ impl PlainConnection {
             handoff.start();
         }
         vec![reply(id, answer)]
+    }
+}
+
+impl crate::protocol::Connection for PlainConnection {
+    fn session(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    /// Handles a text frame; returns the frames to write now, before anything queued.
+    async fn text(&mut self, text: &str) -> Vec<Frame> {
+        let msg: Value = match serde_json::from_str(text) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) => return vec![error(&None, None, "a message must be a JSON object with a \"type\"")],
+            Err(e) => return vec![error(&None, None, format!("invalid JSON: {e}"))],
+        };
+        let id = msg.get("id").cloned();
+        let channel = msg.get("channel").and_then(Value::as_str).filter(|c| !c.is_empty());
+        let kind = msg.get("type").and_then(Value::as_str).unwrap_or("");
+        match (kind, channel) {
+            ("ping", _) => vec![reply(&id, json!({"type": "pong"}))],
+            ("auth", _) => vec![self.auth(&id, msg.get("token").and_then(Value::as_str)).await],
+            ("subscribe", Some(channel)) => self.subscribe(&id, channel, &msg).await,
+            ("unsubscribe", Some(channel)) => {
+                if self.session.leave(&topic_of(channel)) {
+                    vec![reply(&id, json!({"type": "unsubscribed", "channel": channel}))]
+                } else {
+                    vec![error(&id, Some(channel), "not subscribed")]
+                }
+            }
+            ("publish", Some(channel)) => {
+                let Some(event) = msg.get("event").and_then(Value::as_str).filter(|e| !e.is_empty()) else {
+                    return vec![error(&id, Some(channel), "publish needs an \"event\"")];
+                };
+                let data = msg.get("data").unwrap_or(&Value::Null);
+                let payload =
+                    BroadcastPayload::Json(Bytes::from(serde_json::to_vec(data).unwrap_or_default()));
+                let message = BroadcastMessage { event: event.to_owned(), payload, meta: None };
+                match self.session.broadcast(&topic_of(channel), message) {
+                    Ok(()) if id.is_some() => {
+                        vec![reply(&id, json!({"type": "published", "channel": channel}))]
+                    }
+                    Ok(()) => Vec::new(),
+                    Err(e) => vec![error(&id, Some(channel), e)],
+                }
+            }
+            ("track", Some(channel)) => {
+                let data = msg.get("data").cloned().unwrap_or_else(|| json!({}));
+                match self.session.track(&topic_of(channel), data) {
+                    Ok(()) => Vec::new(),
+                    Err(e) => vec![error(&id, Some(channel), e)],
+                }
+            }
+            ("untrack", Some(channel)) => match self.session.untrack(&topic_of(channel)) {
+                Ok(()) => Vec::new(),
+                Err(e) => vec![error(&id, Some(channel), e)],
+            },
+            ("subscribe" | "unsubscribe" | "publish" | "track" | "untrack", None) => {
+                vec![error(&id, None, format!("{kind} needs a \"channel\""))]
+            }
+            ("", _) => vec![error(&id, channel, "a message needs a \"type\"")],
+            (other, _) => vec![error(&id, channel, format!("unknown message type {other:?}"))],
+        }
+    }
+
+    /// Binary frames are not part of this protocol.
+    fn binary(&mut self, _bytes: &Bytes) -> Vec<Frame> {
+        vec![error(&None, None, "binary frames are not supported: send JSON text")]
     }
 }
 

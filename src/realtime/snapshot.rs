@@ -112,6 +112,11 @@ impl XidSnapshot {
         precedes(xid, self.xmax) && self.xip.binary_search(&xid).is_err()
     }
 
+    /// Shows nothing: every later change is delivered (after a failed snapshot).
+    fn none() -> XidSnapshot {
+        XidSnapshot { xmin: 0, xmax: 0, xip: Vec::new(), boundary: Lsn::ZERO }
+    }
+
     /// Whether a live change of transaction `xid` committed at `lsn` is already in the snapshot.
     pub fn shows(&self, lsn: Lsn, xid: u32) -> bool {
         lsn < self.boundary && self.visible(xid)
@@ -355,13 +360,6 @@ impl Snapshot {
             ReplicaIdentity::from_byte(identity.bytes().next().unwrap_or(b'd')),
             columns,
         )))
-    }
-}
-
-impl XidSnapshot {
-    /// Shows nothing: every later change is delivered (after a failed snapshot).
-    fn none() -> XidSnapshot {
-        XidSnapshot { xmin: 0, xmax: 0, xip: Vec::new(), boundary: Lsn::ZERO }
     }
 }
 

@@ -21,6 +21,7 @@ use serde_json::json;
 use crate::auth::{AuthError, Credentials};
 use crate::protocol::phoenix::{PhoenixConnection, Vsn};
 use crate::protocol::plain::PlainConnection;
+use crate::protocol::Connection;
 use crate::realtime::outbox::{Frame, OutboxReceiver};
 use crate::server::AppState;
 
@@ -100,46 +101,6 @@ enum Close {
     Gone,
 }
 
-/// What a WebSocket protocol gives the IO loop.
-pub(crate) trait SocketProtocol: Send {
-    /// The frames to write now, before anything queued.
-    fn text(&mut self, text: &str) -> impl std::future::Future<Output = Vec<Frame>> + Send;
-    fn binary(&mut self, bytes: &axum::body::Bytes) -> Vec<Frame>;
-    /// When [`SocketProtocol::on_deadline`] is due (a channel token expires).
-    fn next_deadline(&self) -> Option<std::time::Instant>;
-    fn on_deadline(&mut self);
-}
-
-impl SocketProtocol for PhoenixConnection {
-    fn text(&mut self, text: &str) -> impl std::future::Future<Output = Vec<Frame>> + Send {
-        self.handle_text(text)
-    }
-    fn binary(&mut self, bytes: &axum::body::Bytes) -> Vec<Frame> {
-        self.handle_binary(bytes)
-    }
-    fn next_deadline(&self) -> Option<std::time::Instant> {
-        PhoenixConnection::next_deadline(self)
-    }
-    fn on_deadline(&mut self) {
-        PhoenixConnection::on_deadline(self)
-    }
-}
-
-impl SocketProtocol for PlainConnection {
-    fn text(&mut self, text: &str) -> impl std::future::Future<Output = Vec<Frame>> + Send {
-        self.handle_text(text)
-    }
-    fn binary(&mut self, bytes: &axum::body::Bytes) -> Vec<Frame> {
-        self.handle_binary(bytes)
-    }
-    fn next_deadline(&self) -> Option<std::time::Instant> {
-        PlainConnection::next_deadline(self)
-    }
-    fn on_deadline(&mut self) {
-        PlainConnection::on_deadline(self)
-    }
-}
-
 #[derive(Debug, Deserialize)]
 pub struct PlainParams {
     pub access_token: Option<String>,
@@ -177,12 +138,7 @@ pub async fn upgrade_plain(
         })
 }
 
-async fn serve<C: SocketProtocol>(
-    state: AppState,
-    mut conn: C,
-    mut outbox: OutboxReceiver,
-    socket: WebSocket,
-) {
+async fn serve<C: Connection>(state: AppState, mut conn: C, mut outbox: OutboxReceiver, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
     let idle = state.idle_timeout;
     // These futures live for the whole connection: building them per loop turn would register

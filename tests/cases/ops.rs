@@ -206,7 +206,7 @@ async fn an_event_stream_loses_nothing_across_a_postgres_restart_under_load() {
     use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
     use std::sync::Arc;
 
-    use super::sse::{check_against_ledger, key_query, Sse, WRITERS};
+    use super::sse::{at_least, check_against_ledger, key_query, Sse, WRITERS};
     let mut cluster = dedicated("restart-load", &[]).await;
     let url = cluster.url("postgres");
     let p = pool(&url).await;
@@ -250,17 +250,10 @@ async fn an_event_stream_loses_nothing_across_a_postgres_restart_under_load() {
             })
         })
         .collect();
-    let at_least = |n: i64| {
-        let committed = Arc::clone(&committed);
-        move || {
-            let committed = Arc::clone(&committed);
-            async move { (committed.load(Ordering::Relaxed) >= n).then_some(()) }
-        }
-    };
-    wait_for("writes before the restart", Duration::from_secs(30), at_least(300)).await;
+    wait_for("writes before the restart", Duration::from_secs(30), at_least(&committed, 300)).await;
     cluster.restart().await.expect("restart");
     let after = committed.load(Ordering::Relaxed);
-    wait_for("writes after the restart", Duration::from_secs(60), at_least(after + 300)).await;
+    wait_for("writes after the restart", Duration::from_secs(60), at_least(&committed, after + 300)).await;
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.await.expect("writer");

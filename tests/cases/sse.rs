@@ -271,6 +271,15 @@ impl NodeEventSource {
 /// `w` writes ids `w, w + WRITERS, …` in order.
 pub(super) const WRITERS: i64 = 4;
 
+/// A condition for `wait_for`: `counter` has reached `n`.
+pub(super) fn at_least(
+    counter: &Arc<std::sync::atomic::AtomicI64>,
+    n: i64,
+) -> impl FnMut() -> std::future::Ready<Option<()>> {
+    let counter = Arc::clone(counter);
+    move || std::future::ready((counter.load(std::sync::atomic::Ordering::Relaxed) >= n).then_some(()))
+}
+
 /// Checks a client's (cursor, id) deliveries against the ledger: the same set, each once, cursors
 /// strictly increasing (commit order), and each writer's ids in the order it committed them.
 pub(super) fn check_against_ledger(who: &str, got: &[(String, i64)], ledger: &[i64]) {
@@ -337,13 +346,6 @@ async fn event_streams_resume_without_loss_across_a_gateway_killed_with_sigkill_
             })
         })
         .collect();
-    let at_least = |n: i64| {
-        let committed = Arc::clone(&committed);
-        move || {
-            let committed = Arc::clone(&committed);
-            async move { (committed.load(Ordering::Relaxed) >= n).then_some(()) }
-        }
-    };
 
     let mut got: Vec<(String, i64)> = Vec::new();
     let mut early = None;
@@ -366,7 +368,7 @@ async fn event_streams_resume_without_loss_across_a_gateway_killed_with_sigkill_
     crate::support::wait_for(
         "writes while the gateway is down",
         Duration::from_secs(30),
-        at_least(down_at + 500),
+        at_least(&committed, down_at + 500),
     )
     .await;
 
@@ -375,8 +377,12 @@ async fn event_streams_resume_without_loss_across_a_gateway_killed_with_sigkill_
     let mut sse = Sse::open(&base, &key_query(), last.as_deref()).await.unwrap();
     // A client that was further behind replays from before the kill, through the restart.
     let mut behind = Sse::open(&base, &key_query(), early.as_deref()).await.unwrap();
-    crate::support::wait_for("writes after the restart", Duration::from_secs(30), at_least(down_at + 1000))
-        .await;
+    crate::support::wait_for(
+        "writes after the restart",
+        Duration::from_secs(30),
+        at_least(&committed, down_at + 1000),
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.await.unwrap();

@@ -42,20 +42,6 @@ impl PhoenixConnection {
         (PhoenixConnection { session, vsn }, rx)
     }
 
-    /// When the transport must call [`PhoenixConnection::on_deadline`] (a channel token expires).
-    pub fn next_deadline(&self) -> Option<std::time::Instant> {
-        self.session.next_expiry()
-    }
-
-    /// Closes the channels whose token has expired (a `system` error, then `phx_close`).
-    pub fn on_deadline(&mut self) {
-        self.session.expire(std::time::Instant::now());
-    }
-
-    pub fn session(&self) -> &Session {
-        &self.session
-    }
-
     fn frame(
         &self,
         join_ref: Option<&str>,
@@ -75,95 +61,6 @@ impl PhoenixConnection {
             "phx_reply",
             &json!({"status": status, "response": response}),
         )
-    }
-
-    /// Handles a text frame; returns the frames to write now, in order (replies and the pushes
-    /// that must follow them), before anything queued in the outbox.
-    pub async fn handle_text(&mut self, text: &str) -> Vec<Frame> {
-        let frame = match codec::decode_text(self.vsn, text) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::debug!(error = %e, "malformed client frame");
-                // Answer on the phoenix topic so the client can see what went wrong.
-                let err = json!({"status": "error", "response": {"reason": e.to_string()}});
-                return vec![self.frame(None, None, "phoenix", "phx_reply", &err)];
-            }
-        };
-        let mut out = Vec::new();
-        let joined = self.session.is_joined(&frame.topic);
-        match (frame.topic.as_str(), frame.event.as_str()) {
-            ("phoenix", "heartbeat") => out.push(self.reply(&frame, "ok", json!({}))),
-            (_, "phx_join") => self.join(frame, &mut out).await,
-            (_, "phx_leave") if joined => {
-                let join_ref =
-                    self.session.membership(&frame.topic).and_then(|m| m.member().join_ref.clone());
-                self.session.leave(&frame.topic);
-                out.push(self.reply(&frame, "ok", json!({})));
-                out.push(self.frame(
-                    join_ref.as_deref(),
-                    join_ref.as_deref(),
-                    &frame.topic,
-                    "phx_close",
-                    &json!({}),
-                ));
-            }
-            (_, "broadcast") if joined => self.broadcast_json(&frame, &mut out),
-            (_, "presence") if joined => self.presence(&frame, &mut out),
-            // A refresh has no reply; a bad token closes the channel.
-            (_, "access_token") if joined => {
-                if let Some(token) = frame.payload.get("access_token").and_then(Value::as_str) {
-                    if let Err(e) = self.session.refresh_token(&frame.topic, token).await {
-                        self.session.close_channel(&frame.topic, "system", &e.to_string());
-                    }
-                }
-            }
-            (_, _) if joined => out.push(self.reply(&frame, "ok", json!({}))),
-            _ => out.push(self.reply(&frame, "error", json!({"reason": "unmatched topic"}))),
-        }
-        out
-    }
-
-    /// Handles a binary frame (a 2.0.0 kind-3 broadcast push).
-    pub fn handle_binary(&mut self, bytes: &Bytes) -> Vec<Frame> {
-        let push = match codec::decode_binary(bytes) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::debug!(error = %e, "malformed binary frame");
-                let err = json!({"status": "error", "response": {"reason": e.to_string()}});
-                return vec![self.frame(None, None, "phoenix", "phx_reply", &err)];
-            }
-        };
-        let frame = ClientFrame {
-            join_ref: push.join_ref,
-            msg_ref: push.msg_ref,
-            topic: push.topic,
-            event: "broadcast".into(),
-            payload: Value::Null,
-        };
-        if !self.session.is_joined(&frame.topic) {
-            return vec![self.reply(&frame, "error", json!({"reason": "unmatched topic"}))];
-        }
-        let payload = match push.encoding {
-            0 => BroadcastPayload::Binary(push.payload),
-            1 => {
-                if serde_json::from_slice::<serde::de::IgnoredAny>(&push.payload).is_err() {
-                    return vec![self.reply(
-                        &frame,
-                        "error",
-                        json!({"reason": "broadcast payload is not valid JSON"}),
-                    )];
-                }
-                BroadcastPayload::Json(push.payload)
-            }
-            other => {
-                let reason = format!("unknown payload encoding {other} (0 = binary, 1 = JSON)");
-                return vec![self.reply(&frame, "error", json!({"reason": reason}))];
-            }
-        };
-        let mut out = Vec::new();
-        // The client's metadata (`persist`) asks for storage, which needs a private channel.
-        self.send_broadcast(&frame, BroadcastMessage { event: push.event, payload, meta: None }, &mut out);
-        out
     }
 
     fn broadcast_json(&mut self, frame: &ClientFrame, out: &mut Vec<Frame>) {
@@ -321,6 +218,101 @@ impl PhoenixConnection {
                 out.push(self.reply(&frame, "error", json!({"reason": reason})));
             }
         }
+    }
+}
+
+impl crate::protocol::Connection for PhoenixConnection {
+    fn session(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    /// Handles a text frame; returns the frames to write now, in order (replies and the pushes
+    /// that must follow them), before anything queued in the outbox.
+    async fn text(&mut self, text: &str) -> Vec<Frame> {
+        let frame = match codec::decode_text(self.vsn, text) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(error = %e, "malformed client frame");
+                // Answer on the phoenix topic so the client can see what went wrong.
+                let err = json!({"status": "error", "response": {"reason": e.to_string()}});
+                return vec![self.frame(None, None, "phoenix", "phx_reply", &err)];
+            }
+        };
+        let mut out = Vec::new();
+        let joined = self.session.is_joined(&frame.topic);
+        match (frame.topic.as_str(), frame.event.as_str()) {
+            ("phoenix", "heartbeat") => out.push(self.reply(&frame, "ok", json!({}))),
+            (_, "phx_join") => self.join(frame, &mut out).await,
+            (_, "phx_leave") if joined => {
+                let join_ref =
+                    self.session.membership(&frame.topic).and_then(|m| m.member().join_ref.clone());
+                self.session.leave(&frame.topic);
+                out.push(self.reply(&frame, "ok", json!({})));
+                out.push(self.frame(
+                    join_ref.as_deref(),
+                    join_ref.as_deref(),
+                    &frame.topic,
+                    "phx_close",
+                    &json!({}),
+                ));
+            }
+            (_, "broadcast") if joined => self.broadcast_json(&frame, &mut out),
+            (_, "presence") if joined => self.presence(&frame, &mut out),
+            // A refresh has no reply; a bad token closes the channel.
+            (_, "access_token") if joined => {
+                if let Some(token) = frame.payload.get("access_token").and_then(Value::as_str) {
+                    if let Err(e) = self.session.refresh_token(&frame.topic, token).await {
+                        self.session.close_channel(&frame.topic, "system", &e.to_string());
+                    }
+                }
+            }
+            (_, _) if joined => out.push(self.reply(&frame, "ok", json!({}))),
+            _ => out.push(self.reply(&frame, "error", json!({"reason": "unmatched topic"}))),
+        }
+        out
+    }
+
+    /// Handles a binary frame (a 2.0.0 kind-3 broadcast push).
+    fn binary(&mut self, bytes: &Bytes) -> Vec<Frame> {
+        let push = match codec::decode_binary(bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "malformed binary frame");
+                let err = json!({"status": "error", "response": {"reason": e.to_string()}});
+                return vec![self.frame(None, None, "phoenix", "phx_reply", &err)];
+            }
+        };
+        let frame = ClientFrame {
+            join_ref: push.join_ref,
+            msg_ref: push.msg_ref,
+            topic: push.topic,
+            event: "broadcast".into(),
+            payload: Value::Null,
+        };
+        if !self.session.is_joined(&frame.topic) {
+            return vec![self.reply(&frame, "error", json!({"reason": "unmatched topic"}))];
+        }
+        let payload = match push.encoding {
+            0 => BroadcastPayload::Binary(push.payload),
+            1 => {
+                if serde_json::from_slice::<serde::de::IgnoredAny>(&push.payload).is_err() {
+                    return vec![self.reply(
+                        &frame,
+                        "error",
+                        json!({"reason": "broadcast payload is not valid JSON"}),
+                    )];
+                }
+                BroadcastPayload::Json(push.payload)
+            }
+            other => {
+                let reason = format!("unknown payload encoding {other} (0 = binary, 1 = JSON)");
+                return vec![self.reply(&frame, "error", json!({"reason": reason}))];
+            }
+        };
+        let mut out = Vec::new();
+        // The client's metadata (`persist`) asks for storage, which needs a private channel.
+        self.send_broadcast(&frame, BroadcastMessage { event: push.event, payload, meta: None }, &mut out);
+        out
     }
 }
 
