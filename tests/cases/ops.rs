@@ -251,6 +251,10 @@ async fn an_event_stream_loses_nothing_across_a_postgres_restart_under_load() {
         })
         .collect();
     wait_for("writes before the restart", Duration::from_secs(30), at_least(&committed, 300)).await;
+    let started_before: String = sqlx::query_scalar("SELECT pg_postmaster_start_time()::text")
+        .fetch_one(&p)
+        .await
+        .expect("start time");
     cluster.restart().await.expect("restart");
     let after = committed.load(Ordering::Relaxed);
     wait_for("writes after the restart", Duration::from_secs(60), at_least(&committed, after + 300)).await;
@@ -258,7 +262,17 @@ async fn an_event_stream_loses_nothing_across_a_postgres_restart_under_load() {
     for w in writers {
         w.await.expect("writer");
     }
-    assert!(failures.load(Ordering::Relaxed) > 0, "the restart interrupted the writers");
+    // Whether a writer's statement was cut by the restart depends on timing; that the server
+    // restarted under the writers does not.
+    let started_after: String = sqlx::query_scalar("SELECT pg_postmaster_start_time()::text")
+        .fetch_one(&p)
+        .await
+        .expect("start time");
+    assert_ne!(started_before, started_after, "the server restarted while the writers ran");
+    eprintln!(
+        "postgres restart test: {} writer statements failed and were retried",
+        failures.load(Ordering::Relaxed)
+    );
     let ledger: Vec<i64> = sqlx::query_scalar("SELECT item FROM ledger").fetch_all(&p).await.expect("ledger");
     let mut got = Vec::new();
     while got.len() < ledger.len() {
