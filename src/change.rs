@@ -879,6 +879,7 @@ impl DbBroadcast {
                 event: row.event.unwrap_or_default(),
                 payload,
                 meta: Some(Bytes::from(meta)),
+                logged: None,
             },
         })
     }

@@ -146,6 +146,7 @@ impl TopicPolicies {
                         event: event.unwrap_or_default(),
                         payload,
                         meta: Some(Bytes::from(meta)),
+                        logged: None,
                     }),
                     id: id.into(),
                 }

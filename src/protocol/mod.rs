@@ -10,6 +10,9 @@ use std::future::Future;
 
 use bytes::Bytes;
 
+use base64::Engine as _;
+
+use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
 use crate::realtime::outbox::Frame;
 use crate::realtime::session::Session;
 
@@ -31,5 +34,27 @@ pub trait Connection: Send {
     /// words).
     fn on_deadline(&mut self) {
         self.session().expire(std::time::Instant::now());
+    }
+}
+
+/// Writes a broadcast as the JSON fields the SSE and plain protocols share: `"event"`, then
+/// `"data"` (the JSON payload as sent) or `"binary"` (base64), then `"meta"` when it has one.
+pub(crate) fn write_broadcast(out: &mut Vec<u8>, m: &BroadcastMessage) {
+    use crate::replication::values::write_json_str;
+    out.extend_from_slice(b"\"event\":");
+    write_json_str(out, &m.event);
+    match &m.payload {
+        BroadcastPayload::Json(b) => {
+            out.extend_from_slice(b",\"data\":");
+            out.extend_from_slice(b);
+        }
+        BroadcastPayload::Binary(b) => {
+            out.extend_from_slice(b",\"binary\":");
+            write_json_str(out, &base64::engine::general_purpose::STANDARD.encode(b));
+        }
+    }
+    if let Some(meta) = &m.meta {
+        out.extend_from_slice(b",\"meta\":");
+        out.extend_from_slice(meta);
     }
 }

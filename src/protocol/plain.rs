@@ -8,8 +8,8 @@
 //! Server: `pong`, `authenticated`, `subscribed {channel, cursor}`, `unsubscribed`, `error
 //! {message}`, `change {channel, cursor, data}` (the change JSON every transport shares; snapshot
 //! rows carry `"snapshot": true` and no cursor), `snapshot-end {channel, cursor, rows}`, `gap
-//! {channel, code, message}`, `message {channel, event, data}` (broadcasts; a binary payload as
-//! `binary`, base64), `presence_state` / `presence_diff {channel, data}`.
+//! {channel, code, message}`, `message {channel, event, data, cursor}` (broadcasts; a binary
+//! payload as `binary`, base64; a database broadcast has a cursor), `presence_state` / `presence_diff {channel, data}`.
 //!
 //! A broadcast channel `name` is the topic `realtime:name`, so these clients and Phoenix clients
 //! share rooms. Owns: this mapping and its error messages. Must not: touch sockets or hold
@@ -17,13 +17,13 @@
 
 use std::sync::Arc;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
 use crate::auth::Credentials;
 use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
 use crate::realtime::outbox::{Direct, Encoder, EncodingId, Event, Frame, OutboxReceiver};
+use crate::realtime::resume::Since;
 use crate::realtime::session::{JoinError, JoinRequest, Session};
 use crate::realtime::Hub;
 
@@ -81,23 +81,12 @@ impl Encoder for PlainEncoder {
             }
             Event::Broadcast(m) => {
                 open(&mut out, "message", topic);
-                out.extend_from_slice(b",\"event\":");
-                crate::replication::values::write_json_str(&mut out, &m.event);
-                match &m.payload {
-                    BroadcastPayload::Json(b) => {
-                        out.extend_from_slice(b",\"data\":");
-                        out.extend_from_slice(b);
-                    }
-                    BroadcastPayload::Binary(b) => {
-                        out.extend_from_slice(b",\"binary\":");
-                        let encoded = base64::engine::general_purpose::STANDARD.encode(b);
-                        crate::replication::values::write_json_str(&mut out, &encoded);
-                    }
+                if let Some(l) = &m.logged {
+                    out.extend_from_slice(b",\"cursor\":");
+                    crate::replication::values::write_json_str(&mut out, &l.cursor);
                 }
-                if let Some(meta) = &m.meta {
-                    out.extend_from_slice(b",\"meta\":");
-                    out.extend_from_slice(meta);
-                }
+                out.push(b',');
+                super::write_broadcast(&mut out, m);
             }
             Event::PresenceDiff(d) => {
                 open(&mut out, "presence_diff", topic);
@@ -246,8 +235,14 @@ impl PlainConnection {
                 Ok(b) => req.bindings = b,
                 Err(e) => return vec![error(id, Some(channel), e)],
             }
-        } else if req.since.is_some() || req.snapshot {
-            return vec![error(id, Some(channel), "since and snapshot apply to table channels")];
+        } else if req.snapshot {
+            return vec![error(id, Some(channel), "snapshot applies to table channels")];
+        } else if req.since.as_deref().is_some_and(|s| matches!(s.parse(), Ok(Since::Time(_)))) {
+            return vec![error(
+                id,
+                Some(channel),
+                "a broadcast channel resumes from a cursor, not from a time",
+            )];
         }
         let joined = match self.session.join(req).await {
             Ok(j) => j,
@@ -266,10 +261,7 @@ impl PlainConnection {
             return vec![error(id, Some(channel), message)];
         }
         let cursor = self.session.hub().log().map(|log| log.cursor(joined.matched).to_string());
-        let mut answer = json!({"type": "subscribed", "channel": channel});
-        if channel.starts_with(TABLE) {
-            answer["cursor"] = json!(cursor);
-        }
+        let mut answer = json!({"type": "subscribed", "channel": channel, "cursor": cursor});
         if !joined.notices.is_empty() {
             answer["notices"] = json!(joined.notices);
         }
@@ -313,7 +305,7 @@ impl crate::protocol::Connection for PlainConnection {
                 let data = msg.get("data").unwrap_or(&Value::Null);
                 let payload =
                     BroadcastPayload::Json(Bytes::from(serde_json::to_vec(data).unwrap_or_default()));
-                let message = BroadcastMessage { event: event.to_owned(), payload, meta: None };
+                let message = BroadcastMessage { event: event.to_owned(), payload, meta: None, logged: None };
                 match self.session.broadcast(&topic_of(channel), message) {
                     Ok(()) if id.is_some() => {
                         vec![reply(&id, json!({"type": "published", "channel": channel}))]
@@ -374,6 +366,7 @@ mod tests {
             event: "typing".into(),
             payload: BroadcastPayload::Binary(Bytes::from_static(b"\x00\xff")),
             meta: None,
+            logged: None,
         };
         assert_eq!(
             json_of(&e.encode("realtime:room", &Event::Broadcast(&m)).unwrap()),

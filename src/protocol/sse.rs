@@ -4,9 +4,12 @@
 //!
 //! A change is `id: <cursor>` (so `Last-Event-ID` resumes), `event: insert|update|delete|
 //! truncate`, `data: <the change JSON>`. An initial snapshot is `event: snapshot` rows (no id:
-//! they cannot be resumed into) and then `event: snapshot-end` with the hand-off cursor as id. A gap is `event: gap` with `{"code","message"}`; an
-//! error or a closed stream `event: error`. Long-poll reads the same messages back
-//! ([`parse`]). Owns: the format. Must not: touch sockets or the database.
+//! they cannot be resumed into) and then `event: snapshot-end` with the hand-off cursor as id.
+//! A broadcast is an event named as the broadcast (`data: {"event","data"|"binary","meta"}`);
+//! a database broadcast has its cursor as id, a client's has none (it is not kept). A gap is
+//! `event: gap` with `{"code","message"}`; an error or a closed stream `event: error`.
+//! Long-poll reads the same messages back ([`parse`]). Owns: the format. Must not: touch
+//! sockets or the database.
 
 use std::sync::Arc;
 
@@ -39,7 +42,8 @@ fn event_name(kind: ChangeKind) -> &'static str {
     }
 }
 
-/// One message. `data` must not contain a newline (compact JSON never does).
+/// One message. A line break in `data` (JSON whitespace in a client's payload) starts another
+/// `data:` line, which the reader joins back with a newline; `id` and `event` have none.
 pub fn message(id: Option<&str>, event: &str, data: &[u8]) -> Frame {
     let mut s = String::with_capacity(data.len() + event.len() + 64);
     if let Some(id) = id {
@@ -49,10 +53,27 @@ pub fn message(id: Option<&str>, event: &str, data: &[u8]) -> Frame {
     }
     s.push_str("event: ");
     s.push_str(event);
-    s.push_str("\ndata: ");
-    s.push_str(&String::from_utf8_lossy(data));
+    for line in String::from_utf8_lossy(data).split(['\n', '\r']) {
+        s.push_str("\ndata: ");
+        s.push_str(line);
+    }
     s.push_str("\n\n");
     Frame::Text(Utf8Bytes::from(s))
+}
+
+/// The events a channel stream sends of its own: a broadcast by one of these names arrives as
+/// `broadcast`.
+const RESERVED: [&str; 3] = ["gap", "error", "system"];
+
+/// The SSE event name of a broadcast: its own name, unless that is empty, has a line break or
+/// is one of the stream's own events (then `broadcast`; the data still has the name).
+fn broadcast_event(name: &str) -> &str {
+    let plain = !name.is_empty() && !name.contains(['\n', '\r']) && !RESERVED.contains(&name);
+    if plain {
+        name
+    } else {
+        "broadcast"
+    }
 }
 
 impl Encoder for SseEncoder {
@@ -64,8 +85,15 @@ impl Encoder for SseEncoder {
         match event {
             Event::Change { data, snapshot: true, .. } => Some(message(None, "snapshot", data)),
             Event::Change { data, cursor, kind, .. } => Some(message(*cursor, event_name(*kind), data)),
-            // Change streams carry no broadcasts or presence.
-            Event::Broadcast(_) | Event::PresenceDiff(_) => None,
+            Event::Broadcast(m) => {
+                let mut data = Vec::with_capacity(m.payload.len() + 64);
+                data.push(b'{');
+                super::write_broadcast(&mut data, m);
+                data.push(b'}');
+                Some(message(m.logged.as_ref().map(|l| &*l.cursor), broadcast_event(&m.event), &data))
+            }
+            // Presence is not carried over SSE.
+            Event::PresenceDiff(_) => None,
         }
     }
 
@@ -137,5 +165,36 @@ mod tests {
             e.encode_direct("t", None, &Direct::System { extension: "x", status: "error", message: "no" });
         assert_eq!(parse(s.as_text().unwrap()).map(|p| p.1), Some("error"));
         assert_eq!(parse(": keep-alive\n\n"), None);
+    }
+
+    #[test]
+    fn broadcasts_are_named_events_and_keep_the_stream_framed() {
+        use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload, Logged};
+        let m = |event: &str, payload: &'static [u8], cursor: Option<&str>| BroadcastMessage {
+            event: event.into(),
+            payload: BroadcastPayload::Json(bytes::Bytes::from_static(payload)),
+            meta: None,
+            logged: cursor.map(|c| Logged { position: crate::change::Position::ZERO, cursor: c.into() }),
+        };
+        let text = |m: &BroadcastMessage| SseEncoder.encode("realtime:r", &Event::Broadcast(m)).unwrap();
+        let f = text(&m("typing", br#"{"a":1}"#, Some("C9")));
+        assert_eq!(
+            f.as_text(),
+            Some("id: C9\nevent: typing\ndata: {\"event\":\"typing\",\"data\":{\"a\":1}}\n\n")
+        );
+        // The stream's own names, empty names and line breaks are not event names.
+        for name in ["gap", "error", "", "a\nid: x"] {
+            let f = text(&m(name, b"1", None));
+            let body = f.as_text().unwrap();
+            assert!(body.starts_with("event: broadcast\ndata: "), "{body:?}");
+            assert_eq!(body.matches("\n\n").count(), 1, "one message: {body:?}");
+        }
+        // Line breaks in a payload continue the data on further lines; nothing else changes.
+        let f = text(&m("e", b"{\"a\":\n1,\r\n\"id: x\":2}", None));
+        let body = f.as_text().unwrap();
+        assert!(!body.contains("\nid:"), "{body:?}");
+        let data: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        let joined: serde_json::Value = serde_json::from_str(&data.join("\n")).unwrap();
+        assert_eq!(joined["data"], serde_json::json!({"a": 1, "id: x": 2}));
     }
 }

@@ -39,6 +39,17 @@ pub struct BroadcastMessage {
     pub payload: BroadcastPayload,
     /// A JSON object sent to clients as `meta` (e.g. `{"id":"…"}` for database broadcasts).
     pub meta: Option<Bytes>,
+    /// Where a database broadcast sits in this node's change log; `None` for the broadcasts
+    /// of clients and REST, which are not kept.
+    pub logged: Option<Logged>,
+}
+
+/// A database broadcast's place in the change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged {
+    pub position: crate::change::Position,
+    /// The position as a client cursor (SSE `id:`).
+    pub cursor: Arc<str>,
 }
 
 impl BroadcastMessage {

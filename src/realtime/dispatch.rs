@@ -25,6 +25,7 @@ use crate::log::Appender;
 use crate::realtime::bus::BusMessage;
 use crate::realtime::index::Subscription;
 use crate::realtime::outbox::{EncodingId, Event, Frame};
+use crate::realtime::resume::Place;
 use crate::realtime::{Hub, Member, TopicKey};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::lsn::Lsn;
@@ -127,8 +128,13 @@ fn handle_now(
     }
 }
 
-fn publish(hub: &Hub, b: DbBroadcast) {
+fn publish(hub: &Hub, mut b: DbBroadcast) {
     hub.metrics().broadcasts_received.fetch_add(1, Ordering::Relaxed);
+    if let Some(log) = hub.log() {
+        let cursor = log.cursor(b.position).to_string().into();
+        b.message.logged = Some(crate::realtime::broadcast::Logged { position: b.position, cursor });
+        hub.set_broadcast_logged(b.position);
+    }
     hub.publish(BusMessage::Broadcast {
         key: TopicKey { topic: b.topic, private: b.private },
         origin: None,
@@ -289,7 +295,7 @@ impl Scratch {
                 collected.push(frame);
                 true
             }
-            (Some(frame), None) => member.deliver_live(self.position, self.xid, frame, hub),
+            (Some(frame), None) => member.deliver_live(Place::Change(self.position, self.xid), frame, hub),
             (None, _) => false,
         }
     }

@@ -213,6 +213,9 @@ struct HubInner {
     /// The transactions matched last, (commit LSN, xid), oldest first: a snapshot checks that
     /// those it should contain are visible to it.
     recent: std::sync::Mutex<std::collections::VecDeque<(crate::replication::lsn::Lsn, u32)>>,
+    /// The last database broadcast published with its place in the change log (set before it
+    /// is delivered, so a member added before reading it receives every later one).
+    broadcast_logged: std::sync::Mutex<Position>,
     /// Equal subjects share one `Arc`, so the dispatcher groups subscribers by pointer.
     subjects: std::sync::Mutex<HashMap<Subject, std::sync::Weak<Subject>>>,
     next_id: AtomicU64,
@@ -277,6 +280,7 @@ impl Hub {
                 matched_lsn: AtomicU64::new(0),
                 matched_seq: Default::default(),
                 recent: Default::default(),
+                broadcast_logged: std::sync::Mutex::new(Position::ZERO),
                 subjects: std::sync::Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 node: fastrand::u64(..),
@@ -325,6 +329,19 @@ impl Hub {
             }
         }
         self.inner.matched_seq.store(p.seq, Ordering::Relaxed);
+    }
+
+    /// Records the database broadcast at `p` as published; call before delivering it.
+    pub(crate) fn set_broadcast_logged(&self, p: Position) {
+        if let Ok(mut last) = self.inner.broadcast_logged.lock() {
+            *last = (*last).max(p);
+        }
+    }
+
+    /// The last database broadcast published; read after adding a member: every later one
+    /// reaches it.
+    pub(crate) fn broadcast_logged(&self) -> Position {
+        self.inner.broadcast_logged.lock().map(|p| *p).unwrap_or(Position::ZERO)
     }
 
     /// The transactions matched last, (commit LSN, xid), oldest first.

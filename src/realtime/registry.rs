@@ -12,6 +12,7 @@ use crate::auth::topics::Replayed;
 use crate::realtime::broadcast::{BroadcastMessage, ReplayGate};
 use crate::realtime::outbox::{Direct, EncodingId, Event, Frame};
 use crate::realtime::presence::{PresenceDiff, PresenceTable};
+use crate::realtime::resume::Place;
 use crate::realtime::{Hub, Member, MemberId, TopicKey};
 
 #[derive(Debug, Default)]
@@ -107,6 +108,7 @@ impl Hub {
         let Some(channel) = channels.get(key) else { return };
         let mut cache = FrameCache::new(&key.topic, Event::Broadcast(message));
         let mut id: Option<Option<String>> = None;
+        let place = message.logged.as_ref().map_or(Place::Unlogged, |l| Place::Broadcast(l.position));
         for m in &channel.members {
             if (origin == Some(m.id) && !m.echo_own) || !m.reads_broadcast() {
                 continue;
@@ -128,7 +130,7 @@ impl Hub {
             }
             match cache.frame(m) {
                 Some(f) => {
-                    m.outbox.send(f, self.metrics());
+                    m.deliver_live(place, f, self);
                 }
                 None => {
                     self.metrics().broadcasts_undeliverable.fetch_add(1, Ordering::Relaxed);

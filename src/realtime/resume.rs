@@ -14,11 +14,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::change::DbBroadcast;
 use crate::change::Position;
 use crate::log::{Cursor, Entry, Gap, LogReader};
+use crate::realtime::broadcast::Logged;
 use crate::realtime::dispatch::{replay_batch, Scratch};
 use crate::realtime::index::Subscription;
-use crate::realtime::outbox::{Direct, Frame, Queued};
+use crate::realtime::outbox::{Direct, Event, Frame, Queued};
 use crate::realtime::snapshot::XidSnapshot;
 use crate::realtime::{Hub, Member};
 
@@ -32,18 +34,40 @@ const WRITTEN_WAIT: Duration = Duration::from_secs(30);
 /// A member's live changes during a resume or a snapshot.
 #[derive(Debug)]
 pub enum ResumeGate {
-    /// Replaying (or reading the snapshot): live changes are kept, in order, with their
-    /// positions and transaction ids.
-    Holding(Vec<(Position, u32, Frame)>),
+    /// Replaying (or reading the snapshot): live frames are kept, in order, with their places.
+    Holding(Vec<(Place, Frame)>),
     /// Live: changes at or before `through` were replayed (or were before the cursor, or are in
     /// the snapshot); so are those that `shown` shows.
     Live { through: Position, shown: Option<Arc<XidSnapshot>> },
 }
 
+/// Where a live frame sits in the change log, which decides whether a replay or a snapshot
+/// already sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// A change: its position and transaction (a snapshot may show it).
+    Change(Position, u32),
+    /// A database broadcast: a replay sends those up to `through`; a snapshot has none.
+    Broadcast(Position),
+    /// Not in the log (a client's or REST broadcast): always sent, in order.
+    Unlogged,
+}
+
+impl Place {
+    /// Whether a hand-off up to `through` (with the snapshot `shown`) already sent this.
+    fn sent(self, through: Position, shown: Option<&XidSnapshot>) -> bool {
+        match self {
+            Place::Change(p, xid) => p <= through || shown.is_some_and(|s| s.shows(p.lsn, xid)),
+            Place::Broadcast(p) => shown.is_none() && p <= through,
+            Place::Unlogged => false,
+        }
+    }
+}
+
 impl Member {
-    /// Queues one live change frame (of transaction `xid`), through the resume gate when there
-    /// is one. Returns whether it was queued (or held).
-    pub(crate) fn deliver_live(&self, position: Position, xid: u32, frame: Frame, hub: &Hub) -> bool {
+    /// Queues one live frame, through the resume gate when there is one. Returns whether it
+    /// was queued (or held).
+    pub(crate) fn deliver_live(&self, place: Place, frame: Frame, hub: &Hub) -> bool {
         let Some(gate) = &self.resume else {
             return self.outbox.send(frame, hub.metrics()) == Queued::Yes;
         };
@@ -54,16 +78,15 @@ impl Member {
                     self.outbox.kill(hub.metrics());
                     return false;
                 }
-                held.push((position, xid, frame));
+                held.push((place, frame));
                 true
             }
-            ResumeGate::Live { through, .. } if position <= *through => false,
-            ResumeGate::Live { shown, .. } => {
-                if let Some(s) = shown {
-                    if s.shows(position.lsn, xid) {
-                        return false;
-                    }
-                    if position.lsn >= s.boundary {
+            ResumeGate::Live { through, shown } => {
+                if place.sent(*through, shown.as_deref()) {
+                    return false;
+                }
+                if let (Place::Change(p, _), Some(s)) = (place, &shown) {
+                    if p.lsn >= s.boundary {
                         // Past every transaction the snapshot can show.
                         *shown = None;
                     }
@@ -74,7 +97,7 @@ impl Member {
     }
 
     /// Ends the replay: sends what was held after `through`, then lets live changes pass.
-    async fn release(&self, through: Position, hub: &Hub) {
+    pub(crate) async fn release(&self, through: Position, hub: &Hub) {
         self.open_gate(through, None, hub).await;
     }
 
@@ -84,7 +107,7 @@ impl Member {
         self.open_gate(through, Some(shown), hub).await;
     }
 
-    /// Sends the held changes with backpressure, taking them in turns (the dispatcher keeps
+    /// Sends the held frames with backpressure, taking them in turns (the dispatcher keeps
     /// holding new ones meanwhile), and goes live once nothing is held.
     async fn open_gate(&self, through: Position, shown: Option<Arc<XidSnapshot>>, hub: &Hub) {
         let Some(gate) = &self.resume else { return };
@@ -100,8 +123,8 @@ impl Member {
                     ResumeGate::Live { .. } => return,
                 }
             };
-            for (position, xid, frame) in held {
-                if position <= through || shown.as_ref().is_some_and(|s| s.shows(position.lsn, xid)) {
+            for (place, frame) in held {
+                if place.sent(through, shown.as_deref()) {
                     continue;
                 }
                 if self.outbox.send_wait(frame, hub.metrics()).await != Queued::Yes {
@@ -254,17 +277,55 @@ impl Resume {
                 return Ok(done);
             }
             reader = Some(r);
-            let changes = entries.into_iter().filter_map(|e| match e {
-                Entry::Change(c) => Some(c),
-                Entry::Broadcast(_) => None,
-            });
-            let frames = replay_batch(&self.hub, &self.member, &self.subs, changes, &mut scratch).await;
-            for frame in frames {
-                if self.member.outbox.send_wait(frame, self.hub.metrics()).await != Queued::Yes {
-                    return Err(ReplayError::Gone);
+            // Changes go through the member's bindings in runs; its channel's database
+            // broadcasts go in between, in log order.
+            let mut changes = Vec::new();
+            for entry in entries {
+                match entry {
+                    Entry::Change(c) => changes.push(c),
+                    Entry::Broadcast(b) => {
+                        if !changes.is_empty() {
+                            let frames = replay_batch(
+                                &self.hub,
+                                &self.member,
+                                &self.subs,
+                                changes.drain(..),
+                                &mut scratch,
+                            )
+                            .await;
+                            self.send_all(frames).await?;
+                        }
+                        if let Some(frame) = self.broadcast_frame(log, b) {
+                            self.send_all([frame]).await?;
+                        }
+                    }
                 }
             }
+            let frames =
+                replay_batch(&self.hub, &self.member, &self.subs, changes.into_iter(), &mut scratch).await;
+            self.send_all(frames).await?;
         }
+    }
+
+    async fn send_all(&self, frames: impl IntoIterator<Item = Frame>) -> Result<(), ReplayError> {
+        for frame in frames {
+            if self.member.outbox.send_wait(frame, self.hub.metrics()).await != Queued::Yes {
+                return Err(ReplayError::Gone);
+            }
+        }
+        Ok(())
+    }
+
+    /// A logged database broadcast as this member receives it, if it is for its channel and
+    /// it may read broadcasts.
+    fn broadcast_frame(&self, log: &crate::log::ChangeLog, mut b: DbBroadcast) -> Option<Frame> {
+        let key = &self.member.key;
+        if *b.topic != *key.topic || b.private != key.private || !self.member.reads_broadcast() {
+            return None;
+        }
+        b.message.logged =
+            Some(Logged { position: b.position, cursor: log.cursor(b.position).to_string().into() });
+        self.member.encoder.encode(&key.topic, &Event::Broadcast(&b.message))
     }
 }
 

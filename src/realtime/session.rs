@@ -69,8 +69,9 @@ pub struct Joined {
     /// The replay of a join with `since`, or the snapshot of a join with `snapshot`: the
     /// transport starts it once it has answered the join.
     pub handoff: Option<Handoff>,
-    /// The last change matched before the bindings went live: every later change is delivered
-    /// (a resume point for clients that join without a cursor).
+    /// The last change matched before the bindings went live (for a channel without bindings,
+    /// the last database broadcast before it joined): every later one is delivered (a resume
+    /// point for clients that join without a cursor).
     pub matched: Position,
 }
 
@@ -499,6 +500,13 @@ impl Session {
                 through = self.hub.matched();
             }
         }
+        // The member was added above: every database broadcast after this one reaches it.
+        let broadcasts_through = self.hub.broadcast_logged();
+        // Where this join starts: a client that resumes from here misses nothing of it.
+        let matched = if req.bindings.is_empty() { broadcasts_through } else { through };
+        if since.is_some() {
+            through = through.max(broadcasts_through);
+        }
         let handoff = match since {
             Some(cursor) => Some(Handoff::Resume(Resume {
                 hub: self.hub.clone(),
@@ -544,7 +552,7 @@ impl Session {
         }
         let changes =
             (!req.bindings.is_empty()).then(|| if errors.is_empty() { Ok(()) } else { Err(errors) });
-        Ok(Joined { changes, notices, handoff, matched: through })
+        Ok(Joined { changes, notices, handoff, matched })
     }
 
     /// The credentials a join acts with: its own token when it brings one, else the connect
@@ -840,6 +848,7 @@ mod tests {
             event: event.into(),
             payload: BroadcastPayload::Json(Bytes::copy_from_slice(payload.as_bytes())),
             meta: None,
+            logged: None,
         }
     }
 
@@ -891,6 +900,7 @@ mod tests {
             event: "blob".into(),
             payload: BroadcastPayload::Binary(Bytes::from_static(&[0, 1, 2])),
             meta: None,
+            logged: None,
         };
         a.broadcast("room", bin).unwrap();
         assert_eq!(drain(&mut v2rx), ["room broadcast blob [0, 1, 2]"]);
@@ -1042,8 +1052,16 @@ mod tests {
     }
 
     fn member(hub: &Hub, topic: &str, reads: u8, replay: bool) -> (Arc<Member>, OutboxReceiver) {
+        member_with(hub, topic, |m| {
+            m.reads = reads.into();
+            m.replay = replay.then(|| std::sync::Mutex::new(ReplayGate::Holding(Vec::new())));
+        })
+    }
+
+    /// A broadcast reader of `topic`, as `tweak` makes it.
+    fn member_with(hub: &Hub, topic: &str, tweak: impl FnOnce(&mut Member)) -> (Arc<Member>, OutboxReceiver) {
         let (outbox, rx) = Outbox::new(64);
-        let m = Arc::new(Member {
+        let mut m = Member {
             id: hub.next_id(),
             session: hub.next_id(),
             key: TopicKey { topic: topic.into(), private: false },
@@ -1052,11 +1070,13 @@ mod tests {
             encoder: Arc::new(Lines(2)),
             echo_own: false,
             subject: std::sync::RwLock::new(None),
-            reads: reads.into(),
-            replay: replay.then(|| std::sync::Mutex::new(ReplayGate::Holding(Vec::new()))),
+            reads: crate::realtime::READS_BROADCAST.into(),
+            replay: None,
             resume: None,
             seen: Default::default(),
-        });
+        };
+        tweak(&mut m);
+        let m = Arc::new(m);
         hub.add_member(Arc::clone(&m), true);
         (m, rx)
     }
@@ -1066,6 +1086,7 @@ mod tests {
             event: event.into(),
             payload: BroadcastPayload::Json(Bytes::from_static(b"1")),
             meta: Some(Bytes::from(format!(r#"{{"id":"{event}"}}"#))),
+            logged: None,
         }
     }
 
@@ -1089,6 +1110,43 @@ mod tests {
         a.broadcast("room", with_id("m1")).unwrap();
         a.broadcast("room", with_id("m4")).unwrap();
         assert_eq!(drain(&mut rx), ["room broadcast m4 1"]);
+    }
+
+    /// A database broadcast at `lsn` (its place in the log), else a client's.
+    fn logged(event: &str, lsn: Option<u64>) -> BroadcastMessage {
+        let position = lsn.map(|l| Position { lsn: crate::replication::lsn::Lsn(l), seq: 0 });
+        BroadcastMessage {
+            logged: position
+                .map(|position| crate::realtime::broadcast::Logged { position, cursor: "c".into() }),
+            ..json_msg(event, "1")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resume_gate_skips_the_database_broadcasts_replayed_and_keeps_the_rest_in_order() {
+        let hub = hub(Limits::default());
+        let (mut a, _arx) = session(&hub, 2);
+        a.join(req("room")).await.unwrap();
+        let gated = |m: &mut Member| m.resume = Some(crate::realtime::resume::holding_gate());
+        let (resuming, mut rx) = member_with(&hub, "room", gated);
+        let (snapshotting, mut snap_rx) = member_with(&hub, "room", gated);
+        // Held while the replay runs: those at or before `through` (10) are in the replay.
+        for (event, lsn) in [("r5", Some(5)), ("live", None), ("r10", Some(10)), ("r15", Some(15))] {
+            a.broadcast("room", logged(event, lsn)).unwrap();
+        }
+        assert!(drain(&mut rx).is_empty() && drain(&mut snap_rx).is_empty(), "held");
+        let through = Position { lsn: crate::replication::lsn::Lsn(10), seq: 0 };
+        resuming.release(through, &hub).await;
+        assert_eq!(drain(&mut rx), ["room broadcast live 1", "room broadcast r15 1"]);
+        // A snapshot has no broadcasts: every one held is sent.
+        let shown = Arc::new(crate::realtime::snapshot::XidSnapshot::parse("1:1:", through.lsn).unwrap());
+        snapshotting.release_after_snapshot(through, shown, &hub).await;
+        assert_eq!(drain(&mut snap_rx).len(), 4);
+        // Live: one at or before `through` arriving late is skipped.
+        a.broadcast("room", logged("late", Some(9))).unwrap();
+        a.broadcast("room", logged("r20", Some(20))).unwrap();
+        assert_eq!(drain(&mut rx), ["room broadcast r20 1"]);
+        assert_eq!(drain(&mut snap_rx).len(), 2);
     }
 
     #[tokio::test]

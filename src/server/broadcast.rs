@@ -146,7 +146,12 @@ pub async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Byte
         ready.push((
             m.topic,
             m.private,
-            BroadcastMessage { event: m.event, payload: BroadcastPayload::Json(payload.into()), meta },
+            BroadcastMessage {
+                event: m.event,
+                payload: BroadcastPayload::Json(payload.into()),
+                meta,
+                logged: None,
+            },
         ));
     }
     let mut checked: Vec<&str> = Vec::new();
@@ -206,6 +211,6 @@ pub async fn single(
             return denied;
         }
     }
-    publish(&state, &topic, private, BroadcastMessage { event, payload, meta: None });
+    publish(&state, &topic, private, BroadcastMessage { event, payload, meta: None, logged: None });
     StatusCode::ACCEPTED.into_response()
 }

@@ -38,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/realtime/v1/websocket", get(ws::upgrade))
         .route("/socket/websocket", get(ws::upgrade))
         .route("/v1/tables/{table}/changes", get(sse::changes))
+        .route("/v1/channels/{name}/events", get(sse::channel_events))
         .route("/v1/ws", get(ws::upgrade_plain));
     for prefix in ["/api", "/realtime/v1/api"] {
         router = router

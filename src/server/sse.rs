@@ -1,5 +1,6 @@
 //! Changes over plain HTTP: `GET /v1/tables/{schema}.{table}/changes` as Server-Sent Events
-//! (`Accept: text/event-stream`) or as a long-poll (`Accept: application/json`). Both are one
+//! (`Accept: text/event-stream`) or as a long-poll (`Accept: application/json`), and a
+//! broadcast channel as Server-Sent Events (`GET /v1/channels/{name}/events`). Each is one
 //! session with one channel; a cursor (`since`, or `Last-Event-ID`) resumes from the change log.
 //!
 //! Owns: HTTP concerns — the token (header, query or cookie, since `EventSource` cannot set
@@ -20,6 +21,7 @@ use serde_json::{json, Value};
 use crate::auth::{AuthError, Credentials};
 use crate::protocol::sse::{self, SseEncoder};
 use crate::realtime::outbox::{Frame, OutboxReceiver};
+use crate::realtime::resume::Since;
 use crate::realtime::session::{JoinError, JoinRequest, Session};
 use crate::server::AppState;
 
@@ -89,6 +91,49 @@ pub(crate) async fn authenticate(
     verifier.verify(token.ok_or(AuthError::Missing)?).await.map(Some)
 }
 
+/// The request's verified credentials, or the 401 to answer.
+async fn credentials(
+    state: &AppState,
+    headers: &HeaderMap,
+    access_token: Option<&str>,
+    apikey: Option<&str>,
+) -> Result<Option<Credentials>, Box<Response>> {
+    authenticate(state, token(headers, access_token, apikey).as_deref()).await.map_err(|e| {
+        state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Box::new(error(StatusCode::UNAUTHORIZED, e.connect_message()))
+    })
+}
+
+/// A `true`/`false` query parameter (absent is false).
+fn flag(name: &str, value: Option<&str>) -> Result<bool, Box<Response>> {
+    match value {
+        None | Some("" | "false" | "0") => Ok(false),
+        Some("true" | "1") => Ok(true),
+        Some(other) => {
+            Err(Box::new(error(StatusCode::BAD_REQUEST, format!("{name}: {other:?} is not true or false"))))
+        }
+    }
+}
+
+/// `Last-Event-ID`, else the `since` parameter.
+fn resume_from(headers: &HeaderMap, since: Option<&str>) -> Option<String> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or(since)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+fn join_error(e: JoinError) -> Response {
+    match e {
+        JoinError::Auth(e) => error(StatusCode::UNAUTHORIZED, e.connect_message()),
+        e @ JoinError::Unauthorized(_) => error(StatusCode::FORBIDDEN, e.to_string()),
+        e @ JoinError::Unavailable => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        e => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
 pub async fn changes(
     State(state): State<AppState>,
     Path(table): Path<String>,
@@ -99,27 +144,17 @@ pub async fn changes(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/event-stream"));
-    let credentials = match authenticate(
-        &state,
-        token(&headers, params.access_token.as_deref(), params.apikey.as_deref()).as_deref(),
-    )
-    .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return error(StatusCode::UNAUTHORIZED, e.connect_message());
-        }
-    };
+    let credentials =
+        match credentials(&state, &headers, params.access_token.as_deref(), params.apikey.as_deref()).await {
+            Ok(c) => c,
+            Err(refused) => return *refused,
+        };
     let Some((schema, name)) = table.split_once('.').filter(|(s, t)| !s.is_empty() && !t.is_empty()) else {
         return error(StatusCode::BAD_REQUEST, format!("table {table:?}: expected schema.table"));
     };
-    let snapshot = match params.snapshot.as_deref() {
-        None | Some("" | "false" | "0") => false,
-        Some("true" | "1") => true,
-        Some(other) => {
-            return error(StatusCode::BAD_REQUEST, format!("snapshot: {other:?} is not true or false"))
-        }
+    let snapshot = match flag("snapshot", params.snapshot.as_deref()) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
     };
     let bindings = match crate::subscribe::table_bindings(
         schema,
@@ -131,12 +166,7 @@ pub async fn changes(
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let since = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(params.since.clone())
-        .filter(|s| !s.is_empty());
+    let since = resume_from(&headers, params.since.as_deref());
     let (mut session, outbox) = Session::new(state.hub.clone(), SseEncoder::shared(), credentials);
     let topic = format!("changes:{schema}.{name}");
     let req = JoinRequest {
@@ -148,12 +178,7 @@ pub async fn changes(
     };
     let joined = match session.join(req).await {
         Ok(j) => j,
-        Err(e @ (JoinError::Cursor(_) | JoinError::Snapshot(_))) => {
-            return error(StatusCode::BAD_REQUEST, e.to_string())
-        }
-        Err(JoinError::Auth(e)) => return error(StatusCode::UNAUTHORIZED, e.connect_message()),
-        Err(e @ JoinError::Unavailable) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => return join_error(e),
     };
     if let Some(Err(errors)) = &joined.changes {
         let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
@@ -173,6 +198,58 @@ pub async fn changes(
     } else {
         long_poll(state, session, outbox, &params, since.or(start), snapshot).await
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ChannelParams {
+    /// Resume after this event id (`Last-Event-ID` wins): the database broadcasts missed are
+    /// replayed from the change log.
+    pub since: Option<String>,
+    /// A private channel (`realtime.messages` policies decide who may read).
+    pub private: Option<String>,
+    pub access_token: Option<String>,
+    pub apikey: Option<String>,
+}
+
+/// `GET /v1/channels/{name}/events`: a broadcast channel (the topic `realtime:<name>`, shared
+/// with Phoenix and `/v1/ws` clients) as an event stream, one event per broadcast, named as
+/// the broadcast.
+pub async fn channel_events(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(params): Query<ChannelParams>,
+    headers: HeaderMap,
+) -> Response {
+    let credentials =
+        match credentials(&state, &headers, params.access_token.as_deref(), params.apikey.as_deref()).await {
+            Ok(c) => c,
+            Err(refused) => return *refused,
+        };
+    let private = match flag("private", params.private.as_deref()) {
+        Ok(p) => p,
+        Err(refused) => return *refused,
+    };
+    if name.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "a channel name is required");
+    }
+    let since = resume_from(&headers, params.since.as_deref());
+    if since.as_deref().and_then(|s| s.parse::<Since>().ok()).is_some_and(|s| matches!(s, Since::Time(_))) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "since: a channel stream resumes from an event id (a cursor), not from a time",
+        );
+    }
+    let (mut session, outbox) = Session::new(state.hub.clone(), SseEncoder::shared(), credentials);
+    let topic = format!("realtime:{name}");
+    let req = JoinRequest { topic: topic.clone(), private, since, ..JoinRequest::default() };
+    let joined = match session.join(req).await {
+        Ok(j) => j,
+        Err(e) => return join_error(e),
+    };
+    if let Some(handoff) = joined.handoff {
+        handoff.start();
+    }
+    event_stream(state, session, outbox, topic, joined.notices)
 }
 
 /// What the event stream holds between chunks.

@@ -835,7 +835,86 @@ async fn plain_websocket_protocol_from_a_generic_client() {
         [json!(["DELETE", 1]), json!(["INSERT", 0]), json!(["UPDATE", 3])],
         "after the cursor, in order"
     );
+
+    // Database broadcasts carry a cursor; a room resumed from one gets those it missed.
+    exec(&p, "SELECT realtime.send('{\"n\": 1}'::jsonb, 'db', 'chat', false)").await;
+    let first = c.frame("message").await;
+    assert_eq!((&first["event"], &first["data"]["n"]), (&json!("db"), &json!(1)), "{first}");
+    let room_cursor = first["cursor"].as_str().expect("a database broadcast's cursor").to_owned();
+    c.cmd(json!({"type": "unsubscribe", "channel": "chat"})).await;
+    assert_eq!(c.frame("unsubscribed").await["channel"], "chat");
+    exec(&p, "SELECT realtime.send('{\"n\": 2}'::jsonb, 'db', 'chat', false)").await;
+    exec(&p, "SELECT realtime.send('{\"n\": 3}'::jsonb, 'db', 'chat', false)").await;
+    c.cmd(json!({"type": "subscribe", "channel": "chat", "since": "2026-01-01T00:00:00Z"})).await;
+    assert!(c.frame("error").await["message"].as_str().is_some_and(|m| m.contains("from a cursor")));
+    c.cmd(json!({"type": "subscribe", "channel": "chat", "since": room_cursor})).await;
+    c.frame("subscribed").await;
+    for n in [2, 3] {
+        let m = c.frame("message").await;
+        assert_eq!(m["data"]["n"], n, "{m}");
+        assert!(m["cursor"].as_str() > Some(room_cursor.as_str()), "{m}");
+    }
     app.stop().await;
+}
+
+/// A GET with the `curl` command line: (status, JSON body).
+async fn curl(url: &str) -> (u16, Value) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "-H", "Accept: application/json", "-w", "\n%{http_code}", url])
+        .output()
+        .await
+        .expect("curl runs (apt-get install curl)");
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').expect("a status line");
+    (status.trim().parse().expect("a status"), serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn long_poll_from_curl() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, "CREATE TABLE items (id bigint PRIMARY KEY, v text)").await;
+    let app = TestApp::spawn(&url).await;
+    let changes =
+        format!("http://{}/v1/tables/public.items/changes?access_token={}", app.addr, support::anon_key());
+
+    let (status, first) = curl(&format!("{changes}&wait=0")).await;
+    assert_eq!((status, &first["changes"]), (200, &json!([])), "{first}");
+    let mut cursor = first["cursor"].as_str().expect("a cursor").to_owned();
+    // A held poll answers when a change commits.
+    let held = tokio::spawn(curl_owned(format!("{changes}&since={cursor}&wait=30")));
+    // The poll is held once the gateway counts its client; only then commit.
+    crate::support::wait_for("the poll to be held", std::time::Duration::from_secs(20), || {
+        let addr = app.addr;
+        async move {
+            let m = support::http_get(&format!("http://{addr}/metrics")).await.ok()?;
+            let gauge = format!("{} ", walcast::server::metrics::CLIENTS);
+            m.lines().any(|l| l.starts_with(&gauge) && !l.ends_with(" 0")).then_some(())
+        }
+    })
+    .await;
+    exec(&p, "INSERT INTO items VALUES (1, 'a')").await;
+    let (status, body) = held.await.unwrap();
+    assert_eq!((status, body["changes"][0]["record"]["id"].as_i64()), (200, Some(1)), "{body}");
+    cursor = body["cursor"].as_str().unwrap().to_owned();
+    // Waiting changes come at once, `limit` at a time, each once.
+    exec(&p, "INSERT INTO items VALUES (2, 'b'); INSERT INTO items VALUES (3, 'c')").await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let (status, body) = curl(&format!("{changes}&since={cursor}&limit=1&wait=20")).await;
+        assert_eq!(status, 200, "{body}");
+        got.extend(body["changes"].as_array().unwrap().iter().map(|c| c["record"]["id"].as_i64().unwrap()));
+        cursor = body["cursor"].as_str().unwrap().to_owned();
+    }
+    assert_eq!(got, [2, 3]);
+    let (status, body) = curl(&format!("{changes}&since=00000000{}", &cursor[8..])).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("other_log")), "{body}");
+    app.stop().await;
+}
+
+async fn curl_owned(url: String) -> (u16, Value) {
+    curl(&url).await
 }
 
 /// realtime-js resumes after a reconnect with `since` set to the last `commit_timestamp` it saw

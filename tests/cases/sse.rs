@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{anon_key, exec, fresh_db, pool, TestApp};
+use crate::support::{anon_key, exec, fresh_db, http_post, pool, TestApp};
 
 const SCHEMA: &str = "
 CREATE TABLE items (id bigint PRIMARY KEY, v text);
@@ -23,14 +23,23 @@ pub(super) struct Sse {
 }
 
 impl Sse {
+    /// The change stream of `public.items`.
     pub(super) async fn open(
         base: &str,
         query: &str,
         last_event_id: Option<&str>,
     ) -> Result<Sse, (u16, String)> {
-        let mut req = reqwest::Client::new()
-            .get(format!("{base}/v1/tables/public.items/changes?{query}"))
-            .header("accept", "text/event-stream");
+        Sse::open_at(base, "/v1/tables/public.items/changes", query, last_event_id).await
+    }
+
+    pub(super) async fn open_at(
+        base: &str,
+        path: &str,
+        query: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<Sse, (u16, String)> {
+        let mut req =
+            reqwest::Client::new().get(format!("{base}{path}?{query}")).header("accept", "text/event-stream");
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
         }
@@ -52,17 +61,25 @@ impl Sse {
                 let block: String = self.buf.drain(..end + 2).collect();
                 let mut id = None;
                 let mut event = None;
-                let mut data = None;
+                let mut data: Option<String> = None;
                 for line in block.lines() {
                     if let Some(v) = line.strip_prefix("id: ") {
                         id = Some(v.to_owned());
                     } else if let Some(v) = line.strip_prefix("event: ") {
                         event = Some(v.to_owned());
                     } else if let Some(v) = line.strip_prefix("data: ") {
-                        data = Some(serde_json::from_str(v).expect("data is JSON"));
+                        // Lines of one message's data join with a newline.
+                        match &mut data {
+                            Some(d) => {
+                                d.push('\n');
+                                d.push_str(v);
+                            }
+                            None => data = Some(v.to_owned()),
+                        }
                     }
                 }
                 if let (Some(event), Some(data)) = (event, data) {
+                    let data = serde_json::from_str(&data).expect("data is JSON");
                     return Some((id, event, data));
                 }
                 continue;
@@ -188,6 +205,106 @@ async fn long_poll_returns_waiting_changes_holds_when_none_and_answers_a_gap_wit
         (409, Some("gap"), Some("other_log")),
         "{body}"
     );
+    app.stop().await;
+}
+
+/// `SELECT realtime.send(…)` of `{"n": n}` as event `event` to the public topic `room`.
+fn send_sql(event: &str, n: i64, private: bool) -> String {
+    format!("SELECT realtime.send('{{\"n\": {n}}}'::jsonb, '{event}', 'room', {private})")
+}
+
+#[tokio::test]
+async fn channel_stream_names_events_after_broadcasts_and_resumes_database_broadcasts_without_loss() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    let app = TestApp::spawn(&url).await;
+    let base = format!("http://{}", app.addr);
+    let path = "/v1/channels/room/events";
+    let rest = |event: &str| {
+        serde_json::json!({"messages": [{"topic": "room", "event": event, "payload": {"who": "rest"}}]})
+            .to_string()
+    };
+    let mut sse = Sse::open_at(&base, path, &key_query(), None).await.unwrap();
+
+    // A client's broadcast: named after its event, no id (it is not kept).
+    let (status, _) =
+        http_post(app.addr, "/api/broadcast", "application/json", rest("typing").as_bytes()).await;
+    assert_eq!(status, 202);
+    let (id, event, data) = sse.next().await.unwrap();
+    assert_eq!((id, event.as_str()), (None, "typing"));
+    assert_eq!(data, serde_json::json!({"event": "typing", "data": {"who": "rest"}}));
+
+    // A database broadcast: its cursor is the id; private ones stay on the private channel; the
+    // stream's own event names are not taken by a broadcast.
+    exec(&p, &send_sql("secret", 0, true)).await;
+    exec(&p, &send_sql("db", 1, false)).await;
+    exec(&p, &send_sql("error", 2, false)).await;
+    let (first, event, data) = sse.next().await.unwrap();
+    assert_eq!((event.as_str(), data["data"]["n"].as_i64()), ("db", Some(1)), "{data}");
+    assert!(first.is_some() && data["meta"]["id"].is_string(), "{data}");
+    let (last, event, data) = sse.next().await.unwrap();
+    assert_eq!((event.as_str(), data["event"].as_str()), ("broadcast", Some("error")));
+    assert!(last > first, "ids increase");
+    drop(sse);
+
+    // A writer sends 400 more; a reader resumes from the last id it saw, leaves at n = 120, and
+    // comes back once the writer is past 200: the log replays what it missed while the writer
+    // goes on, then it follows live. Every n once, in order; the REST broadcast sent while it was
+    // away is not kept, so not replayed.
+    const TOTAL: i64 = 400;
+    let sent = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let writer = tokio::spawn({
+        let (p, sent) = (p.clone(), Arc::clone(&sent));
+        async move {
+            for n in 3..=TOTAL {
+                exec(&p, &send_sql("seq", n, false)).await;
+                sent.store(n, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let mut last = last.expect("an id");
+    let mut sse = Sse::open_at(&base, path, &key_query(), Some(&last)).await.unwrap();
+    loop {
+        let (id, event, data) = sse.next().await.expect("a broadcast within 20 s");
+        assert_eq!(event, "seq", "{data}");
+        got.push(data["data"]["n"].as_i64().unwrap());
+        last = id.expect("database broadcasts have ids");
+        if got.len() == 118 {
+            break;
+        }
+    }
+    drop(sse);
+    let (status, _) =
+        http_post(app.addr, "/api/broadcast", "application/json", rest("away").as_bytes()).await;
+    assert_eq!(status, 202);
+    crate::support::wait_for("the writer past 200", Duration::from_secs(60), at_least(&sent, 200)).await;
+    let mut sse = Sse::open_at(&base, path, &key_query(), Some(&last)).await.unwrap();
+    while got.last() != Some(&TOTAL) {
+        let (id, event, data) = sse.next().await.expect("a broadcast within 20 s");
+        assert_eq!((event.as_str(), id.is_some()), ("seq", true), "only the database broadcasts: {data}");
+        got.push(data["data"]["n"].as_i64().unwrap());
+    }
+    writer.await.unwrap();
+    assert_eq!(got, (3..=TOTAL).collect::<Vec<_>>(), "each once, in order");
+
+    // Refusals, each with a reason.
+    let (status, body) = Sse::open_at(&base, path, "", None).await.err().unwrap();
+    assert_eq!(status, 401, "{body}");
+    let (status, body) =
+        Sse::open_at(&base, path, &format!("{}&private=true", key_query()), None).await.err().unwrap();
+    assert!(
+        status == 403 && body.contains("You do not have permissions to read from this Channel topic: room"),
+        "{status} {body}"
+    );
+    let (status, body) =
+        Sse::open_at(&base, path, &format!("{}&since=2026-01-01T00:00:00Z", key_query()), None)
+            .await
+            .err()
+            .unwrap();
+    assert!(status == 400 && body.contains("event id"), "{status} {body}");
+    let (status, body) = Sse::open_at(&base, path, &key_query(), Some("nope")).await.err().unwrap();
+    assert!(status == 400 && body.contains("invalid cursor"), "{status} {body}");
     app.stop().await;
 }
 

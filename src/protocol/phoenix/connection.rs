@@ -74,6 +74,7 @@ impl PhoenixConnection {
             event: event.to_owned(),
             payload: BroadcastPayload::Json(payload),
             meta: None,
+            logged: None,
         };
         self.send_broadcast(frame, message, out);
     }
@@ -311,7 +312,11 @@ impl crate::protocol::Connection for PhoenixConnection {
         };
         let mut out = Vec::new();
         // The client's metadata (`persist`) asks for storage, which needs a private channel.
-        self.send_broadcast(&frame, BroadcastMessage { event: push.event, payload, meta: None }, &mut out);
+        self.send_broadcast(
+            &frame,
+            BroadcastMessage { event: push.event, payload, meta: None, logged: None },
+            &mut out,
+        );
         out
     }
 }

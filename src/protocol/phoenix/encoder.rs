@@ -226,6 +226,7 @@ mod tests {
             event: "cursor".into(),
             payload: BroadcastPayload::Json(Bytes::from_static(br#"{"x":1}"#)),
             meta: Some(Bytes::from_static(br#"{"id":"u"}"#)),
+            logged: None,
         };
         assert_eq!(
             json_of(&v1.encode("realtime:r", &Event::Broadcast(&m)).unwrap()),
