@@ -127,15 +127,13 @@ enum Scenario {
     },
     /// WebSocket clients with eq filters and a steady writer: commit-to-receipt latency, losses.
     Fanout {
-        /// Concurrent WebSocket clients.
-        #[arg(long, default_value_t = 1_000)]
-        clients: usize,
-        /// Changes committed per second.
-        #[arg(long, default_value_t = 1_000)]
-        rate: u64,
-        /// Seconds the writer runs.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
+        #[command(flatten)]
+        load: FanoutArgs,
+    },
+    /// The same with Server-Sent Events streams (`/v1/tables/…/changes`) instead of WebSockets.
+    Sse {
+        #[command(flatten)]
+        load: FanoutArgs,
     },
     /// Idle WebSocket clients joined to one channel each: gateway memory per socket.
     Idle {
@@ -208,6 +206,24 @@ enum Scenario {
         #[arg(long)]
         listen: String,
     },
+}
+
+/// Clients each following one filter key, and a steady writer.
+#[derive(Debug, clap::Args)]
+struct FanoutArgs {
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 1_000)]
+    clients: usize,
+    /// Distinct filter keys: client i follows key i mod keys, so each change reaches
+    /// clients / keys of them (0: one key per client).
+    #[arg(long, default_value_t = 0)]
+    keys: usize,
+    /// Changes committed per second.
+    #[arg(long, default_value_t = 1_000)]
+    rate: u64,
+    /// Seconds the writer runs.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
 }
 
 /// The search for the highest rate within a latency bound.
@@ -366,6 +382,7 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
         }
         Command::Bench { scenario, database_url, gateway_url, json } => {
             let opts = bench::BenchOptions { database_url, json };
+            let scenario_is_sse = matches!(scenario, Scenario::Sse { .. });
             match scenario {
                 Scenario::Ingest { rows } => {
                     bench::ingest::run(&opts, rows).await?;
@@ -373,11 +390,18 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
                 Scenario::Match { changes } => {
                     bench::matching::run(&opts, changes)?;
                 }
-                Scenario::Fanout { clients, rate, seconds } => {
+                Scenario::Fanout { load } | Scenario::Sse { load } => {
+                    let transport = if scenario_is_sse {
+                        bench::sockets::Transport::Sse
+                    } else {
+                        bench::sockets::Transport::Phoenix
+                    };
                     let s = bench::sockets::SocketOptions {
-                        clients,
-                        rate,
-                        seconds,
+                        clients: load.clients,
+                        keys: load.keys,
+                        transport,
+                        rate: load.rate,
+                        seconds: load.seconds,
                         gateway_bin: std::env::current_exe()?,
                         gateway_url: gateway_url.clone(),
                     };
@@ -386,6 +410,8 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
                 Scenario::Idle { sockets } => {
                     let s = bench::sockets::SocketOptions {
                         clients: sockets,
+                        keys: 0,
+                        transport: bench::sockets::Transport::Phoenix,
                         rate: 0,
                         seconds: 0,
                         gateway_bin: std::env::current_exe()?,

@@ -1,9 +1,10 @@
-//! `fanout` and `idle`: many Phoenix WebSocket clients against a gateway child process.
+//! `fanout`, `sse` and `idle`: many clients against a gateway child process.
 //!
-//! fanout: C clients, each joined with an `eq` filter on its own key; a writer commits R changes/s
-//! for D seconds, each for a random client; latency runs from just before the writer sends the
-//! INSERT (autocommit, on a connection already in hand) to receipt by the client (same clock), so
-//! it includes the commit itself.
+//! fanout (Phoenix WebSocket clients) and sse (Server-Sent Events streams): C clients, client i
+//! following the table with an `eq` filter on key i mod K; a writer commits R changes/s for D
+//! seconds, each for a random key, so each change reaches C/K clients. Latency runs from just
+//! before the writer sends the INSERT (autocommit, on a connection already in hand) to receipt by
+//! each client (same clock), so it includes the commit itself.
 //! idle: S sockets joined to one channel each; gateway RSS before and after.
 
 use std::collections::HashMap;
@@ -22,6 +23,9 @@ use crate::cluster::{Cluster, ClusterOptions};
 #[derive(Debug, Clone)]
 pub struct SocketOptions {
     pub clients: usize,
+    /// Distinct filter keys (0: one per client): each change reaches clients / keys clients.
+    pub keys: usize,
+    pub transport: Transport,
     pub rate: u64,
     pub seconds: u64,
     /// The walcast binary to run as the gateway.
@@ -29,6 +33,15 @@ pub struct SocketOptions {
     /// Measure this running gateway (`ws://host:port`) instead of starting one; its publication
     /// must include `public.walcast_bench_items` in the same database.
     pub gateway_url: Option<String>,
+}
+
+/// How the fanout clients connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Phoenix WebSocket (`postgres_changes`).
+    Phoenix,
+    /// `GET /v1/tables/…/changes` as Server-Sent Events.
+    Sse,
 }
 
 pub(crate) struct Env {
@@ -93,12 +106,12 @@ pub(crate) async fn teardown(env: Env) {
 pub(crate) type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Opens `n` sockets, socket `i` joined to `realtime:c<i>` with an `eq` filter on key `i`;
-/// returns once all are subscribed.
-async fn join_all(addr: &str, n: usize) -> anyhow::Result<Vec<Socket>> {
+/// Opens `n` sockets, socket `i` joined to `realtime:c<i>` with an `eq` filter on key `i mod
+/// keys`; returns once all are subscribed.
+async fn join_all(addr: &str, n: usize, keys: usize) -> anyhow::Result<Vec<Socket>> {
     crate::bench::realtime::connect_all(n, |i| {
         let binding = serde_json::json!({"event": "INSERT", "schema": "public",
-            "table": "walcast_bench_items", "filter": format!("k=eq.{i}")});
+            "table": "walcast_bench_items", "filter": format!("k=eq.{}", i % keys)});
         crate::bench::realtime::phoenix_join_as(
             addr,
             format!("realtime:c{i}"),
@@ -110,35 +123,99 @@ async fn join_all(addr: &str, n: usize) -> anyhow::Result<Vec<Socket>> {
     .await
 }
 
-pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<serde_json::Value> {
-    ensure_open_files(s.clients)?;
-    let env = database(opts, "fanout").await?;
-    let gw = BenchGateway::start(s.gateway_url.as_deref(), &s.gateway_bin, &env.url, &env.slot, 4096).await?;
-    eprintln!("fanout: {} clients joining…", s.clients);
-    let sockets = join_all(gw.addr(), s.clients).await?;
-    let cpu0 = gw.usage().map(|u| u.0);
+/// Opens `n` event streams, stream `i` with the filter `k=eq.<i mod keys>`; each is subscribed
+/// once its response has begun.
+async fn open_streams(addr: &str, n: usize, keys: usize) -> anyhow::Result<Vec<reqwest::Response>> {
+    let client = reqwest::Client::new();
+    let key = crate::bench::gateway::apikey();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let batch = (out.len()..(out.len() + 200).min(n)).map(|i| {
+            let url = format!(
+                "http://{addr}/v1/tables/public.walcast_bench_items/changes?events=insert&filter=k=eq.{}&access_token={key}",
+                i % keys
+            );
+            client.get(url).header("accept", "text/event-stream").send()
+        });
+        for r in futures_util::future::join_all(batch).await {
+            let r = r?;
+            anyhow::ensure!(r.status().is_success(), "stream refused: {}", r.status());
+            out.push(r);
+        }
+        if n >= 1000 && out.len() % 1000 == 0 {
+            eprintln!("  {} streams open", out.len());
+        }
+    }
+    Ok(out)
+}
 
-    // Each receiver records (row id, receipt instant).
-    let receipts: Arc<Mutex<Vec<(i64, Instant)>>> =
-        Arc::new(Mutex::new(Vec::with_capacity((s.rate * s.seconds) as usize)));
-    let mut readers = Vec::with_capacity(sockets.len());
-    for mut ws in sockets {
-        let receipts = Arc::clone(&receipts);
-        readers.push(tokio::spawn(async move {
-            while let Some(Ok(msg)) = ws.next().await {
-                if let Message::Text(t) = msg {
-                    let now = Instant::now();
-                    if let Some(id) = record_id(&t) {
-                        if let Ok(mut r) = receipts.lock() {
-                            r.push((id, now));
+/// Each receipt: (client, row id, instant).
+type Receipts = Arc<Mutex<Vec<(u32, i64, Instant)>>>;
+
+fn record(receipts: &Receipts, client: u32, text: &str) {
+    let now = Instant::now();
+    if let Some(id) = record_id(text) {
+        if let Ok(mut r) = receipts.lock() {
+            r.push((client, id, now));
+        }
+    }
+}
+
+/// Readers that record every change their client receives.
+async fn start_readers(
+    addr: &str,
+    s: &SocketOptions,
+    keys: usize,
+    receipts: &Receipts,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut readers = Vec::with_capacity(s.clients);
+    match s.transport {
+        Transport::Phoenix => {
+            for (i, mut ws) in join_all(addr, s.clients, keys).await?.into_iter().enumerate() {
+                let receipts = Arc::clone(receipts);
+                readers.push(tokio::spawn(async move {
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if let Message::Text(t) = msg {
+                            record(&receipts, i as u32, &t);
                         }
                     }
-                }
+                }));
             }
-        }));
+        }
+        Transport::Sse => {
+            for (i, mut resp) in open_streams(addr, s.clients, keys).await?.into_iter().enumerate() {
+                let receipts = Arc::clone(receipts);
+                readers.push(tokio::spawn(async move {
+                    let mut buf = String::new();
+                    while let Ok(Some(chunk)) = resp.chunk().await {
+                        buf.push_str(&String::from_utf8_lossy(&chunk));
+                        while let Some(end) = buf.find("\n\n") {
+                            record(&receipts, i as u32, &buf[..end]);
+                            buf.drain(..end + 2);
+                        }
+                    }
+                }));
+            }
+        }
     }
+    Ok(readers)
+}
 
-    eprintln!("fanout: writing {} changes/s for {} s", s.rate, s.seconds);
+pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<serde_json::Value> {
+    ensure_open_files(s.clients)?;
+    let name = match s.transport {
+        Transport::Phoenix => "fanout",
+        Transport::Sse => "sse",
+    };
+    let keys = if s.keys == 0 { s.clients } else { s.keys.min(s.clients) };
+    let env = database(opts, name).await?;
+    let gw = BenchGateway::start(s.gateway_url.as_deref(), &s.gateway_bin, &env.url, &env.slot, 4096).await?;
+    eprintln!("{name}: {} clients over {keys} keys subscribing…", s.clients);
+    let receipts: Receipts = Arc::new(Mutex::new(Vec::with_capacity((s.rate * s.seconds) as usize)));
+    let readers = start_readers(gw.addr(), s, keys, &receipts).await?;
+    let cpu0 = gw.usage().map(|u| u.0);
+
+    eprintln!("{name}: writing {} changes/s for {} s", s.rate, s.seconds);
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&env.url).await?;
     let total = s.rate * s.seconds;
     let sent: Arc<Mutex<HashMap<i64, Instant>>> =
@@ -146,11 +223,14 @@ pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<se
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / s.rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut rng = fastrand::Rng::with_seed(9);
+    let mut expected = 0u64;
     let mut inflight = Vec::new();
     let started = Instant::now();
     for id in 0..total as i64 {
         tick.tick().await;
-        let k = rng.usize(..s.clients) as i32;
+        let k = rng.usize(..keys);
+        expected += (s.clients / keys + usize::from(k < s.clients % keys)) as u64;
+        let k = k as i32;
         let pool = pool.clone();
         let sent = Arc::clone(&sent);
         inflight.push(tokio::spawn(async move {
@@ -181,7 +261,7 @@ pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<se
     let mut last_change = Instant::now();
     loop {
         let n = receipts.lock().map(|r| r.len()).unwrap_or(0);
-        if n as u64 >= total || last_change.elapsed() > Duration::from_secs(10) {
+        if n as u64 >= expected || last_change.elapsed() > Duration::from_secs(10) {
             break;
         }
         if n != last {
@@ -198,20 +278,26 @@ pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<se
     let sent = sent.lock().map(|m| m.clone()).unwrap_or_default();
     let receipts = receipts.lock().map(|r| r.clone()).unwrap_or_default();
     let mut seen = std::collections::HashSet::new();
-    for (id, at) in &receipts {
+    let mut repeated = 0u64;
+    for (client, id, at) in &receipts {
         if let Some(t0) = sent.get(id) {
-            if seen.insert(*id) {
+            if seen.insert((*client, *id)) {
                 let us = at.saturating_duration_since(*t0).as_micros().max(1) as u64;
                 let _ = hist.record(us.min(60_000_000));
+            } else {
+                repeated += 1;
             }
         }
     }
     let delivered = seen.len() as u64;
-    let lost = total.saturating_sub(delivered);
+    let lost = expected.saturating_sub(delivered);
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let v = serde_json::json!({
-        "scenario": "fanout",
+        "scenario": name,
         "clients": s.clients,
+        "keys": keys,
+        "expected": expected,
+        "repeated": repeated,
         "changes_per_sec": (total as f64 / write_secs).round(),
         "delivered": delivered,
         "lost": lost,
@@ -220,15 +306,17 @@ pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<se
         "peak_rss_bytes": end_usage.map(|u| u.2),
     });
     println!(
-        "{:>8} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9}",
-        "clients", "changes/s", "delivered", "lost", "p50 ms", "p95 ms", "p99 ms", "max ms"
+        "{:>8} {:>6} {:>10} {:>10} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        "clients", "keys", "changes/s", "delivered", "lost", "repeated", "p50 ms", "p95 ms", "p99 ms", "max ms"
     );
     println!(
-        "{:>8} {:>10.0} {:>10} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+        "{:>8} {:>6} {:>10.0} {:>10} {:>6} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
         s.clients,
+        keys,
         total as f64 / write_secs,
         delivered,
         lost,
+        repeated,
         ms(0.5),
         ms(0.95),
         ms(0.99),
@@ -257,12 +345,12 @@ pub async fn idle(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<serd
     let env = database(opts, "idle").await?;
     let gw = BenchGateway::start(s.gateway_url.as_deref(), &s.gateway_bin, &env.url, &env.slot, 1024).await?;
     // Warm the gateway's allocator and catalog cache with one client first.
-    let warm = join_all(gw.addr(), 1).await?;
+    let warm = join_all(gw.addr(), 1, 1).await?;
     let Some((_, before, _)) = gw.usage() else {
         anyhow::bail!("idle measures the gateway's memory, which needs the gateway as a child process (no --gateway-url)");
     };
     eprintln!("idle: opening {} sockets…", s.clients);
-    let sockets = join_all(gw.addr(), s.clients).await?;
+    let sockets = join_all(gw.addr(), s.clients, s.clients).await?;
     let (cpu, after, peak) = gw.usage().unwrap_or_default();
     let per = after.saturating_sub(before) as f64 / s.clients as f64;
     println!("{:>8} {:>14} {:>14} {:>16}", "sockets", "rss before", "rss after", "bytes/socket");
