@@ -474,15 +474,33 @@ pub fn format_timestamp_millis(unix_micros: i64) -> String {
     let days = secs.div_euclid(86_400);
     let tod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    let mut s = String::with_capacity(24);
-    let _ = write!(
-        s,
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        tod / 3600,
-        (tod % 3600) / 60,
-        tod % 60
-    );
-    s
+    if !(0..=9999).contains(&y) {
+        let mut s = String::with_capacity(28);
+        let _ = write!(
+            s,
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+            tod / 3600,
+            (tod % 3600) / 60,
+            tod % 60
+        );
+        return s;
+    }
+    // The usual case, digit by digit (this runs once per change delivered).
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, y as u64);
+    put(5, 2, u64::from(m));
+    put(8, 2, u64::from(d));
+    put(11, 2, (tod / 3600) as u64);
+    put(14, 2, ((tod % 3600) / 60) as u64);
+    put(17, 2, (tod % 60) as u64);
+    put(20, 3, millis as u64);
+    String::from(std::str::from_utf8(&b).unwrap_or_default())
 }
 
 /// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar.

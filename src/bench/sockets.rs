@@ -307,7 +307,16 @@ pub async fn fanout(opts: &BenchOptions, s: &SocketOptions) -> anyhow::Result<se
     });
     println!(
         "{:>8} {:>6} {:>10} {:>10} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}",
-        "clients", "keys", "changes/s", "delivered", "lost", "repeated", "p50 ms", "p95 ms", "p99 ms", "max ms"
+        "clients",
+        "keys",
+        "changes/s",
+        "delivered",
+        "lost",
+        "repeated",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms"
     );
     println!(
         "{:>8} {:>6} {:>10.0} {:>10} {:>6} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",

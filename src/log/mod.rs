@@ -103,9 +103,28 @@ pub struct Cursor {
     pub position: Position,
 }
 
+impl Cursor {
+    /// The 32 hexadecimal digits (epoch, LSN, place in the transaction), without the
+    /// formatting machinery: this runs once per change delivered.
+    pub fn to_hex(&self) -> [u8; 32] {
+        const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+        let mut out = [0u8; 32];
+        let mut put = |at: usize, width: usize, v: u64| {
+            for i in 0..width {
+                out[at + i] = DIGITS[((v >> (4 * (width - 1 - i))) & 0xF) as usize];
+            }
+        };
+        put(0, 8, u64::from(self.epoch));
+        put(8, 16, self.position.lsn.0);
+        put(24, 8, u64::from(self.position.seq));
+        out
+    }
+}
+
 impl std::fmt::Display for Cursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:08X}{:016X}{:08X}", self.epoch, self.position.lsn.0, self.position.seq)
+        // Hexadecimal digits are ASCII.
+        f.write_str(std::str::from_utf8(&self.to_hex()).unwrap_or_default())
     }
 }
 
@@ -891,6 +910,9 @@ mod tests {
         }
         let later = Cursor { position: Position { lsn: Lsn(0x1_0000_0002), seq: 4 }, ..c };
         assert!(c < later && c.to_string() < later.to_string());
+        let max = Cursor { epoch: u32::MAX, position: Position { lsn: Lsn(u64::MAX - 1), seq: 0xFEDC_BA98 } };
+        assert_eq!(max.to_string(), "FFFFFFFFFFFFFFFFFFFFFFFEFEDCBA98");
+        assert_eq!(max.to_string().parse::<Cursor>(), Ok(max));
     }
 
     #[test]

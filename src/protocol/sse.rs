@@ -45,20 +45,26 @@ fn event_name(kind: ChangeKind) -> &'static str {
 /// One message. A line break in `data` (JSON whitespace in a client's payload) starts another
 /// `data:` line, which the reader joins back with a newline; `id` and `event` have none.
 pub fn message(id: Option<&str>, event: &str, data: &[u8]) -> Frame {
-    let mut s = String::with_capacity(data.len() + event.len() + 64);
+    let mut s = Vec::with_capacity(data.len() + event.len() + 64);
     if let Some(id) = id {
-        s.push_str("id: ");
-        s.push_str(id);
-        s.push('\n');
+        s.extend_from_slice(b"id: ");
+        s.extend_from_slice(id.as_bytes());
+        s.push(b'\n');
     }
-    s.push_str("event: ");
-    s.push_str(event);
-    for line in String::from_utf8_lossy(data).split(['\n', '\r']) {
-        s.push_str("\ndata: ");
-        s.push_str(line);
+    s.extend_from_slice(b"event: ");
+    s.extend_from_slice(event.as_bytes());
+    if data.contains(&b'\n') || data.contains(&b'\r') {
+        for line in data.split(|&b| b == b'\n' || b == b'\r') {
+            s.extend_from_slice(b"\ndata: ");
+            s.extend_from_slice(line);
+        }
+    } else {
+        s.extend_from_slice(b"\ndata: ");
+        s.extend_from_slice(data);
     }
-    s.push_str("\n\n");
-    Frame::Text(Utf8Bytes::from(s))
+    s.extend_from_slice(b"\n\n");
+    let text = String::from_utf8(s).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    Frame::Text(Utf8Bytes::from(text))
 }
 
 /// The events a channel stream sends of its own: a broadcast by one of these names arrives as

@@ -27,7 +27,9 @@ use crate::realtime::{Hub, Member};
 /// Live changes a resuming member may hold before it counts as too slow.
 const MAX_HELD: usize = 65_536;
 /// Events read from the log per step.
-const READ_BATCH: usize = 512;
+const READ_BATCH: usize = 1024;
+/// Batches read ahead of the one being sent.
+const READ_AHEAD: usize = 2;
 /// How long a replay waits for the log writer to catch up with the dispatcher.
 const WRITTEN_WAIT: Duration = Duration::from_secs(30);
 
@@ -262,21 +264,24 @@ impl Resume {
         if done >= through {
             return Ok(done);
         }
-        let mut reader: Option<LogReader> = Some(log.read(&after, through)?);
+        // The log is read ahead on a blocking thread while the batch before is sent; it stops
+        // at the end, or when this task drops the receiver.
+        let mut reader: LogReader = log.read(&after, through)?;
+        let (tx, mut batches) = tokio::sync::mpsc::channel(READ_AHEAD);
+        tokio::task::spawn_blocking(move || loop {
+            let batch = reader.next_batch(READ_BATCH);
+            let more = matches!(&batch, Ok(b) if !b.is_empty());
+            if tx.blocking_send(batch).is_err() || !more {
+                return;
+            }
+        });
         let mut scratch = Scratch::default();
         loop {
-            let Some(mut r) = reader.take() else { return Ok(done) };
-            let (r, entries) = tokio::task::spawn_blocking(move || {
-                let entries = r.next_batch(READ_BATCH);
-                (r, entries)
-            })
-            .await
-            .map_err(|_| ReplayError::Stalled)?;
+            let Some(entries) = batches.recv().await else { return Err(ReplayError::Stalled) };
             let entries = entries?;
             if entries.is_empty() {
                 return Ok(done);
             }
-            reader = Some(r);
             // Changes go through the member's bindings in runs; its channel's database
             // broadcasts go in between, in log order.
             let mut changes = Vec::new();

@@ -319,6 +319,9 @@ fn event_stream(
         };
         // Whatever else is already queued goes out in the same chunk (one write, not one each).
         let mut buf = Vec::from(chunk.as_bytes());
+        if !s.outbox.rx.is_empty() {
+            buf.reserve(CHUNK_BYTES + 4096);
+        }
         while buf.len() < CHUNK_BYTES && !s.done {
             match s.outbox.rx.try_recv() {
                 Ok(f) => buf.extend_from_slice(f.as_bytes()),

@@ -21,6 +21,8 @@ fn read(path: &PathBuf) -> serde_json::Value {
 fn socket_opts(clients: usize, rate: u64, seconds: u64) -> bench::sockets::SocketOptions {
     bench::sockets::SocketOptions {
         clients,
+        keys: 0,
+        transport: bench::sockets::Transport::Phoenix,
         rate,
         seconds,
         gateway_bin: PathBuf::from(env!("CARGO_BIN_EXE_walcast")),
@@ -66,6 +68,30 @@ async fn fanout_scenario() {
         assert!(v["latency_ms"][q].as_f64().is_some_and(|x| x > 0.0), "{q} in {v}");
     }
     assert!(v["latency_ms"]["p50"].as_f64() <= v["latency_ms"]["max"].as_f64());
+}
+
+#[tokio::test]
+async fn sse_scenario() {
+    let (o, path) = opts("sse").await;
+    let s = bench::sockets::SocketOptions {
+        keys: 2,
+        transport: bench::sockets::Transport::Sse,
+        ..socket_opts(5, 100, 2)
+    };
+    bench::sockets::fanout(&o, &s).await.expect("sse runs");
+    let v = read(&path);
+    assert_eq!(
+        (v["scenario"].as_str(), v["clients"].as_u64(), v["keys"].as_u64()),
+        (Some("sse"), Some(5), Some(2))
+    );
+    // Key 0 has three clients, key 1 two: 3 or 2 deliveries per change.
+    let expected = v["expected"].as_u64().unwrap();
+    assert!((400..=600).contains(&expected), "{v}");
+    assert_eq!(
+        (v["delivered"].as_u64(), v["lost"].as_u64(), v["repeated"].as_u64()),
+        (Some(expected), Some(0), Some(0))
+    );
+    assert!(v["latency_ms"]["p99"].as_f64().is_some_and(|x| x > 0.0), "{v}");
 }
 
 #[tokio::test]
