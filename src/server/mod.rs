@@ -53,6 +53,13 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A request or upgrade refused for its token: 401 `{"error": …}`, counted.
+pub(crate) fn unauthorized(state: &AppState, e: &crate::auth::AuthError) -> axum::response::Response {
+    tracing::debug!(error = %e, "request refused");
+    state.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
+    (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": e.connect_message()}))).into_response()
+}
+
 async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
     let s = &state.status;
     if !s.connected.load(Ordering::Relaxed) {

@@ -98,10 +98,9 @@ async fn credentials(
     access_token: Option<&str>,
     apikey: Option<&str>,
 ) -> Result<Option<Credentials>, Box<Response>> {
-    authenticate(state, token(headers, access_token, apikey).as_deref()).await.map_err(|e| {
-        state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Box::new(error(StatusCode::UNAUTHORIZED, e.connect_message()))
-    })
+    authenticate(state, token(headers, access_token, apikey).as_deref())
+        .await
+        .map_err(|e| Box::new(crate::server::unauthorized(state, &e)))
 }
 
 /// A `true`/`false` query parameter (absent is false).

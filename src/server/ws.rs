@@ -56,22 +56,22 @@ pub async fn upgrade(
         params.apikey.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::to_owned));
     let credentials = match authenticate(&state, apikey.as_deref()).await {
         Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade refused");
-            state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return (StatusCode::UNAUTHORIZED, Json(json!({"error": e.connect_message()}))).into_response();
-        }
+        Err(e) => return crate::server::unauthorized(&state, &e),
     };
+    sized(ws, &state).on_upgrade(move |socket| {
+        let (conn, outbox) = PhoenixConnection::new(state.hub.clone(), vsn, credentials);
+        serve(state, conn, outbox, socket)
+    })
+}
+
+/// The upgrade with the frame limit and small buffers: most sockets are idle most of the time,
+/// and each holds its buffers.
+fn sized(ws: WebSocketUpgrade, state: &AppState) -> WebSocketUpgrade {
     let max = state.max_frame_bytes;
-    // Small buffers: most sockets are idle most of the time, and each holds its buffers.
     ws.max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
-        .on_upgrade(move |socket| {
-            let (conn, outbox) = PhoenixConnection::new(state.hub.clone(), vsn, credentials);
-            serve(state, conn, outbox, socket)
-        })
 }
 
 /// The connect key, verified; `None` when authentication is off.
@@ -120,22 +120,13 @@ pub async fn upgrade_plain(
         None => None,
         Some(t) => match crate::server::sse::authenticate(&state, Some(&t)).await {
             Ok(c) => c,
-            Err(e) => {
-                state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return (StatusCode::UNAUTHORIZED, Json(json!({"error": e.connect_message()})))
-                    .into_response();
-            }
+            Err(e) => return crate::server::unauthorized(&state, &e),
         },
     };
-    let max = state.max_frame_bytes;
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        .on_upgrade(move |socket| {
-            let (conn, outbox) = PlainConnection::new(state.hub.clone(), credentials);
-            serve(state, conn, outbox, socket)
-        })
+    sized(ws, &state).on_upgrade(move |socket| {
+        let (conn, outbox) = PlainConnection::new(state.hub.clone(), credentials);
+        serve(state, conn, outbox, socket)
+    })
 }
 
 async fn serve<C: Connection>(state: AppState, mut conn: C, mut outbox: OutboxReceiver, socket: WebSocket) {
