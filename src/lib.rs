@@ -191,7 +191,7 @@ impl Gateway {
             rls: self
                 .verifier
                 .required()
-                .then(|| Arc::new(RowSecurity::new(self.pool.clone(), self.config.auth.key_only_deletes))),
+                .then(|| Arc::new(RowSecurity::new(&self.pool, self.config.auth.key_only_deletes))),
             topics: Some(Arc::new(TopicPolicies::new(self.pool.clone()))),
             log: self.log.as_ref().map(|l| l.log.clone()),
             snapshots: Some(Arc::new(SnapshotSource::new(&self.pool))),

@@ -1,5 +1,5 @@
 //! Row-level security for `postgres_changes`: asks Postgres which row versions each subscriber
-//! may SELECT, as its role with its claims (`walcast.rls_check`, migration 0003), and keeps what
+//! may SELECT, as its role with its claims (`walcast.rls_check`, migrations 0003 and 0005), and keeps what
 //! does not depend on the row (may the role read the table at all, does row-level security apply
 //! to it, which columns are hidden) in a cache per (table, role).
 //!
@@ -16,13 +16,17 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::auth::Claims;
 use crate::change::Relation;
 
 /// How long a cached access answer is trusted when the table itself has not changed.
 pub const ACCESS_TTL: Duration = Duration::from_secs(30);
+
+/// Connections of the check pool: the dispatcher runs one check at a time, subscribe-time and
+/// replay checks run beside it.
+const CHECK_CONNECTIONS: u32 = 4;
 
 /// Who a subscriber acts as: the token's role and its whole claims object. Subscribers with
 /// equal subjects are checked once per batch.
@@ -165,7 +169,16 @@ impl std::fmt::Debug for RowSecurity {
 }
 
 impl RowSecurity {
-    pub fn new(pool: PgPool, key_only_deletes: KeyOnlyDeletes) -> RowSecurity {
+    /// Checks with a pool of their own, connecting as `pool` does (lazily). Its connections are
+    /// not pinged before each use: a check is on the path of every change, and a ping is one
+    /// more round trip; a connection that broke fails its check, which is retried.
+    pub fn new(pool: &PgPool, key_only_deletes: KeyOnlyDeletes) -> RowSecurity {
+        let options = (*pool.connect_options()).clone();
+        let pool = PgPoolOptions::new()
+            .max_connections(CHECK_CONNECTIONS)
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(options);
         RowSecurity {
             pool,
             key_only_deletes,

@@ -26,7 +26,7 @@ use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::bench::gateway::{proc_usage, BenchGateway};
-use crate::bench::sockets::{database, ensure_open_files, teardown, Socket};
+use crate::bench::sockets::{database, ensure_open_files, teardown, ws_connect, Socket};
 use crate::bench::BenchOptions;
 
 #[derive(Debug, Clone)]
@@ -305,8 +305,7 @@ impl Relay {
     }
 
     async fn connect(&self, group: String) -> anyhow::Result<Socket> {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/?group={group}", self.addr)).await?;
-        Ok(ws)
+        ws_connect(format!("ws://{}/?group={group}", self.addr)).await
     }
 
     fn usage(&self) -> Option<(f64, u64, u64)> {
@@ -352,7 +351,7 @@ pub(crate) async fn phoenix_join_as(
     wait_system: bool,
     access_token: Option<String>,
 ) -> anyhow::Result<Socket> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+    let mut ws = ws_connect(format!(
         "ws://{addr}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
         super::gateway::apikey()
     ))

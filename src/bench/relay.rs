@@ -34,7 +34,12 @@ pub async fn serve(listen: &str) -> anyhow::Result<()> {
                 group = req.uri().query().and_then(|q| q.strip_prefix("group=")).unwrap_or("").to_owned();
                 Ok(resp)
             };
-            let ws = tokio_tungstenite::accept_hdr_async(tcp, pick_group).await;
+            let ws = tokio_tungstenite::accept_hdr_async_with_config(
+                tcp,
+                pick_group,
+                Some(crate::bench::sockets::ws_config()),
+            )
+            .await;
             let Ok(ws) = ws else { return };
             let (mut sink, mut stream) = ws.split();
             let (tx, mut rx) = mpsc::channel::<Message>(4096);

@@ -72,6 +72,13 @@ pub fn migrator() -> Migrator {
                 Cow::Borrowed(include_str!("../../migrations/0004_private_channels.sql")),
                 false,
             ),
+            Migration::new(
+                5,
+                Cow::Borrowed("row level security per role"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../../migrations/0005_row_level_security_per_role.sql")),
+                false,
+            ),
         ]),
         ..Migrator::DEFAULT
     }

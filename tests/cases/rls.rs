@@ -165,6 +165,36 @@ async fn each_subscriber_gets_the_row_versions_it_may_see() {
     app.stop().await;
 }
 
+/// A subscriber whose filter matches only some rows of a batch has just those rows checked for
+/// it: they must be found among the others by their position in the batch.
+#[tokio::test]
+async fn filtered_subscribers_get_the_visible_rows_they_match() {
+    let (app, p) = app(|_| {}).await;
+    let mut a = connect(&app, &user(A)).await;
+    let mut b = connect(&app, &user(B)).await;
+    let binding = json!([{"event": "INSERT", "schema": "public", "table": "docs", "filter": "body=eq.x"}]);
+    let (_, system) = a.join("docs", binding).await;
+    assert_eq!(system["status"], "ok", "{system}");
+    assert_eq!(subscribe(&mut b, "docs", "docs").await["status"], "ok");
+    exec(
+        &p,
+        &format!(
+            "INSERT INTO docs VALUES (1, '{A}', 'y', 's'), (2, '{A}', 'x', 's'), (3, '{B}', 'x', 's'),
+                                     (4, '{A}', 'y', 's'), (5, '{A}', 'x', 's');
+             INSERT INTO docs VALUES (6, NULL, 'x', 's', true);
+             INSERT INTO docs VALUES (7, NULL, 'marker', 's', true);"
+        ),
+    )
+    .await;
+    let mut got = Vec::new();
+    while got.last() != Some(&6) {
+        got.push(next_change(&mut a).await["record"]["id"].as_i64().unwrap_or(-1));
+    }
+    assert_eq!(got, [2, 5, 6], "A's rows with body x, then the public one");
+    assert_eq!(changes_until_marker(&mut b, "marker").await, [ty("INSERT", 3), ty("INSERT", 6)]);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn policies_with_subqueries_follow_the_membership_table() {
     let (app, p) = app(|_| {}).await;
