@@ -14,6 +14,11 @@ use walcast::cluster::{Cluster, ClusterOptions};
 use walcast::config::{Config, LogFormat};
 use walcast::{bench, check, replication, tail, Gateway};
 
+/// The allocator: frames are allocated by the dispatcher and freed by socket tasks on other
+/// threads, a pattern under which the system allocator kept growing and trimming its heap.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Postgres change-data-capture realtime gateway, compatible with Supabase Realtime clients.
 #[derive(Debug, Parser)]
 #[command(name = "walcast", version, about)]

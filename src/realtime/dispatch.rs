@@ -219,8 +219,9 @@ fn decide_cached(hub: &Hub, change: &Change, subject: Option<&Arc<Subject>>) -> 
 pub struct Scratch {
     /// Rendered `data` objects of the current change, by view (content).
     data: Vec<(Select, Hidden, bool, Vec<u8>)>,
-    /// Frames of the current change.
-    frames: HashMap<FrameKey, Option<Frame>>,
+    /// Frames of the current change. Keys hold topics, so a fast seeded hash: one lookup per
+    /// member on the delivery path.
+    frames: HashMap<FrameKey, Option<Frame>, foldhash::fast::RandomState>,
     ids: Vec<u32>,
     decisions: Vec<Decision>,
     /// Decisions of the current change by subject (interned, so by pointer).

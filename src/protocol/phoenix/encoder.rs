@@ -23,11 +23,14 @@ impl PhoenixEncoder {
     }
 }
 
-/// Text frames are built from JSON fragments, all valid UTF-8.
+/// Text frames are built from JSON fragments, all valid UTF-8. Shrunk to their length before they
+/// become `Bytes`, so that a frame is one allocation (spare capacity would cost a second one for
+/// the reference count; the allocator shrinks the block in place).
 fn text(bytes: Vec<u8>) -> Frame {
-    Frame::Text(Utf8Bytes::from(
-        String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-    ))
+    let mut text =
+        String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    text.shrink_to_fit();
+    Frame::Text(Utf8Bytes::from(text))
 }
 
 pub use crate::realtime::channel_name;
@@ -81,7 +84,7 @@ impl Encoder for PhoenixEncoder {
                     };
                     let meta = m.meta.as_deref().unwrap_or_default();
                     match encode_binary_broadcast(topic, &m.event, meta, json, bytes) {
-                        Some(frame) => Some(Frame::Binary(Bytes::from(frame))),
+                        Some(frame) => Some(Frame::Binary(Bytes::from(frame.into_boxed_slice()))),
                         // Too long for the binary header: JSON text, as 1.0.0 receives it.
                         None if json => Some(text(envelope(
                             self.vsn,
