@@ -1,7 +1,7 @@
 //! Row-level security for `postgres_changes`: asks Postgres which row versions each subscriber
-//! may SELECT, as its role with its claims (`walcast.rls_check`, migrations 0003 and 0005), and keeps what
-//! does not depend on the row (may the role read the table at all, does row-level security apply
-//! to it, which columns are hidden) in a cache per (table, role).
+//! may SELECT, as its role with its claims (`walcast.rls_check`, migrations 0003, 0005 and
+//! 0006), and keeps what does not depend on the row (may the role read the table at all, does
+//! row-level security apply to it, which columns are hidden) in a cache per (table, role).
 //!
 //! A cached answer is valid only for the `Relation` it was computed under: Postgres sends a new
 //! Relation message after any change to the table's catalog entry (policies, `ENABLE ROW LEVEL

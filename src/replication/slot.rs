@@ -79,6 +79,13 @@ pub fn migrator() -> Migrator {
                 Cow::Borrowed(include_str!("../../migrations/0005_row_level_security_per_role.sql")),
                 false,
             ),
+            Migration::new(
+                6,
+                Cow::Borrowed("row level security planned once"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../../migrations/0006_row_level_security_planned_once.sql")),
+                false,
+            ),
         ]),
         ..Migrator::DEFAULT
     }

@@ -215,6 +215,29 @@ async fn policies_with_subqueries_follow_the_membership_table() {
 }
 
 #[tokio::test]
+async fn a_subquery_is_evaluated_for_each_subscriber_of_a_batch() {
+    let (app, p) = app(|_| {}).await;
+    exec(&p, &format!("INSERT INTO members VALUES (1, '{A}'), (2, '{B}')")).await;
+    let mut a = connect(&app, &user(A)).await;
+    let mut b = connect(&app, &user(B)).await;
+    subscribe(&mut a, "room", "messages").await;
+    subscribe(&mut b, "room", "messages").await;
+    // One statement: the rows are checked together, for both users. A policy's subquery must
+    // not answer the second user with what it found for the first.
+    exec(
+        &p,
+        "INSERT INTO messages SELECT g, 1 + g % 2, CASE WHEN g > 16 THEN 'marker' ELSE 'm' END
+           FROM generate_series(1, 18) g",
+    )
+    .await;
+    let even: Vec<_> = (1..=8).map(|i| ty("INSERT", 2 * i)).collect();
+    let odd: Vec<_> = (0..8).map(|i| ty("INSERT", 2 * i + 1)).collect();
+    assert_eq!(changes_until_marker(&mut a, "marker").await, even, "room 1's rows only");
+    assert_eq!(changes_until_marker(&mut b, "marker").await, odd, "room 2's rows only");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn subscribe_time_refusals_and_notices() {
     let (app, p) = app(|_| {}).await;
     let _ = p;
