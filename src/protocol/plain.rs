@@ -77,7 +77,7 @@ impl Encoder for PlainEncoder {
                     crate::replication::values::write_json_str(&mut out, c);
                 }
                 out.extend_from_slice(b",\"data\":");
-                out.extend_from_slice(data);
+                out.extend_from_slice(data.as_bytes());
             }
             Event::Broadcast(m) => {
                 open(&mut out, "message", topic);
@@ -352,7 +352,7 @@ mod tests {
         let e = PlainEncoder;
         let change = Event::Change {
             ids: &[1],
-            data: br#"{"type":"INSERT","record":{"id":1}}"#,
+            data: r#"{"type":"INSERT","record":{"id":1}}"#,
             cursor: Some("c1"),
             kind: crate::change::ChangeKind::Insert,
             snapshot: false,

@@ -89,8 +89,10 @@ impl Encoder for SseEncoder {
 
     fn encode(&self, _topic: &str, event: &Event<'_>) -> Option<Frame> {
         match event {
-            Event::Change { data, snapshot: true, .. } => Some(message(None, "snapshot", data)),
-            Event::Change { data, cursor, kind, .. } => Some(message(*cursor, event_name(*kind), data)),
+            Event::Change { data, snapshot: true, .. } => Some(message(None, "snapshot", data.as_bytes())),
+            Event::Change { data, cursor, kind, .. } => {
+                Some(message(*cursor, event_name(*kind), data.as_bytes()))
+            }
             Event::Broadcast(m) => {
                 let mut data = Vec::with_capacity(m.payload.len() + 64);
                 data.push(b'{');
@@ -156,7 +158,7 @@ mod tests {
                 "t",
                 &Event::Change {
                     ids: &[1],
-                    data: br#"{"type":"UPDATE"}"#,
+                    data: r#"{"type":"UPDATE"}"#,
                     cursor: Some("C1"),
                     kind: ChangeKind::Update,
                     snapshot: false,

@@ -218,7 +218,7 @@ fn decide_cached(hub: &Hub, change: &Change, subject: Option<&Arc<Subject>>) -> 
 #[derive(Default)]
 pub struct Scratch {
     /// Rendered `data` objects of the current change, by view (content).
-    data: Vec<(Select, Hidden, bool, Vec<u8>)>,
+    data: Vec<(Select, Hidden, bool, String)>,
     /// Frames of the current change. Keys hold topics, so a fast seeded hash: one lookup per
     /// member on the delivery path.
     frames: HashMap<FrameKey, Option<Frame>, foldhash::fast::RandomState>,
@@ -271,7 +271,10 @@ impl Scratch {
                     strip_old,
                     cursor: self.cursor.as_deref(),
                 };
+                // Checked as UTF-8 once here, so that no member's frame needs checking again.
                 let data = change.render_data(view, hub.limits().max_record_bytes);
+                let data = String::from_utf8(data)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
                 self.data.push((select.clone(), hidden.clone(), strip_old, data));
                 self.data.len() - 1
             }

@@ -65,7 +65,7 @@ pub enum Event<'a> {
     /// the change's resume cursor (also inside `data`) when a change log keeps it.
     Change {
         ids: &'a [u32],
-        data: &'a [u8],
+        data: &'a str,
         cursor: Option<&'a str>,
         kind: crate::change::ChangeKind,
         /// A row of an initial snapshot rather than a change.

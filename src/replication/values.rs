@@ -271,35 +271,42 @@ pub fn write_json_string(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(s.len() + 2);
     out.push(b'"');
-    let bytes = s.as_bytes();
+    json_escaped(s, |piece| out.extend_from_slice(piece.as_bytes()));
+    out.push(b'"');
+}
+
+/// [`write_json_str`] into a `String`: frames built from text need no UTF-8 check afterwards.
+pub fn push_json_str(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push('"');
+    json_escaped(s, |piece| out.push_str(piece));
+    out.push('"');
+}
+
+/// `s` as the inside of a JSON string, in pieces: runs of `s` and escapes.
+fn json_escaped(s: &str, mut piece: impl FnMut(&str)) {
+    const CONTROL: [&str; 32] = [
+        "\\u0000", "\\u0001", "\\u0002", "\\u0003", "\\u0004", "\\u0005", "\\u0006", "\\u0007", "\\b", "\\t",
+        "\\n", "\\u000b", "\\f", "\\r", "\\u000e", "\\u000f", "\\u0010", "\\u0011", "\\u0012", "\\u0013",
+        "\\u0014", "\\u0015", "\\u0016", "\\u0017", "\\u0018", "\\u0019", "\\u001a", "\\u001b", "\\u001c",
+        "\\u001d", "\\u001e", "\\u001f",
+    ];
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0..=0x1f => b"",
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            0..=0x1f => CONTROL[usize::from(b)],
             _ => continue,
         };
-        out.extend_from_slice(&bytes[start..i]);
-        if escape.is_empty() {
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
-        } else {
-            out.extend_from_slice(escape);
-        }
+        // `i` is at an ASCII byte, so both ends are character boundaries.
+        piece(s.get(start..i).unwrap_or_default());
+        piece(escape);
         start = i + 1;
     }
-    out.extend_from_slice(bytes.get(start..).unwrap_or_default());
-    out.push(b'"');
+    piece(s.get(start..).unwrap_or_default());
 }
 
 /// `2024-01-02 03:04:05.6+00 BC` → `"2024-01-02T03:04:05.6+00:00 BC"`; `infinity` unchanged.
@@ -494,6 +501,19 @@ fn write_composite(out: &mut Vec<u8>, fields: &[(String, Arc<TypeInfo>)], text: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_strings_escape_what_json_requires_in_both_writers() {
+        for s in ["", "plain", "a\"b\\c", "tab\tnl\ncr\r\u{8}\u{c}", "\u{0}\u{1f}\u{7f}", "é€😀\"", "\"\""]
+        {
+            let mut bytes = Vec::new();
+            write_json_str(&mut bytes, s);
+            let mut text = String::new();
+            push_json_str(&mut text, s);
+            assert_eq!(text.as_bytes(), bytes, "{s:?}");
+            assert_eq!(serde_json::from_str::<String>(&text).unwrap(), s, "{text}");
+        }
+    }
 
     fn render(oid: u32, text: &str) -> String {
         let cat = TypeCatalog::default();

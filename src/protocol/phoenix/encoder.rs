@@ -7,9 +7,10 @@ use std::sync::Arc;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 
-use crate::protocol::phoenix::codec::{encode_binary_broadcast, envelope, envelope_with, write_str, Vsn};
+use crate::protocol::phoenix::codec::{encode_binary_broadcast, envelope, write_str, Vsn};
 use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
 use crate::realtime::outbox::{Direct, Encoder, EncodingId, Event, Frame};
+use crate::replication::values::push_json_str;
 
 /// The encoder of one serializer version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,10 +28,26 @@ impl PhoenixEncoder {
 /// become `Bytes`, so that a frame is one allocation (spare capacity would cost a second one for
 /// the reference count; the allocator shrinks the block in place).
 fn text(bytes: Vec<u8>) -> Frame {
-    let mut text =
-        String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    text_of(String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+}
+
+fn text_of(mut text: String) -> Frame {
     text.shrink_to_fit();
     Frame::Text(Utf8Bytes::from(text))
+}
+
+/// `{"ids":[…],"data":…}`.
+fn change_payload(out: &mut String, ids: &[u32], data: &str) {
+    out.push_str("{\"ids\":[");
+    for (n, id) in ids.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        out.push_str(itoa::Buffer::new().format(*id));
+    }
+    out.push_str("],\"data\":");
+    out.push_str(data);
+    out.push('}');
 }
 
 pub use crate::realtime::channel_name;
@@ -61,20 +78,21 @@ impl Encoder for PhoenixEncoder {
     fn encode(&self, topic: &str, event: &Event<'_>) -> Option<Frame> {
         match event {
             Event::Change { ids, data, .. } => {
-                let len = data.len() + 24 + ids.len() * 11;
-                let frame = envelope_with(self.vsn, None, None, topic, "postgres_changes", len, |out| {
-                    out.extend_from_slice(b"{\"ids\":[");
-                    for (n, id) in ids.iter().enumerate() {
-                        if n > 0 {
-                            out.push(b',');
-                        }
-                        write_u32(out, *id);
+                // Built as text from text: nothing to check per member.
+                let mut out = String::with_capacity(data.len() + topic.len() + 72 + ids.len() * 11);
+                // What surrounds the topic and the payload (`ref` and `join_ref` are null).
+                let (open, middle, close) = match self.vsn {
+                    Vsn::V1 => {
+                        ("{\"topic\":", ",\"event\":\"postgres_changes\",\"payload\":", ",\"ref\":null}")
                     }
-                    out.extend_from_slice(b"],\"data\":");
-                    out.extend_from_slice(data);
-                    out.push(b'}');
-                });
-                Some(text(frame))
+                    Vsn::V2 => ("[null,null,", ",\"postgres_changes\",", "]"),
+                };
+                out.push_str(open);
+                push_json_str(&mut out, topic);
+                out.push_str(middle);
+                change_payload(&mut out, ids, data);
+                out.push_str(close);
+                Some(text_of(out))
             }
             Event::Broadcast(m) => match (self.vsn, &m.payload) {
                 (Vsn::V2, p) => {
@@ -142,21 +160,6 @@ impl Encoder for PhoenixEncoder {
     }
 }
 
-/// Writes a decimal integer without allocating.
-fn write_u32(out: &mut Vec<u8>, mut n: u32) {
-    let mut buf = [0u8; 10];
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[at..]);
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::{json, Value};
@@ -173,7 +176,7 @@ mod tests {
         let v2 = PhoenixEncoder { vsn: Vsn::V2 };
         let ev = Event::Change {
             ids: &[1, 2],
-            data: br#"{"type":"INSERT"}"#,
+            data: r#"{"type":"INSERT"}"#,
             cursor: None,
             kind: crate::change::ChangeKind::Insert,
             snapshot: false,
@@ -188,7 +191,7 @@ mod tests {
                     "realtime:x",
                     &Event::Change {
                         ids: &[],
-                        data: b"{}",
+                        data: "{}",
                         cursor: None,
                         kind: crate::change::ChangeKind::Insert,
                         snapshot: false
