@@ -40,53 +40,37 @@ fn sql(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> SlotError {
     move |source| SlotError::Sql { context, source }
 }
 
-/// The gateway's migrations, embedded in the binary.
+/// The gateway's migrations, embedded in the binary: version, description, SQL.
+const MIGRATIONS: [(i64, &str, &str); 6] = [
+    (1, "walcast schema", include_str!("../../migrations/0001_walcast_schema.sql")),
+    (2, "realtime broadcast", include_str!("../../migrations/0002_realtime_broadcast.sql")),
+    (3, "row level security", include_str!("../../migrations/0003_row_level_security.sql")),
+    (4, "private channels", include_str!("../../migrations/0004_private_channels.sql")),
+    (5, "row level security per role", include_str!("../../migrations/0005_row_level_security_per_role.sql")),
+    (
+        6,
+        "row level security planned once",
+        include_str!("../../migrations/0006_row_level_security_planned_once.sql"),
+    ),
+];
+
+/// The gateway's migrations as sqlx runs them.
 pub fn migrator() -> Migrator {
     Migrator {
-        migrations: Cow::Owned(vec![
-            Migration::new(
-                1,
-                Cow::Borrowed("walcast schema"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../../migrations/0001_walcast_schema.sql")),
-                false,
-            ),
-            Migration::new(
-                2,
-                Cow::Borrowed("realtime broadcast"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../../migrations/0002_realtime_broadcast.sql")),
-                false,
-            ),
-            Migration::new(
-                3,
-                Cow::Borrowed("row level security"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../../migrations/0003_row_level_security.sql")),
-                false,
-            ),
-            Migration::new(
-                4,
-                Cow::Borrowed("private channels"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../../migrations/0004_private_channels.sql")),
-                false,
-            ),
-            Migration::new(
-                5,
-                Cow::Borrowed("row level security per role"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../../migrations/0005_row_level_security_per_role.sql")),
-                false,
-            ),
-            Migration::new(
-                6,
-                Cow::Borrowed("row level security planned once"),
-                MigrationType::Simple,
-                Cow::Borrowed(include_str!("../../migrations/0006_row_level_security_planned_once.sql")),
-                false,
-            ),
-        ]),
+        migrations: Cow::Owned(
+            MIGRATIONS
+                .iter()
+                .map(|&(version, description, sql)| {
+                    Migration::new(
+                        version,
+                        Cow::Borrowed(description),
+                        MigrationType::Simple,
+                        Cow::Borrowed(sql),
+                        false,
+                    )
+                })
+                .collect(),
+        ),
         ..Migrator::DEFAULT
     }
 }

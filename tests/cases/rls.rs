@@ -91,6 +91,16 @@ fn ty(t: &str, id: i64) -> (String, i64) {
     (t.to_owned(), id)
 }
 
+/// A in room 1 and B in room 2, each subscribed to `messages`.
+async fn room_members(app: &TestApp, p: &sqlx::PgPool) -> (Ws, Ws) {
+    exec(p, &format!("INSERT INTO members VALUES (1, '{A}'), (2, '{B}')")).await;
+    let mut a = connect(app, &user(A)).await;
+    let mut b = connect(app, &user(B)).await;
+    subscribe(&mut a, "room", "messages").await;
+    subscribe(&mut b, "room", "messages").await;
+    (a, b)
+}
+
 #[tokio::test]
 async fn each_subscriber_gets_the_row_versions_it_may_see() {
     let (app, p) = app(|_| {}).await;
@@ -198,11 +208,7 @@ async fn filtered_subscribers_get_the_visible_rows_they_match() {
 #[tokio::test]
 async fn policies_with_subqueries_follow_the_membership_table() {
     let (app, p) = app(|_| {}).await;
-    exec(&p, &format!("INSERT INTO members VALUES (1, '{A}'), (2, '{B}')")).await;
-    let mut a = connect(&app, &user(A)).await;
-    let mut b = connect(&app, &user(B)).await;
-    subscribe(&mut a, "room", "messages").await;
-    subscribe(&mut b, "room", "messages").await;
+    let (mut a, mut b) = room_members(&app, &p).await;
     exec(&p, "INSERT INTO messages VALUES (1, 1, 'for room 1'), (2, 2, 'for room 2')").await;
     assert_eq!(next_change(&mut a).await["record"]["id"], 1);
     assert_eq!(next_change(&mut b).await["record"]["id"], 2);
@@ -217,11 +223,7 @@ async fn policies_with_subqueries_follow_the_membership_table() {
 #[tokio::test]
 async fn a_subquery_is_evaluated_for_each_subscriber_of_a_batch() {
     let (app, p) = app(|_| {}).await;
-    exec(&p, &format!("INSERT INTO members VALUES (1, '{A}'), (2, '{B}')")).await;
-    let mut a = connect(&app, &user(A)).await;
-    let mut b = connect(&app, &user(B)).await;
-    subscribe(&mut a, "room", "messages").await;
-    subscribe(&mut b, "room", "messages").await;
+    let (mut a, mut b) = room_members(&app, &p).await;
     // One statement: the rows are checked together, for both users. A policy's subquery must
     // not answer the second user with what it found for the first.
     exec(
