@@ -305,8 +305,15 @@ impl Relay {
         Ok(Relay { child, addr })
     }
 
+    /// Connects and waits until the relay has made the socket a member of `group`.
     async fn connect(&self, group: String) -> anyhow::Result<Socket> {
-        ws_connect(format!("ws://{}/?group={group}", self.addr)).await
+        let mut ws = ws_connect(format!("ws://{}/?group={group}", self.addr)).await?;
+        let first = tokio::time::timeout(Duration::from_secs(60), ws.next()).await?.transpose()?;
+        anyhow::ensure!(
+            first.as_ref().and_then(|m| m.to_text().ok()) == Some(super::relay::READY),
+            "the relay's first message was {first:?}, not its ready signal"
+        );
+        Ok(ws)
     }
 
     fn usage(&self) -> Option<(f64, u64, u64)> {

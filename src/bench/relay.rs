@@ -1,8 +1,9 @@
 //! The raw-WebSocket baseline: a minimal pub-sub relay on tokio-tungstenite with no protocol, no
 //! matching and no encoding — a client connects to `/?group=G`, and every text or binary message
-//! it sends is written to every other client of group G (frames shared by reference count,
-//! written in batches as the gateway does). Run as a child process (`walcast bench relay`) so its
-//! CPU is apart from the load generator's, like the gateway's.
+//! it sends is written to every other client of group G (frames shared by reference count, written
+//! in batches as the gateway does). The relay's first message to a client, `ready`, says it is a
+//! member; a completed handshake alone does not. Run as a child process (`walcast bench relay`) so
+//! its CPU is apart from the load generator's, like the gateway's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,9 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::Message;
+
+/// The first message of every connection, sent once the client is a member of its group.
+pub const READY: &str = "ready";
 
 type Groups = Arc<Mutex<HashMap<String, Vec<(u64, mpsc::Sender<Message>)>>>>;
 
@@ -45,6 +49,10 @@ pub async fn serve(listen: &str) -> anyhow::Result<()> {
             let (tx, mut rx) = mpsc::channel::<Message>(4096);
             if let Ok(mut g) = groups.lock() {
                 g.entry(group.clone()).or_default().push((id, tx));
+            }
+            // Tells the client it is a member now: a handshake alone can complete before that.
+            if sink.send(Message::text(READY)).await.is_err() {
+                return;
             }
             let writer = tokio::spawn(async move {
                 while let Some(m) = rx.recv().await {
