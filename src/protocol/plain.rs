@@ -344,7 +344,7 @@ mod tests {
     use super::*;
 
     fn json_of(f: &Frame) -> Value {
-        serde_json::from_str(f.as_text().expect("text")).expect("json")
+        serde_json::from_str(f.text().as_deref().expect("text")).expect("json")
     }
 
     #[test]

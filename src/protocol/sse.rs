@@ -165,13 +165,16 @@ mod tests {
                 },
             )
             .unwrap();
-        assert_eq!(f.as_text(), Some("id: C1\nevent: update\ndata: {\"type\":\"UPDATE\"}\n\n"));
-        assert_eq!(parse(f.as_text().unwrap()), Some((Some("C1"), "update", r#"{"type":"UPDATE"}"#)));
+        assert_eq!(f.text().as_deref(), Some("id: C1\nevent: update\ndata: {\"type\":\"UPDATE\"}\n\n"));
+        assert_eq!(parse(f.text().as_deref().unwrap()), Some((Some("C1"), "update", r#"{"type":"UPDATE"}"#)));
         let g = e.encode_direct("t", None, &Direct::Gap { code: "expired", message: "m" });
-        assert_eq!(parse(g.as_text().unwrap()), Some((None, "gap", r#"{"code":"expired","message":"m"}"#)));
+        assert_eq!(
+            parse(g.text().as_deref().unwrap()),
+            Some((None, "gap", r#"{"code":"expired","message":"m"}"#))
+        );
         let s =
             e.encode_direct("t", None, &Direct::System { extension: "x", status: "error", message: "no" });
-        assert_eq!(parse(s.as_text().unwrap()).map(|p| p.1), Some("error"));
+        assert_eq!(parse(s.text().as_deref().unwrap()).map(|p| p.1), Some("error"));
         assert_eq!(parse(": keep-alive\n\n"), None);
     }
 
@@ -187,19 +190,19 @@ mod tests {
         let text = |m: &BroadcastMessage| SseEncoder.encode("realtime:r", &Event::Broadcast(m)).unwrap();
         let f = text(&m("typing", br#"{"a":1}"#, Some("C9")));
         assert_eq!(
-            f.as_text(),
+            f.text().as_deref(),
             Some("id: C9\nevent: typing\ndata: {\"event\":\"typing\",\"data\":{\"a\":1}}\n\n")
         );
         // The stream's own names, empty names and line breaks are not event names.
         for name in ["gap", "error", "", "a\nid: x"] {
             let f = text(&m(name, b"1", None));
-            let body = f.as_text().unwrap();
+            let body = f.text().unwrap();
             assert!(body.starts_with("event: broadcast\ndata: "), "{body:?}");
             assert_eq!(body.matches("\n\n").count(), 1, "one message: {body:?}");
         }
         // Line breaks in a payload continue the data on further lines; nothing else changes.
         let f = text(&m("e", b"{\"a\":\n1,\r\n\"id: x\":2}", None));
-        let body = f.as_text().unwrap();
+        let body = f.text().unwrap();
         assert!(!body.contains("\nid:"), "{body:?}");
         let data: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
         let joined: serde_json::Value = serde_json::from_str(&data.join("\n")).unwrap();

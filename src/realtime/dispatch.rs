@@ -1,7 +1,8 @@
 //! The dispatcher task: takes replication events in commit order, matches each change against
 //! the index, applies row-level security, renders `data` once per distinct view (select, hidden
-//! columns, withheld old record), encodes it once per (encoding, topic, ids, view) and queues the
-//! shared bytes to each member without waiting; relays database broadcasts to their channels; and
+//! columns, withheld old record), encodes it once per (encoding, topic, ids, view) — or, for an
+//! encoding with a change envelope, its body once per (encoding, ids, view) whatever the topic —
+//! and queues the shared bytes to each member without waiting; relays database broadcasts to their channels; and
 //! advances the acknowledgement after each commit.
 //!
 //! A change whose subscribers need no row check (authentication off, tables without row-level
@@ -17,6 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::Utf8Bytes;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -222,6 +224,8 @@ pub struct Scratch {
     /// Frames of the current change. Keys hold topics, so a fast seeded hash: one lookup per
     /// member on the delivery path.
     frames: HashMap<FrameKey, Option<Frame>, foldhash::fast::RandomState>,
+    /// Bodies of the current change's frames for encodings with an envelope (any topic).
+    bodies: HashMap<(EncodingId, Ids, usize), Option<Utf8Bytes>, foldhash::fast::RandomState>,
     ids: Vec<u32>,
     decisions: Vec<Decision>,
     /// Decisions of the current change by subject (interned, so by pointer).
@@ -240,6 +244,7 @@ impl Scratch {
     fn start(&mut self, hub: &Hub, change: &Change) {
         self.data.clear();
         self.frames.clear();
+        self.bodies.clear();
         self.position = change.position();
         self.xid = change.xid;
         self.cursor =
@@ -288,7 +293,17 @@ impl Scratch {
             snapshot: change.snapshot,
         };
         // Most changes reach one member: encode directly, cache only when it can repeat.
-        let frame = if !shared {
+        let frame = if let Some(envelope) = member.change_envelope() {
+            // The member's envelope around a body shared whatever the topic; joined by its
+            // transport, so that the per-member copy is not made here.
+            let body = if !shared {
+                member.encoder.change_body(ids, data)
+            } else {
+                let key = (member.encoder.id(), Ids::of(ids), data_at);
+                self.bodies.entry(key).or_insert_with(|| member.encoder.change_body(ids, data)).clone()
+            };
+            body.map(|body| Frame::Joined { envelope: Arc::clone(envelope), body })
+        } else if !shared {
             member.encoder.encode(&member.key.topic, &event)
         } else {
             let key = (member.encoder.id(), Arc::clone(&member.key.topic), Ids::of(ids), data_at);

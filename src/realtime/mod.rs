@@ -26,7 +26,7 @@ pub mod snapshot;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -39,7 +39,7 @@ use crate::log::ChangeLog;
 use crate::realtime::broadcast::ReplayGate;
 use crate::realtime::bus::Peers;
 use crate::realtime::index::SubscriptionIndex;
-use crate::realtime::outbox::{Encoder, Outbox};
+use crate::realtime::outbox::{Encoder, Envelope, Outbox};
 use crate::realtime::registry::Channel;
 use crate::subscribe::PublishedCatalog;
 
@@ -86,6 +86,8 @@ pub struct Member {
     /// The dispatcher's mark of the last change that matched this member (grouping without a
     /// sort); start at 0.
     pub seen: AtomicU64,
+    /// Its encoder's [`Encoder::change_envelope`] for its topic, made on first use; start empty.
+    pub change_envelope: OnceLock<Option<Arc<Envelope>>>,
 }
 
 /// [`Member::reads`]: receives broadcasts.
@@ -105,6 +107,13 @@ impl Member {
 
     pub fn reads_presence(&self) -> bool {
         self.reads.load(Ordering::Relaxed) & READS_PRESENCE != 0
+    }
+
+    /// The envelope of its change frames, when its encoding has one.
+    pub fn change_envelope(&self) -> Option<&Arc<Envelope>> {
+        self.change_envelope
+            .get_or_init(|| self.encoder.change_envelope(&self.key.topic).map(Arc::new))
+            .as_ref()
     }
 
     pub fn subject(&self) -> Option<Arc<Subject>> {

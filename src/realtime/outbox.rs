@@ -5,7 +5,9 @@
 //! disconnects that client, never blocks the sender. Must not: know any wire format; encoders
 //! live in `protocol/`.
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
@@ -23,6 +25,18 @@ pub enum Frame {
     Text(Utf8Bytes),
     /// Binary (Phoenix 2.0.0 broadcast frames).
     Binary(Bytes),
+    /// UTF-8 text in parts the transport joins: a member's envelope around a body shared by every
+    /// member that receives the same content. Handing a member its frame then costs two
+    /// reference counts; the copy is made by its own transport task.
+    Joined { envelope: Arc<Envelope>, body: Utf8Bytes },
+}
+
+/// What surrounds a shared body in a [`Frame::Joined`]: `head` depends on the member (its topic),
+/// `tail` on the encoding only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub head: Utf8Bytes,
+    pub tail: &'static str,
 }
 
 impl Frame {
@@ -30,6 +44,7 @@ impl Frame {
         match self {
             Frame::Text(t) => t.len(),
             Frame::Binary(b) => b.len(),
+            Frame::Joined { envelope, body } => envelope.head.len() + body.len() + envelope.tail.len(),
         }
     }
 
@@ -37,18 +52,35 @@ impl Frame {
         self.len() == 0
     }
 
-    /// The text of a text frame.
-    pub fn as_text(&self) -> Option<&str> {
+    /// The text of a text frame (joined when in parts).
+    pub fn text(&self) -> Option<Cow<'_, str>> {
         match self {
-            Frame::Text(t) => Some(t.as_str()),
+            Frame::Text(t) => Some(Cow::Borrowed(t.as_str())),
             Frame::Binary(_) => None,
+            Frame::Joined { .. } => Some(Cow::Owned(self.joined_text()?.as_str().to_owned())),
         }
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
+    /// The whole text of a [`Frame::Joined`] in one allocation (`None` for other frames).
+    pub fn joined_text(&self) -> Option<Utf8Bytes> {
+        let Frame::Joined { envelope, body } = self else { return None };
+        let mut out = String::with_capacity(self.len());
+        out.push_str(envelope.head.as_str());
+        out.push_str(body.as_str());
+        out.push_str(envelope.tail);
+        Some(Utf8Bytes::from(out))
+    }
+
+    /// Appends the frame's bytes.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
         match self {
-            Frame::Text(t) => t.as_bytes(),
-            Frame::Binary(b) => b,
+            Frame::Text(t) => out.extend_from_slice(t.as_bytes()),
+            Frame::Binary(b) => out.extend_from_slice(b),
+            Frame::Joined { envelope, body } => {
+                out.extend_from_slice(envelope.head.as_bytes());
+                out.extend_from_slice(body.as_bytes());
+                out.extend_from_slice(envelope.tail.as_bytes());
+            }
         }
     }
 }
@@ -103,6 +135,17 @@ pub trait Encoder: Send + Sync + 'static {
     fn encode(&self, topic: &str, event: &Event<'_>) -> Option<Frame>;
     /// A frame for one member.
     fn encode_direct(&self, topic: &str, join_ref: Option<&str>, message: &Direct<'_>) -> Frame;
+    /// For an encoding whose change frames are `head + body + tail`, where only `head` depends
+    /// on the topic and the body only on the binding ids and `data`: the envelope for `topic`.
+    /// A member's change frames are then [`Frame::Joined`] of that envelope and a body encoded
+    /// once per content ([`Encoder::change_body`]), whatever the topic.
+    fn change_envelope(&self, _topic: &str) -> Option<Envelope> {
+        None
+    }
+    /// The body of a change frame, for encodings with a [`Encoder::change_envelope`].
+    fn change_body(&self, _ids: &[u32], _data: &str) -> Option<Utf8Bytes> {
+        None
+    }
 }
 
 /// The sending half of a session's queue. Cheap to clone.

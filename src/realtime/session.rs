@@ -454,6 +454,7 @@ impl Session {
             replay: replay.is_some().then(|| std::sync::Mutex::new(ReplayGate::Holding(Vec::new()))),
             resume: (since.is_some() || req.snapshot).then(crate::realtime::resume::holding_gate),
             seen: Default::default(),
+            change_envelope: Default::default(),
         });
         self.hub.add_member(Arc::clone(&member), req.presence_enabled);
         let mut membership = Membership {
@@ -834,7 +835,7 @@ mod tests {
     fn drain(rx: &mut OutboxReceiver) -> Vec<String> {
         let mut out = Vec::new();
         while let Ok(f) = rx.rx.try_recv() {
-            out.push(f.as_text().unwrap_or("<binary>").to_owned());
+            out.push(f.text().as_deref().unwrap_or("<binary>").to_owned());
         }
         out
     }
@@ -1074,6 +1075,7 @@ mod tests {
             replay: None,
             resume: None,
             seen: Default::default(),
+            change_envelope: Default::default(),
         };
         tweak(&mut m);
         let m = Arc::new(m);

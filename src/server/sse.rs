@@ -317,13 +317,14 @@ fn event_stream(
             _ = s.keep_alive.tick() => Frame::Text(sse::KEEP_ALIVE.into()),
         };
         // Whatever else is already queued goes out in the same chunk (one write, not one each).
-        let mut buf = Vec::from(chunk.as_bytes());
+        let mut buf = Vec::with_capacity(chunk.len());
+        chunk.write_to(&mut buf);
         if !s.outbox.rx.is_empty() {
             buf.reserve(CHUNK_BYTES + 4096);
         }
         while buf.len() < CHUNK_BYTES && !s.done {
             match s.outbox.rx.try_recv() {
-                Ok(f) => buf.extend_from_slice(f.as_bytes()),
+                Ok(f) => f.write_to(&mut buf),
                 Err(_) => break,
             }
         }
@@ -376,7 +377,8 @@ async fn long_poll(
             }
         };
         let Some(frame) = frame else { break };
-        let Some((id, event, data)) = frame.as_text().and_then(sse::parse) else { continue };
+        let Some(text) = frame.text() else { continue };
+        let Some((id, event, data)) = sse::parse(&text) else { continue };
         match event {
             "gap" => {
                 let body: Value = serde_json::from_str(data).unwrap_or(Value::Null);

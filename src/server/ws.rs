@@ -93,6 +93,7 @@ fn message(frame: Frame) -> Message {
     match frame {
         Frame::Text(t) => Message::Text(t),
         Frame::Binary(b) => Message::Binary(b),
+        joined @ Frame::Joined { .. } => Message::Text(joined.joined_text().unwrap_or_default()),
     }
 }
 

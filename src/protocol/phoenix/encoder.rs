@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use crate::protocol::phoenix::codec::{encode_binary_broadcast, envelope, write_str, Vsn};
 use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
-use crate::realtime::outbox::{Direct, Encoder, EncodingId, Event, Frame};
+use crate::realtime::outbox::{Direct, Encoder, EncodingId, Envelope, Event, Frame};
 use crate::replication::values::push_json_str;
 
 /// The encoder of one serializer version.
@@ -67,6 +67,21 @@ fn broadcast_json(m: &BroadcastMessage, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+impl PhoenixEncoder {
+    /// Writes what precedes a change payload on `topic` and returns what follows it (`ref` and
+    /// `join_ref` are null, so nothing else depends on the member).
+    fn change_head(&self, out: &mut String, topic: &str) -> &'static str {
+        let (open, middle, close) = match self.vsn {
+            Vsn::V1 => ("{\"topic\":", ",\"event\":\"postgres_changes\",\"payload\":", ",\"ref\":null}"),
+            Vsn::V2 => ("[null,null,", ",\"postgres_changes\",", "]"),
+        };
+        out.push_str(open);
+        push_json_str(out, topic);
+        out.push_str(middle);
+        close
+    }
+}
+
 impl Encoder for PhoenixEncoder {
     fn id(&self) -> EncodingId {
         match self.vsn {
@@ -80,16 +95,7 @@ impl Encoder for PhoenixEncoder {
             Event::Change { ids, data, .. } => {
                 // Built as text from text: nothing to check per member.
                 let mut out = String::with_capacity(data.len() + topic.len() + 72 + ids.len() * 11);
-                // What surrounds the topic and the payload (`ref` and `join_ref` are null).
-                let (open, middle, close) = match self.vsn {
-                    Vsn::V1 => {
-                        ("{\"topic\":", ",\"event\":\"postgres_changes\",\"payload\":", ",\"ref\":null}")
-                    }
-                    Vsn::V2 => ("[null,null,", ",\"postgres_changes\",", "]"),
-                };
-                out.push_str(open);
-                push_json_str(&mut out, topic);
-                out.push_str(middle);
+                let close = self.change_head(&mut out, topic);
                 change_payload(&mut out, ids, data);
                 out.push_str(close);
                 Some(text_of(out))
@@ -125,6 +131,18 @@ impl Encoder for PhoenixEncoder {
                 Some(text(envelope(self.vsn, None, None, topic, "presence_diff", json)))
             }
         }
+    }
+
+    fn change_envelope(&self, topic: &str) -> Option<Envelope> {
+        let mut head = String::with_capacity(topic.len() + 40);
+        let tail = self.change_head(&mut head, topic);
+        Some(Envelope { head: Utf8Bytes::from(head), tail })
+    }
+
+    fn change_body(&self, ids: &[u32], data: &str) -> Option<Utf8Bytes> {
+        let mut out = String::with_capacity(data.len() + 20 + ids.len() * 11);
+        change_payload(&mut out, ids, data);
+        Some(Utf8Bytes::from(out))
     }
 
     fn encode_direct(&self, topic: &str, join_ref: Option<&str>, message: &Direct<'_>) -> Frame {
@@ -167,7 +185,7 @@ mod tests {
     use super::*;
 
     fn json_of(f: &Frame) -> Value {
-        serde_json::from_str(f.as_text().expect("text")).expect("json")
+        serde_json::from_str(&f.text().expect("text")).expect("json")
     }
 
     #[test]
@@ -222,6 +240,33 @@ mod tests {
             json_of(&sys)[4],
             json!({"extension": "system", "status": "error", "message": "m", "channel": "x"})
         );
+    }
+
+    #[test]
+    fn joined_change_frames_equal_whole_ones() {
+        let data = r#"{"type":"UPDATE","record":{"t":"é\"x"}}"#;
+        let ev = Event::Change {
+            ids: &[7, 2147483647],
+            data,
+            cursor: None,
+            kind: crate::change::ChangeKind::Update,
+            snapshot: false,
+        };
+        for vsn in [Vsn::V1, Vsn::V2] {
+            let e = PhoenixEncoder { vsn };
+            for topic in ["realtime:c1", "realtime:\"ü\\"] {
+                let whole = e.encode(topic, &ev).unwrap();
+                let envelope = Arc::new(e.change_envelope(topic).unwrap());
+                let joined = Frame::Joined { envelope, body: e.change_body(&[7, 2147483647], data).unwrap() };
+                assert_eq!(joined.text(), whole.text(), "{vsn:?} {topic}");
+                assert_eq!(joined.len(), whole.len());
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                joined.write_to(&mut a);
+                whole.write_to(&mut b);
+                assert_eq!(a, b);
+                assert_eq!(joined.joined_text().as_deref(), whole.text().as_deref());
+            }
+        }
     }
 
     #[test]
