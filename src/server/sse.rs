@@ -280,7 +280,7 @@ fn event_stream(
         session,
         outbox,
         topic,
-        shutdown: state.shutdown,
+        shutdown: state.shutdown.child_token(),
         keep_alive,
         first: Some(first),
         done: false,

@@ -134,8 +134,10 @@ async fn serve<C: Connection>(state: AppState, mut conn: C, mut outbox: OutboxRe
     let (mut sink, mut stream) = socket.split();
     let idle = state.idle_timeout;
     // These futures live for the whole connection: building them per loop turn would register
-    // and drop a waiter on the shared shutdown token and a timer entry for every frame written.
-    let shutdown = state.shutdown.clone();
+    // and drop a waiter on the shutdown token and a timer entry for every frame written. Polling
+    // a token locks it, and the loop polls on every batch: a child token of its own keeps the
+    // sockets from contending for the server's.
+    let shutdown = state.shutdown.child_token();
     let shutdown = shutdown.cancelled();
     let killed = outbox.killed.clone();
     let killed = killed.cancelled();
