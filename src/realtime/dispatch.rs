@@ -292,19 +292,16 @@ impl Scratch {
             kind: change.kind,
             snapshot: change.snapshot,
         };
-        // Most changes reach one member: encode directly, cache only when it can repeat.
-        let frame = if let Some(envelope) = member.change_envelope() {
+        // Most changes reach one member: encode the whole frame directly (one allocation), and
+        // share only what can repeat.
+        let frame = if !shared {
+            member.encoder.encode(&member.key.topic, &event)
+        } else if let Some((encoding, envelope)) = member.change_envelope() {
             // The member's envelope around a body shared whatever the topic; joined by its
             // transport, so that the per-member copy is not made here.
-            let body = if !shared {
-                member.encoder.change_body(ids, data)
-            } else {
-                let key = (member.encoder.id(), Ids::of(ids), data_at);
-                self.bodies.entry(key).or_insert_with(|| member.encoder.change_body(ids, data)).clone()
-            };
-            body.map(|body| Frame::Joined { envelope: Arc::clone(envelope), body })
-        } else if !shared {
-            member.encoder.encode(&member.key.topic, &event)
+            let key = (encoding, Ids::of(ids), data_at);
+            let body = self.bodies.entry(key).or_insert_with(|| member.encoder.change_body(ids, data));
+            body.clone().map(|body| Frame::Joined { envelope: Arc::clone(envelope), body })
         } else {
             let key = (member.encoder.id(), Arc::clone(&member.key.topic), Ids::of(ids), data_at);
             self.frames.entry(key).or_insert_with(|| member.encoder.encode(&member.key.topic, &event)).clone()

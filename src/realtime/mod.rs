@@ -39,7 +39,7 @@ use crate::log::ChangeLog;
 use crate::realtime::broadcast::ReplayGate;
 use crate::realtime::bus::Peers;
 use crate::realtime::index::SubscriptionIndex;
-use crate::realtime::outbox::{Encoder, Envelope, Outbox};
+use crate::realtime::outbox::{Encoder, EncodingId, Envelope, Outbox};
 use crate::realtime::registry::Channel;
 use crate::subscribe::PublishedCatalog;
 
@@ -86,8 +86,9 @@ pub struct Member {
     /// The dispatcher's mark of the last change that matched this member (grouping without a
     /// sort); start at 0.
     pub seen: AtomicU64,
-    /// Its encoder's [`Encoder::change_envelope`] for its topic, made on first use; start empty.
-    pub change_envelope: OnceLock<Option<Arc<Envelope>>>,
+    /// Its encoder's id and [`Encoder::change_envelope`] for its topic, made on first use
+    /// (kept here so that the delivery path need not reach the encoder); start empty.
+    pub change_envelope: OnceLock<Option<(EncodingId, Arc<Envelope>)>>,
 }
 
 /// [`Member::reads`]: receives broadcasts.
@@ -109,11 +110,12 @@ impl Member {
         self.reads.load(Ordering::Relaxed) & READS_PRESENCE != 0
     }
 
-    /// The envelope of its change frames, when its encoding has one.
-    pub fn change_envelope(&self) -> Option<&Arc<Envelope>> {
-        self.change_envelope
-            .get_or_init(|| self.encoder.change_envelope(&self.key.topic).map(Arc::new))
-            .as_ref()
+    /// Its encoding and the envelope of its change frames, when its encoding has one.
+    pub fn change_envelope(&self) -> Option<(EncodingId, &Arc<Envelope>)> {
+        let made = self.change_envelope.get_or_init(|| {
+            self.encoder.change_envelope(&self.key.topic).map(|e| (self.encoder.id(), Arc::new(e)))
+        });
+        made.as_ref().map(|(id, e)| (*id, e))
     }
 
     pub fn subject(&self) -> Option<Arc<Subject>> {
