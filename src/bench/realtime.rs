@@ -125,6 +125,9 @@ pub(crate) struct Step {
     p50: f64,
     pub(crate) p99: f64,
     max: f64,
+    /// For INSERTs: from the stamp until the INSERT returned (committed), p50 and p99 in ms —
+    /// the part of the latency the database takes before the gateway can see the change.
+    commit: Option<(f64, f64)>,
 }
 
 impl Step {
@@ -135,27 +138,29 @@ impl Step {
     pub(crate) fn json(&self) -> serde_json::Value {
         json!({"rate": self.rate, "sent": self.sent, "delivered": self.delivered, "lost": self.lost(),
                "deliveries_per_sec": (self.delivered as f64 / self.secs).round(),
-               "latency_ms": {"p50": self.p50, "p99": self.p99, "max": self.max}})
+               "latency_ms": {"p50": self.p50, "p99": self.p99, "max": self.max},
+               "commit_ms": self.commit.map(|(p50, p99)| json!({"p50": p50, "p99": p99}))})
     }
 
     pub(crate) fn print(&self, who: &str) {
         println!(
-            "{who:>8} {:>8} {:>12.0} {:>10} {:>6} {:>9.2} {:>9.2} {:>9.2}",
+            "{who:>8} {:>8} {:>12.0} {:>10} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>13}",
             self.rate,
             self.delivered as f64 / self.secs,
             self.delivered,
             self.lost(),
             self.p50,
             self.p99,
-            self.max
+            self.max,
+            self.commit.map(|(p50, p99)| format!("{p50:.2} / {p99:.2}")).unwrap_or_default()
         );
     }
 }
 
 pub(crate) fn print_header() {
     println!(
-        "{:>8} {:>8} {:>12} {:>10} {:>6} {:>9} {:>9} {:>9}",
-        "server", "rate", "deliveries/s", "delivered", "lost", "p50 ms", "p99 ms", "max ms"
+        "{:>8} {:>8} {:>12} {:>10} {:>6} {:>9} {:>9} {:>9} {:>13}",
+        "server", "rate", "deliveries/s", "delivered", "lost", "p50 ms", "p99 ms", "max ms", "commit p50/p99"
     );
 }
 
@@ -197,6 +202,7 @@ pub(crate) async fn step(
     let began = Instant::now();
     let mut sent = 0u64;
     let mut inflight = Vec::new();
+    let mut commits = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for n in 0..ticks {
         tick.tick().await;
         match source {
@@ -205,12 +211,13 @@ pub(crate) async fn step(
                 let (pool, id, sql) = (pool.clone(), *seq, *sql);
                 inflight.push(tokio::spawn(async move {
                     let mut conn = pool.acquire().await?;
-                    let body = format!("t={}", micros_since(start));
-                    sqlx::query(sql).bind(id).bind(body).execute(&mut *conn).await
+                    let t = micros_since(start);
+                    sqlx::query(sql).bind(id).bind(format!("t={t}")).execute(&mut *conn).await?;
+                    Ok::<_, sqlx::Error>(micros_since(start).saturating_sub(t).max(1))
                 }));
                 if inflight.len() >= 256 {
                     for h in inflight.drain(..) {
-                        h.await??;
+                        let _ = commits.record(h.await??.min(60_000_000));
                     }
                 }
             }
@@ -222,7 +229,7 @@ pub(crate) async fn step(
         sent += 1;
     }
     for h in inflight.drain(..) {
-        h.await??;
+        let _ = commits.record(h.await??.min(60_000_000));
     }
     let expected = sent * fanout;
     let total = |rs: &[Arc<Receiver>]| rs.iter().map(|r| r.received.load(Ordering::Relaxed)).sum::<u64>();
@@ -254,6 +261,10 @@ pub(crate) async fn step(
         p50: ms(0.5),
         p99: ms(0.99),
         max: all.max() as f64 / 1000.0,
+        commit: (!commits.is_empty()).then(|| {
+            let ms = |q: f64| commits.value_at_quantile(q) as f64 / 1000.0;
+            (ms(0.5), ms(0.99))
+        }),
     })
 }
 

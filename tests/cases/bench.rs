@@ -137,6 +137,9 @@ async fn same_table_scenario() {
     assert_eq!((v["walcast_max_rate"].as_u64(), v["relay_max_rate"].as_u64()), (Some(20), Some(20)));
     assert_eq!(v["ratio"], 1.0);
     assert!(v["fixed"]["latency_ms"]["p99"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    // The database's share is measured where INSERTs are the source, and only there.
+    assert!(v["fixed"]["commit_ms"]["p99"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    assert!(v["relay_fixed"]["commit_ms"].is_null(), "{v}");
 }
 
 #[tokio::test]
