@@ -2,8 +2,8 @@
 //! the index, applies row-level security, renders `data` once per distinct view (select, hidden
 //! columns, withheld old record), encodes it once per (encoding, topic, ids, view) — or, for an
 //! encoding with a change envelope, its body once per (encoding, ids, view) whatever the topic —
-//! and queues the shared bytes to each member without waiting; relays database broadcasts to their channels; and
-//! advances the acknowledgement after each commit.
+//! and queues the shared bytes to each member without waiting; relays database broadcasts to
+//! their channels; and advances the acknowledgement after each commit.
 //!
 //! A change whose subscribers need no row check (authentication off, tables without row-level
 //! security, cached answers) is delivered at once. Otherwise it starts a batch: the events that

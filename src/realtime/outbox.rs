@@ -57,18 +57,22 @@ impl Frame {
         match self {
             Frame::Text(t) => Some(Cow::Borrowed(t.as_str())),
             Frame::Binary(_) => None,
-            Frame::Joined { .. } => Some(Cow::Owned(self.joined_text()?.as_str().to_owned())),
+            Frame::Joined { .. } => self.joined().map(Cow::Owned),
         }
     }
 
     /// The whole text of a [`Frame::Joined`] in one allocation (`None` for other frames).
     pub fn joined_text(&self) -> Option<Utf8Bytes> {
+        self.joined().map(Utf8Bytes::from)
+    }
+
+    fn joined(&self) -> Option<String> {
         let Frame::Joined { envelope, body } = self else { return None };
         let mut out = String::with_capacity(self.len());
         out.push_str(envelope.head.as_str());
         out.push_str(body.as_str());
         out.push_str(envelope.tail);
-        Some(Utf8Bytes::from(out))
+        Some(out)
     }
 
     /// Appends the frame's bytes.

@@ -9,6 +9,8 @@
 use bytes::Bytes;
 use serde_json::Value;
 
+use crate::replication::values::push_json_str;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Vsn {
     V1,
@@ -160,20 +162,7 @@ pub fn envelope(
     event: &str,
     payload: &[u8],
 ) -> Vec<u8> {
-    envelope_with(vsn, join_ref, msg_ref, topic, event, payload.len(), |out| out.extend_from_slice(payload))
-}
-
-/// Like [`envelope`], with the payload written in place by `payload` (one buffer, one copy).
-pub fn envelope_with(
-    vsn: Vsn,
-    join_ref: Option<&str>,
-    msg_ref: Option<&str>,
-    topic: &str,
-    event: &str,
-    payload_len: usize,
-    payload: impl FnOnce(&mut Vec<u8>),
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload_len + topic.len() + event.len() + 48);
+    let mut out = Vec::with_capacity(payload.len() + topic.len() + event.len() + 48);
     let opt = |out: &mut Vec<u8>, v: Option<&str>| match v {
         Some(s) => write_str(out, s),
         None => out.extend_from_slice(b"null"),
@@ -185,7 +174,7 @@ pub fn envelope_with(
             out.extend_from_slice(b",\"event\":");
             write_str(&mut out, event);
             out.extend_from_slice(b",\"payload\":");
-            payload(&mut out);
+            out.extend_from_slice(payload);
             out.extend_from_slice(b",\"ref\":");
             opt(&mut out, msg_ref);
             out.push(b'}');
@@ -200,11 +189,35 @@ pub fn envelope_with(
             out.push(b',');
             write_str(&mut out, event);
             out.push(b',');
-            payload(&mut out);
+            out.extend_from_slice(payload);
             out.push(b']');
         }
     }
     out
+}
+
+/// What [`envelope`] writes before the payload when `join_ref` and `ref` are null (frames shared
+/// by members), as text; returns what follows the payload. `event` is written as given: a JSON
+/// string literal.
+pub fn shared_envelope_head(vsn: Vsn, out: &mut String, topic: &str, event: &str) -> &'static str {
+    match vsn {
+        Vsn::V1 => {
+            out.push_str("{\"topic\":");
+            push_json_str(out, topic);
+            out.push_str(",\"event\":");
+            out.push_str(event);
+            out.push_str(",\"payload\":");
+            ",\"ref\":null}"
+        }
+        Vsn::V2 => {
+            out.push_str("[null,null,");
+            push_json_str(out, topic);
+            out.push(',');
+            out.push_str(event);
+            out.push(',');
+            "]"
+        }
+    }
 }
 
 /// Writes a JSON string literal.
@@ -298,6 +311,15 @@ mod tests {
         assert_eq!(v, json!({"topic":"t","event":"phx_reply","payload":{"status":"ok"},"ref":"2"}));
         let v2 = encode(Vsn::V2, Some("1"), None, "t", "system", &json!({}));
         assert_eq!(v2, r#"["1",null,"t","system",{}]"#);
+        // The shared head and tail are the envelope with null refs, byte for byte.
+        for vsn in [Vsn::V1, Vsn::V2] {
+            let mut text = String::new();
+            let tail = shared_envelope_head(vsn, &mut text, "realtime:\"é", "\"postgres_changes\"");
+            text.push_str("{\"a\":1}");
+            text.push_str(tail);
+            let whole = envelope(vsn, None, None, "realtime:\"é", "postgres_changes", br#"{"a":1}"#);
+            assert_eq!(text.as_bytes(), &whole[..], "{vsn:?}");
+        }
     }
 
     #[test]

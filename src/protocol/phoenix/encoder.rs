@@ -7,10 +7,11 @@ use std::sync::Arc;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 
-use crate::protocol::phoenix::codec::{encode_binary_broadcast, envelope, write_str, Vsn};
+use crate::protocol::phoenix::codec::{
+    encode_binary_broadcast, envelope, shared_envelope_head, write_str, Vsn,
+};
 use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
 use crate::realtime::outbox::{Direct, Encoder, EncodingId, Envelope, Event, Frame};
-use crate::replication::values::push_json_str;
 
 /// The encoder of one serializer version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,14 +72,7 @@ impl PhoenixEncoder {
     /// Writes what precedes a change payload on `topic` and returns what follows it (`ref` and
     /// `join_ref` are null, so nothing else depends on the member).
     fn change_head(&self, out: &mut String, topic: &str) -> &'static str {
-        let (open, middle, close) = match self.vsn {
-            Vsn::V1 => ("{\"topic\":", ",\"event\":\"postgres_changes\",\"payload\":", ",\"ref\":null}"),
-            Vsn::V2 => ("[null,null,", ",\"postgres_changes\",", "]"),
-        };
-        out.push_str(open);
-        push_json_str(out, topic);
-        out.push_str(middle);
-        close
+        shared_envelope_head(self.vsn, out, topic, "\"postgres_changes\"")
     }
 }
 
