@@ -244,8 +244,16 @@ impl Gateway {
         };
         let app = server::router(state);
         let signal = shutdown.clone();
+        // Frames are small and written as soon as they are queued: without TCP_NODELAY the
+        // kernel holds a frame back until the previous one is acknowledged, and a client that
+        // delays its acknowledgements (it has nothing to send) adds up to 40 ms to a delivery.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
+            }
+        });
         let serve =
-            axum::serve(self.listener, app).with_graceful_shutdown(async move { signal.cancelled().await });
+            axum::serve(listener, app).with_graceful_shutdown(async move { signal.cancelled().await });
         let server = tracker.spawn(async move { serve.await });
         tracker.close();
         shutdown.cancelled().await;

@@ -2,7 +2,9 @@
 //!
 //! - `same-table`: C clients, each on its own channel topic, each subscribed to every INSERT of
 //!   one table; a writer commits R changes/s. Every change goes to every client. The fixed rate
-//!   runs against the relay too, so a goal at that rate can be read against the machine's limit.
+//!   runs against the relay too, so a goal at that rate can be read against the machine's limit,
+//!   and then against the relay told of each change once its INSERT has committed (`relay+db`):
+//!   the database's share of the latency, on the same cores, which no gateway can avoid.
 //! - `broadcast`: S sockets in T topics; one member of each topic broadcasts R messages/s, the
 //!   others receive them.
 //! - `presence`: S sockets in T topics each track once; the time until every socket's presence
@@ -166,11 +168,17 @@ pub(crate) fn print_header() {
 
 /// How a step sends its messages: `send(seq, stamp)` for each tick.
 pub(crate) enum Source {
-    /// INSERTs through a pool: the statement takes the row id ($1) and the stamp ($2).
-    Db(sqlx::PgPool, &'static str),
+    /// INSERTs through a pool: the statement takes the row id ($1) and the stamp ($2). With a
+    /// publisher, each committed INSERT is then followed by the frame for the stamp taken before
+    /// it, sent on that socket: a relay that learns of each change the moment its commit returns,
+    /// with the database's work on the same cores.
+    Db(sqlx::PgPool, &'static str, Option<Publisher>),
     /// One publishing socket per topic, with the frame for a stamp.
     Sockets(Vec<SplitSink<Socket, Message>>, fn(usize, u64) -> Message),
 }
+
+/// A publishing socket shared by the INSERT tasks, with the frame for a stamp.
+pub(crate) type Publisher = (Arc<tokio::sync::Mutex<SplitSink<Socket, Message>>>, fn(usize, u64) -> Message);
 
 /// Sends `rate` messages per second (per publishing socket) for `seconds`, then waits until every
 /// receiver has its share or nothing moved for 5 s. `fanout` is how many receivers each message
@@ -206,14 +214,19 @@ pub(crate) async fn step(
     for n in 0..ticks {
         tick.tick().await;
         match source {
-            Source::Db(pool, sql) => {
+            Source::Db(pool, sql, then) => {
                 *seq += 1;
-                let (pool, id, sql) = (pool.clone(), *seq, *sql);
+                let (pool, id, sql, then) = (pool.clone(), *seq, *sql, then.clone());
                 inflight.push(tokio::spawn(async move {
                     let mut conn = pool.acquire().await?;
                     let t = micros_since(start);
                     sqlx::query(sql).bind(id).bind(format!("t={t}")).execute(&mut *conn).await?;
-                    Ok::<_, sqlx::Error>(micros_since(start).saturating_sub(t).max(1))
+                    let took = micros_since(start).saturating_sub(t).max(1);
+                    drop(conn);
+                    if let Some((sink, frame)) = then {
+                        sink.lock().await.send(frame(0, t)).await.map_err(anyhow::Error::from)?;
+                    }
+                    Ok::<_, anyhow::Error>(took)
                 }));
                 if inflight.len() >= 256 {
                     for h in inflight.drain(..) {
@@ -397,6 +410,9 @@ pub(crate) async fn phoenix_join_as(
     anyhow::bail!("join of {topic} not answered within 60 s")
 }
 
+/// The same-table writer's statement: row id, stamp.
+const INSERT_STAMPED: &str = "INSERT INTO walcast_bench_items (id, k, body) VALUES ($1, 0, $2)";
+
 /// A change frame's worth of bytes for the relay, stamped.
 fn relay_change_frame(_: usize, t: u64) -> Message {
     Message::Text(
@@ -462,8 +478,7 @@ pub async fn same_table(opts: &BenchOptions, o: &RealtimeOptions) -> anyhow::Res
             .await?;
     let Split { receivers, tasks, sinks: _sinks } = split_readers(sockets, start);
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&env.url).await?;
-    let mut source =
-        Source::Db(pool.clone(), "INSERT INTO walcast_bench_items (id, k, body) VALUES ($1, 0, $2)");
+    let mut source = Source::Db(pool.clone(), INSERT_STAMPED, None);
     let mut seq = 0i64;
     print_header();
     eprintln!("same-table: {} changes/s for {} s", o.rate, o.seconds);
@@ -476,10 +491,9 @@ pub async fn same_table(opts: &BenchOptions, o: &RealtimeOptions) -> anyhow::Res
     for t in tasks {
         t.abort();
     }
-    pool.close().await;
     gw.stop().await;
-    teardown(env).await;
 
+    // The database stays up (idle) for the relay, so both halves share the machine alike.
     eprintln!("same-table: the raw-WebSocket relay, same clients and rates…");
     let relay = Relay::start(&o.gateway_bin).await?;
     let sockets = connect_all(o.clients, |_| relay.connect("g0".into())).await?;
@@ -492,9 +506,22 @@ pub async fn same_table(opts: &BenchOptions, o: &RealtimeOptions) -> anyhow::Res
     relay_fixed.print("relay");
     let (r_steps, r_best) =
         search("relay", &mut source, &receivers, start, o, o.clients as u64, &mut seq).await?;
+    // The same relay told of each change once its INSERT has committed: the latency a gateway
+    // would have if it learned of a change the moment its commit returned.
+    let Source::Sockets(mut sinks, _) = source else { unreachable!() };
+    let sink = Arc::new(tokio::sync::Mutex::new(sinks.remove(0)));
+    let mut source = Source::Db(pool.clone(), INSERT_STAMPED, Some((sink, relay_change_frame)));
+    eprintln!("same-table: the relay, each message sent once its INSERT has committed…");
+    let committed_fixed =
+        step(&mut source, &receivers, start, o.rate, o.seconds, o.clients as u64, &mut seq).await?;
+    committed_fixed.print("relay+db");
+    let (c_steps, c_best) =
+        search("relay+db", &mut source, &receivers, start, o, o.clients as u64, &mut seq).await?;
     for t in tasks {
         t.abort();
     }
+    pool.close().await;
+    teardown(env).await;
     let relay_usage = relay.usage();
     drop(relay);
     let ratio = match (w_best, r_best) {
@@ -508,6 +535,15 @@ pub async fn same_table(opts: &BenchOptions, o: &RealtimeOptions) -> anyhow::Res
         r_best.map(|s| s.rate),
         ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "n/a".into())
     );
+    let committed_ratio = match (w_best, c_best) {
+        (Some(w), Some(c)) => Some(w.rate as f64 / c.rate as f64),
+        _ => None,
+    };
+    println!(
+        "against the relay told after each commit: relay+db {:?}, ratio {}",
+        c_best.map(|s| s.rate),
+        committed_ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "n/a".into())
+    );
     let v = json!({
         "scenario": "same-table", "clients": o.clients,
         "fixed": fixed.json(), "relay_fixed": relay_fixed.json(),
@@ -517,6 +553,9 @@ pub async fn same_table(opts: &BenchOptions, o: &RealtimeOptions) -> anyhow::Res
         "relay_steps": r_steps.iter().map(Step::json).collect::<Vec<_>>(),
         "walcast_max_rate": w_best.map(|s| s.rate), "relay_max_rate": r_best.map(|s| s.rate),
         "ratio": ratio, "relay_peak_rss_bytes": relay_usage.map(|u| u.2),
+        "relay_committed_fixed": committed_fixed.json(),
+        "relay_committed_steps": c_steps.iter().map(Step::json).collect::<Vec<_>>(),
+        "relay_committed_max_rate": c_best.map(|s| s.rate), "committed_ratio": committed_ratio,
     });
     super::write_json(opts, &v)?;
     Ok(v)

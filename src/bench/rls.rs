@@ -158,7 +158,7 @@ pub async fn run(opts: &BenchOptions, o: &RlsOptions) -> anyhow::Result<serde_js
             receivers.push(r);
             sinks.push(sink);
         }
-        let mut source = Source::Db(pool.clone(), INSERT);
+        let mut source = Source::Db(pool.clone(), INSERT, None);
         let before = http_get(&addr, "/metrics").await.unwrap_or_default();
         let cpu0 = gw.usage().map(|u| u.0);
         let fixed = step(&mut source, &receivers, start, o.rate, o.seconds, fanout, &mut seq).await?;
