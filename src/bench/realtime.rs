@@ -410,6 +410,11 @@ pub(crate) async fn phoenix_join_as(
     anyhow::bail!("join of {topic} not answered within 60 s")
 }
 
+/// A ratio as printed: two decimals, or `n/a` when a side had no passing step.
+fn shown(ratio: Option<f64>) -> String {
+    ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "n/a".into())
+}
+
 /// The same-table writer's statement: row id, stamp.
 const INSERT_STAMPED: &str = "INSERT INTO walcast_bench_items (id, k, body) VALUES ($1, 0, $2)";
 
@@ -524,25 +529,19 @@ pub async fn same_table(opts: &BenchOptions, o: &RealtimeOptions) -> anyhow::Res
     teardown(env).await;
     let relay_usage = relay.usage();
     drop(relay);
-    let ratio = match (w_best, r_best) {
-        (Some(w), Some(r)) => Some(w.rate as f64 / r.rate as f64),
-        _ => None,
-    };
+    let rate_ratio = |base: Option<Step>| w_best.zip(base).map(|(w, b)| w.rate as f64 / b.rate as f64);
+    let (ratio, committed_ratio) = (rate_ratio(r_best), rate_ratio(c_best));
     println!(
         "highest rate with 0 lost and p99 <= {} ms: walcast {:?}, relay {:?}, ratio {}",
         o.p99_bound_ms,
         w_best.map(|s| s.rate),
         r_best.map(|s| s.rate),
-        ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "n/a".into())
+        shown(ratio)
     );
-    let committed_ratio = match (w_best, c_best) {
-        (Some(w), Some(c)) => Some(w.rate as f64 / c.rate as f64),
-        _ => None,
-    };
     println!(
         "against the relay told after each commit: relay+db {:?}, ratio {}",
         c_best.map(|s| s.rate),
-        committed_ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "n/a".into())
+        shown(committed_ratio)
     );
     let v = json!({
         "scenario": "same-table", "clients": o.clients,
@@ -625,7 +624,7 @@ pub async fn broadcast(opts: &BenchOptions, o: &RealtimeOptions) -> anyhow::Resu
         o.p99_bound_ms,
         w_best.as_ref().map(|s| per_sec(s).round()),
         r_best.as_ref().map(|s| per_sec(s).round()),
-        ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "n/a".into())
+        shown(ratio)
     );
     let v = json!({
         "scenario": "broadcast", "sockets": per_topic * o.topics, "topics": o.topics,
