@@ -54,7 +54,7 @@ pub struct RealtimeOptions {
 /// Receipts of one socket.
 #[derive(Debug)]
 pub(crate) struct Receiver {
-    hist: Mutex<Histogram<u64>>,
+    receipts: Mutex<Receipts>,
     pub(crate) received: AtomicU64,
     /// Stamped frames that lack `must_contain` (rows this socket must never see).
     pub(crate) leaked: AtomicU64,
@@ -68,12 +68,24 @@ impl Receiver {
 
     pub(crate) fn expecting(must_contain: Option<Vec<u8>>) -> Arc<Receiver> {
         Arc::new(Receiver {
-            hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!())),
+            receipts: Mutex::new(Receipts {
+                latency: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!()),
+                arrivals: Vec::new(),
+            }),
             received: AtomicU64::new(0),
             leaked: AtomicU64::new(0),
             must_contain,
         })
     }
+}
+
+/// What one socket received during a step: the latency of each frame, and when each stamp arrived
+/// (to tell, per message, the first receipt from the last one across all sockets).
+#[derive(Debug)]
+struct Receipts {
+    latency: Histogram<u64>,
+    /// (stamp, arrival), both in µs since the run started.
+    arrivals: Vec<(u64, u64)>,
 }
 
 /// The `t=<µs>` stamp in a frame's bytes (near its end, so searched from there).
@@ -106,9 +118,11 @@ pub(crate) fn spawn_reader(
                         r.leaked.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                let us = micros_since(start).saturating_sub(t).max(1);
-                if let Ok(mut h) = r.hist.lock() {
-                    let _ = h.record(us.min(60_000_000));
+                let now = micros_since(start);
+                let us = now.saturating_sub(t).max(1);
+                if let Ok(mut rc) = r.receipts.lock() {
+                    let _ = rc.latency.record(us.min(60_000_000));
+                    rc.arrivals.push((t, now));
                 }
                 r.received.fetch_add(1, Ordering::Relaxed);
             }
@@ -130,6 +144,18 @@ pub(crate) struct Step {
     /// For INSERTs: from the stamp until the INSERT returned (committed), p50 and p99 in ms —
     /// the part of the latency the database takes before the gateway can see the change.
     commit: Option<(f64, f64)>,
+    /// Per message across all its receivers, p50 / p99 in ms: the first receipt after the stamp,
+    /// the first receipt after the INSERT returned (INSERTs only), and the last receipt after the
+    /// first — the hop to the server against the fan-out's spread.
+    first: (f64, f64),
+    first_after_commit: Option<(f64, f64)>,
+    spread: (f64, f64),
+}
+
+/// p50 and p99 of a histogram of µs, in ms.
+fn p50_p99(h: &Histogram<u64>) -> (f64, f64) {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    (ms(0.5), ms(0.99))
 }
 
 impl Step {
@@ -141,7 +167,11 @@ impl Step {
         json!({"rate": self.rate, "sent": self.sent, "delivered": self.delivered, "lost": self.lost(),
                "deliveries_per_sec": (self.delivered as f64 / self.secs).round(),
                "latency_ms": {"p50": self.p50, "p99": self.p99, "max": self.max},
-               "commit_ms": self.commit.map(|(p50, p99)| json!({"p50": p50, "p99": p99}))})
+               "commit_ms": self.commit.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
+               "first_receipt_ms": {"p50": self.first.0, "p99": self.first.1},
+               "first_receipt_after_commit_ms":
+                   self.first_after_commit.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
+               "last_after_first_receipt_ms": {"p50": self.spread.0, "p99": self.spread.1}})
     }
 
     pub(crate) fn print(&self, who: &str) {
@@ -155,6 +185,14 @@ impl Step {
             self.p99,
             self.max,
             self.commit.map(|(p50, p99)| format!("{p50:.2} / {p99:.2}")).unwrap_or_default()
+        );
+        let pair = |(p50, p99): (f64, f64)| format!("{p50:.2} / {p99:.2}");
+        println!(
+            "{:>8} first receipt {}{} · last after first {}",
+            "",
+            pair(self.first),
+            self.first_after_commit.map(|c| format!(" (after commit {})", pair(c))).unwrap_or_default(),
+            pair(self.spread)
         );
     }
 }
@@ -193,8 +231,9 @@ pub(crate) async fn step(
     seq: &mut i64,
 ) -> anyhow::Result<Step> {
     for r in receivers {
-        if let Ok(mut h) = r.hist.lock() {
-            h.reset();
+        if let Ok(mut rc) = r.receipts.lock() {
+            rc.latency.reset();
+            rc.arrivals.clear();
         }
         r.received.store(0, Ordering::Relaxed);
     }
@@ -211,6 +250,7 @@ pub(crate) async fn step(
     let mut sent = 0u64;
     let mut inflight = Vec::new();
     let mut commits = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut committed_at = std::collections::HashMap::new();
     for n in 0..ticks {
         tick.tick().await;
         match source {
@@ -226,11 +266,13 @@ pub(crate) async fn step(
                     if let Some((sink, frame)) = then {
                         sink.lock().await.send(frame(0, t)).await.map_err(anyhow::Error::from)?;
                     }
-                    Ok::<_, anyhow::Error>(took)
+                    Ok::<_, anyhow::Error>((t, took))
                 }));
                 if inflight.len() >= 256 {
                     for h in inflight.drain(..) {
-                        let _ = commits.record(h.await??.min(60_000_000));
+                        let (t, took) = h.await??;
+                        let _ = commits.record(took.min(60_000_000));
+                        committed_at.insert(t, t + took);
                     }
                 }
             }
@@ -242,7 +284,9 @@ pub(crate) async fn step(
         sent += 1;
     }
     for h in inflight.drain(..) {
-        let _ = commits.record(h.await??.min(60_000_000));
+        let (t, took) = h.await??;
+        let _ = commits.record(took.min(60_000_000));
+        committed_at.insert(t, t + took);
     }
     let expected = sent * fanout;
     let total = |rs: &[Arc<Receiver>]| rs.iter().map(|r| r.received.load(Ordering::Relaxed)).sum::<u64>();
@@ -259,9 +303,25 @@ pub(crate) async fn step(
     }
     let secs = began.elapsed().as_secs_f64().max(1e-9).min(seconds as f64 + 5.0);
     let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    // stamp → (first, last) receipt
+    let mut span = std::collections::HashMap::<u64, (u64, u64)>::new();
     for r in receivers {
-        if let Ok(h) = r.hist.lock() {
-            all.add(&*h)?;
+        if let Ok(rc) = r.receipts.lock() {
+            all.add(&rc.latency)?;
+            for &(t, at) in &rc.arrivals {
+                let e = span.entry(t).or_insert((at, at));
+                e.0 = e.0.min(at);
+                e.1 = e.1.max(at);
+            }
+        }
+    }
+    let new = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3);
+    let (mut first, mut after_commit, mut spread) = (new()?, new()?, new()?);
+    for (&t, &(a, b)) in &span {
+        let _ = first.record(a.saturating_sub(t).clamp(1, 60_000_000));
+        let _ = spread.record(b.saturating_sub(a).clamp(1, 60_000_000));
+        if let Some(&c) = committed_at.get(&t) {
+            let _ = after_commit.record(a.saturating_sub(c).clamp(1, 60_000_000));
         }
     }
     let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
@@ -274,10 +334,10 @@ pub(crate) async fn step(
         p50: ms(0.5),
         p99: ms(0.99),
         max: all.max() as f64 / 1000.0,
-        commit: (!commits.is_empty()).then(|| {
-            let ms = |q: f64| commits.value_at_quantile(q) as f64 / 1000.0;
-            (ms(0.5), ms(0.99))
-        }),
+        commit: (!commits.is_empty()).then(|| p50_p99(&commits)),
+        first: p50_p99(&first),
+        first_after_commit: (!after_commit.is_empty()).then(|| p50_p99(&after_commit)),
+        spread: p50_p99(&spread),
     })
 }
 
@@ -410,9 +470,10 @@ pub(crate) async fn phoenix_join_as(
     anyhow::bail!("join of {topic} not answered within 60 s")
 }
 
-/// A ratio as printed: two decimals, or `n/a` when a side had no passing step.
-fn shown(ratio: Option<f64>) -> String {
-    ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "n/a".into())
+/// A figure as printed: two decimals, or `n/a` when there is none (a ratio where a side had no passing
+/// step, CPU of an external gateway).
+fn shown(figure: Option<f64>) -> String {
+    figure.map(|r| format!("{r:.2}")).unwrap_or_else(|| "n/a".into())
 }
 
 /// The same-table writer's statement: row id, stamp.
@@ -506,9 +567,11 @@ pub async fn same_table(opts: &BenchOptions, o: &RealtimeOptions) -> anyhow::Res
     let publisher = relay.connect("g0".into()).await?;
     let (sink, _stream) = publisher.split();
     let mut source = Source::Sockets(vec![sink], relay_change_frame);
+    let relay_cpu0 = relay.usage().map(|u| u.0);
     let relay_fixed =
         step(&mut source, &receivers, start, o.rate, o.seconds, o.clients as u64, &mut seq).await?;
     relay_fixed.print("relay");
+    let relay_cpu = relay.usage().map(|u| u.0).zip(relay_cpu0).map(|(u, c)| u - c);
     let (r_steps, r_best) =
         search("relay", &mut source, &receivers, start, o, o.clients as u64, &mut seq).await?;
     // The same relay told of each change once its INSERT has committed: the latency a gateway
@@ -543,10 +606,20 @@ pub async fn same_table(opts: &BenchOptions, o: &RealtimeOptions) -> anyhow::Res
         c_best.map(|s| s.rate),
         shown(committed_ratio)
     );
+    let gateway_cpu = usage.zip(cpu0).map(|(u, c)| u.0 - c);
+    let per_delivery = |cpu: Option<f64>, s: &Step| cpu.map(|c| c * 1e6 / s.delivered.max(1) as f64);
+    println!(
+        "CPU in the fixed run: walcast {} s ({} µs per delivery), relay {} s ({} µs per delivery)",
+        shown(gateway_cpu),
+        shown(per_delivery(gateway_cpu, &fixed)),
+        shown(relay_cpu),
+        shown(per_delivery(relay_cpu, &relay_fixed))
+    );
     let v = json!({
         "scenario": "same-table", "clients": o.clients,
         "fixed": fixed.json(), "relay_fixed": relay_fixed.json(),
-        "gateway_cpu_seconds_fixed": usage.zip(cpu0).map(|(u, c)| ((u.0 - c) * 100.0).round() / 100.0),
+        "gateway_cpu_seconds_fixed": gateway_cpu.map(|c| (c * 100.0).round() / 100.0),
+        "relay_cpu_seconds_fixed": relay_cpu.map(|c| (c * 100.0).round() / 100.0),
         "gateway_peak_rss_bytes": usage.map(|u| u.2),
         "walcast_steps": w_steps.iter().map(Step::json).collect::<Vec<_>>(),
         "relay_steps": r_steps.iter().map(Step::json).collect::<Vec<_>>(),

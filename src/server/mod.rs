@@ -2,6 +2,7 @@
 //! Owns: HTTP concerns only. Must not: hold domain logic (that is `realtime`, `protocol`).
 
 pub mod broadcast;
+pub mod gate;
 pub mod metrics;
 pub mod sse;
 pub mod ws;

@@ -7,6 +7,7 @@
 //! timeout, and close codes (1001 shutdown, 1008 too slow, 1009 frame too large, 1000 idle).
 //! Must not: hold channel state or block other sockets; cleanup is the session's drop.
 
+use std::future::{poll_fn, Future};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -23,6 +24,7 @@ use crate::protocol::phoenix::{PhoenixConnection, Vsn};
 use crate::protocol::plain::PlainConnection;
 use crate::protocol::Connection;
 use crate::realtime::outbox::{Frame, OutboxReceiver};
+use crate::server::gate::Gate;
 use crate::server::AppState;
 
 /// Initial read buffer per socket; it grows for larger frames.
@@ -130,13 +132,17 @@ pub async fn upgrade_plain(
     })
 }
 
-async fn serve<C: Connection>(state: AppState, mut conn: C, mut outbox: OutboxReceiver, socket: WebSocket) {
-    let (mut sink, mut stream) = socket.split();
+async fn serve<C: Connection>(
+    state: AppState,
+    mut conn: C,
+    mut outbox: OutboxReceiver,
+    mut socket: WebSocket,
+) {
     let idle = state.idle_timeout;
     // These futures live for the whole connection: building them per loop turn would register
     // and drop a waiter on the shutdown token and a timer entry for every frame written. Polling
-    // a token locks it, and the loop polls on every batch: a child token of its own keeps the
-    // sockets from contending for the server's.
+    // a token locks it: a child token of its own keeps the sockets from contending for the
+    // server's, and a gate keeps it from being polled at all until it fires.
     let shutdown = state.shutdown.child_token();
     let shutdown = shutdown.cancelled();
     let killed = outbox.killed.clone();
@@ -146,28 +152,35 @@ async fn serve<C: Connection>(state: AppState, mut conn: C, mut outbox: OutboxRe
     let mut armed = None;
     let expiry = tokio::time::sleep_until(never());
     tokio::pin!(shutdown, killed, idle_timer, expiry);
+    // Most wake-ups are for queued frames: the gates keep them from also polling the tokens and
+    // the socket's read side, which have nothing new unless they woke the task themselves.
+    let (shutdown_gate, killed_gate, read_gate) = (Gate::new(), Gate::new(), Gate::new());
     let close = loop {
         let replies = tokio::select! {
             biased;
             // Shutdown first: every socket gets a proper close frame.
-            _ = &mut shutdown => break Close::Code(1001, "server shutting down"),
+            _ = poll_fn(|cx| shutdown_gate.poll(cx, |cx| shutdown.as_mut().poll(cx))) => {
+                break Close::Code(1001, "server shutting down")
+            }
             // A client the core gave up on must not receive anything more.
-            _ = &mut killed => break Close::Code(1008, "client too slow: outbound queue full"),
+            _ = poll_fn(|cx| killed_gate.poll(cx, |cx| killed.as_mut().poll(cx))) => {
+                break Close::Code(1008, "client too slow: outbound queue full")
+            }
             // Queued frames before reading more input: write them in one batch, flush once.
             Some(frame) = outbox.rx.recv() => {
-                let mut ok = sink.feed(message(frame)).await.is_ok();
+                let mut ok = socket.feed(message(frame)).await.is_ok();
                 let mut n = 1;
                 while ok && n < WRITE_BATCH {
                     let Ok(more) = outbox.rx.try_recv() else { break };
-                    ok = sink.feed(message(more)).await.is_ok();
+                    ok = socket.feed(message(more)).await.is_ok();
                     n += 1;
                 }
-                if !ok || sink.flush().await.is_err() {
+                if !ok || socket.flush().await.is_err() {
                     break Close::Gone;
                 }
                 continue;
             }
-            msg = stream.next() => {
+            msg = poll_fn(|cx| read_gate.poll(cx, |cx| socket.poll_next_unpin(cx))) => {
                 idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
                 match msg {
                     None => break Close::Gone,
@@ -198,17 +211,17 @@ async fn serve<C: Connection>(state: AppState, mut conn: C, mut outbox: OutboxRe
         }
         let mut ok = true;
         for r in replies {
-            ok = ok && sink.feed(message(r)).await.is_ok();
+            ok = ok && socket.feed(message(r)).await.is_ok();
         }
-        if !ok || sink.flush().await.is_err() {
+        if !ok || socket.flush().await.is_err() {
             break Close::Gone;
         }
     };
     // Leave every channel (presences leave, subscriptions go) before the close frame is sent.
     drop(conn);
     if let Close::Code(code, reason) = close {
-        let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
-        let _ = sink.close().await;
+        let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+        let _ = socket.close().await;
     }
 }
 
