@@ -240,6 +240,9 @@ struct SearchArgs {
     /// Seconds per step.
     #[arg(long, default_value_t = 5)]
     step_seconds: u64,
+    /// Tries a rate gets to hold the p99 bound before the search stops (a loss stops it at once).
+    #[arg(long, default_value_t = 1)]
+    step_tries: u32,
     /// The p99 bound, in ms.
     #[arg(long, default_value_t = 50.0)]
     p99_ms: f64,
@@ -433,7 +436,8 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
                     bench::realtime::broadcast(&opts, &o).await?;
                 }
                 Scenario::Presence { sockets, topics } => {
-                    let search = SearchArgs { steps: Vec::new(), step_seconds: 0, p99_ms: 0.0 };
+                    let search =
+                        SearchArgs { steps: Vec::new(), step_seconds: 0, step_tries: 1, p99_ms: 0.0 };
                     let o = realtime_options(sockets, topics, 0, 0, search, gateway_url.clone())?;
                     bench::realtime::presence(&opts, &o).await?;
                 }
@@ -445,6 +449,7 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
                         seconds,
                         steps: search.steps,
                         step_seconds: search.step_seconds,
+                        step_tries: search.step_tries,
                         p99_bound_ms: search.p99_ms,
                         gateway_bin: std::env::current_exe()?,
                         gateway_url: gateway_url.clone(),
@@ -477,6 +482,7 @@ fn realtime_options(
         rate,
         seconds,
         step_seconds: search.step_seconds,
+        step_tries: search.step_tries,
         steps: search.steps,
         p99_bound_ms: search.p99_ms,
         gateway_bin: std::env::current_exe()?,

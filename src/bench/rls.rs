@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::bench::gateway::{http_get, BenchGateway, BENCH_SECRET};
 use crate::bench::realtime::{
-    connect_all, phoenix_join_as, print_header, spawn_reader, step, Receiver, Source, Step,
+    connect_all, phoenix_join_as, print_header, search_rates, spawn_reader, step, Receiver, Source, Step,
 };
 use crate::bench::sockets::{database, ensure_open_files, teardown, Socket};
 use crate::bench::BenchOptions;
@@ -29,9 +29,12 @@ pub struct RlsOptions {
     /// Changes committed per second in the fixed-rate run.
     pub rate: u64,
     pub seconds: u64,
-    /// Rates tried after the fixed run, ascending, until one loses, leaks or exceeds the bound.
+    /// Rates tried after the fixed run, ascending, until one loses, leaks or exceeds the bound
+    /// in every try.
     pub steps: Vec<u64>,
     pub step_seconds: u64,
+    /// Tries a rate gets to hold the latency bound (a loss or a leak stops the search at once).
+    pub step_tries: u32,
     pub p99_bound_ms: f64,
     pub gateway_bin: PathBuf,
     pub gateway_url: Option<String>,
@@ -167,18 +170,16 @@ pub async fn run(opts: &BenchOptions, o: &RlsOptions) -> anyhow::Result<serde_js
         let after = http_get(&addr, "/metrics").await.unwrap_or_default();
         let delta = |name| metric(&after, name).zip(metric(&before, name)).map(|(a, b)| a - b);
         let (checks, withheld) = (delta("walcast_rls_checks_total"), delta("walcast_rls_withheld_total"));
-        let mut steps = Vec::new();
-        let mut best = None;
         let leaks = |rs: &[Arc<Receiver>]| rs.iter().map(|r| r.leaked.load(Ordering::Relaxed)).sum::<u64>();
-        for &rate in &o.steps {
+        let run = async |rate| {
             let s = step(&mut source, &receivers, start, rate, o.step_seconds, fanout, &mut seq).await?;
             s.print(who);
-            steps.push(s);
-            if s.lost() > 0 || s.p99 > o.p99_bound_ms || leaks(&receivers) > 0 {
-                break;
-            }
-            best = Some(s);
-        }
+            Ok(s)
+        };
+        let (steps, best) = search_rates(&o.steps, o.step_tries, o.p99_bound_ms, run, |s| {
+            s.lost() > 0 || leaks(&receivers) > 0
+        })
+        .await?;
         let leaked = leaks(&receivers);
         for t in tasks {
             t.abort();

@@ -117,6 +117,7 @@ fn realtime_opts(
         seconds: 1,
         step_seconds: 1,
         steps,
+        step_tries: 1,
         // Generous: this checks the harness, not the speed of a loaded test machine.
         p99_bound_ms: 10_000.0,
         gateway_bin: PathBuf::from(env!("CARGO_BIN_EXE_walcast")),
@@ -140,6 +141,15 @@ async fn same_table_scenario() {
     // The database's share is measured where INSERTs are the source, and only there.
     assert!(v["fixed"]["commit_ms"]["p99"].as_f64().is_some_and(|x| x > 0.0), "{v}");
     assert!(v["relay_fixed"]["commit_ms"].is_null(), "{v}");
+    // Per message: the first receipt (after the commit returned, where INSERTs are the source)
+    // and the spread to the last, and both servers' CPU.
+    let fixed = &v["fixed"];
+    assert!(fixed["first_receipt_ms"]["p99"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    assert!(fixed["first_receipt_after_commit_ms"]["p99"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    assert!(fixed["last_after_first_receipt_ms"]["p50"].as_f64().is_some(), "{v}");
+    assert!(v["relay_fixed"]["first_receipt_after_commit_ms"].is_null(), "{v}");
+    assert!(v["relay_committed_fixed"]["first_receipt_after_commit_ms"]["p50"].as_f64().is_some(), "{v}");
+    assert!(v["relay_cpu_seconds_fixed"].as_f64().is_some(), "{v}");
 }
 
 #[tokio::test]
