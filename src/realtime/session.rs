@@ -242,7 +242,9 @@ pub struct Session {
     outbox: Outbox,
     encoder: Arc<dyn Encoder>,
     /// Joined channels by topic (a topic is joined at most once; rejoining replaces).
-    channels: HashMap<Arc<str>, Membership>,
+    /// Boxed: a client joins one channel or a few, and the table keeps spare slots — inline, each
+    /// idle socket would hold several empty memberships.
+    channels: HashMap<Arc<str>, Box<Membership>>,
     joins: Window,
     events: Window,
     presence_events: Window,
@@ -371,7 +373,7 @@ impl Session {
     }
 
     pub fn membership(&self, topic: &str) -> Option<&Membership> {
-        self.channels.get(topic)
+        self.channels.get(topic).map(|m| &**m)
     }
 
     pub fn joined_topics(&self) -> impl Iterator<Item = &str> {
@@ -547,7 +549,7 @@ impl Session {
             let replayed = replayed.map_err(|()| JoinError::Replay(ReplayRefusal::Failed))?;
             self.hub.release_replay(&member, &replayed);
         }
-        self.channels.insert(topic, membership);
+        self.channels.insert(topic, Box::new(membership));
         if req.replication_ready {
             self.notify_replication_ready(&member);
         }

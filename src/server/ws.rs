@@ -27,8 +27,9 @@ use crate::realtime::outbox::{Frame, OutboxReceiver};
 use crate::server::gate::Gate;
 use crate::server::AppState;
 
-/// Initial read buffer per socket; it grows for larger frames.
-const READ_BUFFER_BYTES: usize = 2 * 1024;
+/// Initial read buffer per socket, and the most read at once; it grows for larger frames. Client
+/// frames are small (joins, heartbeats, pushes) and most sockets are idle most of the time.
+const READ_BUFFER_BYTES: usize = 512;
 /// Bytes gathered before a write reaches the socket; every batch is flushed anyway.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// Queued frames written in one batch before a flush.
@@ -141,9 +142,9 @@ async fn serve<C: Connection>(
     let idle = state.idle_timeout;
     // These futures live for the whole connection: building them per loop turn would register
     // and drop a waiter on the shutdown token and a timer entry for every frame written. Polling
-    // a token locks it: a child token of its own keeps the sockets from contending for the
-    // server's, and a gate keeps it from being polled at all until it fires.
-    let shutdown = state.shutdown.child_token();
+    // a token locks it (the server's is shared by every socket): a gate keeps it from being
+    // polled again until it fires.
+    let shutdown = state.shutdown.clone();
     let shutdown = shutdown.cancelled();
     let killed = outbox.killed.clone();
     let killed = killed.cancelled();
@@ -192,7 +193,7 @@ async fn serve<C: Connection>(
                         }
                         break Close::Gone;
                     }
-                    Some(Ok(Message::Text(text))) => conn.text(&text).await,
+                    Some(Ok(Message::Text(text))) => Box::pin(conn.text(&text)).await,
                     Some(Ok(Message::Binary(bytes))) => conn.binary(&bytes),
                     Some(Ok(Message::Close(_))) => break Close::Gone,
                     Some(Ok(_)) => continue,
