@@ -193,6 +193,8 @@ async fn serve<C: Connection>(
                         }
                         break Close::Gone;
                     }
+                    // Boxed while it runs: handling a frame (a join) is a large future, and
+                    // inline every idle socket's task would keep room for it.
                     Some(Ok(Message::Text(text))) => Box::pin(conn.text(&text)).await,
                     Some(Ok(Message::Binary(bytes))) => conn.binary(&bytes),
                     Some(Ok(Message::Close(_))) => break Close::Gone,
