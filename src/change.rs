@@ -521,12 +521,12 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// may stand for the `T`) into microseconds since the Unix epoch.
 pub fn parse_timestamp(s: &str) -> Option<i64> {
     let b = s.trim().as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let part = b.get(r)?;
+    let digits = |part: &[u8]| -> Option<i64> {
         part.iter()
             .all(u8::is_ascii_digit)
             .then(|| part.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0')))
     };
+    let num = |r: std::ops::Range<usize>| digits(b.get(r)?);
     if b.len() < 20
         || b[4] != b'-'
         || b[7] != b'-'
@@ -559,17 +559,18 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
             micros *= 10;
         }
     }
+    // Bytes, not string slices: the text may hold multi-byte characters anywhere.
     let offset_secs = match &b[at..] {
         [b'Z' | b'z'] => 0,
-        [sign @ (b'+' | b'-'), ..] => {
-            let rest = &s.trim()[at + 1..];
-            let (oh, om) = match rest.len() {
-                5 if rest.as_bytes()[2] == b':' => (&rest[..2], &rest[3..]),
-                4 => (&rest[..2], &rest[2..]),
-                2 => (rest, "00"),
+        [sign @ (b'+' | b'-'), rest @ ..] => {
+            let (oh, om) = match rest {
+                [h1, h2, b':', m1, m2] | [h1, h2, m1, m2] => (digits(&[*h1, *h2])?, digits(&[*m1, *m2])?),
+                [h1, h2] => (digits(&[*h1, *h2])?, 0),
                 _ => return None,
             };
-            let (oh, om): (i64, i64) = (oh.parse().ok()?, om.parse().ok()?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
             let secs = oh * 3600 + om * 60;
             if *sign == b'-' {
                 -secs
@@ -614,6 +615,15 @@ mod tests {
             "2026-11-22T10:00:00.Z",
             "x026-11-22T10:00:00Z",
             "2026-11-22T10:00:00+2",
+            // Multi-byte characters where the offset's digits are expected.
+            "2024-01-01T00:00:00+0é0",
+            "2024-01-01T00:00:00+é00",
+            "2024-01-01T00:00:00+é",
+            "2024-01-01T00:00:00.éZ",
+            "2024-01-01T00:00:00+24:00",
+            "2024-01-01T00:00:00+-1:00",
+            "2024-01-01T00:00:00+00:60",
+            "é024-01-01T00:00:00Z",
         ] {
             assert_eq!(parse_timestamp(bad), None, "{bad:?}");
         }

@@ -211,6 +211,7 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
     }
 
     if config.auth.mode == crate::auth::AuthMode::Required {
+        out.extend(token_roles(pool, config).await);
         let keyless: Result<Vec<(String, String)>, _> = sqlx::query_as(
             "SELECT n.nspname::text, c.relname::text FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -247,6 +248,10 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         }
     }
 
+    if config.changelog.enabled {
+        out.push(changelog_permissions(&config.changelog.dir));
+    }
+
     match slot::slot_info(pool, &config.slot).await {
         Ok(None) => out.push(r(Level::Ok, "slot", format!("{} will be created", config.slot))),
         Ok(Some(info)) => {
@@ -274,6 +279,94 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         Err(e) => out.push(r(Level::Fail, "slot", e.to_string())),
     }
     out
+}
+
+/// The roles tokens may act as (`auth.roles`): one that does not exist is refused by Postgres
+/// when used (warn); a privileged one — a superuser, BYPASSRLS, REPLICATION, or the gateway's own
+/// login — would let a token read every row, so it fails unless `auth.privileged_roles` names it.
+async fn token_roles(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
+    /// (name, superuser, BYPASSRLS, REPLICATION, the gateway's login)
+    type RoleFacts = (String, bool, bool, bool, bool);
+    let found: Result<Vec<RoleFacts>, _> = sqlx::query_as(
+        "SELECT r.rolname::text, r.rolsuper, r.rolbypassrls, r.rolreplication, r.rolname = current_user \
+           FROM pg_roles r WHERE r.rolname = ANY($1)",
+    )
+    .bind(&config.auth.roles)
+    .fetch_all(pool)
+    .await;
+    let found = match found {
+        Ok(found) => found,
+        Err(e) => return vec![r(Level::Fail, "token_roles", e.to_string())],
+    };
+    let mut out = Vec::new();
+    let mut allowed = Vec::new();
+    for role in &config.auth.roles {
+        let Some((_, sup, bypass, repl, login)) = found.iter().find(|f| &f.0 == role) else {
+            out.push(r(Level::Warn, "token_roles", format!(
+                "role {role} (auth.roles) does not exist: tokens with this role are refused at subscribe; create it or remove it from auth.roles"
+            )));
+            continue;
+        };
+        let what: Vec<&str> = [
+            (*sup, "SUPERUSER"),
+            (*bypass, "BYPASSRLS"),
+            (*repl, "REPLICATION"),
+            (*login, "the gateway's login"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        if what.is_empty() {
+            continue;
+        }
+        let what = what.join(", ");
+        if config.auth.privileged_roles.contains(role) {
+            allowed.push(format!("{role}: {what}"));
+        } else {
+            out.push(r(Level::Fail, "token_roles", format!(
+                "role {role} is privileged ({what}): a token with this role would read every row; remove it from auth.roles, \
+                 or allow it explicitly in auth.privileged_roles"
+            )));
+        }
+    }
+    if !out.iter().any(|c| c.level == Level::Fail) {
+        let mut message = config.auth.roles.join(", ");
+        if !allowed.is_empty() {
+            message += &format!(" (privileged, allowed by auth.privileged_roles: {})", allowed.join("; "));
+        }
+        out.push(r(Level::Ok, "token_roles", message));
+    }
+    out
+}
+
+/// The change log holds every row before row-level security: its directory and files should be
+/// the gateway user's alone (new ones are created 0700 / 0600; older ones are left as they are).
+pub fn changelog_permissions(dir: &std::path::Path) -> CheckResult {
+    use std::os::unix::fs::PermissionsExt;
+    let name = "changelog_permissions";
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return r(Level::Ok, name, format!("{} will be created (mode 0700)", dir.display()));
+    };
+    let mut loose = Vec::new();
+    if meta.permissions().mode() & 0o077 != 0 {
+        loose.push(format!("{} ({:o})", dir.display(), meta.permissions().mode() & 0o777));
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if let Ok(m) = entry.metadata() {
+            if m.permissions().mode() & 0o077 != 0 {
+                loose.push(format!("{} ({:o})", entry.path().display(), m.permissions().mode() & 0o777));
+            }
+        }
+    }
+    if loose.is_empty() {
+        return r(Level::Ok, name, format!("{} is readable by its owner only", dir.display()));
+    }
+    let shown = loose.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    r(Level::Warn, name, format!(
+        "the change log holds rows before row-level security, and other users may read {shown}{}: run chmod -R go-rwx {}",
+        if loose.len() > 5 { format!(" and {} more", loose.len() - 5) } else { String::new() },
+        dir.display()
+    ))
 }
 
 pub fn any_fail(results: &[CheckResult]) -> bool {

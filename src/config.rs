@@ -46,6 +46,8 @@ pub struct Config {
     pub client_queue: usize,
     /// Channels one socket may join.
     pub max_channels_per_socket: usize,
+    /// `postgres_changes` bindings one join may carry; a join with more is refused.
+    pub max_bindings_per_join: usize,
     /// Channel joins one socket may make per second.
     pub max_joins_per_second: u32,
     /// Broadcasts one socket may send per second; more closes that channel.
@@ -123,6 +125,15 @@ pub struct AuthConfig {
     /// IDENTITY not FULL): `withhold` (default; nothing leaks) or `deliver` to subscribers whose
     /// role may SELECT the table.
     pub key_only_deletes: crate::auth::rls::KeyOnlyDeletes,
+    /// The roles a token may name (its `role` claim); a token with any other role is refused
+    /// when it is verified. Default `anon`, `authenticated`, `service_role`.
+    #[serde(deserialize_with = "comma_list")]
+    pub roles: Vec<String>,
+    /// Roles of `roles` that may be privileged: a superuser, a role with BYPASSRLS or
+    /// REPLICATION, or the gateway's own login. `serve` and `check` refuse any other privileged
+    /// role in `roles`. Default `service_role` (Supabase's, which has BYPASSRLS).
+    #[serde(deserialize_with = "comma_list")]
+    pub privileged_roles: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -134,6 +145,8 @@ impl Default for AuthConfig {
             jwks_refresh_secs: 600,
             claims: Default::default(),
             key_only_deletes: Default::default(),
+            roles: crate::auth::DEFAULT_ROLES.iter().map(|r| (*r).to_owned()).collect(),
+            privileged_roles: vec!["service_role".into()],
         }
     }
 }
@@ -146,6 +159,7 @@ impl AuthConfig {
             jwks: self.jwks.clone(),
             jwks_refresh: std::time::Duration::from_secs(self.jwks_refresh_secs),
             claims: self.claims.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            roles: Some(self.roles.clone()),
         }
     }
 }
@@ -164,6 +178,7 @@ impl Default for Config {
             idle_timeout_secs: 60,
             client_queue: 1024,
             max_channels_per_socket: 100,
+            max_bindings_per_join: 100,
             max_joins_per_second: 100,
             max_events_per_second: 100,
             max_presence_events: 5,
@@ -254,6 +269,9 @@ impl Config {
         if self.max_frame_bytes < 1024 {
             return invalid("max_frame_bytes", "expected at least 1024");
         }
+        if self.max_bindings_per_join == 0 {
+            return invalid("max_bindings_per_join", "expected at least 1");
+        }
         if self.client_queue == 0 {
             return invalid("client_queue", "expected at least 1");
         }
@@ -268,6 +286,16 @@ impl Config {
         }
         if self.auth.jwt_secret.as_deref().is_some_and(|s| !s.is_empty() && s.len() < 32) {
             return invalid("auth.jwt_secret", "expected at least 32 characters");
+        }
+        if self.auth.roles.is_empty() {
+            return invalid("auth.roles", "expected at least one role");
+        }
+        for (key, roles) in
+            [("auth.roles", &self.auth.roles), ("auth.privileged_roles", &self.auth.privileged_roles)]
+        {
+            if let Some(bad) = roles.iter().find(|r| r.is_empty() || r.eq_ignore_ascii_case("none")) {
+                return invalid(key, &format!("{bad:?} is not a role a token may act as"));
+            }
         }
         if self.auth.jwks_refresh_secs == 0 {
             return invalid("auth.jwks_refresh_secs", "expected at least 1 second");

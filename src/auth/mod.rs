@@ -64,6 +64,9 @@ pub enum AuthError {
     InvalidExpiry,
     #[error("Token claim `{0}` is not valid")]
     Claim(String),
+    /// The `role` claim names a role tokens may not act as (not in `auth.roles`).
+    #[error("Token role {0:?} is not allowed")]
+    Role(String),
     #[error(
         "Failed to generate JWT signer for key ID (kid) {0:?}, check your JWT secret or JWKS configuration"
     )]
@@ -83,7 +86,8 @@ impl AuthError {
             AuthError::Expired(_)
             | AuthError::MissingClaims
             | AuthError::InvalidExpiry
-            | AuthError::Claim(_) => "InvalidJWTToken",
+            | AuthError::Claim(_)
+            | AuthError::Role(_) => "InvalidJWTToken",
         }
     }
 
@@ -125,6 +129,9 @@ struct Inner {
     jwks: Option<Jwks>,
     /// Claims that must equal these values.
     expected: Vec<(String, String)>,
+    /// The roles a token may name: any other is refused, so that a signed token cannot act as
+    /// the gateway's own login (`none` resets to it) or another privileged role.
+    roles: Vec<Arc<str>>,
 }
 
 impl Default for Verifier {
@@ -151,12 +158,27 @@ pub struct VerifierSettings {
     pub jwks: Option<String>,
     pub jwks_refresh: Duration,
     pub claims: Vec<(String, String)>,
+    /// The roles a token may name; `None` for [`DEFAULT_ROLES`].
+    pub roles: Option<Vec<String>>,
+}
+
+/// The roles tokens may act as unless `auth.roles` says otherwise (Supabase's).
+pub const DEFAULT_ROLES: [&str; 3] = ["anon", "authenticated", "service_role"];
+
+fn default_roles() -> Vec<Arc<str>> {
+    DEFAULT_ROLES.iter().map(|r| Arc::from(*r)).collect()
 }
 
 impl Verifier {
     /// A verifier that accepts every client without a token.
     pub fn off() -> Verifier {
-        Verifier(Arc::new(Inner { mode: AuthMode::Off, secret: None, jwks: None, expected: Vec::new() }))
+        Verifier(Arc::new(Inner {
+            mode: AuthMode::Off,
+            secret: None,
+            jwks: None,
+            expected: Vec::new(),
+            roles: default_roles(),
+        }))
     }
 
     /// A verifier with only a shared secret (HS256/384/512).
@@ -166,6 +188,7 @@ impl Verifier {
             secret: Some(secret.as_bytes().to_vec()),
             jwks: None,
             expected: Vec::new(),
+            roles: default_roles(),
         }))
     }
 
@@ -181,7 +204,11 @@ impl Verifier {
         if mode == AuthMode::Required && secret.is_none() && jwks.is_none() {
             return Err(SetupError::NoKeySource);
         }
-        Ok(Verifier(Arc::new(Inner { mode, secret, jwks, expected: s.claims })))
+        let roles = match s.roles {
+            Some(roles) => roles.iter().map(|r| Arc::from(r.as_str())).collect(),
+            None => default_roles(),
+        };
+        Ok(Verifier(Arc::new(Inner { mode, secret, jwks, expected: s.claims, roles })))
     }
 
     pub fn required(&self) -> bool {
@@ -274,8 +301,11 @@ impl Verifier {
                 return Err(AuthError::Claim(name.clone()));
             }
         }
+        let Some(role) = self.0.roles.iter().find(|r| &***r == role) else {
+            return Err(AuthError::Role(role.chars().take(64).collect()));
+        };
+        let role = Arc::clone(role);
         let sub = claims.get("sub").and_then(Value::as_str).map(Arc::from);
-        let role = Arc::from(role);
         let json = Value::Object(claims).to_string().into();
         Ok(Claims { role, sub, exp, json })
     }
@@ -422,8 +452,32 @@ mod tests {
             jwks: jwks.map(|j| j.to_string()),
             jwks_refresh: Duration::from_secs(60),
             claims: claims.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            roles: None,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn only_the_allowed_roles_pass() {
+        let v = verifier(Some(SECRET), None, &[]);
+        for role in DEFAULT_ROLES {
+            assert_eq!(&*check(&v, &hs(&claims(role, 60), SECRET)).unwrap().claims.role, role);
+        }
+        // `none` would reset to the gateway's login; the others are privileged or unknown.
+        for role in ["none", "NONE", "postgres", "", "pg_read_all_data", "Authenticated", "anon "] {
+            let refused = check(&v, &hs(&claims(role, 60), SECRET));
+            assert_eq!(refused, Err(AuthError::Role(role.into())), "{role:?}");
+        }
+        let err = AuthError::Role("none".into());
+        assert_eq!(format!("{}: {err}", err.code()), "InvalidJWTToken: Token role \"none\" is not allowed");
+        let custom = block_on(Verifier::new(VerifierSettings {
+            jwt_secret: Some(SECRET.into()),
+            roles: Some(vec!["reader".into()]),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert!(check(&custom, &hs(&claims("reader", 60), SECRET)).is_ok());
+        assert_eq!(check(&custom, &hs(&claims("anon", 60), SECRET)), Err(AuthError::Role("anon".into())));
     }
 
     fn check(v: &Verifier, token: &str) -> Result<Credentials, AuthError> {

@@ -28,6 +28,14 @@ pub const ACCESS_TTL: Duration = Duration::from_secs(30);
 /// replay checks run beside it.
 const CHECK_CONNECTIONS: u32 = 4;
 
+/// What a subscriber is told when its policies raised on a row (the error text may quote the row).
+pub const POLICY_FAILED: &str = "a row-level security policy raised an error for this subscriber";
+
+/// How long one check may run (`statement_timeout` of the check pool's sessions): a policy
+/// that takes longer denies (the call fails and is retried a bounded number of times) instead
+/// of holding delivery.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Who a subscriber acts as: the token's role and its whole claims object. Subscribers with
 /// equal subjects are checked once per batch.
 #[derive(Debug, Clone)]
@@ -119,10 +127,28 @@ pub struct Request<'a> {
 /// The table a check is about.
 #[derive(Debug, Clone, Copy)]
 pub enum Table<'a> {
-    /// A table as a Relation message named it.
-    Oid { oid: u32, schema: &'a str, table: &'a str },
-    /// A table by name (at subscribe time).
+    /// The table the rows were decoded under: its OID and its columns' names and types. When no
+    /// table has that OID any more, or one of these columns was dropped, renamed or retyped
+    /// since, every subject is denied (`Access::Failed`, "gone").
+    Relation(&'a Relation),
+    /// A table by name (at subscribe time); one that does not exist is "gone".
     Name { schema: &'a str, table: &'a str },
+}
+
+impl Table<'_> {
+    fn names(&self) -> (&str, &str) {
+        match self {
+            Table::Relation(r) => (&r.schema, &r.table),
+            Table::Name { schema, table } => (schema, table),
+        }
+    }
+
+    fn oid(&self) -> u32 {
+        match self {
+            Table::Relation(r) => r.id,
+            Table::Name { .. } => 0,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +157,25 @@ pub enum RlsError {
     Query(#[source] sqlx::Error),
     #[error("row-level security check returned an unknown access {0:?}")]
     Protocol(String),
+}
+
+impl RlsError {
+    /// Whether the database could not be asked at all (no connection, a broken one, the pool
+    /// closed), as opposed to having answered with an error. Delivery waits out the first kind
+    /// (nothing can be checked for anyone); the second is retried a bounded number of times and
+    /// then denies.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            RlsError::Query(
+                sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            )
+        )
+    }
 }
 
 /// What happens to a DELETE on a table with row-level security whose old row carries only the
@@ -173,7 +218,8 @@ impl RowSecurity {
     /// not pinged before each use: a check is on the path of every change, and a ping is one
     /// more round trip; a connection that broke fails its check, which is retried.
     pub fn new(pool: &PgPool, key_only_deletes: KeyOnlyDeletes) -> RowSecurity {
-        let options = (*pool.connect_options()).clone();
+        let timeout = format!("{}ms", CHECK_TIMEOUT.as_millis());
+        let options = (*pool.connect_options()).clone().options([("statement_timeout", timeout.as_str())]);
         let pool = PgPoolOptions::new()
             .max_connections(CHECK_CONNECTIONS)
             .test_before_acquire(false)
@@ -230,30 +276,26 @@ impl RowSecurity {
         let roles: Vec<&str> = order.iter().map(|i| &*requests[*i].subject.role).collect();
         let claims: Vec<&str> = order.iter().map(|i| &*requests[*i].subject.claims).collect();
         let wanted: Vec<Option<String>> = order.iter().map(|i| requests[*i].wanted.map(int_array)).collect();
-        // The row type, spelled in the statement: it types the rebuilt rows.
-        let (schema, name) = match table {
-            Table::Oid { schema, table, .. } | Table::Name { schema, table } => (schema, table),
-        };
-        let sql = format!(
-            "SELECT k, access, hidden, visible, error FROM walcast.rls_check(\
-             CASE WHEN $1 <> 0 THEN $1::oid::regclass ELSE format('%I.%I', $6, $7)::regclass END, \
-             $2::text[], $3::text[]::jsonb[], $4::text[], $5::text::jsonb, NULL::{}.{}[])",
-            quote_ident(schema),
-            quote_ident(name)
-        );
-        let oid = match table {
-            Table::Oid { oid, .. } => i64::from(oid),
-            Table::Name { .. } => 0,
+        let (schema, name) = table.names();
+        // The rows' description: the check denies when the table no longer matches it.
+        let (columns, types): (Option<Vec<&str>>, Option<Vec<i64>>) = match table {
+            Table::Relation(r) => (
+                Some(r.columns.iter().map(|c| &*c.name).collect()),
+                Some(r.columns.iter().map(|c| i64::from(c.ty.oid)).collect()),
+            ),
+            Table::Name { .. } => (None, None),
         };
         type Row = (i32, String, Option<Vec<String>>, Option<Vec<i32>>, Option<String>);
-        let result: Vec<Row> = sqlx::query_as(&sql)
-            .bind(oid)
+        let result: Vec<Row> = sqlx::query_as(CHECK_SQL)
+            .bind(i64::from(table.oid()))
             .bind(&roles)
             .bind(&claims)
             .bind(&wanted)
             .bind(rows)
             .bind(schema)
             .bind(name)
+            .bind(columns)
+            .bind(types)
             .fetch_all(&self.pool)
             .await
             .map_err(RlsError::Query)?;
@@ -269,8 +311,14 @@ impl RowSecurity {
                 "error" => {
                     let message: Arc<str> = error.unwrap_or_default().into();
                     self.log_once(table, &requests[at].subject.role, &message);
-                    Access::Failed(message)
+                    match table {
+                        // Checked on rows: the error's text may quote them, so the subscriber
+                        // is told only that its policy failed.
+                        Table::Relation(_) => Access::Failed(POLICY_FAILED.into()),
+                        Table::Name { .. } => Access::Failed(message),
+                    }
                 }
+                "gone" => Access::Failed(error.unwrap_or_else(|| "the table no longer exists".into()).into()),
                 other => return Err(RlsError::Protocol(other.to_owned())),
             };
             let mut visible: Vec<u32> =
@@ -285,22 +333,22 @@ impl RowSecurity {
     }
 
     fn log_once(&self, table: Table<'_>, role: &str, message: &Arc<str>) {
-        let id = match table {
-            Table::Oid { oid, .. } => oid,
-            Table::Name { .. } => 0,
-        };
-        let first = self.logged.lock().map(|mut l| l.len() < 10_000 && l.insert((id, Arc::clone(message))));
+        let first =
+            self.logged.lock().map(|mut l| l.len() < 10_000 && l.insert((table.oid(), Arc::clone(message))));
         if first.unwrap_or(false) {
-            let (Table::Oid { schema, table, .. } | Table::Name { schema, table }) = table;
+            let (schema, table) = table.names();
             tracing::warn!(%schema, %table, role, error = %message, "row-level security check failed; denied");
         }
     }
 }
 
-/// `"name"`, with inner quotes doubled.
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
+/// The check: by OID (`$1`), or by name at subscribe time (`$6`.`$7`; 0, "gone", when there is
+/// no such table), with the rows' column names and types (`$8`, `$9`) when they come from a
+/// Relation message.
+const CHECK_SQL: &str = "SELECT k, access, hidden, visible, error FROM walcast.rls_check(\
+    CASE WHEN $1 <> 0 THEN $1::oid \
+         ELSE coalesce(pg_catalog.to_regclass(pg_catalog.format('%I.%I', $6::text, $7::text))::oid, 0::oid) END, \
+    $2::text[], $3::text[]::jsonb[], $4::text[], $5::text::jsonb, $8::text[], $9::int8[]::oid[])";
 
 /// `{1,2,3}`.
 fn int_array(v: &[u32]) -> String {
@@ -340,6 +388,5 @@ mod tests {
         assert!(!Verdict { access: Access::Failed("x".into()), visible: vec![1] }.sees(1));
         assert_eq!(int_array(&[]), "{}");
         assert_eq!(int_array(&[1, 20]), "{1,20}");
-        assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
     }
 }

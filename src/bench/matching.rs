@@ -65,6 +65,7 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
                 resume: None,
                 seen: Default::default(),
                 change_envelope: Default::default(),
+                told_withheld: Default::default(),
             });
             let parsed = filter::parse(&format!("id=eq.{k}")).unwrap_or_default();
             let compiled = CompiledFilter::compile(&parsed, |n| {

@@ -25,6 +25,7 @@ pub mod record;
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -32,7 +33,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::change::{ChangeEvent, Position};
+use crate::change::{ChangeEvent, Position, Relation};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::lsn::Lsn;
 
@@ -40,6 +41,10 @@ pub use reader::{Entry, LogReadError, LogReader};
 
 /// `meta.json`'s format version.
 const META_VERSION: u32 = 1;
+/// The log directory's mode: the log holds every row before row-level security.
+pub const DIR_MODE: u32 = 0o700;
+/// Every file's mode in the log directory.
+pub const FILE_MODE: u32 = 0o600;
 const MAGIC: &[u8; 8] = b"WCLOG01\n";
 /// Magic, epoch, the position before the segment's first record.
 pub const SEGMENT_HEADER: usize = 8 + 4 + 8 + 4;
@@ -235,9 +240,15 @@ impl ChangeLog {
         ack: Acknowledgement,
     ) -> Result<(ChangeLog, Appender, WriterHandle, Recovered), LogError> {
         let dir = &settings.dir;
-        std::fs::create_dir_all(dir).map_err(io(dir, "creating the directory"))?;
+        // The log holds rows before any row-level security: readable by the gateway's user only.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)
+            .map_err(io(dir, "creating the directory"))?;
         let lock_path = dir.join("lock");
         let lock = OpenOptions::new()
+            .mode(FILE_MODE)
             .create(true)
             .truncate(false)
             .write(true)
@@ -502,6 +513,7 @@ fn check_header(h: &[u8], epoch: u32, path: &Path) -> Result<Position, LogError>
 
 fn create_segment(path: &Path, epoch: u32, prev: Position) -> Result<File, LogError> {
     let mut f = OpenOptions::new()
+        .mode(FILE_MODE)
         .create_new(true)
         .append(true)
         .open(path)
@@ -512,7 +524,13 @@ fn create_segment(path: &Path, epoch: u32, prev: Position) -> Result<File, LogEr
 }
 
 fn write_synced(path: &Path, body: &[u8]) -> Result<(), LogError> {
-    let mut f = File::create(path).map_err(io(path, "creating"))?;
+    let mut f = OpenOptions::new()
+        .mode(FILE_MODE)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io(path, "creating"))?;
     f.write_all(body).map_err(io(path, "writing"))?;
     f.sync_all().map_err(io(path, "syncing"))
 }
@@ -603,9 +621,10 @@ pub struct Appender {
     tx: std::sync::mpsc::Sender<Chunk>,
     buf: Vec<u8>,
     relations: Vec<(u32, Bytes)>,
-    /// The relation each id was last written with (by address: a new Relation message makes a
-    /// new `Arc`).
-    emitted: HashMap<u32, usize>,
+    /// The relation each id was last written with. Held, not remembered by address: a new
+    /// Relation message makes a new `Arc`, and holding the old one keeps its address from being
+    /// reused by a later description of the table (which would then never reach the log).
+    emitted: HashMap<u32, Arc<Relation>>,
     through: Option<Position>,
     commit_end: Option<Lsn>,
     ends_txn: bool,
@@ -616,12 +635,11 @@ impl Appender {
     pub fn append(&mut self, event: &ChangeEvent) {
         match event {
             ChangeEvent::Change(c) => {
-                let addr = Arc::as_ptr(&c.relation) as usize;
-                if self.emitted.get(&c.relation.id) != Some(&addr) {
+                if !self.emitted.get(&c.relation.id).is_some_and(|r| Arc::ptr_eq(r, &c.relation)) {
                     let start = self.buf.len();
                     record::encode_relation(&mut self.buf, &c.relation);
                     self.relations.push((c.relation.id, Bytes::copy_from_slice(&self.buf[start..])));
-                    self.emitted.insert(c.relation.id, addr);
+                    self.emitted.insert(c.relation.id, Arc::clone(&c.relation));
                 }
                 record::encode_change(&mut self.buf, c);
                 self.through = Some(c.position());

@@ -29,7 +29,7 @@ use crate::change::{Change, ChangeEvent, ChangeKind, DbBroadcast, ReplicaIdentit
 use crate::log::Appender;
 use crate::realtime::bus::BusMessage;
 use crate::realtime::index::Subscription;
-use crate::realtime::outbox::{EncodingId, Event, Frame};
+use crate::realtime::outbox::{Direct, EncodingId, Event, Frame};
 use crate::realtime::resume::Place;
 use crate::realtime::{Hub, Member, TopicKey};
 use crate::replication::ack::Acknowledgement;
@@ -37,6 +37,16 @@ use crate::replication::lsn::Lsn;
 
 /// Events gathered into one batch at most.
 const MAX_BATCH: usize = 4096;
+
+/// Tries of a row check that the database answers with an error (a policy or the check itself
+/// raising, a statement timeout) before the rows it was about are withheld.
+const CHECK_TRIES: usize = 3;
+
+/// What a subscriber is told when a check failed as a whole.
+const CHECK_FAILED: &str = "the row-level security check failed";
+
+/// What a subscriber is told when its check gave no answer for it.
+const NO_ANSWER: &str = "the row-level security check gave no answer";
 
 /// Batches whose rows are being checked at once, each on its own connection. More than one
 /// made batches smaller and the database's work per change larger, for no lower latency
@@ -197,7 +207,11 @@ enum Decision {
         hidden: Hidden,
         strip_old: bool,
     },
+    /// Not visible to it (a plain no).
     Withhold,
+    /// Withheld because the answer was not a yes or a no (a check that failed, a table dropped
+    /// or altered since the change): the member is told why, once.
+    Fail(Arc<str>),
     /// Needs a row check first.
     Check,
 }
@@ -211,7 +225,8 @@ fn decide_cached(hub: &Hub, change: &Change, subject: Option<&Arc<Subject>>) -> 
     let Some(subject) = subject else { return DELIVER_ALL };
     match rls.cached(&change.relation, &subject.role) {
         Some(Access::Open(hidden)) => Decision::Deliver { hidden, strip_old: false },
-        Some(Access::Denied) | Some(Access::Failed(_)) => Decision::Withhold,
+        Some(Access::Denied) => Decision::Withhold,
+        Some(Access::Failed(reason)) => Decision::Fail(reason),
         Some(Access::Rows(_)) | None => Decision::Check,
     }
 }
@@ -425,7 +440,11 @@ pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usi
                     delivered += 1;
                 }
             }
-            _ => {
+            Decision::Fail(reason) => {
+                hub.metrics().rls_withheld.fetch_add(1, Ordering::Relaxed);
+                tell_withheld(hub, scratch, member, change, &reason);
+            }
+            Decision::Withhold | Decision::Check => {
                 hub.metrics().rls_withheld.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -681,11 +700,13 @@ impl Batch {
         pending
     }
 
-    /// Runs the row checks of this batch, one query per table, retrying while the database
-    /// cannot be reached (nothing is delivered or acknowledged meanwhile).
+    /// Runs the row checks of this batch, one query per table. While the database cannot be
+    /// reached, it retries (nothing can be checked for anyone, and nothing is delivered or
+    /// acknowledged meanwhile); a check the database answered with an error is tried
+    /// `CHECK_TRIES` times, then denies every subject of that table's rows (fail closed).
     async fn authorize(&mut self, hub: &Hub) {
         let Some(rls) = hub.rls() else { return };
-        for (oid, (relation, table)) in self.tables.iter_mut() {
+        for (relation, table) in self.tables.values_mut() {
             table.rows.push(b']');
             let rows = String::from_utf8_lossy(&table.rows);
             let all = table.row_count as usize;
@@ -695,14 +716,24 @@ impl Batch {
                 .map(|(s, w)| Request { subject: s, wanted: (w.len() < all).then_some(&w[..]) })
                 .collect();
             let mut backoff = Duration::from_millis(50);
+            let mut answered_errors = 0;
             let verdicts = loop {
                 hub.metrics().rls_checks.fetch_add(1, Ordering::Relaxed);
-                let table = Table::Oid { oid: *oid, schema: &relation.schema, table: &relation.table };
-                match rls.check(table, &requests, &rows).await {
+                match rls.check(Table::Relation(relation), &requests, &rows).await {
                     Ok(v) => break v,
                     Err(e) => {
-                        tracing::warn!(error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string),
-                            table = %format_args!("{}.{}", relation.schema, relation.table),
+                        let unreachable = e.is_unreachable();
+                        answered_errors += usize::from(!unreachable);
+                        let cause = std::error::Error::source(&e).map(ToString::to_string);
+                        let table = format!("{}.{}", relation.schema, relation.table);
+                        if answered_errors >= CHECK_TRIES {
+                            tracing::warn!(error = %e, cause = ?cause, %table,
+                                "row-level security check failed; the batch's changes of this table are withheld");
+                            let failed =
+                                Verdict { access: Access::Failed(CHECK_FAILED.into()), visible: Vec::new() };
+                            break vec![failed; requests.len()];
+                        }
+                        tracing::warn!(error = %e, cause = ?cause, %table, unreachable,
                             "row-level security check failed; retrying (delivery waits)");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -731,9 +762,9 @@ impl Batch {
                         .map(|(at, decision)| match (decision, table) {
                             (Decision::Check, Some(table)) => match table.verdict(&p.group, at) {
                                 Some(v) => resolve(&p, v, key_only_deletes),
-                                None => Decision::Withhold,
+                                None => Decision::Fail(NO_ANSWER.into()),
                             },
-                            (Decision::Check, None) => Decision::Withhold,
+                            (Decision::Check, None) => Decision::Fail(NO_ANSWER.into()),
                             (d, _) => d.clone(),
                         })
                         .collect();
@@ -742,6 +773,11 @@ impl Batch {
                     for (decision, range) in decisions.iter().zip(&p.group.ranges) {
                         let Decision::Deliver { hidden, strip_old } = decision else {
                             withheld += range.len() as u64;
+                            if let Decision::Fail(reason) = decision {
+                                for t in &p.group.targets[range.clone()] {
+                                    tell_withheld(hub, scratch, &t.member, &p.change, reason);
+                                }
+                            }
                             continue;
                         };
                         for t in &p.group.targets[range.clone()] {
@@ -762,6 +798,27 @@ impl Batch {
     }
 }
 
+/// Tells `member`, once per membership, that changes of `change`'s table are withheld from it
+/// and why. In a replay the notice goes with the replayed frames, in order.
+fn tell_withheld(hub: &Hub, scratch: &mut Scratch, member: &Member, change: &Change, reason: &str) {
+    if member.told_withheld.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let relation = &change.relation;
+    let message = format!(
+        "changes of {}.{} are withheld from this subscription: {reason}",
+        relation.schema, relation.table
+    );
+    let notice = Direct::System { extension: "postgres_changes", status: "error", message: &message };
+    let frame = member.encoder.encode_direct(&member.key.topic, member.join_ref.as_deref(), &notice);
+    match scratch.collect.as_mut() {
+        Some(collected) => collected.push(frame),
+        None => {
+            member.outbox.send(frame, hub.metrics());
+        }
+    }
+}
+
 /// The old row carries every column (REPLICA IDENTITY FULL), so a policy can be evaluated on it.
 fn has_full_old_row(change: &Change) -> bool {
     change.old.is_some() && change.relation.replica_identity == ReplicaIdentity::Full
@@ -774,7 +831,8 @@ fn resolve(p: &Pending, v: &Verdict, key_only_deletes: KeyOnlyDeletes) -> Decisi
     let hidden = match &v.access {
         Access::Open(h) => return Decision::Deliver { hidden: h.clone(), strip_old: false },
         Access::Rows(h) => h.clone(),
-        Access::Denied | Access::Failed(_) => return Decision::Withhold,
+        Access::Denied => return Decision::Withhold,
+        Access::Failed(reason) => return Decision::Fail(Arc::clone(reason)),
     };
     let change = &p.change;
     match change.kind {

@@ -89,6 +89,10 @@ pub struct Member {
     /// Its encoder's id and [`Encoder::change_envelope`] for its topic, made on first use
     /// (kept here so that the delivery path need not reach the encoder); start empty.
     pub change_envelope: OnceLock<Option<(EncodingId, Arc<Envelope>)>>,
+    /// Set once the member has been told that changes are withheld from it because an
+    /// authorization answer was not a plain yes or no (a check that failed, a table dropped or
+    /// altered since the change): told once per membership; start false.
+    pub told_withheld: std::sync::atomic::AtomicBool,
 }
 
 /// [`Member::reads`]: receives broadcasts.
@@ -141,6 +145,8 @@ pub struct Limits {
     /// Frames queued per session before it counts as too slow.
     pub client_queue: usize,
     pub max_channels: usize,
+    /// `postgres_changes` bindings per join.
+    pub max_bindings: usize,
     pub max_joins_per_second: u32,
     pub max_events_per_second: u32,
     /// Presence events (track/untrack) per `presence_window`.
@@ -164,6 +170,7 @@ impl Limits {
         Limits {
             client_queue: c.client_queue,
             max_channels: c.max_channels_per_socket,
+            max_bindings: c.max_bindings_per_join,
             max_joins_per_second: c.max_joins_per_second,
             max_events_per_second: c.max_events_per_second,
             max_presence_events: c.max_presence_events,

@@ -84,6 +84,9 @@ pub enum JoinError {
     TooManyChannels,
     #[error("Too many joins per second")]
     TooManyJoins,
+    /// More `postgres_changes` bindings than `max_bindings_per_join`.
+    #[error("TooManyBindings: a join may carry at most {0} postgres_changes bindings")]
+    TooManyBindings(usize),
     #[error(transparent)]
     Auth(#[from] AuthError),
     /// A private channel whose policies let the subject read neither broadcasts nor presence.
@@ -391,6 +394,9 @@ impl Session {
             self.hub.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
             return Err(JoinError::TooManyJoins);
         }
+        if req.bindings.len() > self.hub.limits().max_bindings {
+            return Err(JoinError::TooManyBindings(self.hub.limits().max_bindings));
+        }
         let credentials = self.authenticate(req.access_token.as_deref()).await?;
         let subject = credentials.as_ref().map(|c| self.hub.intern_subject(Subject::of(&c.claims)));
         let name = channel_name(&req.topic).to_owned();
@@ -457,6 +463,7 @@ impl Session {
             resume: (since.is_some() || req.snapshot).then(crate::realtime::resume::holding_gate),
             seen: Default::default(),
             change_envelope: Default::default(),
+            told_withheld: Default::default(),
         });
         self.hub.add_member(Arc::clone(&member), req.presence_enabled);
         let mut membership = Membership {
@@ -1078,6 +1085,7 @@ mod tests {
             resume: None,
             seen: Default::default(),
             change_envelope: Default::default(),
+            told_withheld: Default::default(),
         };
         tweak(&mut m);
         let m = Arc::new(m);

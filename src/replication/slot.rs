@@ -41,7 +41,7 @@ fn sql(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> SlotError {
 }
 
 /// The gateway's migrations, embedded in the binary: version, description, SQL.
-const MIGRATIONS: [(i64, &str, &str); 6] = [
+const MIGRATIONS: [(i64, &str, &str); 7] = [
     (1, "walcast schema", include_str!("../../migrations/0001_walcast_schema.sql")),
     (2, "realtime broadcast", include_str!("../../migrations/0002_realtime_broadcast.sql")),
     (3, "row level security", include_str!("../../migrations/0003_row_level_security.sql")),
@@ -51,6 +51,11 @@ const MIGRATIONS: [(i64, &str, &str); 6] = [
         6,
         "row level security planned once",
         include_str!("../../migrations/0006_row_level_security_planned_once.sql"),
+    ),
+    (
+        7,
+        "row level security fails closed",
+        include_str!("../../migrations/0007_row_level_security_fails_closed.sql"),
     ),
 ];
 

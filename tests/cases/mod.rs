@@ -3,6 +3,7 @@ mod bench;
 mod capture;
 mod clients;
 mod gateway;
+mod hardening;
 mod ops;
 mod private;
 mod realtime;

@@ -91,6 +91,18 @@ fn ty(t: &str, id: i64) -> (String, i64) {
     (t.to_owned(), id)
 }
 
+/// The next `system` error about `postgres_changes` (changes withheld); its payload.
+async fn withheld_notice(ws: &mut Ws) -> Value {
+    let f = ws
+        .recv_until("a withheld notice", |f| {
+            f["event"] == "system"
+                && f["payload"]["status"] == "error"
+                && f["payload"]["extension"] == "postgres_changes"
+        })
+        .await;
+    f["payload"].clone()
+}
+
 /// A in room 1 and B in room 2, each subscribed to `messages`.
 async fn room_members(app: &TestApp, p: &sqlx::PgPool) -> (Ws, Ws) {
     exec(p, &format!("INSERT INTO members VALUES (1, '{A}'), (2, '{B}')")).await;
@@ -241,7 +253,8 @@ async fn a_subquery_is_evaluated_for_each_subscriber_of_a_batch() {
 
 #[tokio::test]
 async fn subscribe_time_refusals_and_notices() {
-    let (app, p) = app(|_| {}).await;
+    // A role tokens may name (auth.roles) that the database does not have.
+    let (app, p) = app(|c| c.auth.roles.push("nobody_here".into())).await;
     let _ = p;
     let mut a = connect(&app, &user(A)).await;
     let system = subscribe(&mut a, "staff", "staff_only").await;
@@ -320,7 +333,11 @@ async fn key_only_deletes_are_withheld_unless_configured() {
 /// is judged by a cached answer from before it (the Relation message resets the cache).
 #[tokio::test]
 async fn catalog_changes_reach_every_later_change() {
-    let (app, p) = app(|_| {}).await;
+    let (app, p) = app(|c| {
+        let owner = format!("owner_{}", c.slot);
+        c.auth.roles.push(owner);
+    })
+    .await;
     let owner = format!("owner_{}", app.slot);
     exec(
         &p,
@@ -393,6 +410,12 @@ async fn a_failing_policy_denies_its_subscriber_only_and_refresh_switches_users(
     exec(&p, "INSERT INTO messages VALUES (1, 1, 'one'), (2, 2, 'two')").await;
     assert_eq!(next_change(&mut a).await["record"]["id"], 1);
     assert_eq!(next_change(&mut a).await["record"]["id"], 2);
+    // B is told, once, that its changes are withheld and why, without the policy's own text.
+    let notice = withheld_notice(&mut b).await;
+    assert_eq!(
+        notice["message"],
+        "changes of public.messages are withheld from this subscription: a row-level security policy raised an error for this subscriber"
+    );
     // B switches to A's token: from then on it reads as A.
     b.push(Some("j1"), "realtime:room", "access_token", json!({"access_token": user(A)})).await;
     b.expect_quiet("a good refresh has no reply").await;

@@ -17,9 +17,18 @@ CREATE TABLE ledger (seq bigserial PRIMARY KEY, item bigint NOT NULL);
 pub(super) type Message = (Option<String>, String, Value);
 
 /// A minimal `EventSource`: reads messages off a streaming response.
+/// An event stream read as a browser's `EventSource` reads it: when the gateway ends the stream
+/// because the client fell behind (`client too slow`), it reconnects with `Last-Event-ID` set to
+/// the last id it saw and goes on; the caller sees one unbroken sequence of messages.
 pub(super) struct Sse {
     resp: reqwest::Response,
     buf: String,
+    /// Where it was opened, for reconnecting.
+    url: String,
+    /// The last message id seen (or the one it was opened with).
+    last_id: Option<String>,
+    /// Reconnects after `client too slow`.
+    pub(super) reconnects: u32,
 }
 
 impl Sse {
@@ -38,8 +47,13 @@ impl Sse {
         query: &str,
         last_event_id: Option<&str>,
     ) -> Result<Sse, (u16, String)> {
-        let mut req =
-            reqwest::Client::new().get(format!("{base}{path}?{query}")).header("accept", "text/event-stream");
+        let url = format!("{base}{path}?{query}");
+        let resp = Sse::request(&url, last_event_id).await?;
+        Ok(Sse { resp, buf: String::new(), url, last_id: last_event_id.map(str::to_owned), reconnects: 0 })
+    }
+
+    async fn request(url: &str, last_event_id: Option<&str>) -> Result<reqwest::Response, (u16, String)> {
+        let mut req = reqwest::Client::new().get(url).header("accept", "text/event-stream");
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
         }
@@ -49,11 +63,31 @@ impl Sse {
             return Err((status, resp.text().await.unwrap_or_default()));
         }
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
-        Ok(Sse { resp, buf: String::new() })
+        Ok(resp)
     }
 
-    /// The next message (comments and `retry:` skipped); `None` when the stream ends.
+    /// The next message; a `client too slow` end is followed by a reconnect from the last id
+    /// seen, as `EventSource` does, and is not returned.
     pub(super) async fn next(&mut self) -> Option<Message> {
+        loop {
+            let message = self.next_raw().await?;
+            if message.0.is_some() {
+                self.last_id.clone_from(&message.0);
+            }
+            let too_slow = message.1 == "error"
+                && message.2["message"].as_str().is_some_and(|m| m.starts_with("client too slow"));
+            if !too_slow {
+                return Some(message);
+            }
+            self.reconnects += 1;
+            eprintln!("event stream: client too slow, reconnecting from {:?}", self.last_id);
+            self.resp = Sse::request(&self.url, self.last_id.as_deref()).await.ok()?;
+            self.buf.clear();
+        }
+    }
+
+    /// The next message as sent (comments and `retry:` skipped); `None` when the stream ends.
+    async fn next_raw(&mut self) -> Option<Message> {
         // Keep-alive comments do not count: a message must come within the deadline.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {

@@ -233,6 +233,13 @@ impl TestApp {
     }
 
     pub async fn spawn_with(db_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        // `WALCAST_TEST_LOG=walcast=debug` shows the gateway's log beside a test's output.
+        if let Ok(filter) = std::env::var("WALCAST_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         // Slots are cluster-wide: name each after its test's database.
         let db = db_url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
         let mut config = Config {

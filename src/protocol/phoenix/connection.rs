@@ -214,7 +214,7 @@ impl PhoenixConnection {
                     JoinError::Replay(_) => format!("UnableToReplayMessages: {e}"),
                     JoinError::Unavailable => format!("UnableToConnectToProject: {e}"),
                     JoinError::Cursor(_) => format!("InvalidCursor: {e}"),
-                    JoinError::Snapshot(_) => e.to_string(),
+                    JoinError::Snapshot(_) | JoinError::TooManyBindings(_) => e.to_string(),
                 };
                 out.push(self.reply(&frame, "error", json!({"reason": reason})));
             }

@@ -1,0 +1,364 @@
+//! Hostile input and failing authorization against a real database: every answer that is not an
+//! explicit yes withholds (a table dropped, or dropped and created again under its name, live and
+//! on replay), tokens cannot name a privileged role, crafted cursors and oversized joins get
+//! precise errors, and the change log is readable by its owner only.
+//!
+//! "Did not receive" is proven with a marker: after the changes under test, a change the
+//! subscriber may see is committed, and its next frames must be exactly what it may see followed
+//! by the marker.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::{exec, fresh_db, pool, token, wait_for, TestApp, Ws};
+
+const PATH: &str = "/realtime/v1/websocket";
+const A: &str = "00000000-0000-0000-0000-00000000000a";
+const B: &str = "00000000-0000-0000-0000-00000000000b";
+
+/// `docs`: each user sees its own rows. `gate`: every row is visible, once the advisory lock
+/// `GATE` is free (its policy waits for it), so a test can hold the dispatcher's check of a
+/// batch while it changes the catalog. `notes`: no row-level security (markers).
+const SCHEMA: &str = "
+CREATE TABLE docs (id int PRIMARY KEY, owner uuid, body text);
+ALTER TABLE docs REPLICA IDENTITY FULL;
+ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own ON docs FOR SELECT TO authenticated USING (owner = auth.uid());
+GRANT SELECT ON docs TO authenticated;
+
+CREATE FUNCTION public.wait_for_gate() RETURNS bool LANGUAGE sql VOLATILE AS
+  'SELECT pg_advisory_lock_shared(4242) IS NOT NULL AND pg_advisory_unlock_shared(4242)';
+CREATE TABLE gate (id int PRIMARY KEY);
+ALTER TABLE gate ENABLE ROW LEVEL SECURITY;
+CREATE POLICY waits ON gate FOR SELECT TO authenticated USING (public.wait_for_gate());
+GRANT SELECT ON gate TO authenticated;
+
+CREATE TABLE notes (id int PRIMARY KEY, body text);
+GRANT SELECT ON notes TO authenticated;
+";
+
+/// `docs` as it is created again after a DROP: every row visible to everyone.
+const DOCS_AGAIN: &str = "
+CREATE TABLE docs (id int PRIMARY KEY, owner uuid, body text);
+ALTER TABLE docs REPLICA IDENTITY FULL;
+ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY everyone ON docs FOR SELECT USING (true);
+GRANT SELECT ON docs TO authenticated;
+";
+
+async fn app(tweak: impl FnOnce(&mut walcast::config::Config)) -> (TestApp, sqlx::PgPool) {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, crate::support::AUTH_UID).await;
+    exec(&p, SCHEMA).await;
+    (TestApp::spawn_with(&url, tweak).await, p)
+}
+
+async fn connect(app: &TestApp, key: &str) -> Ws {
+    match Ws::connect_with(app.addr, PATH, None, Some(key)).await {
+        Ok(ws) => ws,
+        Err((status, body)) => panic!("refused: {status} {body}"),
+    }
+}
+
+fn user(sub: &str) -> String {
+    token("authenticated", Some(sub))
+}
+
+fn all_of(table: &str) -> Value {
+    json!({"event": "*", "schema": "public", "table": table})
+}
+
+/// The tables' names of the changes before the marker (a `notes` row with body `marker`),
+/// with their record ids; `system` errors about withheld changes as ("withheld", 0).
+async fn until_marker(ws: &mut Ws) -> (Vec<(String, i64)>, Vec<String>) {
+    let mut changes = Vec::new();
+    let mut notices = Vec::new();
+    loop {
+        let f = ws
+            .recv_until("a change or notice", |f| {
+                f["event"] == "postgres_changes"
+                    || (f["event"] == "system" && f["payload"]["extension"] == "postgres_changes")
+            })
+            .await;
+        if f["event"] == "system" {
+            notices.push(f["payload"]["message"].as_str().unwrap_or("").to_owned());
+            continue;
+        }
+        let d = &f["payload"]["data"];
+        if d["table"] == "notes" && d["record"]["body"] == "marker" {
+            return (changes, notices);
+        }
+        let row = if d["type"] == "DELETE" { &d["old_record"] } else { &d["record"] };
+        changes.push((d["table"].as_str().unwrap_or("").to_owned(), row["id"].as_i64().unwrap_or(-1)));
+    }
+}
+
+/// Holds the advisory lock the `gate` policy waits for, on a connection of its own.
+async fn close_gate(p: &sqlx::PgPool) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+    let mut held = p.acquire().await.expect("connection");
+    sqlx::query("SELECT pg_advisory_lock(4242)").execute(&mut *held).await.expect("lock");
+    held
+}
+
+/// Releases the gate's lock (a session lock: returning the connection to the pool would keep it).
+async fn open_gate(mut held: sqlx::pool::PoolConnection<sqlx::Postgres>) {
+    sqlx::query("SELECT pg_advisory_unlock(4242)").execute(&mut *held).await.expect("unlock");
+}
+
+/// Waits until a check is blocked on the gate.
+async fn check_waits_at_gate(p: &sqlx::PgPool) {
+    wait_for("a row check waiting at the gate", Duration::from_secs(20), || {
+        let p = p.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND NOT granted",
+            )
+            .fetch_one(&p)
+            .await
+            .ok()?;
+            (n > 0).then_some(())
+        }
+    })
+    .await;
+}
+
+/// A table dropped after its changes committed, and created again under the same name with a
+/// policy that shows every row, before the dispatcher checks the changes: the check is about the
+/// table the rows were decoded under, which is gone, so nobody receives them, and each
+/// subscriber is told once why.
+#[tokio::test]
+async fn changes_of_a_table_dropped_before_their_check_are_withheld() {
+    let (app, p) = app(|_| {}).await;
+    let mut a = connect(&app, &user(A)).await;
+    let (_, system) = a.join("t", json!([all_of("docs"), all_of("gate"), all_of("notes")])).await;
+    assert_eq!(system["status"], "ok", "{system}");
+    exec(&p, &format!("INSERT INTO docs VALUES (1, '{A}', 'mine before')")).await;
+    exec(&p, "INSERT INTO notes VALUES (1, 'marker')").await;
+    assert_eq!(until_marker(&mut a).await, (vec![("docs".to_owned(), 1)], vec![]));
+
+    // The dispatcher's check of the gate row waits; the docs rows queue behind it.
+    let held = close_gate(&p).await;
+    exec(&p, "INSERT INTO gate VALUES (1)").await;
+    check_waits_at_gate(&p).await;
+    exec(&p, &format!("INSERT INTO docs VALUES (2, '{B}', 'b'), (3, '{A}', 'mine'), (4, NULL, 'nobody''s')"))
+        .await;
+    exec(&p, "DROP TABLE docs").await;
+    exec(&p, DOCS_AGAIN).await;
+    exec(&p, "INSERT INTO notes VALUES (2, 'marker')").await;
+    open_gate(held).await;
+    let (changes, notices) = until_marker(&mut a).await;
+    assert_eq!(changes, [("gate".to_owned(), 1)], "no row of the dropped table");
+    assert_eq!(
+        notices,
+        ["changes of public.docs are withheld from this subscription: the table no longer exists"]
+    );
+    // The table under the same name is a new one: its rows are checked against its own policy.
+    exec(&p, &format!("INSERT INTO docs VALUES (5, '{B}', 'b'); INSERT INTO notes VALUES (3, 'marker')"))
+        .await;
+    assert_eq!(until_marker(&mut a).await, (vec![("docs".to_owned(), 5)], vec![]), "told once");
+    app.stop().await;
+}
+
+/// A subscriber resuming from a cursor taken before its table was dropped and created again
+/// (with a policy that shows every row): the replayed changes of the old table are withheld —
+/// the other user's rows, and its own too, since the table they were checked against is gone.
+#[tokio::test]
+async fn a_replay_of_a_dropped_table_withholds_its_changes() {
+    let (app, p) = app(|_| {}).await;
+    let mut a = connect(&app, &user(A)).await;
+    let (_, system) = a.join("t", json!([all_of("docs"), all_of("notes")])).await;
+    assert_eq!(system["status"], "ok", "{system}");
+    exec(&p, &format!("INSERT INTO docs VALUES (1, '{A}', 'mine')")).await;
+    let first = a.recv_event("postgres_changes").await;
+    let cursor = first["data"]["cursor"].as_str().expect("cursor").to_owned();
+    drop(a);
+    exec(&p, &format!("INSERT INTO docs VALUES (2, '{B}', 'b'), (3, '{A}', 'mine too')")).await;
+    exec(&p, "DROP TABLE docs").await;
+    exec(&p, DOCS_AGAIN).await;
+    exec(
+        &p,
+        &format!("INSERT INTO docs VALUES (4, '{B}', 'new table'); INSERT INTO notes VALUES (1, 'marker')"),
+    )
+    .await;
+
+    let mut a = connect(&app, &user(A)).await;
+    let mut docs = all_of("docs");
+    docs["since"] = json!(cursor);
+    let mut notes = all_of("notes");
+    notes["since"] = json!(cursor);
+    let (reply, system) = a.join("t", json!([docs, notes])).await;
+    assert_eq!(system["status"], "ok", "{reply} {system}");
+    let (changes, notices) = until_marker(&mut a).await;
+    assert_eq!(changes, [("docs".to_owned(), 4)], "only the new table's row, which its policy shows");
+    assert_eq!(
+        notices,
+        ["changes of public.docs are withheld from this subscription: the table no longer exists"]
+    );
+    app.stop().await;
+}
+
+/// A table whose column was dropped after its changes committed: the rows carry a column the
+/// table no longer has, so the policy would be evaluated on another shape: withheld.
+#[tokio::test]
+async fn changes_checked_against_an_altered_table_are_withheld() {
+    let (app, p) = app(|_| {}).await;
+    let mut a = connect(&app, &user(A)).await;
+    let (_, system) = a.join("t", json!([all_of("docs"), all_of("gate"), all_of("notes")])).await;
+    assert_eq!(system["status"], "ok", "{system}");
+    let held = close_gate(&p).await;
+    exec(&p, "INSERT INTO gate VALUES (1)").await;
+    check_waits_at_gate(&p).await;
+    exec(&p, &format!("INSERT INTO docs VALUES (1, '{A}', 'mine')")).await;
+    exec(&p, "ALTER TABLE docs DROP COLUMN body").await;
+    exec(&p, "INSERT INTO notes VALUES (1, 'marker')").await;
+    open_gate(held).await;
+    let (changes, notices) = until_marker(&mut a).await;
+    assert_eq!(changes, [("gate".to_owned(), 1)]);
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert!(notices[0].contains("the table was altered after the change"), "{notices:?}");
+    app.stop().await;
+}
+
+/// A signed token naming a role outside `auth.roles` is refused before anything else: `none`
+/// (which would reset to the gateway's own login, a superuser here) and `postgres` among them.
+#[tokio::test]
+async fn tokens_naming_reserved_or_unlisted_roles_are_refused() {
+    let (app, p) = app(|_| {}).await;
+    for role in [
+        "none",
+        "NONE",
+        "postgres",
+        "pg_read_all_data",
+        "pg_write_server_files",
+        "public",
+        "session_user",
+        "",
+    ] {
+        let refused = Ws::connect_with(app.addr, PATH, None, Some(&token(role, Some(B)))).await;
+        let Err((status, body)) = refused else { panic!("{role:?} was accepted") };
+        assert_eq!(status, 401, "{role:?}: {body}");
+        let body: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(body["error"], format!("Token role {role:?} is not allowed"), "{role:?}");
+    }
+    // Nor as a join's own token, nor as a refresh.
+    let mut a = connect(&app, &user(A)).await;
+    let r = a
+        .push(
+            Some("j1"),
+            "realtime:t",
+            "phx_join",
+            json!({"config": {"postgres_changes": [all_of("docs")]}, "access_token": token("none", None)}),
+        )
+        .await;
+    let reply = a.recv_until("the join reply", |f| f["event"] == "phx_reply" && f["ref"] == r.as_str()).await;
+    assert_eq!(reply["payload"]["status"], "error", "{reply}");
+    assert_eq!(reply["payload"]["response"]["reason"], "InvalidJWTToken: Token role \"none\" is not allowed");
+    let (_, system) = a.join("docs", json!([all_of("docs"), all_of("notes")])).await;
+    assert_eq!(system["status"], "ok", "{system}");
+    a.push(Some("j1"), "realtime:docs", "access_token", json!({"access_token": token("postgres", None)}))
+        .await;
+    let closed = a.recv_until("the channel closed", |f| f["event"] == "system").await;
+    assert!(closed["payload"]["message"].as_str().unwrap_or("").contains("not allowed"), "{closed}");
+    a.recv_event("phx_close").await;
+    exec(&p, &format!("INSERT INTO docs VALUES (1, '{B}', 'b'); INSERT INTO notes VALUES (1, 'marker')"))
+        .await;
+    a.expect_quiet("nothing after the refused refresh closed the channel").await;
+    app.stop().await;
+}
+
+/// `serve` refuses to start when `auth.roles` names a privileged role (a superuser here) that
+/// `auth.privileged_roles` does not allow, and starts when it does.
+#[tokio::test]
+async fn privileged_token_roles_are_refused_at_start_unless_allowed() {
+    let url = fresh_db().await;
+    let db = url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("");
+    let slot = format!("slot_{db}");
+    let mut config = walcast::config::Config {
+        database_url: Some(url.clone()),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        slot,
+        ..walcast::config::Config::default()
+    };
+    config.auth.jwt_secret = Some(crate::support::TEST_SECRET.into());
+    config.changelog.enabled = false;
+    config.auth.roles.push("postgres".into());
+    let refused = walcast::Gateway::prepare(config.clone(), true).await;
+    let Err(e) = refused else { panic!("a superuser token role was accepted") };
+    let text = crate::support::error_text(&e);
+    assert!(text.contains("role postgres is privileged (SUPERUSER"), "{text}");
+    config.auth.privileged_roles.push("postgres".into());
+    let gateway = walcast::Gateway::prepare(config, true).await.expect("allowed explicitly");
+    drop(gateway);
+}
+
+/// A crafted `since` (a multi-byte character where a zone's digits go) is a precise refusal of
+/// that join, and the socket goes on serving.
+#[tokio::test]
+async fn crafted_cursors_are_refused_without_harm() {
+    let (app, p) = app(|_| {}).await;
+    let mut a = connect(&app, &user(A)).await;
+    for since in ["2024-01-01T00:00:00+0\u{e9}0", "2024-01-01T00:00:00+\u{e9}", "\u{e9}", "00000000", "zz:zz"]
+    {
+        let mut b = all_of("notes");
+        b["since"] = json!(since);
+        let reply = a.join_config("crafted", json!({"postgres_changes": [b]})).await;
+        assert_eq!(reply["status"], "error", "{since:?}: {reply}");
+        let reason = reply["response"]["reason"].as_str().unwrap_or("");
+        assert!(reason.starts_with("InvalidCursor: "), "{since:?}: {reason}");
+    }
+    let (_, system) = a.join("notes", json!([all_of("notes")])).await;
+    assert_eq!(system["status"], "ok", "{system}");
+    exec(&p, "INSERT INTO notes VALUES (1, 'marker')").await;
+    assert_eq!(until_marker(&mut a).await, (vec![], vec![]));
+    app.stop().await;
+}
+
+/// More bindings than `max_bindings_per_join` in one join: refused with a reason that says the
+/// limit, before any catalog or policy lookup.
+#[tokio::test]
+async fn a_join_with_too_many_bindings_is_refused() {
+    let (app, _p) = app(|c| c.max_bindings_per_join = 5).await;
+    let mut a = connect(&app, &user(A)).await;
+    let bindings: Vec<Value> =
+        (0..6).map(|i| json!({"event": "*", "schema": "public", "table": format!("missing_{i}")})).collect();
+    let reply = a.join_config("many", json!({"postgres_changes": bindings})).await;
+    assert_eq!(reply["status"], "error", "{reply}");
+    assert_eq!(
+        reply["response"]["reason"],
+        "TooManyBindings: a join may carry at most 5 postgres_changes bindings"
+    );
+    let (_, system) = a.join("few", Value::Array(vec![all_of("notes"); 5])).await;
+    assert_eq!(system["status"], "ok", "{system}");
+    app.stop().await;
+}
+
+/// The change log holds every row before row-level security: its directory is created 0700 and
+/// every file in it 0600.
+#[tokio::test]
+async fn the_change_log_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let (app, p) = app(|_| {}).await;
+    exec(&p, "INSERT INTO notes VALUES (1, 'x')").await;
+    let db = app.db_url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("");
+    let dir = crate::support::log_dir(db);
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).expect("dir") {
+        let path = entry.expect("entry").path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+        files += 1;
+    }
+    assert!(files >= 3, "lock, meta.json and a segment: {files}");
+    let loose = walcast::check::changelog_permissions(&dir);
+    assert_eq!(loose.level, walcast::check::Level::Ok, "{loose}");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let loose = walcast::check::changelog_permissions(&dir);
+    assert_eq!(loose.level, walcast::check::Level::Warn, "{loose}");
+    assert!(loose.message.contains("chmod -R go-rwx"), "{loose}");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    app.stop().await;
+}
