@@ -42,6 +42,14 @@ pub struct Config {
     pub max_record_bytes: usize,
     /// Seconds a socket may stay silent before it is closed.
     pub idle_timeout_secs: u64,
+    /// Open client connections in all; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Open client connections from one IP address; 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// Seconds a client has to send a request's headers (and a new connection its first byte).
+    pub header_read_timeout_secs: u64,
+    /// Seconds a write may wait for the client to read before the connection is closed.
+    pub write_timeout_secs: u64,
     /// Frames queued per socket before the client counts as too slow and is disconnected.
     pub client_queue: usize,
     /// Channels one socket may join.
@@ -119,6 +127,9 @@ pub struct AuthConfig {
     pub jwks: Option<String>,
     /// Seconds between fetches of a JWKS URL (an unknown `kid` fetches sooner).
     pub jwks_refresh_secs: u64,
+    /// Accept an `http://` JWKS URL (keys fetched without TLS can be replaced in transit): only
+    /// for a trusted network.
+    pub jwks_allow_http: bool,
     /// Claims that must have exactly these values, e.g. `{ iss = "https://…/auth/v1" }`.
     pub claims: std::collections::BTreeMap<String, String>,
     /// DELETEs on tables with row-level security whose old row has only the key (REPLICA
@@ -134,6 +145,9 @@ pub struct AuthConfig {
     /// role in `roles`. Default `service_role` (Supabase's, which has BYPASSRLS).
     #[serde(deserialize_with = "comma_list")]
     pub privileged_roles: Vec<String>,
+    /// Seconds a `/v1/ws` client that connected without a token has to send a valid `auth`
+    /// message; then its socket is closed (1008).
+    pub timeout_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -143,10 +157,24 @@ impl Default for AuthConfig {
             jwt_secret: None,
             jwks: None,
             jwks_refresh_secs: 600,
+            jwks_allow_http: false,
             claims: Default::default(),
             key_only_deletes: Default::default(),
             roles: crate::auth::DEFAULT_ROLES.iter().map(|r| (*r).to_owned()).collect(),
             privileged_roles: vec!["service_role".into()],
+            timeout_secs: 30,
+        }
+    }
+}
+
+impl Config {
+    /// The listener's limits.
+    pub fn connection_limits(&self) -> crate::server::listener::ConnectionLimits {
+        crate::server::listener::ConnectionLimits {
+            max_connections: self.max_connections,
+            max_per_ip: self.max_connections_per_ip,
+            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_secs),
+            write_timeout: std::time::Duration::from_secs(self.write_timeout_secs),
         }
     }
 }
@@ -176,6 +204,10 @@ impl Default for Config {
             max_frame_bytes: 4 * 1024 * 1024,
             max_record_bytes: 1024 * 1024,
             idle_timeout_secs: 60,
+            max_connections: 50_000,
+            max_connections_per_ip: 0,
+            header_read_timeout_secs: 10,
+            write_timeout_secs: 20,
             client_queue: 1024,
             max_channels_per_socket: 100,
             max_bindings_per_join: 100,
@@ -275,6 +307,15 @@ impl Config {
         if self.client_queue == 0 {
             return invalid("client_queue", "expected at least 1");
         }
+        if self.max_connections == 0 {
+            return invalid("max_connections", "expected at least 1");
+        }
+        if !(1..=30).contains(&self.header_read_timeout_secs) {
+            return invalid("header_read_timeout_secs", "expected 1 to 30 seconds");
+        }
+        if self.write_timeout_secs == 0 {
+            return invalid("write_timeout_secs", "expected at least 1 second");
+        }
         if self.idle_timeout_secs == 0 {
             return invalid("idle_timeout_secs", "expected at least 1 second");
         }
@@ -296,6 +337,17 @@ impl Config {
             if let Some(bad) = roles.iter().find(|r| r.is_empty() || r.eq_ignore_ascii_case("none")) {
                 return invalid(key, &format!("{bad:?} is not a role a token may act as"));
             }
+        }
+        if !(1..=30).contains(&self.auth.timeout_secs) {
+            return invalid("auth.timeout_secs", "expected 1 to 30 seconds");
+        }
+        let jwks = self.auth.jwks.as_deref().unwrap_or("").trim();
+        if jwks.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://")) && !self.auth.jwks_allow_http {
+            return invalid(
+                "auth.jwks",
+                "an http:// URL lets anyone on the path replace the keys: use https://, or set \
+                 auth.jwks_allow_http = true on a trusted network",
+            );
         }
         if self.auth.jwks_refresh_secs == 0 {
             return invalid("auth.jwks_refresh_secs", "expected at least 1 second");

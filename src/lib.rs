@@ -112,6 +112,8 @@ impl Gateway {
     /// Connects, applies migrations (unless `migrate` is false), runs preflight (refusing on a
     /// FAIL), makes sure the publication and slot exist, and binds the listener.
     pub async fn prepare(config: Config, migrate: bool) -> Result<Gateway, StartError> {
+        // Loaded configurations are validated already; one built in code is checked here.
+        config.validate()?;
         let url = config.database_url()?.to_owned();
         let verifier = Verifier::new(config.auth.settings()).await?;
         if !verifier.required() {
@@ -241,20 +243,17 @@ impl Gateway {
             max_frame_bytes: self.config.max_frame_bytes,
             idle_timeout: Duration::from_secs(self.config.idle_timeout_secs),
             shutdown: shutdown.clone(),
+            connections: Arc::new(server::listener::ConnectionMetrics::default()),
         };
+        let connections = Arc::clone(&state.connections);
         let app = server::router(state);
-        let signal = shutdown.clone();
-        // Frames are small and written as soon as they are queued: without TCP_NODELAY the
-        // kernel holds a frame back until the previous one is acknowledged, and a client that
-        // delays its acknowledgements (it has nothing to send) adds up to 40 ms to a delivery.
-        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-            }
-        });
-        let serve =
-            axum::serve(listener, app).with_graceful_shutdown(async move { signal.cancelled().await });
-        let server = tracker.spawn(async move { serve.await });
+        let server = tracker.spawn(server::listener::serve(
+            self.listener,
+            app,
+            self.config.connection_limits(),
+            connections,
+            shutdown.clone(),
+        ));
         tracker.close();
         shutdown.cancelled().await;
         if tokio::time::timeout(Duration::from_secs(9), tracker.wait()).await.is_err() {

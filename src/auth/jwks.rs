@@ -63,7 +63,7 @@ pub struct Jwks {
     refresh: Duration,
     keys: RwLock<Arc<Vec<Jwk>>>,
     /// Serializes fetches; holds when the last one was attempted.
-    fetched: tokio::sync::Mutex<Option<Instant>>,
+    fetched: Arc<tokio::sync::Mutex<Option<Instant>>>,
     client: Option<reqwest::Client>,
 }
 
@@ -91,7 +91,7 @@ impl Jwks {
             source,
             refresh: refresh.max(Duration::from_secs(1)),
             keys: RwLock::new(Arc::new(keys)),
-            fetched: tokio::sync::Mutex::new(None),
+            fetched: Arc::new(tokio::sync::Mutex::new(None)),
             client,
         };
         if let JwksSource::Url(url) = &jwks.source {
@@ -108,7 +108,7 @@ impl Jwks {
 
     /// The key with this `kid`, fetching the set again when it is stale or (at most every 10 s)
     /// when the key is unknown — keys rotate.
-    pub async fn find(&self, kid: &str) -> Option<Jwk> {
+    pub async fn find(self: &Arc<Self>, kid: &str) -> Option<Jwk> {
         let lookup = |keys: &[Jwk]| keys.iter().find(|k| k.common.key_id.as_deref() == Some(kid)).cloned();
         self.refresh_if(false).await;
         if let Some(k) = lookup(&self.current()) {
@@ -121,7 +121,7 @@ impl Jwks {
     }
 
     /// The one key that satisfies `pred`, if exactly one does.
-    pub async fn only(&self, pred: impl Fn(&Jwk) -> bool) -> Option<Jwk> {
+    pub async fn only(self: &Arc<Self>, pred: impl Fn(&Jwk) -> bool) -> Option<Jwk> {
         self.refresh_if(false).await;
         let keys = self.current();
         let mut it = keys.iter().filter(|k| pred(k));
@@ -132,24 +132,41 @@ impl Jwks {
     }
 
     /// Fetches a URL set again when it is older than the refresh period, or (`missed`) when a
-    /// key was not found and the last attempt is older than 10 s. Returns whether it fetched.
-    async fn refresh_if(&self, missed: bool) -> bool {
+    /// key was not found and the last attempt is older than 10 s. One fetch at a time: a
+    /// scheduled refresh runs in the background while tokens are verified with the keys at
+    /// hand (it is waited for only when there are none); a miss waits for a fetch in flight and
+    /// starts one only if none ended within 10 s. Returns whether the keys may have changed.
+    async fn refresh_if(self: &Arc<Self>, missed: bool) -> bool {
         if self.client.is_none() {
             return false;
         }
-        let mut last = self.fetched.lock().await;
-        let due = match *last {
-            None => true,
-            Some(at) if missed => at.elapsed() >= MISS_REFETCH,
-            Some(at) => at.elapsed() >= self.refresh,
-        };
-        if !due {
+        if !missed {
+            let Ok(mut last) = Arc::clone(&self.fetched).try_lock_owned() else { return false };
+            if last.is_some_and(|at| at.elapsed() < self.refresh) {
+                return false;
+            }
+            if self.current().is_empty() {
+                self.fetch_logged(&mut last).await;
+                return true;
+            }
+            // The fetch holds the lock until it ends: a miss meanwhile waits for it.
+            let jwks = Arc::clone(self);
+            tokio::spawn(async move { jwks.fetch_logged(&mut last).await });
             return false;
         }
-        if let Err(e) = self.fetch(&mut last).await {
+        let mut last = self.fetched.lock().await;
+        if last.is_some_and(|at| at.elapsed() < MISS_REFETCH) {
+            // Fetched moments ago (perhaps by the caller this one waited for).
+            return true;
+        }
+        self.fetch_logged(&mut last).await;
+        true
+    }
+
+    async fn fetch_logged(&self, last: &mut Option<Instant>) {
+        if let Err(e) = self.fetch(last).await {
             tracing::warn!(error = %crate::replication::stream::error_chain(&e), "JWKS refresh failed; keeping the keys we have");
         }
-        true
     }
 
     async fn fetch(&self, last: &mut Option<Instant>) -> Result<(), JwksError> {

@@ -126,7 +126,7 @@ pub struct Verifier(Arc<Inner>);
 struct Inner {
     mode: AuthMode,
     secret: Option<Vec<u8>>,
-    jwks: Option<Jwks>,
+    jwks: Option<Arc<Jwks>>,
     /// Claims that must equal these values.
     expected: Vec<(String, String)>,
     /// The roles a token may name: any other is refused, so that a signed token cannot act as
@@ -198,7 +198,7 @@ impl Verifier {
         let mode = s.mode.unwrap_or(AuthMode::Required);
         let secret = s.jwt_secret.filter(|s| !s.is_empty()).map(String::into_bytes);
         let jwks = match s.jwks.as_deref().filter(|j| !j.trim().is_empty()) {
-            Some(j) => Some(Jwks::load(JwksSource::parse(j), s.jwks_refresh).await?),
+            Some(j) => Some(Arc::new(Jwks::load(JwksSource::parse(j), s.jwks_refresh).await?)),
             None => None,
         };
         if mode == AuthMode::Required && secret.is_none() && jwks.is_none() {

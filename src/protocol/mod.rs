@@ -31,10 +31,19 @@ pub trait Connection: Send {
     }
 
     /// Closes the channels whose token has expired (an error, then a close, in the protocol's
-    /// words).
-    fn on_deadline(&mut self) {
+    /// words). `Some`: the connection itself is to be closed (after writing the frame given).
+    fn on_deadline(&mut self) -> Option<Closing> {
         self.session().expire(std::time::Instant::now());
+        None
     }
+}
+
+/// A connection the protocol closes: the last frame to write, then the close code and reason.
+#[derive(Debug)]
+pub struct Closing {
+    pub frame: Option<Frame>,
+    pub code: u16,
+    pub reason: &'static str,
 }
 
 /// Writes a broadcast as the JSON fields the SSE and plain protocols share: `"event"`, then

@@ -129,9 +129,16 @@ impl Encoder for PlainEncoder {
     }
 }
 
+/// What a client that did not authenticate in time is told before its socket is closed.
+const AUTH_TIMEOUT: &str =
+    "authentication timeout: no valid auth message within auth.timeout_secs of connecting";
+
 /// One plain-protocol client.
 pub struct PlainConnection {
     session: Session,
+    /// When authentication is required and the client connected without a token: the time by
+    /// which an `auth` message must have verified, or the socket is closed.
+    auth_by: Option<std::time::Instant>,
 }
 
 fn reply(id: &Option<Value>, mut v: Value) -> Frame {
@@ -167,8 +174,10 @@ impl PlainConnection {
     /// A connection whose client connected with `credentials` (none: authentication is off, or
     /// the client sends an `auth` message before subscribing).
     pub fn new(hub: Hub, credentials: Option<Credentials>) -> (PlainConnection, OutboxReceiver) {
+        let auth_by = (hub.verifier().required() && credentials.is_none())
+            .then(|| std::time::Instant::now() + hub.limits().auth_timeout);
         let (session, rx) = Session::new(hub, Arc::new(PlainEncoder), credentials);
-        (PlainConnection { session }, rx)
+        (PlainConnection { session, auth_by }, rx)
     }
 
     /// Verifies a token: it becomes the connection's, and replaces the token of every channel
@@ -180,7 +189,10 @@ impl PlainConnection {
         let verifier = self.session.hub().verifier();
         if verifier.required() {
             match verifier.verify(token).await {
-                Ok(c) => self.session.set_connect(c),
+                Ok(c) => {
+                    self.session.set_connect(c);
+                    self.auth_by = None;
+                }
                 Err(e) => {
                     self.session
                         .hub()
@@ -275,6 +287,28 @@ impl PlainConnection {
 impl crate::protocol::Connection for PlainConnection {
     fn session(&mut self) -> &mut Session {
         &mut self.session
+    }
+
+    fn next_deadline(&mut self) -> Option<std::time::Instant> {
+        match (self.session.next_expiry(), self.auth_by) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Closes expired channels; closes the socket of a client that has not authenticated in time.
+    fn on_deadline(&mut self) -> Option<crate::protocol::Closing> {
+        let now = std::time::Instant::now();
+        self.session.expire(now);
+        let late = self.auth_by.is_some_and(|by| by <= now);
+        late.then(|| {
+            self.session.hub().metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::protocol::Closing {
+                frame: Some(error(&None, None, AUTH_TIMEOUT)),
+                code: 1008,
+                reason: "authentication timeout",
+            }
+        })
     }
 
     /// Handles a text frame; returns the frames to write now, before anything queued.

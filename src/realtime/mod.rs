@@ -156,6 +156,8 @@ pub struct Limits {
     pub max_broadcast_payload_bytes: usize,
     /// `postgres_changes` records larger than this are sent with only their small values.
     pub max_record_bytes: usize,
+    /// How long a connection that must authenticate by message (`/v1/ws`) has to do so.
+    pub auth_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -178,6 +180,7 @@ impl Limits {
             max_presence_payload_bytes: c.max_presence_payload_bytes,
             max_broadcast_payload_bytes: c.max_broadcast_payload_bytes,
             max_record_bytes: c.max_record_bytes,
+            auth_timeout: Duration::from_secs(c.auth.timeout_secs),
         }
     }
 }

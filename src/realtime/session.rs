@@ -132,6 +132,10 @@ pub enum RefreshError {
     Revoked(String),
     #[error("Realtime was unable to connect to the project database")]
     Unavailable,
+    /// A binding of the channel that the new token's role may not hold (a table or a filtered
+    /// or selected column it may not read).
+    #[error("{0}")]
+    Binding(String),
 }
 
 /// Why a presence event was refused.
@@ -359,6 +363,11 @@ impl Session {
     }
 
     /// Replaces the connection's token (a transport that authenticates after connecting).
+    /// Whether the client has a verified connect token.
+    pub fn has_connect(&self) -> bool {
+        self.connect.is_some()
+    }
+
     pub fn set_connect(&mut self, credentials: Credentials) {
         self.connect = Some(credentials);
     }
@@ -609,6 +618,7 @@ impl Session {
             tracing::warn!(error = %crate::replication::stream::error_chain(&e), "private channel check failed");
             RefreshError::Unavailable
         })?;
+        self.recheck_bindings(topic, &subject).await?;
         if let Some(m) = self.channels.get_mut(topic) {
             if access.revokes_read(&m.access) {
                 self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
@@ -623,6 +633,26 @@ impl Session {
             }
             m.expires_at = Instant::now().checked_add(credentials.claims.time_left());
             m.credentials = Some(credentials);
+        }
+        Ok(())
+    }
+
+    /// Checks the channel's `postgres_changes` bindings again for a new subject, as a join
+    /// does: a filter or `select` on a column the new role may not read would otherwise keep
+    /// answering as an oracle.
+    async fn recheck_bindings(&self, topic: &str, subject: &Arc<Subject>) -> Result<(), RefreshError> {
+        let (Some(rls), Some(m)) = (self.hub.rls(), self.channels.get(topic)) else { return Ok(()) };
+        if m.member.subject().is_some_and(|s| Arc::ptr_eq(&s, subject)) || m.subs.is_empty() {
+            return Ok(());
+        }
+        let subs: Vec<Arc<crate::realtime::index::Subscription>> = match self.hub.index().read() {
+            Ok(index) => m.subs.iter().filter_map(|id| index.get(*id).cloned()).collect(),
+            Err(_) => return Err(RefreshError::Unavailable),
+        };
+        for sub in subs {
+            authorize_binding(rls, subject, &sub.binding)
+                .await
+                .map_err(|e| RefreshError::Binding(e.to_string()))?;
         }
         Ok(())
     }

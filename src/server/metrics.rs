@@ -28,6 +28,11 @@ pub const RATE_LIMITED: &str = "walcast_rate_limited_total";
 pub const AUTH_REFUSED: &str = "walcast_auth_refused_total";
 pub const RLS_CHECKS: &str = "walcast_rls_checks_total";
 pub const RLS_WITHHELD: &str = "walcast_rls_withheld_total";
+pub const HTTP_CONNECTIONS: &str = "walcast_http_connections";
+pub const CONNECTIONS_REFUSED: &str = "walcast_connections_refused_total";
+pub const CONNECTIONS_REFUSED_PER_IP: &str = "walcast_connections_refused_per_ip_total";
+pub const WRITE_TIMEOUTS: &str = "walcast_write_timeouts_total";
+pub const SILENT_CLOSED: &str = "walcast_silent_connections_closed_total";
 
 pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     let m = state.hub.metrics();
@@ -133,8 +138,41 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
             m.rls_withheld.load(relaxed).to_string(),
         ),
     ];
-    let mut out = String::with_capacity(1536);
-    for (name, kind, help, value) in rows {
+    let c = &state.connections;
+    let connections: [(&str, &str, &str, String); 5] = [
+        (
+            HTTP_CONNECTIONS,
+            "gauge",
+            "Open client connections (HTTP, event streams, WebSockets).",
+            c.open.load(relaxed).to_string(),
+        ),
+        (
+            CONNECTIONS_REFUSED,
+            "counter",
+            "Connections refused at the max_connections limit.",
+            c.refused_total.load(relaxed).to_string(),
+        ),
+        (
+            CONNECTIONS_REFUSED_PER_IP,
+            "counter",
+            "Connections refused at the max_connections_per_ip limit.",
+            c.refused_per_ip.load(relaxed).to_string(),
+        ),
+        (
+            WRITE_TIMEOUTS,
+            "counter",
+            "Connections closed because the client did not read within write_timeout_secs.",
+            c.write_timeouts.load(relaxed).to_string(),
+        ),
+        (
+            SILENT_CLOSED,
+            "counter",
+            "Connections closed because nothing arrived within header_read_timeout_secs.",
+            c.silent_closed.load(relaxed).to_string(),
+        ),
+    ];
+    let mut out = String::with_capacity(2048);
+    for (name, kind, help, value) in rows.into_iter().chain(connections) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)

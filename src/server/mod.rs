@@ -3,6 +3,7 @@
 
 pub mod broadcast;
 pub mod gate;
+pub mod listener;
 pub mod metrics;
 pub mod sse;
 pub mod ws;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub idle_timeout: Duration,
     /// Cancelled at shutdown: sockets close with 1001.
     pub shutdown: CancellationToken,
+    /// Open and refused connections, write timeouts (the listener counts them).
+    pub connections: Arc<listener::ConnectionMetrics>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -203,8 +203,15 @@ async fn serve<C: Connection>(
             }
             _ = &mut idle_timer => break Close::Code(1000, "idle timeout"),
             _ = &mut expiry => {
-                conn.on_deadline();
-                Vec::new()
+                match conn.on_deadline() {
+                    None => Vec::new(),
+                    Some(closing) => {
+                        if let Some(frame) = closing.frame {
+                            let _ = socket.send(message(frame)).await;
+                        }
+                        break Close::Code(closing.code, closing.reason);
+                    }
+                }
             }
         };
         let next = conn.next_deadline();

@@ -256,9 +256,16 @@ async fn jwks_from_a_url_with_key_rotation() {
     tokio::spawn(async move { axum::serve(listener, idp).await });
 
     let url = fresh_db().await;
+    // Keys over plain HTTP only when allowed explicitly.
+    let mut config = Config { database_url: Some(url.clone()), ..Config::default() };
+    config.auth.jwks = Some(format!("http://{idp_addr}/.well-known/jwks.json"));
+    let refused = walcast::Gateway::prepare(config, true).await.err().expect("http:// refused");
+    let msg = support::error_text(&refused);
+    assert!(msg.contains("auth.jwks") && msg.contains("jwks_allow_http"), "{msg}");
     let app = TestApp::spawn_with(&url, |c: &mut Config| {
         c.auth.jwt_secret = None;
         c.auth.jwks = Some(format!("http://{idp_addr}/.well-known/jwks.json"));
+        c.auth.jwks_allow_http = true;
         c.auth.jwks_refresh_secs = 3600;
     })
     .await;

@@ -362,3 +362,197 @@ async fn the_change_log_is_readable_by_its_owner_only() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     app.stop().await;
 }
+
+/// Reads until the server closes the connection (end of stream or reset); returns what it read.
+/// Panics when it is still open after `within`.
+async fn read_until_closed(tcp: &mut tokio::net::TcpStream, within: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => panic!("the connection is still open: {:?}", String::from_utf8_lossy(&got)),
+            Ok(Ok(0)) | Ok(Err(_)) => return String::from_utf8_lossy(&got).into_owned(),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+async fn metric(app: &TestApp, name: &str) -> Option<i64> {
+    let text = crate::support::http_get(&format!("http://{}/metrics", app.addr)).await.ok()?;
+    let line = text.lines().find(|l| l.starts_with(&format!("{name} ")))?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
+/// Slowloris: a connection that sends nothing, and one that sends its request a byte at a time
+/// slower than the header timeout allows, are both closed; a prompt request on another
+/// connection is served meanwhile.
+#[tokio::test]
+async fn slow_and_silent_connections_are_closed_by_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let (app, _p) = app(|c| c.header_read_timeout_secs = 1).await;
+    let mut silent = tokio::net::TcpStream::connect(app.addr).await.expect("connect");
+    let mut dribbling = tokio::net::TcpStream::connect(app.addr).await.expect("connect");
+    let dribble = tokio::spawn(async move {
+        // One byte every 200 ms, never finishing the headers, until the server hangs up.
+        for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().chain(b"a".repeat(400).iter()) {
+            if dribbling.write_all(&[*b]).await.is_err() {
+                return dribbling;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        dribbling
+    });
+    let served = crate::support::http_get(&format!("http://{}/healthz", app.addr)).await.expect("served");
+    assert!(served.starts_with("HTTP/1.1 200") && served.ends_with("\r\n\r\nok"), "{served}");
+    let said = read_until_closed(&mut silent, Duration::from_secs(15)).await;
+    assert_eq!(said, "", "nothing is said to a silent connection");
+    let mut dribbling = dribble.await.expect("dribbler");
+    let said = read_until_closed(&mut dribbling, Duration::from_secs(15)).await;
+    assert!(said.is_empty() || said.starts_with("HTTP/1.1 408"), "{said}");
+    let closed = wait_for("the silent close counted", Duration::from_secs(10), || async {
+        metric(&app, "walcast_silent_connections_closed_total").await.filter(|n| *n >= 1)
+    })
+    .await;
+    assert!(closed >= 1);
+    app.stop().await;
+}
+
+/// `max_connections` and `max_connections_per_ip`: the connection over a limit is answered 503
+/// with the reason and closed; the refusals are counted; the held connections keep working.
+#[tokio::test]
+async fn connections_over_the_limits_are_refused_and_counted() {
+    for (total, per_ip, reason, metric_name) in [
+        (3, 0, "too many connections", "walcast_connections_refused_total"),
+        (100, 2, "too many connections from this address", "walcast_connections_refused_per_ip_total"),
+    ] {
+        let (app, p) = app(|c| {
+            c.max_connections = total;
+            c.max_connections_per_ip = per_ip;
+        })
+        .await;
+        let held = if per_ip > 0 { per_ip } else { total };
+        let mut sockets = Vec::new();
+        for _ in 0..held {
+            let mut ws = connect(&app, &user(A)).await;
+            let (_, system) = ws.join("notes", json!([all_of("notes")])).await;
+            assert_eq!(system["status"], "ok", "{system}");
+            sockets.push(ws);
+        }
+        let mut over = tokio::net::TcpStream::connect(app.addr).await.expect("connect");
+        let said = read_until_closed(&mut over, Duration::from_secs(10)).await;
+        assert!(said.starts_with("HTTP/1.1 503"), "{said}");
+        assert!(said.ends_with(&format!("{{\"error\":\"{reason}\"}}")), "{said}");
+        exec(&p, "INSERT INTO notes VALUES (1, 'marker')").await;
+        for ws in &mut sockets {
+            assert_eq!(until_marker(ws).await, (vec![], vec![]));
+        }
+        sockets.pop();
+        let refused = wait_for("the refusal counted", Duration::from_secs(10), || async {
+            metric(&app, metric_name).await.filter(|n| *n >= 1)
+        })
+        .await;
+        assert_eq!(refused, 1);
+        app.stop().await;
+    }
+}
+
+/// A client that stops reading its event stream is disconnected once a write has waited
+/// `write_timeout_secs`; the gateway's other clients are unaffected.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_at_the_write_deadline() {
+    use tokio::io::AsyncWriteExt;
+    let (app, p) = app(|c| c.write_timeout_secs = 1).await;
+    exec(&p, "ALTER TABLE notes ALTER COLUMN body SET STORAGE EXTERNAL").await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    let mut stalled = socket.connect(app.addr).await.expect("connect");
+    let request = format!(
+        "GET /v1/tables/public.notes/changes?apikey={} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+        crate::support::anon_key()
+    );
+    stalled.write_all(request.as_bytes()).await.expect("request");
+    let mut reader = connect(&app, &user(A)).await;
+    let (_, system) = reader.join("notes", json!([all_of("notes")])).await;
+    assert_eq!(system["status"], "ok", "{system}");
+    // Far more than the socket buffers hold, for a client that reads nothing.
+    for i in 0..40 {
+        exec(&p, &format!("INSERT INTO notes VALUES ({i}, repeat('x', 200000))")).await;
+    }
+    let timeouts = wait_for("a write timeout", Duration::from_secs(30), || async {
+        metric(&app, "walcast_write_timeouts_total").await.filter(|n| *n >= 1)
+    })
+    .await;
+    assert!(timeouts >= 1);
+    exec(&p, "INSERT INTO notes VALUES (1000, 'marker')").await;
+    let (changes, _) = until_marker(&mut reader).await;
+    assert_eq!(changes.len(), 40, "the reading client got every change");
+    drop(stalled);
+    app.stop().await;
+}
+
+/// `/v1/ws` without a token: the client must authenticate within `auth.timeout_secs`; pinging
+/// does not keep an unauthenticated socket open. One that authenticates in time stays.
+#[tokio::test]
+async fn unauthenticated_plain_sockets_must_authenticate_in_time() {
+    let (app, _p) = app(|c| c.auth.timeout_secs = 1).await;
+    let mut late = Ws::connect_with(app.addr, "/v1/ws", None, None).await.expect("upgrade");
+    let mut prompt = Ws::connect_with(app.addr, "/v1/ws", None, None).await.expect("upgrade");
+    prompt.send_text(&json!({"type": "auth", "token": user(A), "id": 1}).to_string()).await;
+    assert_eq!(prompt.recv().await["type"], "authenticated");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut said = Vec::new();
+    let close = 'closed: loop {
+        assert!(tokio::time::Instant::now() < deadline, "still open: {said:?}");
+        // A ping every 300 ms: traffic, but no authentication.
+        if !late.try_send_text(&json!({"type": "ping"}).to_string()).await {
+            panic!("the socket was closed without a close frame: {said:?}");
+        }
+        while let Some(f) = late.try_recv(Duration::from_millis(300)).await {
+            if f.get("close").is_some() {
+                break 'closed f;
+            }
+            if f["type"] != "pong" {
+                said.push(f);
+            }
+        }
+    };
+    assert_eq!(close["close"], json!([1008, "authentication timeout"]), "{close}");
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0]["message"].as_str().unwrap_or("").starts_with("authentication timeout"), "{said:?}");
+    // The authenticated one outlived the deadline.
+    prompt.send_text(&json!({"type": "ping", "id": 2}).to_string()).await;
+    assert_eq!(prompt.recv().await["type"], "pong");
+    app.stop().await;
+}
+
+/// A token refresh re-checks the channel's bindings as a join would: a filter on a column the
+/// new role may not read closes the channel (it would otherwise answer as an oracle for it).
+#[tokio::test]
+async fn a_refresh_to_a_role_that_may_not_read_a_filtered_column_closes_the_channel() {
+    let (app, p) = app(|_| {}).await;
+    exec(
+        &p,
+        "CREATE TABLE cards (id int PRIMARY KEY, pin text);
+         GRANT SELECT ON cards TO authenticated; REVOKE SELECT ON cards FROM anon;
+         GRANT SELECT (id) ON cards TO anon;",
+    )
+    .await;
+    let mut a = connect(&app, &user(A)).await;
+    let filtered = json!({"event": "*", "schema": "public", "table": "cards", "filter": "pin=eq.1234"});
+    let (_, system) = a.join("cards", json!([filtered])).await;
+    assert_eq!(system["status"], "ok", "{system}");
+    // A refresh to another user of the same role keeps it.
+    a.push(Some("j1"), "realtime:cards", "access_token", json!({"access_token": user(B)})).await;
+    a.expect_quiet("the same role may keep its filter").await;
+    a.push(Some("j1"), "realtime:cards", "access_token", json!({"access_token": crate::support::anon_key()}))
+        .await;
+    let closed = a.recv_until("the channel closed", |f| f["event"] == "system").await;
+    let message = closed["payload"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("permission denied for column pin"), "{closed}");
+    a.recv_event("phx_close").await;
+    exec(&p, "INSERT INTO cards VALUES (1, '1234')").await;
+    a.expect_quiet("nothing after the channel closed").await;
+    app.stop().await;
+}
