@@ -28,6 +28,7 @@ pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod filter;
+pub mod locks;
 pub mod log;
 pub mod protocol;
 pub mod realtime;

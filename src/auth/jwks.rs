@@ -103,7 +103,7 @@ impl Jwks {
     }
 
     fn current(&self) -> Arc<Vec<Jwk>> {
-        self.keys.read().map(|k| Arc::clone(&k)).unwrap_or_default()
+        Arc::clone(&crate::locks::read(&self.keys))
     }
 
     /// The key with this `kid`, fetching the set again when it is stale or (at most every 10 s)
@@ -180,9 +180,7 @@ impl Jwks {
         let body = resp.bytes().await.map_err(fetch)?;
         let keys = parse_set(&body)?;
         tracing::info!(url = %url, keys = keys.len(), "JWKS fetched");
-        if let Ok(mut k) = self.keys.write() {
-            *k = Arc::new(keys);
-        }
+        *crate::locks::write(&self.keys) = Arc::new(keys);
         Ok(())
     }
 }

@@ -20,6 +20,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::auth::Claims;
 use crate::change::Relation;
+use crate::locks;
 
 /// How long a cached access answer is trusted when the table itself has not changed.
 pub const ACCESS_TTL: Duration = Duration::from_secs(30);
@@ -239,7 +240,7 @@ impl RowSecurity {
 
     /// The cached access of `role` to `relation`, if still valid for this relation.
     pub fn cached(&self, relation: &Arc<Relation>, role: &Arc<str>) -> Option<Access> {
-        let cache = self.cache.lock().ok()?;
+        let cache = locks::lock(&self.cache);
         let c = cache.get(&(relation.id, Arc::clone(role)))?;
         (Arc::ptr_eq(&c.relation, relation) && c.at.elapsed() < ACCESS_TTL).then(|| c.access.clone())
     }
@@ -250,12 +251,10 @@ impl RowSecurity {
         if matches!(access, Access::Failed(_)) {
             return;
         }
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.insert(
-                (relation.id, Arc::clone(role)),
-                Cached { relation: Arc::clone(relation), at: Instant::now(), access: access.clone() },
-            );
-        }
+        locks::lock(&self.cache).insert(
+            (relation.id, Arc::clone(role)),
+            Cached { relation: Arc::clone(relation), at: Instant::now(), access: access.clone() },
+        );
     }
 
     /// Checks `rows` (a JSON array of `{"column": text}` objects) for each request, in one
@@ -333,9 +332,11 @@ impl RowSecurity {
     }
 
     fn log_once(&self, table: Table<'_>, role: &str, message: &Arc<str>) {
-        let first =
-            self.logged.lock().map(|mut l| l.len() < 10_000 && l.insert((table.oid(), Arc::clone(message))));
-        if first.unwrap_or(false) {
+        let first = {
+            let mut logged = locks::lock(&self.logged);
+            logged.len() < 10_000 && logged.insert((table.oid(), Arc::clone(message)))
+        };
+        if first {
             let (schema, table) = table.names();
             tracing::warn!(%schema, %table, role, error = %message, "row-level security check failed; denied");
         }

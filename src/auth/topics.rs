@@ -99,8 +99,11 @@ impl TopicPolicies {
         .await
         .map_err(TopicError::Query)?;
         if let Some(message) = error {
-            let first = self.logged.lock().map(|mut l| l.len() < 1_000 && l.insert(message.clone()));
-            if first.unwrap_or(false) {
+            let first = {
+                let mut logged = crate::locks::lock(&self.logged);
+                logged.len() < 1_000 && logged.insert(message.clone())
+            };
+            if first {
                 tracing::warn!(role = %subject.role, error = %message, "private channel check failed; denied");
             }
             return Err(TopicError::Policy(message));

@@ -113,7 +113,8 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
     let batch: Vec<Change> = (0..changes).map(|i| change(i, rng.usize(..subs))).collect();
     let start = Instant::now();
     let mut matched = 0;
-    if let Ok(index) = hub.index().read() {
+    {
+        let index = crate::locks::read(hub.index());
         for c in &batch {
             matched += index.count_matching(c);
         }

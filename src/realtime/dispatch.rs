@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::rls::{Access, Hidden, KeyOnlyDeletes, Request, Subject, Table, Verdict};
 use crate::change::Position;
 use crate::change::{Change, ChangeEvent, ChangeKind, DbBroadcast, ReplicaIdentity, View};
+use crate::locks;
 use crate::log::Appender;
 use crate::realtime::bus::BusMessage;
 use crate::realtime::index::Subscription;
@@ -372,9 +373,7 @@ fn group_by_member(hub: &Hub, matched: &mut Vec<&Arc<Subscription>>) {
 /// Matches and delivers one change unless a row check is needed first (`None`: nothing was
 /// delivered; the caller checks and delivers it). Returns the number of frames queued.
 pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usize> {
-    let Ok(index) = hub.index().read() else {
-        return Some(0);
-    };
+    let index = locks::read(hub.index());
     hub.set_matched(change.position(), change.xid);
     if index.is_empty() {
         return Some(0);
@@ -486,9 +485,8 @@ impl Grouped {
                 continue;
             }
             // Most members share a subject seen already: look it up without cloning it.
-            let seen =
-                sub.member.subject.read().ok().map(|s| s.as_ref().map_or(0, |s| Arc::as_ptr(s) as usize));
-            let at = match seen.and_then(|key| by_subject.get(&key)) {
+            let seen = locks::read(&sub.member.subject).as_ref().map_or(0, |s| Arc::as_ptr(s) as usize);
+            let at = match by_subject.get(&seen) {
                 Some(at) => *at,
                 None => {
                     let subject = sub.member.subject();
@@ -644,12 +642,10 @@ impl Batch {
     }
 
     fn match_change(&mut self, hub: &Hub, change: Change, groups: &mut Groups) -> Pending {
-        let index = hub.index().read();
-        if index.is_ok() {
-            hub.set_matched(change.position(), change.xid);
-        }
-        let group = match index {
-            Ok(index) if index.row_independent(&change) => match cached_group(groups, &index, &change) {
+        let index = locks::read(hub.index());
+        hub.set_matched(change.position(), change.xid);
+        let group = if index.row_independent(&change) {
+            match cached_group(groups, &index, &change) {
                 Some(g) => Arc::clone(g),
                 None => {
                     // Groupings of an older generation hold members that may have left.
@@ -659,9 +655,9 @@ impl Batch {
                     groups.insert((change.relation.id, change.kind), entry);
                     g
                 }
-            },
-            Ok(index) => Arc::new(Grouped::build(hub, &index, &change)),
-            Err(_) => Arc::new(Grouped { subjects: Vec::new(), targets: Vec::new(), ranges: Vec::new() }),
+            }
+        } else {
+            Arc::new(Grouped::build(hub, &index, &change))
         };
         self.pending(hub, change, group)
     }

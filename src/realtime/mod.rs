@@ -35,6 +35,7 @@ use crate::auth::rls::{RowSecurity, Subject};
 use crate::auth::topics::{TopicAccess, TopicPolicies};
 use crate::auth::Verifier;
 use crate::change::Position;
+use crate::locks;
 use crate::log::ChangeLog;
 use crate::realtime::broadcast::ReplayGate;
 use crate::realtime::bus::Peers;
@@ -123,13 +124,11 @@ impl Member {
     }
 
     pub fn subject(&self) -> Option<Arc<Subject>> {
-        self.subject.read().ok().and_then(|s| s.clone())
+        locks::read(&self.subject).clone()
     }
 
     pub fn set_subject(&self, subject: Option<Arc<Subject>>) {
-        if let Ok(mut s) = self.subject.write() {
-            *s = subject;
-        }
+        *locks::write(&self.subject) = subject;
     }
 }
 
@@ -342,32 +341,30 @@ impl Hub {
     /// Records that the dispatcher matched the change at `p`; call with the index read lock held.
     pub(crate) fn set_matched(&self, p: Position, xid: u32) {
         if self.inner.matched_lsn.swap(p.lsn.0, Ordering::Relaxed) != p.lsn.0 {
-            if let Ok(mut recent) = self.inner.recent.lock() {
-                if recent.len() == RECENT_TXNS {
-                    recent.pop_front();
-                }
-                recent.push_back((p.lsn, xid));
+            let mut recent = locks::lock(&self.inner.recent);
+            if recent.len() == RECENT_TXNS {
+                recent.pop_front();
             }
+            recent.push_back((p.lsn, xid));
         }
         self.inner.matched_seq.store(p.seq, Ordering::Relaxed);
     }
 
     /// Records the database broadcast at `p` as published; call before delivering it.
     pub(crate) fn set_broadcast_logged(&self, p: Position) {
-        if let Ok(mut last) = self.inner.broadcast_logged.lock() {
-            *last = (*last).max(p);
-        }
+        let mut last = locks::lock(&self.inner.broadcast_logged);
+        *last = (*last).max(p);
     }
 
     /// The last database broadcast published; read after adding a member: every later one
     /// reaches it.
     pub(crate) fn broadcast_logged(&self) -> Position {
-        self.inner.broadcast_logged.lock().map(|p| *p).unwrap_or(Position::ZERO)
+        *locks::lock(&self.inner.broadcast_logged)
     }
 
     /// The transactions matched last, (commit LSN, xid), oldest first.
     pub(crate) fn recent_txns(&self) -> Vec<(crate::replication::lsn::Lsn, u32)> {
-        self.inner.recent.lock().map(|r| r.iter().copied().collect()).unwrap_or_default()
+        locks::lock(&self.inner.recent).iter().copied().collect()
     }
 
     /// The last change matched; read with the index write lock held for a consistent cut.
@@ -380,7 +377,7 @@ impl Hub {
 
     /// The shared `Arc` for a subject equal to `subject`.
     pub fn intern_subject(&self, subject: Subject) -> Arc<Subject> {
-        let Ok(mut subjects) = self.inner.subjects.lock() else { return Arc::new(subject) };
+        let mut subjects = locks::lock(&self.inner.subjects);
         if let Some(s) = subjects.get(&subject).and_then(std::sync::Weak::upgrade) {
             return s;
         }
@@ -420,6 +417,6 @@ impl Hub {
 
     /// Number of channels with members or presence (for tests and metrics).
     pub fn channel_count(&self) -> usize {
-        self.inner.channels.read().map(|c| c.len()).unwrap_or(0)
+        locks::read(&self.inner.channels).len()
     }
 }

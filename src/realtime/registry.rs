@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::auth::topics::Replayed;
+use crate::locks;
 use crate::realtime::broadcast::{BroadcastMessage, ReplayGate};
 use crate::realtime::outbox::{Direct, EncodingId, Event, Frame};
 use crate::realtime::presence::{PresenceDiff, PresenceTable};
@@ -48,7 +49,7 @@ impl Hub {
     /// Adds a member; with `presence_state`, queues the topic's presence state to it first,
     /// under the same lock, so every later diff follows the state it applies to.
     pub(crate) fn add_member(&self, member: Arc<Member>, presence_state: bool) {
-        let Ok(mut channels) = self.inner.channels.write() else { return };
+        let mut channels = locks::write(&self.inner.channels);
         let channel = channels.entry(member.key.clone()).or_default();
         if presence_state && member.reads_presence() {
             let state = channel.presence.to_json();
@@ -63,7 +64,7 @@ impl Hub {
         if !member.reads_presence() {
             return;
         }
-        let Ok(channels) = self.inner.channels.read() else { return };
+        let channels = locks::read(&self.inner.channels);
         let state = channels.get(&member.key).map(|c| c.presence.to_json()).unwrap_or_else(|| b"{}".to_vec());
         self.send_direct(member, &Direct::PresenceState(&state));
     }
@@ -71,7 +72,7 @@ impl Hub {
     /// Removes a member; its presences leave (the diff reaches every node).
     pub(crate) fn remove_member(&self, member: &Member) {
         let leaves = {
-            let Ok(mut channels) = self.inner.channels.write() else { return };
+            let mut channels = locks::write(&self.inner.channels);
             let Some(channel) = channels.get_mut(&member.key) else { return };
             let before = channel.members.len();
             channel.members.retain(|m| m.id != member.id);
@@ -104,7 +105,7 @@ impl Hub {
         origin: Option<MemberId>,
         message: &Arc<BroadcastMessage>,
     ) {
-        let Ok(channels) = self.inner.channels.read() else { return };
+        let channels = locks::read(&self.inner.channels);
         let Some(channel) = channels.get(key) else { return };
         let mut cache = FrameCache::new(&key.topic, Event::Broadcast(message));
         let mut id: Option<Option<String>> = None;
@@ -114,7 +115,7 @@ impl Hub {
                 continue;
             }
             if let Some(gate) = &m.replay {
-                let Ok(mut gate) = gate.lock() else { continue };
+                let mut gate = locks::lock(gate);
                 match &mut *gate {
                     ReplayGate::Holding(held) => {
                         held.push(Arc::clone(message));
@@ -158,7 +159,7 @@ impl Hub {
             self.send_broadcast_to(member, &r.message);
         }
         let ids: std::collections::HashSet<Arc<str>> = replayed.iter().map(|r| Arc::clone(&r.id)).collect();
-        let Some(Ok(mut gate)) = member.replay.as_ref().map(|g| g.lock()) else { return };
+        let Some(mut gate) = member.replay.as_ref().map(|g| locks::lock(g)) else { return };
         if let ReplayGate::Holding(held) = &mut *gate {
             for message in held.drain(..) {
                 if message.meta_id().is_none_or(|id| !ids.contains(id.as_str())) {
@@ -171,7 +172,7 @@ impl Hub {
 
     /// Applies a presence diff to the topic's table and delivers it to every member.
     pub(crate) fn apply_presence(&self, key: &TopicKey, diff: &PresenceDiff) {
-        let Ok(mut channels) = self.inner.channels.write() else { return };
+        let mut channels = locks::write(&self.inner.channels);
         let channel = channels.entry(key.clone()).or_default();
         channel.presence.apply(diff);
         let json = diff.to_json();
@@ -188,7 +189,7 @@ impl Hub {
 
     /// The presence state of a channel as JSON (for tests and the REST API).
     pub fn presence_state(&self, key: &TopicKey) -> Vec<u8> {
-        let Ok(channels) = self.inner.channels.read() else { return b"{}".to_vec() };
+        let channels = locks::read(&self.inner.channels);
         channels.get(key).map(|c| c.presence.to_json()).unwrap_or_else(|| b"{}".to_vec())
     }
 }

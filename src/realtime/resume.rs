@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::change::DbBroadcast;
 use crate::change::Position;
+use crate::locks;
 use crate::log::{Cursor, Entry, Gap, LogReader};
 use crate::realtime::broadcast::Logged;
 use crate::realtime::dispatch::{replay_batch, Scratch};
@@ -73,7 +74,7 @@ impl Member {
         let Some(gate) = &self.resume else {
             return self.outbox.send(frame, hub.metrics()) == Queued::Yes;
         };
-        let Ok(mut gate) = gate.lock() else { return false };
+        let mut gate = locks::lock(gate);
         match &mut *gate {
             ResumeGate::Holding(held) => {
                 if held.len() >= MAX_HELD {
@@ -115,7 +116,7 @@ impl Member {
         let Some(gate) = &self.resume else { return };
         loop {
             let held = {
-                let Ok(mut gate) = gate.lock() else { return };
+                let mut gate = locks::lock(gate);
                 match &mut *gate {
                     ResumeGate::Holding(held) if held.is_empty() => {
                         *gate = ResumeGate::Live { through, shown };

@@ -17,6 +17,7 @@ use crate::auth::rls::{Access, KeyOnlyDeletes, Request, RowSecurity, Subject, Ta
 use crate::auth::topics::{TopicAccess, TopicError, MAX_REPLAY};
 use crate::auth::{AuthError, Credentials};
 use crate::change::Position;
+use crate::locks;
 use crate::realtime::broadcast::{BroadcastError, BroadcastMessage, ReplayGate};
 use crate::realtime::bus::BusMessage;
 use crate::realtime::index::{BindingSpec, SubId};
@@ -229,11 +230,10 @@ impl Membership {
 impl Drop for Membership {
     fn drop(&mut self) {
         if !self.subs.is_empty() {
-            if let Ok(mut index) = self.hub.index().write() {
-                for id in &self.subs {
-                    if index.remove(*id) {
-                        self.hub.metrics().subscriptions.fetch_sub(1, Ordering::Relaxed);
-                    }
+            let mut index = locks::write(self.hub.index());
+            for id in &self.subs {
+                if index.remove(*id) {
+                    self.hub.metrics().subscriptions.fetch_sub(1, Ordering::Relaxed);
                 }
             }
         }
@@ -495,7 +495,8 @@ impl Session {
         let mut subs = Vec::new();
         let mut through = Position::ZERO;
         if !resolved.is_empty() {
-            if let Ok(mut index) = self.hub.index().write() {
+            {
+                let mut index = locks::write(self.hub.index());
                 for r in resolved {
                     let r = r.and_then(|spec| {
                         let one_table = spec.table.is_some() && &*spec.schema != "*";
@@ -628,9 +629,7 @@ impl Session {
             m.member.reads.store(Member::reads_of(&access), Ordering::Relaxed);
             m.member.set_subject(Some(subject));
             // Groupings of matches by subject are stale now.
-            if let Ok(mut index) = self.hub.index().write() {
-                index.touch();
-            }
+            locks::write(self.hub.index()).touch();
             m.expires_at = Instant::now().checked_add(credentials.claims.time_left());
             m.credentials = Some(credentials);
         }
@@ -645,9 +644,9 @@ impl Session {
         if m.member.subject().is_some_and(|s| Arc::ptr_eq(&s, subject)) || m.subs.is_empty() {
             return Ok(());
         }
-        let subs: Vec<Arc<crate::realtime::index::Subscription>> = match self.hub.index().read() {
-            Ok(index) => m.subs.iter().filter_map(|id| index.get(*id).cloned()).collect(),
-            Err(_) => return Err(RefreshError::Unavailable),
+        let subs: Vec<Arc<crate::realtime::index::Subscription>> = {
+            let index = locks::read(self.hub.index());
+            m.subs.iter().filter_map(|id| index.get(*id).cloned()).collect()
         };
         for sub in subs {
             authorize_binding(rls, subject, &sub.binding)

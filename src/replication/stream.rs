@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::change::{
     Change, ChangeEvent, ChangeKind, Column, DbBroadcast, Position, Relation, ReplicaIdentity,
 };
+use crate::locks;
 use crate::replication::ack::Acknowledgement;
 use crate::replication::lsn::Lsn;
 use crate::replication::pgoutput::{self, Message, OldTuple, RelationBody};
@@ -58,13 +59,11 @@ impl ReplicationStatus {
     }
 
     fn set_error(&self, e: Option<String>) {
-        if let Ok(mut g) = self.last_error.lock() {
-            *g = e;
-        }
+        *locks::lock(&self.last_error) = e;
     }
 
     pub fn error(&self) -> Option<String> {
-        self.last_error.lock().ok().and_then(|g| g.clone())
+        locks::lock(&self.last_error).clone()
     }
 
     pub fn lag_bytes(&self) -> u64 {

@@ -80,8 +80,7 @@ impl Counts {
             return Err("too many connections");
         }
         if self.limits.max_per_ip > 0 {
-            // A poisoned map is a bug elsewhere: refuse rather than count wrongly.
-            let Ok(mut by_ip) = self.by_ip.lock() else { return Err("too many connections") };
+            let mut by_ip = crate::locks::lock(&self.by_ip);
             let n = by_ip.entry(ip).or_insert(0);
             if *n >= self.limits.max_per_ip {
                 m.refused_per_ip.fetch_add(1, Ordering::Relaxed);
@@ -98,12 +97,11 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         self.counts.metrics.open.fetch_sub(1, Ordering::Relaxed);
         if self.counts.limits.max_per_ip > 0 {
-            if let Ok(mut by_ip) = self.counts.by_ip.lock() {
-                if let Some(n) = by_ip.get_mut(&self.ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        by_ip.remove(&self.ip);
-                    }
+            let mut by_ip = crate::locks::lock(&self.counts.by_ip);
+            if let Some(n) = by_ip.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    by_ip.remove(&self.ip);
                 }
             }
         }
