@@ -197,7 +197,10 @@ impl Gateway {
                 .then(|| Arc::new(RowSecurity::new(&self.pool, self.config.auth.key_only_deletes))),
             topics: Some(Arc::new(TopicPolicies::new(self.pool.clone()))),
             log: self.log.as_ref().map(|l| l.log.clone()),
-            snapshots: Some(Arc::new(SnapshotSource::new(&self.pool))),
+            snapshots: Some(Arc::new(SnapshotSource::new(
+                &self.pool,
+                Duration::from_secs(self.config.snapshot_hold_secs),
+            ))),
         });
         let ack = self.ack;
         let (tx, rx) = tokio::sync::mpsc::channel(8192);

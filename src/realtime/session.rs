@@ -257,6 +257,10 @@ pub struct Session {
     presence_events: Window,
     /// The token the client connected with (none when authentication is off).
     connect: Option<Credentials>,
+    /// One snapshot of this session reads at a time: a client cannot take every snapshot
+    /// connection by joining several channels with `snapshot` at once.
+    /// Made on the first snapshot (most sessions take none).
+    snapshot_turn: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Whether `subject` may subscribe to a single-table binding: its role must be able to SELECT
@@ -358,6 +362,7 @@ impl Session {
             presence_events: Window::new(limits.max_presence_events, limits.presence_window),
             connect,
             hub,
+            snapshot_turn: None,
         };
         (session, rx)
     }
@@ -551,6 +556,9 @@ impl Session {
                     subs,
                     tables,
                     through,
+                    turn: Arc::clone(
+                        self.snapshot_turn.get_or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1))),
+                    ),
                 }))
             }
             None => None,

@@ -41,10 +41,16 @@ const ROWS_PER_BATCH: usize = 256;
 /// Attempts at a snapshot that shows every transaction already matched.
 const ATTEMPTS: u32 = 50;
 
+/// How long a snapshot waits for a connection of the pool before it is refused as busy.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Where snapshots are read: a pool of its own and the type catalog.
 pub struct SnapshotSource {
     pool: PgPool,
     types: tokio::sync::Mutex<TypeCatalog>,
+    /// How long, in all, a snapshot waits for its client to read (holding its transaction)
+    /// before it gives up.
+    client_wait: Duration,
 }
 
 impl std::fmt::Debug for SnapshotSource {
@@ -54,14 +60,15 @@ impl std::fmt::Debug for SnapshotSource {
 }
 
 impl SnapshotSource {
-    /// A source with its own pool, connecting as `pool` does (lazily).
-    pub fn new(pool: &PgPool) -> SnapshotSource {
+    /// A source with its own pool, connecting as `pool` does (lazily); a snapshot gives up once
+    /// it has waited `client_wait` in all for its client to read.
+    pub fn new(pool: &PgPool, client_wait: Duration) -> SnapshotSource {
         let options = (*pool.connect_options()).clone();
         let pool = PgPoolOptions::new()
             .max_connections(SNAPSHOT_CONNECTIONS)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);
-        SnapshotSource { pool, types: tokio::sync::Mutex::new(TypeCatalog::default()) }
+        SnapshotSource { pool, types: tokio::sync::Mutex::new(TypeCatalog::default()), client_wait }
     }
 }
 
@@ -144,6 +151,13 @@ pub(crate) enum SnapshotError {
     NotSettled,
     #[error("the client went away")]
     Gone,
+    #[error(
+        "the client did not read the snapshot within {0} s (snapshot_hold_secs): a snapshot's \
+         transaction is not held open for a client"
+    )]
+    ClientTooSlow(u64),
+    #[error("no snapshot connection was free within {0} s: too many snapshots at once")]
+    Busy(u64),
 }
 
 /// A snapshot prepared by a join, started by the transport once it has answered the join.
@@ -155,6 +169,8 @@ pub struct Snapshot {
     pub(crate) tables: Vec<(Arc<str>, Arc<str>)>,
     /// The last change matched before the bindings were added.
     pub(crate) through: Position,
+    /// The session's turn: one of its snapshots reads at a time.
+    pub(crate) turn: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -175,6 +191,8 @@ impl Snapshot {
 
     async fn run(self) {
         let metrics = self.hub.metrics();
+        // Closed never: the session holds the semaphore for as long as snapshots may be made.
+        let Ok(_turn) = Arc::clone(&self.turn).acquire_owned().await else { return };
         match self.send().await {
             Ok((rows, shown)) => {
                 let cursor = self.hub.log().map(|log| log.cursor(self.through).to_string());
@@ -213,7 +231,11 @@ impl Snapshot {
         let source = self.hub.snapshots().ok_or(SnapshotError::NoSource)?;
         let mut attempt = 0;
         let (mut tx, shown, now) = loop {
-            let mut tx = source.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
+            let begin = source.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY");
+            let mut tx = match begin.await {
+                Err(sqlx::Error::PoolTimedOut) => return Err(SnapshotError::Busy(ACQUIRE_TIMEOUT.as_secs())),
+                other => other?,
+            };
             // The first statement takes the transaction's snapshot; the rest is read after it.
             let (text, boundary, now): (String, String, i64) = sqlx::query_as(
                 "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text, \
@@ -247,6 +269,8 @@ impl Snapshot {
         };
         let mut rows = 0;
         let mut scratch = Scratch::default();
+        // What the client may keep the transaction open for, in all, by not reading.
+        let mut patience = source.client_wait;
         for (schema, table) in &self.tables {
             let relation = self.relation(source, &mut tx, schema, table).await?;
             let columns: Vec<String> = relation
@@ -294,9 +318,14 @@ impl Snapshot {
                         replay_batch(&self.hub, &self.member, &self.subs, batch.drain(..), &mut scratch)
                             .await;
                     for frame in frames {
-                        if self.member.outbox.send_wait(frame, self.hub.metrics()).await != Queued::Yes {
-                            return Err(SnapshotError::Gone);
+                        let started = tokio::time::Instant::now();
+                        let sent = self.member.outbox.send_wait(frame, self.hub.metrics());
+                        match tokio::time::timeout(patience, sent).await {
+                            Ok(Queued::Yes) => {}
+                            Ok(_) => return Err(SnapshotError::Gone),
+                            Err(_) => return Err(SnapshotError::ClientTooSlow(source.client_wait.as_secs())),
                         }
+                        patience = patience.saturating_sub(started.elapsed());
                         rows += 1;
                     }
                 }

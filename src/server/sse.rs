@@ -34,6 +34,10 @@ const DEFAULT_WAIT: u64 = 25;
 const MAX_WAIT: u64 = 120;
 const DEFAULT_LIMIT: usize = 1000;
 const MAX_LIMIT: usize = 10_000;
+/// How long a long-poll waits for its snapshot to be read.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
+/// The largest long-poll answer with a snapshot (its rows' JSON).
+const MAX_SNAPSHOT_BYTES: usize = 32 << 20;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct ChangesParams {
@@ -346,7 +350,8 @@ fn far() -> tokio::time::Instant {
 }
 
 /// Collects the changes waiting (or the first to arrive within `wait`), up to `limit`. With a
-/// snapshot, its rows come first (all of them, whatever `limit`), then the changes waiting.
+/// snapshot, its rows come first, then the changes waiting; a snapshot of more than `limit`
+/// rows is refused (413) rather than gathered in memory.
 async fn long_poll(
     state: AppState,
     session: Session,
@@ -358,6 +363,7 @@ async fn long_poll(
     let wait = Duration::from_secs(params.wait.unwrap_or(DEFAULT_WAIT).min(MAX_WAIT));
     let limit = params.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     let deadline = tokio::time::Instant::now() + wait;
+    let snapshot_deadline = tokio::time::Instant::now() + SNAPSHOT_WAIT;
     let mut changes: Vec<u8> = b"[".to_vec();
     let mut count = 0;
     let mut cursor = since;
@@ -368,6 +374,12 @@ async fn long_poll(
                 _ = state.shutdown.cancelled() => break,
                 f = outbox.rx.recv() => f,
                 _ = tokio::time::sleep_until(deadline), if !snapshot => break,
+                _ = tokio::time::sleep_until(snapshot_deadline), if snapshot => {
+                    return error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("snapshot: not read within {} s; try again", SNAPSHOT_WAIT.as_secs()),
+                    );
+                }
             }
         } else {
             // Something arrived: take what is already waiting, without holding the request.
@@ -397,6 +409,19 @@ async fn long_poll(
                 cursor = id.map(str::to_owned);
             }
             "snapshot" => {
+                if count >= MAX_LIMIT || changes.len() + data.len() > MAX_SNAPSHOT_BYTES {
+                    // The whole snapshot is one answer: bounded, rather than gathered in memory
+                    // however large the table.
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "snapshot: more than {MAX_LIMIT} matching rows or {} MiB, more than one \
+                             long-poll answer carries; read the snapshot as an event stream \
+                             (Accept: text/event-stream), which streams it",
+                            MAX_SNAPSHOT_BYTES >> 20
+                        ),
+                    );
+                }
                 if count > 0 {
                     changes.push(b',');
                 }

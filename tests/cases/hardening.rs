@@ -556,3 +556,75 @@ async fn a_refresh_to_a_role_that_may_not_read_a_filtered_column_closes_the_chan
     a.expect_quiet("nothing after the channel closed").await;
     app.stop().await;
 }
+
+/// Sessions of this database in a snapshot's transaction (reading rows, or waiting between
+/// reads), holding back vacuum (`backend_xmin`).
+async fn snapshots_held(p: &sqlx::PgPool) -> Option<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL AND query LIKE '%num_nulls(%'",
+    )
+    .fetch_one(p)
+    .await
+    .ok()
+}
+
+/// An event stream with `snapshot=true` whose client stops reading: the snapshot's transaction
+/// (which holds back vacuum) is given up after `snapshot_hold_secs`, not held for as long as
+/// the connection lasts.
+#[tokio::test]
+async fn a_snapshot_does_not_hold_its_transaction_for_a_client_that_stops_reading() {
+    use tokio::io::AsyncWriteExt;
+    let (app, p) = app(|c| {
+        c.snapshot_hold_secs = 1;
+        c.write_timeout_secs = 600;
+        c.client_queue = 16;
+    })
+    .await;
+    exec(&p, "INSERT INTO notes SELECT g, repeat('x', 2000) FROM generate_series(1, 5000) g").await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    let mut stalled = socket.connect(app.addr).await.expect("connect");
+    let request = format!(
+        "GET /v1/tables/public.notes/changes?snapshot=true&apikey={} HTTP/1.1\r\nHost: x\r\n\
+         Accept: text/event-stream\r\n\r\n",
+        crate::support::anon_key()
+    );
+    stalled.write_all(request.as_bytes()).await.expect("request");
+    wait_for("the snapshot's transaction open", Duration::from_secs(20), || async {
+        snapshots_held(&p).await.filter(|n| *n >= 1)
+    })
+    .await;
+    wait_for("the snapshot's transaction given up", Duration::from_secs(20), || async {
+        snapshots_held(&p).await.filter(|n| *n == 0)
+    })
+    .await;
+    // The gateway goes on serving: a reader of the same table gets a new change (only that one:
+    // its queue is small, and the rows above may still be on their way).
+    let mut reader = connect(&app, &user(A)).await;
+    let marker = json!({"event": "INSERT", "schema": "public", "table": "notes", "filter": "id=eq.0"});
+    let (_, system) = reader.join("notes", json!([marker])).await;
+    assert_eq!(system["status"], "ok", "{system}");
+    exec(&p, "INSERT INTO notes VALUES (0, 'marker')").await;
+    assert_eq!(until_marker(&mut reader).await, (vec![], vec![]));
+    drop(stalled);
+    app.stop().await;
+}
+
+/// A long-poll with `snapshot=true` answers with the whole snapshot in one body: a table larger
+/// than one answer may carry is refused with 413 and a pointer to the event stream, instead of
+/// being gathered in memory; a small one is answered whole.
+#[tokio::test]
+async fn a_long_poll_snapshot_is_bounded() {
+    let (app, p) = app(|_| {}).await;
+    exec(&p, "INSERT INTO notes SELECT g, 'n' FROM generate_series(1, 10001) g").await;
+    let base =
+        format!("http://{}/v1/tables/public.notes/changes?apikey={}", app.addr, crate::support::anon_key());
+    let (status, body) = super::sse::get_json(&format!("{base}&snapshot=true&wait=1")).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body["error"].as_str().unwrap_or("").contains("Accept: text/event-stream"), "{body}");
+    let (status, body) = super::sse::get_json(&format!("{base}&snapshot=true&wait=1&filter=id=lte.10")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["changes"].as_array().map(Vec::len), Some(10), "{body}");
+    app.stop().await;
+}
