@@ -70,6 +70,11 @@ pub struct Config {
     pub max_presence_payload_bytes: usize,
     /// Largest broadcast payload, in bytes; larger ones are refused and not delivered.
     pub max_broadcast_payload_bytes: usize,
+    /// REST broadcast messages one sender (token role and `sub`) may post per second; more are
+    /// refused with 429.
+    pub max_rest_messages_per_second: usize,
+    /// Distinct private topics one REST broadcast request may name (each is a policy check).
+    pub max_rest_private_topics: usize,
     /// Rows of `realtime.messages` older than this many seconds are deleted.
     pub message_retention_secs: u64,
     /// Who may connect: tokens, key sources, claim checks.
@@ -221,6 +226,8 @@ impl Default for Config {
             presence_window_secs: 30,
             max_presence_payload_bytes: 3_000 * 1024,
             max_broadcast_payload_bytes: 3_000 * 1024,
+            max_rest_messages_per_second: 1000,
+            max_rest_private_topics: 10,
             message_retention_secs: 72 * 3600,
             auth: AuthConfig::default(),
             changelog: ChangelogConfig::default(),
@@ -304,6 +311,12 @@ impl Config {
         }
         if self.max_frame_bytes < 1024 {
             return invalid("max_frame_bytes", "expected at least 1024");
+        }
+        if self.max_rest_messages_per_second == 0 {
+            return invalid("max_rest_messages_per_second", "expected at least 1");
+        }
+        if self.max_rest_private_topics == 0 {
+            return invalid("max_rest_private_topics", "expected at least 1");
         }
         if self.max_bindings_per_join == 0 {
             return invalid("max_bindings_per_join", "expected at least 1");

@@ -248,6 +248,11 @@ impl Gateway {
             idle_timeout: Duration::from_secs(self.config.idle_timeout_secs),
             shutdown: shutdown.clone(),
             connections: Arc::new(server::listener::ConnectionMetrics::default()),
+            rest: Arc::new(server::broadcast::RestLimits {
+                max_messages_per_second: self.config.max_rest_messages_per_second,
+                max_private_topics: self.config.max_rest_private_topics,
+                senders: Default::default(),
+            }),
         };
         let connections = Arc::clone(&state.connections);
         let app = server::router(state);

@@ -101,6 +101,63 @@ async fn may_write(state: &AppState, credentials: Option<&Credentials>, topic: &
     }
 }
 
+/// Messages each subject (role and `sub`, or everyone when authentication is off) has sent in
+/// the current second, so that no sender can flood every channel through REST.
+#[derive(Debug, Default)]
+pub struct SenderWindows {
+    windows: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, usize)>>,
+}
+
+impl SenderWindows {
+    /// Counts `n` messages from `sender`; false when that passes `limit` this second.
+    fn allow(&self, sender: String, n: usize, limit: usize) -> bool {
+        let now = std::time::Instant::now();
+        let second = std::time::Duration::from_secs(1);
+        let mut windows = crate::locks::lock(&self.windows);
+        if windows.len() >= 10_000 {
+            windows.retain(|_, (start, _)| now.duration_since(*start) < second);
+        }
+        let (start, count) = windows.entry(sender).or_insert((now, 0));
+        if now.duration_since(*start) >= second {
+            *start = now;
+            *count = 0;
+        }
+        if *count + n > limit {
+            return false;
+        }
+        *count += n;
+        true
+    }
+}
+
+/// The rate-limit key of a sender.
+fn sender(credentials: Option<&Credentials>) -> String {
+    match credentials {
+        Some(c) => format!("{}\u{0}{}", c.claims.role, c.claims.sub.as_deref().unwrap_or("")),
+        None => String::new(),
+    }
+}
+
+/// The 429 to answer when `sender` would pass its messages per second.
+fn rate_limited(state: &AppState, credentials: Option<&Credentials>, n: usize) -> Option<Response> {
+    let limit = state.rest.max_messages_per_second;
+    if state.rest.senders.allow(sender(credentials), n, limit) {
+        return None;
+    }
+    state.hub.metrics().rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Some(error(StatusCode::TOO_MANY_REQUESTS, "message", "Too many messages per second"))
+}
+
+/// REST broadcast limits and their state.
+#[derive(Debug)]
+pub struct RestLimits {
+    /// Messages one sender may post per second.
+    pub max_messages_per_second: usize,
+    /// Distinct private topics one request may name (each is a policy check in the database).
+    pub max_private_topics: usize,
+    pub senders: SenderWindows,
+}
+
 fn too_large() -> Response {
     error(StatusCode::UNPROCESSABLE_ENTITY, "message", "Payload size exceeds tenant limit")
 }
@@ -154,6 +211,19 @@ pub async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Byte
             },
         ));
     }
+    let mut private: Vec<&str> = ready.iter().filter(|(_, p, _)| *p).map(|(t, _, _)| t.as_str()).collect();
+    private.sort_unstable();
+    private.dedup();
+    if private.len() > state.rest.max_private_topics {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "error",
+            format!("a request may name at most {} private topics", state.rest.max_private_topics),
+        );
+    }
+    if let Some(limited) = rate_limited(&state, credentials.as_ref(), ready.len()) {
+        return limited;
+    }
     let mut checked: Vec<&str> = Vec::new();
     for (topic, _, _) in ready.iter().filter(|(_, private, _)| *private) {
         if !checked.contains(&topic.as_str()) {
@@ -206,6 +276,9 @@ pub async fn single(
         return too_large();
     }
     let private = params.private.as_deref().is_some_and(|p| p.eq_ignore_ascii_case("true"));
+    if let Some(limited) = rate_limited(&state, credentials.as_ref(), 1) {
+        return limited;
+    }
     if private {
         if let Err(denied) = may_write(&state, credentials.as_ref(), &topic).await {
             return denied;

@@ -34,6 +34,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Open and refused connections, write timeouts (the listener counts them).
     pub connections: Arc<listener::ConnectionMetrics>,
+    /// REST broadcast limits and the senders' counts.
+    pub rest: Arc<broadcast::RestLimits>,
 }
 
 pub fn router(state: AppState) -> Router {

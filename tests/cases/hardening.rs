@@ -628,3 +628,45 @@ async fn a_long_poll_snapshot_is_bounded() {
     assert_eq!(body["changes"].as_array().map(Vec::len), Some(10), "{body}");
     app.stop().await;
 }
+
+/// REST broadcast: a sender over its messages per second gets 429 and nothing is delivered;
+/// a request naming more private topics than allowed (each is a policy check) gets 400.
+#[tokio::test]
+async fn rest_broadcast_is_rate_limited_per_sender_and_bounded_in_private_topics() {
+    let (app, _p) = app(|c| {
+        c.max_rest_messages_per_second = 5;
+        c.max_rest_private_topics = 3;
+    })
+    .await;
+    let bearer = format!("Authorization: Bearer {}", user(A));
+    let post = |messages: Vec<Value>| {
+        let bearer = bearer.clone();
+        let addr = app.addr;
+        async move {
+            let body = json!({"messages": messages}).to_string();
+            crate::support::http_post_with(
+                addr,
+                "/api/broadcast",
+                &[&bearer, "Content-Type: application/json"],
+                body.as_bytes(),
+            )
+            .await
+        }
+    };
+    let mut listener = connect(&app, &user(B)).await;
+    let reply = listener.join_config("room", json!({"broadcast": {"self": false}})).await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let message = |i: usize| json!({"topic": "room", "event": "e", "payload": {"i": i}});
+    let (status, body) = post((0..6).map(message).collect()).await;
+    assert_eq!((status, body.contains("Too many messages per second")), (429, true), "{body}");
+    let private: Vec<Value> = (0..4)
+        .map(|i| json!({"topic": format!("p{i}"), "event": "e", "payload": {}, "private": true}))
+        .collect();
+    let (status, body) = post(private).await;
+    assert_eq!((status, body.contains("at most 3 private topics")), (400, true), "{body}");
+    let (status, body) = post(vec![message(99)]).await;
+    assert_eq!(status, 202, "{body}");
+    let got = listener.recv_event("broadcast").await;
+    assert_eq!(got["payload"]["i"], 99, "only the accepted message was delivered: {got}");
+    app.stop().await;
+}
