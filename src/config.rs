@@ -42,6 +42,9 @@ pub struct Config {
     pub max_record_bytes: usize,
     /// Seconds a socket may stay silent before it is closed.
     pub idle_timeout_secs: u64,
+    /// An address of its own for `/metrics` (with `/readyz` and `/healthz`); `/metrics` is then
+    /// not served on `listen`.
+    pub admin_listen: Option<SocketAddr>,
     /// Open client connections in all; more are answered 503 and closed.
     pub max_connections: usize,
     /// Open client connections from one IP address; 0: no limit.
@@ -212,6 +215,7 @@ impl Default for Config {
             max_frame_bytes: 4 * 1024 * 1024,
             max_record_bytes: 1024 * 1024,
             idle_timeout_secs: 60,
+            admin_listen: None,
             max_connections: 50_000,
             max_connections_per_ip: 0,
             header_read_timeout_secs: 10,

@@ -96,6 +96,8 @@ pub struct Gateway {
     pool: PgPool,
     params: ConnectParams,
     listener: TcpListener,
+    /// `admin_listen`: where `/metrics` is served instead of on `listener`.
+    admin: Option<TcpListener>,
     /// The flush position confirmed to Postgres.
     ack: Acknowledgement,
     log: Option<OpenLog>,
@@ -172,11 +174,22 @@ impl Gateway {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        Ok(Gateway { config, verifier, pool, params, listener, ack, log })
+        let admin = match config.admin_listen {
+            Some(addr) => {
+                Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?)
+            }
+            None => None,
+        };
+        Ok(Gateway { config, verifier, pool, params, listener, admin, ack, log })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// The admin address (`/metrics`, `/readyz`, `/healthz`), when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` fires: stops accepting, closes sockets with a close frame, sends
@@ -255,14 +268,15 @@ impl Gateway {
             }),
         };
         let connections = Arc::clone(&state.connections);
-        let app = server::router(state);
-        let server = tracker.spawn(server::listener::serve(
-            self.listener,
-            app,
-            self.config.connection_limits(),
-            connections,
-            shutdown.clone(),
-        ));
+        let limits = self.config.connection_limits();
+        if let Some(admin) = self.admin {
+            let app = server::admin_router(state.clone());
+            let metrics = Arc::new(server::listener::ConnectionMetrics::default());
+            tracker.spawn(server::listener::serve(admin, app, limits, metrics, shutdown.clone()));
+        }
+        let app = server::router(state, self.config.admin_listen.is_none());
+        let server =
+            tracker.spawn(server::listener::serve(self.listener, app, limits, connections, shutdown.clone()));
         tracker.close();
         shutdown.cancelled().await;
         if tokio::time::timeout(Duration::from_secs(9), tracker.wait()).await.is_err() {

@@ -38,7 +38,8 @@ pub struct AppState {
     pub rest: Arc<broadcast::RestLimits>,
 }
 
-pub fn router(state: AppState) -> Router {
+/// The client-facing routes; `/metrics` too unless it has an admin address of its own.
+pub fn router(state: AppState, with_metrics: bool) -> Router {
     let body_limit = DefaultBodyLimit::max(state.max_frame_bytes);
     let mut router = Router::new()
         .route("/realtime/v1/websocket", get(ws::upgrade))
@@ -51,11 +52,19 @@ pub fn router(state: AppState) -> Router {
             .route(&format!("{prefix}/broadcast"), post(broadcast::batch))
             .route(&format!("{prefix}/broadcast/{{topic}}/events/{{event}}"), post(broadcast::single));
     }
-    router
+    router = router.route("/healthz", get(|| async { "ok" })).route("/readyz", get(readyz));
+    if with_metrics {
+        router = router.route("/metrics", get(metrics::render));
+    }
+    router.layer(body_limit).with_state(state)
+}
+
+/// The operators' routes, for `admin_listen`: `/metrics`, `/readyz`, `/healthz`.
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::render))
-        .layer(body_limit)
         .with_state(state)
 }
 

@@ -670,3 +670,37 @@ async fn rest_broadcast_is_rate_limited_per_sender_and_bounded_in_private_topics
     assert_eq!(got["payload"]["i"], 99, "only the accepted message was delivered: {got}");
     app.stop().await;
 }
+
+/// `admin_listen`: `/metrics` is served on the admin address only; `/readyz` on both.
+#[tokio::test]
+async fn metrics_can_move_to_an_admin_address() {
+    let url = fresh_db().await;
+    let db = url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
+    let mut config = walcast::config::Config {
+        database_url: Some(url.clone()),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        admin_listen: Some("127.0.0.1:0".parse().expect("addr")),
+        slot: format!("slot_{db}"),
+        ..walcast::config::Config::default()
+    };
+    config.auth.jwt_secret = Some(crate::support::TEST_SECRET.into());
+    config.changelog.dir = crate::support::log_dir(&format!("{db}-admin"));
+    let gateway = walcast::Gateway::prepare(config, true).await.expect("gateway");
+    let (public, admin) = (gateway.local_addr(), gateway.admin_addr().expect("admin address"));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(gateway.run(shutdown.clone()));
+    let get = |addr: std::net::SocketAddr, path: &'static str| async move {
+        crate::support::http_get(&format!("http://{addr}{path}")).await.unwrap_or_default()
+    };
+    wait_for("ready on both addresses", Duration::from_secs(20), || async {
+        let both = get(public, "/readyz").await.starts_with("HTTP/1.1 200")
+            && get(admin, "/readyz").await.starts_with("HTTP/1.1 200");
+        both.then_some(())
+    })
+    .await;
+    let metrics = get(admin, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200") && metrics.contains("walcast_http_connections"), "{metrics}");
+    assert!(get(public, "/metrics").await.starts_with("HTTP/1.1 404"));
+    shutdown.cancel();
+    run.await.expect("run").expect("clean stop");
+}
