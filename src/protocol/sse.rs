@@ -30,6 +30,8 @@ impl SseEncoder {
 
 /// How long a browser waits before reconnecting, sent first.
 pub const RETRY: &str = "retry: 2000\n\n";
+/// A comment sent when a stream that fell behind goes on from the change log.
+pub const CATCHING_UP: &str = ": fell behind; catching up from the change log\n\n";
 /// A comment that keeps proxies from closing an idle stream.
 pub const KEEP_ALIVE: &str = ": keep-alive\n\n";
 
@@ -40,6 +42,13 @@ fn event_name(kind: ChangeKind) -> &'static str {
         ChangeKind::Delete => "delete",
         ChangeKind::Truncate => "truncate",
     }
+}
+
+/// The `id:` of a message this encoder made (its first line), if it has one.
+pub fn message_id(frame: &Frame) -> Option<&str> {
+    let Frame::Text(t) = frame else { return None };
+    let rest = t.as_str().strip_prefix("id: ")?;
+    rest.split_once('\n').map(|(id, _)| id)
 }
 
 /// One message. A line break in `data` (JSON whitespace in a client's payload) starts another

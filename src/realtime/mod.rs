@@ -193,6 +193,8 @@ pub struct Metrics {
     pub changes_dispatched: AtomicU64,
     pub frames_delivered: AtomicU64,
     pub slow_client_disconnects: AtomicU64,
+    /// Event streams that fell behind and went on from the change log instead of being dropped.
+    pub slow_client_catchups: AtomicU64,
     pub broadcasts_received: AtomicU64,
     /// Binary broadcasts a member's encoding could not carry (Phoenix 1.0.0).
     pub broadcasts_undeliverable: AtomicU64,

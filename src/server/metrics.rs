@@ -16,6 +16,7 @@ pub const CHANGES_RECEIVED: &str = "walcast_changes_received_total";
 pub const CHANGES_DISPATCHED: &str = "walcast_changes_dispatched_total";
 pub const FRAMES_DELIVERED: &str = "walcast_frames_delivered_total";
 pub const SLOW_DISCONNECTS: &str = "walcast_slow_client_disconnects_total";
+pub const SLOW_CATCHUPS: &str = "walcast_slow_client_catchups_total";
 pub const LAG_BYTES: &str = "walcast_replication_lag_bytes";
 pub const LAG_SECONDS: &str = "walcast_replication_lag_seconds";
 pub const CONNECTED: &str = "walcast_replication_connected";
@@ -139,7 +140,13 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
         ),
     ];
     let c = &state.connections;
-    let connections: [(&str, &str, &str, String); 5] = [
+    let connections: [(&str, &str, &str, String); 6] = [
+        (
+            SLOW_CATCHUPS,
+            "counter",
+            "Event streams that fell behind and went on from the change log instead of being dropped.",
+            m.slow_client_catchups.load(relaxed).to_string(),
+        ),
         (
             HTTP_CONNECTIONS,
             "gauge",

@@ -170,6 +170,13 @@ pub async fn changes(
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let since = resume_from(&headers, params.since.as_deref());
+    // A stream that falls behind catches up from the change log (from the last id it was sent)
+    // instead of being dropped: kept to join again.
+    let catch_up = (stream && state.hub.log().is_some()).then(|| CatchUp {
+        bindings: bindings.clone(),
+        credentials: credentials.clone(),
+        last_id: since.clone(),
+    });
     let (mut session, outbox) = Session::new(state.hub.clone(), SseEncoder::shared(), credentials);
     let topic = format!("changes:{schema}.{name}");
     let req = JoinRequest {
@@ -197,7 +204,11 @@ pub async fn changes(
         handoff.start();
     }
     if stream {
-        event_stream(state, session, outbox, topic, joined.notices)
+        // Until a snapshot has ended (its end marker carries an id), there is no place to catch
+        // up from.
+        let catch_up =
+            catch_up.map(|c| CatchUp { last_id: if snapshot { None } else { c.last_id.or(start) }, ..c });
+        event_stream(state, session, outbox, topic, joined.notices, catch_up)
     } else {
         long_poll(state, session, outbox, &params, since.or(start), snapshot).await
     }
@@ -252,11 +263,20 @@ pub async fn channel_events(
     if let Some(handoff) = joined.handoff {
         handoff.start();
     }
-    event_stream(state, session, outbox, topic, joined.notices)
+    event_stream(state, session, outbox, topic, joined.notices, None)
+}
+
+/// How a table's event stream that fell behind joins again from the change log.
+struct CatchUp {
+    bindings: Vec<Value>,
+    credentials: Option<Credentials>,
+    /// The last message id sent (a cursor); `None` while there is none to resume from.
+    last_id: Option<String>,
 }
 
 /// What the event stream holds between chunks.
 struct Streaming {
+    state: AppState,
     session: Session,
     outbox: OutboxReceiver,
     topic: String,
@@ -265,6 +285,45 @@ struct Streaming {
     /// Sent before anything else.
     first: Option<String>,
     done: bool,
+    /// Set for table streams with a change log.
+    catch_up: Option<CatchUp>,
+}
+
+impl Streaming {
+    /// Appends a frame to the chunk, remembering its id (where a catch-up would resume).
+    fn write(&mut self, frame: &Frame, buf: &mut Vec<u8>) {
+        if let (Some(c), Some(id)) = (self.catch_up.as_mut(), sse::message_id(frame)) {
+            c.last_id = Some(id.to_owned());
+        }
+        frame.write_to(buf);
+    }
+
+    /// The client fell behind: a new session replays from the last id sent, at the client's
+    /// pace, and then goes live (the old one's queue and memberships go). `None` when there is
+    /// nothing to resume from, or the join fails.
+    async fn join_again(&mut self) -> Option<()> {
+        let c = self.catch_up.as_ref()?;
+        let since = c.last_id.clone()?;
+        let (mut session, outbox) =
+            Session::new(self.state.hub.clone(), SseEncoder::shared(), c.credentials.clone());
+        let req = JoinRequest {
+            topic: self.topic.clone(),
+            bindings: c.bindings.clone(),
+            since: Some(since),
+            ..JoinRequest::default()
+        };
+        let joined = session.join(req).await.ok()?;
+        if let Some(Err(_)) = joined.changes {
+            return None;
+        }
+        self.session = session;
+        self.outbox = outbox;
+        self.state.hub.metrics().slow_client_catchups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(handoff) = joined.handoff {
+            handoff.start();
+        }
+        Some(())
+    }
 }
 
 fn event_stream(
@@ -273,6 +332,7 @@ fn event_stream(
     outbox: OutboxReceiver,
     topic: String,
     notices: Vec<String>,
+    catch_up: Option<CatchUp>,
 ) -> Response {
     let mut first = String::from(sse::RETRY);
     for n in notices {
@@ -281,13 +341,15 @@ fn event_stream(
     let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
     keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let s = Streaming {
+        shutdown: state.shutdown.child_token(),
+        state,
         session,
         outbox,
         topic,
-        shutdown: state.shutdown.child_token(),
         keep_alive,
         first: Some(first),
         done: false,
+        catch_up,
     };
     let body = futures_util::stream::unfold(s, |mut s| async move {
         if let Some(first) = s.first.take() {
@@ -306,8 +368,12 @@ fn event_stream(
                 sse::message(None, "error", br#"{"message":"server shutting down"}"#)
             }
             _ = s.outbox.killed.cancelled() => {
-                s.done = true;
-                sse::message(None, "error", br#"{"message":"client too slow: resume from the last event id"}"#)
+                if s.join_again().await.is_some() {
+                    Frame::Text(sse::CATCHING_UP.into())
+                } else {
+                    s.done = true;
+                    sse::message(None, "error", br#"{"message":"client too slow: resume from the last event id"}"#)
+                }
             }
             frame = s.outbox.rx.recv() => match frame {
                 Some(f) => f,
@@ -322,13 +388,13 @@ fn event_stream(
         };
         // Whatever else is already queued goes out in the same chunk (one write, not one each).
         let mut buf = Vec::with_capacity(chunk.len());
-        chunk.write_to(&mut buf);
+        s.write(&chunk, &mut buf);
         if !s.outbox.rx.is_empty() {
             buf.reserve(CHUNK_BYTES + 4096);
         }
         while buf.len() < CHUNK_BYTES && !s.done {
             match s.outbox.rx.try_recv() {
-                Ok(f) => f.write_to(&mut buf),
+                Ok(f) => s.write(&f, &mut buf),
                 Err(_) => break,
             }
         }

@@ -704,3 +704,68 @@ async fn metrics_can_move_to_an_admin_address() {
     shutdown.cancel();
     run.await.expect("run").expect("clean stop");
 }
+
+/// An event stream whose client falls behind (its queue fills while it is not reading) is not
+/// dropped: it goes on from the change log after the last id it was sent, at its own pace, and
+/// the client ends with every change exactly once, in order.
+#[tokio::test]
+async fn an_event_stream_that_falls_behind_catches_up_from_the_log() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (app, p) = app(|c| {
+        c.client_queue = 8;
+        c.write_timeout_secs = 600;
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    let mut slow = socket.connect(app.addr).await.expect("connect");
+    let request = format!(
+        "GET /v1/tables/public.notes/changes?apikey={} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+        crate::support::anon_key()
+    );
+    slow.write_all(request.as_bytes()).await.expect("request");
+    // The stream has begun (its first bytes are waiting) before the first change.
+    let mut first = [0u8; 1];
+    slow.read_exact(&mut first).await.expect("stream begun");
+    const N: i64 = 2000;
+    for chunk in 0..N / 100 {
+        exec(
+            &p,
+            &format!(
+                "INSERT INTO notes SELECT g, repeat('x', 3000) FROM generate_series({}, {}) g",
+                chunk * 100 + 1,
+                chunk * 100 + 100
+            ),
+        )
+        .await;
+    }
+    // Not reading until the queue has overflowed.
+    wait_for("the stream fell behind", Duration::from_secs(30), || async {
+        metric(&app, "walcast_slow_client_catchups_total").await.filter(|n| *n >= 1)
+    })
+    .await;
+    let mut text = String::new();
+    let mut ids = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while ids.len() < N as usize {
+        let n = tokio::time::timeout_at(deadline, slow.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{} of {N} within 60 s", ids.len()))
+            .expect("read");
+        assert!(n > 0, "the stream ended after {} of {N}", ids.len());
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            assert!(!block.contains("event: error"), "{block}");
+            if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
+                let v: Value = serde_json::from_str(data).expect("json");
+                if let Some(id) = v["record"]["id"].as_i64() {
+                    ids.push(id);
+                }
+            }
+        }
+    }
+    assert_eq!(ids, (1..=N).collect::<Vec<_>>(), "every change once, in order");
+    app.stop().await;
+}
