@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use walcast::change::DbBroadcast;
 use walcast::protocol::phoenix::{decode_binary, decode_text, PhoenixConnection, Vsn};
+use walcast::protocol::Connection;
 use walcast::realtime::{Hub, Limits};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -29,9 +30,9 @@ fuzz_target!(|data: &[u8]| {
             let _ = decode_text(vsn, s);
             // Each line is a frame: a join, then pushes on it, exercise the session paths.
             for line in s.lines() {
-                let _ = runtime().block_on(conn.handle_text(line));
+                let _ = runtime().block_on(conn.text(line));
             }
         }
-        let _ = conn.handle_binary(&bytes);
+        let _ = conn.binary(&bytes);
     }
 });

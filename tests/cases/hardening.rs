@@ -769,3 +769,179 @@ async fn an_event_stream_that_falls_behind_catches_up_from_the_log() {
     assert_eq!(ids, (1..=N).collect::<Vec<_>>(), "every change once, in order");
     app.stop().await;
 }
+
+/// Mutations of a valid message: bytes flipped, cut short, repeated, spliced with random bytes,
+/// or random bytes alone.
+fn mangle(rng: &mut fastrand::Rng, valid: &[u8]) -> Vec<u8> {
+    let mut m = valid.to_vec();
+    match rng.u8(..6) {
+        0 => {
+            for _ in 0..rng.usize(1..8) {
+                if !m.is_empty() {
+                    let at = rng.usize(..m.len());
+                    m[at] = rng.u8(..);
+                }
+            }
+        }
+        1 => m.truncate(rng.usize(..=m.len())),
+        2 => {
+            let at = rng.usize(..=m.len());
+            let junk: Vec<u8> = (0..rng.usize(1..64)).map(|_| rng.u8(..)).collect();
+            m.splice(at..at, junk);
+        }
+        3 => m = (0..rng.usize(0..256)).map(|_| rng.u8(..)).collect(),
+        4 => m = format!("{}{}", "[".repeat(rng.usize(1..5000)), "]".repeat(rng.usize(0..3))).into_bytes(),
+        _ => m = m.repeat(rng.usize(2..50)),
+    }
+    m
+}
+
+/// A gateway process whose log is kept, for a test that must find no panic in it.
+async fn gateway_process(
+    url: &str,
+    tag: &str,
+) -> (tokio::process::Child, std::net::SocketAddr, std::path::PathBuf) {
+    let db = url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log_path = std::env::temp_dir().join(format!("walcast-{db}-{tag}.log"));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
+        .arg("serve")
+        .env("WALCAST_DATABASE_URL", url)
+        .env("WALCAST_LISTEN", format!("127.0.0.1:{port}"))
+        .env("WALCAST_SLOT", format!("slot_{db}"))
+        .env("WALCAST_CHANGELOG__DIR", crate::support::log_dir(&format!("{db}-{tag}")))
+        .env("WALCAST_AUTH__JWT_SECRET", crate::support::TEST_SECRET)
+        .env("WALCAST_MAX_FRAME_BYTES", "65536")
+        .env("RUST_LOG", "warn")
+        .env("RUST_BACKTRACE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("gateway process");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_for("gateway process ready", Duration::from_secs(30), || async {
+        let body = crate::support::http_get(&format!("http://{addr}/readyz")).await.ok()?;
+        body.contains("\"ready\":true").then_some(())
+    })
+    .await;
+    (child, addr, log_path)
+}
+
+/// Malformed and oversized input of every protocol — Phoenix text and binary frames, plain
+/// WebSocket messages, query strings of the changes endpoint, REST broadcast bodies — from many
+/// connections, 10,000 messages in all: each gets an error or a close for its own connection,
+/// a well-behaved subscriber meanwhile receives every change, and the gateway's log has no
+/// panic in it.
+#[tokio::test]
+async fn malformed_input_of_every_protocol_harms_nobody_else() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, crate::support::AUTH_UID).await;
+    exec(&p, SCHEMA).await;
+    let (mut gateway, addr, log_path) = gateway_process(&url, "hostile").await;
+    let mut good = Ws::connect_with(addr, PATH, Some("2.0.0"), Some(&user(A))).await.expect("connect");
+    let (_, system) = good.join("notes", json!([all_of("notes")])).await;
+    assert_eq!(system["status"], "ok", "{system}");
+
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
+    let key = user(B);
+    let phoenix_join =
+        json!(["1", "1", "realtime:x", "phx_join", {"config": {"postgres_changes": [all_of("notes")]}}])
+            .to_string();
+    let phoenix_push =
+        json!(["1", "2", "realtime:x", "broadcast", {"type": "broadcast", "event": "e", "payload": {}}])
+            .to_string();
+    let plain = json!({"type": "subscribe", "channel": "table:public.notes", "filter": "id=eq.1", "id": 1})
+        .to_string();
+    let rest = json!({"messages": [{"topic": "x", "event": "e", "payload": {"a": 1}}]}).to_string();
+    let mut sent = 0;
+    let mut inserted = 0;
+    while sent < 10_000 {
+        // Changes keep flowing to the good subscriber throughout.
+        inserted += 1;
+        exec(&p, &format!("INSERT INTO notes VALUES ({inserted}, 'n')")).await;
+        // One connection of each kind per round, each sent mangled messages until it closes.
+        let (vsn, path) = [(Some("2.0.0"), PATH), (None, PATH), (None, "/v1/ws")][rng.usize(..3)];
+        let mut ws = match Ws::connect_with(addr, path, vsn, Some(&key)).await {
+            Ok(ws) => ws,
+            Err((status, body)) => panic!("{path} refused: {status} {body}"),
+        };
+        for _ in 0..100 {
+            let base = if path == PATH { [&phoenix_join, &phoenix_push][rng.usize(..2)] } else { &plain };
+            let m = mangle(&mut rng, base.as_bytes());
+            sent += 1;
+            let ok = match String::from_utf8(m) {
+                Ok(text) if rng.bool() => ws.try_send_text(&text).await,
+                Ok(text) => ws.try_send_binary(text.into_bytes()).await,
+                Err(e) => ws.try_send_binary(e.into_bytes()).await,
+            };
+            if !ok {
+                break;
+            }
+        }
+        // Oversized: a frame past max_frame_bytes closes with 1009.
+        if rng.u8(..10) == 0 {
+            let _ = ws.try_send_text(&"x".repeat(70_000)).await;
+        }
+        drop(ws);
+        for _ in 0..20 {
+            let q = String::from_utf8_lossy(&mangle(
+                &mut rng,
+                b"filter=id=eq.1&events=insert,update&select=id,body&since=00000001000000000000000000000000",
+            ))
+            .into_owned();
+            let q: String = q.chars().filter(|c| !c.is_control() && *c != ' ' && *c != '#').collect();
+            let _ = crate::support::http_get(&format!(
+                "http://{addr}/v1/tables/public.notes/changes?apikey={key}&wait=0&{q}"
+            ))
+            .await;
+            let body = mangle(&mut rng, rest.as_bytes());
+            let bearer = format!("Authorization: Bearer {key}");
+            let _ = crate::support::http_post_with(
+                addr,
+                "/api/broadcast",
+                &[&bearer, "Content-Type: application/json"],
+                &body,
+            )
+            .await;
+            sent += 2;
+        }
+    }
+    // Oversized REST body and request line.
+    let big = vec![b'x'; 70_000];
+    let bearer = format!("Authorization: Bearer {key}");
+    let (status, _) = crate::support::http_post_with(
+        addr,
+        "/api/broadcast",
+        &[&bearer, "Content-Type: application/json"],
+        &big,
+    )
+    .await;
+    assert_eq!(status, 413);
+    let long = crate::support::http_get(&format!(
+        "http://{addr}/v1/tables/public.notes/changes?filter={}",
+        "a".repeat(100_000)
+    ))
+    .await;
+    assert!(long.map_or(true, |r| r.starts_with("HTTP/1.1 4")), "a huge request line is refused");
+
+    exec(&p, "INSERT INTO notes VALUES (0, 'marker')").await;
+    let mut got = Vec::new();
+    loop {
+        let f = good.recv_event("postgres_changes").await;
+        let id = f["data"]["record"]["id"].as_i64().unwrap_or(-1);
+        if id == 0 {
+            break;
+        }
+        got.push(id);
+    }
+    assert_eq!(got, (1..=inserted).collect::<Vec<_>>(), "the good subscriber got every change");
+    assert!(gateway.try_wait().expect("status").is_none(), "the gateway is still running");
+    let _ = gateway.start_kill();
+    let _ = gateway.wait().await;
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(!log.contains("panicked"), "a panic in the gateway's log:\n{log}");
+    let _ = std::fs::remove_file(&log_path);
+}

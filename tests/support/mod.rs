@@ -357,6 +357,11 @@ impl Ws {
         self.inner.send(Message::Text(text.into())).await.is_ok()
     }
 
+    /// Sends a binary frame; false when the socket is gone.
+    pub async fn try_send_binary(&mut self, bytes: Vec<u8>) -> bool {
+        self.inner.send(Message::Binary(bytes.into())).await.is_ok()
+    }
+
     /// Sends a message and returns its ref.
     pub async fn push(&mut self, join_ref: Option<&str>, topic: &str, event: &str, payload: Value) -> String {
         self.next_ref += 1;

@@ -1,0 +1,46 @@
+//! Every parser of text a client sends, outside the Phoenix frames: resume points (`since`,
+//! SSE `Last-Event-ID`: cursors and timestamps), the changes endpoint's query string and the
+//! bindings it builds, plain WebSocket (`/v1/ws`) messages driven through a connection, and
+//! tokens (JWT headers and claims). None may panic, whatever the text.
+#![no_main]
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use walcast::protocol::plain::PlainConnection;
+use walcast::protocol::Connection;
+use walcast::realtime::resume::Since;
+use walcast::realtime::{Hub, Limits};
+use walcast::server::sse::ChangesParams;
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"))
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(s) = std::str::from_utf8(data) else { return };
+    let _ = s.parse::<Since>();
+    let _ = s.parse::<walcast::log::Cursor>();
+    let _ = walcast::change::parse_timestamp(s);
+    if let Ok(params) = serde_urlencoded::from_str::<ChangesParams>(s) {
+        let table = params.filter.as_deref().unwrap_or("public.t");
+        let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+        let _ = walcast::subscribe::table_bindings(
+            schema,
+            name,
+            params.filter.as_deref(),
+            params.events.as_deref(),
+            params.select.as_deref(),
+        );
+        let _ = params.since.as_deref().map(str::parse::<Since>);
+    }
+    let verifier = walcast::auth::Verifier::with_secret("fuzz-secret-fuzz-secret-fuzz-secret");
+    let _ = runtime().block_on(verifier.verify(s));
+    // Each line is a message on one connection: subscribe, publish, auth, then more.
+    let hub = Hub::with_limits(Limits::default());
+    let (mut conn, _outbox) = PlainConnection::new(hub, None);
+    for line in s.lines() {
+        let _ = runtime().block_on(conn.text(line));
+    }
+    let _ = conn.on_deadline();
+});
