@@ -76,6 +76,9 @@ pub struct PublishedCatalog {
 }
 
 const CATALOG_TTL: Duration = Duration::from_secs(5);
+/// A binding that does not resolve loads the catalog again (its table may be new), but not more
+/// often than this: joins full of unknown tables cost one catalog query a second at most.
+const RELOAD_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
 impl PublishedCatalog {
     pub fn new(pool: PgPool, publication: String) -> Self {
@@ -85,7 +88,8 @@ impl PublishedCatalog {
     async fn tables(&self, force: bool) -> Result<Arc<Tables>, sqlx::Error> {
         let mut guard = self.cache.lock().await;
         if let Some((at, t)) = guard.as_ref() {
-            if !force && at.elapsed() < CATALOG_TTL {
+            let fresh_enough = if force { RELOAD_AT_MOST_EVERY } else { CATALOG_TTL };
+            if at.elapsed() < fresh_enough {
                 return Ok(Arc::clone(t));
             }
         }
@@ -132,10 +136,13 @@ impl PublishedCatalog {
             }
         };
         let mut out = Vec::with_capacity(bindings.len());
+        let mut reloaded = false;
         for b in bindings {
             let mut r = resolve_one(&tables, b);
-            if r.is_err() {
-                // The table may have been created or published moments ago.
+            if r.is_err() && !reloaded {
+                // The table may have been created or published moments ago: loaded again once
+                // per join at most.
+                reloaded = true;
                 if let Ok(fresh) = self.tables(true).await {
                     tables = fresh;
                     r = resolve_one(&tables, b);

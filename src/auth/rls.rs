@@ -125,6 +125,15 @@ pub struct Request<'a> {
     pub wanted: Option<&'a [u32]>,
 }
 
+/// Who asks for a check: the dispatcher's checks of live changes always find a connection;
+/// subscribe-time and replay checks share the others, so that a burst of joins or resumes never
+/// holds up live delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Live,
+    Side,
+}
+
 /// The table a check is about.
 #[derive(Debug, Clone, Copy)]
 pub enum Table<'a> {
@@ -202,6 +211,8 @@ pub struct RowSecurity {
     pool: PgPool,
     key_only_deletes: KeyOnlyDeletes,
     cache: Mutex<HashMap<(u32, Arc<str>), Cached>>,
+    /// Connections side checks may use at once (all but one).
+    side: tokio::sync::Semaphore,
     /// (table, message) pairs already logged.
     logged: Mutex<HashSet<(u32, Arc<str>)>>,
 }
@@ -230,6 +241,7 @@ impl RowSecurity {
             pool,
             key_only_deletes,
             cache: Mutex::new(HashMap::new()),
+            side: tokio::sync::Semaphore::new(CHECK_CONNECTIONS as usize - 1),
             logged: Mutex::new(HashSet::new()),
         }
     }
@@ -262,6 +274,7 @@ impl RowSecurity {
     /// only (logged once per table and message); an error of the call itself is returned.
     pub async fn check(
         &self,
+        lane: Lane,
         table: Table<'_>,
         requests: &[Request<'_>],
         rows: &str,
@@ -269,6 +282,11 @@ impl RowSecurity {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
+        // Never closed: the semaphore lives as long as `self`.
+        let _side = match lane {
+            Lane::Side => self.side.acquire().await.ok(),
+            Lane::Live => None,
+        };
         // Sorted by role: the function looks policies up once per role.
         let mut order: Vec<usize> = (0..requests.len()).collect();
         order.sort_by(|a, b| requests[*a].subject.role.cmp(&requests[*b].subject.role));

@@ -23,7 +23,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::rls::{Access, Hidden, KeyOnlyDeletes, Request, Subject, Table, Verdict};
+use crate::auth::rls::{Access, Hidden, KeyOnlyDeletes, Lane, Request, Subject, Table, Verdict};
 use crate::change::Position;
 use crate::change::{Change, ChangeEvent, ChangeKind, DbBroadcast, ReplicaIdentity, View};
 use crate::locks;
@@ -78,7 +78,7 @@ pub async fn run_dispatcher(
         if !batch.items.is_empty() && checking.len() < CHECKS_IN_FLIGHT {
             let (mut b, hub) = (std::mem::take(&mut batch), hub.clone());
             checking.push_back(tokio::spawn(async move {
-                b.authorize(&hub).await;
+                b.authorize(&hub, Lane::Live).await;
                 b
             }));
         }
@@ -700,7 +700,7 @@ impl Batch {
     /// reached, it retries (nothing can be checked for anyone, and nothing is delivered or
     /// acknowledged meanwhile); a check the database answered with an error is tried
     /// `CHECK_TRIES` times, then denies every subject of that table's rows (fail closed).
-    async fn authorize(&mut self, hub: &Hub) {
+    async fn authorize(&mut self, hub: &Hub, lane: Lane) {
         let Some(rls) = hub.rls() else { return };
         for (relation, table) in self.tables.values_mut() {
             table.rows.push(b']');
@@ -715,7 +715,7 @@ impl Batch {
             let mut answered_errors = 0;
             let verdicts = loop {
                 hub.metrics().rls_checks.fetch_add(1, Ordering::Relaxed);
-                match rls.check(Table::Relation(relation), &requests, &rows).await {
+                match rls.check(lane, Table::Relation(relation), &requests, &rows).await {
                     Ok(v) => break v,
                     Err(e) => {
                         let unreachable = e.is_unreachable();
@@ -891,7 +891,7 @@ pub(crate) async fn replay_batch(
     if batch.items.is_empty() {
         return Vec::new();
     }
-    batch.authorize(hub).await;
+    batch.authorize(hub, Lane::Side).await;
     scratch.collect = Some(Vec::new());
     // Replays acknowledge nothing: the items are all changes.
     batch.deliver(hub, &Acknowledgement::new(), scratch);

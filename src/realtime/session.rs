@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::auth::rls::{Access, KeyOnlyDeletes, Request, RowSecurity, Subject, Table};
+use crate::auth::rls::{Access, KeyOnlyDeletes, Lane, Request, RowSecurity, Subject, Table};
 use crate::auth::topics::{TopicAccess, TopicError, MAX_REPLAY};
 use crate::auth::{AuthError, Credentials};
 use crate::change::Position;
@@ -276,7 +276,7 @@ async fn authorize_binding(
     let name = format!("{}.{}", spec.schema, table);
     let request = Request { subject, wanted: Some(&[]) };
     let verdict = rls
-        .check(Table::Name { schema: &spec.schema, table }, std::slice::from_ref(&request), "[]")
+        .check(Lane::Side, Table::Name { schema: &spec.schema, table }, std::slice::from_ref(&request), "[]")
         .await
         .map_err(|e| BindingError::RlsUnavailable(Arc::new(e)))?
         .pop();
