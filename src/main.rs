@@ -205,6 +205,23 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         clients: usize,
     },
+    /// Many clients for a long time with steady changes, a share reconnecting each minute from
+    /// their last cursor: the gateway's RSS and open files at the start and the end, and losses.
+    Soak {
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// Clients per filter key (each change reaches this many).
+        #[arg(long, default_value_t = 10)]
+        per_key: usize,
+        /// Changes committed per second.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Percent of the clients that reconnect each minute.
+        #[arg(long, default_value_t = 5.0)]
+        reconnect_percent: f64,
+    },
     /// The raw-WebSocket relay the realtime scenarios compare against (run by them).
     #[command(hide = true)]
     Relay {
@@ -460,6 +477,17 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
                     let o =
                         bench::replay::ReplayOptions { rows, clients, gateway_bin: std::env::current_exe()? };
                     bench::replay::run(&opts, &o).await?;
+                }
+                Scenario::Soak { clients, per_key, rate, seconds, reconnect_percent } => {
+                    let o = bench::soak::SoakOptions {
+                        clients,
+                        per_key,
+                        rate,
+                        seconds,
+                        reconnect_percent,
+                        gateway_bin: std::env::current_exe()?,
+                    };
+                    bench::soak::run(&opts, &o).await?;
                 }
                 Scenario::Relay { listen } => bench::relay::serve(&listen).await?,
             }

@@ -172,3 +172,26 @@ async fn presence_scenario() {
     assert_eq!((v["sockets"].as_u64(), v["complete"].as_u64()), (Some(12), Some(12)));
     assert!(v["ms_until_every_state_complete"].as_f64().is_some_and(|x| x > 0.0), "{v}");
 }
+
+#[tokio::test]
+async fn soak_scenario() {
+    let (o, path) = opts("soak").await;
+    let s = bench::soak::SoakOptions {
+        clients: 40,
+        per_key: 4,
+        rate: 50,
+        seconds: 4,
+        // Every client reconnects about once in the run: 40 * 1500 % / 60 per second.
+        reconnect_percent: 1500.0,
+        gateway_bin: PathBuf::from(env!("CARGO_BIN_EXE_walcast")),
+    };
+    bench::soak::run(&o, &s).await.expect("soak runs");
+    let v = read(&path);
+    assert_eq!(v["scenario"], "soak");
+    assert_eq!((v["lost"].as_u64(), v["repeated"].as_u64()), (Some(0), Some(0)), "{v}");
+    assert!(v["reconnects"].as_u64().is_some_and(|n| n >= 20), "{v}");
+    assert!(v["changes"].as_u64().is_some_and(|n| n >= 100), "{v}");
+    for k in ["rss_bytes_start", "rss_bytes_end", "open_fds_start", "open_fds_end"] {
+        assert!(v[k].as_u64().is_some_and(|x| x > 0), "{k} in {v}");
+    }
+}
