@@ -17,6 +17,17 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"))
 }
 
+/// One hub and verifier for every input (connections come and go on it, as on a gateway).
+fn hub() -> &'static Hub {
+    static HUB: OnceLock<Hub> = OnceLock::new();
+    HUB.get_or_init(|| Hub::with_limits(Limits::default()))
+}
+
+fn verifier() -> &'static walcast::auth::Verifier {
+    static V: OnceLock<walcast::auth::Verifier> = OnceLock::new();
+    V.get_or_init(|| walcast::auth::Verifier::with_secret("fuzz-secret-fuzz-secret-fuzz-secret"))
+}
+
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };
     let _ = s.parse::<Since>();
@@ -34,11 +45,9 @@ fuzz_target!(|data: &[u8]| {
         );
         let _ = params.since.as_deref().map(str::parse::<Since>);
     }
-    let verifier = walcast::auth::Verifier::with_secret("fuzz-secret-fuzz-secret-fuzz-secret");
-    let _ = runtime().block_on(verifier.verify(s));
+    let _ = runtime().block_on(verifier().verify(s));
     // Each line is a message on one connection: subscribe, publish, auth, then more.
-    let hub = Hub::with_limits(Limits::default());
-    let (mut conn, _outbox) = PlainConnection::new(hub, None);
+    let (mut conn, _outbox) = PlainConnection::new(hub().clone(), None);
     for line in s.lines() {
         let _ = runtime().block_on(conn.text(line));
     }

@@ -45,6 +45,8 @@ fuzz_target!(|data: &[u8]| {
         commit_lsn: Lsn(1),
         commit_ts: 0,
         seq: 0,
+        xid: 0,
+        snapshot: false,
     };
     let _ = compiled.matches(&change, None);
 });

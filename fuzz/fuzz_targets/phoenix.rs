@@ -14,18 +14,27 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"))
 }
 
+/// One hub and verifier for every input (connections come and go on it, as on a gateway).
+fn hub() -> &'static Hub {
+    static HUB: OnceLock<Hub> = OnceLock::new();
+    HUB.get_or_init(|| Hub::with_limits(Limits::default()))
+}
+
+fn verifier() -> &'static walcast::auth::Verifier {
+    static V: OnceLock<walcast::auth::Verifier> = OnceLock::new();
+    V.get_or_init(|| walcast::auth::Verifier::with_secret("fuzz-secret-fuzz-secret-fuzz-secret"))
+}
+
 fuzz_target!(|data: &[u8]| {
     let bytes = bytes::Bytes::copy_from_slice(data);
     let _ = decode_binary(&bytes);
     let _ = DbBroadcast::decode(data);
     // Tokens are wire input too: any text verifies or is refused, never panics.
     if let Ok(s) = std::str::from_utf8(data) {
-        let verifier = walcast::auth::Verifier::with_secret("fuzz-secret-fuzz-secret-fuzz-secret");
-        let _ = runtime().block_on(verifier.verify(s));
+        let _ = runtime().block_on(verifier().verify(s));
     }
-    let hub = Hub::with_limits(Limits::default());
     for vsn in [Vsn::V1, Vsn::V2] {
-        let (mut conn, _outbox) = PhoenixConnection::new(hub.clone(), vsn, None);
+        let (mut conn, _outbox) = PhoenixConnection::new(hub().clone(), vsn, None);
         if let Ok(s) = std::str::from_utf8(data) {
             let _ = decode_text(vsn, s);
             // Each line is a frame: a join, then pushes on it, exercise the session paths.
