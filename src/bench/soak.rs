@@ -140,6 +140,94 @@ async fn client(c: Client, mut ws: Socket) {
     }
 }
 
+/// Each client, with what it received and how to tell it to reconnect.
+type Clients = [(Arc<Mutex<Received>>, Arc<Notify>)];
+
+/// Waits until `expected` deliveries arrived, or 60 s pass without one.
+async fn wait_delivered(clients: &Clients, expected: usize) {
+    let count = || -> usize { clients.iter().map(|(r, _)| crate::locks::lock(r).ids.len()).sum() };
+    let mut last = (count(), Instant::now());
+    while last.0 < expected && last.1.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = count();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+}
+
+/// (lost, repeated): the changes of each client's key it did not receive, and the ones it
+/// received more than once.
+fn tally(clients: &Clients, by_key: &HashMap<usize, Vec<i64>>, keys: usize) -> (usize, usize) {
+    let (mut lost, mut repeated) = (0, 0);
+    for (i, (received, _)) in clients.iter().enumerate() {
+        let want = by_key.get(&(i % keys)).map(Vec::as_slice).unwrap_or(&[]);
+        let got = &crate::locks::lock(received).ids;
+        let mut distinct = got.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        repeated += got.len() - distinct.len();
+        lost += want.iter().filter(|id| distinct.binary_search(id).is_err()).count();
+    }
+    (lost, repeated)
+}
+
+/// Commits `s.rate` changes a second for `s.seconds`, each for a random key, and tells a share of
+/// the clients to reconnect every second; returns the ids committed per key and the last id.
+async fn write_changes(
+    pool: &sqlx::PgPool,
+    s: &SoakOptions,
+    keys: usize,
+    clients: &Clients,
+    child: &crate::bench::gateway::GatewayProcess,
+    reconnects: &AtomicU64,
+) -> anyhow::Result<(HashMap<usize, Vec<i64>>, i64)> {
+    let pid = child.pid;
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut by_key: HashMap<usize, Vec<i64>> = HashMap::new();
+    let started = Instant::now();
+    let mut next_id = 0i64;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let per_tick = s.rate as f64 / 10.0;
+    let mut owed = 0.0;
+    let reconnect_per_sec = s.clients as f64 * s.reconnect_percent / 100.0 / 60.0;
+    let mut reconnect_owed = 0.0;
+    let mut last_second = 0;
+    while started.elapsed() < Duration::from_secs(s.seconds) {
+        tick.tick().await;
+        owed += per_tick;
+        while owed >= 1.0 {
+            owed -= 1.0;
+            next_id += 1;
+            let key = rng.usize(..keys);
+            sqlx::query("INSERT INTO walcast_bench_items VALUES ($1, $2, 'soak')")
+                .bind(next_id)
+                .bind(key as i32)
+                .execute(pool)
+                .await?;
+            by_key.entry(key).or_default().push(next_id);
+        }
+        let second = started.elapsed().as_secs();
+        if second != last_second {
+            last_second = second;
+            reconnect_owed += reconnect_per_sec;
+            while reconnect_owed >= 1.0 {
+                reconnect_owed -= 1.0;
+                clients[rng.usize(..clients.len())].1.notify_one();
+            }
+            if second.is_multiple_of(60) {
+                let (_, rss, _) = child.usage();
+                eprintln!(
+                    "soak: {second} s, {next_id} changes, {} reconnects, RSS {rss} bytes, {} fds",
+                    reconnects.load(Ordering::Relaxed),
+                    open_fds(pid)
+                );
+            }
+        }
+    }
+    Ok((by_key, next_id))
+}
+
 /// Open file descriptors of a process.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
@@ -185,73 +273,12 @@ pub async fn run(opts: &BenchOptions, s: &SoakOptions) -> anyhow::Result<serde_j
     );
 
     let pool = crate::connect_pool(&env.url).await?;
-    let mut rng = fastrand::Rng::with_seed(7);
-    let mut by_key: HashMap<usize, Vec<i64>> = HashMap::new();
-    let started = Instant::now();
-    let mut next_id = 0i64;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let per_tick = s.rate as f64 / 10.0;
-    let mut owed = 0.0;
-    let reconnect_per_sec = s.clients as f64 * s.reconnect_percent / 100.0 / 60.0;
-    let mut reconnect_owed = 0.0;
-    let mut last_second = 0;
-    while started.elapsed() < Duration::from_secs(s.seconds) {
-        tick.tick().await;
-        owed += per_tick;
-        while owed >= 1.0 {
-            owed -= 1.0;
-            next_id += 1;
-            let key = rng.usize(..keys);
-            sqlx::query("INSERT INTO walcast_bench_items VALUES ($1, $2, 'soak')")
-                .bind(next_id)
-                .bind(key as i32)
-                .execute(&pool)
-                .await?;
-            by_key.entry(key).or_default().push(next_id);
-        }
-        let second = started.elapsed().as_secs();
-        if second != last_second {
-            last_second = second;
-            reconnect_owed += reconnect_per_sec;
-            while reconnect_owed >= 1.0 {
-                reconnect_owed -= 1.0;
-                clients[rng.usize(..clients.len())].1.notify_one();
-            }
-            if second.is_multiple_of(60) {
-                let (_, rss, _) = child.usage();
-                eprintln!(
-                    "soak: {second} s, {next_id} changes, {} reconnects, RSS {rss} bytes, {} fds",
-                    reconnects.load(Ordering::Relaxed),
-                    open_fds(pid)
-                );
-            }
-        }
-    }
-    // Every change delivered (or 60 s without progress).
+    let (by_key, next_id) = write_changes(&pool, s, keys, &clients, child, &reconnects).await?;
     let expected: usize = (0..s.clients).map(|i| by_key.get(&(i % keys)).map_or(0, Vec::len)).sum();
-    let count = |clients: &[(Arc<Mutex<Received>>, Arc<Notify>)]| -> usize {
-        clients.iter().map(|(r, _)| crate::locks::lock(r).ids.len()).sum()
-    };
-    let mut last = (count(&clients), Instant::now());
-    while last.0 < expected && last.1.elapsed() < Duration::from_secs(60) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = count(&clients);
-        if now != last.0 {
-            last = (now, Instant::now());
-        }
-    }
+    wait_delivered(&clients, expected).await;
     let (cpu, rss_end, peak) = child.usage();
     let fds_end = open_fds(pid);
-    let (mut lost, mut repeated) = (0usize, 0usize);
-    for (i, (received, _)) in clients.iter().enumerate() {
-        let want = by_key.get(&(i % keys)).map(Vec::as_slice).unwrap_or(&[]);
-        let got = &crate::locks::lock(received).ids;
-        let mut distinct = got.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        repeated += got.len() - distinct.len();
-        lost += want.iter().filter(|id| distinct.binary_search(id).is_err()).count();
-    }
+    let (lost, repeated) = tally(&clients, &by_key, keys);
     stop.notify_waiters();
     for t in tasks {
         t.abort();
