@@ -167,7 +167,12 @@ fn tally(clients: &Clients, by_key: &HashMap<usize, Vec<i64>>, keys: usize) -> (
         distinct.sort_unstable();
         distinct.dedup();
         repeated += got.len() - distinct.len();
-        lost += want.iter().filter(|id| distinct.binary_search(id).is_err()).count();
+        for id in want.iter().filter(|id| distinct.binary_search(id).is_err()) {
+            if lost < 10 {
+                eprintln!("soak: client {i} (key {}) did not receive change {id}", i % keys);
+            }
+            lost += 1;
+        }
     }
     (lost, repeated)
 }
