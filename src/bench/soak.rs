@@ -5,8 +5,8 @@
 //!
 //! Client i follows `walcast_bench_items` with an `eq` filter on key i mod K; the writer commits R
 //! changes/s for a random key each. Every client was joined before the first change, and resumes
-//! with `since` (its last cursor) when it reconnects, so it should end with exactly the changes of
-//! its key.
+//! with `since` (its last cursor, or the join's when no change has arrived yet) when it
+//! reconnects, so it should end with exactly the changes of its key.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,8 +50,9 @@ fn binding(key: usize, since: Option<&str>) -> serde_json::Value {
     b
 }
 
-/// Connects and joins `realtime:c<i>` (resuming after `since`); returns once subscribed.
-async fn join(addr: &str, i: usize, key: usize, since: Option<&str>) -> anyhow::Result<Socket> {
+/// Connects and joins `realtime:c<i>` (resuming after `since`); returns once subscribed, with the
+/// cursor the bindings went live at.
+async fn join(addr: &str, i: usize, key: usize, since: Option<&str>) -> anyhow::Result<(Socket, String)> {
     let mut ws = ws_connect(format!(
         "ws://{addr}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
         super::gateway::apikey()
@@ -67,7 +68,10 @@ async fn join(addr: &str, i: usize, key: usize, since: Option<&str>) -> anyhow::
         if let Message::Text(t) = msg {
             if t.contains("\"system\"") {
                 anyhow::ensure!(t.contains("\"status\":\"ok\""), "join failed: {t}");
-                return Ok(ws);
+                let Some(cursor) = cursor_of(&t) else {
+                    anyhow::bail!("the join's system message has no cursor: {t}")
+                };
+                return Ok((ws, cursor));
             }
         }
     }
@@ -79,11 +83,14 @@ fn id_and_cursor(frame: &str) -> Option<(i64, Option<String>)> {
     let rest = &frame[at..];
     let end = rest.find(|c: char| !c.is_ascii_digit() && c != '-')?;
     let id = rest[..end].parse().ok()?;
-    let cursor = frame.find("\"cursor\":\"").and_then(|at| {
-        let rest = &frame[at + "\"cursor\":\"".len()..];
-        rest.find('"').map(|end| rest[..end].to_owned())
-    });
-    Some((id, cursor))
+    Some((id, cursor_of(frame)))
+}
+
+/// The `cursor` a frame carries.
+fn cursor_of(frame: &str) -> Option<String> {
+    let at = frame.find("\"cursor\":\"")? + "\"cursor\":\"".len();
+    let rest = &frame[at..];
+    rest.find('"').map(|end| rest[..end].to_owned())
 }
 
 /// One client's place in the run.
@@ -111,7 +118,9 @@ async fn client(c: Client, mut ws: Socket) {
                 let since = crate::locks::lock(&received).cursor.clone();
                 ws = loop {
                     match join(&addr, i, key, since.as_deref()).await {
-                        Ok(ws) => break ws,
+                        // Its own cursor is never older than the join's: the replay after it
+                        // follows.
+                        Ok((ws, _)) => break ws,
                         Err(e) => {
                             eprintln!("soak: client {i} could not reconnect ({e}); trying again");
                             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -254,8 +263,11 @@ pub async fn run(opts: &BenchOptions, s: &SoakOptions) -> anyhow::Result<serde_j
     for chunk in (0..s.clients).collect::<Vec<_>>().chunks(200) {
         let joined =
             futures_util::future::join_all(chunk.iter().map(|&i| join(&addr, i, i % keys, None))).await;
-        for (&i, ws) in chunk.iter().zip(joined) {
-            let received = Arc::new(Mutex::new(Received::default()));
+        for (&i, joined) in chunk.iter().zip(joined) {
+            let (ws, cursor) = joined?;
+            // Resuming from where the bindings went live misses nothing even before the first
+            // change arrives.
+            let received = Arc::new(Mutex::new(Received { ids: Vec::new(), cursor: Some(cursor) }));
             let reconnect = Arc::new(Notify::new());
             let c = Client {
                 addr: addr.clone(),
@@ -266,7 +278,7 @@ pub async fn run(opts: &BenchOptions, s: &SoakOptions) -> anyhow::Result<serde_j
                 reconnects: Arc::clone(&reconnects),
                 stop: Arc::clone(&stop),
             };
-            tasks.push(tokio::spawn(client(c, ws?)));
+            tasks.push(tokio::spawn(client(c, ws)));
             clients.push((received, reconnect));
         }
     }

@@ -36,7 +36,11 @@ async fn v1_join_reply_system_and_change_frames() {
                "payload": {"status": "ok", "response": {"postgres_changes": [
                    {"event": "*", "schema": "public", "table": "todos", "filter": "id=eq.1", "id": id}]}}})
     );
-    let system = ws.recv().await;
+    let mut system = ws.recv().await;
+    // Where the bindings went live (resuming from it misses nothing): 32 hexadecimal digits.
+    let cursor = system["payload"].as_object_mut().and_then(|p| p.remove("cursor"));
+    let cursor = cursor.as_ref().and_then(Value::as_str).unwrap_or_else(|| panic!("no cursor in {system}"));
+    assert!(cursor.len() == 32 && cursor.bytes().all(|b| b.is_ascii_hexdigit()), "{cursor}");
     assert_eq!(
         system,
         json!({"topic": "realtime:room", "event": "system", "ref": null,

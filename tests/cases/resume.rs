@@ -90,6 +90,35 @@ async fn a_channel_resumes_after_its_cursor_without_gaps_or_repeats_across_a_res
     app.stop().await;
 }
 
+/// A channel that has received no change yet resumes from the cursor its `system` message
+/// carries: the changes committed while it was away arrive, none from before it joined.
+#[tokio::test]
+async fn a_channel_that_received_nothing_resumes_from_its_join_cursor() {
+    let (app, p, _) = app().await;
+    insert_each(&p, 1..=2).await;
+    let mut ws = app.ws(None).await;
+    // The log has seen 1..=2 before this join: wait until a binding would receive them live.
+    let mut probe = app.ws(None).await;
+    probe.join("probe", inserts(None)).await;
+    insert_each(&p, 3..=3).await;
+    assert_eq!(next_change(&mut probe).await.0, 3);
+    let (_, system) = ws.join("feed", inserts(None)).await;
+    assert_eq!(system["status"], "ok", "{system}");
+    let cursor = system["cursor"].as_str().unwrap_or_else(|| panic!("no cursor in {system}")).to_owned();
+    assert_eq!(cursor.len(), 32, "{system}");
+    drop(ws);
+
+    insert_each(&p, 4..=5).await;
+    assert_eq!(next_change(&mut probe).await.0, 4);
+    assert_eq!(next_change(&mut probe).await.0, 5);
+    let mut ws = app.ws(None).await;
+    ws.join("feed", inserts(Some(&cursor))).await;
+    assert_eq!(next_change(&mut ws).await.0, 4, "the first change after the join, none before it");
+    assert_eq!(next_change(&mut ws).await.0, 5);
+    ws.expect_quiet("nothing else").await;
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn cursors_it_cannot_serve_get_a_gap_and_bad_ones_an_error() {
     let (app, p, _) = app().await;

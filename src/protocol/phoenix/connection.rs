@@ -188,8 +188,14 @@ impl PhoenixConnection {
                                 message.push_str("; ");
                                 message.push_str(notice);
                             }
-                            json!({"extension": "postgres_changes", "status": "ok",
-                                   "message": message, "channel": name})
+                            let mut ok = json!({"extension": "postgres_changes", "status": "ok",
+                                                "message": message, "channel": name});
+                            // Where the bindings went live: resuming from it misses nothing
+                            // even when no change has arrived yet.
+                            if let Some(log) = self.session.hub().log() {
+                                ok["cursor"] = json!(log.cursor(joined.matched).to_string());
+                            }
+                            ok
                         }
                         Err(errors) => {
                             let message =
