@@ -121,7 +121,7 @@ impl Encoder for PlainEncoder {
             Direct::Gap { code, message } => {
                 json!({"type": "gap", "channel": channel, "code": code, "message": message})
             }
-            Direct::SnapshotEnd { cursor, rows } => {
+            Direct::SnapshotEnd { cursor, rows, .. } => {
                 json!({"type": "snapshot-end", "channel": channel, "cursor": cursor, "rows": rows})
             }
         };

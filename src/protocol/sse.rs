@@ -129,8 +129,11 @@ impl Encoder for SseEncoder {
                 )
             }
             Direct::Closed => message(None, "error", br#"{"message":"the stream was closed by the server"}"#),
-            Direct::SnapshotEnd { cursor, rows } => {
-                let body = serde_json::json!({"cursor": cursor, "rows": rows});
+            Direct::SnapshotEnd { cursor, rows, more } => {
+                let mut body = serde_json::json!({"cursor": cursor, "rows": rows});
+                if let Some(key) = more.and_then(|k| serde_json::from_str::<serde_json::Value>(k).ok()) {
+                    body["more"] = key;
+                }
                 message(*cursor, "snapshot-end", body.to_string().as_bytes())
             }
             Direct::PresenceState(_) => Frame::Text(Utf8Bytes::from_static(":\n\n")),

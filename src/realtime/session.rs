@@ -56,6 +56,8 @@ pub struct JoinRequest {
     pub since: Option<String>,
     /// Send the rows the bindings match now, then the changes after them.
     pub snapshot: bool,
+    /// With `snapshot`: only this page of the rows (of a table with a primary key).
+    pub snapshot_page: Option<crate::realtime::snapshot::SnapshotPage>,
 }
 
 /// The result of a join that was accepted.
@@ -559,6 +561,7 @@ impl Session {
                     turn: Arc::clone(
                         self.snapshot_turn.get_or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1))),
                     ),
+                    page: req.snapshot_page.clone(),
                 }))
             }
             None => None,

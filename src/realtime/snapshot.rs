@@ -160,6 +160,16 @@ pub(crate) enum SnapshotError {
     Busy(u64),
 }
 
+/// One page of a snapshot read in pages (a long-poll's): at most `rows` rows of one table, in
+/// primary-key order, after the key `after` (the first page when `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotPage {
+    pub rows: usize,
+    /// The last key of the previous page, as the JSON object `{"<column>": "<value as text>"}`
+    /// that [`Direct::SnapshotEnd`]'s `more` carried.
+    pub after: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
 /// A snapshot prepared by a join, started by the transport once it has answered the join.
 pub struct Snapshot {
     pub(crate) hub: Hub,
@@ -171,7 +181,12 @@ pub struct Snapshot {
     pub(crate) through: Position,
     /// The session's turn: one of its snapshots reads at a time.
     pub(crate) turn: Arc<tokio::sync::Semaphore>,
+    /// Read one page of the (single) table rather than all of it.
+    pub(crate) page: Option<SnapshotPage>,
 }
+
+/// Where a paged read stands after a page: the key its last row had, if more rows follow.
+type More = Option<String>;
 
 impl std::fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -181,6 +196,79 @@ impl std::fmt::Debug for Snapshot {
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The query that reads a table's rows (as text, in the relation's column order) for a
+/// snapshot, or for one page of it.
+struct TableRead {
+    /// `SELECT … FROM table`.
+    select: String,
+    /// The primary key's columns (indexes into the relation's), for reading in key order.
+    key: Vec<usize>,
+    key_names: Vec<Arc<str>>,
+}
+
+impl TableRead {
+    fn new(relation: &Relation) -> TableRead {
+        let columns: Vec<String> = relation
+            .columns
+            .iter()
+            .map(|c| {
+                let q = quote_ident(&c.name);
+                format!("CASE WHEN num_nulls({q}) = 1 THEN NULL ELSE format('%s', {q}) END")
+            })
+            .collect();
+        let select = format!(
+            "SELECT {} FROM {}.{}",
+            if columns.is_empty() { "1".to_owned() } else { columns.join(", ") },
+            quote_ident(&relation.schema),
+            quote_ident(&relation.table)
+        );
+        let key: Vec<usize> =
+            (0..relation.columns.len()).filter(|&i| relation.columns[i].in_primary_key).collect();
+        let key_names = key.iter().map(|&i| Arc::clone(&relation.columns[i].name)).collect();
+        TableRead { select, key, key_names }
+    }
+
+    /// At most `n` rows in key order, after the key bound as `$1` (JSON, see
+    /// [`TableRead::key_of`]) when `after`.
+    fn batch_sql(&self, relation: &Relation, after: bool, n: usize) -> String {
+        let table = format!("{}.{}", quote_ident(&relation.schema), quote_ident(&relation.table));
+        let quoted: Vec<String> = self.key_names.iter().map(|n| quote_ident(n)).collect();
+        let mut sql = self.select.clone();
+        if after {
+            // The last key read, typed by the table's own row type.
+            let theirs = quoted.iter().map(|q| format!("a.{q}")).collect::<Vec<_>>().join(", ");
+            let ours = quoted.iter().map(|q| format!("{table}.{q}")).collect::<Vec<_>>().join(", ");
+            sql.push_str(&format!(
+                " WHERE ({ours}) > (SELECT {theirs} FROM json_populate_record(NULL::{table}, $1::json) a)"
+            ));
+        }
+        sql.push_str(&format!(" ORDER BY {} LIMIT {n}", quoted.join(", ")));
+        sql
+    }
+
+    /// A row's key as `{"<column>": "<value>"}` (the text the next page's query parses back).
+    fn key_of(&self, values: &[Value]) -> String {
+        let mut key = serde_json::Map::new();
+        for (name, &i) in self.key_names.iter().zip(&self.key) {
+            let v = match values.get(i) {
+                Some(Value::Text(t)) => serde_json::Value::String(String::from_utf8_lossy(t).into_owned()),
+                _ => serde_json::Value::Null,
+            };
+            key.insert(name.to_string(), v);
+        }
+        serde_json::Value::Object(key).to_string()
+    }
+}
+
+/// A snapshot's progress in sending: what it sent and how much longer its client may keep the
+/// transaction open by not reading.
+struct Sending {
+    scratch: Scratch,
+    patience: Duration,
+    client_wait: Duration,
+    rows: u64,
 }
 
 impl Snapshot {
@@ -194,12 +282,12 @@ impl Snapshot {
         // Closed never: the session holds the semaphore for as long as snapshots may be made.
         let Ok(_turn) = Arc::clone(&self.turn).acquire_owned().await else { return };
         match self.send().await {
-            Ok((rows, shown)) => {
+            Ok((rows, shown, more)) => {
                 let cursor = self.hub.log().map(|log| log.cursor(self.through).to_string());
                 let frame = self.member.encoder.encode_direct(
                     &self.member.key.topic,
                     self.member.join_ref.as_deref(),
-                    &Direct::SnapshotEnd { cursor: cursor.as_deref(), rows },
+                    &Direct::SnapshotEnd { cursor: cursor.as_deref(), rows, more: more.as_deref() },
                 );
                 if self.member.outbox.send_wait(frame, metrics).await != Queued::Yes {
                     return;
@@ -226,8 +314,9 @@ impl Snapshot {
         }
     }
 
-    /// Takes the snapshot and sends its rows; returns how many and the snapshot's visibility.
-    async fn send(&self) -> Result<(u64, XidSnapshot), SnapshotError> {
+    /// Takes the snapshot and sends its rows; returns how many, the snapshot's visibility and,
+    /// for a page with more rows after it, its last key.
+    async fn send(&self) -> Result<(u64, XidSnapshot, More), SnapshotError> {
         let source = self.hub.snapshots().ok_or(SnapshotError::NoSource)?;
         let mut attempt = 0;
         let (mut tx, shown, now) = loop {
@@ -267,75 +356,135 @@ impl Snapshot {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        let mut rows = 0;
-        let mut scratch = Scratch::default();
-        // What the client may keep the transaction open for, in all, by not reading.
-        let mut patience = source.client_wait;
+        let mut sending = Sending {
+            scratch: Scratch::default(),
+            patience: source.client_wait,
+            client_wait: source.client_wait,
+            rows: 0,
+        };
+        let mut more = None;
         for (schema, table) in &self.tables {
             let relation = self.relation(source, &mut tx, schema, table).await?;
-            let columns: Vec<String> = relation
-                .columns
-                .iter()
-                .map(|c| {
-                    let q = quote_ident(&c.name);
-                    format!("CASE WHEN num_nulls({q}) = 1 THEN NULL ELSE format('%s', {q}) END")
-                })
-                .collect();
-            let sql = format!(
-                "SELECT {} FROM {}.{}",
-                if columns.is_empty() { "1".to_owned() } else { columns.join(", ") },
-                quote_ident(schema),
-                quote_ident(table)
-            );
-            let mut stream = sqlx::query(&sql).fetch(&mut *tx);
-            let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
-            loop {
-                let row = stream.try_next().await?;
-                let done = row.is_none();
-                if let Some(row) = row {
-                    let values = (0..relation.columns.len())
-                        .map(|i| {
-                            row.try_get::<Option<String>, _>(i).map(|v| match v {
-                                Some(t) => Value::Text(t.into()),
-                                None => Value::Null,
-                            })
-                        })
-                        .collect::<Result<Vec<Value>, sqlx::Error>>()?;
-                    batch.push(Change {
-                        relation: Arc::clone(&relation),
-                        kind: ChangeKind::Insert,
-                        new: Some(Tuple(values)),
-                        old: None,
-                        commit_lsn: self.through.lsn,
-                        commit_ts: now,
-                        seq: 0,
-                        xid: 0,
-                        snapshot: true,
-                    });
+            let read = TableRead::new(&relation);
+            match &self.page {
+                // Without a primary key there is no order to page in: the whole table is one page.
+                Some(page) if !read.key.is_empty() => {
+                    more = self.send_page(&mut tx, &relation, &read, page, now, &mut sending).await?;
                 }
-                if batch.len() >= ROWS_PER_BATCH || (done && !batch.is_empty()) {
-                    let frames =
-                        replay_batch(&self.hub, &self.member, &self.subs, batch.drain(..), &mut scratch)
-                            .await;
-                    for frame in frames {
-                        let started = tokio::time::Instant::now();
-                        let sent = self.member.outbox.send_wait(frame, self.hub.metrics());
-                        match tokio::time::timeout(patience, sent).await {
-                            Ok(Queued::Yes) => {}
-                            Ok(_) => return Err(SnapshotError::Gone),
-                            Err(_) => return Err(SnapshotError::ClientTooSlow(source.client_wait.as_secs())),
-                        }
-                        patience = patience.saturating_sub(started.elapsed());
-                        rows += 1;
-                    }
-                }
-                if done {
-                    break;
-                }
+                _ => self.send_all(&mut tx, &relation, &read, now, &mut sending).await?,
             }
         }
         let _ = tx.rollback().await;
-        Ok((rows, shown))
+        Ok((sending.rows, shown, more))
+    }
+
+    /// Sends every row of the table.
+    async fn send_all(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        relation: &Arc<Relation>,
+        read: &TableRead,
+        now: i64,
+        sending: &mut Sending,
+    ) -> Result<(), SnapshotError> {
+        let mut stream = sqlx::query(&read.select).fetch(&mut *tx);
+        let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
+        while let Some(row) = stream.try_next().await? {
+            batch.push(self.row_change(relation, &row, now)?);
+            if batch.len() >= ROWS_PER_BATCH {
+                self.deliver(&mut batch, sending).await?;
+            }
+        }
+        self.deliver(&mut batch, sending).await
+    }
+
+    /// Sends up to `page.rows` rows the member may see, in key order after `page.after`, read in
+    /// batches of the same transaction; returns the last key read when more rows follow.
+    async fn send_page(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        relation: &Arc<Relation>,
+        read: &TableRead,
+        page: &SnapshotPage,
+        now: i64,
+        sending: &mut Sending,
+    ) -> Result<More, SnapshotError> {
+        let mut after = page.after.as_ref().map(|a| serde_json::Value::Object(a.clone()).to_string());
+        let target = sending.rows + page.rows as u64;
+        loop {
+            let n = ROWS_PER_BATCH.min((target - sending.rows) as usize);
+            // One row more than is taken: whether any follow.
+            let sql = read.batch_sql(relation, after.is_some(), n + 1);
+            let mut query = sqlx::query(&sql);
+            if let Some(a) = &after {
+                query = query.bind(a.clone());
+            }
+            let fetched = query.fetch_all(&mut *tx).await?;
+            let exhausted = fetched.len() <= n;
+            let mut batch = Vec::with_capacity(n);
+            for row in fetched.iter().take(n) {
+                let change = self.row_change(relation, row, now)?;
+                after = change.new.as_ref().map(|t| read.key_of(&t.0));
+                batch.push(change);
+            }
+            self.deliver(&mut batch, sending).await?;
+            if exhausted {
+                return Ok(None);
+            }
+            if sending.rows >= target {
+                return Ok(after);
+            }
+        }
+    }
+
+    /// A row read as text, as an INSERT-shaped snapshot change.
+    fn row_change(
+        &self,
+        relation: &Arc<Relation>,
+        row: &sqlx::postgres::PgRow,
+        now: i64,
+    ) -> Result<Change, SnapshotError> {
+        let values = (0..relation.columns.len())
+            .map(|i| {
+                row.try_get::<Option<String>, _>(i).map(|v| match v {
+                    Some(t) => Value::Text(t.into()),
+                    None => Value::Null,
+                })
+            })
+            .collect::<Result<Vec<Value>, sqlx::Error>>()?;
+        Ok(Change {
+            relation: Arc::clone(relation),
+            kind: ChangeKind::Insert,
+            new: Some(Tuple(values)),
+            old: None,
+            commit_lsn: self.through.lsn,
+            commit_ts: now,
+            seq: 0,
+            xid: 0,
+            snapshot: true,
+        })
+    }
+
+    /// Filters and checks a batch of rows and sends those the member may see, within the
+    /// client's patience.
+    async fn deliver(&self, batch: &mut Vec<Change>, sending: &mut Sending) -> Result<(), SnapshotError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let frames =
+            replay_batch(&self.hub, &self.member, &self.subs, batch.drain(..), &mut sending.scratch).await;
+        for frame in frames {
+            let started = tokio::time::Instant::now();
+            let sent = self.member.outbox.send_wait(frame, self.hub.metrics());
+            match tokio::time::timeout(sending.patience, sent).await {
+                Ok(Queued::Yes) => {}
+                Ok(_) => return Err(SnapshotError::Gone),
+                Err(_) => return Err(SnapshotError::ClientTooSlow(sending.client_wait.as_secs())),
+            }
+            sending.patience = sending.patience.saturating_sub(started.elapsed());
+            sending.rows += 1;
+        }
+        Ok(())
     }
 
     /// The table's shape as pgoutput describes it (generated columns are not replicated).

@@ -53,8 +53,31 @@ pub struct ChangesParams {
     pub apikey: Option<String>,
     /// Long-poll: seconds to hold the request when no change is waiting.
     pub wait: Option<u64>,
-    /// Long-poll: most changes per response.
+    /// Long-poll: most changes per response (with `snapshot`, most rows per page).
     pub limit: Option<usize>,
+    /// Long-poll: the next page of a snapshot (`snapshot_next` of the previous answer).
+    pub snapshot_after: Option<String>,
+}
+
+/// Where a long-poll's snapshot goes on: the hand-off cursor of its first page and the last key
+/// read. Sent to the client as `snapshot_next` (base64url JSON, opaque to it).
+#[derive(Debug, serde::Serialize, Deserialize)]
+struct PageToken {
+    cursor: Option<String>,
+    after: serde_json::Map<String, Value>,
+}
+
+impl PageToken {
+    fn encode(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    fn decode(text: &str) -> Option<PageToken> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -155,9 +178,25 @@ pub async fn changes(
     let Some((schema, name)) = table.split_once('.').filter(|(s, t)| !s.is_empty() && !t.is_empty()) else {
         return error(StatusCode::BAD_REQUEST, format!("table {table:?}: expected schema.table"));
     };
-    let snapshot = match flag("snapshot", params.snapshot.as_deref()) {
+    let mut snapshot = match flag("snapshot", params.snapshot.as_deref()) {
         Ok(s) => s,
         Err(refused) => return *refused,
+    };
+    // A long-poll reads a snapshot in pages of `limit` rows; a later page goes on from a token.
+    let page_token = match params.snapshot_after.as_deref().filter(|_| !stream) {
+        None => None,
+        Some(text) => match PageToken::decode(text) {
+            Some(t) => {
+                snapshot = true;
+                Some(t)
+            }
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "snapshot_after: not a snapshot_next of an earlier answer",
+                )
+            }
+        },
     };
     let bindings = match crate::subscribe::table_bindings(
         schema,
@@ -179,11 +218,16 @@ pub async fn changes(
     });
     let (mut session, outbox) = Session::new(state.hub.clone(), SseEncoder::shared(), credentials);
     let topic = format!("changes:{schema}.{name}");
+    let snapshot_page = (snapshot && !stream).then(|| crate::realtime::snapshot::SnapshotPage {
+        rows: params.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT),
+        after: page_token.as_ref().map(|t| t.after.clone()),
+    });
     let req = JoinRequest {
         topic: topic.clone(),
         bindings,
         since: since.clone(),
         snapshot,
+        snapshot_page,
         ..JoinRequest::default()
     };
     let joined = match session.join(req).await {
@@ -210,6 +254,11 @@ pub async fn changes(
             catch_up.map(|c| CatchUp { last_id: if snapshot { None } else { c.last_id.or(start) }, ..c });
         event_stream(state, session, outbox, topic, joined.notices, catch_up)
     } else {
+        let snapshot = match (snapshot, page_token) {
+            (false, _) => SnapshotPoll::No,
+            (true, None) => SnapshotPoll::First,
+            (true, Some(t)) => SnapshotPoll::Later { handoff: t.cursor },
+        };
         long_poll(state, session, outbox, &params, since.or(start), snapshot).await
     }
 }
@@ -415,17 +464,28 @@ fn far() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
-/// Collects the changes waiting (or the first to arrive within `wait`), up to `limit`. With a
-/// snapshot, its rows come first, then the changes waiting; a snapshot of more than `limit`
-/// rows is refused (413) rather than gathered in memory.
+/// A long-poll's snapshot: none, its first page, or a later one (with the first's hand-off).
+enum SnapshotPoll {
+    No,
+    First,
+    Later { handoff: Option<String> },
+}
+
+/// Collects the changes waiting (or the first to arrive within `wait`), up to `limit`.
+///
+/// With a snapshot, its rows come first: a page of at most `limit`, answered with `snapshot_next` when more follow.
+/// The last page answers the first page's cursor (the changes after it follow), and the only
+/// page also the changes waiting. A table without a primary key is one page, refused (413)
+/// past 10,000 rows or 32 MiB rather than gathered in memory.
 async fn long_poll(
     state: AppState,
     session: Session,
     mut outbox: OutboxReceiver,
     params: &ChangesParams,
     since: Option<String>,
-    mut snapshot: bool,
+    paging: SnapshotPoll,
 ) -> Response {
+    let mut snapshot = !matches!(paging, SnapshotPoll::No);
     let wait = Duration::from_secs(params.wait.unwrap_or(DEFAULT_WAIT).min(MAX_WAIT));
     let limit = params.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     let deadline = tokio::time::Instant::now() + wait;
@@ -472,7 +532,20 @@ async fn long_poll(
             }
             "snapshot-end" => {
                 snapshot = false;
-                cursor = id.map(str::to_owned);
+                let end: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+                let handoff = match &paging {
+                    SnapshotPoll::Later { handoff } => handoff.clone(),
+                    _ => id.map(str::to_owned),
+                };
+                if let Value::Object(after) = &end["more"] {
+                    let next = PageToken { cursor: handoff, after: after.clone() }.encode();
+                    return answer(&changes, None, Some(&next));
+                }
+                cursor = handoff;
+                if matches!(paging, SnapshotPoll::Later { .. }) {
+                    // The last of several pages: the changes follow from the first one's cursor.
+                    break;
+                }
             }
             "snapshot" => {
                 if count >= MAX_LIMIT || changes.len() + data.len() > MAX_SNAPSHOT_BYTES {
@@ -481,9 +554,10 @@ async fn long_poll(
                     return error(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         format!(
-                            "snapshot: more than {MAX_LIMIT} matching rows or {} MiB, more than one \
-                             long-poll answer carries; read the snapshot as an event stream \
-                             (Accept: text/event-stream), which streams it",
+                            "snapshot: more than {MAX_LIMIT} matching rows or {} MiB in one long-poll \
+                             answer (a table without a primary key is not paged; otherwise lower \
+                             limit); read the snapshot as an event stream (Accept: \
+                             text/event-stream), which streams it",
                             MAX_SNAPSHOT_BYTES >> 20
                         ),
                     );
@@ -510,11 +584,20 @@ async fn long_poll(
         }
     }
     drop(session);
-    changes.push(b']');
+    answer(&changes, cursor.as_deref(), None)
+}
+
+/// A long-poll's answer: `{"changes":[…],"cursor":…}` (and `snapshot_next` for a snapshot page
+/// with more after it). `changes` is the list's JSON without its closing bracket.
+fn answer(changes: &[u8], cursor: Option<&str>, snapshot_next: Option<&str>) -> Response {
     let mut body = b"{\"changes\":".to_vec();
-    body.extend_from_slice(&changes);
-    body.extend_from_slice(b",\"cursor\":");
+    body.extend_from_slice(changes);
+    body.extend_from_slice(b"],\"cursor\":");
     body.extend_from_slice(serde_json::to_string(&cursor).unwrap_or_else(|_| "null".into()).as_bytes());
+    if let Some(next) = snapshot_next {
+        body.extend_from_slice(b",\"snapshot_next\":");
+        body.extend_from_slice(serde_json::to_string(next).unwrap_or_else(|_| "null".into()).as_bytes());
+    }
     body.push(b'}');
     Response::builder()
         .header(header::CONTENT_TYPE, "application/json")

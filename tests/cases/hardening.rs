@@ -36,6 +36,9 @@ GRANT SELECT ON gate TO authenticated;
 
 CREATE TABLE notes (id int PRIMARY KEY, body text);
 GRANT SELECT ON notes TO authenticated;
+
+CREATE TABLE loose (id int, body text);
+GRANT SELECT ON loose TO authenticated;
 ";
 
 /// `docs` as it is created again after a DROP: every row visible to everyone.
@@ -611,19 +614,75 @@ async fn a_snapshot_does_not_hold_its_transaction_for_a_client_that_stops_readin
     app.stop().await;
 }
 
-/// A long-poll with `snapshot=true` answers with the whole snapshot in one body: a table larger
-/// than one answer may carry is refused with 413 and a pointer to the event stream, instead of
-/// being gathered in memory; a small one is answered whole.
+/// A long-poll with `snapshot=true` reads the snapshot in pages of `limit` rows, in primary-key
+/// order, each answer naming the next (`snapshot_next`): every row exactly once, nothing gathered
+/// in memory past a page, and rows written between pages are not lost: the last page hands off
+/// at the first page's cursor, so the changes after it follow. A table without a primary key
+/// cannot be paged: past one answer's bound it is refused (413) with a pointer to the event
+/// stream.
 #[tokio::test]
-async fn a_long_poll_snapshot_is_bounded() {
+async fn a_long_poll_snapshot_is_read_in_pages() {
     let (app, p) = app(|_| {}).await;
-    exec(&p, "INSERT INTO notes SELECT g, 'n' FROM generate_series(1, 10001) g").await;
+    // The rows are through the gateway (a later change on another table arrived) before the
+    // snapshot: the changes after its hand-off are only those made while paging.
+    let mut probe = app.ws(None).await;
+    let marker = json!({"event": "INSERT", "schema": "public", "table": "loose", "filter": "id=eq.20000"});
+    probe.join("probe", json!([marker])).await;
+    exec(&p, "INSERT INTO notes SELECT g, 'n' FROM generate_series(1, 2500) g").await;
+    exec(&p, "INSERT INTO loose VALUES (20000, 'marker')").await;
+    probe.recv_event("postgres_changes").await;
     let base =
         format!("http://{}/v1/tables/public.notes/changes?apikey={}", app.addr, crate::support::anon_key());
-    let (status, body) = super::sse::get_json(&format!("{base}&snapshot=true&wait=1")).await;
+    let mut url = format!("{base}&snapshot=true&limit=1000&wait=1");
+    let (mut ids, mut pages) = (Vec::new(), 0);
+    let cursor = loop {
+        let (status, body) = super::sse::get_json(&url).await;
+        assert_eq!(status, 200, "{body}");
+        let rows = body["changes"].as_array().unwrap_or_else(|| panic!("no changes in {body}"));
+        assert!(rows.len() <= 1000 && rows.iter().all(|r| r["snapshot"] == true), "page {pages}");
+        ids.extend(rows.iter().map(|r| r["record"]["id"].as_i64().unwrap_or(-1)));
+        pages += 1;
+        if pages == 1 {
+            // Between pages: a row in a page still to come, one in a page already read, and a
+            // change to a row already read.
+            exec(&p, "INSERT INTO notes VALUES (2600, 'late'), (0, 'early'); UPDATE notes SET body = 'x' WHERE id = 5")
+                .await;
+        }
+        match body["snapshot_next"].as_str() {
+            Some(next) => {
+                assert!(body["cursor"].is_null(), "{body}");
+                url = format!("{base}&limit=1000&wait=1&snapshot_after={next}");
+            }
+            None => break body["cursor"].as_str().map(str::to_owned),
+        }
+        assert!(pages < 10, "pages never end");
+    };
+    assert_eq!(pages, 3, "2,501 rows in pages of 1,000");
+    let want: Vec<i64> = (1..=2500).chain([2600]).collect();
+    assert_eq!(ids, want, "every row once, in key order (a row of a page to come included)");
+    // The changes from the hand-off cursor include those made between pages.
+    let cursor = cursor.expect("the last page has the hand-off cursor");
+    let (status, body) = super::sse::get_json(&format!("{base}&since={cursor}&wait=5")).await;
+    assert_eq!(status, 200, "{body}");
+    let changes: Vec<(String, i64)> = body["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| (c["type"].as_str().unwrap_or("").to_owned(), c["record"]["id"].as_i64().unwrap_or(-1)))
+        .collect();
+    assert_eq!(changes, [("INSERT".into(), 2600), ("INSERT".into(), 0), ("UPDATE".into(), 5)], "{body}");
+
+    let (status, body) = super::sse::get_json(&format!("{base}&snapshot_after=not-a-token")).await;
+    assert!(status == 400 && body["error"].as_str().unwrap_or("").contains("snapshot_after"), "{body}");
+
+    exec(&p, "INSERT INTO loose SELECT g, 'n' FROM generate_series(1, 10001) g").await;
+    let loose =
+        format!("http://{}/v1/tables/public.loose/changes?apikey={}", app.addr, crate::support::anon_key());
+    let (status, body) = super::sse::get_json(&format!("{loose}&snapshot=true&wait=1")).await;
     assert_eq!(status, 413, "{body}");
     assert!(body["error"].as_str().unwrap_or("").contains("Accept: text/event-stream"), "{body}");
-    let (status, body) = super::sse::get_json(&format!("{base}&snapshot=true&wait=1&filter=id=lte.10")).await;
+    let (status, body) =
+        super::sse::get_json(&format!("{loose}&snapshot=true&wait=1&filter=id=lte.10")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["changes"].as_array().map(Vec::len), Some(10), "{body}");
     app.stop().await;

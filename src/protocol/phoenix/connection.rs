@@ -164,6 +164,7 @@ impl PhoenixConnection {
             // binding sends the rows of all of them first.
             since,
             snapshot,
+            snapshot_page: None,
         };
         let echoed: Vec<Value> = req
             .bindings

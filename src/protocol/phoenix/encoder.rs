@@ -160,7 +160,7 @@ impl Encoder for PhoenixEncoder {
                 let payload = serde_json::to_vec(&payload).unwrap_or_default();
                 text(envelope(self.vsn, join_ref, None, topic, "system", &payload))
             }
-            Direct::SnapshotEnd { cursor, rows } => {
+            Direct::SnapshotEnd { cursor, rows, .. } => {
                 let payload = serde_json::json!({
                     "extension": "postgres_changes", "status": "ok", "message": "Snapshot complete",
                     "snapshot": "end", "rows": rows, "cursor": cursor, "channel": channel_name(topic)
