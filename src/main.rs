@@ -222,6 +222,25 @@ enum Scenario {
         #[arg(long, default_value_t = 5.0)]
         reconnect_percent: f64,
     },
+    /// Normal subscribers' latency alone and then beside slow readers on every transport (each
+    /// reading one message per interval, connecting again when closed).
+    SlowReaders {
+        /// Slow readers on each transport (Phoenix, /v1/ws, SSE, long-poll).
+        #[arg(long, default_value_t = 1_000)]
+        per_transport: usize,
+        /// Normal subscribers whose latency is measured.
+        #[arg(long, default_value_t = 10)]
+        normal: usize,
+        /// Changes committed per second.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        /// Seconds of writing in each phase.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Milliseconds a slow reader waits between two reads.
+        #[arg(long, default_value_t = 200)]
+        read_every_ms: u64,
+    },
     /// The raw-WebSocket relay the realtime scenarios compare against (run by them).
     #[command(hide = true)]
     Relay {
@@ -488,6 +507,17 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
                         gateway_bin: std::env::current_exe()?,
                     };
                     bench::soak::run(&opts, &o).await?;
+                }
+                Scenario::SlowReaders { per_transport, normal, rate, seconds, read_every_ms } => {
+                    let o = bench::slow::SlowOptions {
+                        per_transport,
+                        normal,
+                        rate,
+                        seconds,
+                        read_every: std::time::Duration::from_millis(read_every_ms),
+                        gateway_bin: std::env::current_exe()?,
+                    };
+                    bench::slow::run(&opts, &o).await?;
                 }
                 Scenario::Relay { listen } => bench::relay::serve(&listen).await?,
             }

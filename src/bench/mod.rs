@@ -9,6 +9,7 @@ pub mod realtime;
 pub mod relay;
 pub mod replay;
 pub mod rls;
+pub mod slow;
 pub mod soak;
 pub mod sockets;
 

@@ -78,7 +78,7 @@ async fn join(addr: &str, i: usize, key: usize, since: Option<&str>) -> anyhow::
 }
 
 /// The record id and cursor of a change frame.
-fn id_and_cursor(frame: &str) -> Option<(i64, Option<String>)> {
+pub(crate) fn id_and_cursor(frame: &str) -> Option<(i64, Option<String>)> {
     let at = frame.find("\"record\":{\"id\":")? + "\"record\":{\"id\":".len();
     let rest = &frame[at..];
     let end = rest.find(|c: char| !c.is_ascii_digit() && c != '-')?;

@@ -195,3 +195,26 @@ async fn soak_scenario() {
         assert!(v[k].as_u64().is_some_and(|x| x > 0), "{k} in {v}");
     }
 }
+
+#[tokio::test]
+async fn slow_readers_scenario() {
+    let (o, path) = opts("slow-readers").await;
+    let s = bench::slow::SlowOptions {
+        per_transport: 5,
+        normal: 3,
+        rate: 50,
+        seconds: 2,
+        read_every: std::time::Duration::from_millis(100),
+        gateway_bin: PathBuf::from(env!("CARGO_BIN_EXE_walcast")),
+    };
+    bench::slow::run(&o, &s).await.expect("slow-readers runs");
+    let v = read(&path);
+    assert_eq!(v["scenario"], "slow-readers");
+    for phase in ["alone", "loaded"] {
+        assert_eq!(v[phase]["lost"].as_u64(), Some(0), "{phase} in {v}");
+        assert!(v[phase]["p99_ms"].as_f64().is_some_and(|x| x > 0.0), "{phase} in {v}");
+    }
+    for kind in ["phoenix", "plain", "sse", "long-poll"] {
+        assert!(v["slow_connections"][kind].as_u64().is_some_and(|n| n >= 5), "{kind} in {v}");
+    }
+}
