@@ -1,10 +1,12 @@
 //! `slow-readers`: what clients that cannot keep up cost everyone else. A few normal Phoenix
 //! subscribers follow every INSERT of `walcast_bench_items` while a writer commits R changes/s;
-//! their latency is measured first alone, then with S slow readers on each transport (Phoenix,
-//! `/v1/ws`, Server-Sent Events, long-poll) following the same table and reading one message
-//! (or one body chunk) per interval. A slow reader the gateway closes connects again after a
-//! second, as a real client would. Reports both latency distributions, their p99 ratio, what the
-//! normal subscribers lost, and how the gateway handled the slow ones (from `/metrics`).
+//! their latency is measured in three phases of the same writes: alone; beside S readers on
+//! each transport (Phoenix, `/v1/ws`, Server-Sent Events, long-poll) following the same table
+//! and reading as fast as they can (the cost of the fan-out itself); and beside as many slow
+//! readers, each reading one message (or one body chunk) per interval. A reader the gateway
+//! closes connects again after a second, as a real client would. Reports the three latency
+//! distributions, the slow phase's p99 against the other two, what the normal subscribers lost,
+//! and how the gateway handled the slow readers (from `/metrics`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::json;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::bench::gateway::{apikey, http_get, BenchGateway};
@@ -71,8 +74,9 @@ async fn normal(mut ws: Socket, i: u32, receipts: Receipts) {
     }
 }
 
-/// One slow reader of `kind`, for ever: connect, read one message (or chunk) per `every`,
-/// and connect again a second after the gateway closes it. Counts its connections.
+/// One reader of `kind`, for ever: connect, read one message (or chunk) per `every` (zero: as
+/// fast as it comes), and connect again a second after the gateway closes it. Counts its
+/// connections.
 async fn slow(addr: String, kind: &'static str, i: usize, every: Duration, connects: Arc<AtomicU64>) {
     let http = reqwest::Client::new();
     let changes = format!("http://{addr}/v1/tables/{TABLE}/changes?events=insert&apikey={}", apikey());
@@ -97,7 +101,9 @@ async fn slow(addr: String, kind: &'static str, i: usize, every: Duration, conne
 
 async fn read_ws_slowly(mut ws: Socket, every: Duration) -> anyhow::Result<()> {
     loop {
-        tokio::time::sleep(every).await;
+        if !every.is_zero() {
+            tokio::time::sleep(every).await;
+        }
         match ws.next().await {
             Some(Ok(Message::Close(_))) | None => return Ok(()),
             Some(Err(e)) => return Err(e.into()),
@@ -117,7 +123,9 @@ async fn plain(addr: &str, every: Duration) -> anyhow::Result<()> {
 async fn read_body_slowly(mut resp: reqwest::Response, every: Duration) -> anyhow::Result<Vec<u8>> {
     let mut body = Vec::new();
     loop {
-        tokio::time::sleep(every).await;
+        if !every.is_zero() {
+            tokio::time::sleep(every).await;
+        }
         match resp.chunk().await? {
             Some(chunk) => body.extend_from_slice(&chunk),
             None => return Ok(body),
@@ -205,18 +213,94 @@ async fn metric(addr: &str, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// Readers of every kind, `per_transport` each, reading one message per `every`; returns their
+/// tasks and connection counts (by kind).
+async fn start_readers(
+    addr: &str,
+    per_transport: usize,
+    every: Duration,
+) -> (Vec<JoinHandle<()>>, Vec<Arc<AtomicU64>>) {
+    let connects: Vec<Arc<AtomicU64>> = KINDS.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let mut tasks = Vec::new();
+    for i in 0..per_transport {
+        for (kind, count) in KINDS.iter().zip(&connects) {
+            tasks.push(tokio::spawn(slow(addr.to_owned(), kind, i, every, Arc::clone(count))));
+        }
+        if i % 100 == 99 {
+            // Let each hundred connect before the next.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    (tasks, connects)
+}
+
+/// One phase's figures for the normal subscribers: (p50 ms, p99 ms, max ms, lost).
+type Latency = (f64, f64, f64, usize);
+
+/// What a phase with readers measured.
+struct Loaded {
+    latency: Latency,
+    connections: Vec<u64>,
+    closed: u64,
+    caught_up: u64,
+    cpu: f64,
+}
+
+/// Writes one phase's changes (ids after `first`) with `per_transport` readers of each kind
+/// reading one message per `every`, then stops them.
+async fn loaded_phase(
+    gw: &BenchGateway,
+    pool: &sqlx::PgPool,
+    s: &SlowOptions,
+    receipts: &Receipts,
+    every: Duration,
+    first: i64,
+) -> anyhow::Result<Loaded> {
+    let addr = gw.addr();
+    let (tasks, connects) = start_readers(addr, s.per_transport, every).await;
+    let closed0 = metric(addr, crate::server::metrics::SLOW_DISCONNECTS).await;
+    let caught0 = metric(addr, crate::server::metrics::SLOW_CATCHUPS).await;
+    let cpu0 = gw.usage().map_or(0.0, |u| u.0);
+    let sent = write(pool, s.rate, s.seconds, first).await?;
+    let latency = measure(receipts, &sent, s.normal).await?;
+    let loaded = Loaded {
+        latency,
+        connections: connects.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
+        closed: metric(addr, crate::server::metrics::SLOW_DISCONNECTS).await - closed0,
+        caught_up: metric(addr, crate::server::metrics::SLOW_CATCHUPS).await - caught0,
+        cpu: gw.usage().map_or(0.0, |u| u.0) - cpu0,
+    };
+    for t in tasks {
+        t.abort();
+    }
+    Ok(loaded)
+}
+
+fn latency_json(l: &Latency) -> serde_json::Value {
+    json!({"p50_ms": l.0, "p99_ms": l.1, "max_ms": l.2, "lost": l.3})
+}
+
+fn loaded_json(l: &Loaded) -> serde_json::Value {
+    let mut v = latency_json(&l.latency);
+    v["connections"] = KINDS.iter().zip(&l.connections).map(|(k, c)| (k.to_string(), json!(c))).collect();
+    v["slow_clients_closed"] = json!(l.closed);
+    v["slow_clients_caught_up"] = json!(l.caught_up);
+    v["gateway_cpu_seconds"] = json!(l.cpu);
+    v
+}
+
 pub async fn run(opts: &BenchOptions, s: &SlowOptions) -> anyhow::Result<serde_json::Value> {
     ensure_open_files(s.per_transport * KINDS.len() + s.normal)?;
     let env = database(opts, "slow").await?;
     let gw = BenchGateway::start(None, &s.gateway_bin, &env.url, &env.slot, 1024).await?;
-    let addr = gw.addr().to_owned();
     let receipts: Receipts = Arc::new(Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
+    let mut normals = Vec::new();
     for i in 0..s.normal {
-        let ws = phoenix(&addr, &format!("normal{i}")).await?;
-        tasks.push(tokio::spawn(normal(ws, i as u32, Arc::clone(&receipts))));
+        let ws = phoenix(gw.addr(), &format!("normal{i}")).await?;
+        normals.push(tokio::spawn(normal(ws, i as u32, Arc::clone(&receipts))));
     }
     let pool = crate::connect_pool(&env.url).await?;
+    let per_phase = (s.rate * s.seconds) as i64;
 
     eprintln!(
         "slow-readers: {} normal subscribers alone, {} changes/s for {} s",
@@ -224,39 +308,35 @@ pub async fn run(opts: &BenchOptions, s: &SlowOptions) -> anyhow::Result<serde_j
     );
     let sent = write(&pool, s.rate, s.seconds, 1).await?;
     let alone = measure(&receipts, &sent, s.normal).await?;
-
-    eprintln!("slow-readers: starting {} slow readers on each of {KINDS:?}", s.per_transport);
-    let connects: Vec<Arc<AtomicU64>> = KINDS.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
-    for i in 0..s.per_transport {
-        for (kind, count) in KINDS.iter().zip(&connects) {
-            tasks.push(tokio::spawn(slow(addr.clone(), kind, i, s.read_every, Arc::clone(count))));
-        }
-        if i % 100 == 99 {
-            // Let each hundred connect before the next.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    let dropped0 = metric(&addr, crate::server::metrics::SLOW_DISCONNECTS).await;
-    let caught0 = metric(&addr, crate::server::metrics::SLOW_CATCHUPS).await;
-    let cpu0 = gw.usage().map_or(0.0, |u| u.0);
-    eprintln!("slow-readers: the same writes with them");
-    let sent = write(&pool, s.rate, s.seconds, 1 + (s.rate * s.seconds) as i64).await?;
-    let loaded = measure(&receipts, &sent, s.normal).await?;
-    let cpu = gw.usage().map_or(0.0, |u| u.0) - cpu0;
-    let dropped = metric(&addr, crate::server::metrics::SLOW_DISCONNECTS).await - dropped0;
-    let caught = metric(&addr, crate::server::metrics::SLOW_CATCHUPS).await - caught0;
-    for t in tasks {
+    eprintln!("slow-readers: beside {} fast readers on each of {KINDS:?}", s.per_transport);
+    let fast = loaded_phase(&gw, &pool, s, &receipts, Duration::ZERO, 1 + per_phase).await?;
+    eprintln!(
+        "slow-readers: beside {} slow readers on each (one read per {:?})",
+        s.per_transport, s.read_every
+    );
+    let slow = loaded_phase(&gw, &pool, s, &receipts, s.read_every, 1 + 2 * per_phase).await?;
+    for t in normals {
         t.abort();
     }
-    let connections: Vec<u64> = connects.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    let ratio = if alone.1 > 0.0 { loaded.1 / alone.1 } else { 0.0 };
-    println!("{:>12} {:>9} {:>9} {:>9} {:>6}", "phase", "p50 ms", "p99 ms", "max ms", "lost");
-    for (name, m) in [("alone", alone), ("slow readers", loaded)] {
-        println!("{name:>12} {:>9.2} {:>9.2} {:>9.2} {:>6}", m.0, m.1, m.2, m.3);
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    println!(
+        "{:>14} {:>9} {:>9} {:>9} {:>6} {:>8} {:>9} {:>7}",
+        "phase", "p50 ms", "p99 ms", "max ms", "lost", "closed", "caught up", "CPU-s"
+    );
+    println!("{:>14} {:>9.2} {:>9.2} {:>9.2} {:>6}", "alone", alone.0, alone.1, alone.2, alone.3);
+    for (name, l) in [("fast readers", &fast), ("slow readers", &slow)] {
+        let m = &l.latency;
+        println!(
+            "{name:>14} {:>9.2} {:>9.2} {:>9.2} {:>6} {:>8} {:>9} {:>7.1}",
+            m.0, m.1, m.2, m.3, l.closed, l.caught_up, l.cpu
+        );
     }
     println!(
-        "p99 ratio {ratio:.2} (goal ≤ 2); slow-reader connections {KINDS:?} = {connections:?}; gateway: {dropped} \
-         slow clients closed, {caught} caught up from the log, {cpu:.1} CPU-s in the loaded phase"
+        "slow phase p99 / fast phase p99 = {:.2} (goal ≤ 2); / alone = {:.2}; reader connections {KINDS:?}: fast {:?}, slow {:?}",
+        ratio(slow.latency.1, fast.latency.1),
+        ratio(slow.latency.1, alone.1),
+        fast.connections,
+        slow.connections
     );
     let v = json!({
         "scenario": "slow-readers",
@@ -265,13 +345,11 @@ pub async fn run(opts: &BenchOptions, s: &SlowOptions) -> anyhow::Result<serde_j
         "rate": s.rate,
         "seconds": s.seconds,
         "read_every_ms": s.read_every.as_millis() as u64,
-        "alone": {"p50_ms": alone.0, "p99_ms": alone.1, "max_ms": alone.2, "lost": alone.3},
-        "loaded": {"p50_ms": loaded.0, "p99_ms": loaded.1, "max_ms": loaded.2, "lost": loaded.3},
-        "p99_ratio": ratio,
-        "slow_connections": KINDS.iter().zip(&connections).map(|(k, c)| (k.to_string(), json!(c))).collect::<serde_json::Map<_, _>>(),
-        "slow_clients_closed": dropped,
-        "slow_clients_caught_up": caught,
-        "gateway_cpu_seconds_loaded": cpu,
+        "alone": latency_json(&alone),
+        "fast": loaded_json(&fast),
+        "slow": loaded_json(&slow),
+        "p99_slow_over_fast": ratio(slow.latency.1, fast.latency.1),
+        "p99_slow_over_alone": ratio(slow.latency.1, alone.1),
     });
     pool.close().await;
     gw.stop().await;

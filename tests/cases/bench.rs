@@ -198,6 +198,7 @@ async fn soak_scenario() {
 
 #[tokio::test]
 async fn slow_readers_scenario() {
+    const KINDS: [&str; 4] = ["phoenix", "plain", "sse", "long-poll"];
     let (o, path) = opts("slow-readers").await;
     let s = bench::slow::SlowOptions {
         per_transport: 5,
@@ -210,11 +211,11 @@ async fn slow_readers_scenario() {
     bench::slow::run(&o, &s).await.expect("slow-readers runs");
     let v = read(&path);
     assert_eq!(v["scenario"], "slow-readers");
-    for phase in ["alone", "loaded"] {
+    for phase in ["alone", "fast", "slow"] {
         assert_eq!(v[phase]["lost"].as_u64(), Some(0), "{phase} in {v}");
         assert!(v[phase]["p99_ms"].as_f64().is_some_and(|x| x > 0.0), "{phase} in {v}");
     }
-    for kind in ["phoenix", "plain", "sse", "long-poll"] {
-        assert!(v["slow_connections"][kind].as_u64().is_some_and(|n| n >= 5), "{kind} in {v}");
+    for (phase, kind) in ["fast", "slow"].into_iter().flat_map(|p| KINDS.map(|k| (p, k))) {
+        assert!(v[phase]["connections"][kind].as_u64().is_some_and(|n| n >= 5), "{phase} {kind} in {v}");
     }
 }
