@@ -2,6 +2,7 @@
 //! same run. Prints a table on stdout, progress on stderr, and JSON with `--json`.
 //! Must not: assert timings; it reports them.
 
+pub mod client;
 pub mod gateway;
 pub mod ingest;
 pub mod matching;

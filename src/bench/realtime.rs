@@ -28,8 +28,9 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::bench::client::{connect_all, phoenix_join, ws_connect, Socket};
 use crate::bench::gateway::{proc_usage, BenchGateway};
-use crate::bench::sockets::{database, ensure_open_files, teardown, ws_connect, Socket};
+use crate::bench::sockets::{database, ensure_open_files, teardown};
 use crate::bench::BenchOptions;
 
 #[derive(Debug, Clone)]
@@ -431,71 +432,6 @@ impl Relay {
     fn usage(&self) -> Option<(f64, u64, u64)> {
         self.child.id().map(proc_usage)
     }
-}
-
-pub(crate) async fn connect_all<F, Fut>(n: usize, f: F) -> anyhow::Result<Vec<Socket>>
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Socket>>,
-{
-    let mut out = Vec::with_capacity(n);
-    let mut at = 0;
-    while at < n {
-        let end = (at + 200).min(n);
-        for s in futures_util::future::join_all((at..end).map(&f)).await {
-            out.push(s?);
-        }
-        at = end;
-        if n >= 1000 && at % 1000 == 0 {
-            eprintln!("  {at} sockets joined");
-        }
-    }
-    Ok(out)
-}
-
-/// Sends a 2.0.0 join and waits for its reply (and, with bindings, the `system` ok).
-async fn phoenix_join(
-    addr: &str,
-    topic: String,
-    config: serde_json::Value,
-    wait_system: bool,
-) -> anyhow::Result<Socket> {
-    phoenix_join_as(addr, topic, config, wait_system, None).await
-}
-
-/// `phoenix_join` with an `access_token` for the channel.
-pub(crate) async fn phoenix_join_as(
-    addr: &str,
-    topic: String,
-    config: serde_json::Value,
-    wait_system: bool,
-    access_token: Option<String>,
-) -> anyhow::Result<Socket> {
-    let mut ws = ws_connect(format!(
-        "ws://{addr}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
-        super::gateway::apikey()
-    ))
-    .await?;
-    let mut payload = json!({"config": config});
-    if let Some(t) = access_token {
-        payload["access_token"] = t.into();
-    }
-    let join = json!(["1", "1", topic, "phx_join", payload]);
-    ws.send(Message::Text(join.to_string().into())).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let Some(msg) = tokio::time::timeout(Duration::from_secs(60), ws.next()).await?.transpose()? else {
-            break;
-        };
-        if let Message::Text(t) = msg {
-            let system = t.contains("\"system\"");
-            if (wait_system && system) || (!wait_system && t.contains("phx_reply")) {
-                anyhow::ensure!(t.contains("\"status\":\"ok\""), "join failed: {t}");
-                return Ok(ws);
-            }
-        }
-    }
-    anyhow::bail!("join of {topic} not answered within 60 s")
 }
 
 /// A figure as printed: two decimals, or `n/a` when there is none (a ratio where a side had no passing

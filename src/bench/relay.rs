@@ -41,7 +41,7 @@ pub async fn serve(listen: &str) -> anyhow::Result<()> {
             let ws = tokio_tungstenite::accept_hdr_async_with_config(
                 tcp,
                 pick_group,
-                Some(crate::bench::sockets::ws_config()),
+                Some(crate::bench::client::ws_config()),
             )
             .await;
             let Ok(ws) = ws else { return };

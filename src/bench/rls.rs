@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::json;
 
+use crate::bench::client::{connect_all, phoenix_join_as, Socket};
 use crate::bench::gateway::{http_get, BenchGateway, BENCH_SECRET};
-use crate::bench::realtime::{
-    connect_all, phoenix_join_as, print_header, search_rates, spawn_reader, step, Receiver, Source, Step,
-};
-use crate::bench::sockets::{database, ensure_open_files, teardown, Socket};
+use crate::bench::realtime::{print_header, search_rates, spawn_reader, step, Receiver, Source, Step};
+use crate::bench::sockets::{database, ensure_open_files, teardown};
 use crate::bench::BenchOptions;
 
 #[derive(Debug, Clone)]

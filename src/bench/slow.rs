@@ -19,8 +19,9 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::bench::client::{phoenix_join, ws_connect, Socket};
 use crate::bench::gateway::{apikey, http_get, BenchGateway};
-use crate::bench::sockets::{database, ensure_open_files, teardown, ws_connect, Socket};
+use crate::bench::sockets::{database, ensure_open_files, teardown};
 use crate::bench::BenchOptions;
 
 #[derive(Debug, Clone)]
@@ -45,22 +46,8 @@ type Receipts = Arc<Mutex<Vec<(u32, i64, Instant)>>>;
 
 /// A Phoenix socket joined to every INSERT of the table.
 async fn phoenix(addr: &str, topic: &str) -> anyhow::Result<Socket> {
-    let mut ws =
-        ws_connect(format!("ws://{addr}/realtime/v1/websocket?apikey={}&vsn=2.0.0", apikey())).await?;
     let binding = json!({"event": "INSERT", "schema": "public", "table": "walcast_bench_items"});
-    let frame = json!(["1", "1", format!("realtime:{topic}"), "phx_join", {"config": {"postgres_changes": [binding]}}]);
-    ws.send(Message::Text(frame.to_string().into())).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next()).await?;
-        let Some(msg) = msg.transpose()? else { anyhow::bail!("closed while joining") };
-        if let Message::Text(t) = msg {
-            if t.contains("\"system\"") {
-                anyhow::ensure!(t.contains("\"status\":\"ok\""), "join failed: {t}");
-                return Ok(ws);
-            }
-        }
-    }
+    phoenix_join(addr, format!("realtime:{topic}"), json!({"postgres_changes": [binding]}), true).await
 }
 
 /// A normal subscriber: reads every frame at once and notes when each change arrived.

@@ -13,13 +13,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::bench::client::{phoenix_join_answer, Socket};
 use crate::bench::gateway::BenchGateway;
-use crate::bench::sockets::{database, ensure_open_files, teardown, ws_connect, Socket};
+use crate::bench::sockets::{database, ensure_open_files, teardown};
 use crate::bench::BenchOptions;
 
 #[derive(Debug, Clone)]
@@ -53,28 +54,12 @@ fn binding(key: usize, since: Option<&str>) -> serde_json::Value {
 /// Connects and joins `realtime:c<i>` (resuming after `since`); returns once subscribed, with the
 /// cursor the bindings went live at.
 async fn join(addr: &str, i: usize, key: usize, since: Option<&str>) -> anyhow::Result<(Socket, String)> {
-    let mut ws = ws_connect(format!(
-        "ws://{addr}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
-        super::gateway::apikey()
-    ))
-    .await?;
-    let payload = json!({"config": {"postgres_changes": [binding(key, since)]}});
-    let frame = json!(["1", "1", format!("realtime:c{i}"), "phx_join", payload]);
-    ws.send(Message::Text(frame.to_string().into())).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next()).await?;
-        let Some(msg) = msg.transpose()? else { anyhow::bail!("closed while joining") };
-        if let Message::Text(t) = msg {
-            if t.contains("\"system\"") {
-                anyhow::ensure!(t.contains("\"status\":\"ok\""), "join failed: {t}");
-                let Some(cursor) = cursor_of(&t) else {
-                    anyhow::bail!("the join's system message has no cursor: {t}")
-                };
-                return Ok((ws, cursor));
-            }
-        }
-    }
+    let config = json!({"postgres_changes": [binding(key, since)]});
+    let (ws, answer) = phoenix_join_answer(addr, format!("realtime:c{i}"), config, true, None).await?;
+    let Some(cursor) = cursor_of(&answer) else {
+        anyhow::bail!("the join's system message has no cursor: {answer}")
+    };
+    Ok((ws, cursor))
 }
 
 /// The record id and cursor of a change frame.

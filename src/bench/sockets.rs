@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::bench::client::Socket;
 use crate::bench::gateway::{raise_nofile_limit, BenchGateway};
 use crate::bench::BenchOptions;
 use crate::cluster::{Cluster, ClusterOptions};
@@ -103,31 +104,13 @@ pub(crate) async fn teardown(env: Env) {
     }
 }
 
-pub(crate) type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// WebSocket buffers of the harness's sockets (client and relay alike), sized as the gateway
-/// sizes its own: the library's default read buffer (128 KiB) is zeroed before every read,
-/// which over a thousand sockets took a quarter of the load generator's CPU.
-pub(crate) fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(16 * 1024)
-}
-
-/// A client socket to `url` with `ws_config` and without Nagle's delay.
-pub(crate) async fn ws_connect(url: String) -> anyhow::Result<Socket> {
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true).await?;
-    Ok(ws)
-}
-
 /// Opens `n` sockets, socket `i` joined to `realtime:c<i>` with an `eq` filter on key `i mod
 /// keys`; returns once all are subscribed.
 async fn join_all(addr: &str, n: usize, keys: usize) -> anyhow::Result<Vec<Socket>> {
-    crate::bench::realtime::connect_all(n, |i| {
+    crate::bench::client::connect_all(n, |i| {
         let binding = serde_json::json!({"event": "INSERT", "schema": "public",
             "table": "walcast_bench_items", "filter": format!("k=eq.{}", i % keys)});
-        crate::bench::realtime::phoenix_join_as(
+        crate::bench::client::phoenix_join_as(
             addr,
             format!("realtime:c{i}"),
             serde_json::json!({"postgres_changes": [binding]}),
