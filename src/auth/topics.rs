@@ -12,7 +12,7 @@ use bytes::Bytes;
 use sqlx::PgPool;
 
 use crate::auth::rls::Subject;
-use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
+use crate::change::broadcast::{BroadcastMessage, BroadcastPayload};
 
 /// The most messages one replay returns (Supabase's hard limit).
 pub const MAX_REPLAY: i64 = 25;

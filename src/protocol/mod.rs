@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use base64::Engine as _;
 
-use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
+use crate::change::broadcast::{BroadcastMessage, BroadcastPayload};
 use crate::realtime::outbox::Frame;
 use crate::realtime::session::Session;
 

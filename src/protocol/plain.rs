@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use crate::auth::Credentials;
-use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
+use crate::change::broadcast::{BroadcastMessage, BroadcastPayload};
 use crate::realtime::outbox::{Direct, Encoder, EncodingId, Event, Frame, OutboxReceiver};
 use crate::realtime::resume::Since;
 use crate::realtime::session::{JoinError, JoinRequest, Session};

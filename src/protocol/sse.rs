@@ -192,7 +192,7 @@ mod tests {
 
     #[test]
     fn broadcasts_are_named_events_and_keep_the_stream_framed() {
-        use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload, Logged};
+        use crate::change::broadcast::{BroadcastMessage, BroadcastPayload, Logged};
         let m = |event: &str, payload: &'static [u8], cursor: Option<&str>| BroadcastMessage {
             event: event.into(),
             payload: BroadcastPayload::Json(bytes::Bytes::from_static(payload)),

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::realtime::broadcast::BroadcastMessage;
+use crate::change::broadcast::BroadcastMessage;
 use crate::realtime::presence::PresenceDiff;
 use crate::realtime::{Hub, MemberId, TopicKey};
 

@@ -145,7 +145,7 @@ fn publish(hub: &Hub, mut b: DbBroadcast) {
     hub.metrics().broadcasts_received.fetch_add(1, Ordering::Relaxed);
     if let Some(log) = hub.log() {
         let cursor = log.cursor(b.position).to_string().into();
-        b.message.logged = Some(crate::realtime::broadcast::Logged { position: b.position, cursor });
+        b.message.logged = Some(crate::change::broadcast::Logged { position: b.position, cursor });
         hub.set_broadcast_logged(b.position);
     }
     hub.publish(BusMessage::Broadcast {

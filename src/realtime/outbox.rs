@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
-use crate::realtime::broadcast::BroadcastMessage;
+use crate::change::broadcast::BroadcastMessage;
 use crate::realtime::Metrics;
 
 /// One encoded server message. Cloning shares the bytes.

@@ -9,8 +9,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::auth::topics::Replayed;
+use crate::change::broadcast::BroadcastMessage;
 use crate::locks;
-use crate::realtime::broadcast::{BroadcastMessage, ReplayGate};
+use crate::realtime::broadcast::ReplayGate;
 use crate::realtime::outbox::{Direct, EncodingId, Event, Frame};
 use crate::realtime::presence::{PresenceDiff, PresenceTable};
 use crate::realtime::resume::Place;

@@ -14,11 +14,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::change::broadcast::Logged;
 use crate::change::DbBroadcast;
 use crate::change::Position;
 use crate::locks;
 use crate::log::{Cursor, Entry, Gap, LogReader};
-use crate::realtime::broadcast::Logged;
 use crate::realtime::dispatch::{replay_batch, Scratch};
 use crate::realtime::index::Subscription;
 use crate::realtime::outbox::{Direct, Event, Frame, Queued};

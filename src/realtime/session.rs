@@ -16,9 +16,10 @@ use serde_json::Value;
 use crate::auth::rls::{Access, KeyOnlyDeletes, Lane, Request, RowSecurity, Subject, Table};
 use crate::auth::topics::{TopicAccess, TopicError, MAX_REPLAY};
 use crate::auth::{AuthError, Credentials};
+use crate::change::broadcast::BroadcastMessage;
 use crate::change::Position;
 use crate::locks;
-use crate::realtime::broadcast::{BroadcastError, BroadcastMessage, ReplayGate};
+use crate::realtime::broadcast::{BroadcastError, ReplayGate};
 use crate::realtime::bus::BusMessage;
 use crate::realtime::index::{BindingSpec, SubId};
 use crate::realtime::outbox::{Direct, Encoder, Outbox, OutboxReceiver};
@@ -833,7 +834,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::realtime::broadcast::BroadcastPayload;
+    use crate::change::broadcast::BroadcastPayload;
     use crate::realtime::outbox::{EncodingId, Event, Frame};
     use crate::realtime::Limits;
 
@@ -1169,7 +1170,7 @@ mod tests {
         let position = lsn.map(|l| Position { lsn: crate::replication::lsn::Lsn(l), seq: 0 });
         BroadcastMessage {
             logged: position
-                .map(|position| crate::realtime::broadcast::Logged { position, cursor: "c".into() }),
+                .map(|position| crate::change::broadcast::Logged { position, cursor: "c".into() }),
             ..json_msg(event, "1")
         }
     }

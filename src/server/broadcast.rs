@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use crate::auth::rls::Subject;
 use crate::auth::topics::TopicError;
 use crate::auth::Credentials;
-use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
+use crate::change::broadcast::{BroadcastMessage, BroadcastPayload};
 use crate::realtime::bus::BusMessage;
 use crate::realtime::TopicKey;
 use crate::server::AppState;

@@ -12,9 +12,10 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use crate::auth::Credentials;
+use crate::change::broadcast::{BroadcastMessage, BroadcastPayload};
 use crate::protocol::phoenix::codec::{self, ClientFrame, Vsn};
 use crate::protocol::phoenix::encoder::{channel_name, PhoenixEncoder};
-use crate::realtime::broadcast::{BroadcastError, BroadcastMessage, BroadcastPayload};
+use crate::realtime::broadcast::BroadcastError;
 use crate::realtime::outbox::{Frame, OutboxReceiver};
 use crate::realtime::session::{JoinError, JoinRequest, PresenceError, Session};
 use crate::realtime::Hub;

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 
+use crate::change::broadcast::{BroadcastMessage, BroadcastPayload};
 use crate::protocol::phoenix::codec::{
     encode_binary_broadcast, envelope, shared_envelope_head, write_str, Vsn,
 };
-use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
 use crate::realtime::outbox::{Direct, Encoder, EncodingId, Envelope, Event, Frame};
 
 /// The encoder of one serializer version.

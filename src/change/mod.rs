@@ -5,10 +5,17 @@
 //! sockets or subscriptions. A `Change` is not `Clone`: the fan-out shares it by reference.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+pub mod broadcast;
+mod position;
+mod time;
+
+pub use broadcast::{DbBroadcast, DbBroadcastError};
+pub use position::Position;
+pub use time::{civil_from_days, days_from_civil, format_timestamp_millis, parse_timestamp};
 
 use crate::replication::lsn::Lsn;
 use crate::replication::pgoutput::{Tuple, Value};
@@ -112,24 +119,6 @@ impl Relation {
 
     pub fn column_index(&self, name: &str) -> Option<usize> {
         self.by_name.get(name).copied()
-    }
-}
-
-/// Where an event stands in the total commit order: its transaction's commit LSN, then its place
-/// in the transaction (changes and database broadcasts share one count, from 0). A position is
-/// stable across gateway restarts: decoding the same WAL numbers it the same way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Position {
-    pub lsn: Lsn,
-    pub seq: u32,
-}
-
-impl Position {
-    pub const ZERO: Position = Position { lsn: Lsn::ZERO, seq: 0 };
-
-    /// After every event of the transaction committed at `lsn` (a commit's own position).
-    pub fn end_of(lsn: Lsn) -> Position {
-        Position { lsn, seq: u32::MAX }
     }
 }
 
@@ -467,167 +456,9 @@ fn write_object<'a>(out: &mut Vec<u8>, fields: impl Iterator<Item = (&'a Column,
     out.push(b'}');
 }
 
-/// Formats microseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-pub fn format_timestamp_millis(unix_micros: i64) -> String {
-    let secs = unix_micros.div_euclid(1_000_000);
-    let millis = unix_micros.rem_euclid(1_000_000) / 1000;
-    let days = secs.div_euclid(86_400);
-    let tod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    if !(0..=9999).contains(&y) {
-        let mut s = String::with_capacity(28);
-        let _ = write!(
-            s,
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-            tod / 3600,
-            (tod % 3600) / 60,
-            tod % 60
-        );
-        return s;
-    }
-    // The usual case, digit by digit (this runs once per change delivered).
-    let mut b = *b"0000-00-00T00:00:00.000Z";
-    let mut put = |at: usize, width: usize, mut v: u64| {
-        for i in (at..at + width).rev() {
-            b[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
-    };
-    put(0, 4, y as u64);
-    put(5, 2, u64::from(m));
-    put(8, 2, u64::from(d));
-    put(11, 2, (tod / 3600) as u64);
-    put(14, 2, ((tod % 3600) / 60) as u64);
-    put(17, 2, (tod % 60) as u64);
-    put(20, 3, millis as u64);
-    String::from(std::str::from_utf8(&b).unwrap_or_default())
-}
-
-/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar.
-pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-/// Parses an ISO 8601 timestamp with a zone (`2026-11-22T10:00:00.123Z`, `…+02:00`; a space
-/// may stand for the `T`) into microseconds since the Unix epoch.
-pub fn parse_timestamp(s: &str) -> Option<i64> {
-    let b = s.trim().as_bytes();
-    let digits = |part: &[u8]| -> Option<i64> {
-        part.iter()
-            .all(u8::is_ascii_digit)
-            .then(|| part.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0')))
-    };
-    let num = |r: std::ops::Range<usize>| digits(b.get(r)?);
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't' | b' ')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    let mut at = 19;
-    let mut micros = 0i64;
-    if b.get(at) == Some(&b'.') {
-        at += 1;
-        let start = at;
-        while b.get(at).is_some_and(u8::is_ascii_digit) {
-            if at - start < 6 {
-                micros = micros * 10 + i64::from(b[at] - b'0');
-            }
-            at += 1;
-        }
-        if at == start {
-            return None;
-        }
-        for _ in (at - start).min(6)..6 {
-            micros *= 10;
-        }
-    }
-    // Bytes, not string slices: the text may hold multi-byte characters anywhere.
-    let offset_secs = match &b[at..] {
-        [b'Z' | b'z'] => 0,
-        [sign @ (b'+' | b'-'), rest @ ..] => {
-            let (oh, om) = match rest {
-                [h1, h2, b':', m1, m2] | [h1, h2, m1, m2] => (digits(&[*h1, *h2])?, digits(&[*m1, *m2])?),
-                [h1, h2] => (digits(&[*h1, *h2])?, 0),
-                _ => return None,
-            };
-            if oh > 23 || om > 59 {
-                return None;
-            }
-            let secs = oh * 3600 + om * 60;
-            if *sign == b'-' {
-                -secs
-            } else {
-                secs
-            }
-        }
-        _ => return None,
-    };
-    let days = days_from_civil(y, mo as u32, d as u32);
-    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_secs;
-    secs.checked_mul(1_000_000)?.checked_add(micros)
-}
-
-/// (year, month, day) → days since 1970-01-01.
-pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timestamps_parse_as_clients_print_them() {
-        let t = parse_timestamp("2026-11-22T10:00:00.123Z").unwrap();
-        assert_eq!(format_timestamp_millis(t), "2026-11-22T10:00:00.123Z");
-        assert_eq!(parse_timestamp("2026-11-22 12:00:00.123+02:00"), Some(t));
-        assert_eq!(parse_timestamp("2026-11-22T09:30:00.123456-0030"), Some(t + 456));
-        assert_eq!(parse_timestamp("1970-01-01T00:00:00Z"), Some(0));
-        for bad in [
-            "",
-            "2026-11-22",
-            "2026-11-22T10:00:00",
-            "2026-13-01T00:00:00Z",
-            "2026-11-22T10:00:00.Z",
-            "x026-11-22T10:00:00Z",
-            "2026-11-22T10:00:00+2",
-            // Multi-byte characters where the offset's digits are expected.
-            "2024-01-01T00:00:00+0é0",
-            "2024-01-01T00:00:00+é00",
-            "2024-01-01T00:00:00+é",
-            "2024-01-01T00:00:00.éZ",
-            "2024-01-01T00:00:00+24:00",
-            "2024-01-01T00:00:00+-1:00",
-            "2024-01-01T00:00:00+00:60",
-            "é024-01-01T00:00:00Z",
-        ] {
-            assert_eq!(parse_timestamp(bad), None, "{bad:?}");
-        }
-    }
     use crate::replication::values::TypeCatalog;
 
     fn relation(identity: ReplicaIdentity) -> Arc<Relation> {
@@ -800,30 +631,6 @@ mod tests {
     }
 
     #[test]
-    fn database_broadcasts_decode() {
-        let b = DbBroadcast::decode(
-            br#"{"id":"u1","topic":"room","event":"e","private":true,"payload":{"x":1},"binary_payload":null}"#,
-        )
-        .unwrap();
-        assert_eq!((&*b.topic, b.private, b.message.event.as_str()), ("realtime:room", true, "e"));
-        let crate::realtime::broadcast::BroadcastPayload::Json(p) = &b.message.payload else { panic!() };
-        assert_eq!(serde_json::from_slice::<serde_json::Value>(p).unwrap(), serde_json::json!({"x": 1}));
-        assert_eq!(b.message.meta.as_deref(), Some(&br#"{"id":"u1"}"#[..]));
-        let b = DbBroadcast::decode(
-            br#"{"id":"u2","topic":"t","event":"e","payload":null,"binary_payload":"00ff10"}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            b.message.payload,
-            crate::realtime::broadcast::BroadcastPayload::Binary(Bytes::from_static(&[0, 255, 16]))
-        );
-        assert!(!b.private);
-        for bad in [&b"nope"[..], br#"{"id":"u","topic":"t","binary_payload":"0"}"#, br#"{"topic":"t"}"#] {
-            assert!(DbBroadcast::decode(bad).is_err());
-        }
-    }
-
-    #[test]
     fn delete_has_no_record() {
         let c = Change {
             relation: relation(ReplicaIdentity::Default),
@@ -842,84 +649,6 @@ mod tests {
         assert_eq!(c.filter_value(0), Some(&b"5"[..]));
         assert!(c.filter_carries(0) && !c.filter_carries(1));
     }
-}
-
-/// A broadcast sent from the database (`realtime.send`), delivered when its transaction commits.
-#[derive(Debug)]
-pub struct DbBroadcast {
-    /// Where it was committed (set by the replication task).
-    pub position: Position,
-    /// The message as the trigger emitted it (what the change log keeps).
-    pub raw: Bytes,
-    /// The channel topic (`realtime:<topic>`).
-    pub topic: Arc<str>,
-    pub private: bool,
-    pub message: crate::realtime::broadcast::BroadcastMessage,
-}
-
-/// Why a database broadcast message could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum DbBroadcastError {
-    #[error("not the expected JSON object")]
-    Json(#[source] serde_json::Error),
-    #[error("binary_payload is not hex")]
-    Hex,
-}
-
-impl DbBroadcast {
-    /// The logical decoding message prefix the `realtime.messages` trigger emits under.
-    pub const PREFIX: &'static str = "walcast.broadcast";
-
-    /// Reads the message the trigger emits:
-    /// `{"id","topic","event","private","payload"|null,"binary_payload": hex|null}`. Every message
-    /// carries `meta: {"id": …}` (`realtime.send` also puts the id into the payload).
-    pub fn decode(content: &[u8]) -> Result<DbBroadcast, DbBroadcastError> {
-        #[derive(serde::Deserialize)]
-        struct Row {
-            id: String,
-            topic: String,
-            event: Option<String>,
-            #[serde(default)]
-            private: bool,
-            payload: Option<serde_json::Value>,
-            binary_payload: Option<String>,
-        }
-        use crate::realtime::broadcast::{BroadcastMessage, BroadcastPayload};
-        let row: Row = serde_json::from_slice(content).map_err(DbBroadcastError::Json)?;
-        let payload = match (row.binary_payload, row.payload) {
-            (Some(hex), _) => {
-                BroadcastPayload::Binary(Bytes::from(decode_hex(&hex).ok_or(DbBroadcastError::Hex)?))
-            }
-            (None, payload) => {
-                let payload = payload.unwrap_or(serde_json::Value::Null);
-                BroadcastPayload::Json(Bytes::from(
-                    serde_json::to_vec(&payload).map_err(DbBroadcastError::Json)?,
-                ))
-            }
-        };
-        let meta = serde_json::to_vec(&serde_json::json!({"id": row.id})).map_err(DbBroadcastError::Json)?;
-        Ok(DbBroadcast {
-            position: Position::ZERO,
-            raw: Bytes::copy_from_slice(content),
-            topic: format!("realtime:{}", row.topic).into(),
-            private: row.private,
-            message: BroadcastMessage {
-                event: row.event.unwrap_or_default(),
-                payload,
-                meta: Some(Bytes::from(meta)),
-                logged: None,
-            },
-        })
-    }
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    let s = s.strip_prefix("\\x").unwrap_or(s).as_bytes();
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    s.chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect()
 }
 
 /// What the replication stage hands the fan-out stage, in commit order.
