@@ -29,9 +29,9 @@ use crate::change::{Change, ChangeEvent, ChangeKind, DbBroadcast, ReplicaIdentit
 use crate::locks;
 use crate::log::Appender;
 use crate::realtime::bus::BusMessage;
+use crate::realtime::gate::Place;
 use crate::realtime::index::Subscription;
 use crate::realtime::outbox::{Direct, EncodingId, Event, Frame};
-use crate::realtime::resume::Place;
 use crate::realtime::{Hub, Member, TopicKey};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::lsn::Lsn;

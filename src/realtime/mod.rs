@@ -16,6 +16,7 @@
 pub mod broadcast;
 pub mod bus;
 pub mod dispatch;
+pub mod gate;
 pub mod index;
 pub mod outbox;
 pub mod presence;
@@ -83,7 +84,7 @@ pub struct Member {
     /// Set while a broadcast replay is being sent, and afterwards to skip what it replayed.
     pub replay: Option<std::sync::Mutex<ReplayGate>>,
     /// Set when it resumes from a cursor: holds live changes while the log is replayed.
-    pub resume: Option<std::sync::Mutex<resume::ResumeGate>>,
+    pub resume: Option<std::sync::Mutex<gate::ResumeGate>>,
     /// The dispatcher's mark of the last change that matched this member (grouping without a
     /// sort); start at 0.
     pub seen: AtomicU64,

@@ -127,7 +127,7 @@ pub enum Direct<'a> {
     Gap { code: &'a str, message: &'a str },
     /// The initial snapshot is complete (`rows` rows were sent); changes follow. `cursor` is
     /// where a client that saw nothing after this resumes (with a change log).
-    /// `more`: a snapshot read in pages ([`SnapshotPage`](super::snapshot::SnapshotPage)) has
+    /// `more`: a snapshot read in pages (a long-poll's `SnapshotPage`) has
     /// more rows after this page's, after this key.
     SnapshotEnd { cursor: Option<&'a str>, rows: u64, more: Option<&'a str> },
 }

@@ -12,9 +12,9 @@ use crate::auth::topics::Replayed;
 use crate::change::broadcast::BroadcastMessage;
 use crate::locks;
 use crate::realtime::broadcast::ReplayGate;
+use crate::realtime::gate::Place;
 use crate::realtime::outbox::{Direct, EncodingId, Event, Frame};
 use crate::realtime::presence::{PresenceDiff, PresenceTable};
-use crate::realtime::resume::Place;
 use crate::realtime::{Hub, Member, MemberId, TopicKey};
 
 #[derive(Debug, Default)]

@@ -1,142 +1,35 @@
 //! Resuming a subscription from a cursor: the changes after it are replayed from the change log,
 //! then live delivery continues, with no gap and no duplicate.
 //!
-//! The hand-off: the member joins with a [`ResumeGate`] that holds its live changes. While its
+//! The hand-off: the member joins with a [`ResumeGate`](crate::realtime::gate::ResumeGate) that
+//! holds its live changes. While its
 //! bindings are added to the index, the session reads the last change the dispatcher matched
 //! (`through`): every later change is matched against the new bindings and held; every change
 //! up to `through` is in the log. The replay sends the log's changes after the cursor up to
 //! `through` (filters and row-level security applied as live), then the gate sends what it held
 //! after `through` and lets live changes pass, skipping any at or before the cursor.
 //!
-//! Owns: the gate and the replay task. Must not: block the dispatcher (the gate is a short lock),
-//! or deliver anything it cannot place in order.
+//! Owns: the replay task and where a resume starts (`Since`). Must not: deliver anything it
+//! cannot place in order (the gate, `gate.rs`, places live changes).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::change::broadcast::Logged;
 use crate::change::DbBroadcast;
 use crate::change::Position;
-use crate::locks;
 use crate::log::{Cursor, Entry, Gap, LogReader};
 use crate::realtime::dispatch::{replay_batch, Scratch};
 use crate::realtime::index::Subscription;
 use crate::realtime::outbox::{Direct, Event, Frame, Queued};
-use crate::realtime::snapshot::XidSnapshot;
 use crate::realtime::{Hub, Member};
 
-/// Live changes a resuming member may hold before it counts as too slow.
-const MAX_HELD: usize = 65_536;
 /// Events read from the log per step.
 const READ_BATCH: usize = 1024;
 /// Batches read ahead of the one being sent.
 const READ_AHEAD: usize = 2;
 /// How long a replay waits for the log writer to catch up with the dispatcher.
 const WRITTEN_WAIT: Duration = Duration::from_secs(30);
-
-/// A member's live changes during a resume or a snapshot.
-#[derive(Debug)]
-pub enum ResumeGate {
-    /// Replaying (or reading the snapshot): live frames are kept, in order, with their places.
-    Holding(Vec<(Place, Frame)>),
-    /// Live: changes at or before `through` were replayed (or were before the cursor, or are in
-    /// the snapshot); so are those that `shown` shows.
-    Live { through: Position, shown: Option<Arc<XidSnapshot>> },
-}
-
-/// Where a live frame sits in the change log, which decides whether a replay or a snapshot
-/// already sent it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Place {
-    /// A change: its position and transaction (a snapshot may show it).
-    Change(Position, u32),
-    /// A database broadcast: a replay sends those up to `through`; a snapshot has none.
-    Broadcast(Position),
-    /// Not in the log (a client's or REST broadcast): always sent, in order.
-    Unlogged,
-}
-
-impl Place {
-    /// Whether a hand-off up to `through` (with the snapshot `shown`) already sent this.
-    fn sent(self, through: Position, shown: Option<&XidSnapshot>) -> bool {
-        match self {
-            Place::Change(p, xid) => p <= through || shown.is_some_and(|s| s.shows(p.lsn, xid)),
-            Place::Broadcast(p) => shown.is_none() && p <= through,
-            Place::Unlogged => false,
-        }
-    }
-}
-
-impl Member {
-    /// Queues one live frame, through the resume gate when there is one. Returns whether it
-    /// was queued (or held).
-    pub(crate) fn deliver_live(&self, place: Place, frame: Frame, hub: &Hub) -> bool {
-        let Some(gate) = &self.resume else {
-            return self.outbox.send(frame, hub.metrics()) == Queued::Yes;
-        };
-        let mut gate = locks::lock(gate);
-        match &mut *gate {
-            ResumeGate::Holding(held) => {
-                if held.len() >= MAX_HELD {
-                    self.outbox.kill(hub.metrics());
-                    return false;
-                }
-                held.push((place, frame));
-                true
-            }
-            ResumeGate::Live { through, shown } => {
-                if place.sent(*through, shown.as_deref()) {
-                    return false;
-                }
-                if let (Place::Change(p, _), Some(s)) = (place, &shown) {
-                    if p.lsn >= s.boundary {
-                        // Past every transaction the snapshot can show.
-                        *shown = None;
-                    }
-                }
-                self.outbox.send(frame, hub.metrics()) == Queued::Yes
-            }
-        }
-    }
-
-    /// Ends the replay: sends what was held after `through`, then lets live changes pass.
-    pub(crate) async fn release(&self, through: Position, hub: &Hub) {
-        self.open_gate(through, None, hub).await;
-    }
-
-    /// Ends a snapshot: sends what was held after `through` that the snapshot does not show, then
-    /// lets live changes pass (those it shows still skipped).
-    pub(crate) async fn release_after_snapshot(&self, through: Position, shown: Arc<XidSnapshot>, hub: &Hub) {
-        self.open_gate(through, Some(shown), hub).await;
-    }
-
-    /// Sends the held frames with backpressure, taking them in turns (the dispatcher keeps
-    /// holding new ones meanwhile), and goes live once nothing is held.
-    async fn open_gate(&self, through: Position, shown: Option<Arc<XidSnapshot>>, hub: &Hub) {
-        let Some(gate) = &self.resume else { return };
-        loop {
-            let held = {
-                let mut gate = locks::lock(gate);
-                match &mut *gate {
-                    ResumeGate::Holding(held) if held.is_empty() => {
-                        *gate = ResumeGate::Live { through, shown };
-                        return;
-                    }
-                    ResumeGate::Holding(held) => std::mem::take(held),
-                    ResumeGate::Live { .. } => return,
-                }
-            };
-            for (place, frame) in held {
-                if place.sent(through, shown.as_deref()) {
-                    continue;
-                }
-                if self.outbox.send_wait(frame, hub.metrics()).await != Queued::Yes {
-                    return;
-                }
-            }
-        }
-    }
-}
 
 /// Where a resume starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,9 +243,4 @@ impl Handoff {
             Handoff::Snapshot(s) => s.start(),
         }
     }
-}
-
-/// The gate a resuming member starts with.
-pub(crate) fn holding_gate() -> Mutex<ResumeGate> {
-    Mutex::new(ResumeGate::Holding(Vec::new()))
 }

@@ -477,7 +477,7 @@ impl Session {
             subject: std::sync::RwLock::new(subject),
             reads: Member::reads_of(&access).into(),
             replay: replay.is_some().then(|| std::sync::Mutex::new(ReplayGate::Holding(Vec::new()))),
-            resume: (since.is_some() || req.snapshot).then(crate::realtime::resume::holding_gate),
+            resume: (since.is_some() || req.snapshot).then(crate::realtime::gate::holding_gate),
             seen: Default::default(),
             change_envelope: Default::default(),
             told_withheld: Default::default(),
@@ -1180,7 +1180,7 @@ mod tests {
         let hub = hub(Limits::default());
         let (mut a, _arx) = session(&hub, 2);
         a.join(req("room")).await.unwrap();
-        let gated = |m: &mut Member| m.resume = Some(crate::realtime::resume::holding_gate());
+        let gated = |m: &mut Member| m.resume = Some(crate::realtime::gate::holding_gate());
         let (resuming, mut rx) = member_with(&hub, "room", gated);
         let (snapshotting, mut snap_rx) = member_with(&hub, "room", gated);
         // Held while the replay runs: those at or before `through` (10) are in the replay.
@@ -1192,7 +1192,7 @@ mod tests {
         resuming.release(through, &hub).await;
         assert_eq!(drain(&mut rx), ["room broadcast live 1", "room broadcast r15 1"]);
         // A snapshot has no broadcasts: every one held is sent.
-        let shown = Arc::new(crate::realtime::snapshot::XidSnapshot::parse("1:1:", through.lsn).unwrap());
+        let shown = Arc::new(crate::realtime::gate::XidSnapshot::parse("1:1:", through.lsn).unwrap());
         snapshotting.release_after_snapshot(through, shown, &hub).await;
         assert_eq!(drain(&mut snap_rx).len(), 4);
         // Live: one at or before `through` arriving late is skipped.

@@ -2,7 +2,7 @@
 //! receives the current rows its bindings match (filters and row-level security applied as for
 //! live changes), then an end marker, then exactly the changes the snapshot does not reflect.
 //!
-//! The hand-off: the member joins with a held [`ResumeGate`](super::resume::ResumeGate), and
+//! The hand-off: the member joins with a held [`ResumeGate`](crate::realtime::gate::ResumeGate), and
 //! its bindings go live at the dispatcher's last matched change (`through`). Only then is the
 //! snapshot taken, in a `REPEATABLE READ` transaction whose MVCC snapshot (`xmin`, `xmax`, the
 //! running xids) and WAL insert position (`boundary`) are read with it. A transaction is in the
@@ -27,6 +27,7 @@ use sqlx::Row;
 
 use crate::change::{Change, ChangeKind, Column, Position, Relation, ReplicaIdentity};
 use crate::realtime::dispatch::{replay_batch, Scratch};
+use crate::realtime::gate::XidSnapshot;
 use crate::realtime::index::Subscription;
 use crate::realtime::outbox::{Direct, Queued};
 use crate::realtime::{Hub, Member};
@@ -69,64 +70,6 @@ impl SnapshotSource {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);
         SnapshotSource { pool, types: tokio::sync::Mutex::new(TypeCatalog::default()), client_wait }
-    }
-}
-
-/// An MVCC snapshot as `pg_current_snapshot()` gives it, with 32-bit xids as pgoutput sends them,
-/// and the WAL insert position read after it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct XidSnapshot {
-    xmin: u32,
-    xmax: u32,
-    /// Running when the snapshot was taken (sorted).
-    xip: Vec<u32>,
-    /// Every transaction visible to the snapshot committed before this position.
-    pub boundary: Lsn,
-}
-
-/// `a` comes before `b` in xid order (modulo 2³², as Postgres compares normal xids).
-fn precedes(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) < 0
-}
-
-impl XidSnapshot {
-    /// Parses `xmin:xmax:xip,…` (64-bit xids, as `pg_snapshot` prints them).
-    pub fn parse(text: &str, boundary: Lsn) -> Option<XidSnapshot> {
-        let mut parts = text.trim().split(':');
-        let xid = |s: &str| s.trim().parse::<u64>().ok().map(|x| x as u32);
-        let xmin = xid(parts.next()?)?;
-        let xmax = xid(parts.next()?)?;
-        let mut xip = match parts.next() {
-            None | Some("") => Vec::new(),
-            Some(list) => list.split(',').map(xid).collect::<Option<Vec<u32>>>()?,
-        };
-        if parts.next().is_some() {
-            return None;
-        }
-        xip.sort_unstable();
-        Some(XidSnapshot { xmin, xmax, xip, boundary })
-    }
-
-    /// Whether the committed transaction `xid` is visible to the snapshot (its changes are in
-    /// the snapshot's rows). 0 (unknown) is never visible.
-    pub fn visible(&self, xid: u32) -> bool {
-        if xid == 0 {
-            return false;
-        }
-        if precedes(xid, self.xmin) {
-            return true;
-        }
-        precedes(xid, self.xmax) && self.xip.binary_search(&xid).is_err()
-    }
-
-    /// Shows nothing: every later change is delivered (after a failed snapshot).
-    fn none() -> XidSnapshot {
-        XidSnapshot { xmin: 0, xmax: 0, xip: Vec::new(), boundary: Lsn::ZERO }
-    }
-
-    /// Whether a live change of transaction `xid` committed at `lsn` is already in the snapshot.
-    pub fn shows(&self, lsn: Lsn, xid: u32) -> bool {
-        lsn < self.boundary && self.visible(xid)
     }
 }
 
@@ -538,28 +481,5 @@ impl Snapshot {
             ReplicaIdentity::from_byte(identity.bytes().next().unwrap_or(b'd')),
             columns,
         )))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn visibility() {
-        let s = XidSnapshot::parse("100:110:102,105", Lsn(50)).unwrap();
-        assert!(s.visible(99) && s.visible(100) && s.visible(101) && s.visible(109));
-        assert!(!s.visible(102) && !s.visible(105) && !s.visible(110) && !s.visible(200));
-        assert!(!s.visible(0));
-        assert!(s.shows(Lsn(49), 101) && !s.shows(Lsn(50), 101) && !s.shows(Lsn(10), 105));
-        // 64-bit xids with an epoch compare by their low 32 bits, modulo 2^32.
-        let wrapped =
-            XidSnapshot::parse(&format!("{}:{}:", (1u64 << 32) - 5, (1u64 << 32) + 5), Lsn(1)).unwrap();
-        assert!(wrapped.visible(u32::MAX - 10) && wrapped.visible(u32::MAX - 2) && wrapped.visible(3));
-        assert!(!wrapped.visible(5) && !wrapped.visible(6));
-        for bad in ["", "1", "a:2:", "1:2:x", "1:2:3:4"] {
-            assert_eq!(XidSnapshot::parse(bad, Lsn(1)), None, "{bad:?}");
-        }
-        assert!(!XidSnapshot::none().shows(Lsn(0), 1));
     }
 }
