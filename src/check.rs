@@ -40,10 +40,32 @@ fn r(level: Level, name: &'static str, message: impl Into<String>) -> CheckResul
 
 /// Runs every check. A query that fails becomes a FAIL of its own check, never a panic.
 pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
+    let spec = TableSpec::parse(&config.tables);
     let mut out = Vec::new();
-    let one = |q: &'static str| sqlx::query_scalar::<_, String>(q).fetch_one(pool);
+    out.extend(server_version(pool).await);
+    out.extend(wal_level(pool).await);
+    out.extend(capacity(pool, config).await);
+    out.extend(replication_role(pool).await);
+    out.extend(publication(pool, config).await);
+    out.extend(tables(pool, config, &spec).await);
+    out.extend(replica_identity(pool, &spec).await);
+    out.extend(row_security(pool, config, &spec).await);
+    if config.changelog.enabled {
+        out.push(changelog_permissions(&config.changelog.dir));
+    }
+    out.extend(slot(pool, config).await);
+    out
+}
 
-    match one("SHOW server_version_num").await {
+/// The one text column of a one-row query.
+async fn one(pool: &PgPool, q: &'static str) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar::<_, String>(q).fetch_one(pool).await
+}
+
+/// PostgreSQL 14 or newer.
+async fn server_version(pool: &PgPool) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    match one(pool, "SHOW server_version_num").await {
         Ok(v) => {
             let n: u32 = v.parse().unwrap_or(0);
             out.push(if n >= 140_000 {
@@ -58,8 +80,13 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         }
         Err(e) => out.push(r(Level::Fail, "server_version", format!("cannot query the server: {e}"))),
     }
+    out
+}
 
-    match one("SHOW wal_level").await {
+/// `wal_level = logical`.
+async fn wal_level(pool: &PgPool) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    match one(pool, "SHOW wal_level").await {
         Ok(v) if v == "logical" => out.push(r(Level::Ok, "wal_level", "logical")),
         Ok(v) => out.push(r(
             Level::Fail,
@@ -71,7 +98,12 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         )),
         Err(e) => out.push(r(Level::Fail, "wal_level", e.to_string())),
     }
+    out
+}
 
+/// A replication slot (unless ours exists) and a WAL sender free.
+async fn capacity(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
+    let mut out = Vec::new();
     let free: Result<(i64, i64, i64, i64), _> = sqlx::query_as(
         "SELECT current_setting('max_replication_slots')::int8, \
                 (SELECT count(*) FROM pg_replication_slots)::int8, \
@@ -103,7 +135,12 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         }
         Err(e) => out.push(r(Level::Fail, "max_replication_slots", e.to_string())),
     }
+    out
+}
 
+/// The login may stream: SUPERUSER or REPLICATION.
+async fn replication_role(pool: &PgPool) -> Vec<CheckResult> {
+    let mut out = Vec::new();
     let role: Result<(String, bool, bool), _> = sqlx::query_as(
         "SELECT rolname::text, rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user",
     )
@@ -122,7 +159,12 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         )),
         Err(e) => out.push(r(Level::Fail, "replication_role", e.to_string())),
     }
+    out
+}
 
+/// The publication exists, or the login may create it.
+async fn publication(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
+    let mut out = Vec::new();
     let pub_exists: Result<bool, _> =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
             .bind(&config.publication)
@@ -146,8 +188,12 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         }
         Err(e) => out.push(r(Level::Fail, "publication", e.to_string())),
     }
+    out
+}
 
-    let spec = TableSpec::parse(&config.tables);
+/// Every configured table and schema exists.
+async fn tables(pool: &PgPool, config: &Config, spec: &TableSpec) -> Vec<CheckResult> {
+    let mut out = Vec::new();
     for (schema, table) in &spec.tables {
         let exists: Result<bool, _> = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -182,7 +228,12 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
     if !out.iter().any(|c| c.name == "tables") {
         out.push(r(Level::Ok, "tables", config.tables.join(", ")));
     }
+    out
+}
 
+/// Every published table can identify its rows (UPDATE/DELETE carry an old row).
+async fn replica_identity(pool: &PgPool, spec: &TableSpec) -> Vec<CheckResult> {
+    let mut out = Vec::new();
     let unidentified: Result<Vec<(String, String, String)>, _> = sqlx::query_as(
         "SELECT n.nspname::text, c.relname::text, c.relreplident::text FROM pg_class c \
          JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -209,7 +260,12 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
         }
         Err(e) => out.push(r(Level::Warn, "replica_identity", e.to_string())),
     }
+    out
+}
 
+/// With authentication: the token roles, and tables whose DELETEs row-level security cannot check.
+async fn row_security(pool: &PgPool, config: &Config, spec: &TableSpec) -> Vec<CheckResult> {
+    let mut out = Vec::new();
     if config.auth.mode == crate::auth::AuthMode::Required {
         out.extend(token_roles(pool, config).await);
         let keyless: Result<Vec<(String, String)>, _> = sqlx::query_as(
@@ -247,11 +303,12 @@ pub async fn run(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
             Err(e) => out.push(r(Level::Warn, "rls_deletes", e.to_string())),
         }
     }
+    out
+}
 
-    if config.changelog.enabled {
-        out.push(changelog_permissions(&config.changelog.dir));
-    }
-
+/// The slot: usable by this database, and its WAL not about to be removed.
+async fn slot(pool: &PgPool, config: &Config) -> Vec<CheckResult> {
+    let mut out = Vec::new();
     match slot::slot_info(pool, &config.slot).await {
         Ok(None) => out.push(r(Level::Ok, "slot", format!("{} will be created", config.slot))),
         Ok(Some(info)) => {
