@@ -35,23 +35,19 @@ pub const CONNECTIONS_REFUSED_PER_IP: &str = "walcast_connections_refused_per_ip
 pub const WRITE_TIMEOUTS: &str = "walcast_write_timeouts_total";
 pub const SILENT_CLOSED: &str = "walcast_silent_connections_closed_total";
 
-pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
-    let m = state.hub.metrics();
-    let s = &state.status;
+/// One metric: name, type, help text, value.
+type Row = (&'static str, &'static str, &'static str, String);
+
+/// The core's counters and gauges.
+fn hub_rows(m: &crate::realtime::Metrics) -> Vec<Row> {
     let relaxed = Ordering::Relaxed;
-    let rows: [(&str, &str, &str, String); 18] = [
+    vec![
         (CLIENTS, "gauge", "Connected WebSocket clients.", m.clients.load(relaxed).to_string()),
         (
             SUBSCRIPTIONS,
             "gauge",
             "Active postgres_changes bindings.",
             m.subscriptions.load(relaxed).to_string(),
-        ),
-        (
-            CHANGES_RECEIVED,
-            "counter",
-            "Row changes decoded from the replication stream.",
-            s.changes_received.load(relaxed).to_string(),
         ),
         (
             CHANGES_DISPATCHED,
@@ -70,30 +66,6 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
             "counter",
             "Clients disconnected because their queue was full.",
             m.slow_client_disconnects.load(relaxed).to_string(),
-        ),
-        (
-            LAG_BYTES,
-            "gauge",
-            "WAL bytes between the server's position and the confirmed flush position.",
-            s.lag_bytes().to_string(),
-        ),
-        (
-            LAG_SECONDS,
-            "gauge",
-            "Seconds since the last commit handed on, while not caught up.",
-            format!("{:.3}", lag_seconds(s)),
-        ),
-        (
-            CONNECTED,
-            "gauge",
-            "1 while the replication stream is connected.",
-            u8::from(s.connected.load(relaxed)).to_string(),
-        ),
-        (
-            CONNECTIONS,
-            "counter",
-            "Replication streams started (the first plus reconnects).",
-            s.connections.load(relaxed).to_string(),
         ),
         (CHANNELS, "gauge", "Channels joined, over all clients.", m.channels.load(relaxed).to_string()),
         (
@@ -138,15 +110,56 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
             "Change deliveries withheld by row-level security (per subscriber and change).",
             m.rls_withheld.load(relaxed).to_string(),
         ),
-    ];
-    let c = &state.connections;
-    let connections: [(&str, &str, &str, String); 6] = [
         (
             SLOW_CATCHUPS,
             "counter",
             "Event streams that fell behind and went on from the change log instead of being dropped.",
             m.slow_client_catchups.load(relaxed).to_string(),
         ),
+    ]
+}
+
+/// The replication stream's.
+fn stream_rows(s: &crate::replication::stream::ReplicationStatus) -> Vec<Row> {
+    let relaxed = Ordering::Relaxed;
+    vec![
+        (
+            CHANGES_RECEIVED,
+            "counter",
+            "Row changes decoded from the replication stream.",
+            s.changes_received.load(relaxed).to_string(),
+        ),
+        (
+            LAG_BYTES,
+            "gauge",
+            "WAL bytes between the server's position and the confirmed flush position.",
+            s.lag_bytes().to_string(),
+        ),
+        (
+            LAG_SECONDS,
+            "gauge",
+            "Seconds since the last commit handed on, while not caught up.",
+            format!("{:.3}", lag_seconds(s)),
+        ),
+        (
+            CONNECTED,
+            "gauge",
+            "1 while the replication stream is connected.",
+            u8::from(s.connected.load(relaxed)).to_string(),
+        ),
+        (
+            CONNECTIONS,
+            "counter",
+            "Replication streams started (the first plus reconnects).",
+            s.connections.load(relaxed).to_string(),
+        ),
+    ]
+}
+
+/// The listener's.
+fn connection_rows(c: &crate::server::listener::ConnectionMetrics) -> Vec<Row> {
+    let relaxed = Ordering::Relaxed;
+    vec![
         (
             HTTP_CONNECTIONS,
             "gauge",
@@ -177,9 +190,16 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
             "Connections closed because nothing arrived within header_read_timeout_secs.",
             c.silent_closed.load(relaxed).to_string(),
         ),
-    ];
+    ]
+}
+
+pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
+    let rows = hub_rows(state.hub.metrics())
+        .into_iter()
+        .chain(stream_rows(&state.status))
+        .chain(connection_rows(&state.connections));
     let mut out = String::with_capacity(2048);
-    for (name, kind, help, value) in rows.into_iter().chain(connections) {
+    for (name, kind, help, value) in rows {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
