@@ -228,6 +228,97 @@ impl WriterHandle {
     }
 }
 
+/// Creates the log's directory (the log holds rows before any row-level security: readable by
+/// the gateway's user only) and takes its lock, held for as long as the writer runs.
+fn lock_dir(dir: &Path) -> Result<File, LogError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(io(dir, "creating the directory"))?;
+    let lock_path = dir.join("lock");
+    let lock = OpenOptions::new()
+        .mode(FILE_MODE)
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(&lock_path, "opening the lock file"))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|_| LogError::Locked(dir.to_path_buf()))?;
+    Ok(lock)
+}
+
+/// The log's epoch: its own, when it belongs to `identity` and may be kept; otherwise a new
+/// one, with the old segments removed and the new identity recorded. Returns (epoch, kept).
+fn choose_epoch(
+    dir: &Path,
+    identity: &Identity,
+    fresh_slot: bool,
+    segments: &mut Vec<(Position, PathBuf)>,
+) -> Result<(u32, bool), LogError> {
+    let meta_path = dir.join("meta.json");
+    let meta: Option<Meta> = match std::fs::read(&meta_path) {
+        Ok(b) => serde_json::from_slice(&b).ok(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(&meta_path, "reading")(e)),
+    };
+    if let Some(m) = meta.as_ref().filter(|m| m.version == META_VERSION && m.identity == *identity) {
+        if !fresh_slot || segments.is_empty() {
+            return Ok((m.epoch, true));
+        }
+    }
+    if !segments.is_empty() {
+        tracing::warn!(dir = %dir.display(), "change log belongs to another stream (or the slot is new); starting a new log");
+    }
+    for (_, path) in segments.drain(..) {
+        std::fs::remove_file(&path).map_err(io(&path, "removing an old segment"))?;
+    }
+    let epoch = loop {
+        let e = fastrand::u32(..);
+        if e != 0 && meta.as_ref().is_none_or(|m| m.epoch != e) {
+            break e;
+        }
+    };
+    let m = Meta { version: META_VERSION, epoch, identity: identity.clone() };
+    let tmp = dir.join("meta.json.tmp");
+    let body = serde_json::to_vec_pretty(&m).unwrap_or_default();
+    write_synced(&tmp, &body)?;
+    std::fs::rename(&tmp, &meta_path).map_err(io(&meta_path, "replacing"))?;
+    sync_dir(dir)?;
+    Ok((epoch, false))
+}
+
+/// The segment to append to: the last one, its torn tail cut back (noted in `recovered`), or a
+/// first one. Returns the file, its length and the last position in the log.
+fn open_tail(
+    dir: &Path,
+    epoch: u32,
+    segments: &mut Vec<(Position, PathBuf)>,
+    recovered: &mut Recovered,
+) -> Result<(File, u64, Position), LogError> {
+    match segments.last() {
+        Some((prev, path)) => {
+            let tail = recover_tail(path, epoch)?;
+            recovered.cut_bytes = tail.cut;
+            if let Some((commit, end)) = tail.commit {
+                recovered.last_commit = commit;
+                recovered.last_commit_end = end;
+            }
+            let mut f = OpenOptions::new().append(true).open(path).map_err(io(path, "opening"))?;
+            let _ = f.seek(SeekFrom::End(0));
+            Ok((f, tail.len, tail.last.unwrap_or(*prev)))
+        }
+        None => {
+            let path = segment_path(dir, Position::ZERO);
+            let f = create_segment(&path, epoch, Position::ZERO)?;
+            sync_dir(dir)?;
+            segments.push((Position::ZERO, path));
+            Ok((f, SEGMENT_HEADER as u64, Position::ZERO))
+        }
+    }
+}
+
 impl ChangeLog {
     /// Opens (or creates) the log in `settings.dir` for `identity`, recovers its tail, and
     /// starts the writer thread, which advances `ack` as chunks become durable. A log that
@@ -240,85 +331,12 @@ impl ChangeLog {
         ack: Acknowledgement,
     ) -> Result<(ChangeLog, Appender, WriterHandle, Recovered), LogError> {
         let dir = &settings.dir;
-        // The log holds rows before any row-level security: readable by the gateway's user only.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(dir)
-            .map_err(io(dir, "creating the directory"))?;
-        let lock_path = dir.join("lock");
-        let lock = OpenOptions::new()
-            .mode(FILE_MODE)
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(&lock_path, "opening the lock file"))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-            .map_err(|_| LogError::Locked(dir.clone()))?;
-
-        let meta_path = dir.join("meta.json");
-        let meta: Option<Meta> = match std::fs::read(&meta_path) {
-            Ok(b) => serde_json::from_slice(&b).ok(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io(&meta_path, "reading")(e)),
-        };
+        let lock = lock_dir(dir)?;
         let mut segments = list_segments(dir)?;
-        let keep = match &meta {
-            Some(m) if m.version == META_VERSION && m.identity == *identity => {
-                !fresh_slot || segments.is_empty()
-            }
-            _ => false,
-        };
-        let epoch = match (&meta, keep) {
-            (Some(m), true) => m.epoch,
-            _ => {
-                if !segments.is_empty() {
-                    tracing::warn!(dir = %dir.display(), "change log belongs to another stream (or the slot is new); starting a new log");
-                }
-                for (_, path) in segments.drain(..) {
-                    std::fs::remove_file(&path).map_err(io(&path, "removing an old segment"))?;
-                }
-                let epoch = loop {
-                    let e = fastrand::u32(..);
-                    if e != 0 && meta.as_ref().is_none_or(|m| m.epoch != e) {
-                        break e;
-                    }
-                };
-                let m = Meta { version: META_VERSION, epoch, identity: identity.clone() };
-                let tmp = dir.join("meta.json.tmp");
-                let body = serde_json::to_vec_pretty(&m).unwrap_or_default();
-                write_synced(&tmp, &body)?;
-                std::fs::rename(&tmp, &meta_path).map_err(io(&meta_path, "replacing"))?;
-                sync_dir(dir)?;
-                epoch
-            }
-        };
-
+        let (epoch, keep) = choose_epoch(dir, identity, fresh_slot, &mut segments)?;
         let mut recovered =
             Recovered { last_commit: Lsn::ZERO, last_commit_end: Lsn::ZERO, cut_bytes: 0, reset: !keep };
-        let mut last = Position::ZERO;
-        let (file, size) = match segments.last() {
-            Some((prev, path)) => {
-                let tail = recover_tail(path, epoch)?;
-                recovered.cut_bytes = tail.cut;
-                last = tail.last.unwrap_or(*prev);
-                if let Some((commit, end)) = tail.commit {
-                    recovered.last_commit = commit;
-                    recovered.last_commit_end = end;
-                }
-                let mut f = OpenOptions::new().append(true).open(path).map_err(io(path, "opening"))?;
-                let _ = f.seek(SeekFrom::End(0));
-                (f, tail.len)
-            }
-            None => {
-                let path = segment_path(dir, Position::ZERO);
-                let f = create_segment(&path, epoch, Position::ZERO)?;
-                sync_dir(dir)?;
-                segments.push((Position::ZERO, path));
-                (f, SEGMENT_HEADER as u64)
-            }
-        };
+        let (file, size, last) = open_tail(dir, epoch, &mut segments, &mut recovered)?;
         if recovered.cut_bytes > 0 {
             tracing::warn!(
                 bytes = recovered.cut_bytes,
@@ -333,11 +351,13 @@ impl ChangeLog {
             written: watch::Sender::new(last),
             durable: watch::Sender::new(last),
         });
-        let mut sizes = VecDeque::new();
-        for (_, path) in &segments {
-            let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-            sizes.push_back(SegmentFile { path: path.clone(), len });
-        }
+        let mut sizes: VecDeque<SegmentFile> = segments
+            .iter()
+            .map(|(_, path)| SegmentFile {
+                path: path.clone(),
+                len: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            })
+            .collect();
         if let Some(s) = sizes.back_mut() {
             s.len = size;
         }
