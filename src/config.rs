@@ -178,6 +178,11 @@ impl Default for AuthConfig {
     }
 }
 
+/// A refusal of `key`'s value.
+fn invalid(key: &'static str, message: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid { key, message: message.to_owned() })
+}
+
 impl Config {
     /// The listener's limits.
     pub fn connection_limits(&self) -> crate::server::listener::ConnectionLimits {
@@ -288,7 +293,20 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.to_owned() });
+        self.validate_names()?;
+        self.validate_minimums()?;
+        self.validate_auth()?;
+        if self.changelog.max_bytes < self.changelog.segment_bytes {
+            return invalid("changelog.max_bytes", "expected at least changelog.segment_bytes");
+        }
+        if self.changelog.enabled && self.changelog.dir.as_os_str().is_empty() {
+            return invalid("changelog.dir", "expected a directory");
+        }
+        Ok(())
+    }
+
+    /// The slot, the publication, `tables` and the database URL.
+    fn validate_names(&self) -> Result<(), ConfigError> {
         if !is_identifier(&self.slot) {
             return invalid("slot", "expected lower-case letters, digits and underscores (at most 63)");
         }
@@ -302,10 +320,7 @@ impl Config {
             match t.split_once('.') {
                 Some((s, n)) if !s.is_empty() && !n.is_empty() && !n.contains('.') => {}
                 _ => {
-                    return Err(ConfigError::Invalid {
-                        key: "tables",
-                        message: format!("entry {t:?}: expected `schema.table` or `schema.*`"),
-                    })
+                    return invalid("tables", &format!("entry {t:?}: expected `schema.table` or `schema.*`"))
                 }
             }
         }
@@ -313,42 +328,46 @@ impl Config {
             crate::replication::wire::ConnectParams::from_url(url)
                 .map_err(|e| ConfigError::Invalid { key: "database_url", message: e.to_string() })?;
         }
-        if self.max_frame_bytes < 1024 {
-            return invalid("max_frame_bytes", "expected at least 1024");
+        Ok(())
+    }
+
+    /// Limits and durations that have a least sensible value.
+    fn validate_minimums(&self) -> Result<(), ConfigError> {
+        let counts: [(&'static str, u64, u64); 7] = [
+            ("max_frame_bytes", self.max_frame_bytes as u64, 1024),
+            ("max_rest_messages_per_second", self.max_rest_messages_per_second as u64, 1),
+            ("max_rest_private_topics", self.max_rest_private_topics as u64, 1),
+            ("max_bindings_per_join", self.max_bindings_per_join as u64, 1),
+            ("client_queue", self.client_queue as u64, 1),
+            ("max_connections", self.max_connections as u64, 1),
+            ("changelog.segment_bytes", self.changelog.segment_bytes, 4096),
+        ];
+        for (key, value, least) in counts {
+            if value < least {
+                return invalid(key, &format!("expected at least {least}"));
+            }
         }
-        if self.max_rest_messages_per_second == 0 {
-            return invalid("max_rest_messages_per_second", "expected at least 1");
+        let seconds: [(&'static str, u64); 9] = [
+            ("header_read_timeout_secs", self.header_read_timeout_secs),
+            ("snapshot_hold_secs", self.snapshot_hold_secs),
+            ("write_timeout_secs", self.write_timeout_secs),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            ("presence_window_secs", self.presence_window_secs),
+            ("message_retention_secs", self.message_retention_secs),
+            ("auth.timeout_secs", self.auth.timeout_secs),
+            ("auth.jwks_refresh_secs", self.auth.jwks_refresh_secs),
+            ("changelog.max_age_secs", self.changelog.max_age_secs),
+        ];
+        for (key, value) in seconds {
+            if value == 0 {
+                return invalid(key, "expected at least 1 second");
+            }
         }
-        if self.max_rest_private_topics == 0 {
-            return invalid("max_rest_private_topics", "expected at least 1");
-        }
-        if self.max_bindings_per_join == 0 {
-            return invalid("max_bindings_per_join", "expected at least 1");
-        }
-        if self.client_queue == 0 {
-            return invalid("client_queue", "expected at least 1");
-        }
-        if self.max_connections == 0 {
-            return invalid("max_connections", "expected at least 1");
-        }
-        if self.header_read_timeout_secs == 0 {
-            return invalid("header_read_timeout_secs", "expected at least 1 second");
-        }
-        if self.snapshot_hold_secs == 0 {
-            return invalid("snapshot_hold_secs", "expected at least 1 second");
-        }
-        if self.write_timeout_secs == 0 {
-            return invalid("write_timeout_secs", "expected at least 1 second");
-        }
-        if self.idle_timeout_secs == 0 {
-            return invalid("idle_timeout_secs", "expected at least 1 second");
-        }
-        if self.presence_window_secs == 0 {
-            return invalid("presence_window_secs", "expected at least 1 second");
-        }
-        if self.message_retention_secs == 0 {
-            return invalid("message_retention_secs", "expected at least 1 second");
-        }
+        Ok(())
+    }
+
+    /// The token secret, the roles tokens may act as, and where keys are fetched from.
+    fn validate_auth(&self) -> Result<(), ConfigError> {
         if self.auth.jwt_secret.as_deref().is_some_and(|s| !s.is_empty() && s.len() < 32) {
             return invalid("auth.jwt_secret", "expected at least 32 characters");
         }
@@ -362,9 +381,6 @@ impl Config {
                 return invalid(key, &format!("{bad:?} is not a role a token may act as"));
             }
         }
-        if self.auth.timeout_secs == 0 {
-            return invalid("auth.timeout_secs", "expected at least 1 second");
-        }
         let jwks = self.auth.jwks.as_deref().unwrap_or("").trim();
         if jwks.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://")) && !self.auth.jwks_allow_http {
             return invalid(
@@ -372,21 +388,6 @@ impl Config {
                 "an http:// URL lets anyone on the path replace the keys: use https://, or set \
                  auth.jwks_allow_http = true on a trusted network",
             );
-        }
-        if self.auth.jwks_refresh_secs == 0 {
-            return invalid("auth.jwks_refresh_secs", "expected at least 1 second");
-        }
-        if self.changelog.max_age_secs == 0 {
-            return invalid("changelog.max_age_secs", "expected at least 1 second");
-        }
-        if self.changelog.segment_bytes < 4096 {
-            return invalid("changelog.segment_bytes", "expected at least 4096");
-        }
-        if self.changelog.max_bytes < self.changelog.segment_bytes {
-            return invalid("changelog.max_bytes", "expected at least changelog.segment_bytes");
-        }
-        if self.changelog.enabled && self.changelog.dir.as_os_str().is_empty() {
-            return invalid("changelog.dir", "expected a directory");
         }
         Ok(())
     }
