@@ -21,7 +21,7 @@ use crate::change::Position;
 use crate::locks;
 use crate::realtime::broadcast::{BroadcastError, ReplayGate};
 use crate::realtime::bus::BusMessage;
-use crate::realtime::index::{BindingSpec, SubId};
+use crate::realtime::index::{BindingSpec, SubId, Subscription};
 use crate::realtime::outbox::{Direct, Encoder, Outbox, OutboxReceiver};
 use crate::realtime::presence::{new_ref, random_uuid, PresenceDiff, PresenceMeta};
 use crate::realtime::resume::{Handoff, Resume};
@@ -195,6 +195,26 @@ impl Window {
 struct Tracked {
     key: Arc<str>,
     meta: PresenceMeta,
+}
+
+/// What a join was admitted with.
+struct Admitted {
+    credentials: Option<Credentials>,
+    subject: Option<Arc<Subject>>,
+    /// The channel's name (the topic without `realtime:`).
+    name: String,
+    access: TopicAccess,
+    /// A private topic's broadcast replay: (since, limit).
+    replay: Option<(i64, i64)>,
+    since: Option<crate::realtime::resume::Since>,
+}
+
+/// A join's bindings once in the index.
+struct Live {
+    subs: Vec<Arc<Subscription>>,
+    errors: Vec<BindingError>,
+    /// The last change matched before they went live.
+    through: Position,
 }
 
 /// One joined channel. Dropping it leaves the channel everywhere.
@@ -404,6 +424,69 @@ impl Session {
     /// channel receives broadcasts and presence diffs, and every binding reported live receives
     /// each change committed from now on.
     pub async fn join(&mut self, req: JoinRequest) -> Result<Joined, JoinError> {
+        let admitted = self.admit(&req).await?;
+        let topic: Arc<str> = req.topic.as_str().into();
+        // Rejoining replaces the old channel.
+        self.channels.remove(&topic);
+        if self.channels.len() >= self.hub.limits().max_channels {
+            return Err(JoinError::TooManyChannels);
+        }
+        let (resolved, notices) = self.resolve_bindings(&req.bindings, admitted.subject.as_ref()).await;
+        let member = self.new_member(&req, &topic, &admitted);
+        self.hub.add_member(Arc::clone(&member), req.presence_enabled);
+        let mut membership = Membership {
+            hub: self.hub.clone(),
+            member: Arc::clone(&member),
+            subs: Vec::new(),
+            ack: req.broadcast_ack,
+            presence_key: if req.presence_key.is_empty() {
+                random_uuid().into()
+            } else {
+                req.presence_key.clone().into()
+            },
+            presence_enabled: req.presence_enabled,
+            tracked: None,
+            expires_at: admitted
+                .credentials
+                .as_ref()
+                .and_then(|c| Instant::now().checked_add(c.claims.time_left())),
+            credentials: admitted.credentials,
+            access: admitted.access,
+        };
+        let live = self.go_live(&member, resolved, req.snapshot, &mut membership.subs);
+        // The member was added above: every database broadcast after this one reaches it.
+        let broadcasts_through = self.hub.broadcast_logged();
+        // Where this join starts: a client that resumes from here misses nothing of it.
+        let matched = if req.bindings.is_empty() { broadcasts_through } else { live.through };
+        let mut through = live.through;
+        if admitted.since.is_some() {
+            through = through.max(broadcasts_through);
+        }
+        let handoff = self.handoff(&req, &member, live.subs, admitted.since, through);
+        if let Some((since, limit)) = admitted.replay {
+            // On failure the membership drops here, leaving nothing behind.
+            let replayed = match self.hub.topics() {
+                Some(topics) => topics.replay(&admitted.name, since, limit).await.map_err(|e| {
+                    tracing::warn!(error = %crate::replication::stream::error_chain(&e), "broadcast replay failed");
+                }),
+                None => Err(()),
+            };
+            let replayed = replayed.map_err(|()| JoinError::Replay(ReplayRefusal::Failed))?;
+            self.hub.release_replay(&member, &replayed);
+        }
+        self.channels.insert(topic, Box::new(membership));
+        if req.replication_ready {
+            self.notify_replication_ready(&member);
+        }
+        let errors = live.errors;
+        let changes =
+            (!req.bindings.is_empty()).then(|| if errors.is_empty() { Ok(()) } else { Err(errors) });
+        Ok(Joined { changes, notices, handoff, matched })
+    }
+
+    /// Whether this session may join as asked: the join rate, the bindings' number, the token,
+    /// the topic's policies, and the replay, cursor and snapshot asked for.
+    async fn admit(&mut self, req: &JoinRequest) -> Result<Admitted, JoinError> {
         if req.topic.is_empty() {
             return Err(JoinError::EmptyTopic);
         }
@@ -441,22 +524,26 @@ impl Session {
                 return Err(JoinError::Snapshot(SnapshotRefusal::Unavailable));
             }
         }
-        let topic: Arc<str> = req.topic.as_str().into();
-        // Rejoining replaces the old channel.
-        self.channels.remove(&topic);
-        if self.channels.len() >= self.hub.limits().max_channels {
-            return Err(JoinError::TooManyChannels);
-        }
-        let mut resolved = if req.bindings.is_empty() {
+        Ok(Admitted { credentials, subject, name, access, replay, since })
+    }
+
+    /// The bindings against the publication's catalog, each authorized for `subject` (what
+    /// row-level security will withhold becomes a notice).
+    async fn resolve_bindings(
+        &self,
+        bindings: &[Value],
+        subject: Option<&Arc<Subject>>,
+    ) -> (Vec<Result<BindingSpec, BindingError>>, Vec<String>) {
+        let mut resolved = if bindings.is_empty() {
             Vec::new()
         } else {
             match self.hub.catalog() {
-                Some(catalog) => catalog.resolve(&req.bindings).await,
-                None => req.bindings.iter().map(|_| Err(BindingError::NoCatalog)).collect(),
+                Some(catalog) => catalog.resolve(bindings).await,
+                None => bindings.iter().map(|_| Err(BindingError::NoCatalog)).collect(),
             }
         };
         let mut notices = Vec::new();
-        if let (Some(rls), Some(subject)) = (self.hub.rls(), subject.as_ref()) {
+        if let (Some(rls), Some(subject)) = (self.hub.rls(), subject) {
             for r in resolved.iter_mut() {
                 let Ok(spec) = r else { continue };
                 match authorize_binding(rls, subject, spec).await {
@@ -466,125 +553,108 @@ impl Session {
                 }
             }
         }
-        let member = Arc::new(Member {
+        (resolved, notices)
+    }
+
+    fn new_member(&self, req: &JoinRequest, topic: &Arc<str>, admitted: &Admitted) -> Arc<Member> {
+        Arc::new(Member {
             id: self.hub.next_id(),
             session: self.id,
-            key: TopicKey { topic: Arc::clone(&topic), private: req.private },
+            key: TopicKey { topic: Arc::clone(topic), private: req.private },
             join_ref: req.join_ref.clone(),
             outbox: self.outbox.clone(),
             encoder: Arc::clone(&self.encoder),
             echo_own: req.broadcast_self,
-            subject: std::sync::RwLock::new(subject),
-            reads: Member::reads_of(&access).into(),
-            replay: replay.is_some().then(|| std::sync::Mutex::new(ReplayGate::Holding(Vec::new()))),
-            resume: (since.is_some() || req.snapshot).then(crate::realtime::gate::holding_gate),
+            subject: std::sync::RwLock::new(admitted.subject.clone()),
+            reads: Member::reads_of(&admitted.access).into(),
+            replay: admitted.replay.is_some().then(|| std::sync::Mutex::new(ReplayGate::Holding(Vec::new()))),
+            resume: (admitted.since.is_some() || req.snapshot).then(crate::realtime::gate::holding_gate),
             seen: Default::default(),
             change_envelope: Default::default(),
             told_withheld: Default::default(),
-        });
-        self.hub.add_member(Arc::clone(&member), req.presence_enabled);
-        let mut membership = Membership {
-            hub: self.hub.clone(),
-            member: Arc::clone(&member),
-            subs: Vec::new(),
-            ack: req.broadcast_ack,
-            presence_key: if req.presence_key.is_empty() {
-                random_uuid().into()
-            } else {
-                req.presence_key.into()
-            },
-            presence_enabled: req.presence_enabled,
-            tracked: None,
-            expires_at: credentials.as_ref().and_then(|c| Instant::now().checked_add(c.claims.time_left())),
-            credentials,
-            access,
-        };
-        let mut errors = Vec::new();
-        let mut subs = Vec::new();
-        let mut through = Position::ZERO;
-        if !resolved.is_empty() {
-            {
-                let mut index = locks::write(self.hub.index());
-                for r in resolved {
-                    let r = r.and_then(|spec| {
-                        let one_table = spec.table.is_some() && &*spec.schema != "*";
-                        if req.snapshot && !one_table {
-                            Err(BindingError::SnapshotNeedsTable)
-                        } else {
-                            Ok(spec)
-                        }
-                    });
-                    match r {
-                        Ok(spec) => {
-                            let id = index.insert(Arc::clone(&member), spec);
-                            subs.extend(index.get(id).cloned());
-                            membership.subs.push(id);
-                            self.hub.metrics().subscriptions.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => errors.push(e),
-                    }
+        })
+    }
+
+    /// Adds the member's bindings to the index (their ids to `ids`); returns them, the errors of
+    /// those that could not be, and the last change matched before they went live.
+    fn go_live(
+        &self,
+        member: &Arc<Member>,
+        resolved: Vec<Result<BindingSpec, BindingError>>,
+        snapshot: bool,
+        ids: &mut Vec<SubId>,
+    ) -> Live {
+        let mut live = Live { subs: Vec::new(), errors: Vec::new(), through: Position::ZERO };
+        if resolved.is_empty() {
+            return live;
+        }
+        let mut index = locks::write(self.hub.index());
+        for r in resolved {
+            let r = r.and_then(|spec| {
+                let one_table = spec.table.is_some() && &*spec.schema != "*";
+                if snapshot && !one_table {
+                    Err(BindingError::SnapshotNeedsTable)
+                } else {
+                    Ok(spec)
                 }
-                // Under the write lock: every change after this one is matched against `subs`.
-                through = self.hub.matched();
+            });
+            match r {
+                Ok(spec) => {
+                    let id = index.insert(Arc::clone(member), spec);
+                    live.subs.extend(index.get(id).cloned());
+                    ids.push(id);
+                    self.hub.metrics().subscriptions.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => live.errors.push(e),
             }
         }
-        // The member was added above: every database broadcast after this one reaches it.
-        let broadcasts_through = self.hub.broadcast_logged();
-        // Where this join starts: a client that resumes from here misses nothing of it.
-        let matched = if req.bindings.is_empty() { broadcasts_through } else { through };
-        if since.is_some() {
-            through = through.max(broadcasts_through);
-        }
-        let handoff = match since {
-            Some(cursor) => Some(Handoff::Resume(Resume {
+        // Under the write lock: every change after this one is matched against `subs`.
+        live.through = self.hub.matched();
+        live
+    }
+
+    /// What the transport starts once it has answered the join: the replay after `since`, or
+    /// the snapshot, each handing off to live delivery at `through`.
+    fn handoff(
+        &mut self,
+        req: &JoinRequest,
+        member: &Arc<Member>,
+        subs: Vec<Arc<Subscription>>,
+        since: Option<crate::realtime::resume::Since>,
+        through: Position,
+    ) -> Option<Handoff> {
+        if let Some(cursor) = since {
+            return Some(Handoff::Resume(Resume {
                 hub: self.hub.clone(),
-                member: Arc::clone(&member),
+                member: Arc::clone(member),
                 subs,
                 after: cursor,
                 through,
-            })),
-            None if req.snapshot => {
-                let mut tables: Vec<(Arc<str>, Arc<str>)> = Vec::new();
-                for sub in &subs {
-                    if let Some(table) = &sub.binding.table {
-                        let t = (Arc::clone(&sub.binding.schema), Arc::clone(table));
-                        if !tables.contains(&t) {
-                            tables.push(t);
-                        }
-                    }
+            }));
+        }
+        if !req.snapshot {
+            return None;
+        }
+        let mut tables: Vec<(Arc<str>, Arc<str>)> = Vec::new();
+        for sub in &subs {
+            if let Some(table) = &sub.binding.table {
+                let t = (Arc::clone(&sub.binding.schema), Arc::clone(table));
+                if !tables.contains(&t) {
+                    tables.push(t);
                 }
-                Some(Handoff::Snapshot(Snapshot {
-                    hub: self.hub.clone(),
-                    member: Arc::clone(&member),
-                    subs,
-                    tables,
-                    through,
-                    turn: Arc::clone(
-                        self.snapshot_turn.get_or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1))),
-                    ),
-                    page: req.snapshot_page.clone(),
-                }))
             }
-            None => None,
-        };
-        if let Some((since, limit)) = replay {
-            // On failure the membership drops here, leaving nothing behind.
-            let replayed = match self.hub.topics() {
-                Some(topics) => topics.replay(&name, since, limit).await.map_err(|e| {
-                    tracing::warn!(error = %crate::replication::stream::error_chain(&e), "broadcast replay failed");
-                }),
-                None => Err(()),
-            };
-            let replayed = replayed.map_err(|()| JoinError::Replay(ReplayRefusal::Failed))?;
-            self.hub.release_replay(&member, &replayed);
         }
-        self.channels.insert(topic, Box::new(membership));
-        if req.replication_ready {
-            self.notify_replication_ready(&member);
-        }
-        let changes =
-            (!req.bindings.is_empty()).then(|| if errors.is_empty() { Ok(()) } else { Err(errors) });
-        Ok(Joined { changes, notices, handoff, matched })
+        Some(Handoff::Snapshot(Snapshot {
+            hub: self.hub.clone(),
+            member: Arc::clone(member),
+            subs,
+            tables,
+            through,
+            turn: Arc::clone(
+                self.snapshot_turn.get_or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1))),
+            ),
+            page: req.snapshot_page.clone(),
+        }))
     }
 
     /// The credentials a join acts with: its own token when it brings one, else the connect
