@@ -356,25 +356,7 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
         }
         Command::Dev { data_dir, port } => dev(config, data_dir, port).await,
         Command::Token { role, sub, ttl_secs, claims, secret_file } => {
-            let secret = match secret_file {
-                Some(path) => std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading {}", path.display()))?
-                    .trim()
-                    .to_owned(),
-                None => config.auth.jwt_secret.clone().context(
-                    "no secret: set auth.jwt_secret (WALCAST_AUTH__JWT_SECRET) or pass --secret-file",
-                )?,
-            };
-            let extra = match claims {
-                Some(json) => match serde_json::from_str(&json).context("--claims")? {
-                    serde_json::Value::Object(m) => m,
-                    _ => anyhow::bail!("--claims: expected a JSON object"),
-                },
-                None => Default::default(),
-            };
-            let token =
-                walcast::auth::mint(&secret, &role, sub.as_deref(), Duration::from_secs(ttl_secs), extra)?;
-            println!("{token}");
+            println!("{}", token(&config, &role, sub.as_deref(), ttl_secs, claims, secret_file)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => {
@@ -406,124 +388,183 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
             Ok(ExitCode::SUCCESS)
         }
         Command::Slot { action } => {
-            let url = config.database_url()?;
-            let pool = walcast::connect_pool(url).await?;
-            let dropped = replication::slot::drop_slot(&pool, &config.slot).await?;
-            println!(
-                "{}",
-                if dropped {
-                    format!("dropped slot {}", config.slot)
-                } else {
-                    format!("no slot {}", config.slot)
-                }
-            );
-            if let SlotAction::Reset = action {
-                let params = replication::wire::ConnectParams::from_url(url)?;
-                let lsn = replication::slot::ensure_slot(&pool, &params, &config.slot).await?;
-                println!("created slot {} at {lsn}", config.slot);
-            }
+            slot(&config, action).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { scenario, database_url, gateway_url, json } => {
-            let opts = bench::BenchOptions { database_url, json };
-            let scenario_is_sse = matches!(scenario, Scenario::Sse { .. });
-            match scenario {
-                Scenario::Ingest { rows } => {
-                    bench::ingest::run(&opts, rows).await?;
-                }
-                Scenario::Match { changes } => {
-                    bench::matching::run(&opts, changes)?;
-                }
-                Scenario::Fanout { load } | Scenario::Sse { load } => {
-                    let transport = if scenario_is_sse {
-                        bench::sockets::Transport::Sse
-                    } else {
-                        bench::sockets::Transport::Phoenix
-                    };
-                    let s = bench::sockets::SocketOptions {
-                        clients: load.clients,
-                        keys: load.keys,
-                        transport,
-                        rate: load.rate,
-                        seconds: load.seconds,
-                        gateway_bin: std::env::current_exe()?,
-                        gateway_url: gateway_url.clone(),
-                    };
-                    bench::sockets::fanout(&opts, &s).await?;
-                }
-                Scenario::Idle { sockets } => {
-                    let s = bench::sockets::SocketOptions {
-                        clients: sockets,
-                        keys: 0,
-                        transport: bench::sockets::Transport::Phoenix,
-                        rate: 0,
-                        seconds: 0,
-                        gateway_bin: std::env::current_exe()?,
-                        gateway_url: gateway_url.clone(),
-                    };
-                    bench::sockets::idle(&opts, &s).await?;
-                }
-                Scenario::SameTable { clients, rate, seconds, search } => {
-                    let o = realtime_options(clients, 1, rate, seconds, search, gateway_url.clone())?;
-                    bench::realtime::same_table(&opts, &o).await?;
-                }
-                Scenario::Broadcast { sockets, topics, rate, seconds, search } => {
-                    let o = realtime_options(sockets, topics, rate, seconds, search, gateway_url.clone())?;
-                    bench::realtime::broadcast(&opts, &o).await?;
-                }
-                Scenario::Presence { sockets, topics } => {
-                    let search =
-                        SearchArgs { steps: Vec::new(), step_seconds: 0, step_tries: 1, p99_ms: 0.0 };
-                    let o = realtime_options(sockets, topics, 0, 0, search, gateway_url.clone())?;
-                    bench::realtime::presence(&opts, &o).await?;
-                }
-                Scenario::Rls { clients, users, rate, seconds, search } => {
-                    let o = bench::rls::RlsOptions {
-                        clients,
-                        users,
-                        rate,
-                        seconds,
-                        steps: search.steps,
-                        step_seconds: search.step_seconds,
-                        step_tries: search.step_tries,
-                        p99_bound_ms: search.p99_ms,
-                        gateway_bin: std::env::current_exe()?,
-                        gateway_url: gateway_url.clone(),
-                    };
-                    bench::rls::run(&opts, &o).await?;
-                }
-                Scenario::Replay { rows, clients } => {
-                    let o =
-                        bench::replay::ReplayOptions { rows, clients, gateway_bin: std::env::current_exe()? };
-                    bench::replay::run(&opts, &o).await?;
-                }
-                Scenario::Soak { clients, per_key, rate, seconds, reconnect_percent } => {
-                    let o = bench::soak::SoakOptions {
-                        clients,
-                        per_key,
-                        rate,
-                        seconds,
-                        reconnect_percent,
-                        gateway_bin: std::env::current_exe()?,
-                    };
-                    bench::soak::run(&opts, &o).await?;
-                }
-                Scenario::SlowReaders { per_transport, normal, rate, seconds, read_every_ms } => {
-                    let o = bench::slow::SlowOptions {
-                        per_transport,
-                        normal,
-                        rate,
-                        seconds,
-                        read_every: std::time::Duration::from_millis(read_every_ms),
-                        gateway_bin: std::env::current_exe()?,
-                    };
-                    bench::slow::run(&opts, &o).await?;
-                }
-                Scenario::Relay { listen } => bench::relay::serve(&listen).await?,
-            }
+            bench(scenario, bench::BenchOptions { database_url, json }, gateway_url).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `walcast token`: a token signed with the configured secret (or the one in `secret_file`).
+fn token(
+    config: &Config,
+    role: &str,
+    sub: Option<&str>,
+    ttl_secs: u64,
+    claims: Option<String>,
+    secret_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<String> {
+    let secret = match secret_file {
+        Some(path) => std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_owned(),
+        None => config
+            .auth
+            .jwt_secret
+            .clone()
+            .context("no secret: set auth.jwt_secret (WALCAST_AUTH__JWT_SECRET) or pass --secret-file")?,
+    };
+    let extra = match claims {
+        Some(json) => match serde_json::from_str(&json).context("--claims")? {
+            serde_json::Value::Object(m) => m,
+            _ => anyhow::bail!("--claims: expected a JSON object"),
+        },
+        None => Default::default(),
+    };
+    Ok(walcast::auth::mint(&secret, role, sub, Duration::from_secs(ttl_secs), extra)?)
+}
+
+/// `walcast slot drop|reset`.
+async fn slot(config: &Config, action: SlotAction) -> anyhow::Result<()> {
+    let url = config.database_url()?;
+    let pool = walcast::connect_pool(url).await?;
+    let dropped = replication::slot::drop_slot(&pool, &config.slot).await?;
+    println!(
+        "{}",
+        if dropped { format!("dropped slot {}", config.slot) } else { format!("no slot {}", config.slot) }
+    );
+    if let SlotAction::Reset = action {
+        let params = replication::wire::ConnectParams::from_url(url)?;
+        let lsn = replication::slot::ensure_slot(&pool, &params, &config.slot).await?;
+        println!("created slot {} at {lsn}", config.slot);
+    }
+    Ok(())
+}
+
+/// `walcast bench <scenario>`.
+async fn bench(
+    scenario: Scenario,
+    opts: bench::BenchOptions,
+    gateway_url: Option<String>,
+) -> anyhow::Result<()> {
+    let scenario_is_sse = matches!(scenario, Scenario::Sse { .. });
+    let gateway_bin = std::env::current_exe()?;
+    match scenario {
+        Scenario::Ingest { rows } => {
+            bench::ingest::run(&opts, rows).await?;
+        }
+        Scenario::Match { changes } => {
+            bench::matching::run(&opts, changes)?;
+        }
+        Scenario::Fanout { load } | Scenario::Sse { load } => {
+            let transport = if scenario_is_sse {
+                bench::sockets::Transport::Sse
+            } else {
+                bench::sockets::Transport::Phoenix
+            };
+            let s = bench::sockets::SocketOptions {
+                clients: load.clients,
+                keys: load.keys,
+                transport,
+                rate: load.rate,
+                seconds: load.seconds,
+                gateway_bin: gateway_bin.clone(),
+                gateway_url: gateway_url.clone(),
+            };
+            bench::sockets::fanout(&opts, &s).await?;
+        }
+        Scenario::Idle { sockets } => {
+            let s = bench::sockets::SocketOptions {
+                clients: sockets,
+                keys: 0,
+                transport: bench::sockets::Transport::Phoenix,
+                rate: 0,
+                seconds: 0,
+                gateway_bin: gateway_bin.clone(),
+                gateway_url: gateway_url.clone(),
+            };
+            bench::sockets::idle(&opts, &s).await?;
+        }
+        Scenario::SameTable { clients, rate, seconds, search } => {
+            let o = realtime_options(clients, 1, rate, seconds, search, gateway_url.clone())?;
+            bench::realtime::same_table(&opts, &o).await?;
+        }
+        Scenario::Broadcast { sockets, topics, rate, seconds, search } => {
+            let o = realtime_options(sockets, topics, rate, seconds, search, gateway_url.clone())?;
+            bench::realtime::broadcast(&opts, &o).await?;
+        }
+        Scenario::Presence { sockets, topics } => {
+            let search = SearchArgs { steps: Vec::new(), step_seconds: 0, step_tries: 1, p99_ms: 0.0 };
+            let o = realtime_options(sockets, topics, 0, 0, search, gateway_url.clone())?;
+            bench::realtime::presence(&opts, &o).await?;
+        }
+        long @ (Scenario::Rls { .. }
+        | Scenario::Replay { .. }
+        | Scenario::Soak { .. }
+        | Scenario::SlowReaders { .. }) => {
+            bench_against_a_child(long, &opts, gateway_bin, gateway_url).await?;
+        }
+        Scenario::Relay { listen } => bench::relay::serve(&listen).await?,
+    }
+    Ok(())
+}
+
+/// The scenarios with their own options that run (or can run) the gateway as a child.
+async fn bench_against_a_child(
+    scenario: Scenario,
+    opts: &bench::BenchOptions,
+    gateway_bin: std::path::PathBuf,
+    gateway_url: Option<String>,
+) -> anyhow::Result<()> {
+    match scenario {
+        Scenario::Rls { clients, users, rate, seconds, search } => {
+            let o = bench::rls::RlsOptions {
+                clients,
+                users,
+                rate,
+                seconds,
+                steps: search.steps,
+                step_seconds: search.step_seconds,
+                step_tries: search.step_tries,
+                p99_bound_ms: search.p99_ms,
+                gateway_bin: gateway_bin.clone(),
+                gateway_url: gateway_url.clone(),
+            };
+            bench::rls::run(opts, &o).await?;
+        }
+        Scenario::Replay { rows, clients } => {
+            let o = bench::replay::ReplayOptions { rows, clients, gateway_bin: gateway_bin.clone() };
+            bench::replay::run(opts, &o).await?;
+        }
+        Scenario::Soak { clients, per_key, rate, seconds, reconnect_percent } => {
+            let o = bench::soak::SoakOptions {
+                clients,
+                per_key,
+                rate,
+                seconds,
+                reconnect_percent,
+                gateway_bin: gateway_bin.clone(),
+            };
+            bench::soak::run(opts, &o).await?;
+        }
+        Scenario::SlowReaders { per_transport, normal, rate, seconds, read_every_ms } => {
+            let o = bench::slow::SlowOptions {
+                per_transport,
+                normal,
+                rate,
+                seconds,
+                read_every: std::time::Duration::from_millis(read_every_ms),
+                gateway_bin: gateway_bin.clone(),
+            };
+            bench::slow::run(opts, &o).await?;
+        }
+        other => anyhow::bail!("{other:?} does not run against a child gateway"),
+    }
+    Ok(())
 }
 
 fn realtime_options(
