@@ -192,13 +192,9 @@ impl Gateway {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// Serves until `shutdown` fires: stops accepting, closes sockets with a close frame, sends
-    /// the final standby status update, and returns within 10 s.
-    pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
-        let tracker = TaskTracker::new();
-        let catalog = Arc::new(PublishedCatalog::new(self.pool.clone(), self.config.publication.clone()));
-        let status = Arc::new(ReplicationStatus::default());
-        let hub = Hub::new(HubParts {
+    /// The core, wired to this gateway's database, log and configuration.
+    fn hub(&self, catalog: Arc<PublishedCatalog>, status: &ReplicationStatus) -> Hub {
+        Hub::new(HubParts {
             limits: Limits::from_config(&self.config),
             catalog: Some(catalog),
             peers: None,
@@ -214,7 +210,38 @@ impl Gateway {
                 &self.pool,
                 Duration::from_secs(self.config.snapshot_hold_secs),
             ))),
-        });
+        })
+    }
+
+    /// What every HTTP handler shares.
+    fn app_state(
+        config: &Config,
+        hub: Hub,
+        status: Arc<ReplicationStatus>,
+        shutdown: &CancellationToken,
+    ) -> AppState {
+        AppState {
+            hub,
+            status,
+            max_frame_bytes: config.max_frame_bytes,
+            idle_timeout: Duration::from_secs(config.idle_timeout_secs),
+            shutdown: shutdown.clone(),
+            connections: Arc::new(server::listener::ConnectionMetrics::default()),
+            rest: Arc::new(server::broadcast::RestLimits {
+                max_messages_per_second: config.max_rest_messages_per_second,
+                max_private_topics: config.max_rest_private_topics,
+                senders: Default::default(),
+            }),
+        }
+    }
+
+    /// Serves until `shutdown` fires: stops accepting, closes sockets with a close frame, sends
+    /// the final standby status update, and returns within 10 s.
+    pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let tracker = TaskTracker::new();
+        let catalog = Arc::new(PublishedCatalog::new(self.pool.clone(), self.config.publication.clone()));
+        let status = Arc::new(ReplicationStatus::default());
+        let hub = self.hub(catalog, &status);
         let ack = self.ack;
         let (tx, rx) = tokio::sync::mpsc::channel(8192);
         let (appender, writer, resume_after) = match self.log {
@@ -254,19 +281,7 @@ impl Gateway {
             shutdown.clone(),
         ));
 
-        let state = AppState {
-            hub,
-            status,
-            max_frame_bytes: self.config.max_frame_bytes,
-            idle_timeout: Duration::from_secs(self.config.idle_timeout_secs),
-            shutdown: shutdown.clone(),
-            connections: Arc::new(server::listener::ConnectionMetrics::default()),
-            rest: Arc::new(server::broadcast::RestLimits {
-                max_messages_per_second: self.config.max_rest_messages_per_second,
-                max_private_topics: self.config.max_rest_private_topics,
-                senders: Default::default(),
-            }),
-        };
+        let state = Self::app_state(&self.config, hub, status, &shutdown);
         let connections = Arc::clone(&state.connections);
         let limits = self.config.connection_limits();
         if let Some(admin) = self.admin {
