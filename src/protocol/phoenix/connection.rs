@@ -136,37 +136,7 @@ impl PhoenixConnection {
             ));
             return;
         }
-        let config = frame.payload.get("config").unwrap_or(&Value::Null);
-        let bindings = bindings_of(config);
-        let since = bindings_since(&bindings);
-        let snapshot = bindings.iter().any(|b| flag(b.get("snapshot")).unwrap_or(false));
-        let broadcast = config.get("broadcast");
-        let presence = config.get("presence");
-        let req = JoinRequest {
-            topic: frame.topic.clone(),
-            join_ref: frame.join_ref.as_deref().map(Arc::from),
-            private: flag(config.get("private")).unwrap_or(false),
-            bindings,
-            broadcast_self: flag(broadcast.and_then(|b| b.get("self"))).unwrap_or(false),
-            broadcast_ack: flag(broadcast.and_then(|b| b.get("ack"))).unwrap_or(false),
-            presence_enabled: flag(presence.and_then(|p| p.get("enabled"))).unwrap_or(false),
-            presence_key: presence
-                .and_then(|p| p.get("key"))
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned(),
-            replication_ready: flag(broadcast.and_then(|b| b.get("replication_ready"))).unwrap_or(false),
-            access_token: ["access_token", "user_token"]
-                .iter()
-                .find_map(|k| frame.payload.get(*k).and_then(Value::as_str))
-                .map(str::to_owned),
-            replay: broadcast.and_then(|b| b.get("replay")).cloned(),
-            // A cursor on any binding resumes the channel's bindings after it; `snapshot` on any
-            // binding sends the rows of all of them first.
-            since,
-            snapshot,
-            snapshot_page: None,
-        };
+        let req = join_request(&frame);
         let echoed: Vec<Value> = req
             .bindings
             .iter()
@@ -181,30 +151,8 @@ impl PhoenixConnection {
         match self.session.join(req).await {
             Ok(joined) => {
                 out.push(self.reply(&frame, "ok", json!({"postgres_changes": echoed})));
-                if let Some(changes) = joined.changes {
-                    let name = channel_name(&frame.topic);
-                    let payload = match changes {
-                        Ok(()) => {
-                            let mut message = String::from("Subscribed to PostgreSQL");
-                            for notice in &joined.notices {
-                                message.push_str("; ");
-                                message.push_str(notice);
-                            }
-                            let mut ok = json!({"extension": "postgres_changes", "status": "ok",
-                                                "message": message, "channel": name});
-                            // Where the bindings went live: resuming from it misses nothing
-                            // even when no change has arrived yet.
-                            if let Some(log) = self.session.hub().log() {
-                                ok["cursor"] = json!(log.cursor(joined.matched).to_string());
-                            }
-                            ok
-                        }
-                        Err(errors) => {
-                            let message =
-                                errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-                            json!({"extension": "postgres_changes", "status": "error", "message": message, "channel": name})
-                        }
-                    };
+                if let Some(changes) = &joined.changes {
+                    let payload = self.subscribed(changes, &joined.notices, joined.matched, &frame.topic);
                     out.push(self.frame(frame.join_ref.as_deref(), None, &frame.topic, "system", &payload));
                 }
                 // After the replies above: the replayed changes (or the snapshot) follow them.
@@ -212,21 +160,87 @@ impl PhoenixConnection {
                     handoff.start();
                 }
             }
-            Err(e) => {
-                let reason = match e {
-                    JoinError::TooManyChannels => format!("ChannelRateLimitReached: {e}"),
-                    JoinError::TooManyJoins => format!("ClientJoinRateLimitReached: {e}"),
-                    JoinError::EmptyTopic => e.to_string(),
-                    JoinError::Auth(a) => format!("{}: {a}", a.code()),
-                    JoinError::Unauthorized(_) => format!("Unauthorized: {e}"),
-                    JoinError::Replay(_) => format!("UnableToReplayMessages: {e}"),
-                    JoinError::Unavailable => format!("UnableToConnectToProject: {e}"),
-                    JoinError::Cursor(_) => format!("InvalidCursor: {e}"),
-                    JoinError::Snapshot(_) | JoinError::TooManyBindings(_) => e.to_string(),
-                };
-                out.push(self.reply(&frame, "error", json!({"reason": reason})));
+            Err(e) => out.push(self.reply(&frame, "error", json!({"reason": join_refusal(e)}))),
+        }
+    }
+
+    /// The `system` message that says whether a join's bindings are live (and where they went
+    /// live, with a change log).
+    fn subscribed(
+        &self,
+        changes: &Result<(), Vec<crate::subscribe::BindingError>>,
+        notices: &[String],
+        matched: crate::change::Position,
+        topic: &str,
+    ) -> Value {
+        let name = channel_name(topic);
+        match changes {
+            Ok(()) => {
+                let mut message = String::from("Subscribed to PostgreSQL");
+                for notice in notices {
+                    message.push_str("; ");
+                    message.push_str(notice);
+                }
+                let mut ok = json!({"extension": "postgres_changes", "status": "ok",
+                                    "message": message, "channel": name});
+                // Where the bindings went live: resuming from it misses nothing even when no
+                // change has arrived yet.
+                if let Some(log) = self.session.hub().log() {
+                    ok["cursor"] = json!(log.cursor(matched).to_string());
+                }
+                ok
+            }
+            Err(errors) => {
+                let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                json!({"extension": "postgres_changes", "status": "error", "message": message, "channel": name})
             }
         }
+    }
+}
+
+/// A refused join's `reason`, prefixed with the code Supabase's clients match on.
+fn join_refusal(e: JoinError) -> String {
+    match e {
+        JoinError::TooManyChannels => format!("ChannelRateLimitReached: {e}"),
+        JoinError::TooManyJoins => format!("ClientJoinRateLimitReached: {e}"),
+        JoinError::EmptyTopic => e.to_string(),
+        JoinError::Auth(a) => format!("{}: {a}", a.code()),
+        JoinError::Unauthorized(_) => format!("Unauthorized: {e}"),
+        JoinError::Replay(_) => format!("UnableToReplayMessages: {e}"),
+        JoinError::Unavailable => format!("UnableToConnectToProject: {e}"),
+        JoinError::Cursor(_) => format!("InvalidCursor: {e}"),
+        JoinError::Snapshot(_) | JoinError::TooManyBindings(_) => e.to_string(),
+    }
+}
+
+/// The session's join request for a `phx_join` frame.
+fn join_request(frame: &ClientFrame) -> JoinRequest {
+    let config = frame.payload.get("config").unwrap_or(&Value::Null);
+    let bindings = bindings_of(config);
+    let since = bindings_since(&bindings);
+    let snapshot = bindings.iter().any(|b| flag(b.get("snapshot")).unwrap_or(false));
+    let broadcast = config.get("broadcast");
+    let presence = config.get("presence");
+    JoinRequest {
+        topic: frame.topic.clone(),
+        join_ref: frame.join_ref.as_deref().map(Arc::from),
+        private: flag(config.get("private")).unwrap_or(false),
+        bindings,
+        broadcast_self: flag(broadcast.and_then(|b| b.get("self"))).unwrap_or(false),
+        broadcast_ack: flag(broadcast.and_then(|b| b.get("ack"))).unwrap_or(false),
+        presence_enabled: flag(presence.and_then(|p| p.get("enabled"))).unwrap_or(false),
+        presence_key: presence.and_then(|p| p.get("key")).and_then(Value::as_str).unwrap_or("").to_owned(),
+        replication_ready: flag(broadcast.and_then(|b| b.get("replication_ready"))).unwrap_or(false),
+        access_token: ["access_token", "user_token"]
+            .iter()
+            .find_map(|k| frame.payload.get(*k).and_then(Value::as_str))
+            .map(str::to_owned),
+        replay: broadcast.and_then(|b| b.get("replay")).cloned(),
+        // A cursor on any binding resumes the channel's bindings after it; `snapshot` on any
+        // binding sends the rows of all of them first.
+        since,
+        snapshot,
+        snapshot_page: None,
     }
 }
 
