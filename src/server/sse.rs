@@ -160,6 +160,34 @@ fn join_error(e: JoinError) -> Response {
     }
 }
 
+/// `snapshot` and, for a long-poll, the page token `snapshot_after` (which implies it).
+fn snapshot_params(params: &ChangesParams, stream: bool) -> Result<(bool, Option<PageToken>), Box<Response>> {
+    let snapshot = flag("snapshot", params.snapshot.as_deref())?;
+    // A long-poll reads a snapshot in pages of `limit` rows; a later page goes on from a token.
+    match params.snapshot_after.as_deref().filter(|_| !stream) {
+        None => Ok((snapshot, None)),
+        Some(text) => match PageToken::decode(text) {
+            Some(t) => Ok((true, Some(t))),
+            None => Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "snapshot_after: not a snapshot_next of an earlier answer",
+            ))),
+        },
+    }
+}
+
+/// The bindings a table request could not subscribe: 403 when the token may not read a column
+/// asked for, 400 otherwise.
+fn binding_errors(errors: &[crate::subscribe::BindingError]) -> Response {
+    let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+    let status = if errors.iter().any(|e| matches!(e, crate::subscribe::BindingError::NoSelect { .. })) {
+        StatusCode::FORBIDDEN
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    error(status, message)
+}
+
 pub async fn changes(
     State(state): State<AppState>,
     Path(table): Path<String>,
@@ -178,25 +206,9 @@ pub async fn changes(
     let Some((schema, name)) = table.split_once('.').filter(|(s, t)| !s.is_empty() && !t.is_empty()) else {
         return error(StatusCode::BAD_REQUEST, format!("table {table:?}: expected schema.table"));
     };
-    let mut snapshot = match flag("snapshot", params.snapshot.as_deref()) {
-        Ok(s) => s,
+    let (snapshot, page_token) = match snapshot_params(&params, stream) {
+        Ok(p) => p,
         Err(refused) => return *refused,
-    };
-    // A long-poll reads a snapshot in pages of `limit` rows; a later page goes on from a token.
-    let page_token = match params.snapshot_after.as_deref().filter(|_| !stream) {
-        None => None,
-        Some(text) => match PageToken::decode(text) {
-            Some(t) => {
-                snapshot = true;
-                Some(t)
-            }
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "snapshot_after: not a snapshot_next of an earlier answer",
-                )
-            }
-        },
     };
     let bindings = match crate::subscribe::table_bindings(
         schema,
@@ -235,13 +247,7 @@ pub async fn changes(
         Err(e) => return join_error(e),
     };
     if let Some(Err(errors)) = &joined.changes {
-        let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-        let status = if errors.iter().any(|e| matches!(e, crate::subscribe::BindingError::NoSelect { .. })) {
-            StatusCode::FORBIDDEN
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        return error(status, message);
+        return binding_errors(errors);
     }
     let start = state.hub.log().map(|log| log.cursor(joined.matched).to_string());
     if let Some(handoff) = joined.handoff {
@@ -347,6 +353,61 @@ impl Streaming {
         frame.write_to(buf);
     }
 
+    /// The next chunk of the stream: the first lines, or what is queued (gathered up to
+    /// `CHUNK_BYTES`), a keep-alive, or the error that ends it. `None` once it has ended.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if let Some(first) = self.first.take() {
+            // The first tick of an interval is immediate: use it up with the first chunk.
+            self.keep_alive.tick().await;
+            return Some(Bytes::from(first));
+        }
+        if self.done {
+            return None;
+        }
+        let expiry = self.session.next_expiry().map(tokio::time::Instant::from_std);
+        let chunk = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => {
+                self.done = true;
+                sse::message(None, "error", br#"{"message":"server shutting down"}"#)
+            }
+            _ = self.outbox.killed.cancelled() => {
+                if self.join_again().await.is_some() {
+                    Frame::Text(sse::CATCHING_UP.into())
+                } else {
+                    self.done = true;
+                    sse::message(None, "error", br#"{"message":"client too slow: resume from the last event id"}"#)
+                }
+            }
+            frame = self.outbox.rx.recv() => match frame {
+                Some(f) => f,
+                None => return None,
+            },
+            _ = async { tokio::time::sleep_until(expiry.unwrap_or_else(far)).await }, if expiry.is_some() => {
+                // A closed channel queues why; that is sent next, then the stream ends (below).
+                self.session.expire(std::time::Instant::now());
+                Frame::Text(sse::KEEP_ALIVE.into())
+            }
+            _ = self.keep_alive.tick() => Frame::Text(sse::KEEP_ALIVE.into()),
+        };
+        // Whatever else is already queued goes out in the same chunk (one write, not one each).
+        let mut buf = Vec::with_capacity(chunk.len());
+        self.write(&chunk, &mut buf);
+        if !self.outbox.rx.is_empty() {
+            buf.reserve(CHUNK_BYTES + 4096);
+        }
+        while buf.len() < CHUNK_BYTES && !self.done {
+            match self.outbox.rx.try_recv() {
+                Ok(f) => self.write(&f, &mut buf),
+                Err(_) => break,
+            }
+        }
+        if !self.session.is_joined(&self.topic) && self.outbox.rx.is_empty() {
+            self.done = true;
+        }
+        Some(Bytes::from(buf))
+    }
+
     /// The client fell behind: a new session replays from the last id sent, at the client's
     /// pace, and then goes live (the old one's queue and memberships go). `None` when there is
     /// nothing to resume from, or the join fails.
@@ -401,56 +462,8 @@ fn event_stream(
         catch_up,
     };
     let body = futures_util::stream::unfold(s, |mut s| async move {
-        if let Some(first) = s.first.take() {
-            // The first tick of an interval is immediate: use it up with the first chunk.
-            s.keep_alive.tick().await;
-            return Some((Ok::<Bytes, Infallible>(Bytes::from(first)), s));
-        }
-        if s.done {
-            return None;
-        }
-        let expiry = s.session.next_expiry().map(tokio::time::Instant::from_std);
-        let chunk = tokio::select! {
-            biased;
-            _ = s.shutdown.cancelled() => {
-                s.done = true;
-                sse::message(None, "error", br#"{"message":"server shutting down"}"#)
-            }
-            _ = s.outbox.killed.cancelled() => {
-                if s.join_again().await.is_some() {
-                    Frame::Text(sse::CATCHING_UP.into())
-                } else {
-                    s.done = true;
-                    sse::message(None, "error", br#"{"message":"client too slow: resume from the last event id"}"#)
-                }
-            }
-            frame = s.outbox.rx.recv() => match frame {
-                Some(f) => f,
-                None => return None,
-            },
-            _ = async { tokio::time::sleep_until(expiry.unwrap_or_else(far)).await }, if expiry.is_some() => {
-                // A closed channel queues why; that is sent next, then the stream ends (below).
-                s.session.expire(std::time::Instant::now());
-                Frame::Text(sse::KEEP_ALIVE.into())
-            }
-            _ = s.keep_alive.tick() => Frame::Text(sse::KEEP_ALIVE.into()),
-        };
-        // Whatever else is already queued goes out in the same chunk (one write, not one each).
-        let mut buf = Vec::with_capacity(chunk.len());
-        s.write(&chunk, &mut buf);
-        if !s.outbox.rx.is_empty() {
-            buf.reserve(CHUNK_BYTES + 4096);
-        }
-        while buf.len() < CHUNK_BYTES && !s.done {
-            match s.outbox.rx.try_recv() {
-                Ok(f) => s.write(&f, &mut buf),
-                Err(_) => break,
-            }
-        }
-        if !s.session.is_joined(&s.topic) && s.outbox.rx.is_empty() {
-            s.done = true;
-        }
-        Some((Ok(Bytes::from(buf)), s))
+        let chunk = s.next_chunk().await?;
+        Some((Ok::<Bytes, Infallible>(chunk), s))
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -473,10 +486,10 @@ enum SnapshotPoll {
 
 /// Collects the changes waiting (or the first to arrive within `wait`), up to `limit`.
 ///
-/// With a snapshot, its rows come first: a page of at most `limit`, answered with `snapshot_next` when more follow.
-/// The last page answers the first page's cursor (the changes after it follow), and the only
-/// page also the changes waiting. A table without a primary key is one page, refused (413)
-/// past 10,000 rows or 32 MiB rather than gathered in memory.
+/// With a snapshot, its rows come first: a page of at most `limit`, answered with
+/// `snapshot_next` when more follow. The last page answers the first page's cursor (the changes
+/// after it follow), and the only page also the changes waiting. A table without a primary key
+/// is one page, refused (413) past 10,000 rows or 32 MiB rather than gathered in memory.
 async fn long_poll(
     state: AppState,
     session: Session,
@@ -485,22 +498,25 @@ async fn long_poll(
     since: Option<String>,
     paging: SnapshotPoll,
 ) -> Response {
-    let mut snapshot = !matches!(paging, SnapshotPoll::No);
     let wait = Duration::from_secs(params.wait.unwrap_or(DEFAULT_WAIT).min(MAX_WAIT));
-    let limit = params.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     let deadline = tokio::time::Instant::now() + wait;
     let snapshot_deadline = tokio::time::Instant::now() + SNAPSHOT_WAIT;
-    let mut changes: Vec<u8> = b"[".to_vec();
-    let mut count = 0;
-    let mut cursor = since;
+    let mut poll = Poll {
+        changes: b"[".to_vec(),
+        count: 0,
+        cursor: since,
+        limit: params.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT),
+        snapshot: !matches!(paging, SnapshotPoll::No),
+        paging,
+    };
     loop {
-        let frame = if count == 0 || snapshot {
+        let frame = if poll.count == 0 || poll.snapshot {
             tokio::select! {
                 biased;
                 _ = state.shutdown.cancelled() => break,
                 f = outbox.rx.recv() => f,
-                _ = tokio::time::sleep_until(deadline), if !snapshot => break,
-                _ = tokio::time::sleep_until(snapshot_deadline), if snapshot => {
+                _ = tokio::time::sleep_until(deadline), if !poll.snapshot => break,
+                _ = tokio::time::sleep_until(snapshot_deadline), if poll.snapshot => {
                     return error(
                         StatusCode::GATEWAY_TIMEOUT,
                         format!("snapshot: not read within {} s; try again", SNAPSHOT_WAIT.as_secs()),
@@ -517,41 +533,63 @@ async fn long_poll(
         let Some(frame) = frame else { break };
         let Some(text) = frame.text() else { continue };
         let Some((id, event, data)) = sse::parse(&text) else { continue };
+        match poll.take(id, event, data) {
+            Taken::More => {}
+            Taken::Done => break,
+            Taken::Answer(response) => return response,
+        }
+    }
+    drop(session);
+    answer(&poll.changes, poll.cursor.as_deref(), None)
+}
+
+/// A long-poll's answer as it is gathered.
+struct Poll {
+    /// The JSON list so far, without its closing bracket.
+    changes: Vec<u8>,
+    count: usize,
+    cursor: Option<String>,
+    limit: usize,
+    /// Still reading a snapshot's rows.
+    snapshot: bool,
+    paging: SnapshotPoll,
+}
+
+/// What a message did to a long-poll.
+enum Taken {
+    More,
+    Done,
+    Answer(Response),
+}
+
+impl Poll {
+    fn push(&mut self, data: &str) {
+        if self.count > 0 {
+            self.changes.push(b',');
+        }
+        self.changes.extend_from_slice(data.as_bytes());
+        self.count += 1;
+    }
+
+    /// Takes one message of the stream (`id`, `event`, `data` as the SSE encoder wrote it).
+    fn take(&mut self, id: Option<&str>, event: &str, data: &str) -> Taken {
         match event {
             "gap" => {
                 let body: Value = serde_json::from_str(data).unwrap_or(Value::Null);
-                return (
-                    StatusCode::CONFLICT,
-                    Json(json!({"error": "gap", "code": body["code"], "message": body["message"]})),
-                )
-                    .into_response();
+                let gap = json!({"error": "gap", "code": body["code"], "message": body["message"]});
+                Taken::Answer((StatusCode::CONFLICT, Json(gap)).into_response())
             }
             "error" => {
                 let body: Value = serde_json::from_str(data).unwrap_or(Value::Null);
-                return error(StatusCode::SERVICE_UNAVAILABLE, body["message"].as_str().unwrap_or("error"));
+                let message = body["message"].as_str().unwrap_or("error");
+                Taken::Answer(error(StatusCode::SERVICE_UNAVAILABLE, message))
             }
-            "snapshot-end" => {
-                snapshot = false;
-                let end: Value = serde_json::from_str(data).unwrap_or(Value::Null);
-                let handoff = match &paging {
-                    SnapshotPoll::Later { handoff } => handoff.clone(),
-                    _ => id.map(str::to_owned),
-                };
-                if let Value::Object(after) = &end["more"] {
-                    let next = PageToken { cursor: handoff, after: after.clone() }.encode();
-                    return answer(&changes, None, Some(&next));
-                }
-                cursor = handoff;
-                if matches!(paging, SnapshotPoll::Later { .. }) {
-                    // The last of several pages: the changes follow from the first one's cursor.
-                    break;
-                }
-            }
+            "snapshot-end" => self.snapshot_end(id, data),
             "snapshot" => {
-                if count >= MAX_LIMIT || changes.len() + data.len() > MAX_SNAPSHOT_BYTES {
-                    // The whole snapshot is one answer: bounded, rather than gathered in memory
-                    // however large the table.
-                    return error(
+                if self.count >= MAX_LIMIT || self.changes.len() + data.len() > MAX_SNAPSHOT_BYTES {
+                    // One page is one answer: bounded, rather than gathered in memory however
+                    // large the table.
+                    return Taken::Answer(error(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         format!(
                             "snapshot: more than {MAX_LIMIT} matching rows or {} MiB in one long-poll \
@@ -560,31 +598,44 @@ async fn long_poll(
                              text/event-stream), which streams it",
                             MAX_SNAPSHOT_BYTES >> 20
                         ),
-                    );
+                    ));
                 }
-                if count > 0 {
-                    changes.push(b',');
-                }
-                changes.extend_from_slice(data.as_bytes());
-                count += 1;
+                self.push(data);
+                Taken::More
             }
             _ => {
-                if count > 0 {
-                    changes.push(b',');
-                }
-                changes.extend_from_slice(data.as_bytes());
-                count += 1;
+                self.push(data);
                 if let Some(id) = id {
-                    cursor = Some(id.to_owned());
+                    self.cursor = Some(id.to_owned());
                 }
-                if count >= limit {
-                    break;
+                if self.count >= self.limit {
+                    Taken::Done
+                } else {
+                    Taken::More
                 }
             }
         }
     }
-    drop(session);
-    answer(&changes, cursor.as_deref(), None)
+
+    /// The end of a snapshot page: the next page's token when more follow, else the hand-off.
+    fn snapshot_end(&mut self, id: Option<&str>, data: &str) -> Taken {
+        self.snapshot = false;
+        let end: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+        let handoff = match &self.paging {
+            SnapshotPoll::Later { handoff } => handoff.clone(),
+            _ => id.map(str::to_owned),
+        };
+        if let Value::Object(after) = &end["more"] {
+            let next = PageToken { cursor: handoff, after: after.clone() }.encode();
+            return Taken::Answer(answer(&self.changes, None, Some(&next)));
+        }
+        self.cursor = handoff;
+        if matches!(self.paging, SnapshotPoll::Later { .. }) {
+            // The last of several pages: the changes follow from the first one's cursor.
+            return Taken::Done;
+        }
+        Taken::More
+    }
 }
 
 /// A long-poll's answer: `{"changes":[…],"cursor":…}` (and `snapshot_next` for a snapshot page
