@@ -10,14 +10,15 @@
 use std::future::{poll_fn, Future};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, Credentials};
 use crate::protocol::phoenix::{PhoenixConnection, Vsn};
@@ -63,7 +64,7 @@ pub async fn upgrade(
     };
     sized(ws, &state).on_upgrade(move |socket| {
         let (conn, outbox) = PhoenixConnection::new(state.hub.clone(), vsn, credentials);
-        serve(state, conn, outbox, socket)
+        serve(conn, outbox, socket, state.idle_timeout, state.shutdown)
     })
 }
 
@@ -129,25 +130,32 @@ pub async fn upgrade_plain(
     };
     sized(ws, &state).on_upgrade(move |socket| {
         let (conn, outbox) = PlainConnection::new(state.hub.clone(), credentials);
-        serve(state, conn, outbox, socket)
+        serve(conn, outbox, socket, state.idle_timeout, state.shutdown)
     })
 }
 
-async fn serve<C: Connection>(
-    state: AppState,
+/// Serves one WebSocket connection until it closes: frames read are handed to `conn`, its
+/// replies and what the session's outbox yields are written, and the connection is closed with
+/// a close frame on shutdown, when the core gives up on the client (too slow), when nothing is
+/// read within `idle`, or when `conn` asks to. Generic over the socket so that protocols can be
+/// driven in memory.
+pub(crate) async fn serve<C, S, RE, WE>(
     mut conn: C,
     mut outbox: OutboxReceiver,
-    mut socket: WebSocket,
-) {
-    let idle = state.idle_timeout;
+    mut socket: S,
+    idle: Duration,
+    shutdown: CancellationToken,
+) where
+    C: Connection,
+    S: Stream<Item = Result<Message, RE>> + Sink<Message, Error = WE> + Unpin,
+    RE: std::error::Error + 'static,
+{
     // These futures live for the whole connection: building them per loop turn would register
     // and drop a waiter on the shutdown token and a timer entry for every frame written. Polling
     // a token locks it (the server's is shared by every socket): a gate keeps it from being
     // polled again until it fires.
-    let shutdown = state.shutdown.clone();
-    let shutdown = shutdown.cancelled();
-    let killed = outbox.killed.clone();
-    let killed = killed.cancelled();
+    let shutdown = shutdown.cancelled_owned();
+    let killed = outbox.killed.clone().cancelled_owned();
     let idle_timer = tokio::time::sleep(idle);
     // A channel's token expiring; re-armed only when the earliest expiry changes.
     let mut armed = None;
@@ -169,36 +177,17 @@ async fn serve<C: Connection>(
             }
             // Queued frames before reading more input: write them in one batch, flush once.
             Some(frame) = outbox.rx.recv() => {
-                let mut ok = socket.feed(message(frame)).await.is_ok();
-                let mut n = 1;
-                while ok && n < WRITE_BATCH {
-                    let Ok(more) = outbox.rx.try_recv() else { break };
-                    ok = socket.feed(message(more)).await.is_ok();
-                    n += 1;
-                }
-                if !ok || socket.flush().await.is_err() {
+                if !write_queued(&mut socket, frame, &mut outbox).await {
                     break Close::Gone;
                 }
                 continue;
             }
             msg = poll_fn(|cx| read_gate.poll(cx, |cx| socket.poll_next_unpin(cx))) => {
                 idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
-                match msg {
-                    None => break Close::Gone,
-                    Some(Err(e)) => {
-                        let too_big = matches!(e.into_inner().downcast_ref::<tungstenite_error::Error>(),
-                            Some(tungstenite_error::Error::Capacity(_)));
-                        if too_big {
-                            break Close::Code(1009, "frame too large");
-                        }
-                        break Close::Gone;
-                    }
-                    // Boxed while it runs: handling a frame (a join) is a large future, and
-                    // inline every idle socket's task would keep room for it.
-                    Some(Ok(Message::Text(text))) => Box::pin(conn.text(&text)).await,
-                    Some(Ok(Message::Binary(bytes))) => conn.binary(&bytes),
-                    Some(Ok(Message::Close(_))) => break Close::Gone,
-                    Some(Ok(_)) => continue,
+                match read(&mut conn, msg).await {
+                    Ok(Some(replies)) => replies,
+                    Ok(None) => continue,
+                    Err(close) => break close,
                 }
             }
             _ = &mut idle_timer => break Close::Code(1000, "idle timeout"),
@@ -219,11 +208,7 @@ async fn serve<C: Connection>(
             armed = next;
             expiry.as_mut().reset(next.map(tokio::time::Instant::from_std).unwrap_or_else(never));
         }
-        let mut ok = true;
-        for r in replies {
-            ok = ok && socket.feed(message(r)).await.is_ok();
-        }
-        if !ok || socket.flush().await.is_err() {
+        if !write_all(&mut socket, replies).await {
             break Close::Gone;
         }
     };
@@ -235,7 +220,209 @@ async fn serve<C: Connection>(
     }
 }
 
+/// Writes `first` and what else is queued, up to a batch, then flushes; `false` once the socket
+/// is gone.
+async fn write_queued<S: Sink<Message> + Unpin>(
+    socket: &mut S,
+    first: Frame,
+    outbox: &mut OutboxReceiver,
+) -> bool {
+    let mut ok = socket.feed(message(first)).await.is_ok();
+    let mut n = 1;
+    while ok && n < WRITE_BATCH {
+        let Ok(more) = outbox.rx.try_recv() else { break };
+        ok = socket.feed(message(more)).await.is_ok();
+        n += 1;
+    }
+    ok && socket.flush().await.is_ok()
+}
+
+/// Writes a connection's replies and flushes; `false` once the socket is gone.
+async fn write_all<S: Sink<Message> + Unpin>(socket: &mut S, frames: Vec<Frame>) -> bool {
+    for frame in frames {
+        if socket.feed(message(frame)).await.is_err() {
+            return false;
+        }
+    }
+    socket.flush().await.is_ok()
+}
+
+/// Hands a frame read to the connection: its replies, `None` for frames that need none (pings,
+/// pongs), or how the socket closes.
+async fn read<C: Connection, E: std::error::Error + 'static>(
+    conn: &mut C,
+    msg: Option<Result<Message, E>>,
+) -> Result<Option<Vec<Frame>>, Close> {
+    match msg {
+        None | Some(Ok(Message::Close(_))) => Err(Close::Gone),
+        Some(Err(e)) if too_large(&e) => Err(Close::Code(1009, "frame too large")),
+        Some(Err(_)) => Err(Close::Gone),
+        // Boxed while it runs: handling a frame (a join) is a large future, and inline every
+        // idle socket's task would keep room for it.
+        Some(Ok(Message::Text(text))) => Ok(Some(Box::pin(conn.text(&text)).await)),
+        Some(Ok(Message::Binary(bytes))) => Ok(Some(conn.binary(&bytes))),
+        Some(Ok(_)) => Ok(None),
+    }
+}
+
+/// Whether a read failed on a frame over the size limit (the WebSocket library's capacity
+/// error, anywhere in the error's chain).
+fn too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        if matches!(e.downcast_ref::<tungstenite_error::Error>(), Some(tungstenite_error::Error::Capacity(_)))
+        {
+            return true;
+        }
+        at = e.source();
+    }
+    false
+}
+
 /// The WebSocket library's error type, reached through axum's boxed error.
 mod tungstenite_error {
     pub use tokio_tungstenite::tungstenite::Error;
+}
+
+#[cfg(test)]
+mod tests {
+    //! The socket loop driven in memory: a client's side is two channels, so a protocol can be
+    //! exercised without a network, a server or a database.
+
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::realtime::{Hub, HubParts};
+
+    /// The server's end of an in-memory socket.
+    struct Duplex {
+        incoming: mpsc::UnboundedReceiver<Result<Message, std::io::Error>>,
+        outgoing: mpsc::UnboundedSender<Message>,
+    }
+
+    impl Stream for Duplex {
+        type Item = Result<Message, std::io::Error>;
+
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.incoming.poll_recv(cx)
+        }
+    }
+
+    impl Sink<Message> for Duplex {
+        type Error = std::io::Error;
+
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            self.outgoing.send(item).map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A `/v1/ws` connection served in memory: (what the client sends, what it receives, the
+    /// core's handle on the connection's queue, the server's shutdown, the serving task).
+    struct Client {
+        send: mpsc::UnboundedSender<Result<Message, std::io::Error>>,
+        recv: mpsc::UnboundedReceiver<Message>,
+        killed: CancellationToken,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn plain(idle: Duration) -> Client {
+        let (send, incoming) = mpsc::unbounded_channel();
+        let (outgoing, recv) = mpsc::unbounded_channel();
+        let (conn, outbox) = PlainConnection::new(Hub::new(HubParts::default()), None);
+        let killed = outbox.killed.clone();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(conn, outbox, Duplex { incoming, outgoing }, idle, shutdown.clone()));
+        Client { send, recv, killed, shutdown, task }
+    }
+
+    impl Client {
+        fn text(&self, t: &str) {
+            self.send.send(Ok(Message::Text(t.into()))).expect("the loop reads");
+        }
+
+        async fn next(&mut self) -> Message {
+            tokio::time::timeout(Duration::from_secs(10), self.recv.recv())
+                .await
+                .expect("a frame within 10 s")
+                .expect("the socket is open")
+        }
+
+        async fn json(&mut self) -> serde_json::Value {
+            match self.next().await {
+                Message::Text(t) => serde_json::from_str(&t).expect("JSON"),
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+
+        /// The close frame the loop ends with, after which it stops.
+        async fn closed(mut self) -> (u16, String) {
+            let frame = loop {
+                if let Message::Close(frame) = self.next().await {
+                    break frame.expect("a close frame with a code");
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), self.task)
+                .await
+                .expect("the loop ends")
+                .expect("no panic");
+            (frame.code, frame.reason.to_string())
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_in_order_and_closes_with_the_reason() {
+        let mut c = plain(Duration::from_secs(3600));
+        c.text(r#"{"type":"ping","id":1}"#);
+        assert_eq!(c.json().await, json!({"type": "pong", "id": 1}));
+        c.text("not json");
+        let e = c.json().await;
+        assert_eq!(e["type"], "error");
+        assert!(e["message"].as_str().unwrap_or("").starts_with("invalid JSON"), "{e}");
+        // A broadcast channel: subscribed, and its own message comes back (self).
+        c.text(r#"{"type":"subscribe","channel":"room","self":true,"id":2}"#);
+        assert_eq!(c.json().await["type"], "subscribed");
+        c.text(r#"{"type":"publish","channel":"room","event":"e","data":{"x":1}}"#);
+        let m = c.json().await;
+        assert_eq!(
+            (m["type"].as_str(), m["event"].as_str(), &m["data"]),
+            (Some("message"), Some("e"), &json!({"x": 1}))
+        );
+        c.shutdown.cancel();
+        assert_eq!(c.closed().await, (1001, "server shutting down".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_client_given_up_on_is_closed_as_too_slow() {
+        let c = plain(Duration::from_secs(3600));
+        c.killed.cancel();
+        assert_eq!(c.closed().await, (1008, "client too slow: outbound queue full".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_closed_when_idle_and_a_gone_one_ends_the_loop() {
+        let c = plain(Duration::from_millis(50));
+        assert_eq!(c.closed().await, (1000, "idle timeout".to_owned()));
+        let c = plain(Duration::from_secs(3600));
+        drop(c.send);
+        tokio::time::timeout(Duration::from_secs(10), c.task)
+            .await
+            .expect("the loop ends")
+            .expect("no panic");
+    }
 }
