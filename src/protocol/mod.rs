@@ -13,8 +13,22 @@ use bytes::Bytes;
 use base64::Engine as _;
 
 use crate::change::broadcast::{BroadcastMessage, BroadcastPayload};
-use crate::realtime::outbox::Frame;
+use crate::realtime::outbox::{EncodingId, Frame};
 use crate::realtime::session::Session;
+
+/// Every wire encoding's id, allocated here and nowhere else: members whose encoders share an id
+/// share frames, so two protocols with one id would receive each other's bytes.
+pub mod encoding {
+    use super::EncodingId;
+
+    pub const PHOENIX_V1: EncodingId = EncodingId(1);
+    pub const PHOENIX_V2: EncodingId = EncodingId(2);
+    pub const SSE: EncodingId = EncodingId(10);
+    pub const PLAIN: EncodingId = EncodingId(11);
+
+    /// Every id above (a new encoding is added here too).
+    pub const ALL: [EncodingId; 4] = [PHOENIX_V1, PHOENIX_V2, SSE, PLAIN];
+}
 
 /// A WebSocket protocol's side of one connection, driven by the transport's IO loop: client
 /// frames in, the frames to write at once out (before anything queued in the outbox).
@@ -65,5 +79,16 @@ pub(crate) fn write_broadcast(out: &mut Vec<u8>, m: &BroadcastMessage) {
     if let Some(meta) = &m.meta {
         out.extend_from_slice(b",\"meta\":");
         out.extend_from_slice(meta);
+    }
+}
+
+#[cfg(test)]
+mod encoding_tests {
+    #[test]
+    fn encoding_ids_are_distinct() {
+        let mut ids = super::encoding::ALL.to_vec();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), super::encoding::ALL.len());
     }
 }

@@ -63,7 +63,7 @@ pub struct PlainEncoder;
 
 impl Encoder for PlainEncoder {
     fn id(&self) -> EncodingId {
-        EncodingId(11)
+        crate::protocol::encoding::PLAIN
     }
 
     fn encode(&self, topic: &str, event: &Event<'_>) -> Option<Frame> {

@@ -93,7 +93,7 @@ fn broadcast_event(name: &str) -> &str {
 
 impl Encoder for SseEncoder {
     fn id(&self) -> EncodingId {
-        EncodingId(10)
+        crate::protocol::encoding::SSE
     }
 
     fn encode(&self, _topic: &str, event: &Event<'_>) -> Option<Frame> {

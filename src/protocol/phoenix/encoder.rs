@@ -79,8 +79,8 @@ impl PhoenixEncoder {
 impl Encoder for PhoenixEncoder {
     fn id(&self) -> EncodingId {
         match self.vsn {
-            Vsn::V1 => EncodingId(1),
-            Vsn::V2 => EncodingId(2),
+            Vsn::V1 => crate::protocol::encoding::PHOENIX_V1,
+            Vsn::V2 => crate::protocol::encoding::PHOENIX_V2,
         }
     }
 
