@@ -53,7 +53,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::log::{Appender, ChangeLog, Recovered, WriterHandle};
-use crate::realtime::snapshot::SnapshotSource;
+use crate::realtime::snapshot_source::SnapshotSource;
 use crate::realtime::{Hub, HubParts, Limits};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::slot;

@@ -1,15 +1,15 @@
 //! The pub-sub bus: how broadcasts and presence changes reach channel members, on this node and,
 //! through [`Peers`], on other gateway nodes.
 //!
-//! Owns: [`BusMessage`] (the unit that crosses nodes) and [`Hub::publish`] (deliver here, then
-//! forward). A cluster transport implements [`Peers`] and calls [`Hub::deliver`] with what it
-//! receives. Must not: encode wire formats or know about sessions.
+//! Owns: [`BusMessage`] (the unit that crosses nodes) and [`Peers`]. `Hub::publish` (deliver
+//! here, then forward; in `registry.rs`) sends; a cluster transport implements [`Peers`] and
+//! calls `Hub::deliver` with what it receives. Must not: encode wire formats or know about sessions.
 
 use std::sync::Arc;
 
 use crate::change::broadcast::BroadcastMessage;
+use crate::realtime::member::{MemberId, TopicKey};
 use crate::realtime::presence::PresenceDiff;
-use crate::realtime::{Hub, MemberId, TopicKey};
 
 /// A message for every member of one channel, on every node.
 #[derive(Debug, Clone)]
@@ -31,22 +31,4 @@ pub enum BusMessage {
 pub trait Peers: Send + Sync {
     /// Sends a message that was just delivered locally to the other nodes.
     fn forward(&self, message: &BusMessage);
-}
-
-impl Hub {
-    /// Delivers on this node, then forwards to the other nodes.
-    pub fn publish(&self, message: BusMessage) {
-        self.deliver(&message);
-        if let Some(peers) = &self.inner.peers {
-            peers.forward(&message);
-        }
-    }
-
-    /// Delivers a message to this node's members (the entry point for messages from peers).
-    pub fn deliver(&self, message: &BusMessage) {
-        match message {
-            BusMessage::Broadcast { key, origin, message } => self.deliver_broadcast(key, *origin, message),
-            BusMessage::Presence { key, diff } => self.apply_presence(key, diff),
-        }
-    }
 }

@@ -30,9 +30,10 @@ use crate::locks;
 use crate::log::Appender;
 use crate::realtime::bus::BusMessage;
 use crate::realtime::gate::Place;
+use crate::realtime::hub::Hub;
 use crate::realtime::index::Subscription;
+use crate::realtime::member::{Member, TopicKey};
 use crate::realtime::outbox::{Direct, EncodingId, Event, Frame};
-use crate::realtime::{Hub, Member, TopicKey};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::lsn::Lsn;
 
@@ -327,7 +328,9 @@ impl Scratch {
                 collected.push(frame);
                 true
             }
-            (Some(frame), None) => member.deliver_live(Place::Change(self.position, self.xid), frame, hub),
+            (Some(frame), None) => {
+                member.deliver_live(Place::Change(self.position, self.xid), frame, hub.metrics())
+            }
             (None, _) => false,
         }
     }

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::change::Position;
 use crate::locks;
-use crate::realtime::outbox::{Frame, Queued};
-use crate::realtime::{Hub, Member};
+use crate::realtime::limits::Metrics;
+use crate::realtime::outbox::{Frame, Outbox, Queued};
 use crate::replication::lsn::Lsn;
 
 /// Live changes a resuming member may hold before it counts as too slow.
@@ -51,18 +51,24 @@ impl Place {
     }
 }
 
-impl Member {
+/// A member's gate and the outbox it lets frames through to (`Member::gate`).
+pub(crate) struct GateOf<'a> {
+    pub(crate) resume: &'a Option<Mutex<ResumeGate>>,
+    pub(crate) outbox: &'a Outbox,
+}
+
+impl GateOf<'_> {
     /// Queues one live frame, through the resume gate when there is one. Returns whether it
     /// was queued (or held).
-    pub(crate) fn deliver_live(&self, place: Place, frame: Frame, hub: &Hub) -> bool {
-        let Some(gate) = &self.resume else {
-            return self.outbox.send(frame, hub.metrics()) == Queued::Yes;
+    pub(crate) fn deliver_live(&self, place: Place, frame: Frame, metrics: &Metrics) -> bool {
+        let Some(gate) = self.resume else {
+            return self.outbox.send(frame, metrics) == Queued::Yes;
         };
         let mut gate = locks::lock(gate);
         match &mut *gate {
             ResumeGate::Holding(held) => {
                 if held.len() >= MAX_HELD {
-                    self.outbox.kill(hub.metrics());
+                    self.outbox.kill(metrics);
                     return false;
                 }
                 held.push((place, frame));
@@ -78,26 +84,31 @@ impl Member {
                         *shown = None;
                     }
                 }
-                self.outbox.send(frame, hub.metrics()) == Queued::Yes
+                self.outbox.send(frame, metrics) == Queued::Yes
             }
         }
     }
 
     /// Ends the replay: sends what was held after `through`, then lets live changes pass.
-    pub(crate) async fn release(&self, through: Position, hub: &Hub) {
-        self.open_gate(through, None, hub).await;
+    pub(crate) async fn release(&self, through: Position, metrics: &Metrics) {
+        self.open_gate(through, None, metrics).await;
     }
 
     /// Ends a snapshot: sends what was held after `through` that the snapshot does not show, then
     /// lets live changes pass (those it shows still skipped).
-    pub(crate) async fn release_after_snapshot(&self, through: Position, shown: Arc<XidSnapshot>, hub: &Hub) {
-        self.open_gate(through, Some(shown), hub).await;
+    pub(crate) async fn release_after_snapshot(
+        &self,
+        through: Position,
+        shown: Arc<XidSnapshot>,
+        metrics: &Metrics,
+    ) {
+        self.open_gate(through, Some(shown), metrics).await;
     }
 
     /// Sends the held frames with backpressure, taking them in turns (the dispatcher keeps
     /// holding new ones meanwhile), and goes live once nothing is held.
-    async fn open_gate(&self, through: Position, shown: Option<Arc<XidSnapshot>>, hub: &Hub) {
-        let Some(gate) = &self.resume else { return };
+    async fn open_gate(&self, through: Position, shown: Option<Arc<XidSnapshot>>, metrics: &Metrics) {
+        let Some(gate) = self.resume else { return };
         loop {
             let held = {
                 let mut gate = locks::lock(gate);
@@ -114,7 +125,7 @@ impl Member {
                 if place.sent(through, shown.as_deref()) {
                     continue;
                 }
-                if self.outbox.send_wait(frame, hub.metrics()).await != Queued::Yes {
+                if self.outbox.send_wait(frame, metrics).await != Queued::Yes {
                     return;
                 }
             }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::change::{Change, ChangeKind};
 use crate::filter::eval::{row_key_int, Class};
 use crate::filter::{CompiledFilter, IndexKey};
-use crate::realtime::Member;
+use crate::realtime::member::Member;
 
 pub type SubId = u64;
 

@@ -16,7 +16,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::broadcast::BroadcastMessage;
-use crate::realtime::Metrics;
+use crate::realtime::limits::Metrics;
 
 /// One encoded server message. Cloning shares the bytes.
 #[derive(Debug, Clone, PartialEq)]

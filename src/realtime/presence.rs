@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use crate::realtime::MemberId;
+use crate::realtime::member::MemberId;
 
 /// One tracked presence: a member's payload under a key.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,16 +12,12 @@ use crate::auth::topics::Replayed;
 use crate::change::broadcast::BroadcastMessage;
 use crate::locks;
 use crate::realtime::broadcast::ReplayGate;
+use crate::realtime::bus::BusMessage;
 use crate::realtime::gate::Place;
+use crate::realtime::hub::Hub;
+use crate::realtime::member::{Member, MemberId, TopicKey};
 use crate::realtime::outbox::{Direct, EncodingId, Event, Frame};
-use crate::realtime::presence::{PresenceDiff, PresenceTable};
-use crate::realtime::{Hub, Member, MemberId, TopicKey};
-
-#[derive(Debug, Default)]
-pub(crate) struct Channel {
-    members: Vec<Arc<Member>>,
-    presence: PresenceTable,
-}
+use crate::realtime::presence::PresenceDiff;
 
 /// Frames of one event, by encoding: members share them.
 struct FrameCache<'a> {
@@ -50,7 +46,7 @@ impl Hub {
     /// Adds a member; with `presence_state`, queues the topic's presence state to it first,
     /// under the same lock, so every later diff follows the state it applies to.
     pub(crate) fn add_member(&self, member: Arc<Member>, presence_state: bool) {
-        let mut channels = locks::write(&self.inner.channels);
+        let mut channels = locks::write(self.channels());
         let channel = channels.entry(member.key.clone()).or_default();
         if presence_state && member.reads_presence() {
             let state = channel.presence.to_json();
@@ -65,7 +61,7 @@ impl Hub {
         if !member.reads_presence() {
             return;
         }
-        let channels = locks::read(&self.inner.channels);
+        let channels = locks::read(self.channels());
         let state = channels.get(&member.key).map(|c| c.presence.to_json()).unwrap_or_else(|| b"{}".to_vec());
         self.send_direct(member, &Direct::PresenceState(&state));
     }
@@ -73,7 +69,7 @@ impl Hub {
     /// Removes a member; its presences leave (the diff reaches every node).
     pub(crate) fn remove_member(&self, member: &Member) {
         let leaves = {
-            let mut channels = locks::write(&self.inner.channels);
+            let mut channels = locks::write(self.channels());
             let Some(channel) = channels.get_mut(&member.key) else { return };
             let before = channel.members.len();
             channel.members.retain(|m| m.id != member.id);
@@ -106,7 +102,7 @@ impl Hub {
         origin: Option<MemberId>,
         message: &Arc<BroadcastMessage>,
     ) {
-        let channels = locks::read(&self.inner.channels);
+        let channels = locks::read(self.channels());
         let Some(channel) = channels.get(key) else { return };
         let mut cache = FrameCache::new(&key.topic, Event::Broadcast(message));
         let mut id: Option<Option<String>> = None;
@@ -132,7 +128,7 @@ impl Hub {
             }
             match cache.frame(m) {
                 Some(f) => {
-                    m.deliver_live(place, f, self);
+                    m.deliver_live(place, f, self.metrics());
                 }
                 None => {
                     self.metrics().broadcasts_undeliverable.fetch_add(1, Ordering::Relaxed);
@@ -173,7 +169,7 @@ impl Hub {
 
     /// Applies a presence diff to the topic's table and delivers it to every member.
     pub(crate) fn apply_presence(&self, key: &TopicKey, diff: &PresenceDiff) {
-        let mut channels = locks::write(&self.inner.channels);
+        let mut channels = locks::write(self.channels());
         let channel = channels.entry(key.clone()).or_default();
         channel.presence.apply(diff);
         let json = diff.to_json();
@@ -190,7 +186,25 @@ impl Hub {
 
     /// The presence state of a channel as JSON (for tests and the REST API).
     pub fn presence_state(&self, key: &TopicKey) -> Vec<u8> {
-        let channels = locks::read(&self.inner.channels);
+        let channels = locks::read(self.channels());
         channels.get(key).map(|c| c.presence.to_json()).unwrap_or_else(|| b"{}".to_vec())
+    }
+}
+
+impl Hub {
+    /// Delivers on this node, then forwards to the other nodes.
+    pub fn publish(&self, message: BusMessage) {
+        self.deliver(&message);
+        if let Some(peers) = self.peers() {
+            peers.forward(&message);
+        }
+    }
+
+    /// Delivers a message to this node's members (the entry point for messages from peers).
+    pub fn deliver(&self, message: &BusMessage) {
+        match message {
+            BusMessage::Broadcast { key, origin, message } => self.deliver_broadcast(key, *origin, message),
+            BusMessage::Presence { key, diff } => self.apply_presence(key, diff),
+        }
     }
 }

@@ -20,9 +20,10 @@ use crate::change::DbBroadcast;
 use crate::change::Position;
 use crate::log::{Cursor, Entry, Gap, LogReader};
 use crate::realtime::dispatch::{replay_batch, Scratch};
+use crate::realtime::hub::Hub;
 use crate::realtime::index::Subscription;
+use crate::realtime::member::Member;
 use crate::realtime::outbox::{Direct, Event, Frame, Queued};
-use crate::realtime::{Hub, Member};
 
 /// Events read from the log per step.
 const READ_BATCH: usize = 1024;
@@ -122,7 +123,7 @@ impl Resume {
                 let _ = self.member.outbox.send_wait(frame, self.hub.metrics()).await;
             }
         }
-        self.member.release(through, &self.hub).await;
+        self.member.release(through, self.hub.metrics()).await;
     }
 
     /// Replays; returns the position it resumed after.

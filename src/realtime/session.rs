@@ -21,12 +21,13 @@ use crate::change::Position;
 use crate::locks;
 use crate::realtime::broadcast::{BroadcastError, ReplayGate};
 use crate::realtime::bus::BusMessage;
+use crate::realtime::hub::Hub;
 use crate::realtime::index::{BindingSpec, SubId, Subscription};
+use crate::realtime::member::{channel_name, Member, SessionId, TopicKey};
 use crate::realtime::outbox::{Direct, Encoder, Outbox, OutboxReceiver};
 use crate::realtime::presence::{new_ref, random_uuid, PresenceDiff, PresenceMeta};
 use crate::realtime::resume::{Handoff, Resume};
 use crate::realtime::snapshot::Snapshot;
-use crate::realtime::{channel_name, Hub, Member, SessionId, TopicKey};
 use crate::subscribe::BindingError;
 
 /// What a client asks for when it joins a channel.
@@ -905,8 +906,8 @@ mod tests {
 
     use super::*;
     use crate::change::broadcast::BroadcastPayload;
+    use crate::realtime::limits::Limits;
     use crate::realtime::outbox::{EncodingId, Event, Frame};
-    use crate::realtime::Limits;
 
     /// Renders events as short readable lines: `topic kind detail`.
     struct Lines(u8);
@@ -1191,7 +1192,7 @@ mod tests {
             encoder: Arc::new(Lines(2)),
             echo_own: false,
             subject: std::sync::RwLock::new(None),
-            reads: crate::realtime::READS_BROADCAST.into(),
+            reads: crate::realtime::member::READS_BROADCAST.into(),
             replay: None,
             resume: None,
             seen: Default::default(),
@@ -1218,7 +1219,7 @@ mod tests {
         let hub = hub(Limits::default());
         let (mut a, _arx) = session(&hub, 2);
         a.join(req("room")).await.unwrap();
-        let (m, mut rx) = member(&hub, "room", crate::realtime::READS_BROADCAST, true);
+        let (m, mut rx) = member(&hub, "room", crate::realtime::member::READS_BROADCAST, true);
         // Live broadcasts while the replay loads are held.
         a.broadcast("room", with_id("m2")).unwrap();
         a.broadcast("room", with_id("m3")).unwrap();
@@ -1259,11 +1260,11 @@ mod tests {
         }
         assert!(drain(&mut rx).is_empty() && drain(&mut snap_rx).is_empty(), "held");
         let through = Position { lsn: crate::replication::lsn::Lsn(10), seq: 0 };
-        resuming.release(through, &hub).await;
+        resuming.release(through, hub.metrics()).await;
         assert_eq!(drain(&mut rx), ["room broadcast live 1", "room broadcast r15 1"]);
         // A snapshot has no broadcasts: every one held is sent.
         let shown = Arc::new(crate::realtime::gate::XidSnapshot::parse("1:1:", through.lsn).unwrap());
-        snapshotting.release_after_snapshot(through, shown, &hub).await;
+        snapshotting.release_after_snapshot(through, shown, hub.metrics()).await;
         assert_eq!(drain(&mut snap_rx).len(), 4);
         // Live: one at or before `through` arriving late is skipped.
         a.broadcast("room", logged("late", Some(9))).unwrap();
@@ -1278,8 +1279,10 @@ mod tests {
         let (mut a, _arx) = session(&hub, 2);
         a.join(req("room")).await.unwrap();
         let (_none, mut none_rx) = member(&hub, "room", 0, false);
-        let (_presence, mut presence_rx) = member(&hub, "room", crate::realtime::READS_PRESENCE, false);
-        let (_broadcast, mut broadcast_rx) = member(&hub, "room", crate::realtime::READS_BROADCAST, false);
+        let (_presence, mut presence_rx) =
+            member(&hub, "room", crate::realtime::member::READS_PRESENCE, false);
+        let (_broadcast, mut broadcast_rx) =
+            member(&hub, "room", crate::realtime::member::READS_BROADCAST, false);
         a.broadcast("room", json_msg("e", "1")).unwrap();
         a.track("room", json!({"k": 1})).unwrap();
         assert!(drain(&mut none_rx).is_empty());

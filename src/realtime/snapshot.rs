@@ -22,56 +22,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
-use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
 
 use crate::change::{Change, ChangeKind, Column, Position, Relation, ReplicaIdentity};
 use crate::realtime::dispatch::{replay_batch, Scratch};
 use crate::realtime::gate::XidSnapshot;
+use crate::realtime::hub::Hub;
 use crate::realtime::index::Subscription;
+use crate::realtime::member::Member;
 use crate::realtime::outbox::{Direct, Queued};
-use crate::realtime::{Hub, Member};
+use crate::realtime::snapshot_source::{SnapshotSource, ACQUIRE_TIMEOUT};
 use crate::replication::lsn::Lsn;
 use crate::replication::pgoutput::{Tuple, Value};
-use crate::replication::values::{CatalogError, TypeCatalog};
+use crate::replication::values::CatalogError;
 
-/// Connections the snapshots of one gateway share (more snapshots wait for one).
-pub const SNAPSHOT_CONNECTIONS: u32 = 4;
 /// Rows read, checked and sent per step (the memory a snapshot holds).
 const ROWS_PER_BATCH: usize = 256;
 /// Attempts at a snapshot that shows every transaction already matched.
 const ATTEMPTS: u32 = 50;
-
-/// How long a snapshot waits for a connection of the pool before it is refused as busy.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Where snapshots are read: a pool of its own and the type catalog.
-pub struct SnapshotSource {
-    pool: PgPool,
-    types: tokio::sync::Mutex<TypeCatalog>,
-    /// How long, in all, a snapshot waits for its client to read (holding its transaction)
-    /// before it gives up.
-    client_wait: Duration,
-}
-
-impl std::fmt::Debug for SnapshotSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SnapshotSource").finish_non_exhaustive()
-    }
-}
-
-impl SnapshotSource {
-    /// A source with its own pool, connecting as `pool` does (lazily); a snapshot gives up once
-    /// it has waited `client_wait` in all for its client to read.
-    pub fn new(pool: &PgPool, client_wait: Duration) -> SnapshotSource {
-        let options = (*pool.connect_options()).clone();
-        let pool = PgPoolOptions::new()
-            .max_connections(SNAPSHOT_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_lazy_with(options);
-        SnapshotSource { pool, types: tokio::sync::Mutex::new(TypeCatalog::default()), client_wait }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SnapshotError {
@@ -235,7 +203,7 @@ impl Snapshot {
                 if self.member.outbox.send_wait(frame, metrics).await != Queued::Yes {
                     return;
                 }
-                self.member.release_after_snapshot(self.through, Arc::new(shown), &self.hub).await;
+                self.member.release_after_snapshot(self.through, Arc::new(shown), self.hub.metrics()).await;
             }
             Err(SnapshotError::Gone) => {}
             Err(e) => {
@@ -251,7 +219,7 @@ impl Snapshot {
                 );
                 let _ = self.member.outbox.send_wait(frame, metrics).await;
                 self.member
-                    .release_after_snapshot(self.through, Arc::new(XidSnapshot::none()), &self.hub)
+                    .release_after_snapshot(self.through, Arc::new(XidSnapshot::none()), self.hub.metrics())
                     .await;
             }
         }

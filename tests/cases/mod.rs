@@ -4,6 +4,7 @@ mod capture;
 mod clients;
 mod gateway;
 mod hardening;
+mod layout;
 mod ops;
 mod private;
 mod realtime;

@@ -1,0 +1,115 @@
+//! The source's shape: no file imports a file that, directly or through others, imports it back
+//! (test modules aside). A circle means two files can only be understood, and changed, together.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Every `.rs` file under `dir`.
+fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read src") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The module path of a file under `src/` (`realtime::hub`; `` for lib.rs and main.rs).
+fn module_of(src: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(src).expect("under src").with_extension("");
+    let parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let parts: Vec<&str> = parts.iter().map(String::as_str).filter(|p| *p != "mod").collect();
+    match parts.as_slice() {
+        ["lib"] | ["main"] => String::new(),
+        _ => parts.join("::"),
+    }
+}
+
+/// The text without `#[cfg(test)]` modules.
+fn without_tests(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("#[cfg(test)]\nmod ") {
+        out.push_str(&rest[..at]);
+        let open = rest[at..].find('{').map_or(rest.len(), |o| at + o);
+        let mut depth = 0usize;
+        let mut end = rest.len();
+        for (i, c) in rest[open..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = open + i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The longest module of `modules` that `path` (`a::b::Item`) names.
+fn resolve<'a>(modules: &'a BTreeSet<String>, path: &str) -> Option<&'a String> {
+    let parts: Vec<&str> = path.split("::").collect();
+    (1..=parts.len()).rev().find_map(|n| modules.get(&parts[..n].join("::")))
+}
+
+#[test]
+fn no_file_imports_a_file_that_imports_it_back() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    let modules: BTreeSet<String> = files.iter().map(|f| module_of(&src, f)).collect();
+    let path =
+        regex::Regex::new(r"crate::([a-z_][a-z0-9_]*(?:::[a-z_][a-z0-9_]*)*)(::\{([^}]*)\})?").unwrap();
+    let sup = regex::Regex::new(r"\bsuper::([a-z_][a-z0-9_]*(?:::[a-z_][a-z0-9_]*)*)").unwrap();
+    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in &files {
+        let me = module_of(&src, file);
+        let text = without_tests(&std::fs::read_to_string(file).expect("read"));
+        let mut deps = BTreeSet::new();
+        for c in path.captures_iter(&text) {
+            let base = &c[1];
+            let mut named = vec![base.to_owned()];
+            if let Some(items) = c.get(3) {
+                named = items.as_str().split(',').map(|i| format!("{base}::{}", i.trim())).collect();
+            }
+            for n in named {
+                if let Some(m) = resolve(&modules, &n).filter(|m| **m != me && !m.is_empty()) {
+                    deps.insert(m.clone());
+                }
+            }
+        }
+        let parent = me.rsplit_once("::").map_or("", |(p, _)| p);
+        for c in sup.captures_iter(&text) {
+            let full = if parent.is_empty() { c[1].to_owned() } else { format!("{parent}::{}", &c[1]) };
+            if let Some(m) = resolve(&modules, &full).filter(|m| **m != me && !m.is_empty()) {
+                deps.insert(m.clone());
+            }
+        }
+        edges.insert(me, deps);
+    }
+    // A circle: a module reachable from one of its own imports.
+    let mut circles = Vec::new();
+    for (start, deps) in &edges {
+        let mut seen = BTreeSet::new();
+        let mut stack: Vec<&String> = deps.iter().collect();
+        while let Some(m) = stack.pop() {
+            if m == start {
+                circles.push(start.clone());
+                break;
+            }
+            if seen.insert(m) {
+                stack.extend(edges.get(m).into_iter().flatten());
+            }
+        }
+    }
+    assert!(circles.is_empty(), "files in an import circle: {circles:?}");
+}
