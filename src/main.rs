@@ -10,8 +10,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use walcast::change::ChangeKind;
-use walcast::cluster::{Cluster, ClusterOptions};
 use walcast::config::{Config, LogFormat};
+use walcast::local_postgres::{LocalPostgres, LocalPostgresOptions};
 use walcast::{bench, check, replication, tail, Gateway};
 
 /// The allocator: frames are allocated by the dispatcher and freed by socket tasks on other
@@ -633,11 +633,14 @@ async fn dev(mut config: Config, data_dir: PathBuf, port: u16) -> anyhow::Result
     let ten_years = Duration::from_secs(10 * 365 * 24 * 3600);
     let anon = walcast::auth::mint(&secret, "anon", None, ten_years, Default::default())?;
     let service = walcast::auth::mint(&secret, "service_role", None, ten_years, Default::default())?;
-    let cluster = Cluster::start(ClusterOptions::new(&data_dir)).await?;
+    let cluster = LocalPostgres::start(LocalPostgresOptions::new(&data_dir)).await?;
     let url = cluster.url("postgres");
     let pool = walcast::connect_pool(&url).await?;
     sqlx::raw_sql(DEMO_SCHEMA).execute(&pool).await.context("creating the demo schema")?;
-    sqlx::raw_sql(walcast::cluster::API_ROLES_SQL).execute(&pool).await.context("creating the API roles")?;
+    sqlx::raw_sql(walcast::local_postgres::API_ROLES_SQL)
+        .execute(&pool)
+        .await
+        .context("creating the API roles")?;
     pool.close().await;
     config.database_url = Some(url.clone());
     config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bench::BenchOptions;
 use crate::change::ChangeEvent;
-use crate::cluster::{Cluster, ClusterOptions};
+use crate::local_postgres::{LocalPostgres, LocalPostgresOptions};
 use crate::realtime::dispatch::{dispatch, Scratch};
 use crate::realtime::{Hub, Limits};
 use crate::replication::ack::Acknowledgement;
@@ -32,7 +32,7 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
         Some(_) => None,
         None => {
             eprintln!("ingest: starting a throwaway PostgreSQL in {}", root.display());
-            Some(Cluster::start(ClusterOptions::throwaway(&root)).await?)
+            Some(LocalPostgres::start(LocalPostgresOptions::throwaway(&root)).await?)
         }
     };
     let url = match (&opts.database_url, &cluster) {
@@ -139,7 +139,7 @@ pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::V
 
 /// Seconds `pg_recvlogical` takes to receive the stream of `slot` up to `end`.
 async fn recvlogical(url: &str, slot: &str, end: &str) -> anyhow::Result<f64> {
-    let bin = crate::cluster::find_binaries().ok().map(|b| b.join("pg_recvlogical"));
+    let bin = crate::local_postgres::find_binaries().ok().map(|b| b.join("pg_recvlogical"));
     let recv = bin.filter(|b| b.exists()).unwrap_or_else(|| "pg_recvlogical".into());
     let t = Instant::now();
     let status = tokio::process::Command::new(&recv)

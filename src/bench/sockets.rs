@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::bench::client::Socket;
 use crate::bench::gateway::{raise_nofile_limit, BenchGateway};
 use crate::bench::BenchOptions;
-use crate::cluster::{Cluster, ClusterOptions};
+use crate::local_postgres::{LocalPostgres, LocalPostgresOptions};
 
 #[derive(Debug, Clone)]
 pub struct SocketOptions {
@@ -47,7 +47,7 @@ pub enum Transport {
 
 pub(crate) struct Env {
     /// A throwaway cluster (its directory goes when it stops), unless `--database-url` was given.
-    cluster: Option<Cluster>,
+    cluster: Option<LocalPostgres>,
     pub(crate) url: String,
     /// The gateway's slot, unique to this run (slots are cluster-wide).
     pub(crate) slot: String,
@@ -71,9 +71,9 @@ pub(crate) async fn database(opts: &BenchOptions, name: &str) -> anyhow::Result<
         Some(_) => None,
         None => {
             eprintln!("{name}: starting a throwaway PostgreSQL in {}", root.display());
-            let mut o = ClusterOptions::throwaway(&root);
+            let mut o = LocalPostgresOptions::throwaway(&root);
             o.settings.push(("max_connections".into(), "300".into()));
-            Some(Cluster::start(o).await?)
+            Some(LocalPostgres::start(o).await?)
         }
     };
     let url = match (&opts.database_url, &cluster) {
@@ -88,7 +88,7 @@ pub(crate) async fn database(opts: &BenchOptions, name: &str) -> anyhow::Result<
     )
     .execute(&pool)
     .await?;
-    sqlx::raw_sql(crate::cluster::API_ROLES_SQL).execute(&pool).await?;
+    sqlx::raw_sql(crate::local_postgres::API_ROLES_SQL).execute(&pool).await?;
     pool.close().await;
     Ok(Env { cluster, url, slot: format!("walcast_bench_{name}_{}", std::process::id()) })
 }

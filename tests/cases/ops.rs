@@ -6,19 +6,19 @@ use std::time::Duration;
 
 use serde_json::json;
 use walcast::check;
-use walcast::cluster::{Cluster, ClusterOptions};
 use walcast::config::Config;
+use walcast::local_postgres::{LocalPostgres, LocalPostgresOptions};
 
 use crate::support::{self, exec, fresh_db, http_get, pool, wait_for, TestApp};
 
-async fn dedicated(name: &str, settings: &[(&str, &str)]) -> Cluster {
+async fn dedicated(name: &str, settings: &[(&str, &str)]) -> LocalPostgres {
     let root = std::env::temp_dir().join(format!("walcast-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let mut opts = ClusterOptions::throwaway(&root);
+    let mut opts = LocalPostgresOptions::throwaway(&root);
     opts.settings = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let cluster = Cluster::start(opts).await.expect("dedicated cluster");
+    let cluster = LocalPostgres::start(opts).await.expect("dedicated cluster");
     let p = pool(&cluster.url("postgres")).await;
-    exec(&p, walcast::cluster::API_ROLES_SQL).await;
+    exec(&p, walcast::local_postgres::API_ROLES_SQL).await;
     p.close().await;
     cluster
 }
@@ -485,13 +485,13 @@ async fn replication_over_tls() {
             std::os::unix::fs::chown(path, f[2].parse().ok(), f[3].parse().ok()).expect("chown");
         }
     }
-    let mut opts = ClusterOptions::throwaway(root.join("cluster"));
+    let mut opts = LocalPostgresOptions::throwaway(root.join("cluster"));
     opts.settings = vec![
         ("ssl".into(), "on".into()),
         ("ssl_cert_file".into(), cert.display().to_string()),
         ("ssl_key_file".into(), key.display().to_string()),
     ];
-    let cluster = Cluster::start(opts).await.expect("cluster with TLS");
+    let cluster = LocalPostgres::start(opts).await.expect("cluster with TLS");
     for mode in ["require", "prefer"] {
         let url = format!("postgres://postgres@localhost:{}/postgres?sslmode={mode}", cluster.port);
         let params = walcast::replication::wire::ConnectParams::from_url(&url).expect("url");

@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
-use walcast::cluster::{Cluster, ClusterOptions};
 use walcast::config::Config;
+use walcast::local_postgres::{LocalPostgres, LocalPostgresOptions};
 use walcast::Gateway;
 
 pub const SCRAM_USER: &str = "walcast_scram";
@@ -98,14 +98,14 @@ fn shared() -> &'static Shared {
             rt.block_on(async move {
                 let root = std::env::temp_dir().join(format!("walcast-test-{}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&root);
-                let mut opts = ClusterOptions::throwaway(&root);
+                let mut opts = LocalPostgresOptions::throwaway(&root);
                 opts.hba = vec![
                     format!("host all {SCRAM_USER} 127.0.0.1/32 scram-sha-256"),
                     format!("host replication {SCRAM_USER} 127.0.0.1/32 scram-sha-256"),
                     format!("host all {MD5_USER} 127.0.0.1/32 md5"),
                     format!("host replication {MD5_USER} 127.0.0.1/32 md5"),
                 ];
-                let cluster = Cluster::start(opts).await;
+                let cluster = LocalPostgres::start(opts).await;
                 match cluster {
                     Ok(c) => {
                         // Every test database is made from template1: roles and default
@@ -113,7 +113,7 @@ fn shared() -> &'static Shared {
                         let template = c.url("template1");
                         let roles = async {
                             let pool = PgPool::connect(&template).await?;
-                            sqlx::raw_sql(walcast::cluster::API_ROLES_SQL).execute(&pool).await?;
+                            sqlx::raw_sql(walcast::local_postgres::API_ROLES_SQL).execute(&pool).await?;
                             pool.close().await;
                             Ok::<_, sqlx::Error>(())
                         };

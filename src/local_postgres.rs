@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
+pub enum LocalPostgresError {
     #[error(
         "no PostgreSQL server binaries found (looked at $PG_BIN, /usr/lib/postgresql/*/bin and PATH); \
          install them, e.g. `apt-get install -y postgresql`"
@@ -35,13 +35,13 @@ pub enum ClusterError {
     NotReady { seconds: u64, log: String },
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LocalPostgresError {
     let what = what.into();
-    move |source| ClusterError::Io { what, source }
+    move |source| LocalPostgresError::Io { what, source }
 }
 
 /// Finds `initdb` and `postgres`: `$PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`, else PATH.
-pub fn find_binaries() -> Result<PathBuf, ClusterError> {
+pub fn find_binaries() -> Result<PathBuf, LocalPostgresError> {
     if let Some(dir) = std::env::var_os("PG_BIN") {
         let dir = PathBuf::from(dir);
         if dir.join("postgres").exists() {
@@ -67,7 +67,7 @@ pub fn find_binaries() -> Result<PathBuf, ClusterError> {
             return Ok(dir);
         }
     }
-    Err(ClusterError::NoBinaries)
+    Err(LocalPostgresError::NoBinaries)
 }
 
 /// (uid, gid) of the `postgres` user, read from /etc/passwd.
@@ -80,7 +80,7 @@ fn postgres_user() -> Option<(u32, u32)> {
 }
 
 #[derive(Debug, Clone)]
-pub struct ClusterOptions {
+pub struct LocalPostgresOptions {
     /// Directory holding `data/` and `postgres.log`; reused when it already holds a cluster.
     pub root: PathBuf,
     /// Extra `-c name=value` settings.
@@ -92,9 +92,9 @@ pub struct ClusterOptions {
     pub remove_on_exit: bool,
 }
 
-impl ClusterOptions {
+impl LocalPostgresOptions {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        ClusterOptions {
+        LocalPostgresOptions {
             root: root.into(),
             settings: Vec::new(),
             hba: Vec::new(),
@@ -105,12 +105,12 @@ impl ClusterOptions {
 
     /// A throwaway cluster: its directory is deleted when the server stops.
     pub fn throwaway(root: impl Into<PathBuf>) -> Self {
-        ClusterOptions { remove_on_exit: true, ..ClusterOptions::new(root) }
+        LocalPostgresOptions { remove_on_exit: true, ..LocalPostgresOptions::new(root) }
     }
 }
 
 /// A running cluster. Dropping it stops the server.
-pub struct Cluster {
+pub struct LocalPostgres {
     pub port: u16,
     pub root: PathBuf,
     pub bin: PathBuf,
@@ -119,11 +119,11 @@ pub struct Cluster {
     child: Option<Child>,
 }
 
-impl Cluster {
-    pub async fn start(opts: ClusterOptions) -> Result<Cluster, ClusterError> {
+impl LocalPostgres {
+    pub async fn start(opts: LocalPostgresOptions) -> Result<LocalPostgres, LocalPostgresError> {
         let bin = find_binaries()?;
         let owner = if rustix::process::geteuid().is_root() {
-            Some(postgres_user().ok_or(ClusterError::NoUnprivilegedUser)?)
+            Some(postgres_user().ok_or(LocalPostgresError::NoUnprivilegedUser)?)
         } else {
             None
         };
@@ -131,7 +131,7 @@ impl Cluster {
         // The server changes into its data directory: every path it is given must be absolute.
         let root =
             std::fs::canonicalize(&opts.root).map_err(io(format!("resolving {}", opts.root.display())))?;
-        let opts = ClusterOptions { root, ..opts };
+        let opts = LocalPostgresOptions { root, ..opts };
         let data = opts.root.join("data");
         chown(&opts.root, owner)?;
         if !data.join("PG_VERSION").exists() {
@@ -144,7 +144,7 @@ impl Cluster {
                 .await
                 .map_err(io("running initdb"))?;
             if !out.status.success() {
-                return Err(ClusterError::Initdb(String::from_utf8_lossy(&out.stderr).into_owned()));
+                return Err(LocalPostgresError::Initdb(String::from_utf8_lossy(&out.stderr).into_owned()));
             }
         }
         let mut hba = String::from("local all all trust\n");
@@ -164,7 +164,7 @@ impl Cluster {
             };
             match Self::launch(&bin, owner, &opts, port).await {
                 Ok(child) => {
-                    return Ok(Cluster {
+                    return Ok(LocalPostgres {
                         port,
                         root: opts.root.clone(),
                         bin,
@@ -179,15 +179,15 @@ impl Cluster {
                 break;
             }
         }
-        Err(last_err.unwrap_or(ClusterError::NoBinaries))
+        Err(last_err.unwrap_or(LocalPostgresError::NoBinaries))
     }
 
     async fn launch(
         bin: &Path,
         owner: Option<(u32, u32)>,
-        opts: &ClusterOptions,
+        opts: &LocalPostgresOptions,
         port: u16,
-    ) -> Result<Child, ClusterError> {
+    ) -> Result<Child, LocalPostgresError> {
         let data = opts.root.join("data");
         let log = opts.root.join("postgres.log");
         let mut settings: Vec<(String, String)> = vec![
@@ -246,7 +246,7 @@ impl Cluster {
         let url = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
         loop {
             if let Ok(Some(_)) = child.try_wait() {
-                return Err(ClusterError::Exited {
+                return Err(LocalPostgresError::Exited {
                     reason: last_fatal(&log),
                     log: log.display().to_string(),
                 });
@@ -257,7 +257,7 @@ impl Cluster {
             }
             if Instant::now() > deadline {
                 let _ = child.start_kill();
-                return Err(ClusterError::NotReady { seconds: 30, log: log.display().to_string() });
+                return Err(LocalPostgresError::NotReady { seconds: 30, log: log.display().to_string() });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -291,14 +291,14 @@ impl Cluster {
 
     /// Stops the server (fast shutdown, which ends every connection) and starts it again on the
     /// same port and data.
-    pub async fn restart(&mut self) -> Result<(), ClusterError> {
+    pub async fn restart(&mut self) -> Result<(), LocalPostgresError> {
         self.stop_watchdog(true).await;
         // Keep the directory across the restart: it is removed only when the cluster is dropped
         // or stopped for good.
-        let opts = ClusterOptions {
+        let opts = LocalPostgresOptions {
             port: Some(self.port),
             remove_on_exit: self.remove_on_exit,
-            ..ClusterOptions::new(self.root.clone())
+            ..LocalPostgresOptions::new(self.root.clone())
         };
         let child = Self::launch(&self.bin, self.owner, &opts, self.port).await?;
         self.child = Some(child);
@@ -306,7 +306,7 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
+impl Drop for LocalPostgres {
     fn drop(&mut self) {
         // Closing stdin makes the watchdog stop the server.
         if let Some(child) = self.child.as_mut() {
@@ -324,7 +324,7 @@ fn command(program: &Path, owner: Option<(u32, u32)>) -> Command {
     c
 }
 
-fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<(), ClusterError> {
+fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<(), LocalPostgresError> {
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(path, Some(uid), Some(gid))
             .map_err(io(format!("chown {}", path.display())))?;
@@ -340,7 +340,7 @@ fn last_fatal(log: &Path) -> String {
         .unwrap_or_else(|| "no FATAL line in the log".into())
 }
 
-fn free_port() -> Result<u16, ClusterError> {
+fn free_port() -> Result<u16, LocalPostgresError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
     Ok(l.local_addr().map_err(io("finding a free port"))?.port())
 }
