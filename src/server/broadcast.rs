@@ -51,30 +51,19 @@ fn error(status: StatusCode, key: &str, message: impl Into<String>) -> Response 
     (status, Json(json!({ key: message.into() }))).into_response()
 }
 
-/// The bearer token (`Authorization: Bearer`, else the `apikey` header), verified. Any failure
-/// is Supabase's 401 `{"message":"Unauthorized"}`.
+/// The request's token (read as every transport reads it), verified. Any failure is Supabase's
+/// 401 `{"message":"Unauthorized"}`.
 async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Option<Credentials>, Response> {
-    let verifier = state.hub.verifier();
-    if !verifier.required() {
-        return Ok(None);
-    }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
-    let token = bearer.or_else(|| headers.get("apikey").and_then(|v| v.to_str().ok()));
-    let unauthorized = || {
+    crate::server::credentials::verify(
+        state,
+        crate::server::credentials::token(headers, None, None).as_deref(),
+    )
+    .await
+    .map_err(|e| {
+        tracing::debug!(error = %e, "REST broadcast refused");
         state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         error(StatusCode::UNAUTHORIZED, "message", "Unauthorized")
-    };
-    let Some(token) = token else { return Err(unauthorized()) };
-    match verifier.verify(token).await {
-        Ok(c) => Ok(Some(c)),
-        Err(e) => {
-            tracing::debug!(error = %e, "REST broadcast refused");
-            Err(unauthorized())
-        }
-    }
+    })
 }
 
 /// Whether the bearer may send to private `topic` (its policies on `realtime.messages` allow

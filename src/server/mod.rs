@@ -2,6 +2,7 @@
 //! Owns: HTTP concerns only. Must not: hold domain logic (that is `realtime`, `protocol`).
 
 pub mod broadcast;
+pub mod credentials;
 pub mod gate;
 pub mod listener;
 pub mod metrics;

@@ -18,11 +18,12 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::auth::{AuthError, Credentials};
+use crate::auth::Credentials;
 use crate::protocol::sse::{self, SseEncoder};
 use crate::realtime::outbox::{Frame, OutboxReceiver};
 use crate::realtime::resume::Since;
 use crate::realtime::session::{JoinError, JoinRequest, Session};
+use crate::server::credentials::{token, verify};
 use crate::server::AppState;
 
 /// Queued messages are gathered into one body chunk up to about this size.
@@ -84,40 +85,6 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 
-/// The request's token: `Authorization: Bearer`, then `apikey` / `x-api-key` headers, then the
-/// `access_token` / `apikey` query parameters, then an `access_token` cookie.
-pub(crate) fn token(headers: &HeaderMap, access_token: Option<&str>, apikey: Option<&str>) -> Option<String> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-    let bearer = header("authorization")
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
-    let cookie = header("cookie").and_then(|c| {
-        c.split(';')
-            .filter_map(|p| p.trim().split_once('='))
-            .find(|(k, _)| *k == "access_token")
-            .map(|(_, v)| v)
-    });
-    bearer
-        .or_else(|| header("apikey"))
-        .or_else(|| header("x-api-key"))
-        .or(access_token)
-        .or(apikey)
-        .or(cookie)
-        .filter(|t| !t.is_empty())
-        .map(str::to_owned)
-}
-
-pub(crate) async fn authenticate(
-    state: &AppState,
-    token: Option<&str>,
-) -> Result<Option<Credentials>, AuthError> {
-    let verifier = state.hub.verifier();
-    if !verifier.required() {
-        return Ok(None);
-    }
-    verifier.verify(token.ok_or(AuthError::Missing)?).await.map(Some)
-}
-
 /// The request's verified credentials, or the 401 to answer.
 async fn credentials(
     state: &AppState,
@@ -125,7 +92,7 @@ async fn credentials(
     access_token: Option<&str>,
     apikey: Option<&str>,
 ) -> Result<Option<Credentials>, Box<Response>> {
-    authenticate(state, token(headers, access_token, apikey).as_deref())
+    verify(state, token(headers, access_token, apikey).as_deref())
         .await
         .map_err(|e| Box::new(crate::server::unauthorized(state, &e)))
 }

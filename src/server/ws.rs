@@ -20,11 +20,11 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthError, Credentials};
 use crate::protocol::phoenix::{PhoenixConnection, Vsn};
 use crate::protocol::plain::PlainConnection;
 use crate::protocol::Connection;
 use crate::realtime::outbox::{Frame, OutboxReceiver};
+use crate::server::credentials::{token, verify};
 use crate::server::gate::Gate;
 use crate::server::AppState;
 
@@ -56,9 +56,8 @@ pub async fn upgrade(
         )
             .into_response();
     };
-    let apikey =
-        params.apikey.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::to_owned));
-    let credentials = match authenticate(&state, apikey.as_deref()).await {
+    let token = token(&headers, None, params.apikey.as_deref());
+    let credentials = match verify(&state, token.as_deref()).await {
         Ok(c) => c,
         Err(e) => return crate::server::unauthorized(&state, &e),
     };
@@ -76,16 +75,6 @@ fn sized(ws: WebSocketUpgrade, state: &AppState) -> WebSocketUpgrade {
         .max_frame_size(max)
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
-}
-
-/// The connect key, verified; `None` when authentication is off.
-async fn authenticate(state: &AppState, apikey: Option<&str>) -> Result<Option<Credentials>, AuthError> {
-    let verifier = state.hub.verifier();
-    if !verifier.required() {
-        return Ok(None);
-    }
-    let key = apikey.filter(|k| !k.trim().is_empty()).ok_or(AuthError::Missing)?;
-    verifier.verify(key).await.map(Some)
 }
 
 /// A timer position far enough away to mean "never".
@@ -120,10 +109,10 @@ pub async fn upgrade_plain(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let token = crate::server::sse::token(&headers, params.access_token.as_deref(), params.apikey.as_deref());
+    let token = token(&headers, params.access_token.as_deref(), params.apikey.as_deref());
     let credentials = match token {
         None => None,
-        Some(t) => match crate::server::sse::authenticate(&state, Some(&t)).await {
+        Some(t) => match verify(&state, Some(&t)).await {
             Ok(c) => c,
             Err(e) => return crate::server::unauthorized(&state, &e),
         },
