@@ -165,8 +165,10 @@ impl Table<'_> {
 pub enum RlsError {
     #[error("row-level security check failed")]
     Query(#[source] sqlx::Error),
+    /// The check function answered a word this gateway does not know (a newer or altered
+    /// `walcast.rls_check`); at most 64 characters of it are kept.
     #[error("row-level security check returned an unknown access {0:?}")]
-    Protocol(String),
+    UnknownAccess(String),
 }
 
 impl RlsError {
@@ -336,7 +338,7 @@ impl RowSecurity {
                     }
                 }
                 "gone" => Access::Failed(error.unwrap_or_else(|| "the table no longer exists".into()).into()),
-                other => return Err(RlsError::Protocol(other.to_owned())),
+                other => return Err(RlsError::UnknownAccess(other.chars().take(64).collect())),
             };
             let mut visible: Vec<u32> =
                 visible.unwrap_or_default().into_iter().filter_map(|v| u32::try_from(v).ok()).collect();

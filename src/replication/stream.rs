@@ -345,7 +345,10 @@ impl ReplicationTask {
         old: Option<OldTuple>,
     ) -> Result<(), StreamError> {
         let Some(t) = txn.as_mut() else {
-            return Err(WireError::Protocol("row change outside a transaction".into()).into());
+            return Err(WireError::from(crate::replication::wire::Violation::OutsideTransaction {
+                after: p.last_commit_end,
+            })
+            .into());
         };
         if t.skip {
             return Ok(());

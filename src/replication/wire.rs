@@ -44,9 +44,95 @@ pub enum WireError {
     #[error("server error {code}: {message}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
     Server { code: String, message: String, detail: Option<String> },
     #[error("protocol violation: {0}")]
-    Protocol(String),
+    Protocol(#[from] Violation),
     #[error("the server closed the replication connection")]
     Closed,
+}
+
+/// How the server broke the protocol: what arrived, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// A backend message that does not belong in this phase (`tag`: its type byte).
+    #[error("unexpected message {tag:?} during {phase}")]
+    Unexpected { phase: Phase, tag: char },
+    /// A CopyData message shorter than its type requires.
+    #[error("CopyData message {tag:?} of {len} bytes after its type, at least {need} expected")]
+    Truncated { tag: char, len: usize, need: usize },
+    #[error("empty CopyData message")]
+    Empty,
+    #[error("unknown CopyData message {0:?}")]
+    UnknownCopyData(char),
+    /// A text column (0-based) of a row answering a simple query was not UTF-8.
+    #[error("non-UTF-8 text in column {column} of a result row")]
+    NotUtf8 { column: usize },
+    #[error("{command} returned no {field}")]
+    Missing { command: &'static str, field: &'static str },
+    /// A row change arrived outside BEGIN … COMMIT (after the commit that ended at `after`).
+    #[error("a row change outside a transaction (after the commit that ended at {after})")]
+    OutsideTransaction { after: Lsn },
+}
+
+/// Where on the connection a message arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Startup,
+    SaslContinue,
+    SaslFinal,
+    Query,
+    StartReplication,
+    CopyBoth,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Startup => "startup",
+            Phase::SaslContinue => "SASL (expected continue)",
+            Phase::SaslFinal => "SASL (expected final)",
+            Phase::Query => "a query",
+            Phase::StartReplication => "START_REPLICATION (expected CopyBothResponse)",
+            Phase::CopyBoth => "the replication stream",
+        })
+    }
+}
+
+/// The type byte of a backend message (as the server sent it).
+fn tag_of(m: &backend::Message) -> char {
+    use backend::Message as M;
+    match m {
+        M::AuthenticationCleartextPassword
+        | M::AuthenticationGss
+        | M::AuthenticationKerberosV5
+        | M::AuthenticationMd5Password(_)
+        | M::AuthenticationOk
+        | M::AuthenticationScmCredential
+        | M::AuthenticationSspi
+        | M::AuthenticationGssContinue(_)
+        | M::AuthenticationSasl(_)
+        | M::AuthenticationSaslContinue(_)
+        | M::AuthenticationSaslFinal(_) => 'R',
+        M::BackendKeyData(_) => 'K',
+        M::BindComplete => '2',
+        M::CloseComplete => '3',
+        M::CommandComplete(_) => 'C',
+        M::CopyData(_) => 'd',
+        M::CopyDone => 'c',
+        M::CopyInResponse(_) => 'G',
+        M::CopyOutResponse(_) => 'H',
+        M::DataRow(_) => 'D',
+        M::EmptyQueryResponse => 'I',
+        M::ErrorResponse(_) => 'E',
+        M::NoData => 'n',
+        M::NoticeResponse(_) => 'N',
+        M::NotificationResponse(_) => 'A',
+        M::ParameterDescription(_) => 't',
+        M::ParameterStatus(_) => 'S',
+        M::ParseComplete => '1',
+        M::PortalSuspended => 's',
+        M::ReadyForQuery(_) => 'Z',
+        M::RowDescription(_) => 'T',
+        _ => '?',
+    }
 }
 
 impl WireError {
@@ -248,7 +334,7 @@ impl ReplicationConnection {
     async fn read(&mut self) -> Result<backend::Message, WireError> {
         match self.read_or_copy_both().await? {
             Some(m) => Ok(m),
-            None => Err(WireError::Protocol("unexpected CopyBothResponse".into())),
+            None => Err(Violation::Unexpected { phase: Phase::Query, tag: 'W' }.into()),
         }
     }
 
@@ -332,7 +418,9 @@ impl ReplicationConnection {
                         _ => err,
                     });
                 }
-                _ => return Err(WireError::Protocol("unexpected message during startup".into())),
+                other => {
+                    return Err(Violation::Unexpected { phase: Phase::Startup, tag: tag_of(&other) }.into())
+                }
             }
         }
     }
@@ -348,7 +436,9 @@ impl ReplicationConnection {
             backend::Message::ErrorResponse(body) => {
                 return Err(WireError::Auth(server_error(&body).to_string()))
             }
-            _ => return Err(WireError::Protocol("expected SASL continue".into())),
+            other => {
+                return Err(Violation::Unexpected { phase: Phase::SaslContinue, tag: tag_of(&other) }.into())
+            }
         }
         frontend::sasl_response(scram.message(), &mut self.write_buf)?;
         self.flush().await?;
@@ -357,7 +447,7 @@ impl ReplicationConnection {
                 scram.finish(body.data()).map_err(|e| WireError::Auth(e.to_string()))
             }
             backend::Message::ErrorResponse(body) => Err(WireError::Auth(server_error(&body).to_string())),
-            _ => Err(WireError::Protocol("expected SASL final".into())),
+            other => Err(Violation::Unexpected { phase: Phase::SaslFinal, tag: tag_of(&other) }.into()),
         }
     }
 
@@ -374,10 +464,11 @@ impl ReplicationConnection {
                     let mut ranges = body.ranges();
                     let mut row = Vec::new();
                     while let Some(range) = fallible_next(&mut ranges)? {
+                        let column = row.len();
                         row.push(match range {
                             Some(r) => Some(
                                 std::str::from_utf8(buf.get(r).unwrap_or_default())
-                                    .map_err(|_| WireError::Protocol("non-UTF-8 text in a row".into()))?
+                                    .map_err(|_| Violation::NotUtf8 { column })?
                                     .to_owned(),
                             ),
                             None => None,
@@ -399,15 +490,14 @@ impl ReplicationConnection {
 
     pub async fn identify_system(&mut self) -> Result<SystemIdentity, WireError> {
         let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
-        let row =
-            rows.first().ok_or_else(|| WireError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let row = rows.first().ok_or(Violation::Missing { command: "IDENTIFY_SYSTEM", field: "row" })?;
         let col = |i: usize| row.get(i).cloned().flatten();
         Ok(SystemIdentity {
             system_id: col(0).unwrap_or_default(),
             timeline: col(1).and_then(|t| t.parse().ok()).unwrap_or(0),
             xlog_pos: col(2)
                 .and_then(|l| l.parse().ok())
-                .ok_or_else(|| WireError::Protocol("IDENTIFY_SYSTEM returned no xlogpos".into()))?,
+                .ok_or(Violation::Missing { command: "IDENTIFY_SYSTEM", field: "xlogpos" })?,
             database: col(3),
         })
     }
@@ -429,14 +519,14 @@ impl ReplicationConnection {
             }
         );
         let rows = self.simple_query(&sql).await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| WireError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let row =
+            rows.first().ok_or(Violation::Missing { command: "CREATE_REPLICATION_SLOT", field: "row" })?;
         let col = |i: usize| row.get(i).cloned().flatten();
         Ok(CreatedSlot {
             slot_name: col(0).unwrap_or_else(|| name.to_owned()),
-            consistent_point: col(1).and_then(|l| l.parse().ok()).ok_or_else(|| {
-                WireError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into())
+            consistent_point: col(1).and_then(|l| l.parse().ok()).ok_or(Violation::Missing {
+                command: "CREATE_REPLICATION_SLOT",
+                field: "consistent point",
             })?,
             snapshot_name: col(2),
         })
@@ -460,7 +550,11 @@ impl ReplicationConnection {
                 None => break,
                 Some(backend::Message::ErrorResponse(body)) => return Err(server_error(&body)),
                 Some(backend::Message::NoticeResponse(_)) | Some(backend::Message::ParameterStatus(_)) => {}
-                Some(_) => return Err(WireError::Protocol("expected CopyBothResponse".into())),
+                Some(other) => {
+                    return Err(
+                        Violation::Unexpected { phase: Phase::StartReplication, tag: tag_of(&other) }.into()
+                    )
+                }
             }
         }
         Ok(ReplicationStream { conn: self })
@@ -499,7 +593,9 @@ impl ReplicationStream {
                 backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
                 backend::Message::CopyDone => return Err(WireError::Closed),
                 backend::Message::NoticeResponse(_) | backend::Message::ParameterStatus(_) => {}
-                _ => return Err(WireError::Protocol("unexpected message in CopyBoth".into())),
+                other => {
+                    return Err(Violation::Unexpected { phase: Phase::CopyBoth, tag: tag_of(&other) }.into())
+                }
             }
         }
     }
@@ -550,32 +646,29 @@ impl ReplicationStream {
 }
 
 fn parse_copy_data(mut b: Bytes) -> Result<ReplicationMessage, WireError> {
-    let short = || WireError::Protocol("truncated replication message".into());
     if b.is_empty() {
-        return Err(short());
+        return Err(Violation::Empty.into());
     }
-    match b.get_u8() {
-        b'w' => {
-            if b.len() < 24 {
-                return Err(short());
-            }
-            let wal_start = Lsn(b.get_u64());
-            let wal_end = Lsn(b.get_u64());
-            let server_time = b.get_i64();
-            Ok(ReplicationMessage::XLogData { wal_start, wal_end, server_time, data: b })
-        }
-        b'k' => {
-            if b.len() < 17 {
-                return Err(short());
-            }
-            Ok(ReplicationMessage::Keepalive {
-                wal_end: Lsn(b.get_u64()),
-                server_time: b.get_i64(),
-                reply_requested: b.get_u8() == 1,
-            })
-        }
-        other => Err(WireError::Protocol(format!("unknown replication message {:?}", char::from(other)))),
+    let tag = b.get_u8();
+    let need = match tag {
+        b'w' => 24,
+        b'k' => 17,
+        other => return Err(Violation::UnknownCopyData(char::from(other)).into()),
+    };
+    if b.len() < need {
+        return Err(Violation::Truncated { tag: char::from(tag), len: b.len(), need }.into());
     }
+    if tag == b'w' {
+        let wal_start = Lsn(b.get_u64());
+        let wal_end = Lsn(b.get_u64());
+        let server_time = b.get_i64();
+        return Ok(ReplicationMessage::XLogData { wal_start, wal_end, server_time, data: b });
+    }
+    Ok(ReplicationMessage::Keepalive {
+        wal_end: Lsn(b.get_u64()),
+        server_time: b.get_i64(),
+        reply_requested: b.get_u8() == 1,
+    })
 }
 
 /// Current time in microseconds since the Postgres epoch.
@@ -747,8 +840,17 @@ mod tests {
             ReplicationMessage::Keepalive { wal_end: Lsn(9), server_time: 8, reply_requested: true }
         ));
 
-        for bad in [&b""[..], b"w123", b"k12345678", b"x"] {
-            assert!(parse_copy_data(Bytes::copy_from_slice(bad)).is_err());
+        // Each malformed message says what it was and where it fell short.
+        for (bad, want) in [
+            (&b""[..], Violation::Empty),
+            (b"w123", Violation::Truncated { tag: 'w', len: 3, need: 24 }),
+            (b"k12345678", Violation::Truncated { tag: 'k', len: 8, need: 17 }),
+            (b"x", Violation::UnknownCopyData('x')),
+        ] {
+            match parse_copy_data(Bytes::copy_from_slice(bad)) {
+                Err(WireError::Protocol(v)) => assert_eq!(v, want, "{bad:?}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
         }
     }
 

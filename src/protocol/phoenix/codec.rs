@@ -40,12 +40,34 @@ pub struct ClientFrame {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame is not valid JSON: {0}")]
-    Json(String),
+    /// Where the JSON broke (1-based line and column) and how (`serde_json`'s category).
+    #[error("frame is not valid JSON: {kind} at line {line} column {column}")]
+    Json { kind: JsonFault, line: usize, column: usize },
     #[error("frame is not a Phoenix message: {0}")]
     Shape(&'static str),
     #[error("binary frame: {0}")]
     Binary(&'static str),
+}
+
+/// How a frame's JSON broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonFault {
+    /// It ended early.
+    Eof,
+    /// A character that cannot be there.
+    Syntax,
+    /// Well formed, but not a value this reader takes (e.g. a number out of range).
+    Data,
+}
+
+impl std::fmt::Display for JsonFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JsonFault::Eof => "unexpected end",
+            JsonFault::Syntax => "syntax error",
+            JsonFault::Data => "unreadable value",
+        })
+    }
 }
 
 fn ref_string(v: Option<&Value>) -> Result<Option<String>, FrameError> {
@@ -59,7 +81,15 @@ fn ref_string(v: Option<&Value>) -> Result<Option<String>, FrameError> {
 
 /// Decodes a text frame in the given serializer version.
 pub fn decode_text(vsn: Vsn, text: &str) -> Result<ClientFrame, FrameError> {
-    let v: Value = serde_json::from_str(text).map_err(|e| FrameError::Json(e.to_string()))?;
+    let v: Value = serde_json::from_str(text).map_err(|e| FrameError::Json {
+        kind: match e.classify() {
+            serde_json::error::Category::Eof => JsonFault::Eof,
+            serde_json::error::Category::Syntax => JsonFault::Syntax,
+            serde_json::error::Category::Data | serde_json::error::Category::Io => JsonFault::Data,
+        },
+        line: e.line(),
+        column: e.column(),
+    })?;
     match (vsn, v) {
         (Vsn::V2, Value::Array(mut a)) => {
             if a.len() != 5 {
@@ -302,6 +332,15 @@ mod tests {
         ] {
             assert!(decode_text(vsn, bad).is_err(), "{bad}");
         }
+        // Broken JSON says how and where.
+        assert_eq!(
+            decode_text(Vsn::V2, "[\"1\",\n \"2\","),
+            Err(FrameError::Json { kind: JsonFault::Eof, line: 2, column: 5 })
+        );
+        assert_eq!(
+            decode_text(Vsn::V2, "[1, ?]").map(|_| ()),
+            Err(FrameError::Json { kind: JsonFault::Syntax, line: 1, column: 5 })
+        );
     }
 
     #[test]
