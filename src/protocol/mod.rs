@@ -50,6 +50,13 @@ pub trait Connection: Send {
         self.session().expire(std::time::Instant::now());
         None
     }
+
+    /// Asked after every frame read has been handled and its replies written: `Some` closes the
+    /// connection with the protocol's own code (after writing the frame given), e.g. a protocol
+    /// that answers a malformed message by closing.
+    fn take_closing(&mut self) -> Option<Closing> {
+        None
+    }
 }
 
 /// A connection the protocol closes: the last frame to write, then the close code and reason.

@@ -200,6 +200,12 @@ pub(crate) async fn serve<C, S, RE, WE>(
         if !write_all(&mut socket, replies).await {
             break Close::Gone;
         }
+        if let Some(closing) = conn.take_closing() {
+            if let Some(frame) = closing.frame {
+                let _ = socket.send(message(frame)).await;
+            }
+            break Close::Code(closing.code, closing.reason);
+        }
     };
     // Leave every channel (presences leave, subscriptions go) before the close frame is sent.
     drop(conn);
@@ -394,6 +400,62 @@ mod tests {
         );
         c.shutdown.cancel();
         assert_eq!(c.closed().await, (1001, "server shutting down".to_owned()));
+    }
+
+    /// A protocol that closes with a code of its own when told `bye`.
+    struct Closer {
+        session: crate::realtime::session::Session,
+        bye: bool,
+    }
+
+    impl Connection for Closer {
+        fn session(&mut self) -> &mut crate::realtime::session::Session {
+            &mut self.session
+        }
+
+        async fn text(&mut self, text: &str) -> Vec<Frame> {
+            self.bye = text == "bye";
+            vec![Frame::Text(format!("got {text}").into())]
+        }
+
+        fn binary(&mut self, _: &bytes::Bytes) -> Vec<Frame> {
+            Vec::new()
+        }
+
+        fn take_closing(&mut self) -> Option<crate::protocol::Closing> {
+            std::mem::take(&mut self.bye).then(|| crate::protocol::Closing {
+                frame: Some(Frame::Text("farewell".into())),
+                code: 4400,
+                reason: "bad message",
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_protocol_closes_with_its_own_code_after_its_replies() {
+        let (send, incoming) = mpsc::unbounded_channel();
+        let (outgoing, recv) = mpsc::unbounded_channel();
+        let (session, outbox) = crate::realtime::session::Session::new(
+            Hub::new(HubParts::default()),
+            std::sync::Arc::new(crate::protocol::plain::PlainEncoder),
+            None,
+        );
+        let shutdown = CancellationToken::new();
+        let conn = Closer { session, bye: false };
+        let task = tokio::spawn(serve(
+            conn,
+            outbox,
+            Duplex { incoming, outgoing },
+            Duration::from_secs(3600),
+            shutdown.clone(),
+        ));
+        let mut c = Client { send, recv, killed: CancellationToken::new(), shutdown, task };
+        c.text("hi");
+        assert_eq!(c.next().await, Message::Text("got hi".into()));
+        c.text("bye");
+        assert_eq!(c.next().await, Message::Text("got bye".into()));
+        assert_eq!(c.next().await, Message::Text("farewell".into()));
+        assert_eq!(c.closed().await, (4400, "bad message".to_owned()));
     }
 
     #[tokio::test]
