@@ -55,7 +55,7 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
                 id: k as u64,
                 session: k as u64,
                 key: TopicKey { topic: format!("realtime:item-{k}").into(), private: false },
-                join_ref: None,
+                address: None,
                 outbox,
                 encoder: Arc::clone(&encoder),
                 echo_own: false,

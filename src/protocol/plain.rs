@@ -98,7 +98,7 @@ impl Encoder for PlainEncoder {
         Some(text(out))
     }
 
-    fn encode_direct(&self, topic: &str, _join_ref: Option<&str>, message: &Direct<'_>) -> Frame {
+    fn encode_direct(&self, topic: &str, _address: Option<&str>, message: &Direct<'_>) -> Frame {
         let channel = channel_of(topic);
         let v = match message {
             Direct::PresenceState(s) => {

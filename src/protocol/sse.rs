@@ -114,7 +114,7 @@ impl Encoder for SseEncoder {
         }
     }
 
-    fn encode_direct(&self, _topic: &str, _join_ref: Option<&str>, message_: &Direct<'_>) -> Frame {
+    fn encode_direct(&self, _topic: &str, _address: Option<&str>, message_: &Direct<'_>) -> Frame {
         match message_ {
             Direct::Gap { code, message: text } => {
                 let body = serde_json::json!({"code": code, "message": text});

@@ -809,7 +809,7 @@ fn tell_withheld(hub: &Hub, scratch: &mut Scratch, member: &Member, change: &Cha
         relation.schema, relation.table
     );
     let notice = Direct::System { extension: "postgres_changes", status: "error", message: &message };
-    let frame = member.encoder.encode_direct(&member.key.topic, member.join_ref.as_deref(), &notice);
+    let frame = member.encoder.encode_direct(&member.key.topic, member.address.as_deref(), &notice);
     match scratch.collect.as_mut() {
         Some(collected) => collected.push(frame),
         None => {

@@ -40,8 +40,9 @@ pub struct Member {
     pub id: MemberId,
     pub session: SessionId,
     pub key: TopicKey,
-    /// The Phoenix join reference (for messages addressed to this member alone).
-    pub join_ref: Option<Arc<str>>,
+    /// How its protocol addresses messages for this member alone (Phoenix: the `join_ref`),
+    /// opaque to the core.
+    pub address: Option<Arc<str>>,
     pub outbox: Outbox,
     pub encoder: Arc<dyn Encoder>,
     /// Receives the broadcasts its own session sends (`config.broadcast.self`).

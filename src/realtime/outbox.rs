@@ -140,7 +140,7 @@ pub trait Encoder: Send + Sync + 'static {
     /// every member with the same encoding on the topic. `None`: this encoding cannot carry it.
     fn encode(&self, topic: &str, event: &Event<'_>) -> Option<Frame>;
     /// A frame for one member.
-    fn encode_direct(&self, topic: &str, join_ref: Option<&str>, message: &Direct<'_>) -> Frame;
+    fn encode_direct(&self, topic: &str, address: Option<&str>, message: &Direct<'_>) -> Frame;
     /// For an encoding whose change frames are `head + body + tail`, where only `head` depends
     /// on the topic and the body only on the binding ids and `data`: the envelope for `topic`.
     /// A member's change frames are then [`Frame::Joined`] of that envelope and a body encoded

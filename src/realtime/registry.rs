@@ -92,7 +92,7 @@ impl Hub {
 
     /// Queues a message for one member.
     pub(crate) fn send_direct(&self, member: &Member, message: &Direct<'_>) {
-        let frame = member.encoder.encode_direct(&member.key.topic, member.join_ref.as_deref(), message);
+        let frame = member.encoder.encode_direct(&member.key.topic, member.address.as_deref(), message);
         member.outbox.send(frame, self.metrics());
     }
 

@@ -117,7 +117,7 @@ impl Resume {
                 };
                 let frame = self.member.encoder.encode_direct(
                     &self.member.key.topic,
-                    self.member.join_ref.as_deref(),
+                    self.member.address.as_deref(),
                     &Direct::Gap { code, message: &message },
                 );
                 let _ = self.member.outbox.send_wait(frame, self.hub.metrics()).await;

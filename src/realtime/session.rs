@@ -34,8 +34,9 @@ use crate::subscribe::BindingError;
 #[derive(Debug, Clone, Default)]
 pub struct JoinRequest {
     pub topic: String,
-    /// The transport's reference for this join (Phoenix `join_ref`).
-    pub join_ref: Option<Arc<str>>,
+    /// How the protocol addresses this join's own messages (Phoenix: the `join_ref`); handed
+    /// back to its encoder with every message for this member alone.
+    pub address: Option<Arc<str>>,
     pub private: bool,
     /// `postgres_changes` bindings as sent.
     pub bindings: Vec<Value>,
@@ -562,7 +563,7 @@ impl Session {
             id: self.hub.next_id(),
             session: self.id,
             key: TopicKey { topic: Arc::clone(topic), private: req.private },
-            join_ref: req.join_ref.clone(),
+            address: req.address.clone(),
             outbox: self.outbox.clone(),
             encoder: Arc::clone(&self.encoder),
             echo_own: req.broadcast_self,
@@ -933,11 +934,11 @@ mod tests {
             Some(Frame::Text(line.into()))
         }
 
-        fn encode_direct(&self, topic: &str, join_ref: Option<&str>, message: &Direct<'_>) -> Frame {
+        fn encode_direct(&self, topic: &str, address: Option<&str>, message: &Direct<'_>) -> Frame {
             let line = match message {
                 Direct::PresenceState(s) => format!("{topic} state {}", String::from_utf8_lossy(s)),
                 Direct::System { message, .. } => format!("{topic} system {message}"),
-                Direct::Closed => format!("{topic} closed {join_ref:?}"),
+                Direct::Closed => format!("{topic} closed {address:?}"),
                 Direct::Gap { code, .. } => format!("{topic} gap {code}"),
                 Direct::SnapshotEnd { rows, .. } => format!("{topic} snapshot-end {rows}"),
             };
@@ -1147,7 +1148,7 @@ mod tests {
     async fn close_channel_tells_the_client_then_leaves() {
         let hub = hub(Limits::default());
         let (mut a, mut arx) = session(&hub, 2);
-        a.join(JoinRequest { join_ref: Some("7".into()), ..req("room") }).await.unwrap();
+        a.join(JoinRequest { address: Some("7".into()), ..req("room") }).await.unwrap();
         a.close_channel("room", "system", "Too many messages per second");
         assert_eq!(drain(&mut arx), ["room system Too many messages per second", "room closed Some(\"7\")"]);
         assert!(!a.is_joined("room"));
@@ -1187,7 +1188,7 @@ mod tests {
             id: hub.next_id(),
             session: hub.next_id(),
             key: TopicKey { topic: topic.into(), private: false },
-            join_ref: None,
+            address: None,
             outbox,
             encoder: Arc::new(Lines(2)),
             echo_own: false,

@@ -197,7 +197,7 @@ impl Snapshot {
                 let cursor = self.hub.log().map(|log| log.cursor(self.through).to_string());
                 let frame = self.member.encoder.encode_direct(
                     &self.member.key.topic,
-                    self.member.join_ref.as_deref(),
+                    self.member.address.as_deref(),
                     &Direct::SnapshotEnd { cursor: cursor.as_deref(), rows, more: more.as_deref() },
                 );
                 if self.member.outbox.send_wait(frame, metrics).await != Queued::Yes {
@@ -214,7 +214,7 @@ impl Snapshot {
                 );
                 let frame = self.member.encoder.encode_direct(
                     &self.member.key.topic,
-                    self.member.join_ref.as_deref(),
+                    self.member.address.as_deref(),
                     &Direct::Gap { code: "snapshot_failed", message: &message },
                 );
                 let _ = self.member.outbox.send_wait(frame, metrics).await;

@@ -223,7 +223,7 @@ fn join_request(frame: &ClientFrame) -> JoinRequest {
     let presence = config.get("presence");
     JoinRequest {
         topic: frame.topic.clone(),
-        join_ref: frame.join_ref.as_deref().map(Arc::from),
+        address: frame.join_ref.as_deref().map(Arc::from),
         private: flag(config.get("private")).unwrap_or(false),
         bindings,
         broadcast_self: flag(broadcast.and_then(|b| b.get("self"))).unwrap_or(false),
@@ -267,8 +267,7 @@ impl crate::protocol::Connection for PhoenixConnection {
             ("phoenix", "heartbeat") => out.push(self.reply(&frame, "ok", json!({}))),
             (_, "phx_join") => self.join(frame, &mut out).await,
             (_, "phx_leave") if joined => {
-                let join_ref =
-                    self.session.membership(&frame.topic).and_then(|m| m.member().join_ref.clone());
+                let join_ref = self.session.membership(&frame.topic).and_then(|m| m.member().address.clone());
                 self.session.leave(&frame.topic);
                 out.push(self.reply(&frame, "ok", json!({})));
                 out.push(self.frame(
