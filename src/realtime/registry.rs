@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::auth::topics::Replayed;
 use crate::change::broadcast::BroadcastMessage;
 use crate::locks;
-use crate::realtime::broadcast::ReplayGate;
+use crate::realtime::broadcast::{BroadcastError, ReplayGate};
 use crate::realtime::bus::BusMessage;
 use crate::realtime::gate::Place;
 use crate::realtime::hub::Hub;
@@ -192,6 +192,22 @@ impl Hub {
 }
 
 impl Hub {
+    /// Whether a broadcast payload of `size` bytes may be sent (`max_broadcast_payload_bytes`).
+    pub fn broadcast_fits(&self, size: usize) -> Result<(), BroadcastError> {
+        let limit = self.limits().max_broadcast_payload_bytes;
+        if size > limit {
+            return Err(BroadcastError::PayloadTooLarge { size, limit });
+        }
+        Ok(())
+    }
+
+    /// Publishes a broadcast a client or REST sent (checked already: its size, and the sender's
+    /// right to write to the topic): counted, delivered here, forwarded to peers.
+    pub fn publish_broadcast(&self, key: TopicKey, origin: Option<MemberId>, message: BroadcastMessage) {
+        self.metrics().broadcasts_received.fetch_add(1, Ordering::Relaxed);
+        self.publish(BusMessage::Broadcast { key, origin, message: Arc::new(message) });
+    }
+
     /// Delivers on this node, then forwards to the other nodes.
     pub fn publish(&self, message: BusMessage) {
         self.deliver(&message);

@@ -817,16 +817,8 @@ impl Session {
             self.hub.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
             return Err(BroadcastError::RateLimited);
         }
-        let limit = self.hub.limits().max_broadcast_payload_bytes;
-        if message.payload.len() > limit {
-            return Err(BroadcastError::PayloadTooLarge { size: message.payload.len(), limit });
-        }
-        self.hub.metrics().broadcasts_received.fetch_add(1, Ordering::Relaxed);
-        self.hub.publish(BusMessage::Broadcast {
-            key: m.member.key.clone(),
-            origin: Some(m.member.id),
-            message: Arc::new(message),
-        });
+        self.hub.broadcast_fits(message.payload.len())?;
+        self.hub.publish_broadcast(m.member.key.clone(), Some(m.member.id), message);
         Ok(())
     }
 

@@ -6,8 +6,6 @@
 //! Owns: HTTP parsing and status codes. Must not: deliver anything itself (it publishes on the
 //! core's bus like a socket does).
 
-use std::sync::Arc;
-
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -20,7 +18,6 @@ use crate::auth::rls::Subject;
 use crate::auth::topics::TopicError;
 use crate::auth::Credentials;
 use crate::change::broadcast::{BroadcastMessage, BroadcastPayload};
-use crate::realtime::bus::BusMessage;
 use crate::realtime::TopicKey;
 use crate::server::AppState;
 
@@ -152,12 +149,8 @@ fn too_large() -> Response {
 }
 
 fn publish(state: &AppState, topic: &str, private: bool, message: BroadcastMessage) {
-    state.hub.metrics().broadcasts_received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    state.hub.publish(BusMessage::Broadcast {
-        key: TopicKey { topic: format!("realtime:{topic}").into(), private },
-        origin: None,
-        message: Arc::new(message),
-    });
+    let key = TopicKey { topic: format!("realtime:{topic}").into(), private };
+    state.hub.publish_broadcast(key, None, message);
 }
 
 /// `POST /api/broadcast` `{"messages":[{topic, event, payload, private?, id?}]}`. Every message is
@@ -178,14 +171,13 @@ pub async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Byte
             )
         }
     };
-    let limit = state.hub.limits().max_broadcast_payload_bytes;
     let mut ready = Vec::with_capacity(batch.messages.len());
     for m in batch.messages {
         if m.topic.is_empty() {
             return error(StatusCode::BAD_REQUEST, "error", "a message has an empty topic");
         }
         let payload = serde_json::to_vec(&m.payload).unwrap_or_else(|_| b"null".to_vec());
-        if payload.len() > limit {
+        if state.hub.broadcast_fits(payload.len()).is_err() {
             return too_large();
         }
         let meta = m.id.as_ref().map(|id| axum::body::Bytes::from(json!({"id": id}).to_string()));
@@ -261,7 +253,7 @@ pub async fn single(
             )
         }
     };
-    if payload.len() > state.hub.limits().max_broadcast_payload_bytes {
+    if state.hub.broadcast_fits(payload.len()).is_err() {
         return too_large();
     }
     let private = params.private.as_deref().is_some_and(|p| p.eq_ignore_ascii_case("true"));
