@@ -3,30 +3,15 @@
 //! bindings it builds, plain WebSocket (`/v1/ws`) messages driven through a connection, and
 //! tokens (JWT headers and claims). None may panic, whatever the text.
 #![no_main]
-use std::sync::OnceLock;
-
 use libfuzzer_sys::fuzz_target;
 use walcast::protocol::plain::PlainConnection;
 use walcast::protocol::Connection;
 use walcast::realtime::resume::Since;
-use walcast::realtime::{Hub, Limits};
 use walcast::server::sse::ChangesParams;
 
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"))
-}
-
-/// One hub and verifier for every input (connections come and go on it, as on a gateway).
-fn hub() -> &'static Hub {
-    static HUB: OnceLock<Hub> = OnceLock::new();
-    HUB.get_or_init(|| Hub::with_limits(Limits::default()))
-}
-
-fn verifier() -> &'static walcast::auth::Verifier {
-    static V: OnceLock<walcast::auth::Verifier> = OnceLock::new();
-    V.get_or_init(|| walcast::auth::Verifier::with_secret("fuzz-secret-fuzz-secret-fuzz-secret"))
-}
+#[path = "../shared.rs"]
+mod shared;
+use shared::{hub, runtime, verifier};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };
