@@ -137,6 +137,24 @@ pub(super) async fn get_json(url: &str) -> (u16, Value) {
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// Long-polls `changes` (a URL with its query) from `cursor` as a client does, from each answer's
+/// cursor, until `want` changes arrived (a transaction's changes may span answers); panics after
+/// 30 s.
+pub(super) async fn poll_changes(changes: &str, cursor: &str, want: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (mut got, mut cursor) = (Vec::new(), cursor.to_owned());
+    while got.len() < want {
+        assert!(std::time::Instant::now() < deadline, "{} of {want} changes within 30 s: {got:?}", got.len());
+        let (status, body) = get_json(&format!("{changes}&since={cursor}&wait=5")).await;
+        assert_eq!(status, 200, "{body}");
+        got.extend(body["changes"].as_array().into_iter().flatten().cloned());
+        if let Some(c) = body["cursor"].as_str() {
+            cursor = c.to_owned();
+        }
+    }
+    got
+}
+
 #[tokio::test]
 async fn event_stream_delivers_changes_and_resumes_with_last_event_id() {
     let url = fresh_db().await;
