@@ -183,12 +183,7 @@ pub(crate) async fn serve<C, S, RE, WE>(
             _ = &mut expiry => {
                 match conn.on_deadline() {
                     None => Vec::new(),
-                    Some(closing) => {
-                        if let Some(frame) = closing.frame {
-                            let _ = socket.send(message(frame)).await;
-                        }
-                        break Close::Code(closing.code, closing.reason);
-                    }
+                    Some(closing) => break close_with(&mut socket, closing).await,
                 }
             }
         };
@@ -201,10 +196,7 @@ pub(crate) async fn serve<C, S, RE, WE>(
             break Close::Gone;
         }
         if let Some(closing) = conn.take_closing() {
-            if let Some(frame) = closing.frame {
-                let _ = socket.send(message(frame)).await;
-            }
-            break Close::Code(closing.code, closing.reason);
+            break close_with(&mut socket, closing).await;
         }
     };
     // Leave every channel (presences leave, subscriptions go) before the close frame is sent.
@@ -213,6 +205,14 @@ pub(crate) async fn serve<C, S, RE, WE>(
         let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
         let _ = socket.close().await;
     }
+}
+
+/// A close the protocol asked for: its last frame written, then its code.
+async fn close_with<S: Sink<Message> + Unpin>(socket: &mut S, closing: crate::protocol::Closing) -> Close {
+    if let Some(frame) = closing.frame {
+        let _ = socket.send(message(frame)).await;
+    }
+    Close::Code(closing.code, closing.reason)
 }
 
 /// Writes `first` and what else is queued, up to a batch, then flushes; `false` once the socket
