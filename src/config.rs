@@ -183,18 +183,6 @@ fn invalid(key: &'static str, message: &str) -> Result<(), ConfigError> {
     Err(ConfigError::Invalid { key, message: message.to_owned() })
 }
 
-impl Config {
-    /// The listener's limits.
-    pub fn connection_limits(&self) -> crate::server::listener::ConnectionLimits {
-        crate::server::listener::ConnectionLimits {
-            max_connections: self.max_connections,
-            max_per_ip: self.max_connections_per_ip,
-            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_secs),
-            write_timeout: std::time::Duration::from_secs(self.write_timeout_secs),
-        }
-    }
-}
-
 impl AuthConfig {
     pub fn settings(&self) -> crate::auth::VerifierSettings {
         crate::auth::VerifierSettings {

@@ -26,6 +26,7 @@ pub mod bench;
 pub mod change;
 pub mod check;
 pub mod config;
+pub mod errors;
 pub mod filter;
 pub mod local_postgres;
 pub mod locks;
@@ -34,6 +35,7 @@ pub mod protocol;
 pub mod realtime;
 pub mod replication;
 pub mod server;
+pub mod source;
 pub mod subscribe;
 pub mod tail;
 
@@ -57,9 +59,9 @@ use crate::realtime::snapshot_source::SnapshotSource;
 use crate::realtime::{Hub, HubParts, Limits};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::slot;
-use crate::replication::stream::{ReplicationStatus, ReplicationTask};
 use crate::replication::wire::ConnectParams;
 use crate::server::AppState;
+use crate::source::walsender::{ReplicationStatus, ReplicationTask};
 use crate::subscribe::PublishedCatalog;
 
 #[derive(Debug, thiserror::Error)]
@@ -283,7 +285,7 @@ impl Gateway {
 
         let state = Self::app_state(&self.config, hub, status, &shutdown);
         let connections = Arc::clone(&state.connections);
-        let limits = self.config.connection_limits();
+        let limits = server::listener::ConnectionLimits::from_config(&self.config);
         if let Some(admin) = self.admin {
             let app = server::admin_router(state.clone());
             let metrics = Arc::new(server::listener::ConnectionMetrics::default());

@@ -13,8 +13,55 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::PgPool;
 
+use crate::change::ChangeKind;
 use crate::filter::{self, CompileError, CompiledFilter, ParseError};
-use crate::realtime::index::{BindingSpec, EventFilter};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventFilter {
+    All,
+    Insert,
+    Update,
+    Delete,
+}
+
+impl EventFilter {
+    pub fn parse(s: &str) -> Option<EventFilter> {
+        Some(match s.to_ascii_uppercase().as_str() {
+            "*" => EventFilter::All,
+            "INSERT" => EventFilter::Insert,
+            "UPDATE" => EventFilter::Update,
+            "DELETE" => EventFilter::Delete,
+            _ => return None,
+        })
+    }
+
+    pub fn accepts(self, kind: ChangeKind) -> bool {
+        match (self, kind) {
+            (_, ChangeKind::Truncate) => false,
+            (EventFilter::All, _) => true,
+            (EventFilter::Insert, ChangeKind::Insert)
+            | (EventFilter::Update, ChangeKind::Update)
+            | (EventFilter::Delete, ChangeKind::Delete) => true,
+            _ => false,
+        }
+    }
+}
+
+/// A binding ready to be indexed.
+#[derive(Debug)]
+pub struct BindingSpec {
+    /// The id echoed to the client and sent in `ids`.
+    pub id: u32,
+    pub event: EventFilter,
+    pub schema: Arc<str>,
+    /// `None` for every published table of the schema.
+    pub table: Option<Arc<str>>,
+    pub filter: CompiledFilter,
+    /// Columns `record`/`old_record` are limited to (plus the key), when the binding asked.
+    pub select: Option<Arc<[Arc<str>]>>,
+    /// The table has REPLICA IDENTITY FULL (false for schema-wide bindings).
+    pub full_identity: bool,
+}
 
 /// Why a binding could not be subscribed; `Display` is the message clients show.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -12,8 +12,8 @@ use crate::change::{ChangeEvent, ChangeKind};
 use crate::config::Config;
 use crate::replication::ack::Acknowledgement;
 use crate::replication::slot;
-use crate::replication::stream::{ReplicationStatus, ReplicationTask};
 use crate::replication::wire::{ConnectParams, ReplicationConnection, SnapshotAction};
+use crate::source::walsender::{ReplicationStatus, ReplicationTask};
 
 #[derive(Debug, Clone, Default)]
 pub struct TailOptions {

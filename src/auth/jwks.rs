@@ -96,7 +96,7 @@ impl Jwks {
         };
         if let JwksSource::Url(url) = &jwks.source {
             if let Err(e) = jwks.fetch(&mut *jwks.fetched.lock().await).await {
-                tracing::warn!(url = %url, error = %crate::replication::stream::error_chain(&e), "JWKS not fetched; retrying when a token needs it");
+                tracing::warn!(url = %url, error = %crate::errors::chain(&e), "JWKS not fetched; retrying when a token needs it");
             }
         }
         Ok(jwks)
@@ -165,7 +165,7 @@ impl Jwks {
 
     async fn fetch_logged(&self, last: &mut Option<Instant>) {
         if let Err(e) = self.fetch(last).await {
-            tracing::warn!(error = %crate::replication::stream::error_chain(&e), "JWKS refresh failed; keeping the keys we have");
+            tracing::warn!(error = %crate::errors::chain(&e), "JWKS refresh failed; keeping the keys we have");
         }
     }
 

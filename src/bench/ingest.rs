@@ -16,8 +16,8 @@ use crate::realtime::dispatch::{dispatch, Scratch};
 use crate::realtime::{Hub, Limits};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::lsn::Lsn;
-use crate::replication::stream::{ReplicationStatus, ReplicationTask};
 use crate::replication::wire::{ConnectParams, ReplicationConnection, SnapshotAction};
+use crate::source::walsender::{ReplicationStatus, ReplicationTask};
 
 pub async fn run(opts: &BenchOptions, rows: u64) -> anyhow::Result<serde_json::Value> {
     let root = std::env::temp_dir().join(format!("walcast-bench-{}", std::process::id()));

@@ -10,12 +10,12 @@ use crate::change::{Change, ChangeKind, Column, Relation, ReplicaIdentity};
 use crate::filter::{self, CompiledFilter};
 use crate::protocol::phoenix::{PhoenixEncoder, Vsn};
 use crate::realtime::dispatch::{dispatch, Scratch};
-use crate::realtime::index::{BindingSpec, EventFilter};
 use crate::realtime::outbox::{Outbox, OutboxReceiver};
 use crate::realtime::{Hub, Limits, Member, TopicKey};
 use crate::replication::lsn::Lsn;
 use crate::replication::pgoutput::{Tuple, Value};
 use crate::replication::values::TypeCatalog;
+use crate::subscribe::{BindingSpec, EventFilter};
 
 /// Nanoseconds per change for `subs` subscriptions over `changes` changes: (index lookup and
 /// filter evaluation alone, full dispatch with rendering, framing and queueing).

@@ -740,7 +740,7 @@ impl Writer {
             // Write everything waiting, then sync once (group commit).
             while let Some(chunk) = next {
                 if let Err(e) = self.write(&chunk) {
-                    tracing::error!(error = %crate::replication::stream::error_chain(&e),
+                    tracing::error!(error = %crate::errors::chain(&e),
                         "change log write failed; the acknowledgement stops here");
                     failed = true;
                     break;

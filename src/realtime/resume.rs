@@ -108,7 +108,7 @@ impl Resume {
                         (g.code(), format!("changes were missed: {g}; load the current state again"))
                     }
                     other => {
-                        tracing::warn!(error = %crate::replication::stream::error_chain(other), "resume from the change log failed");
+                        tracing::warn!(error = %crate::errors::chain(other), "resume from the change log failed");
                         (
                             "unavailable",
                             format!("changes could not be replayed: {other}; load the current state again"),

@@ -22,13 +22,14 @@ use crate::locks;
 use crate::realtime::broadcast::{BroadcastError, ReplayGate};
 use crate::realtime::bus::BusMessage;
 use crate::realtime::hub::Hub;
-use crate::realtime::index::{BindingSpec, SubId, Subscription};
+use crate::realtime::index::{SubId, Subscription};
 use crate::realtime::member::{channel_name, Member, SessionId, TopicKey};
 use crate::realtime::outbox::{Direct, Encoder, Outbox, OutboxReceiver};
 use crate::realtime::presence::{new_ref, random_uuid, PresenceDiff, PresenceMeta};
 use crate::realtime::resume::{Handoff, Resume};
 use crate::realtime::snapshot::Snapshot;
 use crate::subscribe::BindingError;
+use crate::subscribe::BindingSpec;
 
 /// What a client asks for when it joins a channel.
 #[derive(Debug, Clone, Default)]
@@ -469,7 +470,7 @@ impl Session {
             // On failure the membership drops here, leaving nothing behind.
             let replayed = match self.hub.topics() {
                 Some(topics) => topics.replay(&admitted.name, since, limit).await.map_err(|e| {
-                    tracing::warn!(error = %crate::replication::stream::error_chain(&e), "broadcast replay failed");
+                    tracing::warn!(error = %crate::errors::chain(&e), "broadcast replay failed");
                 }),
                 None => Err(()),
             };
@@ -503,7 +504,7 @@ impl Session {
         let subject = credentials.as_ref().map(|c| self.hub.intern_subject(Subject::of(&c.claims)));
         let name = channel_name(&req.topic).to_owned();
         let access = topic_access(&self.hub, req.private, subject.as_deref(), &name).await.map_err(|e| {
-            tracing::warn!(error = %crate::replication::stream::error_chain(&e), "private channel check failed");
+            tracing::warn!(error = %crate::errors::chain(&e), "private channel check failed");
             JoinError::Unavailable
         })?;
         if !access.may_join(req.presence_enabled) {
@@ -700,7 +701,7 @@ impl Session {
         let name = channel_name(topic);
         // Private channels are authorized again with the new claims.
         let access = topic_access(&self.hub, private, Some(&subject), name).await.map_err(|e| {
-            tracing::warn!(error = %crate::replication::stream::error_chain(&e), "private channel check failed");
+            tracing::warn!(error = %crate::errors::chain(&e), "private channel check failed");
             RefreshError::Unavailable
         })?;
         self.recheck_bindings(topic, &subject).await?;

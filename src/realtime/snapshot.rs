@@ -207,10 +207,10 @@ impl Snapshot {
             }
             Err(SnapshotError::Gone) => {}
             Err(e) => {
-                tracing::warn!(error = %crate::replication::stream::error_chain(&e), "snapshot failed");
+                tracing::warn!(error = %crate::errors::chain(&e), "snapshot failed");
                 let message = format!(
                     "the snapshot failed: {}; changes follow, but subscribe again for the current rows",
-                    crate::replication::stream::error_chain(&e)
+                    crate::errors::chain(&e)
                 );
                 let frame = self.member.encoder.encode_direct(
                     &self.member.key.topic,

@@ -1,10 +1,9 @@
-//! Change capture: the walsender client, the pgoutput decoder, value rendering, slot lifecycle
-//! and the replication task that ties them together.
+//! Change capture: the walsender client, the pgoutput decoder, value rendering and the slot
+//! lifecycle. The task that streams a slot into `Change`s is `source::walsender`, a floor up.
 
 pub mod ack;
 pub mod lsn;
 pub mod pgoutput;
 pub mod slot;
-pub mod stream;
 pub mod values;
 pub mod wire;

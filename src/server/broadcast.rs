@@ -77,7 +77,7 @@ async fn may_write(state: &AppState, credentials: Option<&Credentials>, topic: &
         Ok(access) if access.broadcast_write => Ok(()),
         Ok(_) | Err(TopicError::Policy(_)) => Err(forbidden()),
         Err(e) => {
-            tracing::warn!(error = %crate::replication::stream::error_chain(&e), "REST broadcast check failed");
+            tracing::warn!(error = %crate::errors::chain(&e), "REST broadcast check failed");
             Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "message",

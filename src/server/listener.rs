@@ -41,6 +41,18 @@ pub struct ConnectionLimits {
     pub write_timeout: Duration,
 }
 
+impl ConnectionLimits {
+    /// The listener's limits from the configuration.
+    pub fn from_config(c: &crate::config::Config) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: c.max_connections,
+            max_per_ip: c.max_connections_per_ip,
+            header_read_timeout: Duration::from_secs(c.header_read_timeout_secs),
+            write_timeout: Duration::from_secs(c.write_timeout_secs),
+        }
+    }
+}
+
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct ConnectionMetrics {

@@ -7,8 +7,8 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
-use crate::replication::stream::lag_seconds;
 use crate::server::AppState;
+use crate::source::walsender::lag_seconds;
 
 pub const CLIENTS: &str = "walcast_connected_clients";
 pub const SUBSCRIPTIONS: &str = "walcast_subscriptions";
@@ -120,7 +120,7 @@ fn hub_rows(m: &crate::realtime::Metrics) -> Vec<Row> {
 }
 
 /// The replication stream's.
-fn stream_rows(s: &crate::replication::stream::ReplicationStatus) -> Vec<Row> {
+fn stream_rows(s: &crate::source::walsender::ReplicationStatus) -> Vec<Row> {
     let relaxed = Ordering::Relaxed;
     vec![
         (

@@ -21,7 +21,7 @@ use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
 use crate::realtime::Hub;
-use crate::replication::stream::ReplicationStatus;
+use crate::source::walsender::ReplicationStatus;
 
 /// Everything a request handler may use.
 #[derive(Clone)]

@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use walcast::change::{Change, ChangeEvent, ChangeKind};
 use walcast::replication::ack::Acknowledgement;
 use walcast::replication::slot;
-use walcast::replication::stream::{ReplicationStatus, ReplicationTask};
 use walcast::replication::wire::ConnectParams;
+use walcast::source::walsender::{ReplicationStatus, ReplicationTask};
 
 use crate::support::{self, exec, fresh_db, pool};
 

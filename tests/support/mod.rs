@@ -56,7 +56,7 @@ pub async fn wait_for_tail_slots(p: &PgPool, what: &str, active: bool, want: i64
 
 /// An error and its causes, as one line.
 pub fn error_text(e: &dyn std::error::Error) -> String {
-    walcast::replication::stream::error_chain(e)
+    walcast::errors::chain(e)
 }
 
 /// `claims` signed (HS256) with `secret`.

@@ -145,7 +145,7 @@ impl ReplicationTask {
                 Ok(()) => return,
                 Err(StreamError::FanoutGone) => return,
                 Err(e) => {
-                    let msg = error_chain(&e);
+                    let msg = crate::errors::chain(&e);
                     tracing::warn!(error = %msg, "replication stream failed; reconnecting");
                     self.status.set_error(Some(msg));
                 }
@@ -409,18 +409,6 @@ struct Txn {
     xid: u32,
     /// Already handed on before a reconnect.
     skip: bool,
-}
-
-/// The error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Seconds between now and the last commit handed on, or 0 when caught up.
