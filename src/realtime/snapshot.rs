@@ -25,7 +25,8 @@ use futures_util::TryStreamExt;
 use sqlx::Row;
 
 use crate::change::{Change, ChangeKind, Column, Position, Relation, ReplicaIdentity};
-use crate::realtime::dispatch::{replay_batch, Scratch};
+use crate::realtime::dispatch::render::Scratch;
+use crate::realtime::dispatch::replay::replay_batch;
 use crate::realtime::gate::XidSnapshot;
 use crate::realtime::hub::Hub;
 use crate::realtime::index::Subscription;
