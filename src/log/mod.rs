@@ -15,56 +15,43 @@
 //! records it needs, and ends on a commit. On open, the last segment is checked record by record
 //! and cut back to its last whole transaction; a torn or corrupt tail is never read.
 //!
-//! Owns: the files, the retention policy (age and size, whole segments, oldest first, never the
-//! one being written), cursors and the gap rule. Must not: touch sockets or the index, or log row
-//! values.
+//! Here: `ChangeLog` (open: the lock, `meta.json` and the epoch, tail recovery; cursors, the
+//! gap check, readers). Beside it: `appender` (chunks), `writer` (the thread: append, sync,
+//! acknowledge, roll, retention), `files` (modes, segment names and headers, tail recovery),
+//! `cursor` (cursors and gaps), `record` (framing and bodies), `reader`.
+//! Must not: touch sockets or the index, or log row values.
 
+pub mod appender;
+pub mod cursor;
+pub mod files;
 pub mod reader;
 pub mod record;
+pub mod writer;
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::change::{ChangeEvent, Position, Relation};
+use crate::change::Position;
+use crate::log::files::{
+    create_segment, io, list_segments, lock_dir, recover_tail, segment_path, sync_dir, write_synced,
+};
+use crate::log::writer::{SegmentFile, Shared, Writer};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::lsn::Lsn;
 
+pub use appender::Appender;
+pub use cursor::{Cursor, Gap, ParseCursorError};
+pub use files::{LogError, DIR_MODE, FILE_MODE, SEGMENT_HEADER};
 pub use reader::{Entry, LogReadError, LogReader};
+pub use writer::{LogSettings, WriterHandle};
 
 /// `meta.json`'s format version.
 const META_VERSION: u32 = 1;
-/// The log directory's mode: the log holds every row before row-level security.
-pub const DIR_MODE: u32 = 0o700;
-/// Every file's mode in the log directory.
-pub const FILE_MODE: u32 = 0o600;
-const MAGIC: &[u8; 8] = b"WCLOG01\n";
-/// Magic, epoch, the position before the segment's first record.
-pub const SEGMENT_HEADER: usize = 8 + 4 + 8 + 4;
-/// The appender hands a chunk to the writer at least this often.
-const CHUNK_BYTES: usize = 256 * 1024;
-/// How often retention runs while nothing rolls a segment.
-const RETENTION_EVERY: Duration = Duration::from_secs(30);
-
-/// Where the log lives and how much it keeps.
-#[derive(Debug, Clone)]
-pub struct LogSettings {
-    pub dir: PathBuf,
-    /// Segments whose newest record is older than this are removed.
-    pub max_age: Duration,
-    /// The oldest segments are removed while the log is larger than this.
-    pub max_bytes: u64,
-    /// A segment is closed (at the next commit) once it is this large.
-    pub segment_bytes: u64,
-}
-
 /// Which stream a log belongs to: a log is only continued by the same cluster, database and slot.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Identity {
@@ -79,112 +66,6 @@ struct Meta {
     epoch: u32,
     #[serde(flatten)]
     identity: Identity,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    #[error("change log {path}: {action}")]
-    Io {
-        path: PathBuf,
-        action: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("change log {0} is in use by another walcast process")]
-    Locked(PathBuf),
-    #[error("change log {path}: {message}")]
-    Corrupt { path: PathBuf, message: String },
-}
-
-fn io<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(std::io::Error) -> LogError + 'a {
-    move |source| LogError::Io { path: path.to_owned(), action, source }
-}
-
-/// An opaque, ordered resume token: the log's epoch and a position. Printed as 32 upper-case
-/// hexadecimal digits; within one epoch, cursors order as their strings do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Cursor {
-    pub epoch: u32,
-    pub position: Position,
-}
-
-impl Cursor {
-    /// The 32 hexadecimal digits (epoch, LSN, place in the transaction), without the
-    /// formatting machinery: this runs once per change delivered.
-    pub fn to_hex(&self) -> [u8; 32] {
-        const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-        let mut out = [0u8; 32];
-        let mut put = |at: usize, width: usize, v: u64| {
-            for i in 0..width {
-                out[at + i] = DIGITS[((v >> (4 * (width - 1 - i))) & 0xF) as usize];
-            }
-        };
-        put(0, 8, u64::from(self.epoch));
-        put(8, 16, self.position.lsn.0);
-        put(24, 8, u64::from(self.position.seq));
-        out
-    }
-}
-
-impl std::fmt::Display for Cursor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Hexadecimal digits are ASCII.
-        f.write_str(std::str::from_utf8(&self.to_hex()).unwrap_or_default())
-    }
-}
-
-/// The text is not a cursor walcast issued.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid cursor {0:?}: expected the 32 hexadecimal digits of a delivered change's cursor, or an \
-     ISO 8601 commit timestamp with a zone"
-)]
-pub struct ParseCursorError(pub String);
-
-impl std::str::FromStr for Cursor {
-    type Err = ParseCursorError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseCursorError(s.chars().take(64).collect());
-        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(err());
-        }
-        let epoch = u32::from_str_radix(&s[..8], 16).map_err(|_| err())?;
-        let lsn = u64::from_str_radix(&s[8..24], 16).map_err(|_| err())?;
-        let seq = u32::from_str_radix(&s[24..], 16).map_err(|_| err())?;
-        Ok(Cursor { epoch, position: Position { lsn: Lsn(lsn), seq } })
-    }
-}
-
-/// Why a resume cannot continue without a gap: the client must load its state again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Gap {
-    #[error("the cursor is older than the retained change log")]
-    Expired,
-    #[error("the cursor belongs to another change log (another database, slot, or a log that was reset)")]
-    OtherLog,
-    #[error("this gateway keeps no change log")]
-    NoLog,
-}
-
-impl Gap {
-    /// A short machine-readable reason.
-    pub fn code(self) -> &'static str {
-        match self {
-            Gap::Expired => "expired",
-            Gap::OtherLog => "other_log",
-            Gap::NoLog => "no_log",
-        }
-    }
-}
-
-struct Shared {
-    dir: PathBuf,
-    epoch: u32,
-    /// The last position written (readable by readers).
-    written: watch::Sender<Position>,
-    /// The last position synced to disk.
-    durable: watch::Sender<Position>,
 }
 
 /// A handle on an open log: cursors, gap checks and readers. Cheap to clone.
@@ -211,42 +92,6 @@ pub struct Recovered {
     /// The log was started afresh (new epoch): there was none, or it belonged to another
     /// stream, or the slot was new.
     pub reset: bool,
-}
-
-/// The writer thread; joining it waits for the last chunk to be synced.
-pub struct WriterHandle {
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl WriterHandle {
-    /// Waits (blocking) until the writer has synced everything it was given and stopped. The
-    /// writer stops once every [`Appender`] is dropped.
-    pub fn join(mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Creates the log's directory (the log holds rows before any row-level security: readable by
-/// the gateway's user only) and takes its lock, held for as long as the writer runs.
-fn lock_dir(dir: &Path) -> Result<File, LogError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(DIR_MODE)
-        .create(dir)
-        .map_err(io(dir, "creating the directory"))?;
-    let lock_path = dir.join("lock");
-    let lock = OpenOptions::new()
-        .mode(FILE_MODE)
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io(&lock_path, "opening the lock file"))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-        .map_err(|_| LogError::Locked(dir.to_path_buf()))?;
-    Ok(lock)
 }
 
 /// The log's epoch: its own, when it belongs to `identity` and may be kept; otherwise a new
@@ -361,8 +206,7 @@ impl ChangeLog {
         if let Some(s) = sizes.back_mut() {
             s.len = size;
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let mut writer = Writer {
+        let writer = Writer {
             shared: Arc::clone(&shared),
             settings: settings.clone(),
             file,
@@ -373,20 +217,8 @@ impl ChangeLog {
             ack,
             _lock: lock,
         };
-        let thread = std::thread::Builder::new()
-            .name("walcast-log".into())
-            .spawn(move || writer.run(rx))
-            .map_err(io(dir, "starting the writer thread"))?;
-        let appender = Appender {
-            tx,
-            buf: Vec::with_capacity(CHUNK_BYTES),
-            relations: Vec::new(),
-            emitted: HashMap::new(),
-            through: None,
-            commit_end: None,
-            ends_txn: true,
-        };
-        Ok((ChangeLog { shared }, appender, WriterHandle { thread: Some(thread) }, recovered))
+        let (tx, handle) = writer.spawn().map_err(io(dir, "starting the writer thread"))?;
+        Ok((ChangeLog { shared }, Appender::new(tx), handle, recovered))
     }
 
     pub fn epoch(&self) -> u32 {
@@ -489,358 +321,15 @@ impl ChangeLog {
     }
 }
 
-/// Segments in `dir`, oldest first, each with the position before its first record.
-fn list_segments(dir: &Path) -> Result<Vec<(Position, PathBuf)>, LogError> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io(dir, "listing"))? {
-        let path = entry.map_err(io(dir, "listing"))?.path();
-        if let Some(prev) = segment_prev(&path) {
-            out.push((prev, path));
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-fn segment_path(dir: &Path, prev: Position) -> PathBuf {
-    dir.join(format!("{:016X}{:08X}.seg", prev.lsn.0, prev.seq))
-}
-
-fn segment_header(epoch: u32, prev: Position) -> [u8; SEGMENT_HEADER] {
-    let mut h = [0; SEGMENT_HEADER];
-    h[..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&epoch.to_le_bytes());
-    h[12..20].copy_from_slice(&prev.lsn.0.to_le_bytes());
-    h[20..24].copy_from_slice(&prev.seq.to_le_bytes());
-    h
-}
-
-/// Checks a segment header; returns the position it names.
-fn check_header(h: &[u8], epoch: u32, path: &Path) -> Result<Position, LogError> {
-    let corrupt = |m: &str| LogError::Corrupt { path: path.to_owned(), message: m.to_owned() };
-    if h.len() < SEGMENT_HEADER || &h[..8] != MAGIC {
-        return Err(corrupt("not a change log segment (bad header)"));
-    }
-    let e = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-    if e != epoch {
-        return Err(corrupt("segment of another log epoch"));
-    }
-    let mut lsn = [0; 8];
-    lsn.copy_from_slice(&h[12..20]);
-    let seq = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
-    Ok(Position { lsn: Lsn(u64::from_le_bytes(lsn)), seq })
-}
-
-fn create_segment(path: &Path, epoch: u32, prev: Position) -> Result<File, LogError> {
-    let mut f = OpenOptions::new()
-        .mode(FILE_MODE)
-        .create_new(true)
-        .append(true)
-        .open(path)
-        .map_err(io(path, "creating a segment"))?;
-    f.write_all(&segment_header(epoch, prev)).map_err(io(path, "writing a segment header"))?;
-    f.sync_data().map_err(io(path, "syncing"))?;
-    Ok(f)
-}
-
-fn write_synced(path: &Path, body: &[u8]) -> Result<(), LogError> {
-    let mut f = OpenOptions::new()
-        .mode(FILE_MODE)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(io(path, "creating"))?;
-    f.write_all(body).map_err(io(path, "writing"))?;
-    f.sync_all().map_err(io(path, "syncing"))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), LogError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir, "syncing the directory"))
-}
-
-/// What the last segment holds once cut back to its last whole transaction.
-struct Tail {
-    /// The file's length after the cut.
-    len: u64,
-    cut: u64,
-    /// The last commit kept: (commit LSN, end LSN).
-    commit: Option<(Lsn, Lsn)>,
-    /// The position of the last record kept.
-    last: Option<Position>,
-}
-
-/// Reads the last segment record by record; everything after the last commit record (a torn
-/// write, a corrupt record, or a transaction that was not finished) is cut off.
-fn recover_tail(path: &Path, epoch: u32) -> Result<Tail, LogError> {
-    let mut bytes = Vec::new();
-    File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io(path, "reading"))?;
-    if bytes.len() < SEGMENT_HEADER {
-        // A segment whose header never made it to disk: write it again.
-        let mut f =
-            OpenOptions::new().write(true).truncate(true).open(path).map_err(io(path, "repairing"))?;
-        let prev = segment_prev(path).unwrap_or(Position::ZERO);
-        f.write_all(&segment_header(epoch, prev)).map_err(io(path, "repairing"))?;
-        f.sync_data().map_err(io(path, "syncing"))?;
-        return Ok(Tail { len: SEGMENT_HEADER as u64, cut: bytes.len() as u64, commit: None, last: None });
-    }
-    check_header(&bytes, epoch, path)?;
-    let bytes = Bytes::from(bytes);
-    let mut at = SEGMENT_HEADER;
-    let mut keep = SEGMENT_HEADER;
-    let mut commit = None;
-    let mut last = None;
-    while at < bytes.len() {
-        let Ok(Some(len)) = record::frame_len(&bytes[at..], at) else { break };
-        let Ok(rec) = record::decode(&bytes.slice(at..at + len), at) else { break };
-        at += len;
-        if let record::Record::Commit { commit_lsn, end_lsn } = rec {
-            commit = Some((commit_lsn, end_lsn));
-            last = Some(Position::end_of(commit_lsn));
-            keep = at;
-        }
-    }
-    let cut = (bytes.len() - keep) as u64;
-    if cut > 0 {
-        let f = OpenOptions::new().write(true).open(path).map_err(io(path, "opening to cut"))?;
-        f.set_len(keep as u64).map_err(io(path, "cutting the torn tail"))?;
-        f.sync_all().map_err(io(path, "syncing"))?;
-    }
-    Ok(Tail { len: keep as u64, cut, commit, last })
-}
-
-/// The position a segment's file name (`<16 hex LSN><8 hex seq>.seg`) says comes before it;
-/// `None` for any other file.
-fn segment_prev(path: &Path) -> Option<Position> {
-    let stem = path.file_name()?.to_str()?.strip_suffix(".seg")?;
-    if stem.len() != 24 {
-        return None;
-    }
-    Some(Position {
-        lsn: Lsn(u64::from_str_radix(stem.get(..16)?, 16).ok()?),
-        seq: u32::from_str_radix(stem.get(16..)?, 16).ok()?,
-    })
-}
-
-/// One chunk of encoded records, handed from the appender to the writer.
-struct Chunk {
-    bytes: Vec<u8>,
-    /// Relation records in this chunk, by relation id (the writer repeats the latest of each at
-    /// the head of every new segment).
-    relations: Vec<(u32, Bytes)>,
-    /// The position of the last record in the chunk.
-    through: Option<Position>,
-    /// End LSN of the last commit in the chunk.
-    commit_end: Option<Lsn>,
-    /// The chunk ends on a commit (a segment may be closed after it).
-    ends_txn: bool,
-}
-
-/// The dispatcher's side: encodes events in order and hands them to the writer.
-pub struct Appender {
-    tx: std::sync::mpsc::Sender<Chunk>,
-    buf: Vec<u8>,
-    relations: Vec<(u32, Bytes)>,
-    /// The relation each id was last written with. Held, not remembered by address: a new
-    /// Relation message makes a new `Arc`, and holding the old one keeps its address from being
-    /// reused by a later description of the table (which would then never reach the log).
-    emitted: HashMap<u32, Arc<Relation>>,
-    through: Option<Position>,
-    commit_end: Option<Lsn>,
-    ends_txn: bool,
-}
-
-impl Appender {
-    /// Encodes one event. Chunks go to the writer when large, or on [`Appender::flush`].
-    pub fn append(&mut self, event: &ChangeEvent) {
-        match event {
-            ChangeEvent::Change(c) => {
-                if !self.emitted.get(&c.relation.id).is_some_and(|r| Arc::ptr_eq(r, &c.relation)) {
-                    let start = self.buf.len();
-                    record::encode_relation(&mut self.buf, &c.relation);
-                    self.relations.push((c.relation.id, Bytes::copy_from_slice(&self.buf[start..])));
-                    self.emitted.insert(c.relation.id, Arc::clone(&c.relation));
-                }
-                record::encode_change(&mut self.buf, c);
-                self.through = Some(c.position());
-                self.ends_txn = false;
-            }
-            ChangeEvent::Broadcast(b) => {
-                record::encode_broadcast(&mut self.buf, b.position, &b.raw);
-                self.through = Some(b.position);
-                self.ends_txn = false;
-            }
-            ChangeEvent::Commit { commit_lsn, end_lsn } => {
-                record::encode_commit(&mut self.buf, *commit_lsn, *end_lsn);
-                self.through = Some(Position::end_of(*commit_lsn));
-                self.commit_end = Some(*end_lsn);
-                self.ends_txn = true;
-            }
-        }
-        if self.buf.len() >= CHUNK_BYTES {
-            self.flush();
-        }
-    }
-
-    /// Hands what is encoded to the writer.
-    pub fn flush(&mut self) {
-        if self.buf.is_empty() {
-            return;
-        }
-        let chunk = Chunk {
-            bytes: std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES)),
-            relations: std::mem::take(&mut self.relations),
-            through: self.through.take(),
-            commit_end: self.commit_end.take(),
-            ends_txn: self.ends_txn,
-        };
-        // A writer that has stopped has logged why; the acknowledgement no longer advances,
-        // so nothing is confirmed that is not kept.
-        let _ = self.tx.send(chunk);
-    }
-}
-
-impl Drop for Appender {
-    fn drop(&mut self) {
-        self.flush();
-    }
-}
-
-struct SegmentFile {
-    path: PathBuf,
-    len: u64,
-}
-
-struct Writer {
-    shared: Arc<Shared>,
-    settings: LogSettings,
-    file: File,
-    /// Oldest first; the last is being written.
-    segments: VecDeque<SegmentFile>,
-    /// The latest relation record of each id.
-    relations: HashMap<u32, Bytes>,
-    last: Position,
-    ends_txn: bool,
-    ack: Acknowledgement,
-    _lock: File,
-}
-
-impl Writer {
-    fn run(&mut self, rx: std::sync::mpsc::Receiver<Chunk>) {
-        let mut last_retention = std::time::Instant::now();
-        loop {
-            let first = match rx.recv_timeout(RETENTION_EVERY) {
-                Ok(c) => Some(c),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-            };
-            let mut commit_end = None;
-            let mut next = first;
-            let mut failed = false;
-            // Write everything waiting, then sync once (group commit).
-            while let Some(chunk) = next {
-                if let Err(e) = self.write(&chunk) {
-                    tracing::error!(error = %crate::errors::chain(&e),
-                        "change log write failed; the acknowledgement stops here");
-                    failed = true;
-                    break;
-                }
-                commit_end = chunk.commit_end.or(commit_end);
-                next = rx.try_recv().ok();
-            }
-            if failed {
-                // Stop: nothing more is acknowledged, so nothing unkept is confirmed.
-                return;
-            }
-            if self.segments.back().is_some() {
-                if let Err(e) = self.file.sync_data() {
-                    tracing::error!(error = %e, "change log sync failed; the acknowledgement stops here");
-                    return;
-                }
-                self.shared.durable.send_replace(self.last);
-                if let Some(end) = commit_end {
-                    self.ack.advance(end);
-                }
-            }
-            if last_retention.elapsed() >= RETENTION_EVERY {
-                self.retain();
-                last_retention = std::time::Instant::now();
-            }
-        }
-    }
-
-    fn write(&mut self, chunk: &Chunk) -> Result<(), LogError> {
-        let current = self.segments.back().map_or(0, |s| s.len);
-        if self.ends_txn && current >= self.settings.segment_bytes {
-            self.roll()?;
-        }
-        let path = self.segments.back().map(|s| s.path.clone()).unwrap_or_default();
-        self.file.write_all(&chunk.bytes).map_err(io(&path, "appending"))?;
-        if let Some(s) = self.segments.back_mut() {
-            s.len += chunk.bytes.len() as u64;
-        }
-        for (id, rec) in &chunk.relations {
-            self.relations.insert(*id, rec.clone());
-        }
-        if let Some(p) = chunk.through {
-            self.last = p;
-            self.shared.written.send_replace(p);
-        }
-        self.ends_txn = chunk.ends_txn;
-        Ok(())
-    }
-
-    /// Closes the current segment (synced) and starts the next with the relations it needs.
-    fn roll(&mut self) -> Result<(), LogError> {
-        let old = self.segments.back().map(|s| s.path.clone()).unwrap_or_default();
-        self.file.sync_data().map_err(io(&old, "syncing"))?;
-        let path = segment_path(&self.shared.dir, self.last);
-        let mut f = create_segment(&path, self.shared.epoch, self.last)?;
-        let mut len = SEGMENT_HEADER as u64;
-        for rec in self.relations.values() {
-            f.write_all(rec).map_err(io(&path, "writing relations"))?;
-            len += rec.len() as u64;
-        }
-        sync_dir(&self.shared.dir)?;
-        self.file = f;
-        self.segments.push_back(SegmentFile { path, len });
-        self.retain();
-        Ok(())
-    }
-
-    /// Removes the oldest segments while the log is over its size or they are over its age;
-    /// never the segment being written.
-    fn retain(&mut self) {
-        let now = SystemTime::now();
-        while self.segments.len() > 1 {
-            let total: u64 = self.segments.iter().map(|s| s.len).sum();
-            let Some(oldest) = self.segments.front() else { break };
-            let too_old = std::fs::metadata(&oldest.path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| now.duration_since(t).ok())
-                .is_some_and(|age| age > self.settings.max_age);
-            if total <= self.settings.max_bytes && !too_old {
-                break;
-            }
-            match std::fs::remove_file(&oldest.path) {
-                Ok(()) => {
-                    tracing::info!(segment = %oldest.path.display(), bytes = oldest.len, "change log: removed a segment past retention");
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, segment = %oldest.path.display(), "change log: could not remove a segment");
-                    break;
-                }
-            }
-            self.segments.pop_front();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
     use super::*;
+    use crate::change::ChangeEvent;
     use crate::change::{Change, ChangeKind, Column, Relation, ReplicaIdentity};
     use crate::replication::pgoutput::{Tuple, Value};
     use crate::replication::values::TypeCatalog;

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::change::{Change, DbBroadcast, Position, Relation};
+use crate::log::cursor::Gap;
+use crate::log::files::{check_header, LogError, SEGMENT_HEADER};
 use crate::log::record::{self, Record};
-use crate::log::{check_header, Gap, LogError, SEGMENT_HEADER};
 
 /// Bytes read from a segment at a time.
 const READ_BYTES: usize = 1 << 20;
