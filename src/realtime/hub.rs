@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
 use crate::auth::rls::{RowSecurity, Subject};
-use crate::auth::topics::TopicPolicies;
+use crate::auth::topics::{TopicAccess, TopicError, TopicPolicies};
 use crate::auth::Verifier;
 use crate::change::Position;
 use crate::locks;
@@ -143,6 +143,24 @@ impl Hub {
 
     pub fn rls(&self) -> Option<&Arc<RowSecurity>> {
         self.inner.rls.as_ref()
+    }
+
+    /// What `subject` may do on private channel `name` (everything on public channels, and when
+    /// authentication is off). A policy that raises denies everything.
+    pub async fn topic_access(
+        &self,
+        private: bool,
+        subject: Option<&Subject>,
+        name: &str,
+    ) -> Result<TopicAccess, TopicError> {
+        let (true, Some(subject)) = (private, subject) else { return Ok(TopicAccess::ALL) };
+        let Some(topics) = self.topics() else {
+            return Err(TopicError::Policy("private channels need a database".into()));
+        };
+        match topics.access(subject, name).await {
+            Err(TopicError::Policy(_)) => Ok(TopicAccess::default()),
+            other => other,
+        }
     }
 
     pub fn topics(&self) -> Option<&Arc<TopicPolicies>> {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::auth::rls::{Access, KeyOnlyDeletes, Lane, Request, RowSecurity, Subject, Table};
-use crate::auth::topics::{TopicAccess, TopicError, MAX_REPLAY};
+use crate::auth::topics::{TopicAccess, MAX_REPLAY};
 use crate::auth::{AuthError, Credentials};
 use crate::change::broadcast::BroadcastMessage;
 use crate::change::Position;
@@ -334,24 +334,6 @@ async fn authorize_binding(
     Ok(None)
 }
 
-/// What `subject` may do on private channel `name` (everything on public channels, and when
-/// authentication is off). A policy that raises denies everything.
-async fn topic_access(
-    hub: &Hub,
-    private: bool,
-    subject: Option<&Subject>,
-    name: &str,
-) -> Result<TopicAccess, TopicError> {
-    let (true, Some(subject)) = (private, subject) else { return Ok(TopicAccess::ALL) };
-    let Some(topics) = hub.topics() else {
-        return Err(TopicError::Policy("private channels need a database".into()));
-    };
-    match topics.access(subject, name).await {
-        Err(TopicError::Policy(_)) => Ok(TopicAccess::default()),
-        other => other,
-    }
-}
-
 /// `{"since": <Unix ms>, "limit": 1..=25}` (limit optional, clamped like Supabase's).
 fn replay_params(v: &Value) -> Option<(i64, i64)> {
     let since = v.get("since")?.as_i64()?;
@@ -503,7 +485,7 @@ impl Session {
         let credentials = self.authenticate(req.access_token.as_deref()).await?;
         let subject = credentials.as_ref().map(|c| self.hub.intern_subject(Subject::of(&c.claims)));
         let name = channel_name(&req.topic).to_owned();
-        let access = topic_access(&self.hub, req.private, subject.as_deref(), &name).await.map_err(|e| {
+        let access = self.hub.topic_access(req.private, subject.as_deref(), &name).await.map_err(|e| {
             tracing::warn!(error = %crate::errors::chain(&e), "private channel check failed");
             JoinError::Unavailable
         })?;
@@ -700,7 +682,7 @@ impl Session {
         let subject = self.hub.intern_subject(Subject::of(&credentials.claims));
         let name = channel_name(topic);
         // Private channels are authorized again with the new claims.
-        let access = topic_access(&self.hub, private, Some(&subject), name).await.map_err(|e| {
+        let access = self.hub.topic_access(private, Some(&subject), name).await.map_err(|e| {
             tracing::warn!(error = %crate::errors::chain(&e), "private channel check failed");
             RefreshError::Unavailable
         })?;

@@ -72,8 +72,9 @@ async fn may_write(state: &AppState, credentials: Option<&Credentials>, topic: &
         state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         error(StatusCode::FORBIDDEN, "message", "Unauthorized")
     };
-    let Some(topics) = state.hub.topics() else { return Err(forbidden()) };
-    match topics.access(&Subject::of(&c.claims), topic).await {
+    // The same answer a joining socket gets (`Hub::topic_access`): a policy that raises, or no
+    // database to ask, denies.
+    match state.hub.topic_access(true, Some(&Subject::of(&c.claims)), topic).await {
         Ok(access) if access.broadcast_write => Ok(()),
         Ok(_) | Err(TopicError::Policy(_)) => Err(forbidden()),
         Err(e) => {
