@@ -29,6 +29,26 @@ pub enum Frame {
     /// member that receives the same content. Handing a member its frame then costs two
     /// reference counts; the copy is made by its own transport task.
     Joined { envelope: Arc<Envelope>, body: Utf8Bytes },
+    /// A message with a name and an optional id, as an event stream carries them: its transport
+    /// renders it (an SSE message, a long-poll answer's entry) without reading text back. One
+    /// allocation, shared by every member that receives it.
+    Named(Arc<Named>),
+}
+
+/// The parts of a [`Frame::Named`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    /// Where a client resumes after this message (a cursor), if it can.
+    pub id: Option<Box<str>>,
+    pub name: Cow<'static, str>,
+    /// The message's JSON.
+    pub data: Utf8Bytes,
+}
+
+impl Named {
+    pub fn frame(id: Option<&str>, name: impl Into<Cow<'static, str>>, data: Utf8Bytes) -> Frame {
+        Frame::Named(Arc::new(Named { id: id.map(Box::from), name: name.into(), data }))
+    }
 }
 
 /// What surrounds a shared body in a [`Frame::Joined`]: `head` depends on the member (its topic),
@@ -45,6 +65,7 @@ impl Frame {
             Frame::Text(t) => t.len(),
             Frame::Binary(b) => b.len(),
             Frame::Joined { envelope, body } => envelope.head.len() + body.len() + envelope.tail.len(),
+            Frame::Named(m) => m.id.as_ref().map_or(0, |id| id.len()) + m.name.len() + m.data.len(),
         }
     }
 
@@ -52,12 +73,13 @@ impl Frame {
         self.len() == 0
     }
 
-    /// The text of a text frame (joined when in parts).
+    /// The text of a text frame (joined when in parts; a named message's data).
     pub fn text(&self) -> Option<Cow<'_, str>> {
         match self {
             Frame::Text(t) => Some(Cow::Borrowed(t.as_str())),
             Frame::Binary(_) => None,
             Frame::Joined { .. } => self.joined().map(Cow::Owned),
+            Frame::Named(m) => Some(Cow::Borrowed(m.data.as_str())),
         }
     }
 
@@ -75,10 +97,11 @@ impl Frame {
         Some(out)
     }
 
-    /// Appends the frame's bytes.
+    /// Appends the frame's bytes (a named message's data: its transport renders the rest).
     pub fn write_to(&self, out: &mut Vec<u8>) {
         match self {
             Frame::Text(t) => out.extend_from_slice(t.as_bytes()),
+            Frame::Named(m) => out.extend_from_slice(m.data.as_bytes()),
             Frame::Binary(b) => out.extend_from_slice(b),
             Frame::Joined { envelope, body } => {
                 out.extend_from_slice(envelope.head.as_bytes());

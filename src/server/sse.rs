@@ -317,7 +317,7 @@ impl Streaming {
         if let (Some(c), Some(id)) = (self.catch_up.as_mut(), sse::message_id(frame)) {
             c.last_id = Some(id.to_owned());
         }
-        frame.write_to(buf);
+        sse::write_message(frame, buf);
     }
 
     /// The next chunk of the stream: the first lines, or what is queued (gathered up to
@@ -336,14 +336,14 @@ impl Streaming {
             biased;
             _ = self.shutdown.cancelled() => {
                 self.done = true;
-                sse::message(None, "error", br#"{"message":"server shutting down"}"#)
+                sse::message(None, "error", r#"{"message":"server shutting down"}"#)
             }
             _ = self.outbox.killed.cancelled() => {
                 if self.join_again().await.is_some() {
                     Frame::Text(sse::CATCHING_UP.into())
                 } else {
                     self.done = true;
-                    sse::message(None, "error", br#"{"message":"client too slow: resume from the last event id"}"#)
+                    sse::message(None, "error", r#"{"message":"client too slow: resume from the last event id"}"#)
                 }
             }
             frame = self.outbox.rx.recv() => match frame {
@@ -498,9 +498,9 @@ async fn long_poll(
             }
         };
         let Some(frame) = frame else { break };
-        let Some(text) = frame.text() else { continue };
-        let Some((id, event, data)) = sse::parse(&text) else { continue };
-        match poll.take(id, event, data) {
+        // The SSE encoder's messages, taken as they are (its comments carry nothing).
+        let Frame::Named(m) = &frame else { continue };
+        match poll.take(m.id.as_deref(), &m.name, &m.data) {
             Taken::More => {}
             Taken::Done => break,
             Taken::Answer(response) => return response,

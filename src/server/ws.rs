@@ -87,6 +87,8 @@ fn message(frame: Frame) -> Message {
         Frame::Text(t) => Message::Text(t),
         Frame::Binary(b) => Message::Binary(b),
         joined @ Frame::Joined { .. } => Message::Text(joined.joined_text().unwrap_or_default()),
+        // No WebSocket protocol names its messages this way; were one to, its data is the text.
+        Frame::Named(m) => Message::Text(m.data.clone()),
     }
 }
 
