@@ -84,6 +84,75 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The durable change log clients resume from.
     pub changelog: ChangelogConfig,
+    /// Several gateway nodes over NATS JetStream (off unless `cluster.nats_url` is set).
+    pub cluster: ClusterConfig,
+}
+
+/// The `[cluster]` table. With `nats_url` set, nodes with the same database, slot, publication
+/// and `prefix` form one cluster: one of them streams the slot into JetStream, every one serves
+/// clients from the stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The NATS server(s), e.g. `nats://127.0.0.1:4222` (a comma list for several); env
+    /// `WALCAST_CLUSTER__NATS_URL`. Unset: a single node, as without a cluster.
+    pub nats_url: Option<String>,
+    /// This node's name in the cluster (letters, digits, `-`, `_`). Default: derived from the
+    /// change log directory, so it stays the same across restarts of the same node.
+    pub node_id: Option<String>,
+    /// The prefix of the JetStream stream and key-value buckets' names.
+    pub prefix: String,
+    /// JetStream replicas of the stream and buckets: 1 for a single nats-server, 3 in
+    /// production.
+    pub replicas: usize,
+    /// Seconds the slot owner's lease lasts without a renewal; a node that stops renewing loses
+    /// the slot to another after this long.
+    pub lease_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { nats_url: None, node_id: None, prefix: "walcast".into(), replicas: 1, lease_secs: 5 }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        self.nats_url.as_deref().is_some_and(|u| !u.trim().is_empty())
+    }
+
+    fn validate(&self, changelog: &ChangelogConfig) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let name_ok = |s: &str, max: usize| {
+            !s.is_empty()
+                && s.len() <= max
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !name_ok(&self.prefix, 32) {
+            return invalid("cluster.prefix", "expected 1 to 32 letters, digits, `-` or `_`");
+        }
+        if let Some(id) = &self.node_id {
+            if !name_ok(id, 64) {
+                return invalid("cluster.node_id", "expected 1 to 64 letters, digits, `-` or `_`");
+            }
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return invalid("cluster.replicas", "expected 1 to 5 (JetStream's limit)");
+        }
+        if !(2..=300).contains(&self.lease_secs) {
+            return invalid("cluster.lease_secs", "expected 2 to 300 seconds");
+        }
+        if !changelog.enabled {
+            return invalid(
+                "changelog.enabled",
+                "a cluster needs the change log (cursors are positions in it on every node)",
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The `[changelog]` table.
@@ -228,6 +297,7 @@ impl Default for Config {
             message_retention_secs: 72 * 3600,
             auth: AuthConfig::default(),
             changelog: ChangelogConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -290,7 +360,7 @@ impl Config {
         if self.changelog.enabled && self.changelog.dir.as_os_str().is_empty() {
             return invalid("changelog.dir", "expected a directory");
         }
-        Ok(())
+        self.cluster.validate(&self.changelog)
     }
 
     /// The slot, the publication, `tables` and the database URL.
@@ -391,6 +461,7 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.database_url = shown.database_url.map(|u| redact_url(&u));
+        shown.cluster.nats_url = shown.cluster.nats_url.map(|u| redact_nats_urls(&u));
         if shown.auth.jwt_secret.is_some() {
             shown.auth.jwt_secret = Some("***".into());
         }
@@ -442,6 +513,18 @@ pub fn redact_url(url: &str) -> String {
         },
         None => format!("{scheme}://{authority}{redacted_tail}"),
     }
+}
+
+/// NATS server URLs (a comma list) with passwords and tokens (`nats://TOKEN@host`) redacted.
+pub fn redact_nats_urls(urls: &str) -> String {
+    let one = |u: &str| {
+        let u = u.trim();
+        match u.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.rsplit_once('@')?))) {
+            Some((scheme, (userinfo, host))) if !userinfo.contains(':') => format!("{scheme}://***@{host}"),
+            _ => redact_url(u),
+        }
+    };
+    urls.split(',').map(one).collect::<Vec<_>>().join(",")
 }
 
 /// A name usable unquoted in replication commands.
@@ -544,6 +627,41 @@ mod tests {
             jail.set_env("WALCAST_DATABASE_URL", "mysql://x");
             let e = Config::load(None).unwrap_err().to_string();
             assert!(e.contains("database_url"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn cluster_table_from_env_validated_and_redacted() {
+        Jail::expect_with(|jail| {
+            let c = Config::load(None).unwrap();
+            assert!(!c.cluster.enabled(), "no cluster without nats_url");
+            jail.set_env(
+                "WALCAST_CLUSTER__NATS_URL",
+                "nats://s3cret@10.0.0.1:4222,nats://u:pw@10.0.0.2:4222",
+            );
+            jail.set_env("WALCAST_CLUSTER__NODE_ID", "node-a");
+            jail.set_env("WALCAST_CLUSTER__LEASE_SECS", "7");
+            let c = Config::load(None).unwrap();
+            assert!(c.cluster.enabled());
+            assert_eq!((c.cluster.node_id.as_deref(), c.cluster.lease_secs), (Some("node-a"), 7));
+            assert_eq!((c.cluster.prefix.as_str(), c.cluster.replicas), ("walcast", 1));
+            let shown = c.to_redacted_toml();
+            assert!(!shown.contains("s3cret") && !shown.contains("pw@"), "{shown}");
+            assert!(shown.contains("nats://***@10.0.0.1:4222,nats://u:***@10.0.0.2:4222"), "{shown}");
+            for (key, value, named) in [
+                ("WALCAST_CLUSTER__NODE_ID", "a b", "cluster.node_id"),
+                ("WALCAST_CLUSTER__LEASE_SECS", "1", "cluster.lease_secs"),
+                ("WALCAST_CLUSTER__REPLICAS", "7", "cluster.replicas"),
+                ("WALCAST_CLUSTER__PREFIX", "a.b", "cluster.prefix"),
+                ("WALCAST_CHANGELOG__ENABLED", "false", "changelog.enabled"),
+            ] {
+                jail.set_env(key, value);
+                let e = Config::load(None).unwrap_err().to_string();
+                assert!(e.contains(named), "{key}={value}: {e}");
+                jail.clear_env();
+                jail.set_env("WALCAST_CLUSTER__NATS_URL", "nats://127.0.0.1:4222");
+            }
             Ok(())
         });
     }

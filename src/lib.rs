@@ -25,9 +25,11 @@ pub mod auth;
 pub mod bench;
 pub mod change;
 pub mod check;
+pub mod cluster;
 pub mod config;
 pub mod errors;
 pub mod filter;
+pub mod local_nats;
 pub mod local_postgres;
 pub mod locks;
 pub mod log;
@@ -119,6 +121,16 @@ impl Gateway {
     pub async fn prepare(config: Config, migrate: bool) -> Result<Gateway, StartError> {
         // Loaded configurations are validated already; one built in code is checked here.
         config.validate()?;
+        if config.cluster.enabled() {
+            // Refused rather than ignored: a node that ran alone while its operator believed it
+            // part of a cluster would stream the slot beside the others.
+            return Err(config::ConfigError::Invalid {
+                key: "cluster.nats_url",
+                message: "serving as a cluster node is not available in this version; unset it to run a single node"
+                    .into(),
+            }
+            .into());
+        }
         let url = config.database_url()?.to_owned();
         let verifier = Verifier::new(config.auth.settings()).await?;
         if !verifier.required() {

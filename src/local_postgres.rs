@@ -341,11 +341,16 @@ fn last_fatal(log: &Path) -> String {
 }
 
 fn free_port() -> Result<u16, LocalPostgresError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
-    Ok(l.local_addr().map_err(io("finding a free port"))?.port())
+    unused_port().map_err(io("finding a free port"))
 }
 
-fn shell_quote(s: &str) -> String {
+/// A TCP port on 127.0.0.1 that nothing listens on now (for a private server).
+pub(crate) fn unused_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `s` quoted for `/bin/sh`.
+pub(crate) fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 

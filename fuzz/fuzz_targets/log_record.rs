@@ -1,5 +1,6 @@
 //! Change log records read back from disk must never panic, whatever the bytes (a torn write,
-//! a flipped bit, a foreign file): framing, checksum and body decoding all return errors.
+//! a flipped bit, a foreign file): framing, checksum and body decoding all return errors. The
+//! cluster stream's chunks (a header, then records) are read the same way.
 #![no_main]
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
@@ -7,6 +8,10 @@ use walcast::log::record::{decode, frame_len};
 
 fuzz_target!(|data: &[u8]| {
     let buf = Bytes::copy_from_slice(data);
+    let _ = walcast::cluster::chunk::decode(&buf);
+    let mut chunk = b"WCS1".to_vec();
+    chunk.extend_from_slice(data);
+    let _ = walcast::cluster::chunk::decode(&Bytes::from(chunk));
     let mut at = 0;
     while at < buf.len() {
         match frame_len(&buf[at..], at) {

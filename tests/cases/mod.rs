@@ -2,6 +2,7 @@ mod auth;
 mod bench;
 mod capture;
 mod clients;
+mod cluster;
 mod gateway;
 mod hardening;
 mod layout;
