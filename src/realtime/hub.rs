@@ -1,7 +1,7 @@
 //! [`Hub`]: the core's shared state — the subscription index, the channel registry, limits,
 //! metrics, and the database-backed parts (catalog, row-level security, topic policies, change
 //! log, snapshots) a gateway wires in. Its channel methods are in `registry.rs`, its delivery of
-//! changes in `dispatch.rs`.
+//! changes in `dispatch/`.
 //!
 //! Must not: touch sockets or know a wire format.
 
