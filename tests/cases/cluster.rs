@@ -26,7 +26,8 @@ async fn lease(server: &LocalNats, id: &str, ttl: Duration) -> Lease {
 #[tokio::test]
 async fn one_node_holds_the_slot_lease_and_another_takes_it_only_after_it_lapses() {
     let server = nats_server("lease").await;
-    let ttl = Duration::from_secs(2);
+    // Long enough that a loaded machine does not stall a renewal past it.
+    let ttl = Duration::from_secs(4);
     let (a, b, c) =
         (lease(&server, "a", ttl).await, lease(&server, "b", ttl).await, lease(&server, "c", ttl).await);
     let (mut seen_a, mut seen_b, mut seen_c) = (None, None, None);
