@@ -95,3 +95,97 @@ async fn one_node_holds_the_slot_lease_and_another_takes_it_only_after_it_lapses
     let again = a.try_take(&mut seen).await.unwrap();
     assert!(again.is_some(), "a released lease is taken at once");
 }
+
+/// One transaction of `rows` inserts into a one-column table, as the walsender task hands them on.
+fn transaction(lsn: u64, rows: u32) -> Vec<walcast::change::ChangeEvent> {
+    use std::sync::Arc;
+    use walcast::change::{Change, ChangeEvent, ChangeKind, Column, Relation, ReplicaIdentity};
+    use walcast::replication::lsn::Lsn;
+    use walcast::replication::pgoutput::{Tuple, Value};
+    let catalog = walcast::replication::values::TypeCatalog::default();
+    let ty = Arc::clone(catalog.get(20).expect("int8"));
+    let column = Column { name: "id".into(), ty, is_key: true, in_primary_key: true };
+    let relation = Arc::new(Relation::new(16384, "public", "t", ReplicaIdentity::Default, vec![column]));
+    let mut events: Vec<ChangeEvent> = (0..rows)
+        .map(|seq| {
+            ChangeEvent::Change(Change {
+                relation: Arc::clone(&relation),
+                kind: ChangeKind::Insert,
+                new: Some(Tuple(vec![Value::Text(format!("{}", lsn * 1000 + u64::from(seq)).into())])),
+                old: None,
+                commit_lsn: Lsn(lsn),
+                commit_ts: 0,
+                seq,
+                xid: lsn as u32,
+                snapshot: false,
+            })
+        })
+        .collect();
+    events.push(ChangeEvent::Commit { commit_lsn: Lsn(lsn), end_lsn: Lsn(lsn + 8) });
+    events
+}
+
+fn chunk_of(events: &[walcast::change::ChangeEvent]) -> walcast::cluster::chunk::Chunk {
+    let mut builder = walcast::cluster::chunk::ChunkBuilder::default();
+    for e in events {
+        builder.push(e);
+    }
+    builder.finish()
+}
+
+/// What a node reads back: each change's cursor and transaction id, and each commit.
+fn ledger(events: &[walcast::change::ChangeEvent]) -> Vec<String> {
+    use walcast::change::ChangeEvent;
+    events
+        .iter()
+        .map(|e| match e {
+            ChangeEvent::Change(c) => format!("{} xid {}", c.cursor(), c.xid),
+            ChangeEvent::Broadcast(b) => format!("broadcast {:?}", b.position),
+            ChangeEvent::Commit { commit_lsn, end_lsn } => format!("commit {commit_lsn} {end_lsn}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_stale_owner_cannot_append_after_a_new_one_and_every_node_reads_the_chunks_in_order() {
+    use futures_util::StreamExt;
+    use walcast::cluster::stream::{ChangeStream, StreamError};
+
+    let server = nats_server("stream").await;
+    let (a, b) = (node(&server, "a").await, node(&server, "b").await);
+    let stream_a = ChangeStream::open(&a, Duration::from_secs(3600)).await.expect("open");
+    let stream_b = ChangeStream::open(&b, Duration::from_secs(3600)).await.expect("open again");
+    assert_eq!(stream_a.last().await.unwrap(), None, "a new stream is empty");
+
+    // Owner a appends two transactions.
+    let (t1, t2, t3) = (transaction(0x100, 3), transaction(0x200, 1), transaction(0x300, 2));
+    let mut owner_a = stream_a.appender(0);
+    assert_eq!(stream_a.append(&mut owner_a, &chunk_of(&t1)).await.unwrap(), 1);
+    assert_eq!(stream_a.append(&mut owner_a, &chunk_of(&t2)).await.unwrap(), 2);
+
+    // Owner b takes over: it starts after the stream's last message, whose position it reads.
+    let (last, through) = stream_b.last().await.unwrap().expect("the stream holds two chunks");
+    assert_eq!(last, 2);
+    assert_eq!(through, walcast::change::Position::end_of(walcast::replication::lsn::Lsn(0x200)));
+    let mut owner_b = stream_b.appender(last);
+    assert_eq!(stream_b.append(&mut owner_b, &chunk_of(&t3)).await.unwrap(), 3);
+
+    // The stale owner's next append is refused, and stores nothing.
+    let stale = stream_a.append(&mut owner_a, &chunk_of(&transaction(0x400, 1))).await;
+    assert!(matches!(stale, Err(StreamError::Fenced { expected: 2, .. })), "{stale:?}");
+    assert_eq!(stream_a.last().await.unwrap().map(|(s, _)| s), Some(3));
+
+    // Every node reads the chunks in order, from any sequence, with the transactions' ids.
+    let want: Vec<String> = [ledger(&t1), ledger(&t2), ledger(&t3)].concat();
+    let mut read = Vec::new();
+    let mut from_start = Box::pin(stream_b.read_from(1).await.expect("read"));
+    while read.len() < want.len() {
+        let next = tokio::time::timeout(Duration::from_secs(10), from_start.next()).await;
+        let (_, events) = next.expect("a chunk within 10 s").expect("not ended").expect("readable");
+        read.extend(ledger(&events));
+    }
+    assert_eq!(read, want);
+    let mut from_two = Box::pin(stream_a.read_from(2).await.expect("read"));
+    let (sequence, events) = from_two.next().await.expect("not ended").expect("readable");
+    assert_eq!((sequence, ledger(&events)), (2, ledger(&t2)));
+}

@@ -1,0 +1,197 @@
+//! The cluster's stream of committed events: JetStream stream `<prefix>_changes`, one subject
+//! `<prefix>.changes`, one message per chunk (`chunk.rs`), each with the position of its last
+//! event in a `Walcast-Through` header and as its message id.
+//!
+//! Owns: creating the stream, appending under fencing (`Appender::append` passes only while
+//! the stream's last sequence is the one this owner last wrote or read), the stream's last
+//! position (where a new owner starts), and reading chunks in order from a sequence.
+//! Must not: decide who appends (the lease does) or acknowledge the slot.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, message::PublishMessage};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::change::{ChangeEvent, Position};
+use crate::cluster::chunk::{self, Chunk, ChunkError};
+use crate::cluster::Nats;
+use crate::replication::lsn::Lsn;
+
+/// The header that names a chunk's last position.
+pub const THROUGH: &str = "Walcast-Through";
+
+/// Why the stream could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("JetStream stream {stream}: {action}")]
+    Nats {
+        stream: String,
+        action: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
+    /// Another owner appended since: this one must stop.
+    #[error("JetStream stream {stream}: another owner appended since sequence {expected}")]
+    Fenced { stream: String, expected: u64 },
+    #[error("JetStream stream {stream}: message {sequence} has no readable {THROUGH} header")]
+    NoPosition { stream: String, sequence: u64 },
+    #[error("JetStream stream {stream}: message {sequence}")]
+    Chunk {
+        stream: String,
+        sequence: u64,
+        #[source]
+        source: ChunkError,
+    },
+}
+
+/// The stream, opened by one node.
+#[derive(Clone)]
+pub struct ChangeStream {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    stream: jetstream::stream::Stream,
+    name: String,
+    subject: String,
+}
+
+/// An owner's right to append: the sequence it expects to be the stream's last.
+#[derive(Debug)]
+pub struct Appender {
+    last: u64,
+}
+
+/// The position as the header carries it: 24 hexadecimal digits (LSN, then place).
+pub fn position_text(p: Position) -> String {
+    format!("{:016X}{:08X}", p.lsn.0, p.seq)
+}
+
+fn parse_position(s: &str) -> Option<Position> {
+    if s.len() != 24 {
+        return None;
+    }
+    Some(Position {
+        lsn: Lsn(u64::from_str_radix(s.get(..16)?, 16).ok()?),
+        seq: u32::from_str_radix(s.get(16..)?, 16).ok()?,
+    })
+}
+
+impl ChangeStream {
+    /// Opens the stream, creating it if missing, keeping messages for `max_age`.
+    pub async fn open(nats: &Nats, max_age: Duration) -> Result<ChangeStream, StreamError> {
+        let name = format!("{}_changes", nats.prefix);
+        let subject = format!("{}.changes", nats.prefix);
+        let config = jetstream::stream::Config {
+            name: name.clone(),
+            description: Some("walcast: committed changes, in commit order".into()),
+            subjects: vec![subject.clone()],
+            max_age,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: nats.replicas,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let stream = nats.jetstream.get_or_create_stream(config).await.map_err(|e| StreamError::Nats {
+            stream: name.clone(),
+            action: "creating or opening it",
+            source: e.into(),
+        })?;
+        Ok(ChangeStream {
+            client: nats.client.clone(),
+            jetstream: nats.jetstream.clone(),
+            stream,
+            name,
+            subject,
+        })
+    }
+
+    fn failed(&self, action: &'static str) -> impl FnOnce(async_nats::Error) -> StreamError + '_ {
+        move |source| StreamError::Nats { stream: self.name.clone(), action, source }
+    }
+
+    /// The stream's last message: its sequence and the position of its last event; `None` while
+    /// the stream is empty.
+    pub async fn last(&self) -> Result<Option<(u64, Position)>, StreamError> {
+        let info = self.stream.get_info().await.map_err(|e| self.failed("reading its state")(e.into()))?;
+        let sequence = info.state.last_sequence;
+        if info.state.messages == 0 || sequence == 0 {
+            return Ok(None);
+        }
+        let message = self
+            .stream
+            .get_raw_message(sequence)
+            .await
+            .map_err(|e| self.failed("reading its last message")(e.into()))?;
+        let position = message
+            .headers
+            .get(THROUGH)
+            .and_then(|v| parse_position(v.as_str()))
+            .ok_or(StreamError::NoPosition { stream: self.name.clone(), sequence })?;
+        Ok(Some((sequence, position)))
+    }
+
+    /// The right to append after sequence `last` (what `ChangeStream::last` said, or 0 for an
+    /// empty stream).
+    pub fn appender(&self, last: u64) -> Appender {
+        Appender { last }
+    }
+
+    /// Appends `chunk` if the stream still ends at the appender's sequence; returns the new
+    /// sequence. A chunk whose position the stream already holds (within its duplicate window)
+    /// is not stored twice.
+    pub async fn append(&self, appender: &mut Appender, chunk: &Chunk) -> Result<u64, StreamError> {
+        let through = chunk.through.map(position_text).unwrap_or_default();
+        let message = PublishMessage::build()
+            .payload(chunk.bytes.clone())
+            .message_id(&through)
+            .header(THROUGH, through.as_str())
+            .expected_last_sequence(appender.last);
+        let sent = self.jetstream.send_publish(self.subject.clone(), message).await;
+        let ack = match sent {
+            Ok(pending) => pending.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(ack) => {
+                appender.last = ack.sequence;
+                Ok(ack.sequence)
+            }
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(StreamError::Fenced { stream: self.name.clone(), expected: appender.last })
+            }
+            Err(e) => Err(self.failed("appending a chunk")(e.into())),
+        }
+    }
+
+    /// The chunks from sequence `start` on, in order, decoded: (sequence, events). The stream of
+    /// them ends only on an error (the consumer recreates itself across reconnects).
+    pub async fn read_from(
+        &self,
+        start: u64,
+    ) -> Result<
+        impl futures_util::Stream<Item = Result<(u64, Vec<ChangeEvent>), StreamError>> + '_,
+        StreamError,
+    > {
+        let consumer = self
+            .stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start.max(1) },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| self.failed("creating a consumer")(e.into()))?;
+        let messages = consumer.messages().await.map_err(|e| self.failed("reading")(e.into()))?;
+        Ok(messages.map(move |m| {
+            let m = m.map_err(|e| self.failed("reading")(e.into()))?;
+            let sequence = m.info().map(|i| i.stream_sequence).map_err(|e| self.failed("reading")(e))?;
+            let payload: Bytes = m.payload.clone();
+            let events = chunk::decode(&payload).map_err(|source| StreamError::Chunk {
+                stream: self.name.clone(),
+                sequence,
+                source,
+            })?;
+            Ok((sequence, events))
+        }))
+    }
+}
