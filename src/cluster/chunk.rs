@@ -46,6 +46,8 @@ pub struct ChunkBuilder {
     events: usize,
     through: Option<Position>,
     commit_end: Option<Lsn>,
+    /// The last event pushed was a commit.
+    ends_txn: bool,
 }
 
 /// A finished chunk.
@@ -84,6 +86,12 @@ impl ChunkBuilder {
             }
         }
         self.events += 1;
+        self.ends_txn = matches!(event, ChangeEvent::Commit { .. });
+    }
+
+    /// Whether the events pushed end on a commit (and there are some).
+    pub fn ends_on_commit(&self) -> bool {
+        self.events > 0 && self.ends_txn
     }
 
     /// Events pushed since the last `finish`.

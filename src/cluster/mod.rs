@@ -7,6 +7,7 @@
 
 pub mod chunk;
 pub mod lease;
+pub mod publish;
 pub mod stream;
 
 use std::time::Duration;

@@ -189,3 +189,80 @@ async fn a_stale_owner_cannot_append_after_a_new_one_and_every_node_reads_the_ch
     let (sequence, events) = from_two.next().await.expect("not ended").expect("readable");
     assert_eq!((sequence, ledger(&events)), (2, ledger(&t2)));
 }
+
+/// Runs the owner's publishing loop over `events` from `start`; returns its result.
+async fn publish_all(
+    stream: &walcast::cluster::stream::ChangeStream,
+    start: walcast::cluster::publish::Start,
+    events: Vec<walcast::change::ChangeEvent>,
+    ack: &walcast::replication::ack::Acknowledgement,
+) -> Result<(), walcast::cluster::stream::StreamError> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let feed = async move {
+        for e in events {
+            if tx.send(e).await.is_err() {
+                break;
+            }
+        }
+    };
+    let (_, result) = tokio::join!(feed, walcast::cluster::publish::publish(stream, start, rx, ack));
+    result
+}
+
+/// Every event of the stream from its first message, as a ledger.
+async fn stream_ledger(stream: &walcast::cluster::stream::ChangeStream, want: usize) -> Vec<String> {
+    use futures_util::StreamExt;
+    let mut read = Vec::new();
+    let mut chunks = Box::pin(stream.read_from(1).await.expect("read"));
+    while read.len() < want {
+        let next = tokio::time::timeout(Duration::from_secs(10), chunks.next()).await;
+        let (_, events) = next.expect("a chunk within 10 s").expect("not ended").expect("readable");
+        read.extend(ledger(&events));
+    }
+    read
+}
+
+#[tokio::test]
+async fn the_owner_publishes_transactions_once_across_a_takeover_and_confirms_only_what_is_stored() {
+    use walcast::cluster::publish::Start;
+    use walcast::cluster::stream::{ChangeStream, StreamError};
+    use walcast::replication::ack::Acknowledgement;
+    use walcast::replication::lsn::Lsn;
+
+    let server = nats_server("publish").await;
+    let stream =
+        ChangeStream::open(&node(&server, "a").await, Duration::from_secs(3600)).await.expect("open");
+    // A transaction of 20,000 rows is several chunks of at most 256 KiB.
+    let (t1, big, t3, t4) =
+        (transaction(0x100, 2), transaction(0x200, 20_000), transaction(0x300, 1), transaction(0x400, 3));
+    let mut want = [ledger(&t1), ledger(&big), ledger(&t3)].concat();
+
+    let ack_a = Acknowledgement::new();
+    let events: Vec<_> = [transaction(0x100, 2), transaction(0x200, 20_000), transaction(0x300, 1)]
+        .into_iter()
+        .flatten()
+        .collect();
+    publish_all(&stream, Start::of(&stream).await.unwrap(), events, &ack_a).await.expect("owner a publishes");
+    assert_eq!(ack_a.get(), Lsn(0x308), "confirmed up to the last stored commit");
+    let (after_a, _) = stream.last().await.unwrap().expect("chunks");
+    assert!(after_a >= 4, "the large transaction spans chunks ({after_a} messages)");
+
+    // Owner b replays the slot from before what a stored (t1 was confirmed, the rest was not
+    // yet when a went away), then a new transaction: only the new one is appended, and what it
+    // skipped is confirmed since it is stored.
+    let ack_b = Acknowledgement::new();
+    let start = Start::of(&stream).await.unwrap();
+    let replay: Vec<_> = [big, t3, transaction(0x400, 3)].into_iter().flatten().collect();
+    publish_all(&stream, start, replay, &ack_b).await.expect("owner b publishes");
+    assert_eq!(ack_b.get(), Lsn(0x408));
+    want.extend(ledger(&t4));
+    assert_eq!(stream_ledger(&stream, want.len()).await, want, "every event once, in order");
+
+    // Owner a, gone stale (it still thinks the stream ends where it left it), cannot append.
+    let stale = Start { sequence: after_a, through: Some(walcast::change::Position::end_of(Lsn(0x300))) };
+    let ack_stale = Acknowledgement::new();
+    let result = publish_all(&stream, stale, transaction(0x500, 1), &ack_stale).await;
+    assert!(matches!(result, Err(StreamError::Fenced { .. })), "{result:?}");
+    assert_eq!(ack_stale.get(), Lsn::ZERO, "a fenced owner confirms nothing");
+    assert_eq!(stream.last().await.unwrap().map(|(_, p)| p.lsn), Some(Lsn(0x400)));
+}
