@@ -230,6 +230,18 @@ pub enum ChangeEvent {
     },
 }
 
+impl ChangeEvent {
+    /// Where the event stands in the commit order (a commit: after every event of its
+    /// transaction).
+    pub fn position(&self) -> Position {
+        match self {
+            ChangeEvent::Change(c) => c.position(),
+            ChangeEvent::Broadcast(b) => b.position,
+            ChangeEvent::Commit { commit_lsn, .. } => Position::end_of(*commit_lsn),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

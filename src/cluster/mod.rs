@@ -6,6 +6,7 @@
 //! authorize or deliver (the core does, on every node alike), or touch client sockets.
 
 pub mod chunk;
+pub mod consume;
 pub mod lease;
 pub mod publish;
 pub mod stream;

@@ -36,15 +36,6 @@ impl Start {
     }
 }
 
-/// The position an event stands at in the commit order.
-fn position(event: &ChangeEvent) -> Position {
-    match event {
-        ChangeEvent::Change(c) => c.position(),
-        ChangeEvent::Broadcast(b) => b.position,
-        ChangeEvent::Commit { commit_lsn, .. } => Position::end_of(*commit_lsn),
-    }
-}
-
 /// Appends `events` to `stream` from `start` until the channel closes (`Ok`), or an append
 /// fails (fenced by another owner, or NATS unreachable past the client's timeout): then it
 /// returns the error and nothing more is acknowledged.
@@ -54,12 +45,12 @@ pub async fn publish(
     mut events: mpsc::Receiver<ChangeEvent>,
     ack: &Acknowledgement,
 ) -> Result<(), StreamError> {
-    let mut appender: Appender = stream.appender(start.sequence);
+    let mut appender: Appender = stream.appender(start.sequence, start.through);
     let mut builder = ChunkBuilder::default();
     while let Some(first) = events.recv().await {
         let mut next = Some(first);
         while let Some(event) = next {
-            if start.through.is_none_or(|through| position(&event) > through) {
+            if start.through.is_none_or(|through| event.position() > through) {
                 builder.push(&event);
             } else if let (ChangeEvent::Commit { end_lsn, .. }, true) = (&event, builder.is_empty()) {
                 // Already in the stream (appended by the owner before): safe to confirm.

@@ -20,6 +20,10 @@ use crate::replication::lsn::Lsn;
 
 /// The header that names a chunk's last position.
 pub const THROUGH: &str = "Walcast-Through";
+/// The header that names the position before a chunk's first event (the previous chunk's last):
+/// a reader that starts at a chunk knows whether anything between its cursor and the chunk is
+/// gone from the stream.
+pub const AFTER: &str = "Walcast-After";
 
 /// Why the stream could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +40,10 @@ pub enum StreamError {
     Fenced { stream: String, expected: u64 },
     #[error("JetStream stream {stream}: message {sequence} has no readable {THROUGH} header")]
     NoPosition { stream: String, sequence: u64 },
+    /// The stream no longer holds everything after the reader's position (its retention passed
+    /// it): the node must start afresh, and its clients get a gap.
+    #[error("JetStream stream {stream} no longer holds what follows {after:?} (it starts after {first:?})")]
+    Behind { stream: String, after: Position, first: Position },
     #[error("JetStream stream {stream}: message {sequence}")]
     Chunk {
         stream: String,
@@ -55,10 +63,12 @@ pub struct ChangeStream {
     subject: String,
 }
 
-/// An owner's right to append: the sequence it expects to be the stream's last.
+/// An owner's right to append: the sequence it expects to be the stream's last, and that
+/// message's last position.
 #[derive(Debug)]
 pub struct Appender {
     last: u64,
+    through: Position,
 }
 
 /// The position as the header carries it: 24 hexadecimal digits (LSN, then place).
@@ -130,10 +140,10 @@ impl ChangeStream {
         Ok(Some((sequence, position)))
     }
 
-    /// The right to append after sequence `last` (what `ChangeStream::last` said, or 0 for an
-    /// empty stream).
-    pub fn appender(&self, last: u64) -> Appender {
-        Appender { last }
+    /// The right to append after sequence `last`, whose last position is `through` (what
+    /// `ChangeStream::last` said; 0 and `None` for an empty stream).
+    pub fn appender(&self, last: u64, through: Option<Position>) -> Appender {
+        Appender { last, through: through.unwrap_or(Position::ZERO) }
     }
 
     /// Appends `chunk` if the stream still ends at the appender's sequence; returns the new
@@ -145,6 +155,7 @@ impl ChangeStream {
             .payload(chunk.bytes.clone())
             .message_id(&through)
             .header(THROUGH, through.as_str())
+            .header(AFTER, position_text(appender.through).as_str())
             .expected_last_sequence(appender.last);
         let sent = self.jetstream.send_publish(self.subject.clone(), message).await;
         let ack = match sent {
@@ -154,6 +165,7 @@ impl ChangeStream {
         match ack {
             Ok(ack) => {
                 appender.last = ack.sequence;
+                appender.through = chunk.through.unwrap_or(appender.through);
                 Ok(ack.sequence)
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
@@ -161,6 +173,55 @@ impl ChangeStream {
             }
             Err(e) => Err(self.failed("appending a chunk")(e.into())),
         }
+    }
+
+    /// A header position of message `sequence`.
+    async fn header_position(&self, sequence: u64, header: &'static str) -> Result<Position, StreamError> {
+        let message = self
+            .stream
+            .get_raw_message(sequence)
+            .await
+            .map_err(|e| self.failed("reading a message")(e.into()))?;
+        message
+            .headers
+            .get(header)
+            .and_then(|v| parse_position(v.as_str()))
+            .ok_or(StreamError::NoPosition { stream: self.name.clone(), sequence })
+    }
+
+    /// The sequence to read from to get every event after `after`: the first message whose
+    /// last position is past it (one more than the last sequence when none is). `Behind` when
+    /// the stream's oldest message starts after `after`: what came between is gone.
+    pub async fn sequence_after(&self, after: Position) -> Result<u64, StreamError> {
+        let info = self.stream.get_info().await.map_err(|e| self.failed("reading its state")(e.into()))?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        if info.state.messages == 0 {
+            return Ok(last + 1);
+        }
+        // Binary search: the first message in [first, last] whose position is past `after`.
+        let (mut lo, mut hi) = (first, last + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.header_position(mid, THROUGH).await? > after {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        if lo == first {
+            let before = self.header_position(first, AFTER).await?;
+            if before > after {
+                return Err(StreamError::Behind { stream: self.name.clone(), after, first: before });
+            }
+        }
+        Ok(lo)
+    }
+
+    /// Removes the messages before `sequence` (what retention does by age; for operators and
+    /// tests).
+    pub async fn purge_before(&self, sequence: u64) -> Result<(), StreamError> {
+        self.stream.purge().sequence(sequence).await.map_err(|e| self.failed("purging")(e.into()))?;
+        Ok(())
     }
 
     /// The chunks from sequence `start` on, in order, decoded: (sequence, events). The stream of

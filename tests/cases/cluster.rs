@@ -159,7 +159,7 @@ async fn a_stale_owner_cannot_append_after_a_new_one_and_every_node_reads_the_ch
 
     // Owner a appends two transactions.
     let (t1, t2, t3) = (transaction(0x100, 3), transaction(0x200, 1), transaction(0x300, 2));
-    let mut owner_a = stream_a.appender(0);
+    let mut owner_a = stream_a.appender(0, None);
     assert_eq!(stream_a.append(&mut owner_a, &chunk_of(&t1)).await.unwrap(), 1);
     assert_eq!(stream_a.append(&mut owner_a, &chunk_of(&t2)).await.unwrap(), 2);
 
@@ -167,7 +167,7 @@ async fn a_stale_owner_cannot_append_after_a_new_one_and_every_node_reads_the_ch
     let (last, through) = stream_b.last().await.unwrap().expect("the stream holds two chunks");
     assert_eq!(last, 2);
     assert_eq!(through, walcast::change::Position::end_of(walcast::replication::lsn::Lsn(0x200)));
-    let mut owner_b = stream_b.appender(last);
+    let mut owner_b = stream_b.appender(last, Some(through));
     assert_eq!(stream_b.append(&mut owner_b, &chunk_of(&t3)).await.unwrap(), 3);
 
     // The stale owner's next append is refused, and stores nothing.
@@ -265,4 +265,92 @@ async fn the_owner_publishes_transactions_once_across_a_takeover_and_confirms_on
     assert!(matches!(result, Err(StreamError::Fenced { .. })), "{result:?}");
     assert_eq!(ack_stale.get(), Lsn::ZERO, "a fenced owner confirms nothing");
     assert_eq!(stream.last().await.unwrap().map(|(_, p)| p.lsn), Some(Lsn(0x400)));
+}
+
+/// The first `n` events a node reading after `after` is handed, as a ledger.
+async fn consumed(
+    stream: &walcast::cluster::stream::ChangeStream,
+    after: walcast::change::Position,
+    n: usize,
+) -> Vec<String> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let reader = stream.clone();
+    let task = tokio::spawn(async move { walcast::cluster::consume::consume(&reader, after, &tx).await });
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(e)) => got.extend(ledger(&[e])),
+            Ok(None) => panic!("the reader stopped: {:?}", task.await),
+            Err(_) => panic!("only {} of {n} events within 10 s", got.len()),
+        }
+    }
+    task.abort();
+    got
+}
+
+#[tokio::test]
+async fn a_node_reads_every_event_after_its_position_from_any_chunk_and_is_told_when_the_stream_lost_it() {
+    use walcast::change::Position;
+    use walcast::cluster::publish::Start;
+    use walcast::cluster::stream::{ChangeStream, StreamError};
+    use walcast::replication::ack::Acknowledgement;
+    use walcast::replication::lsn::Lsn;
+
+    let server = nats_server("consume").await;
+    let stream =
+        ChangeStream::open(&node(&server, "a").await, Duration::from_secs(3600)).await.expect("open");
+    let all: Vec<_> =
+        [transaction(0x100, 2), transaction(0x200, 20_000), transaction(0x300, 1), transaction(0x400, 3)]
+            .into_iter()
+            .flatten()
+            .collect();
+    let full = ledger(&all);
+    publish_all(&stream, Start::default(), all, &Acknowledgement::new()).await.expect("publish");
+    let at = |p: Position| {
+        full.iter().position(|l| l.starts_with(&format!("{:016X}{:08X}", p.lsn.0, p.seq))).unwrap()
+    };
+
+    // From nothing, from a commit, and from the middle of a transaction that spans chunks.
+    assert_eq!(consumed(&stream, Position::ZERO, full.len()).await, full);
+    let after_t1 = 3;
+    assert_eq!(
+        consumed(&stream, Position::end_of(Lsn(0x100)), full.len() - after_t1).await,
+        full[after_t1..]
+    );
+    let middle = Position { lsn: Lsn(0x200), seq: 12_345 };
+    let from = at(middle) + 1;
+    assert_eq!(consumed(&stream, middle, full.len() - from).await, full[from..]);
+
+    // Caught up, a node is handed what is published next.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let reader = stream.clone();
+    let live = tokio::spawn(async move {
+        walcast::cluster::consume::consume(&reader, Position::end_of(Lsn(0x400)), &tx).await
+    });
+    let next = transaction(0x500, 1);
+    let want = ledger(&next);
+    publish_all(&stream, Start::of(&stream).await.unwrap(), next, &Acknowledgement::new())
+        .await
+        .expect("publish");
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let e = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("within 10 s")
+            .expect("open");
+        got.extend(ledger(&[e]));
+    }
+    assert_eq!(got, want);
+    live.abort();
+
+    // The stream's retention passes a node's position: it is told, never handed a later event.
+    let first_kept = stream.sequence_after(Position::end_of(Lsn(0x200))).await.expect("t3's chunk");
+    stream.purge_before(first_kept).await.expect("purge");
+    let lost = stream.sequence_after(Position::end_of(Lsn(0x100))).await;
+    assert!(matches!(lost, Err(StreamError::Behind { .. })), "{lost:?}");
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let (_, result) = walcast::cluster::consume::consume(&stream, Position::end_of(Lsn(0x100)), &tx).await;
+    assert!(matches!(result, Err(StreamError::Behind { .. })), "{result:?}");
+    // A position the kept messages follow on from is still fine.
+    assert_eq!(stream.sequence_after(Position::end_of(Lsn(0x200))).await.unwrap(), first_kept);
 }
