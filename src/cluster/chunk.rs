@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::change::{Change, ChangeEvent, DbBroadcast, Position, Relation};
+use crate::change::{ChangeEvent, Position, Relation};
 use crate::log::record::{self, Record, RecordError};
 use crate::replication::lsn::Lsn;
 
@@ -156,27 +156,12 @@ pub fn decode(bytes: &Bytes) -> Result<Vec<ChangeEvent>, ChunkError> {
                     .get(&c.relation_id)
                     .ok_or(ChunkError::UnknownRelation { at, id: c.relation_id })?;
                 let xid = *xids.get(&c.position.lsn).ok_or(ChunkError::UnknownTransaction { at })?;
-                events.push(ChangeEvent::Change(Change {
-                    relation: Arc::clone(relation),
-                    kind: c.kind,
-                    new: c.new,
-                    old: c.old,
-                    commit_lsn: c.position.lsn,
-                    commit_ts: c.commit_ts,
-                    seq: c.position.seq,
-                    xid,
-                    snapshot: false,
-                }));
+                events.push(ChangeEvent::Change(c.into_change(relation, xid)));
             }
-            Record::Broadcast { position, raw } => match DbBroadcast::decode(&raw) {
-                Ok(mut b) => {
-                    b.position = position;
-                    events.push(ChangeEvent::Broadcast(b));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "stream chunk: skipping an unreadable database broadcast")
-                }
-            },
+            Record::Broadcast { position, raw } => {
+                events
+                    .extend(record::broadcast_at(position, &raw, "stream chunk").map(ChangeEvent::Broadcast));
+            }
             Record::Commit { commit_lsn, end_lsn } => {
                 events.push(ChangeEvent::Commit { commit_lsn, end_lsn })
             }
@@ -201,7 +186,7 @@ fn read_u64(b: &[u8], at: usize) -> Result<u64, ChunkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::{ChangeKind, Column, ReplicaIdentity};
+    use crate::change::{Change, ChangeKind, Column, DbBroadcast, ReplicaIdentity};
     use crate::replication::pgoutput::{Tuple, Value};
     use crate::replication::values::TypeCatalog;
 

@@ -129,27 +129,11 @@ impl LogReader {
                         .relations
                         .get(&c.relation_id)
                         .ok_or_else(|| LogReadError::UnknownRelation { path: path(), id: c.relation_id })?;
-                    out.push(Entry::Change(Change {
-                        relation: Arc::clone(relation),
-                        kind: c.kind,
-                        new: c.new,
-                        old: c.old,
-                        commit_lsn: c.position.lsn,
-                        commit_ts: c.commit_ts,
-                        seq: c.position.seq,
-                        xid: 0,
-                        snapshot: false,
-                    }));
+                    out.push(Entry::Change(c.into_change(relation, 0)));
                 }
-                Record::Broadcast { position, raw } => match DbBroadcast::decode(&raw) {
-                    Ok(mut b) => {
-                        b.position = position;
-                        out.push(Entry::Broadcast(b));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "change log: skipping an unreadable database broadcast")
-                    }
-                },
+                Record::Broadcast { position, raw } => {
+                    out.extend(record::broadcast_at(position, &raw, "change log").map(Entry::Broadcast));
+                }
                 Record::Commit { .. } => {}
             }
         }

@@ -57,6 +57,39 @@ pub struct ChangeRecord {
     pub old: Option<Tuple>,
 }
 
+impl ChangeRecord {
+    /// The change, with its table's `relation` (the one its id referred to where it was read)
+    /// and its transaction's id (0 where that was not kept).
+    pub fn into_change(self, relation: &Arc<Relation>, xid: u32) -> crate::change::Change {
+        crate::change::Change {
+            relation: Arc::clone(relation),
+            kind: self.kind,
+            new: self.new,
+            old: self.old,
+            commit_lsn: self.position.lsn,
+            commit_ts: self.commit_ts,
+            seq: self.position.seq,
+            xid,
+            snapshot: false,
+        }
+    }
+}
+
+/// A database broadcast record read back: its message, placed at `position`; `None` (logged)
+/// when the message cannot be read, which readers skip.
+pub fn broadcast_at(position: Position, raw: &[u8], reader: &str) -> Option<crate::change::DbBroadcast> {
+    match crate::change::DbBroadcast::decode(raw) {
+        Ok(mut b) => {
+            b.position = position;
+            Some(b)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, reader, "skipping an unreadable database broadcast");
+            None
+        }
+    }
+}
+
 /// One decoded record.
 #[derive(Debug, Clone)]
 pub enum Record {
