@@ -70,7 +70,12 @@ impl Held {
     /// Whether this node may still act as the owner: less than `ttl` (less the margin) since the
     /// last successful write was sent.
     pub fn valid(&self, ttl: Duration) -> bool {
-        self.sent.elapsed() < ttl.mul_f64(1.0 - MARGIN)
+        !self.time_left(ttl).is_zero()
+    }
+
+    /// How long this node may still act as the owner without another successful write.
+    pub fn time_left(&self, ttl: Duration) -> Duration {
+        ttl.mul_f64(1.0 - MARGIN).saturating_sub(self.sent.elapsed())
     }
 }
 

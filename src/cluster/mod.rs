@@ -8,6 +8,7 @@
 pub mod chunk;
 pub mod consume;
 pub mod lease;
+pub mod owner;
 pub mod publish;
 pub mod stream;
 

@@ -354,3 +354,57 @@ async fn a_node_reads_every_event_after_its_position_from_any_chunk_and_is_told_
     // A position the kept messages follow on from is still fine.
     assert_eq!(stream.sequence_after(Position::end_of(Lsn(0x200))).await.unwrap(), first_kept);
 }
+
+#[tokio::test]
+async fn nodes_holding_the_lease_over_time_have_one_owner_at_most_and_hand_over_on_loss_or_stop() {
+    use tokio_util::sync::CancellationToken;
+    use walcast::cluster::owner::hold;
+
+    let server = nats_server("owner").await;
+    let ttl = Duration::from_secs(3);
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let (owns_a, task_a) = hold(lease(&server, "a", ttl).await, stop_a.clone());
+    let (owns_b, task_b) = hold(lease(&server, "b", ttl).await, stop_b.clone());
+    let both = |a: &tokio::sync::watch::Receiver<bool>, b: &tokio::sync::watch::Receiver<bool>| {
+        (*a.borrow(), *b.borrow())
+    };
+
+    // One of them takes the slot; for two leases' time it keeps it, and never both own it.
+    let deadline = Instant::now() + ttl * 3;
+    while both(&owns_a, &owns_b) == (false, false) {
+        assert!(Instant::now() < deadline, "no node took the lease");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = both(&owns_a, &owns_b);
+    let until = Instant::now() + ttl * 2;
+    while Instant::now() < until {
+        assert_eq!(both(&owns_a, &owns_b), first, "ownership moved while its holder renewed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (owner_task, mut other, stop_other) =
+        if first.0 { (task_a, owns_b, stop_b) } else { (task_b, owns_a, stop_a) };
+
+    // The owner's process dies (its task is gone, the lease is not released): the other node
+    // owns the slot once the lease lapses, not before.
+    owner_task.abort();
+    let died = Instant::now();
+    tokio::time::timeout(ttl + Duration::from_secs(5), other.wait_for(|o| *o))
+        .await
+        .expect("taken over")
+        .ok();
+    // It renewed at most a third of a lease before it died, and its lease lapses a whole lease
+    // after that renewal: so not sooner than two thirds of a lease after the death.
+    assert!(died.elapsed() >= ttl / 2, "taken over {:?} after the owner died", died.elapsed());
+
+    // A clean stop hands over at once: a new node waiting beside it takes the lease well
+    // within a lease's time.
+    let stop_c = CancellationToken::new();
+    let (mut owns_c, task_c) = hold(lease(&server, "c", ttl).await, stop_c.clone());
+    let stopped = Instant::now();
+    stop_other.cancel();
+    tokio::time::timeout(ttl * 2, owns_c.wait_for(|o| *o)).await.expect("handed over").ok();
+    assert!(stopped.elapsed() < ttl, "a released lease took {:?} to move", stopped.elapsed());
+    assert!(!*other.borrow(), "the stopped node still owns the slot");
+    stop_c.cancel();
+    let _ = task_c.await;
+}
