@@ -167,14 +167,15 @@ impl Gateway {
             };
             let fresh = ready.created;
             let log_ack = ack.clone();
-            let opened =
-                tokio::task::spawn_blocking(move || ChangeLog::open(&settings, &identity, fresh, log_ack))
-                    .await
-                    .map_err(|e| log::LogError::Io {
-                        path: config.changelog.dir.clone(),
-                        action: "opening",
-                        source: std::io::Error::other(e.to_string()),
-                    })??;
+            let opened = tokio::task::spawn_blocking(move || {
+                ChangeLog::open(&settings, &identity, log::Origin::Slot { fresh }, log_ack)
+            })
+            .await
+            .map_err(|e| log::LogError::Io {
+                path: config.changelog.dir.clone(),
+                action: "opening",
+                source: std::io::Error::other(e.to_string()),
+            })??;
             let (log, appender, writer, recovered) = opened;
             tracing::info!(dir = %config.changelog.dir.display(), epoch = format_args!("{:08X}", log.epoch()),
                 last_commit = %recovered.last_commit, reset = recovered.reset, "change log ready");

@@ -179,8 +179,12 @@ async fn walcast_pass(
                 database: "bench".into(),
                 slot: slot.into(),
             };
-            let (_, appender, writer, _) =
-                crate::log::ChangeLog::open(&settings, &identity, true, ack.clone())?;
+            let (_, appender, writer, _) = crate::log::ChangeLog::open(
+                &settings,
+                &identity,
+                crate::log::Origin::Slot { fresh: true },
+                ack.clone(),
+            )?;
             Some((appender, writer))
         }
         None => None,

@@ -158,6 +158,19 @@ pub(super) fn recover_tail(path: &Path, epoch: u32) -> Result<Tail, LogError> {
     }
     check_header(&bytes, epoch, path)?;
     let bytes = Bytes::from(bytes);
+    let (keep, commit, last) = scan(&bytes);
+    let cut = (bytes.len() - keep) as u64;
+    if cut > 0 {
+        let f = OpenOptions::new().write(true).open(path).map_err(io(path, "opening to cut"))?;
+        f.set_len(keep as u64).map_err(io(path, "cutting the torn tail"))?;
+        f.sync_all().map_err(io(path, "syncing"))?;
+    }
+    Ok(Tail { len: keep as u64, cut, commit, last })
+}
+
+/// The whole transactions at the start of a segment's bytes (header checked): where they end,
+/// the last commit's (commit, end) LSNs, and the last position.
+fn scan(bytes: &Bytes) -> (usize, Option<(Lsn, Lsn)>, Option<Position>) {
     let mut at = SEGMENT_HEADER;
     let mut keep = SEGMENT_HEADER;
     let mut commit = None;
@@ -172,13 +185,19 @@ pub(super) fn recover_tail(path: &Path, epoch: u32) -> Result<Tail, LogError> {
             keep = at;
         }
     }
-    let cut = (bytes.len() - keep) as u64;
-    if cut > 0 {
-        let f = OpenOptions::new().write(true).open(path).map_err(io(path, "opening to cut"))?;
-        f.set_len(keep as u64).map_err(io(path, "cutting the torn tail"))?;
-        f.sync_all().map_err(io(path, "syncing"))?;
+    (keep, commit, last)
+}
+
+/// The last whole transaction's position in a segment, read without changing the file; `None`
+/// when it holds none (or not even a whole header).
+pub(super) fn last_position(path: &Path, epoch: u32) -> Result<Option<Position>, LogError> {
+    let mut bytes = Vec::new();
+    File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io(path, "reading"))?;
+    if bytes.len() < SEGMENT_HEADER {
+        return Ok(None);
     }
-    Ok(Tail { len: keep as u64, cut, commit, last })
+    check_header(&bytes, epoch, path)?;
+    Ok(scan(&Bytes::from(bytes)).2)
 }
 
 /// The position a segment's file name (`<16 hex LSN><8 hex seq>.seg`) says comes before it;

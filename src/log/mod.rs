@@ -94,12 +94,25 @@ pub struct Recovered {
     pub reset: bool,
 }
 
+/// Where a log's events come from, which decides when its contents may be kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Straight from the replication slot. `fresh`: the slot was just made, so it cannot have
+    /// streamed what comes before it, and a log kept from before would have a hole.
+    Slot { fresh: bool },
+    /// From a cluster's stream, whose epoch every node's log shares (so cursors are valid on
+    /// every node) and whose oldest chunk follows `begin`: a log that ends before `begin` can
+    /// no longer be continued and starts afresh at `begin`, in the same epoch.
+    Stream { epoch: u32, begin: Position },
+}
+
 /// The log's epoch: its own, when it belongs to `identity` and may be kept; otherwise a new
-/// one, with the old segments removed and the new identity recorded. Returns (epoch, kept).
+/// one (the stream's, for `Origin::Stream`), with the old segments removed and the new identity
+/// recorded. Returns (epoch, kept).
 fn choose_epoch(
     dir: &Path,
     identity: &Identity,
-    fresh_slot: bool,
+    origin: Origin,
     segments: &mut Vec<(Position, PathBuf)>,
 ) -> Result<(u32, bool), LogError> {
     let meta_path = dir.join("meta.json");
@@ -109,21 +122,28 @@ fn choose_epoch(
         Err(e) => return Err(io(&meta_path, "reading")(e)),
     };
     if let Some(m) = meta.as_ref().filter(|m| m.version == META_VERSION && m.identity == *identity) {
-        if !fresh_slot || segments.is_empty() {
+        let keep = match origin {
+            Origin::Slot { fresh } => !fresh || segments.is_empty(),
+            Origin::Stream { epoch, begin } => m.epoch == epoch && !ends_before(m.epoch, segments, begin)?,
+        };
+        if keep {
             return Ok((m.epoch, true));
         }
     }
     if !segments.is_empty() {
-        tracing::warn!(dir = %dir.display(), "change log belongs to another stream (or the slot is new); starting a new log");
+        tracing::warn!(dir = %dir.display(), "change log belongs to another stream, or cannot be continued; starting a new log");
     }
     for (_, path) in segments.drain(..) {
         std::fs::remove_file(&path).map_err(io(&path, "removing an old segment"))?;
     }
-    let epoch = loop {
-        let e = fastrand::u32(..);
-        if e != 0 && meta.as_ref().is_none_or(|m| m.epoch != e) {
-            break e;
-        }
+    let epoch = match origin {
+        Origin::Stream { epoch, .. } => epoch,
+        Origin::Slot { .. } => loop {
+            let e = fastrand::u32(..);
+            if e != 0 && meta.as_ref().is_none_or(|m| m.epoch != e) {
+                break e;
+            }
+        },
     };
     let m = Meta { version: META_VERSION, epoch, identity: identity.clone() };
     let tmp = dir.join("meta.json.tmp");
@@ -134,11 +154,22 @@ fn choose_epoch(
     Ok((epoch, false))
 }
 
+/// Whether the log in `segments` ends before `begin` (what its last whole transaction reached,
+/// read without changing anything).
+fn ends_before(epoch: u32, segments: &[(Position, PathBuf)], begin: Position) -> Result<bool, LogError> {
+    let Some((prev, path)) = segments.last() else {
+        return Ok(begin > Position::ZERO);
+    };
+    let last = files::last_position(path, epoch)?.unwrap_or(*prev);
+    Ok(last < begin)
+}
+
 /// The segment to append to: the last one, its torn tail cut back (noted in `recovered`), or a
 /// first one. Returns the file, its length and the last position in the log.
 fn open_tail(
     dir: &Path,
     epoch: u32,
+    begin: Position,
     segments: &mut Vec<(Position, PathBuf)>,
     recovered: &mut Recovered,
 ) -> Result<(File, u64, Position), LogError> {
@@ -155,11 +186,11 @@ fn open_tail(
             Ok((f, tail.len, tail.last.unwrap_or(*prev)))
         }
         None => {
-            let path = segment_path(dir, Position::ZERO);
-            let f = create_segment(&path, epoch, Position::ZERO)?;
+            let path = segment_path(dir, begin);
+            let f = create_segment(&path, epoch, begin)?;
             sync_dir(dir)?;
-            segments.push((Position::ZERO, path));
-            Ok((f, SEGMENT_HEADER as u64, Position::ZERO))
+            segments.push((begin, path));
+            Ok((f, SEGMENT_HEADER as u64, begin))
         }
     }
 }
@@ -167,21 +198,26 @@ fn open_tail(
 impl ChangeLog {
     /// Opens (or creates) the log in `settings.dir` for `identity`, recovers its tail, and
     /// starts the writer thread, which advances `ack` as chunks become durable. A log that
-    /// belongs to another stream, or any log when `fresh_slot` (the slot cannot have streamed
-    /// what comes before it), is started afresh with a new epoch: cursors into it get a gap.
+    /// belongs to another stream, or one `origin` says cannot be continued (the slot cannot have
+    /// streamed what comes before it; the cluster's stream no longer holds what follows it), is
+    /// started afresh (with a new epoch, or the stream's): cursors into it get a gap.
     pub fn open(
         settings: &LogSettings,
         identity: &Identity,
-        fresh_slot: bool,
+        origin: Origin,
         ack: Acknowledgement,
     ) -> Result<(ChangeLog, Appender, WriterHandle, Recovered), LogError> {
         let dir = &settings.dir;
         let lock = lock_dir(dir)?;
         let mut segments = list_segments(dir)?;
-        let (epoch, keep) = choose_epoch(dir, identity, fresh_slot, &mut segments)?;
+        let (epoch, keep) = choose_epoch(dir, identity, origin, &mut segments)?;
+        let begin = match origin {
+            Origin::Stream { begin, .. } => begin,
+            Origin::Slot { .. } => Position::ZERO,
+        };
         let mut recovered =
             Recovered { last_commit: Lsn::ZERO, last_commit_end: Lsn::ZERO, cut_bytes: 0, reset: !keep };
-        let (file, size, last) = open_tail(dir, epoch, &mut segments, &mut recovered)?;
+        let (file, size, last) = open_tail(dir, epoch, begin, &mut segments, &mut recovered)?;
         if recovered.cut_bytes > 0 {
             tracing::warn!(
                 bytes = recovered.cut_bytes,
@@ -448,7 +484,8 @@ mod tests {
         let rel = relation(1);
         let ack = Acknowledgement::new();
         let (log, mut app, writer, rec) =
-            ChangeLog::open(&settings(&dir), &identity(), false, ack.clone()).unwrap();
+            ChangeLog::open(&settings(&dir), &identity(), Origin::Slot { fresh: false }, ack.clone())
+                .unwrap();
         assert!(rec.reset);
         for n in 1..=3 {
             write(&mut app, &txn(&rel, n, 3));
@@ -472,7 +509,8 @@ mod tests {
 
         let ack = Acknowledgement::new();
         let (log, mut app, writer, rec) =
-            ChangeLog::open(&settings(&dir), &identity(), false, ack.clone()).unwrap();
+            ChangeLog::open(&settings(&dir), &identity(), Origin::Slot { fresh: false }, ack.clone())
+                .unwrap();
         assert!(!rec.reset && rec.cut_bytes == 0);
         assert_eq!((rec.last_commit, rec.last_commit_end, log.epoch()), (Lsn(300), Lsn(308), epoch));
         assert_eq!(ack.get(), Lsn(308));
@@ -492,8 +530,13 @@ mod tests {
     fn a_torn_or_corrupt_tail_is_cut_back_to_the_last_whole_transaction() {
         let dir = temp_dir("torn");
         let rel = relation(1);
-        let (log, mut app, writer, _) =
-            ChangeLog::open(&settings(&dir), &identity(), false, Acknowledgement::new()).unwrap();
+        let (log, mut app, writer, _) = ChangeLog::open(
+            &settings(&dir),
+            &identity(),
+            Origin::Slot { fresh: false },
+            Acknowledgement::new(),
+        )
+        .unwrap();
         write(&mut app, &txn(&rel, 1, 2));
         write(&mut app, &txn(&rel, 2, 2));
         drop(app);
@@ -513,8 +556,13 @@ mod tests {
         tail.extend_from_slice(&half[..half.len() - 3]);
         OpenOptions::new().append(true).open(&seg).unwrap().write_all(&tail).unwrap();
 
-        let (log, app, writer, rec) =
-            ChangeLog::open(&settings(&dir), &identity(), false, Acknowledgement::new()).unwrap();
+        let (log, app, writer, rec) = ChangeLog::open(
+            &settings(&dir),
+            &identity(),
+            Origin::Slot { fresh: false },
+            Acknowledgement::new(),
+        )
+        .unwrap();
         assert_eq!(rec.cut_bytes, tail.len() as u64);
         assert_eq!(rec.last_commit, Lsn(200));
         assert_eq!(std::fs::metadata(&seg).unwrap().len(), whole);
@@ -528,8 +576,13 @@ mod tests {
         let n = bytes.len();
         bytes[n - 30] ^= 0xFF;
         std::fs::write(&seg, &bytes).unwrap();
-        let (log, app, writer, rec) =
-            ChangeLog::open(&settings(&dir), &identity(), false, Acknowledgement::new()).unwrap();
+        let (log, app, writer, rec) = ChangeLog::open(
+            &settings(&dir),
+            &identity(),
+            Origin::Slot { fresh: false },
+            Acknowledgement::new(),
+        )
+        .unwrap();
         assert!(rec.cut_bytes > 0);
         assert_eq!(rec.last_commit, Lsn(100));
         assert_eq!(read_all(&log, Position::ZERO, log.durable()).unwrap().len(), 2);
@@ -544,7 +597,7 @@ mod tests {
         let rel = relation(1);
         let s = LogSettings { segment_bytes: 4096, max_bytes: 4 * 4096, ..settings(&dir) };
         let (log, mut app, writer, _) =
-            ChangeLog::open(&s, &identity(), false, Acknowledgement::new()).unwrap();
+            ChangeLog::open(&s, &identity(), Origin::Slot { fresh: false }, Acknowledgement::new()).unwrap();
         for n in 1..=200 {
             write(&mut app, &txn(&rel, n, 3));
         }
@@ -575,10 +628,20 @@ mod tests {
     fn a_log_of_another_stream_or_a_new_slot_starts_afresh_and_one_process_holds_it() {
         let dir = temp_dir("reset");
         let rel = relation(1);
-        let (log, mut app, writer, _) =
-            ChangeLog::open(&settings(&dir), &identity(), false, Acknowledgement::new()).unwrap();
+        let (log, mut app, writer, _) = ChangeLog::open(
+            &settings(&dir),
+            &identity(),
+            Origin::Slot { fresh: false },
+            Acknowledgement::new(),
+        )
+        .unwrap();
         assert!(matches!(
-            ChangeLog::open(&settings(&dir), &identity(), false, Acknowledgement::new()),
+            ChangeLog::open(
+                &settings(&dir),
+                &identity(),
+                Origin::Slot { fresh: false },
+                Acknowledgement::new()
+            ),
             Err(LogError::Locked(_))
         ));
         write(&mut app, &txn(&rel, 1, 1));
@@ -586,8 +649,13 @@ mod tests {
         writer.join();
         let old = log.epoch();
         drop(log);
-        let (log, app, writer, rec) =
-            ChangeLog::open(&settings(&dir), &identity(), true, Acknowledgement::new()).unwrap();
+        let (log, app, writer, rec) = ChangeLog::open(
+            &settings(&dir),
+            &identity(),
+            Origin::Slot { fresh: true },
+            Acknowledgement::new(),
+        )
+        .unwrap();
         assert!(rec.reset && log.epoch() != old && rec.last_commit == Lsn::ZERO);
         assert_eq!(log.check(&Cursor { epoch: old, position: Position::ZERO }), Err(Gap::OtherLog));
         drop(app);
@@ -595,11 +663,56 @@ mod tests {
         drop(log);
         let other = Identity { slot: "t".into(), ..identity() };
         let (log2, app, writer, rec) =
-            ChangeLog::open(&settings(&dir), &other, false, Acknowledgement::new()).unwrap();
+            ChangeLog::open(&settings(&dir), &other, Origin::Slot { fresh: false }, Acknowledgement::new())
+                .unwrap();
         assert!(rec.reset);
         drop(app);
         writer.join();
         drop(log2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_log_fed_by_a_cluster_stream_takes_its_epoch_and_starts_where_the_stream_does() {
+        let dir = temp_dir("stream");
+        let rel = relation(1);
+        let open = |epoch: u32, begin: u64| {
+            let origin = Origin::Stream { epoch, begin: Position::end_of(Lsn(begin)) };
+            ChangeLog::open(&settings(&dir), &identity(), origin, Acknowledgement::new()).unwrap()
+        };
+        // A new node's log begins where the stream's oldest chunk does: older cursors are a gap.
+        let (log, mut app, writer, rec) = open(7, 300);
+        assert!(rec.reset);
+        assert_eq!((log.epoch(), *log.written().borrow()), (7, Position::end_of(Lsn(300))));
+        assert_eq!(log.check(&log.cursor(Position::end_of(Lsn(200)))), Err(Gap::Expired));
+        assert_eq!(log.check(&log.cursor(Position::end_of(Lsn(300)))), Ok(()));
+        write(&mut app, &txn(&rel, 4, 2));
+        write(&mut app, &txn(&rel, 5, 1));
+        drop(app);
+        writer.join();
+        drop(log);
+        // The stream still holds what follows the log's end: kept.
+        let (log, app, writer, rec) = open(7, 450);
+        assert!(!rec.reset);
+        assert_eq!(read_all(&log, Position::end_of(Lsn(300)), log.durable()).unwrap().len(), 3);
+        drop(app);
+        writer.join();
+        drop(log);
+        // The stream moved past the log's end while the node was away: afresh, same epoch.
+        let (log, app, writer, rec) = open(7, 900);
+        assert!(rec.reset);
+        assert_eq!((log.epoch(), *log.written().borrow()), (7, Position::end_of(Lsn(900))));
+        assert_eq!(log.check(&log.cursor(Position::end_of(Lsn(500)))), Err(Gap::Expired));
+        drop(app);
+        writer.join();
+        drop(log);
+        // Another stream epoch: its epoch.
+        let (log, app, writer, rec) = open(8, 900);
+        assert!(rec.reset && log.epoch() == 8);
+        assert_eq!(log.check(&Cursor { epoch: 7, position: Position::end_of(Lsn(900)) }), Err(Gap::OtherLog));
+        drop(app);
+        writer.join();
+        drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
