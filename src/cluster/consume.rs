@@ -34,8 +34,13 @@ pub async fn consume(
             Ok(c) => c,
             Err(e) => return (last, Err(e)),
         };
-        for event in chunk.into_iter().filter(|e| e.position() > after) {
+        for event in chunk {
+            // Positions only grow: anything not past the last one handed on (the chunk's part
+            // before `after`, or a chunk stored twice) is already handed on.
             let position = event.position();
+            if position <= last {
+                continue;
+            }
             if events.send(event).await.is_err() {
                 return (last, Ok(()));
             }

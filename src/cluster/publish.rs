@@ -29,10 +29,8 @@ pub struct Start {
 impl Start {
     /// The stream's end, read when the lease was taken.
     pub async fn of(stream: &ChangeStream) -> Result<Start, StreamError> {
-        Ok(match stream.last().await? {
-            Some((sequence, through)) => Start { sequence, through: Some(through) },
-            None => Start::default(),
-        })
+        let (sequence, through) = stream.end().await?;
+        Ok(Start { sequence, through })
     }
 }
 

@@ -87,15 +87,16 @@ fn parse_position(s: &str) -> Option<Position> {
 }
 
 impl ChangeStream {
-    /// Opens the stream, creating it if missing, keeping messages for `max_age`.
-    pub async fn open(nats: &Nats, max_age: Duration) -> Result<ChangeStream, StreamError> {
+    /// Opens the stream, creating it if missing. Nothing expires by itself: the owner trims it
+    /// (`trim`), always keeping the last chunk, whose position a new owner and a new node start
+    /// from.
+    pub async fn open(nats: &Nats) -> Result<ChangeStream, StreamError> {
         let name = format!("{}_changes", nats.prefix);
         let subject = format!("{}.changes", nats.prefix);
         let config = jetstream::stream::Config {
             name: name.clone(),
             description: Some("walcast: committed changes, in commit order".into()),
             subjects: vec![subject.clone()],
-            max_age,
             storage: jetstream::stream::StorageType::File,
             num_replicas: nats.replicas,
             duplicate_window: Duration::from_secs(120),
@@ -122,22 +123,69 @@ impl ChangeStream {
     /// The stream's last message: its sequence and the position of its last event; `None` while
     /// the stream is empty.
     pub async fn last(&self) -> Result<Option<(u64, Position)>, StreamError> {
+        Ok(match self.end().await? {
+            (sequence, Some(position)) => Some((sequence, position)),
+            (_, None) => None,
+        })
+    }
+
+    /// The stream's last sequence (0 when nothing was ever appended) and, while it holds
+    /// messages, the position of its last event.
+    pub async fn end(&self) -> Result<(u64, Option<Position>), StreamError> {
         let info = self.stream.get_info().await.map_err(|e| self.failed("reading its state")(e.into()))?;
         let sequence = info.state.last_sequence;
         if info.state.messages == 0 || sequence == 0 {
+            return Ok((sequence, None));
+        }
+        Ok((sequence, Some(self.header_position(sequence, THROUGH).await?)))
+    }
+
+    /// The position before the stream's oldest event (`None` while it is empty): a node whose
+    /// log ends before it cannot continue that log.
+    pub async fn begins_after(&self) -> Result<Option<Position>, StreamError> {
+        let info = self.stream.get_info().await.map_err(|e| self.failed("reading its state")(e.into()))?;
+        if info.state.messages == 0 {
             return Ok(None);
         }
-        let message = self
-            .stream
-            .get_raw_message(sequence)
-            .await
-            .map_err(|e| self.failed("reading its last message")(e.into()))?;
-        let position = message
-            .headers
-            .get(THROUGH)
-            .and_then(|v| parse_position(v.as_str()))
-            .ok_or(StreamError::NoPosition { stream: self.name.clone(), sequence })?;
-        Ok(Some((sequence, position)))
+        Ok(Some(self.header_position(info.state.first_sequence, AFTER).await?))
+    }
+
+    /// Removes the chunks appended more than `retention` ago, except the last one. Returns how
+    /// many were removed.
+    pub async fn trim(&self, retention: Duration) -> Result<u64, StreamError> {
+        let info = self.stream.get_info().await.map_err(|e| self.failed("reading its state")(e.into()))?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        if info.state.messages < 2 {
+            return Ok(0);
+        }
+        let cutoff = i128::try_from(
+            std::time::SystemTime::now()
+                .checked_sub(retention)
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .unwrap_or_default()
+                .as_nanos(),
+        )
+        .unwrap_or(i128::MAX);
+        // Binary search: the first message in [first, last] appended at or after the cutoff.
+        let (mut lo, mut hi) = (first, last);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let message = self
+                .stream
+                .get_raw_message(mid)
+                .await
+                .map_err(|e| self.failed("reading a message")(e.into()))?;
+            if message.time.unix_timestamp_nanos() >= cutoff {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        if lo <= first {
+            return Ok(0);
+        }
+        self.purge_before(lo).await?;
+        Ok(lo - first)
     }
 
     /// The right to append after sequence `last`, whose last position is `through` (what

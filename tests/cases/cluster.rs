@@ -153,8 +153,8 @@ async fn a_stale_owner_cannot_append_after_a_new_one_and_every_node_reads_the_ch
 
     let server = nats_server("stream").await;
     let (a, b) = (node(&server, "a").await, node(&server, "b").await);
-    let stream_a = ChangeStream::open(&a, Duration::from_secs(3600)).await.expect("open");
-    let stream_b = ChangeStream::open(&b, Duration::from_secs(3600)).await.expect("open again");
+    let stream_a = ChangeStream::open(&a).await.expect("open");
+    let stream_b = ChangeStream::open(&b).await.expect("open again");
     assert_eq!(stream_a.last().await.unwrap(), None, "a new stream is empty");
 
     // Owner a appends two transactions.
@@ -230,8 +230,7 @@ async fn the_owner_publishes_transactions_once_across_a_takeover_and_confirms_on
     use walcast::replication::lsn::Lsn;
 
     let server = nats_server("publish").await;
-    let stream =
-        ChangeStream::open(&node(&server, "a").await, Duration::from_secs(3600)).await.expect("open");
+    let stream = ChangeStream::open(&node(&server, "a").await).await.expect("open");
     // A transaction of 20,000 rows is several chunks of at most 256 KiB.
     let (t1, big, t3, t4) =
         (transaction(0x100, 2), transaction(0x200, 20_000), transaction(0x300, 1), transaction(0x400, 3));
@@ -297,8 +296,7 @@ async fn a_node_reads_every_event_after_its_position_from_any_chunk_and_is_told_
     use walcast::replication::lsn::Lsn;
 
     let server = nats_server("consume").await;
-    let stream =
-        ChangeStream::open(&node(&server, "a").await, Duration::from_secs(3600)).await.expect("open");
+    let stream = ChangeStream::open(&node(&server, "a").await).await.expect("open");
     let all: Vec<_> =
         [transaction(0x100, 2), transaction(0x200, 20_000), transaction(0x300, 1), transaction(0x400, 3)]
             .into_iter()
@@ -353,6 +351,16 @@ async fn a_node_reads_every_event_after_its_position_from_any_chunk_and_is_told_
     assert!(matches!(result, Err(StreamError::Behind { .. })), "{result:?}");
     // A position the kept messages follow on from is still fine.
     assert_eq!(stream.sequence_after(Position::end_of(Lsn(0x200))).await.unwrap(), first_kept);
+    let begins = stream.begins_after().await.unwrap().expect("not empty");
+    assert!(begins > Position::end_of(Lsn(0x100)) && begins <= Position::end_of(Lsn(0x200)), "{begins:?}");
+
+    // Trimming by age keeps the last chunk, whose position the next owner starts from.
+    let (last, through) = stream.end().await.unwrap();
+    assert_eq!(stream.trim(Duration::from_secs(3600)).await.unwrap(), 0, "nothing is an hour old");
+    assert!(stream.trim(Duration::ZERO).await.unwrap() > 0);
+    assert_eq!(stream.end().await.unwrap(), (last, through));
+    assert_eq!(stream.sequence_after(Position::end_of(Lsn(0x400))).await.unwrap(), last);
+    assert_eq!(stream.trim(Duration::ZERO).await.unwrap(), 0);
 }
 
 #[tokio::test]
