@@ -80,6 +80,10 @@ pub enum StartError {
     Auth(#[from] auth::SetupError),
     #[error(transparent)]
     Log(#[from] log::LogError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
+    #[error(transparent)]
+    Stream(#[from] cluster::stream::StreamError),
     #[error("listening on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -105,6 +109,114 @@ pub struct Gateway {
     /// The flush position confirmed to Postgres.
     ack: Acknowledgement,
     log: Option<OpenLog>,
+    cluster: Option<ClusterParts>,
+}
+
+/// A cluster node's connection, as `prepare` made it.
+struct ClusterParts {
+    node_id: String,
+    nats: cluster::Nats,
+    epoch: u32,
+    stream: cluster::stream::ChangeStream,
+    lease: cluster::lease::Lease,
+    /// Advanced by this node's log writer: what its log holds durably.
+    log_ack: Acknowledgement,
+}
+
+/// Joins the cluster: this node's name, NATS, the stream, its epoch and where it begins (so
+/// this node's log starts or continues in step with it), and the slot's lease.
+async fn join_cluster(
+    config: &Config,
+    identity: &log::Identity,
+) -> Result<(ClusterParts, log::Origin), StartError> {
+    let dir = &config.changelog.dir;
+    let node_id = cluster::node_id(&config.cluster, dir).map_err(|source| log::LogError::Io {
+        path: dir.clone(),
+        action: "keeping this node's name",
+        source,
+    })?;
+    let nats = cluster::Nats::connect(&config.cluster, &node_id).await?;
+    let stream = cluster::stream::ChangeStream::open(&nats).await?;
+    let epoch = cluster::meta::stream_epoch(&nats, identity).await?;
+    let begin = stream.begins_after().await?.unwrap_or(change::Position::ZERO);
+    let ttl = Duration::from_secs(config.cluster.lease_secs);
+    let lease = cluster::lease::Lease::open(&nats, &config.slot, &node_id, ttl).await?;
+    tracing::info!(node = %node_id, epoch = format_args!("{epoch:08X}"), "joined the cluster");
+    let parts = ClusterParts { node_id, nats, epoch, stream, lease, log_ack: Acknowledgement::new() };
+    Ok((parts, log::Origin::Stream { epoch, begin }))
+}
+
+/// A cluster node's tasks: its heartbeat, holding the lease, the owner's terms (confirming to
+/// Postgres only what both the stream and this node's log hold), and every node's reading of
+/// the stream into its dispatcher (`events`), with its readiness in `status`. Returns the
+/// node's view of the cluster, for operators.
+async fn start_node(
+    cluster: ClusterParts,
+    slot: cluster::owner::SlotWork,
+    events: tokio::sync::mpsc::Sender<change::ChangeEvent>,
+    written: tokio::sync::watch::Receiver<change::Position>,
+    (status, listen): (&Arc<ReplicationStatus>, SocketAddr),
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Arc<cluster::view::View>, cluster::ClusterError> {
+    tracing::info!(node = %cluster.node_id, "serving as a cluster node");
+    let ttl = cluster.lease.ttl();
+    let registry =
+        cluster::nodes::Registry::open(&cluster.nats, &cluster.node_id, listen.to_string(), ttl).await?;
+    tracker.spawn(registry.clone().keep_alive(shutdown.clone()));
+    let (ownership, holder) = cluster::owner::hold(cluster.lease.clone(), shutdown.clone());
+    // Shutdown waits for the lease's release, so another node takes the slot at once.
+    tracker.spawn(async move {
+        let _ = holder.await;
+    });
+    tracker.spawn(replication::ack::follow_lower(
+        slot.confirm.clone(),
+        slot.published.clone(),
+        cluster.log_ack,
+        shutdown.clone(),
+    ));
+    let view = Arc::new(cluster::view::View {
+        node_id: cluster.node_id,
+        epoch: cluster.epoch,
+        lease: cluster.lease,
+        registry,
+        stream: cluster.stream.clone(),
+        ownership: ownership.clone(),
+        slot_status: Arc::clone(&slot.status),
+    });
+    tracker.spawn(cluster::owner::serve_slot(ownership, slot, shutdown.clone()));
+    let after = *written.borrow();
+    tracker.spawn(cluster::follow::follow(
+        cluster.stream.clone(),
+        after,
+        events,
+        Arc::clone(status),
+        shutdown.clone(),
+    ));
+    tracker.spawn(cluster::follow::watch_lag(cluster.stream, written, Arc::clone(status), shutdown.clone()));
+    Ok(view)
+}
+
+/// Opens the change log (blocking IO, off the runtime's threads).
+async fn open_log(
+    config: &Config,
+    identity: log::Identity,
+    origin: log::Origin,
+    ack: Acknowledgement,
+) -> Result<OpenLog, StartError> {
+    let settings = config.changelog.settings();
+    let dir = config.changelog.dir.clone();
+    let opened = tokio::task::spawn_blocking(move || ChangeLog::open(&settings, &identity, origin, ack))
+        .await
+        .map_err(|e| log::LogError::Io {
+            path: dir.clone(),
+            action: "opening",
+            source: std::io::Error::other(e.to_string()),
+        })??;
+    let (log, appender, writer, recovered) = opened;
+    tracing::info!(dir = %dir.display(), epoch = format_args!("{:08X}", log.epoch()),
+        last_commit = %recovered.last_commit, reset = recovered.reset, "change log ready");
+    Ok(OpenLog { log, appender, writer, recovered })
 }
 
 /// The change log as opened by `prepare`.
@@ -121,16 +233,6 @@ impl Gateway {
     pub async fn prepare(config: Config, migrate: bool) -> Result<Gateway, StartError> {
         // Loaded configurations are validated already; one built in code is checked here.
         config.validate()?;
-        if config.cluster.enabled() {
-            // Refused rather than ignored: a node that ran alone while its operator believed it
-            // part of a cluster would stream the slot beside the others.
-            return Err(config::ConfigError::Invalid {
-                key: "cluster.nats_url",
-                message: "serving as a cluster node is not available in this version; unset it to run a single node"
-                    .into(),
-            }
-            .into());
-        }
         let url = config.database_url()?.to_owned();
         let verifier = Verifier::new(config.auth.settings()).await?;
         if !verifier.required() {
@@ -158,33 +260,24 @@ impl Gateway {
         let ready = slot::prepare_slot(&pool, &params, &config.slot).await?;
         tracing::info!(slot = %config.slot, resume_at = %ready.start, "slot ready");
         let ack = Acknowledgement::new();
-        let log = if config.changelog.enabled {
-            let settings = config.changelog.settings();
-            let identity = log::Identity {
-                system_id: ready.system_id.clone(),
-                database: params.database.clone(),
-                slot: config.slot.clone(),
-            };
-            let fresh = ready.created;
-            let log_ack = ack.clone();
-            let opened = tokio::task::spawn_blocking(move || {
-                ChangeLog::open(&settings, &identity, log::Origin::Slot { fresh }, log_ack)
-            })
-            .await
-            .map_err(|e| log::LogError::Io {
-                path: config.changelog.dir.clone(),
-                action: "opening",
-                source: std::io::Error::other(e.to_string()),
-            })??;
-            let (log, appender, writer, recovered) = opened;
-            tracing::info!(dir = %config.changelog.dir.display(), epoch = format_args!("{:08X}", log.epoch()),
-                last_commit = %recovered.last_commit, reset = recovered.reset, "change log ready");
-            Some(OpenLog { log, appender, writer, recovered })
+        let identity = log::Identity {
+            system_id: ready.system_id.clone(),
+            database: params.database.clone(),
+            slot: config.slot.clone(),
+        };
+        let (log, cluster) = if config.cluster.enabled() {
+            let (cluster, origin) = join_cluster(&config, &identity).await?;
+            // The log follows the stream, not the slot: its writer's confirmations are its own.
+            let log = open_log(&config, identity, origin, cluster.log_ack.clone()).await?;
+            (Some(log), Some(cluster))
+        } else if config.changelog.enabled {
+            let origin = log::Origin::Slot { fresh: ready.created };
+            (Some(open_log(&config, identity, origin, ack.clone()).await?), None)
         } else {
             tracing::warn!(
                 "changelog.enabled = false: clients cannot resume, and changes are confirmed once dispatched"
             );
-            None
+            (None, None)
         };
         let listener = TcpListener::bind(config.listen)
             .await
@@ -195,7 +288,7 @@ impl Gateway {
             }
             None => None,
         };
-        Ok(Gateway { config, verifier, pool, params, listener, admin, ack, log })
+        Ok(Gateway { config, verifier, pool, params, listener, admin, ack, log, cluster })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -232,12 +325,13 @@ impl Gateway {
     fn app_state(
         config: &Config,
         hub: Hub,
-        status: Arc<ReplicationStatus>,
+        (status, cluster): (Arc<ReplicationStatus>, Option<Arc<cluster::view::View>>),
         shutdown: &CancellationToken,
     ) -> AppState {
         AppState {
             hub,
             status,
+            cluster,
             max_frame_bytes: config.max_frame_bytes,
             idle_timeout: Duration::from_secs(config.idle_timeout_secs),
             shutdown: shutdown.clone(),
@@ -259,30 +353,56 @@ impl Gateway {
         let hub = self.hub(catalog, &status);
         let ack = self.ack;
         let (tx, rx) = tokio::sync::mpsc::channel(8192);
-        let (appender, writer, resume_after) = match self.log {
+        let (appender, writer, resume_after, written) = match self.log {
             Some(l) => {
                 // Everything kept counts as matched: a resume replays it from the log.
                 hub.set_matched(*l.log.written().borrow(), 0);
-                (Some(l.appender), Some(l.writer), l.recovered.last_commit)
+                (Some(l.appender), Some(l.writer), l.recovered.last_commit, Some(l.log.written()))
             }
-            None => (None, None, crate::replication::lsn::Lsn::ZERO),
+            None => (None, None, crate::replication::lsn::Lsn::ZERO, None),
         };
         // With a log, the log's writer confirms (durable); without, the dispatcher (delivered).
         let dispatched = if appender.is_some() { Acknowledgement::new() } else { ack.clone() };
 
-        tracker.spawn(
-            ReplicationTask {
-                params: self.params,
-                slot: self.config.slot.clone(),
-                publication: self.config.publication.clone(),
-                pool: self.pool.clone(),
-                tx,
-                ack: ack.clone(),
-                status: Arc::clone(&status),
-                resume_after,
+        let view = match (self.cluster, written) {
+            (Some(cluster), Some(written)) => {
+                let slot = cluster::owner::SlotWork {
+                    stream: cluster.stream.clone(),
+                    params: self.params,
+                    slot: self.config.slot.clone(),
+                    publication: self.config.publication.clone(),
+                    pool: self.pool.clone(),
+                    confirm: ack.clone(),
+                    published: Acknowledgement::new(),
+                    status: Arc::new(ReplicationStatus::default()),
+                    retention: Duration::from_secs(self.config.changelog.max_age_secs),
+                };
+                let listen = self.listener.local_addr().unwrap_or(self.config.listen);
+                match start_node(cluster, slot, tx, written, (&status, listen), &tracker, &shutdown).await {
+                    Ok(view) => Some(view),
+                    Err(e) => {
+                        shutdown.cancel();
+                        return Err(std::io::Error::other(crate::errors::chain(&e)));
+                    }
+                }
             }
-            .run(shutdown.clone()),
-        );
+            _ => {
+                tracker.spawn(
+                    ReplicationTask {
+                        params: self.params,
+                        slot: self.config.slot.clone(),
+                        publication: self.config.publication.clone(),
+                        pool: self.pool.clone(),
+                        tx,
+                        ack: ack.clone(),
+                        status: Arc::clone(&status),
+                        resume_after,
+                    }
+                    .run(shutdown.clone()),
+                );
+                None
+            }
+        };
         tracker.spawn(realtime::dispatch::run_dispatcher(
             hub.clone(),
             rx,
@@ -296,7 +416,7 @@ impl Gateway {
             shutdown.clone(),
         ));
 
-        let state = Self::app_state(&self.config, hub, status, &shutdown);
+        let state = Self::app_state(&self.config, hub, (status, view), &shutdown);
         let connections = Arc::clone(&state.connections);
         let limits = server::listener::ConnectionLimits::from_config(&self.config);
         if let Some(admin) = self.admin {

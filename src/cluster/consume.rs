@@ -6,18 +6,23 @@
 //! no longer holds what follows the position, it says so (`StreamError::Behind`) rather than
 //! skip. Must not: match, decide or deliver (the dispatcher does).
 
+use std::sync::atomic::Ordering;
+
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::change::{ChangeEvent, Position};
 use crate::cluster::stream::{ChangeStream, StreamError};
+use crate::source::walsender::ReplicationStatus;
 
 /// Hands every event after `after` to `events`, in order, until the receiver is dropped (`Ok`)
-/// or reading fails. Returns the position of the last event handed on with the result.
+/// or reading fails; counts changes and notes commit times in `status`. Returns the position of
+/// the last event handed on with the result.
 pub async fn consume(
     stream: &ChangeStream,
     after: Position,
     events: &mpsc::Sender<ChangeEvent>,
+    status: &ReplicationStatus,
 ) -> (Position, Result<(), StreamError>) {
     let mut last = after;
     let start = match stream.sequence_after(after).await {
@@ -40,6 +45,10 @@ pub async fn consume(
             let position = event.position();
             if position <= last {
                 continue;
+            }
+            if let ChangeEvent::Change(c) = &event {
+                status.changes_received.fetch_add(1, Ordering::Relaxed);
+                status.last_commit_ts.store(c.commit_ts, Ordering::Relaxed);
             }
             if events.send(event).await.is_err() {
                 return (last, Ok(()));

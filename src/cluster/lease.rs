@@ -23,6 +23,7 @@ use crate::cluster::{ClusterError, Nats};
 const MARGIN: f64 = 0.2;
 
 /// The lease of one slot, as one node sees it.
+#[derive(Clone)]
 pub struct Lease {
     kv: kv::Store,
     bucket: String,

@@ -7,10 +7,14 @@
 
 pub mod chunk;
 pub mod consume;
+pub mod follow;
 pub mod lease;
+pub mod meta;
+pub mod nodes;
 pub mod owner;
 pub mod publish;
 pub mod stream;
+pub mod view;
 
 use std::time::Duration;
 
@@ -40,6 +44,8 @@ pub enum ClusterError {
         #[source]
         source: jetstream::kv::EntryError,
     },
+    #[error("the cluster's stream (prefix {prefix:?}) carries another stream ({theirs}); give this deployment its own cluster.prefix")]
+    OtherStream { prefix: String, theirs: String },
     #[error("JetStream bucket {bucket}: writing {key}")]
     Write {
         bucket: String,
@@ -106,6 +112,16 @@ impl Nats {
         bucket: &str,
         description: &str,
     ) -> Result<jetstream::kv::Store, ClusterError> {
+        self.bucket_with_age(bucket, description, Duration::ZERO).await
+    }
+
+    /// A bucket whose values vanish `max_age` after their last write (zero: never).
+    pub async fn bucket_with_age(
+        &self,
+        bucket: &str,
+        description: &str,
+        max_age: Duration,
+    ) -> Result<jetstream::kv::Store, ClusterError> {
         let failed = |source: async_nats::Error| ClusterError::Bucket { bucket: bucket.to_owned(), source };
         let config = jetstream::stream::Config {
             name: format!("KV_{bucket}"),
@@ -118,6 +134,7 @@ impl Nats {
             allow_direct: true,
             num_replicas: self.replicas,
             discard: jetstream::stream::DiscardPolicy::New,
+            max_age,
             ..Default::default()
         };
         self.jetstream.get_or_create_stream(config).await.map_err(|e| failed(e.into()))?;

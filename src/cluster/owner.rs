@@ -5,14 +5,25 @@
 //! The watch turns false before the lease's validity ends (`Held::valid`), whatever a renewal
 //! is doing: a renewal is given only the time the lease has left. On shutdown the watch turns
 //! false first, then the lease is released so another node takes it at once.
-//! Must not: stream the slot or append (the owner's tasks do, only while the watch is true).
+//!
+//! `serve_slot` is the owner's work, one term per stretch of ownership: end a previous owner's
+//! walsender session, stream the slot, publish, trim. Must not: run a term while the watch is
+//! false, or confirm to Postgres what the stream has not stored.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::lease::{Held, Lease, RenewError};
+use crate::cluster::publish::{publish, Start};
+use crate::cluster::stream::{ChangeStream, StreamError};
+use crate::replication::ack::Acknowledgement;
+use crate::replication::lsn::Lsn;
+use crate::replication::wire::ConnectParams;
+use crate::source::walsender::{ReplicationStatus, ReplicationTask};
 
 /// Whether this node owns the slot now. Dropped (the task ended): it does not.
 pub type Ownership = watch::Receiver<bool>;
@@ -74,4 +85,142 @@ async fn renew(lease: &Lease, mut held: Held, ttl: Duration) -> Option<Held> {
             None
         }
     }
+}
+
+/// What the owner needs to stream the slot into the stream, term after term.
+pub struct SlotWork {
+    pub stream: ChangeStream,
+    pub params: ConnectParams,
+    pub slot: String,
+    pub publication: String,
+    pub pool: PgPool,
+    /// What may be confirmed to Postgres (kept at the lower of `published` and this node's
+    /// log by the caller).
+    pub confirm: Acknowledgement,
+    /// Advanced past each chunk JetStream stored.
+    pub published: Acknowledgement,
+    /// The walsender's own status, while this node owns the slot.
+    pub status: Arc<ReplicationStatus>,
+    /// How long the stream keeps chunks (the owner trims it).
+    pub retention: Duration,
+}
+
+/// Why an owner's term ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum TermError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("ending the slot's previous walsender session")]
+    Takeover(#[source] sqlx::Error),
+}
+
+/// Streams the slot into the stream during every term of ownership, until `shutdown`. A term
+/// starts when `ownership` turns true (the previous owner's walsender session, if still
+/// attached, is ended first) and ends when it turns false or an append fails (fenced by a newer
+/// owner, or NATS away): the walsender stops, nothing more is confirmed, and a term starts again
+/// while this node still owns the slot.
+pub async fn serve_slot(mut ownership: Ownership, work: SlotWork, shutdown: CancellationToken) {
+    let mut failures: u32 = 0;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            owner = ownership.wait_for(|o| *o) => if owner.is_err() { return },
+        }
+        tracing::info!(slot = %work.slot, "this node owns the slot: streaming it into the cluster");
+        let term = shutdown.child_token();
+        match work.term(&mut ownership, &term).await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %crate::errors::chain(&e), "slot owner: the term ended");
+            }
+        }
+        term.cancel();
+        if failures > 0 {
+            let pause = Duration::from_millis(200).saturating_mul(1 << failures.min(5));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+impl SlotWork {
+    async fn term(&self, ownership: &mut Ownership, term: &CancellationToken) -> Result<(), TermError> {
+        end_other_sessions(&self.pool, &self.slot).await.map_err(TermError::Takeover)?;
+        let start = Start::of(&self.stream).await?;
+        let (tx, rx) = mpsc::channel(8192);
+        let walsender = tokio::spawn(
+            ReplicationTask {
+                params: self.params.clone(),
+                slot: self.slot.clone(),
+                publication: self.publication.clone(),
+                pool: self.pool.clone(),
+                tx,
+                ack: self.confirm.clone(),
+                status: Arc::clone(&self.status),
+                // The publishing loop skips what the stream holds; the slot replays from its
+                // confirmed position, which is never past it.
+                resume_after: Lsn::ZERO,
+            }
+            .run(term.clone()),
+        );
+        let result = tokio::select! {
+            r = publish(&self.stream, start, rx, &self.published) => r.map_err(TermError::from),
+            _ = ownership.wait_for(|o| !*o) => {
+                tracing::warn!(slot = %self.slot, "this node no longer owns the slot: stopping its walsender");
+                Ok(())
+            }
+            _ = self.trim_while(term) => Ok(()),
+        };
+        term.cancel();
+        let _ = walsender.await;
+        result
+    }
+
+    /// Trims the stream by age every minute until `term` ends.
+    async fn trim_while(&self, term: &CancellationToken) {
+        loop {
+            match self.stream.trim(self.retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(chunks = n, "trimmed the cluster stream"),
+                Err(e) => tracing::warn!(error = %crate::errors::chain(&e), "trimming the cluster stream"),
+            }
+            tokio::select! {
+                _ = term.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+        }
+    }
+}
+
+/// Ends any walsender session still attached to `slot` (a previous owner that lost its lease
+/// but not its connection) and waits up to 10 s for the slot to be free.
+async fn end_other_sessions(pool: &PgPool, slot: &str) -> Result<(), sqlx::Error> {
+    let ended: Vec<(Option<bool>,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+         WHERE slot_name = $1 AND active_pid IS NOT NULL",
+    )
+    .bind(slot)
+    .fetch_all(pool)
+    .await?;
+    if ended.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(slot, "ended the previous owner's walsender session");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        let active: Option<(bool,)> =
+            sqlx::query_as("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(slot)
+                .fetch_optional(pool)
+                .await?;
+        if !active.is_some_and(|(a,)| a) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }

@@ -51,6 +51,26 @@ impl Acknowledgement {
     }
 }
 
+/// Keeps `out` at the lower of `a` and `b` until `shutdown`: the position both stages are done
+/// with (a cluster's owner confirms what the stream stored and its own log synced).
+pub async fn follow_lower(
+    out: Acknowledgement,
+    a: Acknowledgement,
+    b: Acknowledgement,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let (mut wa, mut wb) = (a.watch(), b.watch());
+    loop {
+        out.advance((*wa.borrow_and_update()).min(*wb.borrow_and_update()));
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            r = wa.changed() => if r.is_err() { return },
+            r = wb.changed() => if r.is_err() { return },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +88,23 @@ mod tests {
         assert!(!w.has_changed().unwrap(), "no change notification without progress");
         a.advance(Lsn(11));
         assert!(w.has_changed().unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_lower_of_two_is_followed() {
+        let (out, a, b) = (Acknowledgement::new(), Acknowledgement::new(), Acknowledgement::new());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(follow_lower(out.clone(), a.clone(), b.clone(), stop.clone()));
+        let mut w = out.watch();
+        a.advance(Lsn(30));
+        b.advance(Lsn(20));
+        w.wait_for(|l| *l == Lsn(20)).await.unwrap();
+        b.advance(Lsn(50));
+        w.wait_for(|l| *l == Lsn(30)).await.unwrap();
+        a.advance(Lsn(40));
+        w.wait_for(|l| *l == Lsn(40)).await.unwrap();
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(out.get(), Lsn(40));
     }
 }

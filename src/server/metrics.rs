@@ -34,6 +34,11 @@ pub const CONNECTIONS_REFUSED: &str = "walcast_connections_refused_total";
 pub const CONNECTIONS_REFUSED_PER_IP: &str = "walcast_connections_refused_per_ip_total";
 pub const WRITE_TIMEOUTS: &str = "walcast_write_timeouts_total";
 pub const SILENT_CLOSED: &str = "walcast_silent_connections_closed_total";
+pub const CLUSTER_SLOT_OWNER: &str = "walcast_cluster_slot_owner";
+pub const CLUSTER_NODES: &str = "walcast_cluster_nodes";
+pub const CLUSTER_LAG_BYTES: &str = "walcast_cluster_consumer_lag_bytes";
+pub const CLUSTER_LAG_SECONDS: &str = "walcast_cluster_consumer_lag_seconds";
+pub const CLUSTER_SLOT_LAG_BYTES: &str = "walcast_cluster_slot_lag_bytes";
 
 /// One metric: name, type, help text, value.
 type Row = (&'static str, &'static str, &'static str, String);
@@ -193,11 +198,53 @@ fn connection_rows(c: &crate::server::listener::ConnectionMetrics) -> Vec<Row> {
     ]
 }
 
+/// A cluster node's: whether it owns the slot, the nodes alive, how far its reading of the
+/// stream is behind the stream's end, and (on the owner) the slot's lag.
+fn cluster_rows(
+    view: &crate::cluster::view::View,
+    s: &crate::source::walsender::ReplicationStatus,
+) -> Vec<Row> {
+    let owner = view.owner();
+    vec![
+        (
+            CLUSTER_SLOT_OWNER,
+            "gauge",
+            "1 while this node owns the replication slot.",
+            u8::from(owner).to_string(),
+        ),
+        (
+            CLUSTER_NODES,
+            "gauge",
+            "Nodes alive in the cluster, this one included (as of its last heartbeat).",
+            view.registry.alive().to_string(),
+        ),
+        (
+            CLUSTER_LAG_BYTES,
+            "gauge",
+            "WAL bytes between the stream's last position and this node's log.",
+            s.lag_bytes().to_string(),
+        ),
+        (
+            CLUSTER_LAG_SECONDS,
+            "gauge",
+            "Seconds since the commit of the last change this node read, while behind the stream.",
+            format!("{:.3}", lag_seconds(s)),
+        ),
+        (
+            CLUSTER_SLOT_LAG_BYTES,
+            "gauge",
+            "On the slot owner: WAL bytes between the server's position and the confirmed flush position.",
+            if owner { view.slot_status.lag_bytes() } else { 0 }.to_string(),
+        ),
+    ]
+}
+
 pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     let rows = hub_rows(state.hub.metrics())
         .into_iter()
         .chain(stream_rows(&state.status))
-        .chain(connection_rows(&state.connections));
+        .chain(connection_rows(&state.connections))
+        .chain(state.cluster.as_deref().map(|v| cluster_rows(v, &state.status)).unwrap_or_default());
     let mut out = String::with_capacity(2048);
     for (name, kind, help, value) in rows {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");

@@ -28,6 +28,8 @@ use crate::source::walsender::ReplicationStatus;
 pub struct AppState {
     pub hub: Hub,
     pub status: Arc<ReplicationStatus>,
+    /// This node's view of its cluster (`None`: a single node).
+    pub cluster: Option<Arc<crate::cluster::view::View>>,
     /// Largest client frame (and REST body) accepted.
     pub max_frame_bytes: usize,
     pub idle_timeout: Duration,
@@ -47,7 +49,8 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
         .route("/socket/websocket", get(ws::upgrade))
         .route("/v1/tables/{table}/changes", get(sse::changes))
         .route("/v1/channels/{name}/events", get(sse::channel_events))
-        .route("/v1/ws", get(ws::upgrade_plain));
+        .route("/v1/ws", get(ws::upgrade_plain))
+        .route("/v1/cluster", get(cluster));
     for prefix in ["/api", "/realtime/v1/api"] {
         router = router
             .route(&format!("{prefix}/broadcast"), post(broadcast::batch))
@@ -76,6 +79,17 @@ pub(crate) fn unauthorized(state: &AppState, e: &crate::auth::AuthError) -> axum
     (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": e.connect_message()}))).into_response()
 }
 
+/// `/v1/cluster`: this node's view of its cluster; 404 on a single node.
+async fn cluster(axum::extract::State(state): axum::extract::State<AppState>) -> axum::response::Response {
+    match &state.cluster {
+        Some(view) => Json(view.describe().await).into_response(),
+        None => {
+            (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": "this gateway is not a cluster node"})))
+                .into_response()
+        }
+    }
+}
+
 async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
     let s = &state.status;
     if !s.connected.load(Ordering::Relaxed) {
@@ -86,10 +100,10 @@ async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> 
         );
     }
     if !s.caught_up.load(Ordering::Relaxed) {
+        let reason = s.error().unwrap_or_else(|| "replication stream is catching up".into());
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"ready": false, "reason": "replication stream is catching up",
-                                    "lag_bytes": s.lag_bytes()})),
+            Json(serde_json::json!({"ready": false, "reason": reason, "lag_bytes": s.lag_bytes()})),
         );
     }
     (StatusCode::OK, Json(serde_json::json!({"ready": true, "lag_bytes": s.lag_bytes()})))

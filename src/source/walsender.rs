@@ -53,12 +53,12 @@ pub struct ReplicationStatus {
 }
 
 impl ReplicationStatus {
-    fn set_connected(&self, connected: bool) {
+    pub fn set_connected(&self, connected: bool) {
         self.connected.store(connected, Ordering::Relaxed);
         self.live.send_replace(connected);
     }
 
-    fn set_error(&self, e: Option<String>) {
+    pub fn set_error(&self, e: Option<String>) {
         *locks::lock(&self.last_error) = e;
     }
 

@@ -274,7 +274,9 @@ async fn consumed(
 ) -> Vec<String> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let reader = stream.clone();
-    let task = tokio::spawn(async move { walcast::cluster::consume::consume(&reader, after, &tx).await });
+    let task = tokio::spawn(async move {
+        walcast::cluster::consume::consume(&reader, after, &tx, &Default::default()).await
+    });
     let mut got = Vec::new();
     while got.len() < n {
         match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
@@ -323,7 +325,8 @@ async fn a_node_reads_every_event_after_its_position_from_any_chunk_and_is_told_
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let reader = stream.clone();
     let live = tokio::spawn(async move {
-        walcast::cluster::consume::consume(&reader, Position::end_of(Lsn(0x400)), &tx).await
+        walcast::cluster::consume::consume(&reader, Position::end_of(Lsn(0x400)), &tx, &Default::default())
+            .await
     });
     let next = transaction(0x500, 1);
     let want = ledger(&next);
@@ -347,7 +350,9 @@ async fn a_node_reads_every_event_after_its_position_from_any_chunk_and_is_told_
     let lost = stream.sequence_after(Position::end_of(Lsn(0x100))).await;
     assert!(matches!(lost, Err(StreamError::Behind { .. })), "{lost:?}");
     let (tx, _rx) = tokio::sync::mpsc::channel(1);
-    let (_, result) = walcast::cluster::consume::consume(&stream, Position::end_of(Lsn(0x100)), &tx).await;
+    let (_, result) =
+        walcast::cluster::consume::consume(&stream, Position::end_of(Lsn(0x100)), &tx, &Default::default())
+            .await;
     assert!(matches!(result, Err(StreamError::Behind { .. })), "{result:?}");
     // A position the kept messages follow on from is still fine.
     assert_eq!(stream.sequence_after(Position::end_of(Lsn(0x200))).await.unwrap(), first_kept);
