@@ -138,3 +138,219 @@ async fn every_node_serves_every_change_and_a_cursor_resumes_on_another_node_acr
         n.stop().await;
     }
 }
+
+/// A node in a child process (so that it can be killed with SIGKILL, or stopped with SIGSTOP),
+/// on `port`, with its own change log.
+struct NodeProcess {
+    name: String,
+    port: u16,
+    log_dir: std::path::PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl NodeProcess {
+    async fn start(url: &str, slot: &str, nats: &str, name: &str) -> NodeProcess {
+        let db = url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log_dir = crate::support::log_dir(&format!("{db}-proc-{name}"));
+        let mut node = NodeProcess { name: name.to_owned(), port, log_dir, child: None };
+        node.launch(url, slot, nats).await;
+        node
+    }
+
+    async fn launch(&mut self, url: &str, slot: &str, nats: &str) {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
+            .arg("serve")
+            .env("WALCAST_DATABASE_URL", url)
+            .env("WALCAST_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("WALCAST_SLOT", slot)
+            .env("WALCAST_CHANGELOG__DIR", &self.log_dir)
+            .env("WALCAST_AUTH__JWT_SECRET", crate::support::TEST_SECRET)
+            .env("WALCAST_CLUSTER__NATS_URL", nats)
+            .env("WALCAST_CLUSTER__NODE_ID", &self.name)
+            .env("WALCAST_CLUSTER__LEASE_SECS", "2")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("gateway process");
+        self.child = Some(child);
+        let ready = format!("{}/readyz", self.base());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(exit) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("node {} exited before it was ready: {exit}", self.name);
+            }
+            let ok = async { reqwest::get(&ready).await.ok()?.text().await.ok() }.await;
+            if ok.is_some_and(|body| body.contains("\"ready\":true")) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "node {} not ready within 60 s", self.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().and_then(|c| c.id()).expect("running") as i32
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal}");
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("SIGKILL");
+            let _ = child.wait().await;
+        }
+    }
+}
+
+/// The owner's name as `base` reports it, once there is one other than `not`.
+async fn owner_other_than(base: &str, not: Option<&str>) -> String {
+    wait_for("a slot owner", Duration::from_secs(60), || async {
+        let (_, v) = get_json(&format!("{base}/v1/cluster")).await;
+        v["owner"].as_str().filter(|o| Some(*o) != not).map(str::to_owned)
+    })
+    .await
+}
+
+/// An SSE client of one node that moves to another node with its last cursor when its node's
+/// stream ends, as a client behind a load balancer does.
+struct Roaming {
+    sse: Sse,
+    at: usize,
+    got: Vec<(String, i64)>,
+    moves: u32,
+}
+
+impl Roaming {
+    async fn open(nodes: &[NodeProcess], at: usize) -> Roaming {
+        let sse = Sse::open(&nodes[at].base(), &key_query(), None).await.expect("subscribe");
+        Roaming { sse, at, got: Vec::new(), moves: 0 }
+    }
+
+    /// Reads until `want` deliveries; when the stream ends, reconnects to the next node that
+    /// answers, with the last cursor.
+    async fn read_until(&mut self, nodes: &[NodeProcess], want: usize) {
+        self.read_while(nodes, |got| got.len() < want).await;
+    }
+
+    /// Reads until row `id` has arrived.
+    async fn read_through(&mut self, nodes: &[NodeProcess], id: i64) {
+        self.read_while(nodes, |got| got.last().is_none_or(|(_, last)| *last != id)).await;
+    }
+
+    async fn read_while(&mut self, nodes: &[NodeProcess], more: impl Fn(&[(String, i64)]) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while more(&self.got) {
+            assert!(tokio::time::Instant::now() < deadline, "{} received, then 120 s passed", self.got.len());
+            match self.sse.next().await {
+                Some((id, event, data)) => {
+                    assert_eq!(event, "insert", "{data}");
+                    self.got.push((id.expect("id"), data["record"]["id"].as_i64().expect("id")));
+                }
+                None => {
+                    let last = self.got.last().map(|(c, _)| c.clone());
+                    for step in 1..=nodes.len() {
+                        let at = (self.at + step) % nodes.len();
+                        if let Ok(sse) = Sse::open(&nodes[at].base(), &key_query(), last.as_deref()).await {
+                            (self.sse, self.at) = (sse, at);
+                            self.moves += 1;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn owners_killed_mid_stream_and_partitioned_lose_nothing_and_repeat_nothing() {
+    let nats = nats_server("failover").await;
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, SCHEMA).await;
+    let db = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+    let slot = format!("slot_{db}").to_ascii_lowercase();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        nodes.push(NodeProcess::start(&url, &slot, &nats.url(), name).await);
+    }
+    let mut clients = Vec::new();
+    for at in 0..nodes.len() {
+        clients.push(Roaming::open(&nodes, at).await);
+    }
+    let (stop, committed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicI64::new(0)));
+    let writing = writers(&p, &stop, &committed);
+    let (mut failovers, mut markers) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        let before = owner_other_than(&nodes[0].base(), None).await;
+        let at = nodes.iter().position(|n| n.name == before).expect("owner is a node");
+        if round == 1 {
+            // A large transaction, committed just before the kill: the owner is mid-publish.
+            exec(&p, "INSERT INTO items SELECT -g, 'big' FROM generate_series(1, 20000) g").await;
+        }
+        let survivor = (at + 1) % nodes.len();
+        let want = clients[survivor].got.len() + 50;
+        clients[survivor].read_until(&nodes, want).await;
+        nodes[at].kill().await;
+        // A marker committed after the kill: the time until a survivor's client has it is the
+        // failover as a client sees it.
+        let killed = std::time::Instant::now();
+        let marker = -(1_000_000 + round);
+        exec(&p, &format!("INSERT INTO items VALUES ({marker}, 'marker')")).await;
+        markers.push(marker);
+        let next = owner_other_than(&nodes[survivor].base(), Some(&before)).await;
+        clients[survivor].read_through(&nodes, marker).await;
+        failovers.push(killed.elapsed());
+        eprintln!("failover {round}: {before} killed, {next} took the slot; a change committed after the kill arrived after {:?}", killed.elapsed());
+        nodes[at].launch(&url, &slot, &nats.url()).await;
+    }
+
+    // A partitioned owner (stopped, then resumed after the lease moved) is fenced.
+    let before = owner_other_than(&nodes[0].base(), None).await;
+    let at = nodes.iter().position(|n| n.name == before).expect("owner is a node");
+    nodes[at].signal("-STOP");
+    let survivor = (at + 1) % nodes.len();
+    let next = owner_other_than(&nodes[survivor].base(), Some(&before)).await;
+    let mark = committed.load(Ordering::Relaxed);
+    wait_for("writes under the new owner", Duration::from_secs(60), at_least(&committed, mark + 200)).await;
+    nodes[at].signal("-CONT");
+    wait_for("the old owner steps down", Duration::from_secs(30), || async {
+        let (_, v) = get_json(&format!("{}/v1/cluster", nodes[at].base())).await;
+        (v["this_node_owns_the_slot"] == false && v["owner"] == next.as_str()).then_some(())
+    })
+    .await;
+    let mark = committed.load(Ordering::Relaxed);
+    wait_for("writes after the partition healed", Duration::from_secs(60), at_least(&committed, mark + 100))
+        .await;
+
+    stop.store(true, Ordering::Relaxed);
+    for w in writing {
+        w.await.expect("writer");
+    }
+    let mut ledger: Vec<i64> =
+        sqlx::query_scalar("SELECT item FROM ledger ORDER BY seq").fetch_all(&p).await.expect("ledger");
+    ledger.extend((1..=20000).map(|g| -g));
+    ledger.extend(markers);
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.read_until(&nodes, ledger.len()).await;
+        check_against_ledger(&format!("client {i} ({} moves)", c.moves), &c.got, &ledger);
+    }
+    assert_eq!(clients[0].got, clients[1].got, "the same cursors everywhere");
+    assert_eq!(clients[1].got, clients[2].got, "the same cursors everywhere");
+    eprintln!("failovers (kill to a change delivered on a survivor): {failovers:?}");
+    for n in &mut nodes {
+        n.kill().await;
+    }
+}
