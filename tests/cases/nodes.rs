@@ -354,3 +354,79 @@ async fn owners_killed_mid_stream_and_partitioned_lose_nothing_and_repeat_nothin
         n.kill().await;
     }
 }
+
+#[tokio::test]
+async fn with_nats_away_nodes_keep_their_clients_stop_confirming_and_catch_up_when_it_returns() {
+    let mut nats = nats_server("away").await;
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, SCHEMA).await;
+    let nodes = [node(&url, &nats, "a").await, node(&url, &nats, "b").await];
+    let bases: Vec<String> = nodes.iter().map(|n| format!("http://{}", n.addr)).collect();
+    let mut clients = Vec::new();
+    for base in &bases {
+        clients.push((Sse::open(base, &key_query(), None).await.expect("subscribe"), Vec::new()));
+    }
+    let (stop, committed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicI64::new(0)));
+    let writing = writers(&p, &stop, &committed);
+    for (i, (sse, got)) in clients.iter_mut().enumerate() {
+        read_until(&format!("client of node {i}"), sse, got, 100).await;
+    }
+
+    nats.stop().await;
+    for base in &bases {
+        wait_for("not ready while NATS is away", Duration::from_secs(30), || async {
+            let (status, body) = get_json(&format!("{base}/readyz")).await;
+            (status == 503).then_some(body)
+        })
+        .await;
+    }
+    let slot = &nodes[0].slot;
+    let confirmed = || async {
+        let lsn: Option<String> = sqlx::query_scalar(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(slot)
+        .fetch_one(&p)
+        .await
+        .expect("slot");
+        let lsn = lsn.expect("a confirmed position");
+        let (hi, lo) = lsn.split_once('/').expect("an LSN");
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+    };
+    let mark = committed.load(Ordering::Relaxed);
+    wait_for("writes while NATS is away", Duration::from_secs(60), at_least(&committed, mark + 300)).await;
+    let held = confirmed().await;
+    let wal: String =
+        sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&p).await.expect("wal");
+    // Written while NATS was away: not confirmed, so the slot keeps it.
+    let mark = committed.load(Ordering::Relaxed);
+    wait_for("more writes while NATS is away", Duration::from_secs(60), at_least(&committed, mark + 100))
+        .await;
+    assert_eq!(confirmed().await, held, "the slot was confirmed while NATS was away (WAL at {wal})");
+
+    nats.restart().await.expect("nats-server again");
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    let mark = committed.load(Ordering::Relaxed);
+    wait_for("writes after NATS returned", Duration::from_secs(60), at_least(&committed, mark + 200)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writing {
+        w.await.expect("writer");
+    }
+    let ledger: Vec<i64> =
+        sqlx::query_scalar("SELECT item FROM ledger ORDER BY seq").fetch_all(&p).await.expect("ledger");
+    for (i, (sse, got)) in clients.iter_mut().enumerate() {
+        let who = format!("client of node {i}, connected throughout");
+        read_until(&who, sse, got, ledger.len()).await;
+        check_against_ledger(&who, got, &ledger);
+    }
+    wait_for("the slot confirmed past the outage", Duration::from_secs(60), || async {
+        (confirmed().await > held).then_some(())
+    })
+    .await;
+    for n in nodes {
+        n.stop().await;
+    }
+}
