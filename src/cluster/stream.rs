@@ -25,6 +25,15 @@ pub const THROUGH: &str = "Walcast-Through";
 /// gone from the stream.
 pub const AFTER: &str = "Walcast-After";
 
+/// The header of a chunk too large for one message: `<i>/<n>`, the part's place. Parts are
+/// appended one after another; only the last carries the chunk's own position (the others
+/// carry the previous chunk's), so a chunk whose owner died between parts is appended again
+/// whole by the next owner, and a reader drops parts it cannot complete.
+pub const PART: &str = "Walcast-Part";
+
+/// Room left in a message for its headers.
+const HEADER_ROOM: usize = 4096;
+
 /// Why the stream could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -61,6 +70,9 @@ pub struct ChangeStream {
     stream: jetstream::stream::Stream,
     name: String,
     subject: String,
+    /// The most bytes of a chunk one message carries (the server's `max_payload` less room for
+    /// headers); larger chunks go in parts.
+    part_bytes: usize,
 }
 
 /// An owner's right to append: the sequence it expects to be the stream's last, and that
@@ -107,13 +119,25 @@ impl ChangeStream {
             action: "creating or opening it",
             source: e.into(),
         })?;
+        let max_payload = match nats.client.server_info().max_payload {
+            0 => 1 << 20,
+            n => n,
+        };
         Ok(ChangeStream {
             client: nats.client.clone(),
             jetstream: nats.jetstream.clone(),
             stream,
             name,
             subject,
+            part_bytes: max_payload.saturating_sub(HEADER_ROOM).max(HEADER_ROOM),
         })
+    }
+
+    /// The same stream, with chunks split into parts of at most `bytes` (tests use it to make
+    /// ordinary transactions span parts).
+    pub fn with_part_bytes(mut self, bytes: usize) -> ChangeStream {
+        self.part_bytes = bytes.max(1);
+        self
     }
 
     fn failed(&self, action: &'static str) -> impl FnOnce(async_nats::Error) -> StreamError + '_ {
@@ -181,6 +205,8 @@ impl ChangeStream {
                 lo = mid + 1;
             }
         }
+        // Never between the parts of one chunk.
+        let lo = self.chunk_start(lo, first).await?;
         if lo <= first {
             return Ok(0);
         }
@@ -194,33 +220,68 @@ impl ChangeStream {
         Appender { last, through: through.unwrap_or(Position::ZERO) }
     }
 
-    /// Appends `chunk` if the stream still ends at the appender's sequence; returns the new
-    /// sequence. A chunk whose position the stream already holds (within its duplicate window)
-    /// is not stored twice.
+    /// Appends `chunk` if the stream still ends at the appender's sequence (in parts when it is
+    /// larger than a message may be); returns the new last sequence. A chunk whose position the
+    /// stream already holds (within its duplicate window) is not stored twice.
     pub async fn append(&self, appender: &mut Appender, chunk: &Chunk) -> Result<u64, StreamError> {
         let through = chunk.through.map(position_text).unwrap_or_default();
-        let message = PublishMessage::build()
-            .payload(chunk.bytes.clone())
-            .message_id(&through)
-            .header(THROUGH, through.as_str())
-            .header(AFTER, position_text(appender.through).as_str())
-            .expected_last_sequence(appender.last);
+        let after = position_text(appender.through);
+        let bytes = &chunk.bytes;
+        let parts = bytes.len().div_ceil(self.part_bytes).max(1);
+        for i in 0..parts {
+            let part = bytes
+                .slice((i * self.part_bytes).min(bytes.len())..((i + 1) * self.part_bytes).min(bytes.len()));
+            let last = i + 1 == parts;
+            let mut message = PublishMessage::build()
+                .payload(part)
+                .header(AFTER, after.as_str())
+                .expected_last_sequence(appender.last);
+            message = if last {
+                message.message_id(&through).header(THROUGH, through.as_str())
+            } else {
+                message.header(THROUGH, after.as_str())
+            };
+            if parts > 1 {
+                message = message.header(PART, format!("{}/{parts}", i + 1).as_str());
+            }
+            appender.last = self.append_one(message, appender.last).await?;
+        }
+        appender.through = chunk.through.unwrap_or(appender.through);
+        Ok(appender.last)
+    }
+
+    /// One fenced publish; the stored message's sequence.
+    async fn append_one(&self, message: PublishMessage, expected: u64) -> Result<u64, StreamError> {
         let sent = self.jetstream.send_publish(self.subject.clone(), message).await;
         let ack = match sent {
             Ok(pending) => pending.await,
             Err(e) => Err(e),
         };
         match ack {
-            Ok(ack) => {
-                appender.last = ack.sequence;
-                appender.through = chunk.through.unwrap_or(appender.through);
-                Ok(ack.sequence)
-            }
+            Ok(ack) => Ok(ack.sequence),
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                Err(StreamError::Fenced { stream: self.name.clone(), expected: appender.last })
+                Err(StreamError::Fenced { stream: self.name.clone(), expected })
             }
             Err(e) => Err(self.failed("appending a chunk")(e.into())),
         }
+    }
+
+    /// The place of message `sequence` among its chunk's parts: (i, n); `None` for a whole chunk.
+    async fn part_of(&self, sequence: u64) -> Result<Option<(u64, u64)>, StreamError> {
+        let message = self
+            .stream
+            .get_raw_message(sequence)
+            .await
+            .map_err(|e| self.failed("reading a message")(e.into()))?;
+        Ok(message.headers.get(PART).and_then(|v| parse_part(v.as_str())))
+    }
+
+    /// `sequence`, or the first part of the chunk it is a later part of.
+    async fn chunk_start(&self, sequence: u64, first: u64) -> Result<u64, StreamError> {
+        Ok(match self.part_of(sequence).await? {
+            Some((i, _)) if i > 1 => sequence.saturating_sub(i - 1).max(first),
+            _ => sequence,
+        })
     }
 
     /// A header position of message `sequence`.
@@ -255,6 +316,9 @@ impl ChangeStream {
             } else {
                 lo = mid + 1;
             }
+        }
+        if lo <= last {
+            lo = self.chunk_start(lo, first).await?;
         }
         if lo == first {
             let before = self.header_position(first, AFTER).await?;
@@ -291,16 +355,95 @@ impl ChangeStream {
             .await
             .map_err(|e| self.failed("creating a consumer")(e.into()))?;
         let messages = consumer.messages().await.map_err(|e| self.failed("reading")(e.into()))?;
-        Ok(messages.map(move |m| {
-            let m = m.map_err(|e| self.failed("reading")(e.into()))?;
-            let sequence = m.info().map(|i| i.stream_sequence).map_err(|e| self.failed("reading")(e))?;
-            let payload: Bytes = m.payload.clone();
-            let events = chunk::decode(&payload).map_err(|source| StreamError::Chunk {
-                stream: self.name.clone(),
-                sequence,
-                source,
-            })?;
-            Ok((sequence, events))
-        }))
+        let mut parts = Parts::default();
+        Ok(messages
+            .map(move |m| {
+                let m = m.map_err(|e| self.failed("reading")(e.into()))?;
+                let sequence = m.info().map(|i| i.stream_sequence).map_err(|e| self.failed("reading")(e))?;
+                let part = m.headers.as_ref().and_then(|h| h.get(PART)).and_then(|v| parse_part(v.as_str()));
+                let Some(payload) = parts.take(part, m.payload.clone()) else {
+                    return Ok(None);
+                };
+                let events = chunk::decode(&payload).map_err(|source| StreamError::Chunk {
+                    stream: self.name.clone(),
+                    sequence,
+                    source,
+                })?;
+                Ok(Some((sequence, events)))
+            })
+            .filter_map(|r: Result<Option<(u64, Vec<ChangeEvent>)>, StreamError>| {
+                std::future::ready(r.transpose())
+            }))
+    }
+}
+
+/// `<i>/<n>` with 1 ≤ i ≤ n.
+fn parse_part(s: &str) -> Option<(u64, u64)> {
+    let (i, n) = s.split_once('/')?;
+    let (i, n) = (i.parse().ok()?, n.parse().ok()?);
+    (1..=n).contains(&i).then_some((i, n))
+}
+
+/// A reader's parts of one chunk, in order.
+#[derive(Default)]
+struct Parts {
+    /// (parts so far, how many the chunk has).
+    held: Vec<Bytes>,
+    of: u64,
+}
+
+impl Parts {
+    /// The whole chunk once `payload` completes it; `None` while parts are missing. A part that
+    /// does not follow on (a chunk whose owner died between parts, then appended again) drops
+    /// what was held.
+    fn take(&mut self, part: Option<(u64, u64)>, payload: Bytes) -> Option<Bytes> {
+        let Some((i, n)) = part else {
+            self.held.clear();
+            return Some(payload);
+        };
+        if i == 1 || self.of != n || self.held.len() as u64 + 1 != i {
+            self.held.clear();
+            if i != 1 {
+                return None;
+            }
+        }
+        self.of = n;
+        self.held.push(payload);
+        if i < n {
+            return None;
+        }
+        let mut whole = bytes::BytesMut::with_capacity(self.held.iter().map(Bytes::len).sum());
+        for p in self.held.drain(..) {
+            whole.extend_from_slice(&p);
+        }
+        Some(whole.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_make_a_chunk_only_when_all_follow_on() {
+        let mut p = Parts::default();
+        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+        assert_eq!(p.take(None, b("whole")), Some(b("whole")));
+        assert_eq!(p.take(Some((1, 3)), b("a")), None);
+        assert_eq!(p.take(Some((2, 3)), b("b")), None);
+        assert_eq!(p.take(Some((3, 3)), b("c")), Some(b("abc")));
+        // An owner died after two parts; the next owner appends the chunk again.
+        assert_eq!(p.take(Some((1, 3)), b("x")), None);
+        assert_eq!(p.take(Some((2, 3)), b("y")), None);
+        assert_eq!(p.take(Some((1, 2)), b("xy")), None);
+        assert_eq!(p.take(Some((2, 2)), b("z")), Some(b("xyz")));
+        // A reader that starts in the middle of a chunk drops its tail.
+        assert_eq!(p.take(Some((2, 2)), b("tail")), None);
+        assert_eq!(p.take(Some((3, 3)), b("tail")), None);
+        assert_eq!(p.take(None, b("next")), Some(b("next")));
+        assert_eq!(parse_part("0/2"), None);
+        assert_eq!(parse_part("3/2"), None);
+        assert_eq!(parse_part("2/x"), None);
+        assert_eq!(parse_part("2/2"), Some((2, 2)));
     }
 }

@@ -421,3 +421,71 @@ async fn nodes_holding_the_lease_over_time_have_one_owner_at_most_and_hand_over_
     stop_c.cancel();
     let _ = task_c.await;
 }
+
+#[tokio::test]
+async fn chunks_larger_than_a_message_go_in_parts_that_readers_join_and_drop_when_left_unfinished() {
+    use walcast::change::Position;
+    use walcast::cluster::publish::Start;
+    use walcast::cluster::stream::{position_text, ChangeStream, AFTER, PART, THROUGH};
+    use walcast::replication::ack::Acknowledgement;
+    use walcast::replication::lsn::Lsn;
+
+    let server = nats_server("parts").await;
+    let nats = node(&server, "a").await;
+    let stream = ChangeStream::open(&nats).await.expect("open").with_part_bytes(4096);
+    let first: Vec<_> = [transaction(0x100, 2), transaction(0x200, 2_000), transaction(0x300, 1)]
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut full = ledger(&first);
+    let ack = Acknowledgement::new();
+    publish_all(&stream, Start::of(&stream).await.unwrap(), first, &ack).await.expect("publish");
+    assert_eq!(ack.get(), Lsn(0x308));
+    let (messages, _) = stream.end().await.unwrap();
+    assert!(messages > 10, "2,000 rows in parts of 4 KiB: {messages} messages");
+    assert_eq!(consumed(&stream, Position::ZERO, full.len()).await, full);
+    let middle = Position { lsn: Lsn(0x200), seq: 1_234 };
+    let from = full.iter().position(|l| l.starts_with(&position_text(middle))).unwrap() + 1;
+    assert_eq!(consumed(&stream, middle, full.len() - from).await, full[from..]);
+
+    // An owner that died between the parts of a chunk left them unfinished: they carry the
+    // previous chunk's position, so the next owner appends the chunk again, and readers drop
+    // the unfinished parts.
+    let (last, through) = stream.end().await.unwrap();
+    let through = position_text(through.expect("a position"));
+    let mut expected = last;
+    for part in ["1/3", "2/3"] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(THROUGH, through.as_str());
+        headers.insert(AFTER, through.as_str());
+        headers.insert(PART, part);
+        headers.insert("Nats-Expected-Last-Sequence", expected.to_string().as_str());
+        let ack = nats
+            .jetstream
+            .publish_with_headers("walcast.changes", headers, "unfinished".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+        expected = ack.sequence;
+    }
+    let start = Start::of(&stream).await.unwrap();
+    assert_eq!(start.through, Some(Position::end_of(Lsn(0x300))), "unfinished parts do not count");
+    let big = transaction(0x400, 2_000);
+    full.extend(ledger(&big));
+    publish_all(&stream, start, big, &Acknowledgement::new()).await.expect("the next owner publishes");
+    assert_eq!(consumed(&stream, Position::ZERO, full.len()).await, full);
+    let after_t3 = full.iter().position(|l| l.starts_with("commit 0/300")).unwrap() + 1;
+    assert_eq!(
+        consumed(&stream, Position::end_of(Lsn(0x300)), full.len() - after_t3).await,
+        full[after_t3..]
+    );
+
+    // Trimming keeps every part of the last chunk.
+    assert!(stream.trim(Duration::ZERO).await.unwrap() > 0);
+    assert_eq!(stream.begins_after().await.unwrap(), Some(Position::end_of(Lsn(0x300))));
+    assert_eq!(
+        consumed(&stream, Position::end_of(Lsn(0x300)), full.len() - after_t3).await,
+        full[after_t3..]
+    );
+}

@@ -250,11 +250,18 @@ impl Roaming {
     }
 
     async fn read_while(&mut self, nodes: &[NodeProcess], more: impl Fn(&[(String, i64)]) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        // Progress, not speed: it fails only after a minute with nothing new.
+        let mut deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while more(&self.got) {
-            assert!(tokio::time::Instant::now() < deadline, "{} received, then 120 s passed", self.got.len());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} received, then nothing for 60 s (last at node {})",
+                self.got.len(),
+                nodes[self.at].name
+            );
             match self.sse.next().await {
                 Some((id, event, data)) => {
+                    deadline = tokio::time::Instant::now() + Duration::from_secs(60);
                     assert_eq!(event, "insert", "{data}");
                     self.got.push((id.expect("id"), data["record"]["id"].as_i64().expect("id")));
                 }
