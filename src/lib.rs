@@ -146,24 +146,37 @@ async fn join_cluster(
     Ok((parts, log::Origin::Stream { epoch, begin }))
 }
 
-/// A cluster node's tasks: its heartbeat, holding the lease, the owner's terms (confirming to
-/// Postgres only what both the stream and this node's log hold), and every node's reading of
-/// the stream into its dispatcher (`events`), with its readiness in `status`. Returns the
-/// node's view of the cluster, for operators.
-async fn start_node(
+/// What a cluster node's tasks start from.
+struct NodeStart {
     cluster: ClusterParts,
     slot: cluster::owner::SlotWork,
+    hub: Hub,
+    /// What the core forwards to other nodes.
+    bus: tokio::sync::mpsc::Receiver<realtime::bus::BusMessage>,
+    /// Where the stream's events go: this node's dispatcher.
     events: tokio::sync::mpsc::Sender<change::ChangeEvent>,
+    /// This node's log's last position.
     written: tokio::sync::watch::Receiver<change::Position>,
-    (status, listen): (&Arc<ReplicationStatus>, SocketAddr),
+    status: Arc<ReplicationStatus>,
+    listen: SocketAddr,
+}
+
+/// A cluster node's tasks: its heartbeat, the bus, holding the lease, the owner's terms
+/// (confirming to Postgres only what both the stream and this node's log hold), and every
+/// node's reading of the stream into its dispatcher, with its readiness in `status`. Returns
+/// the node's view of the cluster, for operators.
+async fn start_node(
+    start: NodeStart,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<Arc<cluster::view::View>, cluster::ClusterError> {
+    let NodeStart { cluster, slot, hub, bus, events, written, status, listen } = start;
     tracing::info!(node = %cluster.node_id, "serving as a cluster node");
     let ttl = cluster.lease.ttl();
     let registry =
         cluster::nodes::Registry::open(&cluster.nats, &cluster.node_id, listen.to_string(), ttl).await?;
     tracker.spawn(registry.clone().keep_alive(shutdown.clone()));
+    tracker.spawn(cluster::bus::run(cluster.nats.clone(), hub, bus, ttl, shutdown.clone()));
     let (ownership, holder) = cluster::owner::hold(cluster.lease.clone(), shutdown.clone());
     // Shutdown waits for the lease's release, so another node takes the slot at once.
     tracker.spawn(async move {
@@ -190,10 +203,10 @@ async fn start_node(
         cluster.stream.clone(),
         after,
         events,
-        Arc::clone(status),
+        Arc::clone(&status),
         shutdown.clone(),
     ));
-    tracker.spawn(cluster::follow::watch_lag(cluster.stream, written, Arc::clone(status), shutdown.clone()));
+    tracker.spawn(cluster::follow::watch_lag(cluster.stream, written, status, shutdown.clone()));
     Ok(view)
 }
 
@@ -301,11 +314,16 @@ impl Gateway {
     }
 
     /// The core, wired to this gateway's database, log and configuration.
-    fn hub(&self, catalog: Arc<PublishedCatalog>, status: &ReplicationStatus) -> Hub {
+    fn hub(
+        &self,
+        catalog: Arc<PublishedCatalog>,
+        status: &ReplicationStatus,
+        peers: Option<Arc<dyn realtime::bus::Peers>>,
+    ) -> Hub {
         Hub::new(HubParts {
             limits: Limits::from_config(&self.config),
             catalog: Some(catalog),
-            peers: None,
+            peers,
             replication_live: Some(status.live.subscribe()),
             verifier: self.verifier.clone(),
             rls: self
@@ -350,7 +368,9 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let catalog = Arc::new(PublishedCatalog::new(self.pool.clone(), self.config.publication.clone()));
         let status = Arc::new(ReplicationStatus::default());
-        let hub = self.hub(catalog, &status);
+        // A cluster node forwards broadcasts and presence to the others over NATS.
+        let (peers, bus_queue) = self.cluster.as_ref().map(|_| cluster::bus::peers()).unzip();
+        let hub = self.hub(catalog, &status, peers.map(|p| p as Arc<dyn realtime::bus::Peers>));
         let ack = self.ack;
         let (tx, rx) = tokio::sync::mpsc::channel(8192);
         let (appender, writer, resume_after, written) = match self.log {
@@ -364,8 +384,8 @@ impl Gateway {
         // With a log, the log's writer confirms (durable); without, the dispatcher (delivered).
         let dispatched = if appender.is_some() { Acknowledgement::new() } else { ack.clone() };
 
-        let view = match (self.cluster, written) {
-            (Some(cluster), Some(written)) => {
+        let view = match (self.cluster, written, bus_queue) {
+            (Some(cluster), Some(written), Some(bus)) => {
                 let slot = cluster::owner::SlotWork {
                     stream: cluster.stream.clone(),
                     params: self.params,
@@ -378,13 +398,10 @@ impl Gateway {
                     retention: Duration::from_secs(self.config.changelog.max_age_secs),
                 };
                 let listen = self.listener.local_addr().unwrap_or(self.config.listen);
-                match start_node(cluster, slot, tx, written, (&status, listen), &tracker, &shutdown).await {
-                    Ok(view) => Some(view),
-                    Err(e) => {
-                        shutdown.cancel();
-                        return Err(std::io::Error::other(crate::errors::chain(&e)));
-                    }
-                }
+                let (hub, status) = (hub.clone(), Arc::clone(&status));
+                let start = NodeStart { cluster, slot, hub, bus, events: tx, written, status, listen };
+                let view = start_node(start, &tracker, &shutdown).await;
+                Some(view.map_err(|e| std::io::Error::other(crate::errors::chain(&e)))?)
             }
             _ => {
                 tracker.spawn(
@@ -417,31 +434,45 @@ impl Gateway {
         ));
 
         let state = Self::app_state(&self.config, hub, (status, view), &shutdown);
-        let connections = Arc::clone(&state.connections);
-        let limits = server::listener::ConnectionLimits::from_config(&self.config);
-        if let Some(admin) = self.admin {
-            let app = server::admin_router(state.clone());
-            let metrics = Arc::new(server::listener::ConnectionMetrics::default());
-            tracker.spawn(server::listener::serve(admin, app, limits, metrics, shutdown.clone()));
-        }
-        let app = server::router(state, self.config.admin_listen.is_none());
-        let server =
-            tracker.spawn(server::listener::serve(self.listener, app, limits, connections, shutdown.clone()));
+        let listeners = (self.listener, self.admin);
+        let server = serve_http(&self.config, state, listeners, &tracker, &shutdown);
         tracker.close();
         shutdown.cancelled().await;
-        if tokio::time::timeout(Duration::from_secs(9), tracker.wait()).await.is_err() {
-            tracing::warn!("tasks still running 9 s after shutdown; leaving them");
-            server.abort();
-        }
-        if let Some(writer) = writer {
-            // The dispatcher has stopped (its appender is dropped): the writer syncs and ends.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                tokio::task::spawn_blocking(move || writer.join()),
-            )
-            .await;
-        }
+        wind_down(tracker, server, writer).await;
         self.pool.close().await;
         Ok(())
+    }
+}
+
+/// The HTTP listeners (the admin one too, when configured); the main one's task.
+fn serve_http(
+    config: &Config,
+    state: AppState,
+    (listener, admin): (TcpListener, Option<TcpListener>),
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let connections = Arc::clone(&state.connections);
+    let limits = server::listener::ConnectionLimits::from_config(config);
+    if let Some(admin) = admin {
+        let app = server::admin_router(state.clone());
+        let metrics = Arc::new(server::listener::ConnectionMetrics::default());
+        tracker.spawn(server::listener::serve(admin, app, limits, metrics, shutdown.clone()));
+    }
+    let app = server::router(state, config.admin_listen.is_none());
+    tracker.spawn(server::listener::serve(listener, app, limits, connections, shutdown.clone()))
+}
+
+/// After shutdown: waits up to 9 s for every task, then for the log writer to sync and end.
+async fn wind_down(tracker: TaskTracker, server: tokio::task::JoinHandle<()>, writer: Option<WriterHandle>) {
+    if tokio::time::timeout(Duration::from_secs(9), tracker.wait()).await.is_err() {
+        tracing::warn!("tasks still running 9 s after shutdown; leaving them");
+        server.abort();
+    }
+    if let Some(writer) = writer {
+        // The dispatcher has stopped (its appender is dropped): the writer syncs and ends.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(move || writer.join()))
+                .await;
     }
 }

@@ -5,6 +5,7 @@
 //! Owns: the NATS connection and the JetStream names (`<prefix>_lease`, …). Must not: match,
 //! authorize or deliver (the core does, on every node alike), or touch client sockets.
 
+pub mod bus;
 pub mod chunk;
 pub mod consume;
 pub mod follow;

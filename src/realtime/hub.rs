@@ -77,6 +77,14 @@ impl std::fmt::Debug for Hub {
     }
 }
 
+/// Where a member id's node seed starts.
+const MEMBER_SEED_SHIFT: u32 = 40;
+
+/// The seed of the node that made member id `member`.
+pub fn member_seed(member: crate::realtime::member::MemberId) -> u64 {
+    member >> MEMBER_SEED_SHIFT
+}
+
 /// What a [`Hub`] is built from; everything but the limits is optional.
 #[derive(Default)]
 pub struct HubParts {
@@ -121,7 +129,9 @@ impl Hub {
                 recent: Default::default(),
                 broadcast_logged: std::sync::Mutex::new(Position::ZERO),
                 subjects: std::sync::Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(1),
+                // Member ids carry this node's seed in their high bits, so that ids made on
+                // different nodes differ and a node's presences can be told apart by id.
+                next_id: AtomicU64::new((fastrand::u64(1..1 << 23) << MEMBER_SEED_SHIFT) | 1),
                 node: fastrand::u64(..),
             }),
         }
@@ -246,6 +256,11 @@ impl Hub {
 
     pub(crate) fn next_id(&self) -> u64 {
         self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The high bits of every member id this node makes (see [`member_seed`]).
+    pub fn member_seed(&self) -> u64 {
+        self.inner.next_id.load(Ordering::Relaxed) >> MEMBER_SEED_SHIFT
     }
 
     pub(crate) fn node(&self) -> u64 {

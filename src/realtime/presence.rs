@@ -150,11 +150,14 @@ impl PresenceTable {
 
     /// The metas a member holds (a member tracks at most one key).
     pub fn of_member(&self, member: MemberId) -> Vec<(Arc<str>, PresenceMeta)> {
+        self.metas_where(|m| m.member == member)
+    }
+
+    /// The metas that satisfy `pred`, with their keys.
+    pub fn metas_where(&self, pred: impl Fn(&PresenceMeta) -> bool) -> Vec<(Arc<str>, PresenceMeta)> {
         self.keys
             .iter()
-            .flat_map(|(k, metas)| {
-                metas.iter().filter(|m| m.member == member).map(|m| (Arc::clone(k), m.clone()))
-            })
+            .flat_map(|(k, metas)| metas.iter().filter(|m| pred(m)).map(|m| (Arc::clone(k), m.clone())))
             .collect()
     }
 

@@ -184,6 +184,39 @@ impl Hub {
         }
     }
 
+    /// The presences of this node's members, per topic, as joins: what another node needs
+    /// when it appears (or comes back after it counted this one gone).
+    pub fn own_presences(&self) -> Vec<(TopicKey, PresenceDiff)> {
+        let seed = self.member_seed();
+        let channels = locks::read(self.channels());
+        channels
+            .iter()
+            .filter_map(|(key, c)| {
+                let joins = c.presence.metas_where(|m| crate::realtime::hub::member_seed(m.member) == seed);
+                (!joins.is_empty()).then(|| (key.clone(), PresenceDiff { joins, leaves: Vec::new() }))
+            })
+            .collect()
+    }
+
+    /// Removes the presences of the members of the node with `seed` (it is gone); this node's
+    /// members get the leaves. Not forwarded: every node does this itself.
+    pub fn drop_presences_of(&self, seed: u64) {
+        let gone: Vec<(TopicKey, PresenceDiff)> = {
+            let channels = locks::read(self.channels());
+            channels
+                .iter()
+                .filter_map(|(key, c)| {
+                    let leaves =
+                        c.presence.metas_where(|m| crate::realtime::hub::member_seed(m.member) == seed);
+                    (!leaves.is_empty()).then(|| (key.clone(), PresenceDiff { joins: Vec::new(), leaves }))
+                })
+                .collect()
+        };
+        for (key, diff) in gone {
+            self.apply_presence(&key, &diff);
+        }
+    }
+
     /// The presence state of a channel as JSON (for tests and the REST API).
     pub fn presence_state(&self, key: &TopicKey) -> Vec<u8> {
         let channels = locks::read(self.channels());

@@ -169,7 +169,7 @@ impl NodeProcess {
             .env("WALCAST_CLUSTER__NATS_URL", nats)
             .env("WALCAST_CLUSTER__NODE_ID", &self.name)
             .env("WALCAST_CLUSTER__LEASE_SECS", "2")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("NODE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -435,5 +435,115 @@ async fn with_nats_away_nodes_keep_their_clients_stop_confirming_and_catch_up_wh
     .await;
     for n in nodes {
         n.stop().await;
+    }
+}
+
+/// A Phoenix (2.0.0) client of `node` in `realtime:room` with presence key `key`, past its
+/// `presence_state`, which is returned.
+async fn member(node: &NodeProcess, key: &str) -> (crate::support::Ws, serde_json::Value) {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", node.port).parse().expect("addr");
+    let mut ws = crate::support::Ws::connect(addr, "/realtime/v1/websocket", Some("2.0.0")).await;
+    let config = serde_json::json!({"broadcast": {"self": false}, "presence": {"key": key, "enabled": true}});
+    let reply = ws.join_config("room", config).await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let state = ws.recv_until("presence_state", |f| f[3] == "presence_state").await;
+    (ws, state[4].clone())
+}
+
+/// The next broadcast `ws` receives (a 2.0.0 client gets them as binary frames): (event,
+/// payload).
+async fn next_broadcast(ws: &mut crate::support::Ws) -> (String, serde_json::Value) {
+    let f = ws.recv_until("a broadcast", |f| f["binary"]["event"].is_string()).await;
+    (f["binary"]["event"].as_str().unwrap_or("").to_owned(), f["binary"]["payload"].clone())
+}
+
+#[tokio::test]
+async fn broadcasts_and_presence_reach_members_on_every_node_and_a_dead_nodes_presences_leave() {
+    use serde_json::json;
+    let nats = nats_server("bus").await;
+    let url = fresh_db().await;
+    let db = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+    let slot = format!("slot_{db}").to_ascii_lowercase();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        nodes.push(NodeProcess::start(&url, &slot, &nats.url(), name).await);
+    }
+    let (mut alice, _) = member(&nodes[0], "alice").await;
+    let (mut bob, _) = member(&nodes[1], "bob").await;
+    let (mut carol, _) = member(&nodes[2], "carol").await;
+
+    // Presence: alice tracks on a; bob (b) and carol (c) see her join.
+    alice
+        .push(
+            Some("j1"),
+            "realtime:room",
+            "presence",
+            json!({"type": "presence", "event": "track", "payload": {"n": 1}}),
+        )
+        .await;
+    for ws in [&mut bob, &mut carol] {
+        let d = ws
+            .recv_until("alice joins", |f| f[3] == "presence_diff" && f[4]["joins"]["alice"].is_object())
+            .await;
+        assert_eq!(d[4]["joins"]["alice"]["metas"][0]["n"], 1, "{d}");
+    }
+    bob.push(
+        Some("j1"),
+        "realtime:room",
+        "presence",
+        json!({"type": "presence", "event": "track", "payload": {"n": 2}}),
+    )
+    .await;
+    alice.recv_until("bob joins", |f| f[3] == "presence_diff" && f[4]["joins"]["bob"].is_object()).await;
+    // A member who joins later, on a third node, gets the whole cluster's state.
+    let (mut dave, state) = member(&nodes[2], "dave").await;
+    assert!(state["alice"].is_object() && state["bob"].is_object(), "{state}");
+
+    // Broadcasts: from a socket on b, REST on c, and the database; each arrives once.
+    bob.push(
+        Some("j1"),
+        "realtime:room",
+        "broadcast",
+        json!({"type": "broadcast", "event": "hi", "payload": {"from": "bob"}}),
+    )
+    .await;
+    for ws in [&mut alice, &mut carol, &mut dave] {
+        assert_eq!(next_broadcast(ws).await, ("hi".into(), json!({"from": "bob"})));
+    }
+    let rest = |event: &str| {
+        json!({"messages": [{"topic": "room", "event": event, "payload": {"via": "rest"}}]}).to_string()
+    };
+    let c_addr: std::net::SocketAddr = format!("127.0.0.1:{}", nodes[2].port).parse().unwrap();
+    let (status, body) =
+        crate::support::http_post(c_addr, "/api/broadcast", "application/json", rest("r1").as_bytes()).await;
+    assert_eq!(status, 202, "{body}");
+    for ws in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        assert_eq!(next_broadcast(ws).await, ("r1".into(), json!({"via": "rest"})));
+    }
+    let p = pool(&url).await;
+    exec(&p, "SELECT realtime.send('{\"n\": 3}'::jsonb, 'db', 'room', false)").await;
+    for ws in [&mut alice, &mut bob, &mut carol] {
+        let (event, payload) = next_broadcast(ws).await;
+        assert_eq!(event, "db", "{payload}");
+        assert_eq!(payload["n"], 3);
+    }
+    // A fence after it: the database broadcast came once, not once per node it passed.
+    crate::support::http_post(c_addr, "/api/broadcast", "application/json", rest("fence").as_bytes()).await;
+    for ws in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(next_broadcast(ws).await.0, "fence", "the database broadcast arrived twice");
+    }
+
+    // Node a dies: alice's presence leaves everywhere else, within the lease.
+    nodes[0].kill().await;
+    for ws in [&mut bob, &mut carol, &mut dave] {
+        let d = ws
+            .recv_until("alice leaves", |f| f[3] == "presence_diff" && f[4]["leaves"]["alice"].is_object())
+            .await;
+        assert_eq!(d[4]["leaves"]["alice"]["metas"][0]["n"], 1, "{d}");
+    }
+    let (_eve, state) = member(&nodes[1], "eve").await;
+    assert!(state["alice"].is_null() && state["bob"].is_object(), "{state}");
+    for n in &mut nodes {
+        n.kill().await;
     }
 }

@@ -105,7 +105,8 @@ pub(super) fn publish(hub: &Hub, mut b: DbBroadcast) {
         b.message.logged = Some(crate::change::broadcast::Logged { position: b.position, cursor });
         hub.set_broadcast_logged(b.position);
     }
-    hub.publish(BusMessage::Broadcast {
+    // Every node reads database broadcasts from its own source: delivered here only.
+    hub.deliver(&BusMessage::Broadcast {
         key: TopicKey { topic: b.topic, private: b.private },
         origin: None,
         message: Arc::new(b.message),
