@@ -10,8 +10,8 @@
 //! walsender session, stream the slot, publish, trim. Must not: run a term while the watch is
 //! false, or confirm to Postgres what the stream has not stored.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
@@ -20,22 +20,52 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::lease::{Held, Lease, RenewError};
 use crate::cluster::publish::{publish, Start};
 use crate::cluster::stream::{ChangeStream, StreamError};
+use crate::locks;
 use crate::replication::ack::Acknowledgement;
 use crate::replication::lsn::Lsn;
 use crate::replication::wire::ConnectParams;
 use crate::source::walsender::{ReplicationStatus, ReplicationTask};
 
-/// Whether this node owns the slot now. Dropped (the task ended): it does not.
-pub type Ownership = watch::Receiver<bool>;
+/// Whether this node owns the slot: a watch of changes, and the instant (monotonic, so it runs
+/// on while the process is paused) until which the last successful write lets it act.
+#[derive(Clone)]
+pub struct Ownership {
+    changes: watch::Receiver<bool>,
+    until: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Ownership {
+    /// Whether this node may act as the owner at this instant. A watch may be stale after the
+    /// process was paused; this is not.
+    pub fn now(&self) -> bool {
+        locks::lock(&self.until).is_some_and(|until| Instant::now() < until)
+    }
+
+    /// What the watch says (for display; act on `now`).
+    pub fn seen(&self) -> bool {
+        *self.changes.borrow()
+    }
+
+    /// Waits until the watch says `owner`; an error once the holding task has ended.
+    pub async fn wait_for(&mut self, owner: bool) -> Result<(), watch::error::RecvError> {
+        self.changes.wait_for(|o| *o == owner).await.map(|_| ())
+    }
+}
 
 /// Starts holding `lease` until `shutdown`.
 pub fn hold(lease: Lease, shutdown: CancellationToken) -> (Ownership, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(false);
-    let task = tokio::spawn(async move { run(lease, tx, shutdown).await });
-    (rx, task)
+    let until = Arc::new(Mutex::new(None));
+    let ownership = Ownership { changes: rx, until: Arc::clone(&until) };
+    let task = tokio::spawn(async move { run(lease, (tx, until), shutdown).await });
+    (ownership, task)
 }
 
-async fn run(lease: Lease, owner: watch::Sender<bool>, shutdown: CancellationToken) {
+async fn run(
+    lease: Lease,
+    (owner, until): (watch::Sender<bool>, Arc<Mutex<Option<Instant>>>),
+    shutdown: CancellationToken,
+) {
     let ttl = lease.ttl();
     let mut held: Option<Held> = None;
     let mut seen = None;
@@ -56,8 +86,10 @@ async fn run(lease: Lease, owner: watch::Sender<bool>, shutdown: CancellationTok
             },
             Some(h) => renew(&lease, h, ttl).await,
         };
+        *locks::lock(&until) = held.map(|h| Instant::now() + h.time_left(ttl));
         owner.send_if_modified(|o| std::mem::replace(o, held.is_some()) != held.is_some());
     }
+    *locks::lock(&until) = None;
     owner.send_replace(false);
     if let Some(h) = held {
         if let Err(e) = lease.release(h).await {
@@ -125,7 +157,7 @@ pub async fn serve_slot(mut ownership: Ownership, work: SlotWork, shutdown: Canc
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            owner = ownership.wait_for(|o| *o) => if owner.is_err() { return },
+            owner = ownership.wait_for(true) => if owner.is_err() { return },
         }
         tracing::info!(slot = %work.slot, "this node owns the slot: streaming it into the cluster");
         let term = shutdown.child_token();
@@ -149,6 +181,11 @@ pub async fn serve_slot(mut ownership: Ownership, work: SlotWork, shutdown: Canc
 
 impl SlotWork {
     async fn term(&self, ownership: &mut Ownership, term: &CancellationToken) -> Result<(), TermError> {
+        // Acting on a stale watch (this process was paused past its lease) would end the
+        // real owner's session: only with time left on the lease, by the monotonic clock.
+        if !ownership.now() {
+            return Ok(());
+        }
         end_other_sessions(&self.pool, &self.slot).await.map_err(TermError::Takeover)?;
         let start = Start::of(&self.stream).await?;
         let (tx, rx) = mpsc::channel(8192);
@@ -169,7 +206,7 @@ impl SlotWork {
         );
         let result = tokio::select! {
             r = publish(&self.stream, start, rx, &self.published) => r.map_err(TermError::from),
-            _ = ownership.wait_for(|o| !*o) => {
+            _ = ownership.wait_for(false) => {
                 tracing::warn!(slot = %self.slot, "this node no longer owns the slot: stopping its walsender");
                 Ok(())
             }

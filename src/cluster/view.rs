@@ -31,7 +31,7 @@ fn cursor(epoch: u32, p: crate::change::Position) -> String {
 impl View {
     /// Whether this node owns the slot now.
     pub fn owner(&self) -> bool {
-        *self.ownership.borrow()
+        self.ownership.now()
     }
 
     /// `/v1/cluster`'s body. What cannot be read (NATS away) is `null`, with an `error`.

@@ -169,8 +169,9 @@ impl NodeProcess {
             .env("WALCAST_CLUSTER__NATS_URL", nats)
             .env("WALCAST_CLUSTER__NODE_ID", &self.name)
             .env("WALCAST_CLUSTER__LEASE_SECS", "2")
-            .env("RUST_LOG", std::env::var("NODE_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("RUST_LOG", std::env::var("NODE_LOG").unwrap_or_else(|_| "walcast=info".into()))
             .stdout(std::process::Stdio::null())
+            .stderr(self.log_file())
             .kill_on_drop(true)
             .spawn()
             .expect("gateway process");
@@ -188,6 +189,16 @@ impl NodeProcess {
             assert!(tokio::time::Instant::now() < deadline, "node {} not ready within 60 s", self.name);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Where its log goes (appended across restarts), for a failing test's reader.
+    fn log_path(&self) -> std::path::PathBuf {
+        self.log_dir.with_extension("log")
+    }
+
+    fn log_file(&self) -> std::fs::File {
+        let _ = std::fs::create_dir_all(self.log_dir.parent().expect("a parent"));
+        std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("node log file")
     }
 
     fn base(&self) -> String {
@@ -255,9 +266,10 @@ impl Roaming {
         while more(&self.got) {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{} received, then nothing for 60 s (last at node {})",
+                "{} received, then nothing for 60 s (last at node {}; node logs: {})",
                 self.got.len(),
-                nodes[self.at].name
+                nodes[self.at].name,
+                nodes.iter().map(|n| n.log_path().display().to_string()).collect::<Vec<_>>().join(" ")
             );
             match self.sse.next().await {
                 Some((id, event, data)) => {
