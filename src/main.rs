@@ -46,9 +46,13 @@ enum Command {
         /// Where the cluster's files live; reused on the next run.
         #[arg(long, default_value = ".walcast/dev")]
         data_dir: PathBuf,
-        /// HTTP/WebSocket port of the gateway.
+        /// HTTP/WebSocket port of the gateway (the first node's, with --nodes).
         #[arg(long, default_value_t = 4000)]
         port: u16,
+        /// Run this many gateway nodes as a cluster, on consecutive ports, over a private
+        /// nats-server (Debian: nats-server).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+        nodes: u16,
     },
     /// Check the configured database and print one line per check; exit 1 on any FAIL.
     Check,
@@ -354,7 +358,7 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<ExitCod
             gateway.run(shutdown_on_signals()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dev { data_dir, port } => dev(config, data_dir, port).await,
+        Command::Dev { data_dir, port, nodes } => dev(config, data_dir, port, nodes).await,
         Command::Token { role, sub, ttl_secs, claims, secret_file } => {
             println!("{}", token(&config, &role, sub.as_deref(), ttl_secs, claims, secret_file)?);
             Ok(ExitCode::SUCCESS)
@@ -627,37 +631,37 @@ fn dev_secret(config: &Config, data_dir: &std::path::Path) -> anyhow::Result<(St
     Ok((secret, path))
 }
 
-async fn dev(mut config: Config, data_dir: PathBuf, port: u16) -> anyhow::Result<ExitCode> {
+async fn dev(mut config: Config, data_dir: PathBuf, port: u16, nodes: u16) -> anyhow::Result<ExitCode> {
     let (secret, secret_path) = dev_secret(&config, &data_dir)?;
     config.auth.jwt_secret = Some(secret.clone());
     let ten_years = Duration::from_secs(10 * 365 * 24 * 3600);
     let anon = walcast::auth::mint(&secret, "anon", None, ten_years, Default::default())?;
     let service = walcast::auth::mint(&secret, "service_role", None, ten_years, Default::default())?;
+    let mut nats = match nodes {
+        1 => None,
+        _ => Some(walcast::local_nats::LocalNats::start(data_dir.join("nats")).await?),
+    };
     let cluster = LocalPostgres::start(LocalPostgresOptions::new(&data_dir)).await?;
     let url = cluster.url("postgres");
-    let pool = walcast::connect_pool(&url).await?;
-    sqlx::raw_sql(DEMO_SCHEMA).execute(&pool).await.context("creating the demo schema")?;
-    sqlx::raw_sql(walcast::local_postgres::API_ROLES_SQL)
-        .execute(&pool)
-        .await
-        .context("creating the API roles")?;
-    pool.close().await;
-    config.database_url = Some(url.clone());
-    config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    if config.changelog.dir == walcast::config::ChangelogConfig::default().dir {
-        config.changelog.dir = data_dir.join("changelog");
-    }
-    let gateway = match Gateway::prepare(config, true).await {
+    let started = start_dev_nodes(&mut config, &data_dir, &url, (port, nodes), nats.as_ref()).await;
+    let gateways = match started {
         Ok(g) => g,
         Err(e) => {
             cluster.stop().await;
-            return Err(e.into());
+            return Err(e);
         }
     };
-    let addr = gateway.local_addr();
     println!();
     println!("walcast dev is running");
-    println!("  WebSocket : ws://{addr}/realtime/v1/websocket?apikey=<anon key>&vsn=2.0.0");
+    for (i, g) in gateways.iter().enumerate() {
+        let addr = g.local_addr();
+        let name = if gateways.len() > 1 { format!("node-{}", i + 1) } else { "WebSocket".into() };
+        println!("  {name:<10}: ws://{addr}/realtime/v1/websocket?apikey=<anon key>&vsn=2.0.0");
+    }
+    let addr = gateways.first().map(|g| g.local_addr()).unwrap_or(config.listen);
+    if let Some(n) = &nats {
+        println!("  Cluster   : http://{addr}/v1/cluster  (NATS at {})", n.url());
+    }
     println!("  anon key         : {anon}");
     println!("  service_role key : {service}");
     println!("  a user's token   : walcast token --secret-file {} --sub <user id>", secret_path.display());
@@ -666,8 +670,57 @@ async fn dev(mut config: Config, data_dir: PathBuf, port: u16) -> anyhow::Result
     println!("    psql '{url}' -c \"INSERT INTO posts (title) VALUES ('hello') RETURNING id\"");
     println!("  Ctrl-C stops the gateway and the database; data stays in {}", data_dir.display());
     println!();
-    let result = gateway.run(shutdown_on_signals()).await;
+    let shutdown = shutdown_on_signals();
+    let runs: Vec<_> = gateways.into_iter().map(|g| tokio::spawn(g.run(shutdown.clone()))).collect();
+    let mut result = Ok(());
+    for run in runs {
+        if let Ok(Err(e)) = run.await {
+            result = Err(e);
+        }
+    }
     cluster.stop().await;
+    if let Some(n) = nats.as_mut() {
+        n.stop().await;
+    }
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The demo schema, then `count` gateways on ports from `port` (a cluster over `nats` when more
+/// than one), each with its own change log under `data_dir`.
+async fn start_dev_nodes(
+    config: &mut Config,
+    data_dir: &std::path::Path,
+    url: &str,
+    (port, count): (u16, u16),
+    nats: Option<&walcast::local_nats::LocalNats>,
+) -> anyhow::Result<Vec<Gateway>> {
+    let pool = walcast::connect_pool(url).await?;
+    sqlx::raw_sql(DEMO_SCHEMA).execute(&pool).await.context("creating the demo schema")?;
+    sqlx::raw_sql(walcast::local_postgres::API_ROLES_SQL)
+        .execute(&pool)
+        .await
+        .context("creating the API roles")?;
+    pool.close().await;
+    config.database_url = Some(url.to_owned());
+    let default_log = config.changelog.dir == walcast::config::ChangelogConfig::default().dir;
+    let mut gateways = Vec::new();
+    for i in 0..count {
+        let mut node = config.clone();
+        node.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port.saturating_add(i)));
+        if let Some(nats) = nats {
+            node.cluster.nats_url = Some(nats.url());
+            node.cluster.node_id = Some(format!("node-{}", i + 1));
+            if default_log {
+                node.changelog.dir = data_dir.join(format!("changelog-{}", i + 1));
+            }
+        } else if default_log {
+            node.changelog.dir = data_dir.join("changelog");
+        }
+        gateways.push(Gateway::prepare(node, true).await?);
+    }
+    if let Some(first) = gateways.first() {
+        config.listen = first.local_addr();
+    }
+    Ok(gateways)
 }

@@ -559,3 +559,57 @@ async fn owned_publication_follows_config_and_external_one_is_left_alone() {
     .expect("query");
     assert_eq!(in_public, 0);
 }
+
+#[tokio::test]
+async fn dev_mode_runs_a_cluster_of_nodes_on_consecutive_ports() {
+    let dir = std::env::temp_dir().join(format!("walcast-devnodes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // Three consecutive free ports.
+    let port = (0..50)
+        .find_map(|_| {
+            let first = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+            let p = first.local_addr().ok()?.port();
+            let rest: Option<Vec<_>> =
+                (1..3).map(|i| std::net::TcpListener::bind(("127.0.0.1", p.checked_add(i)?)).ok()).collect();
+            rest.map(|_| p)
+        })
+        .expect("three consecutive free ports");
+    let mut child = walcast_bin()
+        .args(["dev", "--nodes", "3", "--port", &port.to_string(), "--data-dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("walcast dev");
+    for p in port..port + 3 {
+        let ready = format!("http://127.0.0.1:{p}/readyz");
+        wait_for("a dev node ready", Duration::from_secs(60), || async {
+            http_get(&ready).await.ok().filter(|b| b.contains("\"ready\":true")).map(|_| ())
+        })
+        .await;
+    }
+    let cluster = format!("http://127.0.0.1:{}/v1/cluster", port + 2);
+    let view = wait_for("three nodes and an owner", Duration::from_secs(30), || async {
+        let body = http_get(&cluster).await.ok()?;
+        let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1)?).ok()?;
+        (json["nodes"].as_array()?.len() == 3 && json["owner"].is_string()).then_some(json)
+    })
+    .await;
+    assert_eq!(view["node_id"], "node-3", "{view}");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).expect("pid"),
+        rustix::process::Signal::INT,
+    )
+    .expect("signal");
+    let status = wait_for("dev exits", Duration::from_secs(30), || {
+        let r = child.try_wait().ok().flatten();
+        async move { r }
+    })
+    .await;
+    assert!(status.success(), "dev exits cleanly: {status}");
+    let mut stdout = String::new();
+    use std::io::Read;
+    child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read");
+    assert!(stdout.contains("node-3") && stdout.contains("/v1/cluster"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
