@@ -122,6 +122,15 @@ enum SlotAction {
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
+    /// Several nodes over NATS JetStream against a single gateway: ingest, latency, failover.
+    Cluster {
+        /// Rows in the ingest backlog.
+        #[arg(long, default_value_t = 200_000)]
+        rows: u64,
+        /// Times the slot owner is killed.
+        #[arg(long, default_value_t = 5)]
+        kills: u32,
+    },
     /// Small-row inserts: walcast's decode rate against pg_recvlogical's.
     Ingest {
         /// Rows to insert.
@@ -458,6 +467,10 @@ async fn bench(
     let scenario_is_sse = matches!(scenario, Scenario::Sse { .. });
     let gateway_bin = std::env::current_exe()?;
     match scenario {
+        Scenario::Cluster { rows, kills } => {
+            let bin = std::env::current_exe().context("the walcast binary")?;
+            bench::cluster::run(&opts, &bin, rows, kills).await?;
+        }
         Scenario::Ingest { rows } => {
             bench::ingest::run(&opts, rows).await?;
         }

@@ -3,6 +3,7 @@
 //! Must not: assert timings; it reports them.
 
 pub mod client;
+pub mod cluster;
 pub mod gateway;
 pub mod ingest;
 pub mod matching;
