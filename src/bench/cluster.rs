@@ -272,7 +272,11 @@ fn sse_feed(addr: &str, last_id: Option<String>) -> tokio::sync::mpsc::Unbounded
         let mut resp = match req.send().await {
             Ok(r) if r.status().is_success() => r,
             Ok(r) => {
-                eprintln!("cluster: event stream refused: {} {}", r.status(), r.text().await.unwrap_or_default());
+                eprintln!(
+                    "cluster: event stream refused: {} {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                );
                 return;
             }
             Err(e) => {

@@ -75,12 +75,20 @@ pub struct ChangeStream {
     part_bytes: usize,
 }
 
-/// An owner's right to append: the sequence it expects to be the stream's last, and that
-/// message's last position.
+/// An owner's right to append: the sequence it expects to be the stream's last (counting what
+/// it has sent and not yet seen acknowledged), and the last position sent.
 #[derive(Debug)]
 pub struct Appender {
+    /// The last sequence JetStream acknowledged to this appender.
     last: u64,
+    /// The last sequence sent: the next message expects the stream to end here.
+    sent: u64,
     through: Position,
+}
+
+/// A chunk sent and not yet acknowledged: its messages' acknowledgements, in order.
+pub struct Sent {
+    acks: Vec<(jetstream::context::PublishAckFuture, u64)>,
 }
 
 /// The position as the header carries it: 24 hexadecimal digits (LSN, then place).
@@ -217,25 +225,33 @@ impl ChangeStream {
     /// The right to append after sequence `last`, whose last position is `through` (what
     /// `ChangeStream::last` said; 0 and `None` for an empty stream).
     pub fn appender(&self, last: u64, through: Option<Position>) -> Appender {
-        Appender { last, through: through.unwrap_or(Position::ZERO) }
+        Appender { last, sent: last, through: through.unwrap_or(Position::ZERO) }
     }
 
     /// Appends `chunk` if the stream still ends at the appender's sequence (in parts when it is
     /// larger than a message may be); returns the new last sequence. A chunk whose position the
     /// stream already holds (within its duplicate window) is not stored twice.
     pub async fn append(&self, appender: &mut Appender, chunk: &Chunk) -> Result<u64, StreamError> {
+        let sent = self.send(appender, chunk).await?;
+        self.confirm(appender, sent).await
+    }
+
+    /// Sends `chunk` without waiting for JetStream: each message expects the stream to end at
+    /// the one sent before it, so the chunks an owner has in flight are stored in order or not
+    /// at all after the first that is not. `confirm` waits for the acknowledgements.
+    pub async fn send(&self, appender: &mut Appender, chunk: &Chunk) -> Result<Sent, StreamError> {
         let through = chunk.through.map(position_text).unwrap_or_default();
         let after = position_text(appender.through);
         let bytes = &chunk.bytes;
         let parts = bytes.len().div_ceil(self.part_bytes).max(1);
+        let mut acks = Vec::with_capacity(parts);
         for i in 0..parts {
-            let part = bytes
-                .slice((i * self.part_bytes).min(bytes.len())..((i + 1) * self.part_bytes).min(bytes.len()));
+            let range = (i * self.part_bytes).min(bytes.len())..((i + 1) * self.part_bytes).min(bytes.len());
             let last = i + 1 == parts;
             let mut message = PublishMessage::build()
-                .payload(part)
+                .payload(bytes.slice(range))
                 .header(AFTER, after.as_str())
-                .expected_last_sequence(appender.last);
+                .expected_last_sequence(appender.sent);
             message = if last {
                 message.message_id(&through).header(THROUGH, through.as_str())
             } else {
@@ -244,26 +260,32 @@ impl ChangeStream {
             if parts > 1 {
                 message = message.header(PART, format!("{}/{parts}", i + 1).as_str());
             }
-            appender.last = self.append_one(message, appender.last).await?;
+            let pending = self
+                .jetstream
+                .send_publish(self.subject.clone(), message)
+                .await
+                .map_err(|e| self.publish_error(e, appender.sent))?;
+            acks.push((pending, appender.sent));
+            appender.sent += 1;
         }
         appender.through = chunk.through.unwrap_or(appender.through);
+        Ok(Sent { acks })
+    }
+
+    /// Waits until JetStream stored what `sent` holds; returns the last sequence.
+    pub async fn confirm(&self, appender: &mut Appender, sent: Sent) -> Result<u64, StreamError> {
+        for (pending, expected) in sent.acks {
+            let ack = pending.await.map_err(|e| self.publish_error(e, expected))?;
+            appender.last = ack.sequence;
+        }
         Ok(appender.last)
     }
 
-    /// One fenced publish; the stored message's sequence.
-    async fn append_one(&self, message: PublishMessage, expected: u64) -> Result<u64, StreamError> {
-        let sent = self.jetstream.send_publish(self.subject.clone(), message).await;
-        let ack = match sent {
-            Ok(pending) => pending.await,
-            Err(e) => Err(e),
-        };
-        match ack {
-            Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                Err(StreamError::Fenced { stream: self.name.clone(), expected })
-            }
-            Err(e) => Err(self.failed("appending a chunk")(e.into())),
+    fn publish_error(&self, e: async_nats::jetstream::context::PublishError, expected: u64) -> StreamError {
+        if e.kind() == PublishErrorKind::WrongLastSequence {
+            return StreamError::Fenced { stream: self.name.clone(), expected };
         }
+        self.failed("appending a chunk")(e.into())
     }
 
     /// The place of message `sequence` among its chunk's parts: (i, n); `None` for a whole chunk.
