@@ -22,7 +22,7 @@ fn clients_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
 }
 
-struct ClientProcess {
+pub(super) struct ClientProcess {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
 }
@@ -40,7 +40,7 @@ impl ClientProcess {
         ClientProcess { child, lines: BufReader::new(stdout).lines() }
     }
 
-    async fn next(&mut self) -> Value {
+    pub(super) async fn next(&mut self) -> Value {
         let line = tokio::time::timeout(Duration::from_secs(40), self.lines.next_line())
             .await
             .expect("client output within 40 s")
@@ -50,7 +50,7 @@ impl ClientProcess {
     }
 
     /// Waits for SUBSCRIBED; panics on an error status.
-    async fn subscribed(&mut self) {
+    pub(super) async fn subscribed(&mut self) {
         loop {
             let ev = self.next().await;
             if ev["kind"] == "status" {
@@ -81,6 +81,17 @@ impl ClientProcess {
 }
 
 fn node_client(endpoint: &str, vsn: &str, bindings: &Value, expected: usize) -> ClientProcess {
+    node_client_for(endpoint, vsn, bindings, expected, 30)
+}
+
+/// `subscribe.mjs`, giving up after `secs`.
+pub(super) fn node_client_for(
+    endpoint: &str,
+    vsn: &str,
+    bindings: &Value,
+    expected: usize,
+    secs: u32,
+) -> ClientProcess {
     let dir = clients_dir().join("node");
     assert!(
         dir.join("node_modules/@supabase/realtime-js").exists(),
@@ -89,6 +100,7 @@ fn node_client(endpoint: &str, vsn: &str, bindings: &Value, expected: usize) -> 
     );
     let mut cmd = Command::new("node");
     cmd.current_dir(&dir)
+        .env("WALCAST_TEST_CLIENT_SECS", secs.to_string())
         .arg("subscribe.mjs")
         .arg(endpoint)
         .arg(vsn)
@@ -331,7 +343,7 @@ impl Peer {
         }
     }
 
-    async fn subscribed(&mut self) {
+    pub(super) async fn subscribed(&mut self) {
         let v = self.until("SUBSCRIBED", |v| v["kind"] == "status").await;
         assert!(v["status"].as_str().is_some_and(|s| s.ends_with("SUBSCRIBED")), "{}: {v}", self.name);
     }

@@ -61,6 +61,24 @@ fn writers(
         .collect()
 }
 
+/// The first `n` inserts a realtime-js client printed, as (arrival order, id): it has no
+/// cursor, so its ledger is checked by id, in the order the rows arrived.
+async fn official_ledger(
+    official: &mut crate::cases::clients::ClientProcess,
+    n: usize,
+) -> Vec<(String, i64)> {
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let ev = official.next().await;
+        assert_ne!(ev["kind"], "timeout", "realtime-js gave up after {} changes", seen.len());
+        if ev["kind"] == "change" {
+            let id = ev["payload"]["new"]["id"].as_i64().expect("an id");
+            seen.push((format!("{:08}", seen.len()), id));
+        }
+    }
+    seen
+}
+
 /// Reads `sse` until it has `want` deliveries in `got`.
 async fn read_until(who: &str, sse: &mut Sse, got: &mut Vec<(String, i64)>, want: usize) {
     while got.len() < want {
@@ -86,12 +104,6 @@ async fn every_node_serves_every_change_and_a_cursor_resumes_on_another_node_acr
         clients.push((Sse::open(base, &key_query(), None).await.expect("subscribe"), Vec::new()));
     }
 
-    let (stop, committed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicI64::new(0)));
-    let writing = writers(&p, &stop, &committed);
-    for (i, (sse, got)) in clients.iter_mut().enumerate() {
-        read_until(&format!("client of node {i}"), sse, got, 200).await;
-    }
-
     // The cluster as each node reports it: one owner, three nodes alive.
     let owner = wait_for("an owner, and three nodes alive", Duration::from_secs(30), || async {
         let (_, v) = get_json(&format!("{}/v1/cluster", bases[1])).await;
@@ -100,6 +112,17 @@ async fn every_node_serves_every_change_and_a_cursor_resumes_on_another_node_acr
     })
     .await;
     let owner_at = ["a", "b", "c"].iter().position(|n| *n == owner).expect("a node's name");
+    // The official client, on a node that is not the owner, through the handover.
+    let endpoint = format!("ws://{}/realtime/v1", nodes[(owner_at + 1) % 3].addr);
+    let bindings = serde_json::json!([{"event": "INSERT", "schema": "public", "table": "items"}]);
+    let mut official = crate::cases::clients::node_client_for(&endpoint, "2.0.0", &bindings, usize::MAX, 300);
+    official.subscribed().await;
+
+    let (stop, committed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicI64::new(0)));
+    let writing = writers(&p, &stop, &committed);
+    for (i, (sse, got)) in clients.iter_mut().enumerate() {
+        read_until(&format!("client of node {i}"), sse, got, 200).await;
+    }
     let metrics = crate::support::http_get(&format!("{}/metrics", bases[owner_at])).await.expect("metrics");
     assert!(metrics.contains("walcast_cluster_slot_owner 1"), "{metrics}");
     let other =
@@ -129,6 +152,11 @@ async fn every_node_serves_every_change_and_a_cursor_resumes_on_another_node_acr
         read_until(&who, sse, got, ledger.len()).await;
         check_against_ledger(&who, got, &ledger);
     }
+    check_against_ledger(
+        "realtime-js on a surviving node",
+        &official_ledger(&mut official, ledger.len()).await,
+        &ledger,
+    );
     // Every node hands out the same cursor for the same change.
     assert_eq!(clients[0].1, clients[1].1, "surviving nodes: the same cursors");
     assert_eq!(moved, clients[0].1, "the moved client: the same cursors");
@@ -386,6 +414,10 @@ async fn with_nats_away_nodes_keep_their_clients_stop_confirming_and_catch_up_wh
     for base in &bases {
         clients.push((Sse::open(base, &key_query(), None).await.expect("subscribe"), Vec::new()));
     }
+    let endpoint = format!("ws://{}/realtime/v1", nodes[1].addr);
+    let bindings = serde_json::json!([{"event": "INSERT", "schema": "public", "table": "items"}]);
+    let mut official = crate::cases::clients::node_client_for(&endpoint, "1.0.0", &bindings, usize::MAX, 300);
+    official.subscribed().await;
     let (stop, committed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicI64::new(0)));
     let writing = writers(&p, &stop, &committed);
     for (i, (sse, got)) in clients.iter_mut().enumerate() {
@@ -441,6 +473,11 @@ async fn with_nats_away_nodes_keep_their_clients_stop_confirming_and_catch_up_wh
         read_until(&who, sse, got, ledger.len()).await;
         check_against_ledger(&who, got, &ledger);
     }
+    check_against_ledger(
+        "realtime-js, connected throughout",
+        &official_ledger(&mut official, ledger.len()).await,
+        &ledger,
+    );
     wait_for("the slot confirmed past the outage", Duration::from_secs(60), || async {
         (confirmed().await > held).then_some(())
     })

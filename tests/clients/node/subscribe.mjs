@@ -1,6 +1,7 @@
 // Subscribes with the official @supabase/realtime-js client and prints one JSON line per event:
 //   {"kind":"status","status":"SUBSCRIBED"} / {"kind":"system",...} / {"kind":"change","binding":i,"payload":{...}}
 // Usage: node subscribe.mjs <endpoint> <vsn> <bindings-json> <expected-changes>
+// (it gives up after WALCAST_TEST_CLIENT_SECS seconds, 30 by default)
 import { RealtimeClient } from '@supabase/realtime-js'
 import WebSocket from 'ws'
 
@@ -23,4 +24,4 @@ bindings.forEach((b, i) => {
 })
 channel.on('system', {}, (payload) => out({ kind: 'system', payload }))
 channel.subscribe((status, err) => out({ kind: 'status', status, error: err ? String(err.message || err) : null }))
-setTimeout(() => { out({ kind: 'timeout' }); process.exit(2) }, 30000)
+setTimeout(() => { out({ kind: 'timeout' }); process.exit(2) }, Number(process.env.WALCAST_TEST_CLIENT_SECS || 30) * 1000)
