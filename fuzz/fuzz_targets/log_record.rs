@@ -1,6 +1,7 @@
 //! Change log records read back from disk must never panic, whatever the bytes (a torn write,
 //! a flipped bit, a foreign file): framing, checksum and body decoding all return errors. The
-//! cluster stream's chunks (a header, then records) are read the same way.
+//! cluster stream's chunks (a header, then records) are read the same way, and so are the
+//! messages nodes exchange on the cluster bus (a JSON header line, then a payload).
 #![no_main]
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
@@ -9,6 +10,7 @@ use walcast::log::record::{decode, frame_len};
 fuzz_target!(|data: &[u8]| {
     let buf = Bytes::copy_from_slice(data);
     let _ = walcast::cluster::chunk::decode(&buf);
+    let _ = walcast::cluster::bus::decode(&buf);
     let mut chunk = b"WCS1".to_vec();
     chunk.extend_from_slice(data);
     let _ = walcast::cluster::chunk::decode(&Bytes::from(chunk));
