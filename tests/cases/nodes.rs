@@ -596,3 +596,70 @@ async fn broadcasts_and_presence_reach_members_on_every_node_and_a_dead_nodes_pr
         n.kill().await;
     }
 }
+
+#[tokio::test]
+async fn private_channels_are_checked_on_the_node_that_holds_the_member_and_cross_nodes_as_such() {
+    use crate::cases::private::{
+        events_until, join_private, push_room, reply_to, user, A, B, C, PATH, POLICIES,
+    };
+    use serde_json::json;
+    let nats = nats_server("private").await;
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    let one = node(&url, &nats, "one").await;
+    let two = node(&url, &nats, "two").await;
+    exec(&p, crate::support::AUTH_UID).await;
+    exec(&p, POLICIES).await;
+    exec(
+        &p,
+        &format!(
+            "INSERT INTO room_members VALUES ('room', '{A}', true, true), ('room', '{C}', false, false)"
+        ),
+    )
+    .await;
+    let connect = |addr, key: String| async move {
+        crate::support::Ws::connect_with(addr, PATH, None, Some(&key)).await.expect("connect")
+    };
+    let mut a = connect(one.addr, user(A)).await;
+    let mut b = connect(two.addr, user(B)).await;
+    let mut c = connect(two.addr, user(C)).await;
+    assert_eq!(join_private(&mut a, json!({})).await["status"], "ok");
+    let refused = join_private(&mut b, json!({})).await;
+    assert_eq!(refused["status"], "error", "B is no member, on any node: {refused}");
+    assert_eq!(join_private(&mut c, json!({})).await["status"], "ok");
+    // B listens on the public channel of the same name, on C's node.
+    assert_eq!(b.join_config("room", json!({})).await["status"], "ok");
+
+    // A writes on node one; C reads on node two; B's public channel hears nothing of it.
+    push_room(&mut a, "broadcast", json!({"type": "broadcast", "event": "hello", "payload": {"from": "a"}}))
+        .await;
+    assert_eq!(events_until(&mut c, "hello").await, Vec::<String>::new());
+    // C may not write, on its node: an error to C, nothing to A.
+    let r =
+        push_room(&mut c, "broadcast", json!({"type": "broadcast", "event": "nope", "payload": {}})).await;
+    assert_eq!(reply_to(&mut c, &r).await["status"], "error");
+    push_room(&mut a, "broadcast", json!({"type": "broadcast", "event": "fence", "payload": {}})).await;
+    assert_eq!(events_until(&mut c, "fence").await, Vec::<String>::new(), "C's refused message went out");
+    // The public channel: B hears its own channel only.
+    b.push(
+        Some("j1"),
+        "realtime:room",
+        "broadcast",
+        json!({"type": "broadcast", "event": "public", "payload": {}}),
+    )
+    .await;
+    let mut d = connect(one.addr, user(B)).await;
+    assert_eq!(d.join_config("room", json!({})).await["status"], "ok");
+    b.push(
+        Some("j1"),
+        "realtime:room",
+        "broadcast",
+        json!({"type": "broadcast", "event": "public2", "payload": {}}),
+    )
+    .await;
+    let f = d.recv_until("the public broadcast", |f| f["event"] == "broadcast").await;
+    assert_eq!(f["payload"]["event"], "public2", "{f}");
+    a.expect_quiet("the private member heard the public channel").await;
+    one.stop().await;
+    two.stop().await;
+}

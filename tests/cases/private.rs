@@ -10,13 +10,13 @@ use serde_json::{json, Value};
 
 use crate::support::{exec, fresh_db, http_post_with, pool, token, token_expiring, TestApp, Ws};
 
-const PATH: &str = "/realtime/v1/websocket";
-const A: &str = "00000000-0000-0000-0000-00000000000a";
-const B: &str = "00000000-0000-0000-0000-00000000000b";
-const C: &str = "00000000-0000-0000-0000-00000000000c";
+pub(super) const PATH: &str = "/realtime/v1/websocket";
+pub(super) const A: &str = "00000000-0000-0000-0000-00000000000a";
+pub(super) const B: &str = "00000000-0000-0000-0000-00000000000b";
+pub(super) const C: &str = "00000000-0000-0000-0000-00000000000c";
 
 /// Policies in the style of Supabase's documentation: membership decides, per extension.
-const POLICIES: &str = "
+pub(super) const POLICIES: &str = "
 CREATE TABLE room_members (room text, user_id uuid, writer bool NOT NULL, presence bool NOT NULL);
 GRANT SELECT ON room_members TO authenticated;
 CREATE POLICY members_read ON realtime.messages FOR SELECT TO authenticated USING (
@@ -46,7 +46,7 @@ async fn app() -> (TestApp, sqlx::PgPool) {
     (app, p)
 }
 
-fn user(sub: &str) -> String {
+pub(super) fn user(sub: &str) -> String {
     token("authenticated", Some(sub))
 }
 
@@ -55,7 +55,7 @@ async fn connect(app: &TestApp, key: &str) -> Ws {
 }
 
 /// A private join of `realtime:room` with `config` merged in; returns the reply payload.
-async fn join_private(ws: &mut Ws, config: Value) -> Value {
+pub(super) async fn join_private(ws: &mut Ws, config: Value) -> Value {
     let mut c = json!({"private": true});
     if let (Some(c), Value::Object(extra)) = (c.as_object_mut(), config) {
         c.extend(extra);
@@ -64,12 +64,12 @@ async fn join_private(ws: &mut Ws, config: Value) -> Value {
 }
 
 /// The next broadcast's payload (`{type, event, payload, meta?}`).
-async fn next_broadcast(ws: &mut Ws) -> Value {
+pub(super) async fn next_broadcast(ws: &mut Ws) -> Value {
     ws.recv_until("a broadcast", |f| f["event"] == "broadcast").await["payload"].clone()
 }
 
 /// The events of every frame up to and including a broadcast named `marker`.
-async fn events_until(ws: &mut Ws, marker: &str) -> Vec<String> {
+pub(super) async fn events_until(ws: &mut Ws, marker: &str) -> Vec<String> {
     let mut events = Vec::new();
     loop {
         let f = ws.recv().await;
@@ -82,12 +82,12 @@ async fn events_until(ws: &mut Ws, marker: &str) -> Vec<String> {
 }
 
 /// Pushes `event` with `payload` on the joined `realtime:room`; returns its ref.
-async fn push_room(ws: &mut Ws, event: &str, payload: Value) -> String {
+pub(super) async fn push_room(ws: &mut Ws, event: &str, payload: Value) -> String {
     ws.push(Some("j1"), "realtime:room", event, payload).await
 }
 
 /// The reply to push `r`.
-async fn reply_to(ws: &mut Ws, r: &str) -> Value {
+pub(super) async fn reply_to(ws: &mut Ws, r: &str) -> Value {
     ws.recv_until("a reply", |f| f["event"] == "phx_reply" && f["ref"] == r).await["payload"].clone()
 }
 
