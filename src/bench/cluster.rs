@@ -4,7 +4,8 @@
 //! commit to receipt at a steady rate, through a cluster node that is not the owner, against a
 //! single gateway. Failover: the slot owner killed (SIGKILL) repeatedly under a steady writer;
 //! the time until a change committed after the kill reaches a client of the surviving node, and
-//! that client's ledger (lost, repeated).
+//! that client's ledger (lost, repeated). Fan-out: the same event-stream clients spread over
+//! one, two and three nodes; CPU per delivery over all nodes.
 //! Must not: assert timings; it reports them.
 
 use std::collections::HashSet;
@@ -165,7 +166,12 @@ pub async fn run(
     let ingest = ingest(&setup, rows).await?;
     let latency = latency(&setup).await?;
     let failover = failover(&setup, kills).await?;
-    let result = serde_json::json!({"scenario": "cluster", "ingest": ingest, "latency": latency, "failover": failover});
+    let mut spread = Vec::new();
+    for nodes in 1..=3 {
+        spread.push(fanout(&setup, nodes, 300).await?);
+    }
+    let result = serde_json::json!({"scenario": "cluster", "ingest": ingest, "latency": latency,
+        "failover": failover, "fanout": spread});
     println!("{}", serde_json::to_string_pretty(&result)?);
     crate::bench::write_json(opts, &result)?;
     let mut setup = setup;
@@ -488,5 +494,55 @@ async fn failover(s: &Setup, kills: u32) -> anyhow::Result<serde_json::Value> {
         "seconds_p50": sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
         "seconds_max": sorted.last().copied().unwrap_or(0.0),
         "seconds": times, "changes": want, "lost": lost, "repeated": repeated,
+    }))
+}
+
+/// `clients` event streams spread over `count` nodes, a writer at 100 changes a second for 10 s:
+/// CPU per delivery, over all nodes and per node.
+async fn fanout(s: &Setup, count: usize, clients: usize) -> anyhow::Result<serde_json::Value> {
+    let slot = format!("walcast_bench_cl_fan{count}_{}", std::process::id());
+    let nats = s.nats.url();
+    let mut nodes = Vec::new();
+    for i in 0..count {
+        nodes.push(Node::start(&s.bin, &s.url, &slot, Some((&nats, &format!("fan-{i}")))).await?);
+    }
+    let mut feeds: Vec<_> = (0..clients).map(|i| sse_feed(&nodes[i % count].addr, None)).collect();
+    tokio::time::sleep(Duration::from_millis(500 + 2 * clients as u64)).await;
+    let pids: Vec<u32> = nodes.iter().filter_map(|n| n.child.as_ref().and_then(Child::id)).collect();
+    let before: Vec<f64> = pids.iter().map(|p| crate::bench::gateway::proc_usage(*p).0).collect();
+    let first_id = 4_000_000_000 + count as i64 * 100_000_000;
+    let (next, stop) = (Arc::new(AtomicI64::new(first_id)), Arc::new(AtomicBool::new(false)));
+    let w = writer(s.pool.clone(), Arc::clone(&next), 100, Arc::clone(&stop));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, Ordering::Relaxed);
+    w.await?;
+    let changes = (next.load(Ordering::Relaxed) - first_id) as usize;
+    let mut lat = Vec::with_capacity(changes * clients);
+    for feed in &mut feeds {
+        for _ in 0..changes {
+            match tokio::time::timeout(Duration::from_secs(30), feed.recv()).await {
+                Ok(Some((_, l, _))) => lat.push(l),
+                _ => anyhow::bail!("a client stopped receiving"),
+            }
+        }
+    }
+    let cpu: Vec<f64> =
+        pids.iter().zip(&before).map(|(p, b)| crate::bench::gateway::proc_usage(*p).0 - b).collect();
+    let deliveries = (changes * clients) as f64;
+    let total: f64 = cpu.iter().sum();
+    let (p50, p99) = percentiles(&lat)?;
+    for n in &mut nodes {
+        n.kill().await;
+    }
+    drop_slot(&s.pool, &slot).await;
+    let per_delivery_us = total / deliveries * 1e6;
+    eprintln!(
+        "cluster fan-out over {count} node(s): {clients} clients, {changes} changes: {per_delivery_us:.2} µs CPU per delivery (all nodes), per node {:?} CPU-s; p50 {p50:.2} ms p99 {p99:.2} ms",
+        cpu.iter().map(|c| (c * 100.0).round() / 100.0).collect::<Vec<_>>()
+    );
+    Ok(serde_json::json!({
+        "nodes": count, "clients": clients, "changes": changes,
+        "cpu_us_per_delivery": (per_delivery_us * 100.0).round() / 100.0,
+        "cpu_seconds_per_node": cpu, "p50_ms": p50, "p99_ms": p99,
     }))
 }
