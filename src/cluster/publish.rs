@@ -26,17 +26,19 @@ const CHUNK_BYTES: usize = 256 * 1024;
 const IN_FLIGHT: usize = 8;
 
 /// Where a publishing loop starts: the stream's last sequence and position.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Start {
     pub sequence: u64,
     pub through: Option<Position>,
+    /// The id of the stream's last message.
+    pub last_id: Option<String>,
 }
 
 impl Start {
     /// The stream's end, read when the lease was taken.
     pub async fn of(stream: &ChangeStream) -> Result<Start, StreamError> {
-        let (sequence, through) = stream.end().await?;
-        Ok(Start { sequence, through })
+        let (sequence, through, last_id) = stream.tail().await?;
+        Ok(Start { sequence, through, last_id })
     }
 }
 
@@ -52,7 +54,7 @@ pub async fn publish(
 ) -> Result<(), StreamError> {
     let mut out = Outgoing {
         stream,
-        appender: stream.appender(start.sequence, start.through),
+        appender: stream.appender(start.sequence, start.through).after_id(start.last_id.clone()),
         in_flight: VecDeque::new(),
         ack,
     };

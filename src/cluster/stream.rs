@@ -83,7 +83,23 @@ pub struct Appender {
     last: u64,
     /// The last sequence sent: the next message expects the stream to end here.
     sent: u64,
+    /// The message id of the last message sent (or of the stream's last, at the start): the
+    /// next message expects it too, so a message of another writer between two of this one's
+    /// stops every later one, even one whose expected sequence happens to match again.
+    last_id: Option<String>,
+    /// This appender's message ids: a random prefix and a counter.
+    nonce: u64,
+    count: u64,
     through: Position,
+}
+
+impl Appender {
+    /// Also expects the stream's last message to have id `id` (what `ChangeStream::tail`
+    /// said), so that not even the first append lands after another writer's.
+    pub fn after_id(mut self, id: Option<String>) -> Appender {
+        self.last_id = id;
+        self
+    }
 }
 
 /// A chunk sent and not yet acknowledged: its messages' acknowledgements, in order.
@@ -164,12 +180,8 @@ impl ChangeStream {
     /// The stream's last sequence (0 when nothing was ever appended) and, while it holds
     /// messages, the position of its last event.
     pub async fn end(&self) -> Result<(u64, Option<Position>), StreamError> {
-        let info = self.stream.get_info().await.map_err(|e| self.failed("reading its state")(e.into()))?;
-        let sequence = info.state.last_sequence;
-        if info.state.messages == 0 || sequence == 0 {
-            return Ok((sequence, None));
-        }
-        Ok((sequence, Some(self.header_position(sequence, THROUGH).await?)))
+        let (sequence, position, _) = self.tail().await?;
+        Ok((sequence, position))
     }
 
     /// The position before the stream's oldest event (`None` while it is empty): a node whose
@@ -223,22 +235,51 @@ impl ChangeStream {
     }
 
     /// The right to append after sequence `last`, whose last position is `through` (what
-    /// `ChangeStream::last` said; 0 and `None` for an empty stream).
+    /// `ChangeStream::last` said; 0 and `None` for an empty stream). See `Appender::after_id`.
     pub fn appender(&self, last: u64, through: Option<Position>) -> Appender {
-        Appender { last, sent: last, through: through.unwrap_or(Position::ZERO) }
+        Appender {
+            last,
+            sent: last,
+            last_id: None,
+            nonce: fastrand::u64(..),
+            count: 0,
+            through: through.unwrap_or(Position::ZERO),
+        }
     }
 
-    /// Appends `chunk` if the stream still ends at the appender's sequence (in parts when it is
-    /// larger than a message may be); returns the new last sequence. A chunk whose position the
-    /// stream already holds (within its duplicate window) is not stored twice.
+    /// The stream's last sequence, the position of its last event and its last message's id
+    /// (each `None`/0 while it is empty).
+    pub async fn tail(&self) -> Result<(u64, Option<Position>, Option<String>), StreamError> {
+        let info = self.stream.get_info().await.map_err(|e| self.failed("reading its state")(e.into()))?;
+        let sequence = info.state.last_sequence;
+        if info.state.messages == 0 || sequence == 0 {
+            return Ok((sequence, None, None));
+        }
+        let message = self
+            .stream
+            .get_raw_message(sequence)
+            .await
+            .map_err(|e| self.failed("reading its last message")(e.into()))?;
+        let position = message
+            .headers
+            .get(THROUGH)
+            .and_then(|v| parse_position(v.as_str()))
+            .ok_or(StreamError::NoPosition { stream: self.name.clone(), sequence })?;
+        let id = message.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned());
+        Ok((sequence, Some(position), id))
+    }
+
+    /// Appends `chunk` if the stream still ends at the appender's sequence and last message (in
+    /// parts when it is larger than a message may be); returns the new last sequence.
     pub async fn append(&self, appender: &mut Appender, chunk: &Chunk) -> Result<u64, StreamError> {
         let sent = self.send(appender, chunk).await?;
         self.confirm(appender, sent).await
     }
 
     /// Sends `chunk` without waiting for JetStream: each message expects the stream to end at
-    /// the one sent before it, so the chunks an owner has in flight are stored in order or not
-    /// at all after the first that is not. `confirm` waits for the acknowledgements.
+    /// the one sent before it (its sequence and its id), so the chunks an owner has in flight
+    /// are stored in order, or not at all after the first that is not, whatever another writer
+    /// does meanwhile. `confirm` waits for the acknowledgements.
     pub async fn send(&self, appender: &mut Appender, chunk: &Chunk) -> Result<Sent, StreamError> {
         let through = chunk.through.map(position_text).unwrap_or_default();
         let after = position_text(appender.through);
@@ -248,15 +289,18 @@ impl ChangeStream {
         for i in 0..parts {
             let range = (i * self.part_bytes).min(bytes.len())..((i + 1) * self.part_bytes).min(bytes.len());
             let last = i + 1 == parts;
+            appender.count += 1;
+            let id = format!("{:016x}-{}", appender.nonce, appender.count);
             let mut message = PublishMessage::build()
                 .payload(bytes.slice(range))
                 .header(AFTER, after.as_str())
+                .header(THROUGH, if last { through.as_str() } else { after.as_str() })
+                .message_id(&id)
                 .expected_last_sequence(appender.sent);
-            message = if last {
-                message.message_id(&through).header(THROUGH, through.as_str())
-            } else {
-                message.header(THROUGH, after.as_str())
-            };
+            if let Some(previous) = &appender.last_id {
+                message = message.expected_last_message_id(previous);
+            }
+            appender.last_id = Some(id);
             if parts > 1 {
                 message = message.header(PART, format!("{}/{parts}", i + 1).as_str());
             }
@@ -282,7 +326,7 @@ impl ChangeStream {
     }
 
     fn publish_error(&self, e: async_nats::jetstream::context::PublishError, expected: u64) -> StreamError {
-        if e.kind() == PublishErrorKind::WrongLastSequence {
+        if matches!(e.kind(), PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId) {
             return StreamError::Fenced { stream: self.name.clone(), expected };
         }
         self.failed("appending a chunk")(e.into())

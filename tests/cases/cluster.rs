@@ -175,8 +175,22 @@ async fn a_stale_owner_cannot_append_after_a_new_one_and_every_node_reads_the_ch
     assert!(matches!(stale, Err(StreamError::Fenced { expected: 2, .. })), "{stale:?}");
     assert_eq!(stream_a.last().await.unwrap().map(|(s, _)| s), Some(3));
 
+    // Two owners both appending from the stream's end, one with chunks in flight: once the
+    // other's message is in, none of the first one's lands — not even one whose expected
+    // sequence matches again (it expects the id of the message it sent before, too).
+    let (last, through, id) = stream_b.tail().await.unwrap();
+    let mut quick = stream_b.appender(last, through).after_id(id.clone());
+    let mut pipelined = stream_a.appender(last, through).after_id(id);
+    assert_eq!(stream_b.append(&mut quick, &chunk_of(&transaction(0x500, 1))).await.unwrap(), 4);
+    let first = stream_a.send(&mut pipelined, &chunk_of(&transaction(0x600, 1))).await.expect("sent");
+    let second = stream_a.send(&mut pipelined, &chunk_of(&transaction(0x700, 1))).await.expect("sent");
+    assert!(matches!(stream_a.confirm(&mut pipelined, first).await, Err(StreamError::Fenced { .. })));
+    assert!(matches!(stream_a.confirm(&mut pipelined, second).await, Err(StreamError::Fenced { .. })));
+    assert_eq!(stream_a.last().await.unwrap().map(|(s, _)| s), Some(4), "an interleaved append landed");
+    let t5 = transaction(0x500, 1);
+
     // Every node reads the chunks in order, from any sequence, with the transactions' ids.
-    let want: Vec<String> = [ledger(&t1), ledger(&t2), ledger(&t3)].concat();
+    let want: Vec<String> = [ledger(&t1), ledger(&t2), ledger(&t3), ledger(&t5)].concat();
     let mut read = Vec::new();
     let mut from_start = Box::pin(stream_b.read_from(1).await.expect("read"));
     while read.len() < want.len() {
@@ -258,7 +272,11 @@ async fn the_owner_publishes_transactions_once_across_a_takeover_and_confirms_on
     assert_eq!(stream_ledger(&stream, want.len()).await, want, "every event once, in order");
 
     // Owner a, gone stale (it still thinks the stream ends where it left it), cannot append.
-    let stale = Start { sequence: after_a, through: Some(walcast::change::Position::end_of(Lsn(0x300))) };
+    let stale = Start {
+        sequence: after_a,
+        through: Some(walcast::change::Position::end_of(Lsn(0x300))),
+        last_id: None,
+    };
     let ack_stale = Acknowledgement::new();
     let result = publish_all(&stream, stale, transaction(0x500, 1), &ack_stale).await;
     assert!(matches!(result, Err(StreamError::Fenced { .. })), "{result:?}");
