@@ -35,7 +35,7 @@ async fn node(url: &str, nats: &LocalNats, name: &str) -> TestApp {
 }
 
 /// Commits `items` rows (and their `ledger` rows) from `WRITERS` writers until `stop`.
-fn writers(
+pub(super) fn writers(
     p: &sqlx::PgPool,
     stop: &Arc<AtomicBool>,
     committed: &Arc<AtomicI64>,

@@ -496,25 +496,7 @@ async fn event_streams_resume_without_loss_across_a_gateway_killed_with_sigkill_
     let stop = Arc::new(AtomicBool::new(false));
     let committed = Arc::new(AtomicI64::new(0));
     let started = std::time::Instant::now();
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|w| {
-            let (p, stop, committed) = (p.clone(), Arc::clone(&stop), Arc::clone(&committed));
-            tokio::spawn(async move {
-                let mut id = w;
-                while !stop.load(Ordering::Relaxed) {
-                    exec(
-                        &p,
-                        &format!(
-                            "INSERT INTO items VALUES ({id}, 'v'); INSERT INTO ledger (item) VALUES ({id})"
-                        ),
-                    )
-                    .await;
-                    committed.fetch_add(1, Ordering::Relaxed);
-                    id += WRITERS;
-                }
-            })
-        })
-        .collect();
+    let writers = crate::cases::nodes::writers(&p, &stop, &committed);
 
     let mut got: Vec<(String, i64)> = Vec::new();
     let mut early = None;
