@@ -26,7 +26,8 @@ pub struct ReplayOptions {
 /// Rows per inserting transaction.
 const ROWS_PER_TXN: u64 = 10_000;
 
-/// Counts `id:` lines (one per change) across chunk boundaries.
+/// Counts `event:` lines (one per change) across chunk boundaries; the stream's opening `id:`
+/// block has none.
 #[derive(Default)]
 struct Counter {
     changes: u64,
@@ -43,7 +44,7 @@ impl Counter {
                 self.line.clear();
             } else if self.line.len() < 3 {
                 self.line.push(b);
-                if self.line == b"id:" {
+                if self.line == b"eve" {
                     self.changes += 1;
                 }
             }
@@ -224,10 +225,10 @@ pub async fn run(opts: &BenchOptions, o: &ReplayOptions) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn counts_ids_across_chunks() {
+    fn counts_events_across_chunks() {
         let mut c = super::Counter::default();
         let text =
-            b"retry: 2000\n\nid: 1\nevent: insert\ndata: {\"id:\":1}\n\nid: 2\nevent: insert\ndata: {}\n\n";
+            b"retry: 2000\n\nid: 0\n\nid: 1\nevent: insert\ndata: {\"id:\":1}\n\nid: 2\nevent: insert\ndata: {}\n\n";
         for chunk in text.chunks(3) {
             c.feed(chunk);
         }

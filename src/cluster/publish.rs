@@ -59,6 +59,11 @@ pub async fn publish(
         ack,
     };
     let mut builder = ChunkBuilder::default();
+    tracing::info!(
+        sequence = start.sequence,
+        through = %start.through.map(|p| p.lsn).unwrap_or(Lsn::ZERO),
+        "slot owner: appending after the stream's end"
+    );
     loop {
         let first = match events.try_recv() {
             Ok(e) => e,
@@ -114,6 +119,7 @@ impl Outgoing<'_> {
         }
         let chunk = builder.finish();
         let sent = self.stream.send(&mut self.appender, &chunk).await?;
+        tracing::debug!(bytes = chunk.bytes.len(), through = ?chunk.through, "slot owner: chunk sent");
         self.in_flight.push_back((sent, chunk.commit_end));
         while self.in_flight.len() > IN_FLIGHT {
             self.confirm_oldest().await?;

@@ -32,6 +32,13 @@ impl SseEncoder {
 
 /// How long a browser waits before reconnecting, sent first.
 pub const RETRY: &str = "retry: 2000\n\n";
+/// The block that opens a stream with the cursor it starts after: an `id:` and no data, which
+/// sets a browser's last event id without dispatching an event, so a client disconnected before
+/// its first change reconnects from where it began instead of from the moment it reconnects.
+pub fn start_id(cursor: &str) -> String {
+    format!("id: {cursor}\n\n")
+}
+
 /// A comment sent when a stream that fell behind goes on from the change log.
 pub const CATCHING_UP: &str = ": fell behind; catching up from the change log\n\n";
 /// A comment that keeps proxies from closing an idle stream.

@@ -412,6 +412,9 @@ fn event_stream(
     catch_up: Option<CatchUp>,
 ) -> Response {
     let mut first = String::from(sse::RETRY);
+    if let Some(id) = catch_up.as_ref().and_then(|c| c.last_id.as_deref()) {
+        first.push_str(&sse::start_id(id));
+    }
     for n in notices {
         first.push_str(&format!(": {}\n\n", n.replace('\n', " ")));
     }

@@ -174,6 +174,8 @@ struct NodeProcess {
     port: u16,
     log_dir: std::path::PathBuf,
     child: Option<tokio::process::Child>,
+    /// The database and slot it serves, for what a stalled test prints.
+    db: (String, String),
 }
 
 impl NodeProcess {
@@ -181,7 +183,8 @@ impl NodeProcess {
         let db = url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let log_dir = crate::support::log_dir(&format!("{db}-proc-{name}"));
-        let mut node = NodeProcess { name: name.to_owned(), port, log_dir, child: None };
+        let db = (url.to_owned(), slot.to_owned());
+        let mut node = NodeProcess { name: name.to_owned(), port, log_dir, child: None, db };
         node.launch(url, slot, nats).await;
         node
     }
@@ -253,6 +256,57 @@ impl NodeProcess {
     }
 }
 
+/// Each node's view of the cluster and the end of its log: what a stalled test prints.
+async fn describe(nodes: &[NodeProcess]) -> String {
+    let mut out = String::new();
+    if let Some(n) = nodes.first() {
+        let slot = async {
+            let p = sqlx::PgPool::connect(&n.db.0).await.ok()?;
+            let row: Option<(Option<i32>, Option<String>, Option<String>)> = sqlx::query_as(
+                "SELECT s.active_pid, s.confirmed_flush_lsn::text, \
+                 (SELECT string_agg(state || ' sent ' || sent_lsn || ' flush ' || coalesce(flush_lsn::text, '-'), '; ') \
+                  FROM pg_stat_replication r WHERE r.pid = s.active_pid) \
+                 FROM pg_replication_slots s WHERE slot_name = $1",
+            )
+            .bind(&n.db.1)
+            .fetch_optional(&p)
+            .await
+            .ok()?;
+            let wal: Option<String> =
+                sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&p).await.ok();
+            Some(format!("slot {row:?}, WAL at {wal:?}"))
+        };
+        let slot = tokio::time::timeout(Duration::from_secs(5), slot).await.ok().flatten();
+        out.push_str(&format!("--- {}\n", slot.as_deref().unwrap_or("(slot unknown)")));
+    }
+    for n in nodes {
+        let view = async { reqwest::get(format!("{}/v1/cluster", n.base())).await.ok()?.text().await.ok() };
+        let view = tokio::time::timeout(Duration::from_secs(5), view).await.ok().flatten();
+        let metrics = async { reqwest::get(format!("{}/metrics", n.base())).await.ok()?.text().await.ok() };
+        let metrics = tokio::time::timeout(Duration::from_secs(5), metrics).await.ok().flatten();
+        let metrics: Vec<&str> = metrics
+            .as_deref()
+            .unwrap_or("")
+            .lines()
+            .filter(|l| {
+                !l.starts_with('#')
+                    && (l.contains("_cluster_") || l.contains("_replication_") || l.contains("changes_"))
+            })
+            .collect();
+        let log = std::fs::read_to_string(n.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        out.push_str(&format!(
+            "--- node {} ({}): /v1/cluster {}\n{}\n{tail}\n",
+            n.name,
+            n.log_path().display(),
+            view.as_deref().unwrap_or("(no answer)"),
+            metrics.join(", ")
+        ));
+    }
+    out
+}
+
 /// The owner's name as `base` reports it, once there is one other than `not`.
 async fn owner_other_than(base: &str, not: Option<&str>) -> String {
     wait_for("a slot owner", Duration::from_secs(60), || async {
@@ -280,44 +334,76 @@ impl Roaming {
     /// Reads until `want` deliveries; when the stream ends, reconnects to the next node that
     /// answers, with the last cursor.
     async fn read_until(&mut self, nodes: &[NodeProcess], want: usize) {
-        self.read_while(nodes, |got| got.len() < want).await;
+        if let Err(stall) = self.read_while(nodes, |got| got.len() < want).await {
+            panic!("{stall}");
+        }
     }
 
     /// Reads until row `id` has arrived.
     async fn read_through(&mut self, nodes: &[NodeProcess], id: i64) {
-        self.read_while(nodes, |got| got.last().is_none_or(|(_, last)| *last != id)).await;
+        if let Err(stall) = self.read_while(nodes, |got| got.last().is_none_or(|(_, last)| *last != id)).await
+        {
+            panic!("{stall}");
+        }
     }
 
-    async fn read_while(&mut self, nodes: &[NodeProcess], more: impl Fn(&[(String, i64)]) -> bool) {
+    /// Reads while `more`; `Err` with what the nodes say after a minute with nothing new.
+    async fn read_while(
+        &mut self,
+        nodes: &[NodeProcess],
+        more: impl Fn(&[(String, i64)]) -> bool,
+    ) -> Result<(), String> {
         // Progress, not speed: it fails only after a minute with nothing new.
         let mut deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while more(&self.got) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{} received, then nothing for 60 s (last at node {}; node logs: {})",
-                self.got.len(),
-                nodes[self.at].name,
-                nodes.iter().map(|n| n.log_path().display().to_string()).collect::<Vec<_>>().join(" ")
-            );
-            match self.sse.next().await {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "{} received (last {:?}), then nothing for 60 s at node {}\n{}",
+                    self.got.len(),
+                    self.got.last(),
+                    nodes[self.at].name,
+                    describe(nodes).await
+                ));
+            }
+            let next = tokio::time::timeout_at(deadline, self.sse.next());
+            let Ok(next) = next.await else { continue };
+            match next {
                 Some((id, event, data)) => {
                     deadline = tokio::time::Instant::now() + Duration::from_secs(60);
                     assert_eq!(event, "insert", "{data}");
                     self.got.push((id.expect("id"), data["record"]["id"].as_i64().expect("id")));
                 }
                 None => {
-                    let last = self.got.last().map(|(c, _)| c.clone());
+                    // As `EventSource` does: the last id the stream carried (its opening one
+                    // before any change).
+                    let last = self.sse.last_id().map(str::to_owned);
+                    let mut refused = Vec::new();
                     for step in 1..=nodes.len() {
                         let at = (self.at + step) % nodes.len();
-                        if let Ok(sse) = Sse::open(&nodes[at].base(), &key_query(), last.as_deref()).await {
-                            (self.sse, self.at) = (sse, at);
-                            self.moves += 1;
-                            break;
+                        match Sse::open(&nodes[at].base(), &key_query(), last.as_deref()).await {
+                            Ok(sse) => {
+                                eprintln!(
+                                    "roaming client: node {} -> {} after {} (refused: {refused:?})",
+                                    nodes[self.at].name,
+                                    nodes[at].name,
+                                    self.got.len()
+                                );
+                                (self.sse, self.at) = (sse, at);
+                                self.moves += 1;
+                                refused.clear();
+                                break;
+                            }
+                            Err((status, _)) => refused.push((nodes[at].name.clone(), status)),
                         }
+                    }
+                    if !refused.is_empty() {
+                        // No node answered: wait as an `EventSource` does before it tries again.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -391,8 +477,12 @@ async fn owners_killed_mid_stream_and_partitioned_lose_nothing_and_repeat_nothin
     ledger.extend((1..=20000).map(|g| -g));
     ledger.extend(markers);
     for (i, c) in clients.iter_mut().enumerate() {
-        c.read_until(&nodes, ledger.len()).await;
-        check_against_ledger(&format!("client {i} ({} moves)", c.moves), &c.got, &ledger);
+        let read = c.read_while(&nodes, |got| got.len() < ledger.len()).await;
+        let who = format!("client {i} ({} moves)", c.moves);
+        if let Err(stall) = read {
+            eprintln!("{who}: {stall}");
+        }
+        check_against_ledger(&who, &c.got, &ledger);
     }
     assert_eq!(clients[0].got, clients[1].got, "the same cursors everywhere");
     assert_eq!(clients[1].got, clients[2].got, "the same cursors everywhere");

@@ -66,6 +66,27 @@ impl Sse {
         Ok(resp)
     }
 
+    /// The stream's opening id (the cursor it starts after), read from its first lines.
+    pub(super) async fn opening_id(&mut self) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(at) = self.buf.find("\n\nid: ") {
+                let rest = &self.buf[at + 6..];
+                if let Some(end) = rest.find("\n\n") {
+                    return rest[..end].to_owned();
+                }
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.resp.chunk()).await;
+            let chunk = chunk.expect("the opening lines within 20 s").expect("read").expect("not ended");
+            self.buf.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+        }
+    }
+
+    /// The id a reconnect sends as `Last-Event-ID`: the last one the stream carried.
+    pub(super) fn last_id(&self) -> Option<&str> {
+        self.last_id.as_deref()
+    }
+
     /// The next message; a `client too slow` end is followed by a reconnect from the last id
     /// seen, as `EventSource` does, and is not returned.
     pub(super) async fn next(&mut self) -> Option<Message> {
@@ -115,6 +136,10 @@ impl Sse {
                 if let (Some(event), Some(data)) = (event, data) {
                     let data = serde_json::from_str(&data).expect("data is JSON");
                     return Some((id, event, data));
+                }
+                // A block with an id and no data sets the last event id, as in a browser.
+                if id.is_some() {
+                    self.last_id = id;
                 }
                 continue;
             }
@@ -193,6 +218,18 @@ async fn event_stream_delivers_changes_and_resumes_with_last_event_id() {
     }
     exec(&p, "INSERT INTO items VALUES (5, 'e')").await;
     assert_eq!(sse.next().await.unwrap().2["record"]["id"], 5);
+
+    // A stream cut before its first change: its opening id resumes from where it began.
+    let mut early = Sse::open(&base, &format!("{}&events=insert", key_query()), None).await.unwrap();
+    let opening = early.opening_id().await;
+    drop(early);
+    exec(&p, "INSERT INTO items VALUES (6, 'f'); INSERT INTO items VALUES (7, 'g')").await;
+    let mut again =
+        Sse::open(&base, &format!("{}&events=insert", key_query()), Some(&opening)).await.unwrap();
+    for want in [6, 7] {
+        let (_, event, data) = again.next().await.unwrap();
+        assert_eq!((event.as_str(), data["record"]["id"].as_i64()), ("insert", Some(want)));
+    }
 
     // A cursor from another log: a gap event, then live changes.
     let foreign = format!("00000000{}", &id1.as_deref().unwrap()[8..]);
