@@ -22,9 +22,12 @@ fn clients_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
 }
 
+/// A client process whose output is read as it comes (as an application handles events when
+/// they arrive): a test that looks later finds it waiting, and the client never blocks on a
+/// full pipe and stops reading its socket.
 pub(super) struct ClientProcess {
     child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
 impl ClientProcess {
@@ -36,15 +39,22 @@ impl ClientProcess {
             .kill_on_drop(true)
             .spawn()
             .expect("client starts");
-        let stdout = child.stdout.take().expect("stdout");
-        ClientProcess { child, lines: BufReader::new(stdout).lines() }
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        ClientProcess { child, lines }
     }
 
     pub(super) async fn next(&mut self) -> Value {
-        let line = tokio::time::timeout(Duration::from_secs(40), self.lines.next_line())
+        let line = tokio::time::timeout(Duration::from_secs(40), self.lines.recv())
             .await
             .expect("client output within 40 s")
-            .expect("read")
             .expect("client exited early");
         serde_json::from_str(&line).unwrap_or_else(|_| panic!("client printed {line}"))
     }
