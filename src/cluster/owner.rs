@@ -204,8 +204,11 @@ impl SlotWork {
             }
             .run(term.clone()),
         );
+        // Every append asks the clock again: a watch may be stale after a pause.
+        let guard = ownership.clone();
+        let may_append = move || guard.now();
         let result = tokio::select! {
-            r = publish(&self.stream, start, rx, &self.published) => r.map_err(TermError::from),
+            r = publish(&self.stream, start, rx, &self.published, &may_append) => r.map_err(TermError::from),
             _ = ownership.wait_for(false) => {
                 tracing::warn!(slot = %self.slot, "this node no longer owns the slot: stopping its walsender");
                 Ok(())

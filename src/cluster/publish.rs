@@ -43,17 +43,20 @@ impl Start {
 }
 
 /// Appends `events` to `stream` from `start` until the channel closes (`Ok`), or an append
-/// fails (fenced by another owner, or NATS unreachable past the client's timeout): then it
-/// returns the error and nothing more is acknowledged. Up to `IN_FLIGHT` chunks are sent ahead
+/// fails (fenced by another owner, or NATS unreachable past the client's timeout), or
+/// `may_append` says no before one (the lease ran out): then it returns the error and nothing
+/// more is acknowledged. Up to `IN_FLIGHT` chunks are sent ahead
 /// of JetStream's acknowledgements; all are confirmed before it waits for more events.
 pub async fn publish(
     stream: &ChangeStream,
     start: Start,
     mut events: mpsc::Receiver<ChangeEvent>,
     ack: &Acknowledgement,
+    may_append: &(dyn Fn() -> bool + Sync),
 ) -> Result<(), StreamError> {
     let mut out = Outgoing {
         stream,
+        may_append,
         appender: stream.appender(start.sequence, start.through).after_id(start.last_id.clone()),
         in_flight: VecDeque::new(),
         ack,
@@ -105,6 +108,8 @@ pub async fn publish(
 /// Chunks on their way to JetStream.
 struct Outgoing<'a> {
     stream: &'a ChangeStream,
+    /// Asked before every append.
+    may_append: &'a (dyn Fn() -> bool + Sync),
     appender: Appender,
     /// Sent, not yet confirmed, in order, with the end of the last commit each holds.
     in_flight: VecDeque<(Sent, Option<Lsn>)>,
@@ -116,6 +121,9 @@ impl Outgoing<'_> {
     async fn send(&mut self, builder: &mut ChunkBuilder) -> Result<(), StreamError> {
         if builder.is_empty() {
             return Ok(());
+        }
+        if !(self.may_append)() {
+            return Err(StreamError::LeaseEnded { stream: self.stream.name().to_owned() });
         }
         let chunk = builder.finish();
         let sent = self.stream.send(&mut self.appender, &chunk).await?;

@@ -47,6 +47,10 @@ pub enum StreamError {
     /// Another owner appended since: this one must stop.
     #[error("JetStream stream {stream}: another owner appended since sequence {expected}")]
     Fenced { stream: String, expected: u64 },
+    /// This node's lease ran out (by its own monotonic clock) before an append: it appends no
+    /// more until it owns the slot again.
+    #[error("JetStream stream {stream}: this node's slot lease ran out; not appending")]
+    LeaseEnded { stream: String },
     #[error("JetStream stream {stream}: message {sequence} has no readable {THROUGH} header")]
     NoPosition { stream: String, sequence: u64 },
     /// The stream no longer holds everything after the reader's position (its retention passed
@@ -232,6 +236,11 @@ impl ChangeStream {
         }
         self.purge_before(lo).await?;
         Ok(lo - first)
+    }
+
+    /// The stream's name in JetStream.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The right to append after sequence `last`, whose last position is `through` (what

@@ -52,11 +52,13 @@ impl ClientProcess {
     }
 
     pub(super) async fn next(&mut self) -> Value {
-        let line = tokio::time::timeout(Duration::from_secs(40), self.lines.recv())
-            .await
-            .expect("client output within 40 s")
-            .expect("client exited early");
-        serde_json::from_str(&line).unwrap_or_else(|_| panic!("client printed {line}"))
+        self.next_within(Duration::from_secs(40)).await.expect("client output within 40 s")
+    }
+
+    /// The next line the client printed, or `None` after `wait` without one.
+    pub(super) async fn next_within(&mut self, wait: Duration) -> Option<Value> {
+        let line = tokio::time::timeout(wait, self.lines.recv()).await.ok()?.expect("client exited early");
+        Some(serde_json::from_str(&line).unwrap_or_else(|_| panic!("client printed {line}")))
     }
 
     /// Waits for SUBSCRIBED; panics on an error status.

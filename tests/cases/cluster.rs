@@ -211,6 +211,17 @@ async fn publish_all(
     events: Vec<walcast::change::ChangeEvent>,
     ack: &walcast::replication::ack::Acknowledgement,
 ) -> Result<(), walcast::cluster::stream::StreamError> {
+    publish_while(stream, start, events, ack, &|| true).await
+}
+
+/// `publish_all`, asking `may_append` before each append as an owner asks its lease.
+async fn publish_while(
+    stream: &walcast::cluster::stream::ChangeStream,
+    start: walcast::cluster::publish::Start,
+    events: Vec<walcast::change::ChangeEvent>,
+    ack: &walcast::replication::ack::Acknowledgement,
+    may_append: &(dyn Fn() -> bool + Sync),
+) -> Result<(), walcast::cluster::stream::StreamError> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let feed = async move {
         for e in events {
@@ -219,7 +230,8 @@ async fn publish_all(
             }
         }
     };
-    let (_, result) = tokio::join!(feed, walcast::cluster::publish::publish(stream, start, rx, ack));
+    let (_, result) =
+        tokio::join!(feed, walcast::cluster::publish::publish(stream, start, rx, ack, may_append));
     result
 }
 
@@ -281,6 +293,16 @@ async fn the_owner_publishes_transactions_once_across_a_takeover_and_confirms_on
     let result = publish_all(&stream, stale, transaction(0x500, 1), &ack_stale).await;
     assert!(matches!(result, Err(StreamError::Fenced { .. })), "{result:?}");
     assert_eq!(ack_stale.get(), Lsn::ZERO, "a fenced owner confirms nothing");
+    assert_eq!(stream.last().await.unwrap().map(|(_, p)| p.lsn), Some(Lsn(0x400)));
+
+    // An owner whose lease ran out by its own clock appends nothing, even where the stream
+    // would take it; what is already stored it may still confirm.
+    let ack_late = Acknowledgement::new();
+    let start = Start::of(&stream).await.unwrap();
+    let late: Vec<_> = [transaction(0x400, 3), transaction(0x500, 1)].into_iter().flatten().collect();
+    let result = publish_while(&stream, start, late, &ack_late, &|| false).await;
+    assert!(matches!(result, Err(StreamError::LeaseEnded { .. })), "{result:?}");
+    assert_eq!(ack_late.get(), Lsn(0x408), "only what was stored is confirmed");
     assert_eq!(stream.last().await.unwrap().map(|(_, p)| p.lsn), Some(Lsn(0x400)));
 }
 
