@@ -247,7 +247,7 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, BindingError> 
         if schema != "*" && !tables.keys().any(|(s, _)| s == schema) {
             return Err(unable(&format!("no table of schema {schema:?} is in the publication")));
         }
-        if !parsed.conditions.is_empty() {
+        if !parsed.is_empty() {
             return Err(unable("a filter needs a single table"));
         }
         return Ok(BindingSpec {

@@ -11,7 +11,7 @@ use std::cmp::Ordering;
 use regex::bytes::{Regex, RegexBuilder};
 
 use crate::change::{days_from_civil, Change};
-use crate::filter::parse::{Filter, Op, Operand};
+use crate::filter::parse::{Condition, Filter, Group, Member, Op, Operand};
 
 /// How values of a column compare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,10 +72,27 @@ pub struct CompiledCondition {
     test: Test,
 }
 
+/// A compiled `or` / `and` group.
+#[derive(Debug)]
+struct CompiledGroup {
+    negated: bool,
+    any: bool,
+    members: Vec<Node>,
+}
+
+#[derive(Debug)]
+enum Node {
+    Condition(CompiledCondition),
+    Group(CompiledGroup),
+}
+
 /// A filter ready to evaluate against changes of one table.
 #[derive(Debug, Default)]
 pub struct CompiledFilter {
+    /// Top-level conditions (all must hold); the index looks up the first plain `eq`.
     pub conditions: Vec<CompiledCondition>,
+    /// Top-level groups (all must hold too).
+    groups: Vec<CompiledGroup>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,67 +111,14 @@ impl CompiledFilter {
         filter: &Filter,
         mut column_type: impl FnMut(&str) -> Option<(std::sync::Arc<str>, &'a str)>,
     ) -> Result<CompiledFilter, CompileError> {
-        let mut conditions = Vec::with_capacity(filter.conditions.len());
-        for c in &filter.conditions {
-            let (column, type_name) =
-                column_type(&c.column).ok_or_else(|| CompileError::UnknownColumn(c.column.clone()))?;
-            let class = Class::of(type_name);
-            let cast = |v: &str| {
-                cast(class, v.as_bytes()).ok_or_else(|| CompileError::BadValue {
-                    column: c.column.clone(),
-                    type_name: type_name.to_owned(),
-                    value: v.to_owned(),
-                })
-            };
-            let value = |o: &Operand| match o {
-                Operand::Value(v) => Ok(v.clone()),
-                Operand::List(items) => Ok(format!("({})", items.join(","))),
-            };
-            let test = match c.op {
-                Op::Eq | Op::Neq | Op::Lt | Op::Lte | Op::Gt | Op::Gte => {
-                    Test::Cmp(c.op, cast(&value(&c.operand)?)?)
-                }
-                Op::In => match &c.operand {
-                    Operand::List(items) => {
-                        Test::In(items.iter().map(|i| cast(i)).collect::<Result<_, _>>()?)
-                    }
-                    Operand::Value(v) => Test::In(vec![cast(v)?]),
-                },
-                Op::Like | Op::Ilike | Op::Match | Op::Imatch => {
-                    let v = value(&c.operand)?;
-                    let (pattern, ci) = match c.op {
-                        Op::Like => (like_to_regex(&v), false),
-                        Op::Ilike => (like_to_regex(&v), true),
-                        Op::Match => (v, false),
-                        _ => (v, true),
-                    };
-                    let re = RegexBuilder::new(&pattern)
-                        .case_insensitive(ci)
-                        .size_limit(1 << 20)
-                        .build()
-                        .map_err(|e| CompileError::BadPattern {
-                            column: c.column.clone(),
-                            message: e.to_string(),
-                        })?;
-                    Test::Pattern(re)
-                }
-                Op::Is => match value(&c.operand)?.as_str() {
-                    "null" | "unknown" => Test::IsNull,
-                    "true" => Test::IsBool(true),
-                    _ => Test::IsBool(false),
-                },
-                Op::IsDistinct => {
-                    let v = value(&c.operand)?;
-                    if v.eq_ignore_ascii_case("null") {
-                        Test::IsDistinct(None)
-                    } else {
-                        Test::IsDistinct(Some(cast(&v)?))
-                    }
-                }
-            };
-            conditions.push(CompiledCondition { column, class, negated: c.negated, test });
-        }
-        Ok(CompiledFilter { conditions })
+        let conditions = filter
+            .conditions
+            .iter()
+            .map(|c| compile_condition(c, &mut column_type))
+            .collect::<Result<_, _>>()?;
+        let groups =
+            filter.groups.iter().map(|g| compile_group(g, &mut column_type)).collect::<Result<_, _>>()?;
+        Ok(CompiledFilter { conditions, groups })
     }
 
     /// The first plain `eq` condition, which the subscription index can look up by hash.
@@ -166,15 +130,134 @@ impl CompiledFilter {
     }
 
     /// Whether the change's filter row satisfies every condition except `skip` (already
-    /// satisfied by an index lookup).
+    /// satisfied by an index lookup) and every group. Unknown (a comparison with NULL, a column
+    /// the change does not carry) is no match, as in SQL's `WHERE`.
     pub fn matches(&self, change: &Change, skip: Option<usize>) -> bool {
-        self.conditions.iter().enumerate().all(|(i, c)| Some(i) == skip || c.matches(change))
+        self.conditions.iter().enumerate().all(|(i, c)| Some(i) == skip || c.eval(change) == Some(true))
+            && self.groups.iter().all(|g| g.eval(change) == Some(true))
+    }
+
+    /// Whether anything beyond the top-level condition `indexed` is to be checked.
+    pub fn has_residual(&self, indexed: Option<usize>) -> bool {
+        !self.groups.is_empty() || self.conditions.len() > usize::from(indexed.is_some())
+    }
+
+    /// No condition at all.
+    pub fn is_empty(&self) -> bool {
+        self.conditions.is_empty() && self.groups.is_empty()
     }
 
     /// Columns the filter reads.
-    pub fn columns(&self) -> impl Iterator<Item = &str> {
-        self.conditions.iter().map(|c| &*c.column)
+    pub fn columns(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self.conditions.iter().map(|c| &*c.column).collect();
+        for g in &self.groups {
+            g.columns(&mut out);
+        }
+        out
     }
+}
+
+fn compile_group<'a>(
+    g: &Group,
+    column_type: &mut impl FnMut(&str) -> Option<(std::sync::Arc<str>, &'a str)>,
+) -> Result<CompiledGroup, CompileError> {
+    let members = g
+        .members
+        .iter()
+        .map(|m| match m {
+            Member::Condition(c) => compile_condition(c, column_type).map(Node::Condition),
+            Member::Group(inner) => compile_group(inner, column_type).map(Node::Group),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(CompiledGroup { negated: g.negated, any: g.any, members })
+}
+
+impl CompiledGroup {
+    /// SQL's three-valued `OR` / `AND` (and `NOT`): `None` is unknown.
+    fn eval(&self, change: &Change) -> Option<bool> {
+        let mut unknown = false;
+        for m in &self.members {
+            let v = match m {
+                Node::Condition(c) => c.eval(change),
+                Node::Group(g) => g.eval(change),
+            };
+            match v {
+                Some(v) if v == self.any => return Some(self.any != self.negated),
+                Some(_) => {}
+                None => unknown = true,
+            }
+        }
+        if unknown {
+            None
+        } else {
+            // Every member was false (or) / true (and): the group is `!any`, then negated.
+            Some(self.any == self.negated)
+        }
+    }
+
+    fn columns<'a>(&'a self, out: &mut Vec<&'a str>) {
+        for m in &self.members {
+            match m {
+                Node::Condition(c) => out.push(&c.column),
+                Node::Group(g) => g.columns(out),
+            }
+        }
+    }
+}
+
+fn compile_condition<'a>(
+    c: &Condition,
+    column_type: &mut impl FnMut(&str) -> Option<(std::sync::Arc<str>, &'a str)>,
+) -> Result<CompiledCondition, CompileError> {
+    let (column, type_name) =
+        column_type(&c.column).ok_or_else(|| CompileError::UnknownColumn(c.column.clone()))?;
+    let class = Class::of(type_name);
+    let cast = |v: &str| {
+        cast(class, v.as_bytes()).ok_or_else(|| CompileError::BadValue {
+            column: c.column.clone(),
+            type_name: type_name.to_owned(),
+            value: v.to_owned(),
+        })
+    };
+    let value = |o: &Operand| match o {
+        Operand::Value(v) => Ok(v.clone()),
+        Operand::List(items) => Ok(format!("({})", items.join(","))),
+    };
+    let test = match c.op {
+        Op::Eq | Op::Neq | Op::Lt | Op::Lte | Op::Gt | Op::Gte => Test::Cmp(c.op, cast(&value(&c.operand)?)?),
+        Op::In => match &c.operand {
+            Operand::List(items) => Test::In(items.iter().map(|i| cast(i)).collect::<Result<_, _>>()?),
+            Operand::Value(v) => Test::In(vec![cast(v)?]),
+        },
+        Op::Like | Op::Ilike | Op::Match | Op::Imatch => {
+            let v = value(&c.operand)?;
+            let (pattern, ci) = match c.op {
+                Op::Like => (like_to_regex(&v), false),
+                Op::Ilike => (like_to_regex(&v), true),
+                Op::Match => (v, false),
+                _ => (v, true),
+            };
+            let re =
+                RegexBuilder::new(&pattern).case_insensitive(ci).size_limit(1 << 20).build().map_err(
+                    |e| CompileError::BadPattern { column: c.column.clone(), message: e.to_string() },
+                )?;
+            Test::Pattern(re)
+        }
+        Op::Is => match value(&c.operand)?.as_str() {
+            "null" | "unknown" => Test::IsNull,
+            "true" => Test::IsBool(true),
+            _ => Test::IsBool(false),
+        },
+        Op::IsDistinct => {
+            let v = value(&c.operand)?;
+            if v.eq_ignore_ascii_case("null") {
+                Test::IsDistinct(None)
+            } else {
+                Test::IsDistinct(Some(cast(&v)?))
+            }
+        }
+    };
+    Ok(CompiledCondition { column, class, negated: c.negated, test })
 }
 
 fn scalar_key(s: &Scalar) -> IndexKey {
@@ -207,12 +290,12 @@ pub fn row_key_int(class: Class, text: &[u8]) -> Option<i64> {
 }
 
 impl CompiledCondition {
-    fn matches(&self, change: &Change) -> bool {
-        let Some(idx) = change.relation.column_index(&self.column) else {
-            return false;
-        };
+    /// True, false, or unknown (`None`: a comparison with NULL, a value that does not cast, a
+    /// column the change does not carry).
+    fn eval(&self, change: &Change) -> Option<bool> {
+        let idx = change.relation.column_index(&self.column)?;
         if !change.filter_carries(idx) {
-            return false;
+            return None;
         }
         let value = change.filter_value(idx);
         let result = match (&self.test, value) {
@@ -222,10 +305,10 @@ impl CompiledCondition {
             (Test::IsDistinct(None), v) => v.is_some(),
             (Test::IsDistinct(Some(_)), None) => true,
             (Test::IsDistinct(Some(s)), Some(v)) => compare(self.class, v, s) != Some(Ordering::Equal),
-            // Comparisons with NULL are NULL: no match, negated or not.
-            (_, None) => return false,
+            // Comparisons with NULL are NULL: unknown, negated or not.
+            (_, None) => return None,
             (Test::Cmp(op, s), Some(v)) => match compare(self.class, v, s) {
-                None => return false,
+                None => return None,
                 Some(o) => match op {
                     Op::Eq => o == Ordering::Equal,
                     Op::Neq => o != Ordering::Equal,
@@ -240,7 +323,7 @@ impl CompiledCondition {
             }
             (Test::Pattern(re), Some(v)) => re.is_match(v),
         };
-        result != self.negated
+        Some(result != self.negated)
     }
 }
 
@@ -519,6 +602,33 @@ mod tests {
         assert!(matches("day=gte.2024-04-30") && !matches("day=gt.2024-05-01"));
         assert!(matches("uid=eq.A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"));
         assert!(matches("title=gt.Hello") && matches("title=lt.Hello%20") == ("Hello World" < "Hello%20"));
+    }
+
+    #[test]
+    fn or_and_groups_follow_sql_three_valued_logic() {
+        // id = 42, note IS NULL.
+        assert!(matches("or=(id.eq.1,id.eq.42)") && !matches("or=(id.eq.1,id.eq.2)"));
+        assert!(matches("and=(id.eq.42,done.is.true)") && !matches("and=(id.eq.42,done.is.false)"));
+        assert!(matches("id=gt.1,or=(title.like.Hello%,title.like.Bye%)"));
+        assert!(matches("or=(id.eq.1,and(id.eq.42,score.gt.2))"));
+        assert!(matches("not.or=(id.eq.1,id.eq.2)") && !matches("not.and=(id.eq.42,done.is.true)"));
+        assert!(matches("or=(id.eq.1,not.and(id.eq.42,done.is.false))"));
+        // A comparison with NULL is unknown: true OR unknown holds, false OR unknown does not,
+        // and NOT unknown does not either.
+        assert!(matches("or=(note.eq.x,id.eq.42)"));
+        assert!(!matches("or=(note.eq.x,id.eq.1)"));
+        assert!(!matches("not.or=(note.eq.x,id.eq.1)"));
+        assert!(matches("not.and=(note.eq.x,id.eq.1)"), "unknown AND false is false");
+        assert!(!matches("not.and=(note.eq.x,id.eq.42)"), "unknown AND true is unknown");
+        assert!(matches("or=(note.is.null,id.eq.1)"), "IS NULL is never unknown");
+        // The columns a group reads count as the filter's (for identity and grant checks).
+        assert_eq!(
+            compile("id=eq.1,or=(title.eq.x,and(score.gt.1,note.is.null))").unwrap().columns(),
+            ["id", "title", "score", "note"]
+        );
+        assert!(
+            matches!(compile("or=(nope.eq.1,id.eq.2)"), Err(CompileError::UnknownColumn(c)) if c == "nope")
+        );
     }
 
     #[test]

@@ -198,7 +198,7 @@ impl SubscriptionIndex {
             None => self.schemas.entry(Arc::clone(&binding.schema)).or_default(),
         };
         let indexed = key.as_ref().map(|(cond, _)| *cond);
-        let residual_conditions = binding.filter.conditions.len() > usize::from(indexed.is_some());
+        let residual_conditions = binding.filter.has_residual(indexed);
         let sub = Arc::new(Subscription { id, member, binding, indexed, residual_conditions });
         match key {
             Some((cond, key)) => {
@@ -211,7 +211,7 @@ impl SubscriptionIndex {
                 }
             }
             None => {
-                table.filtered += usize::from(!sub.binding.filter.conditions.is_empty());
+                table.filtered += usize::from(!sub.binding.filter.is_empty());
                 table.residual.push(Arc::clone(&sub));
             }
         }
@@ -274,7 +274,7 @@ impl SubscriptionIndex {
             }
             _ => {
                 table.residual.retain(|s| s.id != id);
-                table.filtered = table.filtered.saturating_sub(usize::from(!b.filter.conditions.is_empty()));
+                table.filtered = table.filtered.saturating_sub(usize::from(!b.filter.is_empty()));
             }
         }
         if table.is_empty() {

@@ -317,7 +317,8 @@ async fn authorize_binding(
         None => return Err(BindingError::Authorization { table: name, role, message: "no answer".into() }),
     };
     if let Some(hidden) = hidden {
-        let named = spec.filter.columns().chain(spec.select.iter().flat_map(|s| s.iter().map(|c| &**c)));
+        let named =
+            spec.filter.columns().into_iter().chain(spec.select.iter().flat_map(|s| s.iter().map(|c| &**c)));
         for column in named {
             if hidden.iter().any(|h| &**h == column) {
                 return Err(BindingError::HiddenColumn { column: column.to_owned(), table: name, role });

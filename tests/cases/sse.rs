@@ -231,6 +231,14 @@ async fn event_stream_delivers_changes_and_resumes_with_last_event_id() {
         assert_eq!((event.as_str(), data["record"]["id"].as_i64()), ("insert", Some(want)));
     }
 
+    // PostgREST's logical groups: rows 8 and 9 match one side each, 10 neither.
+    let or = "filter=id%3Dgt.7,or%3D(id.eq.8,and(v.eq.z,id.not.in.(8,10)))";
+    let mut grouped = Sse::open(&base, &format!("{}&{or}", key_query()), None).await.unwrap();
+    exec(&p, "INSERT INTO items VALUES (8, 'h'), (9, 'z'), (10, 'z'), (11, 'y'), (12, 'z')").await;
+    for want in [8, 9, 12] {
+        assert_eq!(grouped.next().await.unwrap().2["record"]["id"], want);
+    }
+
     // A cursor from another log: a gap event, then live changes.
     let foreign = format!("00000000{}", &id1.as_deref().unwrap()[8..]);
     let mut gap = Sse::open(&base, &key_query(), Some(&foreign)).await.unwrap();
@@ -242,6 +250,11 @@ async fn event_stream_delivers_changes_and_resumes_with_last_event_id() {
     assert_eq!(status, 401, "{body}");
     let (status, body) = Sse::open(&base, &format!("{}&filter=nope", key_query()), None).await.err().unwrap();
     assert!(status == 400 && body.contains("filter"), "{status} {body}");
+    let (status, body) = Sse::open(&base, &format!("{}&filter=or%3D(id.eq.1,nope.eq.2)", key_query()), None)
+        .await
+        .err()
+        .unwrap();
+    assert!(status == 400 && body.contains("nope"), "{status} {body}");
     let (status, body) = Sse::open(&base, &key_query(), Some("not-a-cursor")).await.err().unwrap();
     assert!(status == 400 && body.contains("invalid cursor"), "{status} {body}");
     let (status, _) = get_json(&format!("{base}/v1/tables/items/changes?{}", key_query())).await;
