@@ -11,6 +11,8 @@
 //! - [`index`] / [`dispatch`] — matching committed changes to bindings and delivering them.
 //! - [`presence`], [`broadcast`] — the two pub-sub features; [`bus`] is the seam through which
 //!   they reach other gateway nodes.
+//! - [`live_set`] — what a live query holds (the keys of its result) and the enter / update /
+//!   leave a change makes of it.
 //! - [`outbox`] — encoded frames, the [`outbox::Encoder`] seam that protocol modules implement,
 //!   and the slow-client policy.
 //!
@@ -24,6 +26,7 @@ pub mod gate;
 pub mod hub;
 pub mod index;
 pub mod limits;
+pub mod live_set;
 pub mod member;
 pub mod outbox;
 pub mod presence;
