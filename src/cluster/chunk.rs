@@ -44,6 +44,8 @@ pub struct ChunkBuilder {
     /// Relations described in this chunk (by id, the `Arc` they were described with).
     described: HashMap<u32, Arc<Relation>>,
     events: usize,
+    /// How many of the events are changes.
+    changes: u64,
     through: Option<Position>,
     commit_end: Option<Lsn>,
     /// The last event pushed was a commit.
@@ -59,6 +61,8 @@ pub struct Chunk {
     /// The end LSN of its last commit (what the slot may be acknowledged up to once the chunk is
     /// stored).
     pub commit_end: Option<Lsn>,
+    /// How many changes it holds.
+    pub changes: u64,
 }
 
 impl ChunkBuilder {
@@ -73,6 +77,7 @@ impl ChunkBuilder {
                     self.xids.push((c.commit_lsn, c.xid));
                 }
                 record::encode_change(&mut self.records, c);
+                self.changes += 1;
                 self.through = Some(c.position());
             }
             ChangeEvent::Broadcast(b) => {
@@ -118,7 +123,12 @@ impl ChunkBuilder {
             out.extend_from_slice(&xid.to_le_bytes());
         }
         out.extend_from_slice(&self.records);
-        let chunk = Chunk { bytes: Bytes::from(out), through: self.through, commit_end: self.commit_end };
+        let chunk = Chunk {
+            bytes: Bytes::from(out),
+            through: self.through,
+            commit_end: self.commit_end,
+            changes: self.changes,
+        };
         *self = ChunkBuilder::default();
         chunk
     }

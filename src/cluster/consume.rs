@@ -35,11 +35,11 @@ pub async fn consume(
     };
     let mut chunks = std::pin::pin!(chunks);
     while let Some(chunk) = chunks.next().await {
-        let (_, chunk) = match chunk {
+        let chunk = match chunk {
             Ok(c) => c,
             Err(e) => return (last, Err(e)),
         };
-        for event in chunk {
+        for event in chunk.events {
             // Positions only grow: anything not past the last one handed on (the chunk's part
             // before `after`, or a chunk stored twice) is already handed on.
             let position = event.position();
@@ -54,6 +54,9 @@ pub async fn consume(
                 return (last, Ok(()));
             }
             last = position;
+        }
+        if let Some(n) = chunk.changes {
+            status.stream_changes_read.store(n, Ordering::Relaxed);
         }
     }
     (last, Ok(()))

@@ -73,10 +73,11 @@ pub async fn watch_lag(
     shutdown: CancellationToken,
 ) {
     loop {
-        match stream.end().await {
-            Ok((_, end)) => {
+        match stream.tail().await {
+            Ok(tail) => {
                 let mine = *written.borrow();
-                let end = end.unwrap_or(Position::ZERO);
+                let end = tail.through.unwrap_or(Position::ZERO);
+                status.stream_changes_end.store(tail.changes, Ordering::Relaxed);
                 status.server_wal_end.store(end.lsn.0.max(mine.lsn.0), Ordering::Relaxed);
                 status.received_lsn.store(mine.lsn.0, Ordering::Relaxed);
                 status.flushed_lsn.store(mine.lsn.0, Ordering::Relaxed);

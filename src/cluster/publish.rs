@@ -32,13 +32,15 @@ pub struct Start {
     pub through: Option<Position>,
     /// The id of the stream's last message.
     pub last_id: Option<String>,
+    /// Changes in the stream so far.
+    pub changes: u64,
 }
 
 impl Start {
     /// The stream's end, read when the lease was taken.
     pub async fn of(stream: &ChangeStream) -> Result<Start, StreamError> {
-        let (sequence, through, last_id) = stream.tail().await?;
-        Ok(Start { sequence, through, last_id })
+        let t = stream.tail().await?;
+        Ok(Start { sequence: t.sequence, through: t.through, last_id: t.last_id, changes: t.changes })
     }
 }
 
@@ -57,7 +59,10 @@ pub async fn publish(
     let mut out = Outgoing {
         stream,
         may_append,
-        appender: stream.appender(start.sequence, start.through).after_id(start.last_id.clone()),
+        appender: stream
+            .appender(start.sequence, start.through)
+            .after_id(start.last_id.clone())
+            .counting_from(start.changes),
         in_flight: VecDeque::new(),
         ack,
     };

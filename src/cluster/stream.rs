@@ -31,6 +31,11 @@ pub const AFTER: &str = "Walcast-After";
 /// whole by the next owner, and a reader drops parts it cannot complete.
 pub const PART: &str = "Walcast-Part";
 
+/// The header of a chunk's last message that counts the changes in the stream through it (since
+/// the stream began, across owners): a node's lag in changes is the last message's count less
+/// the count of the last chunk it read.
+pub const CHANGES: &str = "Walcast-Changes";
+
 /// Room left in a message for its headers.
 const HEADER_ROOM: usize = 4096;
 
@@ -66,6 +71,26 @@ pub enum StreamError {
     },
 }
 
+/// Where the stream ends (`ChangeStream::tail`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tail {
+    pub sequence: u64,
+    pub through: Option<Position>,
+    pub last_id: Option<String>,
+    /// Changes in the stream through its last message (0 for a stream written before counts).
+    pub changes: u64,
+}
+
+/// A chunk as a reader gets it.
+#[derive(Debug)]
+pub struct ReadChunk {
+    /// The sequence of its last message.
+    pub sequence: u64,
+    pub events: Vec<ChangeEvent>,
+    /// Changes in the stream through it, if the chunk says.
+    pub changes: Option<u64>,
+}
+
 /// The stream, opened by one node.
 #[derive(Clone)]
 pub struct ChangeStream {
@@ -95,9 +120,18 @@ pub struct Appender {
     nonce: u64,
     count: u64,
     through: Position,
+    /// Changes in the stream through the last chunk sent.
+    changes: u64,
 }
 
 impl Appender {
+    /// Counts changes on from `changes`, the stream's count so far (what `ChangeStream::tail`
+    /// said).
+    pub fn counting_from(mut self, changes: u64) -> Appender {
+        self.changes = changes;
+        self
+    }
+
     /// Also expects the stream's last message to have id `id` (what `ChangeStream::tail`
     /// said), so that not even the first append lands after another writer's.
     pub fn after_id(mut self, id: Option<String>) -> Appender {
@@ -184,8 +218,8 @@ impl ChangeStream {
     /// The stream's last sequence (0 when nothing was ever appended) and, while it holds
     /// messages, the position of its last event.
     pub async fn end(&self) -> Result<(u64, Option<Position>), StreamError> {
-        let (sequence, position, _) = self.tail().await?;
-        Ok((sequence, position))
+        let tail = self.tail().await?;
+        Ok((tail.sequence, tail.through))
     }
 
     /// The position before the stream's oldest event (`None` while it is empty): a node whose
@@ -253,16 +287,17 @@ impl ChangeStream {
             nonce: fastrand::u64(..),
             count: 0,
             through: through.unwrap_or(Position::ZERO),
+            changes: 0,
         }
     }
 
-    /// The stream's last sequence, the position of its last event and its last message's id
-    /// (each `None`/0 while it is empty).
-    pub async fn tail(&self) -> Result<(u64, Option<Position>, Option<String>), StreamError> {
+    /// The stream's end: its last sequence, the position of its last event, its last message's
+    /// id and the changes counted through it (each `None`/0 while it is empty).
+    pub async fn tail(&self) -> Result<Tail, StreamError> {
         let info = self.stream.get_info().await.map_err(|e| self.failed("reading its state")(e.into()))?;
         let sequence = info.state.last_sequence;
         if info.state.messages == 0 || sequence == 0 {
-            return Ok((sequence, None, None));
+            return Ok(Tail { sequence, ..Tail::default() });
         }
         let message = self
             .stream
@@ -274,8 +309,9 @@ impl ChangeStream {
             .get(THROUGH)
             .and_then(|v| parse_position(v.as_str()))
             .ok_or(StreamError::NoPosition { stream: self.name.clone(), sequence })?;
-        let id = message.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned());
-        Ok((sequence, Some(position), id))
+        let last_id = message.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned());
+        let changes = message.headers.get(CHANGES).and_then(|v| v.as_str().parse().ok()).unwrap_or(0);
+        Ok(Tail { sequence, through: Some(position), last_id, changes })
     }
 
     /// Appends `chunk` if the stream still ends at the appender's sequence and last message (in
@@ -292,6 +328,8 @@ impl ChangeStream {
     pub async fn send(&self, appender: &mut Appender, chunk: &Chunk) -> Result<Sent, StreamError> {
         let through = chunk.through.map(position_text).unwrap_or_default();
         let after = position_text(appender.through);
+        // Like the position, the count: the chunk's on its last part, the previous one's before.
+        let (before, total) = (appender.changes.to_string(), (appender.changes + chunk.changes).to_string());
         let bytes = &chunk.bytes;
         let parts = bytes.len().div_ceil(self.part_bytes).max(1);
         let mut acks = Vec::with_capacity(parts);
@@ -304,6 +342,7 @@ impl ChangeStream {
                 .payload(bytes.slice(range))
                 .header(AFTER, after.as_str())
                 .header(THROUGH, if last { through.as_str() } else { after.as_str() })
+                .header(CHANGES, if last { total.as_str() } else { before.as_str() })
                 .message_id(&id)
                 .expected_last_sequence(appender.sent);
             if let Some(previous) = &appender.last_id {
@@ -322,6 +361,7 @@ impl ChangeStream {
             appender.sent += 1;
         }
         appender.through = chunk.through.unwrap_or(appender.through);
+        appender.changes += chunk.changes;
         Ok(Sent { acks })
     }
 
@@ -411,15 +451,12 @@ impl ChangeStream {
         Ok(())
     }
 
-    /// The chunks from sequence `start` on, in order, decoded: (sequence, events). The stream of
-    /// them ends only on an error (the consumer recreates itself across reconnects).
+    /// The chunks from sequence `start` on, in order, decoded. The stream of them ends only on an
+    /// error (the consumer recreates itself across reconnects).
     pub async fn read_from(
         &self,
         start: u64,
-    ) -> Result<
-        impl futures_util::Stream<Item = Result<(u64, Vec<ChangeEvent>), StreamError>> + '_,
-        StreamError,
-    > {
+    ) -> Result<impl futures_util::Stream<Item = Result<ReadChunk, StreamError>> + '_, StreamError> {
         let consumer = self
             .stream
             .create_consumer(consumer::push::OrderedConfig {
@@ -435,7 +472,10 @@ impl ChangeStream {
             .map(move |m| {
                 let m = m.map_err(|e| self.failed("reading")(e.into()))?;
                 let sequence = m.info().map(|i| i.stream_sequence).map_err(|e| self.failed("reading")(e))?;
-                let part = m.headers.as_ref().and_then(|h| h.get(PART)).and_then(|v| parse_part(v.as_str()));
+                let header =
+                    |name: &str| m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+                let part = header(PART).and_then(|v| parse_part(&v));
+                let changes = header(CHANGES).and_then(|v| v.parse().ok());
                 let Some(payload) = parts.take(part, m.payload.clone()) else {
                     return Ok(None);
                 };
@@ -444,11 +484,9 @@ impl ChangeStream {
                     sequence,
                     source,
                 })?;
-                Ok(Some((sequence, events)))
+                Ok(Some(ReadChunk { sequence, events, changes }))
             })
-            .filter_map(|r: Result<Option<(u64, Vec<ChangeEvent>)>, StreamError>| {
-                std::future::ready(r.transpose())
-            }))
+            .filter_map(|r: Result<Option<ReadChunk>, StreamError>| std::future::ready(r.transpose())))
     }
 }
 

@@ -49,11 +49,12 @@ impl View {
             errors.push(crate::errors::chain(&e));
             Vec::new()
         });
-        let stream = match (self.stream.end().await, self.stream.begins_after().await) {
-            (Ok((last, through)), Ok(begins)) => serde_json::json!({
+        let stream = match (self.stream.tail().await, self.stream.begins_after().await) {
+            (Ok(tail), Ok(begins)) => serde_json::json!({
                 "first": begins.map(|p| cursor(self.epoch, p)),
-                "last": through.map(|p| cursor(self.epoch, p)),
-                "last_sequence": last,
+                "last": tail.through.map(|p| cursor(self.epoch, p)),
+                "last_sequence": tail.sequence,
+                "changes": tail.changes,
             }),
             (Err(e), _) | (_, Err(e)) => {
                 errors.push(crate::errors::chain(&e));

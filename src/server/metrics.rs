@@ -38,6 +38,7 @@ pub const CLUSTER_SLOT_OWNER: &str = "walcast_cluster_slot_owner";
 pub const CLUSTER_NODES: &str = "walcast_cluster_nodes";
 pub const CLUSTER_LAG_BYTES: &str = "walcast_cluster_consumer_lag_bytes";
 pub const CLUSTER_LAG_SECONDS: &str = "walcast_cluster_consumer_lag_seconds";
+pub const CLUSTER_LAG_CHANGES: &str = "walcast_cluster_consumer_lag_changes";
 pub const CLUSTER_SLOT_LAG_BYTES: &str = "walcast_cluster_slot_lag_bytes";
 
 /// One metric: name, type, help text, value.
@@ -223,6 +224,15 @@ fn cluster_rows(
             "gauge",
             "WAL bytes between the stream's last position and this node's log.",
             s.lag_bytes().to_string(),
+        ),
+        (
+            CLUSTER_LAG_CHANGES,
+            "gauge",
+            "Changes in the stream after the last chunk this node read (as of the last poll of its end).",
+            s.stream_changes_end
+                .load(Ordering::Relaxed)
+                .saturating_sub(s.stream_changes_read.load(Ordering::Relaxed))
+                .to_string(),
         ),
         (
             CLUSTER_LAG_SECONDS,

@@ -48,6 +48,10 @@ pub struct ReplicationStatus {
     pub changes_received: AtomicU64,
     /// Times a stream was started (1 + reconnects).
     pub connections: AtomicU64,
+    /// In a cluster: the stream's count of changes through the last chunk this node read, and
+    /// through the stream's end (polled); the difference is the node's lag in changes.
+    pub stream_changes_read: AtomicU64,
+    pub stream_changes_end: AtomicU64,
     /// Why the stream is not connected, for `/readyz`.
     pub last_error: Mutex<Option<String>>,
 }

@@ -178,9 +178,10 @@ async fn a_stale_owner_cannot_append_after_a_new_one_and_every_node_reads_the_ch
     // Two owners both appending from the stream's end, one with chunks in flight: once the
     // other's message is in, none of the first one's lands — not even one whose expected
     // sequence matches again (it expects the id of the message it sent before, too).
-    let (last, through, id) = stream_b.tail().await.unwrap();
-    let mut quick = stream_b.appender(last, through).after_id(id.clone());
-    let mut pipelined = stream_a.appender(last, through).after_id(id);
+    let tail = stream_b.tail().await.unwrap();
+    let (last, through) = (tail.sequence, tail.through);
+    let mut quick = stream_b.appender(last, through).after_id(tail.last_id.clone());
+    let mut pipelined = stream_a.appender(last, through).after_id(tail.last_id);
     assert_eq!(stream_b.append(&mut quick, &chunk_of(&transaction(0x500, 1))).await.unwrap(), 4);
     let first = stream_a.send(&mut pipelined, &chunk_of(&transaction(0x600, 1))).await.expect("sent");
     let second = stream_a.send(&mut pipelined, &chunk_of(&transaction(0x700, 1))).await.expect("sent");
@@ -195,13 +196,13 @@ async fn a_stale_owner_cannot_append_after_a_new_one_and_every_node_reads_the_ch
     let mut from_start = Box::pin(stream_b.read_from(1).await.expect("read"));
     while read.len() < want.len() {
         let next = tokio::time::timeout(Duration::from_secs(10), from_start.next()).await;
-        let (_, events) = next.expect("a chunk within 10 s").expect("not ended").expect("readable");
-        read.extend(ledger(&events));
+        let chunk = next.expect("a chunk within 10 s").expect("not ended").expect("readable");
+        read.extend(ledger(&chunk.events));
     }
     assert_eq!(read, want);
     let mut from_two = Box::pin(stream_a.read_from(2).await.expect("read"));
-    let (sequence, events) = from_two.next().await.expect("not ended").expect("readable");
-    assert_eq!((sequence, ledger(&events)), (2, ledger(&t2)));
+    let chunk = from_two.next().await.expect("not ended").expect("readable");
+    assert_eq!((chunk.sequence, ledger(&chunk.events)), (2, ledger(&t2)));
 }
 
 /// Runs the owner's publishing loop over `events` from `start`; returns its result.
@@ -235,15 +236,19 @@ async fn publish_while(
     result
 }
 
-/// Every event of the stream from its first message, as a ledger.
+/// Every event of the stream from its first message, as a ledger; each chunk's count of the
+/// stream's changes through it is checked against the changes read.
 async fn stream_ledger(stream: &walcast::cluster::stream::ChangeStream, want: usize) -> Vec<String> {
     use futures_util::StreamExt;
-    let mut read = Vec::new();
+    let (mut read, mut changes) = (Vec::new(), 0);
     let mut chunks = Box::pin(stream.read_from(1).await.expect("read"));
     while read.len() < want {
         let next = tokio::time::timeout(Duration::from_secs(10), chunks.next()).await;
-        let (_, events) = next.expect("a chunk within 10 s").expect("not ended").expect("readable");
-        read.extend(ledger(&events));
+        let chunk = next.expect("a chunk within 10 s").expect("not ended").expect("readable");
+        changes +=
+            chunk.events.iter().filter(|e| matches!(e, walcast::change::ChangeEvent::Change(_))).count();
+        assert_eq!(chunk.changes, Some(changes as u64), "the count through chunk {}", chunk.sequence);
+        read.extend(ledger(&chunk.events));
     }
     read
 }
@@ -282,12 +287,15 @@ async fn the_owner_publishes_transactions_once_across_a_takeover_and_confirms_on
     assert_eq!(ack_b.get(), Lsn(0x408));
     want.extend(ledger(&t4));
     assert_eq!(stream_ledger(&stream, want.len()).await, want, "every event once, in order");
+    // The stream counts its changes across owners: 2 + 20,000 + 1 by a, 3 by b.
+    assert_eq!(stream.tail().await.unwrap().changes, 20_006);
 
     // Owner a, gone stale (it still thinks the stream ends where it left it), cannot append.
     let stale = Start {
         sequence: after_a,
         through: Some(walcast::change::Position::end_of(Lsn(0x300))),
         last_id: None,
+        changes: 0,
     };
     let ack_stale = Acknowledgement::new();
     let result = publish_all(&stream, stale, transaction(0x500, 1), &ack_stale).await;

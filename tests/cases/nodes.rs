@@ -209,6 +209,18 @@ async fn every_node_serves_every_change_and_a_cursor_resumes_on_another_node_acr
         check_against_ledger(&who, got, &ledger);
     }
     assert_eq!(official_marks("realtime-js on a surviving node", &mut official, last_mark).await, 1);
+    // The stream counted every change across the handover (an item and a ledger row per write,
+    // and the marks), and each node has read them all.
+    let changes = 2 * ledger.len() as u64 + last_mark as u64;
+    for base in bases.iter().enumerate().filter(|(i, _)| *i != owner_at).map(|(_, b)| b) {
+        let (_, v) = get_json(&format!("{base}/v1/cluster")).await;
+        assert_eq!(v["stream"]["changes"], changes, "{v}");
+        wait_for("no lag in changes", Duration::from_secs(30), || async {
+            let m = crate::support::http_get(&format!("{base}/metrics")).await.ok()?;
+            m.contains("walcast_cluster_consumer_lag_changes 0\n").then_some(())
+        })
+        .await;
+    }
     // Every node hands out the same cursor for the same change.
     assert_eq!(clients[0].1, clients[1].1, "surviving nodes: the same cursors");
     assert_eq!(moved, clients[0].1, "the moved client: the same cursors");
