@@ -147,6 +147,27 @@ pub struct Change {
 }
 
 impl Change {
+    /// A change of `relation` at LSN 1, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        relation: &Arc<Relation>,
+        kind: ChangeKind,
+        new: Option<Tuple>,
+        old: Option<Tuple>,
+    ) -> Change {
+        Change {
+            relation: Arc::clone(relation),
+            kind,
+            new,
+            old,
+            commit_lsn: Lsn(1),
+            commit_ts: 0,
+            seq: 0,
+            xid: 0,
+            snapshot: false,
+        }
+    }
+
     pub fn position(&self) -> Position {
         Position { lsn: self.commit_lsn, seq: self.seq }
     }

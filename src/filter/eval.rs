@@ -498,7 +498,6 @@ mod tests {
     use super::*;
     use crate::change::{ChangeKind, Column, Relation, ReplicaIdentity};
     use crate::filter::parse;
-    use crate::replication::lsn::Lsn;
     use crate::replication::pgoutput::{Tuple, Value};
     use crate::replication::values::TypeCatalog;
 
@@ -545,17 +544,7 @@ mod tests {
             ChangeKind::Delete => (None, Some(tuple)),
             _ => (Some(tuple), None),
         };
-        Change {
-            relation: relation(),
-            kind,
-            new,
-            old,
-            commit_lsn: Lsn(1),
-            commit_ts: 0,
-            seq: 0,
-            xid: 0,
-            snapshot: false,
-        }
+        Change::for_test(&relation(), kind, new, old)
     }
 
     fn row() -> Change {

@@ -182,7 +182,6 @@ mod tests {
 
     use super::*;
     use crate::change::{Column, ReplicaIdentity};
-    use crate::replication::lsn::Lsn;
     use crate::replication::values::TypeCatalog;
 
     /// `(id bigint PRIMARY KEY, v bigint)`.
@@ -203,17 +202,7 @@ mod tests {
     }
 
     fn change(relation: &Arc<Relation>, kind: ChangeKind, new: Option<Tuple>, old: Option<Tuple>) -> Change {
-        Change {
-            relation: Arc::clone(relation),
-            kind,
-            new,
-            old,
-            commit_lsn: Lsn(1),
-            commit_ts: 0,
-            seq: 0,
-            xid: 0,
-            snapshot: false,
-        }
+        Change::for_test(relation, kind, new, old)
     }
 
     fn key(id: i64) -> RowKey {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::{exec, fresh_db, pool, token, wait_for, TestApp, Ws};
+use crate::support::{connect, exec, fresh_db, pool, token, user, wait_for, TestApp, Ws};
 
 const PATH: &str = "/realtime/v1/websocket";
 const A: &str = "00000000-0000-0000-0000-00000000000a";
@@ -51,22 +51,7 @@ GRANT SELECT ON docs TO authenticated;
 ";
 
 async fn app(tweak: impl FnOnce(&mut walcast::config::Config)) -> (TestApp, sqlx::PgPool) {
-    let url = fresh_db().await;
-    let p = pool(&url).await;
-    exec(&p, crate::support::AUTH_UID).await;
-    exec(&p, SCHEMA).await;
-    (TestApp::spawn_with(&url, tweak).await, p)
-}
-
-async fn connect(app: &TestApp, key: &str) -> Ws {
-    match Ws::connect_with(app.addr, PATH, None, Some(key)).await {
-        Ok(ws) => ws,
-        Err((status, body)) => panic!("refused: {status} {body}"),
-    }
-}
-
-fn user(sub: &str) -> String {
-    token("authenticated", Some(sub))
+    crate::support::rls_app(SCHEMA, tweak).await
 }
 
 fn all_of(table: &str) -> Value {

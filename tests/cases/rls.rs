@@ -10,9 +10,8 @@
 
 use serde_json::{json, Value};
 
-use crate::support::{exec, fresh_db, pool, token, TestApp, Ws};
+use crate::support::{connect, exec, token, user, TestApp, Ws};
 
-const PATH: &str = "/realtime/v1/websocket";
 const A: &str = "00000000-0000-0000-0000-00000000000a";
 const B: &str = "00000000-0000-0000-0000-00000000000b";
 
@@ -44,22 +43,7 @@ CREATE POLICY own ON keyed FOR SELECT TO authenticated USING (owner = auth.uid()
 ";
 
 async fn app(tweak: impl FnOnce(&mut walcast::config::Config)) -> (TestApp, sqlx::PgPool) {
-    let url = fresh_db().await;
-    let p = pool(&url).await;
-    exec(&p, crate::support::AUTH_UID).await;
-    exec(&p, SCHEMA).await;
-    (TestApp::spawn_with(&url, tweak).await, p)
-}
-
-async fn connect(app: &TestApp, key: &str) -> Ws {
-    match Ws::connect_with(app.addr, PATH, None, Some(key)).await {
-        Ok(ws) => ws,
-        Err((status, body)) => panic!("refused: {status} {body}"),
-    }
-}
-
-fn user(sub: &str) -> String {
-    token("authenticated", Some(sub))
+    crate::support::rls_app(SCHEMA, tweak).await
 }
 
 /// Joins with one binding on `table`; returns the `system` message.

@@ -537,3 +537,29 @@ pub async fn http_post_with(addr: SocketAddr, path: &str, headers: &[&str], body
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
+
+/// A gateway on a fresh database with `auth.uid()` and `schema` (a row-level security test's
+/// tables and policies), and a pool to it.
+pub async fn rls_app(
+    schema: &str,
+    tweak: impl FnOnce(&mut walcast::config::Config),
+) -> (TestApp, sqlx::PgPool) {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, AUTH_UID).await;
+    exec(&p, schema).await;
+    (TestApp::spawn_with(&url, tweak).await, p)
+}
+
+/// A Phoenix socket on `app` with `key`; panics when refused.
+pub async fn connect(app: &TestApp, key: &str) -> Ws {
+    match Ws::connect_with(app.addr, "/realtime/v1/websocket", None, Some(key)).await {
+        Ok(ws) => ws,
+        Err((status, body)) => panic!("refused: {status} {body}"),
+    }
+}
+
+/// A signed-in user's token.
+pub fn user(sub: &str) -> String {
+    token("authenticated", Some(sub))
+}
