@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::lease::{Held, Lease, RenewError};
-use crate::cluster::publish::{publish, Start};
+use crate::cluster::publish::publish;
 use crate::cluster::stream::{ChangeStream, StreamError};
 use crate::locks;
 use crate::replication::ack::Acknowledgement;
@@ -187,7 +187,7 @@ impl SlotWork {
             return Ok(());
         }
         end_other_sessions(&self.pool, &self.slot).await.map_err(TermError::Takeover)?;
-        let start = Start::of(&self.stream).await?;
+        let start = self.stream.tail().await?;
         let (tx, rx) = mpsc::channel(8192);
         let walsender = tokio::spawn(
             ReplicationTask {

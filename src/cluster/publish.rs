@@ -12,9 +12,9 @@ use std::collections::VecDeque;
 
 use tokio::sync::mpsc;
 
-use crate::change::{ChangeEvent, Position};
+use crate::change::ChangeEvent;
 use crate::cluster::chunk::ChunkBuilder;
-use crate::cluster::stream::{Appender, ChangeStream, Sent, StreamError};
+use crate::cluster::stream::{Appender, ChangeStream, Sent, StreamError, Tail};
 use crate::replication::ack::Acknowledgement;
 use crate::replication::lsn::Lsn;
 
@@ -25,25 +25,6 @@ const CHUNK_BYTES: usize = 256 * 1024;
 /// Chunks sent ahead of JetStream's acknowledgements.
 const IN_FLIGHT: usize = 8;
 
-/// Where a publishing loop starts: the stream's last sequence and position.
-#[derive(Debug, Clone, Default)]
-pub struct Start {
-    pub sequence: u64,
-    pub through: Option<Position>,
-    /// The id of the stream's last message.
-    pub last_id: Option<String>,
-    /// Changes in the stream so far.
-    pub changes: u64,
-}
-
-impl Start {
-    /// The stream's end, read when the lease was taken.
-    pub async fn of(stream: &ChangeStream) -> Result<Start, StreamError> {
-        let t = stream.tail().await?;
-        Ok(Start { sequence: t.sequence, through: t.through, last_id: t.last_id, changes: t.changes })
-    }
-}
-
 /// Appends `events` to `stream` from `start` until the channel closes (`Ok`), or an append
 /// fails (fenced by another owner, or NATS unreachable past the client's timeout), or
 /// `may_append` says no before one (the lease ran out): then it returns the error and nothing
@@ -51,7 +32,7 @@ impl Start {
 /// of JetStream's acknowledgements; all are confirmed before it waits for more events.
 pub async fn publish(
     stream: &ChangeStream,
-    start: Start,
+    start: Tail,
     mut events: mpsc::Receiver<ChangeEvent>,
     ack: &Acknowledgement,
     may_append: &(dyn Fn() -> bool + Sync),
@@ -59,10 +40,7 @@ pub async fn publish(
     let mut out = Outgoing {
         stream,
         may_append,
-        appender: stream
-            .appender(start.sequence, start.through)
-            .after_id(start.last_id.clone())
-            .counting_from(start.changes),
+        appender: stream.appender_at(&start),
         in_flight: VecDeque::new(),
         ack,
     };

@@ -125,13 +125,6 @@ pub struct Appender {
 }
 
 impl Appender {
-    /// Counts changes on from `changes`, the stream's count so far (what `ChangeStream::tail`
-    /// said).
-    pub fn counting_from(mut self, changes: u64) -> Appender {
-        self.changes = changes;
-        self
-    }
-
     /// Also expects the stream's last message to have id `id` (what `ChangeStream::tail`
     /// said), so that not even the first append lands after another writer's.
     pub fn after_id(mut self, id: Option<String>) -> Appender {
@@ -289,6 +282,14 @@ impl ChangeStream {
             through: through.unwrap_or(Position::ZERO),
             changes: 0,
         }
+    }
+
+    /// The right to append after `tail` (what `tail` said when the lease was taken): its
+    /// sequence and last message id expected, its count of changes continued.
+    pub fn appender_at(&self, tail: &Tail) -> Appender {
+        let mut a = self.appender(tail.sequence, tail.through).after_id(tail.last_id.clone());
+        a.changes = tail.changes;
+        a
     }
 
     /// The stream's end: its last sequence, the position of its last event, its last message's

@@ -208,7 +208,7 @@ async fn a_stale_owner_cannot_append_after_a_new_one_and_every_node_reads_the_ch
 /// Runs the owner's publishing loop over `events` from `start`; returns its result.
 async fn publish_all(
     stream: &walcast::cluster::stream::ChangeStream,
-    start: walcast::cluster::publish::Start,
+    start: walcast::cluster::stream::Tail,
     events: Vec<walcast::change::ChangeEvent>,
     ack: &walcast::replication::ack::Acknowledgement,
 ) -> Result<(), walcast::cluster::stream::StreamError> {
@@ -218,7 +218,7 @@ async fn publish_all(
 /// `publish_all`, asking `may_append` before each append as an owner asks its lease.
 async fn publish_while(
     stream: &walcast::cluster::stream::ChangeStream,
-    start: walcast::cluster::publish::Start,
+    start: walcast::cluster::stream::Tail,
     events: Vec<walcast::change::ChangeEvent>,
     ack: &walcast::replication::ack::Acknowledgement,
     may_append: &(dyn Fn() -> bool + Sync),
@@ -255,7 +255,6 @@ async fn stream_ledger(stream: &walcast::cluster::stream::ChangeStream, want: us
 
 #[tokio::test]
 async fn the_owner_publishes_transactions_once_across_a_takeover_and_confirms_only_what_is_stored() {
-    use walcast::cluster::publish::Start;
     use walcast::cluster::stream::{ChangeStream, StreamError};
     use walcast::replication::ack::Acknowledgement;
     use walcast::replication::lsn::Lsn;
@@ -272,7 +271,7 @@ async fn the_owner_publishes_transactions_once_across_a_takeover_and_confirms_on
         .into_iter()
         .flatten()
         .collect();
-    publish_all(&stream, Start::of(&stream).await.unwrap(), events, &ack_a).await.expect("owner a publishes");
+    publish_all(&stream, stream.tail().await.unwrap(), events, &ack_a).await.expect("owner a publishes");
     assert_eq!(ack_a.get(), Lsn(0x308), "confirmed up to the last stored commit");
     let (after_a, _) = stream.last().await.unwrap().expect("chunks");
     assert!(after_a >= 4, "the large transaction spans chunks ({after_a} messages)");
@@ -281,7 +280,7 @@ async fn the_owner_publishes_transactions_once_across_a_takeover_and_confirms_on
     // yet when a went away), then a new transaction: only the new one is appended, and what it
     // skipped is confirmed since it is stored.
     let ack_b = Acknowledgement::new();
-    let start = Start::of(&stream).await.unwrap();
+    let start = stream.tail().await.unwrap();
     let replay: Vec<_> = [big, t3, transaction(0x400, 3)].into_iter().flatten().collect();
     publish_all(&stream, start, replay, &ack_b).await.expect("owner b publishes");
     assert_eq!(ack_b.get(), Lsn(0x408));
@@ -291,7 +290,7 @@ async fn the_owner_publishes_transactions_once_across_a_takeover_and_confirms_on
     assert_eq!(stream.tail().await.unwrap().changes, 20_006);
 
     // Owner a, gone stale (it still thinks the stream ends where it left it), cannot append.
-    let stale = Start {
+    let stale = walcast::cluster::stream::Tail {
         sequence: after_a,
         through: Some(walcast::change::Position::end_of(Lsn(0x300))),
         last_id: None,
@@ -306,7 +305,7 @@ async fn the_owner_publishes_transactions_once_across_a_takeover_and_confirms_on
     // An owner whose lease ran out by its own clock appends nothing, even where the stream
     // would take it; what is already stored it may still confirm.
     let ack_late = Acknowledgement::new();
-    let start = Start::of(&stream).await.unwrap();
+    let start = stream.tail().await.unwrap();
     let late: Vec<_> = [transaction(0x400, 3), transaction(0x500, 1)].into_iter().flatten().collect();
     let result = publish_while(&stream, start, late, &ack_late, &|| false).await;
     assert!(matches!(result, Err(StreamError::LeaseEnded { .. })), "{result:?}");
@@ -340,7 +339,6 @@ async fn consumed(
 #[tokio::test]
 async fn a_node_reads_every_event_after_its_position_from_any_chunk_and_is_told_when_the_stream_lost_it() {
     use walcast::change::Position;
-    use walcast::cluster::publish::Start;
     use walcast::cluster::stream::{ChangeStream, StreamError};
     use walcast::replication::ack::Acknowledgement;
     use walcast::replication::lsn::Lsn;
@@ -353,7 +351,9 @@ async fn a_node_reads_every_event_after_its_position_from_any_chunk_and_is_told_
             .flatten()
             .collect();
     let full = ledger(&all);
-    publish_all(&stream, Start::default(), all, &Acknowledgement::new()).await.expect("publish");
+    publish_all(&stream, walcast::cluster::stream::Tail::default(), all, &Acknowledgement::new())
+        .await
+        .expect("publish");
     let at = |p: Position| {
         full.iter().position(|l| l.starts_with(&format!("{:016X}{:08X}", p.lsn.0, p.seq))).unwrap()
     };
@@ -378,9 +378,7 @@ async fn a_node_reads_every_event_after_its_position_from_any_chunk_and_is_told_
     });
     let next = transaction(0x500, 1);
     let want = ledger(&next);
-    publish_all(&stream, Start::of(&stream).await.unwrap(), next, &Acknowledgement::new())
-        .await
-        .expect("publish");
+    publish_all(&stream, stream.tail().await.unwrap(), next, &Acknowledgement::new()).await.expect("publish");
     let mut got = Vec::new();
     while got.len() < want.len() {
         let e = tokio::time::timeout(Duration::from_secs(10), rx.recv())
@@ -472,7 +470,6 @@ async fn nodes_holding_the_lease_over_time_have_one_owner_at_most_and_hand_over_
 #[tokio::test]
 async fn chunks_larger_than_a_message_go_in_parts_that_readers_join_and_drop_when_left_unfinished() {
     use walcast::change::Position;
-    use walcast::cluster::publish::Start;
     use walcast::cluster::stream::{position_text, ChangeStream, AFTER, PART, THROUGH};
     use walcast::replication::ack::Acknowledgement;
     use walcast::replication::lsn::Lsn;
@@ -486,7 +483,7 @@ async fn chunks_larger_than_a_message_go_in_parts_that_readers_join_and_drop_whe
         .collect();
     let mut full = ledger(&first);
     let ack = Acknowledgement::new();
-    publish_all(&stream, Start::of(&stream).await.unwrap(), first, &ack).await.expect("publish");
+    publish_all(&stream, stream.tail().await.unwrap(), first, &ack).await.expect("publish");
     assert_eq!(ack.get(), Lsn(0x308));
     let (messages, _) = stream.end().await.unwrap();
     assert!(messages > 10, "2,000 rows in parts of 4 KiB: {messages} messages");
@@ -516,7 +513,7 @@ async fn chunks_larger_than_a_message_go_in_parts_that_readers_join_and_drop_whe
             .expect("stored");
         expected = ack.sequence;
     }
-    let start = Start::of(&stream).await.unwrap();
+    let start = stream.tail().await.unwrap();
     assert_eq!(start.through, Some(Position::end_of(Lsn(0x300))), "unfinished parts do not count");
     let big = transaction(0x400, 2_000);
     full.extend(ledger(&big));
