@@ -62,6 +62,9 @@ pub struct Config {
     pub max_channels_per_socket: usize,
     /// `postgres_changes` bindings one join may carry; a join with more is refused.
     pub max_bindings_per_join: usize,
+    /// Rows one live query's result may hold (a binding's `limit` may ask for fewer); a live
+    /// query whose result grows past it ends with an error.
+    pub max_live_rows: usize,
     /// Channel joins one socket may make per second.
     pub max_joins_per_second: u32,
     /// Broadcasts one socket may send per second; more closes that channel.
@@ -286,6 +289,7 @@ impl Default for Config {
             client_queue: 1024,
             max_channels_per_socket: 100,
             max_bindings_per_join: 100,
+            max_live_rows: 10_000,
             max_joins_per_second: 100,
             max_events_per_second: 100,
             max_presence_events: 5,
@@ -391,11 +395,12 @@ impl Config {
 
     /// Limits and durations that have a least sensible value.
     fn validate_minimums(&self) -> Result<(), ConfigError> {
-        let counts: [(&'static str, u64, u64); 7] = [
+        let counts: [(&'static str, u64, u64); 8] = [
             ("max_frame_bytes", self.max_frame_bytes as u64, 1024),
             ("max_rest_messages_per_second", self.max_rest_messages_per_second as u64, 1),
             ("max_rest_private_topics", self.max_rest_private_topics as u64, 1),
             ("max_bindings_per_join", self.max_bindings_per_join as u64, 1),
+            ("max_live_rows", self.max_live_rows as u64, 1),
             ("client_queue", self.client_queue as u64, 1),
             ("max_connections", self.max_connections as u64, 1),
             ("changelog.segment_bytes", self.changelog.segment_bytes, 4096),

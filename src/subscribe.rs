@@ -61,6 +61,17 @@ pub struct BindingSpec {
     pub select: Option<Arc<[Arc<str>]>>,
     /// The table has REPLICA IDENTITY FULL (false for schema-wide bindings).
     pub full_identity: bool,
+    /// A live query (`"live": true`): the index routes it every change of its table (its
+    /// `filter` is then empty and its event `*`); the query's own filter is here.
+    pub live: Option<Arc<LiveSpec>>,
+}
+
+/// What a live binding asks for: its filter and the most rows its result may hold.
+#[derive(Debug, Default)]
+pub struct LiveSpec {
+    pub filter: CompiledFilter,
+    /// The binding's `limit`, when it set one (the gateway's `max_live_rows` bounds it).
+    pub limit: Option<usize>,
 }
 
 /// Why a binding could not be subscribed; `Display` is the message clients show.
@@ -95,6 +106,9 @@ pub enum BindingError {
     RlsUnavailable(#[source] Arc<crate::auth::rls::RlsError>),
     #[error("invalid snapshot: a snapshot needs a binding on one table, not a whole schema")]
     SnapshotNeedsTable,
+    /// A live binding that cannot be a live query; the reason says why.
+    #[error("invalid live query: {0}")]
+    Live(String),
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +118,8 @@ pub struct PublishedColumn {
     pub compare_type: Arc<str>,
     /// Carried by the old row of UPDATE/DELETE.
     pub in_identity: bool,
+    /// Part of the table's primary key.
+    pub in_primary_key: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -140,13 +156,15 @@ impl PublishedCatalog {
                 return Ok(Arc::clone(t));
             }
         }
-        let rows: Vec<(String, String, String, String, bool, bool)> = sqlx::query_as(
+        let rows: Vec<(String, String, String, String, bool, bool, bool)> = sqlx::query_as(
             "SELECT pt.schemaname::text, pt.tablename::text, a.attname::text, \
                     COALESCE(bt.typname, t.typname)::text, \
                     (c.relreplident = 'f' OR a.attnum = ANY(COALESCE((SELECT i.indkey::int2[] FROM pg_index i \
                         WHERE i.indrelid = c.oid AND CASE c.relreplident WHEN 'i' THEN i.indisreplident ELSE i.indisprimary END \
                         LIMIT 1), '{}'))), \
-                    c.relreplident = 'f' \
+                    c.relreplident = 'f', \
+                    a.attnum = ANY(COALESCE((SELECT i.indkey::int2[] FROM pg_index i \
+                        WHERE i.indrelid = c.oid AND i.indisprimary LIMIT 1), '{}')) \
              FROM pg_publication_tables pt \
              JOIN pg_namespace n ON n.nspname = pt.schemaname \
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
@@ -159,12 +177,17 @@ impl PublishedCatalog {
         .fetch_all(&self.pool)
         .await?;
         let mut tables: Tables = HashMap::new();
-        for (schema, table, column, type_name, in_identity, full_identity) in rows {
+        for (schema, table, column, type_name, in_identity, full_identity, in_primary_key) in rows {
             tables
                 .entry((schema, table))
                 .or_insert_with(|| PublishedTable { columns: Vec::new(), full_identity })
                 .columns
-                .push(PublishedColumn { name: column.into(), compare_type: type_name.into(), in_identity });
+                .push(PublishedColumn {
+                    name: column.into(),
+                    compare_type: type_name.into(),
+                    in_identity,
+                    in_primary_key,
+                });
         }
         let tables = Arc::new(tables);
         *guard = Some((Instant::now(), Arc::clone(&tables)));
@@ -243,7 +266,15 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, BindingError> 
         _ => None,
     };
     let id = binding_id(b);
+    let live = match b.get("live") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(_) => return Err(BindingError::Live("live must be true or false".into())),
+    };
     let Some(table) = table else {
+        if live {
+            return Err(BindingError::Live("a live query needs one table, not a whole schema".into()));
+        }
         if schema != "*" && !tables.keys().any(|(s, _)| s == schema) {
             return Err(unable(&format!("no table of schema {schema:?} is in the publication")));
         }
@@ -258,6 +289,7 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, BindingError> 
             filter: CompiledFilter::default(),
             select,
             full_identity: false,
+            live: None,
         });
     };
     let Some(published) = tables.get(&(schema.to_owned(), table.to_owned())) else {
@@ -281,6 +313,22 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, BindingError> 
             return Err(BindingError::SelectColumn(bad.to_string()));
         }
     }
+    if live {
+        return live_binding(
+            b,
+            published,
+            BindingSpec {
+                id,
+                event,
+                schema: schema.into(),
+                table: Some(table.into()),
+                filter: CompiledFilter::default(),
+                select,
+                full_identity: published.full_identity,
+                live: Some(Arc::new(LiveSpec { filter: compiled, limit: None })),
+            },
+        );
+    }
     Ok(BindingSpec {
         id,
         event,
@@ -289,7 +337,37 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, BindingError> 
         filter: compiled,
         select,
         full_identity: published.full_identity,
+        live: None,
     })
+}
+
+/// A live binding's own checks: every event (a live query follows rows in and out of its
+/// filter), a table with a primary key (how it follows rows), and its `limit`.
+fn live_binding(
+    b: &Value,
+    published: &PublishedTable,
+    mut spec: BindingSpec,
+) -> Result<BindingSpec, BindingError> {
+    if spec.event != EventFilter::All {
+        return Err(BindingError::Live("a live query follows every event: event must be *".into()));
+    }
+    if !published.columns.iter().any(|c| c.in_primary_key) {
+        let table = format!("{}.{}", spec.schema, spec.table.as_deref().unwrap_or(""));
+        return Err(BindingError::Live(format!(
+            "table {table} has no primary key: a live query needs one to follow rows"
+        )));
+    }
+    let limit = match b.get("limit") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64().filter(|n| *n > 0) {
+            Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            None => return Err(BindingError::Live("limit must be a positive integer".into())),
+        },
+    };
+    if let Some(live) = spec.live.as_mut().and_then(Arc::get_mut) {
+        live.limit = limit;
+    }
+    Ok(spec)
 }
 
 /// The `postgres_changes` bindings of the plain transports (SSE, long-poll, JSON WebSocket) for
@@ -341,6 +419,7 @@ mod tests {
             name: n.into(),
             compare_type: t.into(),
             in_identity: k,
+            in_primary_key: k,
         };
         HashMap::from([(
             ("public".to_owned(), "todos".to_owned()),

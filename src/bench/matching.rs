@@ -67,6 +67,7 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
                 seen: Default::default(),
                 change_envelope: Default::default(),
                 told_withheld: Default::default(),
+                live: None,
             });
             let parsed = filter::parse(&format!("id=eq.{k}")).unwrap_or_default();
             let compiled = CompiledFilter::compile(&parsed, |n| {
@@ -83,6 +84,7 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
                     filter: compiled,
                     select: None,
                     full_identity: false,
+                    live: None,
                 },
             );
         }

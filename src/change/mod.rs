@@ -16,7 +16,7 @@ mod time;
 
 pub use broadcast::{DbBroadcast, DbBroadcastError};
 pub use position::Position;
-pub use render::View;
+pub use render::{render_live_leave, LiveKind, View};
 pub use time::{civil_from_days, days_from_civil, format_timestamp_millis, parse_timestamp};
 
 use crate::replication::lsn::Lsn;
@@ -126,7 +126,7 @@ impl Relation {
 
 /// One committed change. Changes of one transaction share `commit_lsn` and `commit_ts` and are
 /// numbered by `seq` in commit order.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Change {
     pub relation: Arc<Relation>,
     pub kind: ChangeKind,

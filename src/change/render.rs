@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::change::{Change, ChangeKind, Column, ReplicaIdentity};
+use crate::change::{Change, ChangeKind, Column, Relation, ReplicaIdentity};
 use crate::replication::pgoutput::{Tuple, Value};
 use crate::replication::values::{write_json, write_json_str};
 
@@ -203,13 +203,7 @@ impl Change {
         let rel = &self.relation;
         let View { select, hidden, strip_old, cursor } = view;
         let hidden = hidden.filter(|h| !h.is_empty());
-        let keep = |name: &str| {
-            hidden.is_none_or(|h| !h.iter().any(|c| &**c == name))
-                && select.is_none_or(|cols| {
-                    cols.iter().any(|c| &**c == name)
-                        || rel.column_index(name).is_some_and(|i| rel.columns[i].in_primary_key)
-                })
-        };
+        let keep = |name: &str| keeps(rel, select, hidden, name);
         let limited = select.is_some() || hidden.is_some();
         let mut out = Vec::with_capacity(256);
         out.push(b'{');
@@ -236,6 +230,105 @@ impl Change {
         out.extend_from_slice(b",\"errors\":[\"Error 413: Payload Too Large\"]}");
         out
     }
+}
+
+/// Whether a view shows the column `name`: asked for (`select`, or part of the primary key)
+/// and not `hidden`.
+fn keeps(rel: &Relation, select: Option<&[Arc<str>]>, hidden: Option<&[Arc<str>]>, name: &str) -> bool {
+    hidden.is_none_or(|h| !h.iter().any(|c| &**c == name))
+        && select.is_none_or(|cols| {
+            cols.iter().any(|c| &**c == name)
+                || rel.column_index(name).is_some_and(|i| rel.columns[i].in_primary_key)
+        })
+}
+
+/// What a live query's message says happened to a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveKind {
+    /// A row of the initial result.
+    Snapshot,
+    Enter,
+    Update,
+    Leave,
+}
+
+impl LiveKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LiveKind::Snapshot => "snapshot",
+            LiveKind::Enter => "enter",
+            LiveKind::Update => "update",
+            LiveKind::Leave => "leave",
+        }
+    }
+}
+
+/// Writes `{"kind":…,"schema":…,"table":…,"commit_timestamp":…,"cursor":…` (cursor when known),
+/// the start of every live query message.
+fn write_live_head(out: &mut Vec<u8>, kind: LiveKind, rel: &Relation, timestamp: &str, cursor: Option<&str>) {
+    out.extend_from_slice(b"{\"kind\":\"");
+    out.extend_from_slice(kind.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"schema\":");
+    write_json_str(out, &rel.schema);
+    out.extend_from_slice(b",\"table\":");
+    write_json_str(out, &rel.table);
+    out.extend_from_slice(b",\"commit_timestamp\":");
+    write_json_str(out, timestamp);
+    if let Some(cursor) = cursor {
+        out.extend_from_slice(b",\"cursor\":");
+        write_json_str(out, cursor);
+    }
+}
+
+impl Change {
+    /// A live query's message about this change's new row (`kind` snapshot, enter or update):
+    /// the head, `key` (the primary key's columns) and `record` as the view shows it. A record
+    /// over `max_record_bytes` keeps only its small values and says so in `errors`.
+    pub fn render_live(&self, kind: LiveKind, view: View<'_>, max_record_bytes: usize) -> Vec<u8> {
+        let rel = &self.relation;
+        let hidden = view.hidden.filter(|h| !h.is_empty());
+        let mut out = Vec::with_capacity(256);
+        write_live_head(&mut out, kind, rel, &self.commit_timestamp(), view.cursor);
+        out.extend_from_slice(b",\"key\":");
+        let primary = |name: &str| rel.column_index(name).is_some_and(|i| rel.columns[i].in_primary_key);
+        self.write_record(&mut out, Some(&primary));
+        out.extend_from_slice(b",\"record\":");
+        let start = out.len();
+        let keep = |name: &str| keeps(rel, view.select, hidden, name);
+        self.write_record(&mut out, Some(&keep));
+        if out.len() - start <= max_record_bytes {
+            out.push(b'}');
+            return out;
+        }
+        out.truncate(start);
+        let small = |name: &str| {
+            keep(name)
+                && rel.column_index(name).is_some_and(|i| match self.new.as_ref().and_then(|t| t.0.get(i)) {
+                    Some(Value::Text(b)) => b.len() <= 64,
+                    _ => true,
+                })
+        };
+        self.write_record(&mut out, Some(&small));
+        out.extend_from_slice(b",\"errors\":[\"Error 413: Payload Too Large\"]}");
+        out
+    }
+}
+
+/// A live query's `leave` message: the head and the `key` of the row that left (`key`: the
+/// text of the primary key's columns, in the table's column order).
+pub fn render_live_leave(
+    rel: &Relation,
+    key: &[bytes::Bytes],
+    timestamp: &str,
+    cursor: Option<&str>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    write_live_head(&mut out, LiveKind::Leave, rel, timestamp, cursor);
+    out.extend_from_slice(b",\"key\":");
+    let columns = rel.columns.iter().filter(|c| c.in_primary_key);
+    write_object(&mut out, columns.zip(key).map(|(c, t)| (c, Some(&t[..]))));
+    out.push(b'}');
+    out
 }
 
 /// Writes `{"name":value,…}` for (column, text) pairs; `None` text is SQL NULL.

@@ -93,9 +93,23 @@ impl Encoder for PlainEncoder {
                 out.extend_from_slice(b",\"data\":");
                 out.extend_from_slice(d);
             }
+            Event::Live { data, cursor, .. } => {
+                out.reserve(data.len());
+                open(&mut out, "live", topic);
+                if let Some(c) = cursor {
+                    out.extend_from_slice(b",\"cursor\":");
+                    crate::replication::values::write_json_str(&mut out, c);
+                }
+                out.extend_from_slice(b",\"data\":");
+                out.extend_from_slice(data.as_bytes());
+            }
         }
         out.push(b'}');
         Some(text(out))
+    }
+
+    fn carries_live(&self) -> bool {
+        true
     }
 
     fn encode_direct(&self, topic: &str, _address: Option<&str>, message: &Direct<'_>) -> Frame {

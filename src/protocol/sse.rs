@@ -124,7 +124,12 @@ impl Encoder for SseEncoder {
             }
             // Presence is not carried over SSE.
             Event::PresenceDiff(_) => None,
+            Event::Live { kind, data, cursor } => Some(message(*cursor, kind.as_str(), data)),
         }
+    }
+
+    fn carries_live(&self) -> bool {
+        true
     }
 
     fn encode_direct(&self, _topic: &str, _address: Option<&str>, message_: &Direct<'_>) -> Frame {

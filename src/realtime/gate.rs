@@ -4,14 +4,18 @@
 //! delivery continues. Also the visibility rule of a snapshot (which transactions an MVCC
 //! snapshot shows), which decides what the gate drops after a snapshot.
 //!
-//! Owns: `ResumeGate`, `Place`, `XidSnapshot`. Must not: block the dispatcher (the gate is a
-//! short lock), or deliver anything it cannot place in order.
+//! A live query's steps wait in the same gate, and become messages (its result updated) as they
+//! pass it: in the member's final order, after the snapshot's rows.
+//!
+//! Owns: `ResumeGate`, `Place`, `Held`, `XidSnapshot`. Must not: block the dispatcher (the gate
+//! is a short lock), or deliver anything it cannot place in order.
 
 use std::sync::{Arc, Mutex};
 
 use crate::change::Position;
 use crate::locks;
 use crate::realtime::limits::Metrics;
+use crate::realtime::live_query::{LiveQuery, LiveStep};
 use crate::realtime::outbox::{Frame, Outbox, Queued};
 use crate::replication::lsn::Lsn;
 
@@ -22,10 +26,24 @@ const MAX_HELD: usize = 65_536;
 #[derive(Debug)]
 pub enum ResumeGate {
     /// Replaying (or reading the snapshot): live frames are kept, in order, with their places.
-    Holding(Vec<(Place, Frame)>),
+    Holding(Vec<(Place, Held)>),
     /// Live: changes at or before `through` were replayed (or were before the cursor, or are in
     /// the snapshot); so are those that `shown` shows.
     Live { through: Position, shown: Option<Arc<XidSnapshot>> },
+}
+
+/// What the gate holds for a member: a frame, or a live query's step (its messages depend on
+/// what the query holds when it passes).
+#[derive(Debug)]
+pub enum Held {
+    Frame(Frame),
+    Step(LiveStep),
+}
+
+impl std::fmt::Debug for LiveStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveStep").field("belongs", &self.belongs).finish_non_exhaustive()
+    }
 }
 
 /// Where a live frame sits in the change log, which decides whether a replay or a snapshot
@@ -55,14 +73,15 @@ impl Place {
 pub(crate) struct GateOf<'a> {
     pub(crate) resume: &'a Option<Mutex<ResumeGate>>,
     pub(crate) outbox: &'a Outbox,
+    pub(crate) live: Option<&'a LiveQuery>,
 }
 
 impl GateOf<'_> {
-    /// Queues one live frame, through the resume gate when there is one. Returns whether it
-    /// was queued (or held).
-    pub(crate) fn deliver_live(&self, place: Place, frame: Frame, metrics: &Metrics) -> bool {
+    /// Queues one live frame or step, through the resume gate when there is one. Returns
+    /// whether it was queued (or held).
+    pub(crate) fn deliver_live(&self, place: Place, item: Held, metrics: &Metrics) -> bool {
         let Some(gate) = self.resume else {
-            return self.outbox.send(frame, metrics) == Queued::Yes;
+            return self.pass(item, metrics);
         };
         let mut gate = locks::lock(gate);
         match &mut *gate {
@@ -71,7 +90,7 @@ impl GateOf<'_> {
                     self.outbox.kill(metrics);
                     return false;
                 }
-                held.push((place, frame));
+                held.push((place, item));
                 true
             }
             ResumeGate::Live { through, shown } => {
@@ -84,9 +103,23 @@ impl GateOf<'_> {
                         *shown = None;
                     }
                 }
-                self.outbox.send(frame, metrics) == Queued::Yes
+                self.pass(item, metrics)
             }
         }
+    }
+
+    /// The frames of what passes the gate (a step's, with its live query updated).
+    fn frames(&self, item: Held) -> Vec<Frame> {
+        match (item, self.live) {
+            (Held::Frame(f), _) => vec![f],
+            (Held::Step(step), Some(live)) => live.frames(step),
+            (Held::Step(_), None) => Vec::new(),
+        }
+    }
+
+    /// Queues what passes the gate, without waiting.
+    fn pass(&self, item: Held, metrics: &Metrics) -> bool {
+        self.frames(item).into_iter().all(|f| self.outbox.send(f, metrics) == Queued::Yes)
     }
 
     /// Ends the replay: sends what was held after `through`, then lets live changes pass.
@@ -121,12 +154,14 @@ impl GateOf<'_> {
                     ResumeGate::Live { .. } => return,
                 }
             };
-            for (place, frame) in held {
+            for (place, item) in held {
                 if place.sent(through, shown.as_deref()) {
                     continue;
                 }
-                if self.outbox.send_wait(frame, metrics).await != Queued::Yes {
-                    return;
+                for frame in self.frames(item) {
+                    if self.outbox.send_wait(frame, metrics).await != Queued::Yes {
+                        return;
+                    }
                 }
             }
         }

@@ -44,6 +44,11 @@ impl Subscription {
 
     /// Event and filter check; an index hit with nothing else to evaluate skips the filter.
     fn accepts(&self, change: &Change, via_index: bool) -> bool {
+        // A live query follows every change of its table (its filter is applied as its steps
+        // pass its member's gate): a row may leave it through any of them.
+        if self.binding.live.is_some() {
+            return true;
+        }
         if !self.binding.event.accepts(change.kind) {
             return false;
         }

@@ -12,6 +12,8 @@ pub struct Limits {
     pub max_channels: usize,
     /// `postgres_changes` bindings per join.
     pub max_bindings: usize,
+    /// Rows one live query's result may hold.
+    pub max_live_rows: usize,
     pub max_joins_per_second: u32,
     pub max_events_per_second: u32,
     /// Presence events (track/untrack) per `presence_window`.
@@ -38,6 +40,7 @@ impl Limits {
             client_queue: c.client_queue,
             max_channels: c.max_channels_per_socket,
             max_bindings: c.max_bindings_per_join,
+            max_live_rows: c.max_live_rows,
             max_joins_per_second: c.max_joins_per_second,
             max_events_per_second: c.max_events_per_second,
             max_presence_events: c.max_presence_events,

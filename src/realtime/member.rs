@@ -12,8 +12,9 @@ use crate::auth::topics::TopicAccess;
 use crate::change::Position;
 use crate::locks;
 use crate::realtime::broadcast::ReplayGate;
-use crate::realtime::gate::{GateOf, Place, ResumeGate, XidSnapshot};
+use crate::realtime::gate::{GateOf, Held, Place, ResumeGate, XidSnapshot};
 use crate::realtime::limits::Metrics;
+use crate::realtime::live_query::{LiveQuery, LiveStep};
 use crate::realtime::outbox::{Encoder, EncodingId, Envelope, Frame, Outbox};
 
 /// Identifies one channel membership (one join of one session) in this process.
@@ -67,6 +68,8 @@ pub struct Member {
     /// authorization answer was not a plain yes or no (a check that failed, a table dropped or
     /// altered since the change): told once per membership; start false.
     pub told_withheld: std::sync::atomic::AtomicBool,
+    /// Its live query, when it joined with a live binding (then its only binding).
+    pub live: Option<LiveQuery>,
 }
 
 /// [`Member::reads`]: receives broadcasts.
@@ -106,13 +109,19 @@ impl Member {
 
     /// Its hand-off gate with its outbox (`gate.rs`).
     fn gate(&self) -> GateOf<'_> {
-        GateOf { resume: &self.resume, outbox: &self.outbox }
+        GateOf { resume: &self.resume, outbox: &self.outbox, live: self.live.as_ref() }
     }
 
     /// Queues one live frame, through the hand-off gate when there is one. Returns whether it
     /// was queued (or held).
     pub(crate) fn deliver_live(&self, place: Place, frame: Frame, metrics: &Metrics) -> bool {
-        self.gate().deliver_live(place, frame, metrics)
+        self.gate().deliver_live(place, Held::Frame(frame), metrics)
+    }
+
+    /// Hands one change's step to its live query, through the hand-off gate. Returns whether
+    /// its messages were queued (or it was held).
+    pub(crate) fn deliver_step(&self, place: Place, step: LiveStep, metrics: &Metrics) -> bool {
+        self.gate().deliver_live(place, Held::Step(step), metrics)
     }
 
     /// Ends a replay: sends what was held after `through`, then lets live changes pass.

@@ -12,7 +12,8 @@
 //! - [`presence`], [`broadcast`] — the two pub-sub features; [`bus`] is the seam through which
 //!   they reach other gateway nodes.
 //! - [`live_set`] — what a live query holds (the keys of its result) and the enter / update /
-//!   leave a change makes of it.
+//!   leave a change makes of it; [`live_query`] — a member's live query, whose steps become
+//!   messages as they pass the member's gate.
 //! - [`outbox`] — encoded frames, the [`outbox::Encoder`] seam that protocol modules implement,
 //!   and the slow-client policy.
 //!
@@ -26,6 +27,7 @@ pub mod gate;
 pub mod hub;
 pub mod index;
 pub mod limits;
+pub mod live_query;
 pub mod live_set;
 pub mod member;
 pub mod outbox;

@@ -134,6 +134,10 @@ pub enum Event<'a> {
     Broadcast(&'a BroadcastMessage),
     /// Presence changes: `{"joins":{…},"leaves":{…}}`.
     PresenceDiff(&'a [u8]),
+    /// A live query's message: a row of its initial result, or a row that entered, changed in
+    /// or left its result (`data`: the message's JSON, `cursor`: the change's resume cursor).
+    /// Only encodings that say [`Encoder::carries_live`] receive these.
+    Live { kind: crate::change::LiveKind, data: &'a str, cursor: Option<&'a str> },
 }
 
 /// A message for one member only (it may carry that member's join reference).
@@ -170,6 +174,10 @@ pub trait Encoder: Send + Sync + 'static {
     /// once per content ([`Encoder::change_body`]), whatever the topic.
     fn change_envelope(&self, _topic: &str) -> Option<Envelope> {
         None
+    }
+    /// Whether it encodes [`Event::Live`] (a live query may be subscribed over it).
+    fn carries_live(&self) -> bool {
+        false
     }
     /// The body of a change frame, for encodings with a [`Encoder::change_envelope`].
     fn change_body(&self, _ids: &[u32], _data: &str) -> Option<Utf8Bytes> {

@@ -23,13 +23,14 @@ use crate::realtime::broadcast::{BroadcastError, ReplayGate};
 use crate::realtime::bus::BusMessage;
 use crate::realtime::hub::Hub;
 use crate::realtime::index::{SubId, Subscription};
+use crate::realtime::live_query::LiveQuery;
 use crate::realtime::member::{channel_name, Member, SessionId, TopicKey};
 use crate::realtime::outbox::{Direct, Encoder, Outbox, OutboxReceiver};
 use crate::realtime::presence::{new_ref, random_uuid, PresenceDiff, PresenceMeta};
 use crate::realtime::resume::{Handoff, Resume};
 use crate::realtime::snapshot::Snapshot;
 use crate::subscribe::BindingError;
-use crate::subscribe::BindingSpec;
+use crate::subscribe::{BindingSpec, LiveSpec};
 
 /// What a client asks for when it joins a channel.
 #[derive(Debug, Clone, Default)]
@@ -409,7 +410,7 @@ impl Session {
     /// Joins a channel (replacing an earlier join of the same topic). When this returns, the
     /// channel receives broadcasts and presence diffs, and every binding reported live receives
     /// each change committed from now on.
-    pub async fn join(&mut self, req: JoinRequest) -> Result<Joined, JoinError> {
+    pub async fn join(&mut self, mut req: JoinRequest) -> Result<Joined, JoinError> {
         let admitted = self.admit(&req).await?;
         let topic: Arc<str> = req.topic.as_str().into();
         // Rejoining replaces the old channel.
@@ -417,8 +418,11 @@ impl Session {
         if self.channels.len() >= self.hub.limits().max_channels {
             return Err(JoinError::TooManyChannels);
         }
-        let (resolved, notices) = self.resolve_bindings(&req.bindings, admitted.subject.as_ref()).await;
-        let member = self.new_member(&req, &topic, &admitted);
+        let (mut resolved, notices) = self.resolve_bindings(&req.bindings, admitted.subject.as_ref()).await;
+        let live = self.live_query(&req, &admitted, &mut resolved)?;
+        // A live query starts from its current result.
+        req.snapshot |= live.is_some();
+        let member = self.new_member(&req, &topic, &admitted, live);
         self.hub.add_member(Arc::clone(&member), req.presence_enabled);
         let mut membership = Membership {
             hub: self.hub.clone(),
@@ -542,7 +546,52 @@ impl Session {
         (resolved, notices)
     }
 
-    fn new_member(&self, req: &JoinRequest, topic: &Arc<str>, admitted: &Admitted) -> Arc<Member> {
+    /// The live query of a join whose binding asks for one: it must be the join's only binding,
+    /// over a transport that carries live queries, as a stream that starts from a snapshot.
+    fn live_query(
+        &self,
+        req: &JoinRequest,
+        admitted: &Admitted,
+        resolved: &mut [Result<BindingSpec, BindingError>],
+    ) -> Result<Option<Arc<LiveSpec>>, JoinError> {
+        let Some(spec) = resolved.iter().find_map(|r| r.as_ref().ok().and_then(|s| s.live.clone())) else {
+            return Ok(None);
+        };
+        let refusal = if resolved.len() > 1 {
+            Some("a live query must be its join's only binding")
+        } else if !self.encoder.carries_live() {
+            Some("this transport does not carry live queries")
+        } else if req.snapshot_page.is_some() {
+            Some("a live query needs a stream, not pages of a snapshot")
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            for r in resolved.iter_mut() {
+                *r = Err(BindingError::Live(why.into()));
+            }
+            return Ok(None);
+        }
+        if admitted.since.is_some() {
+            return Err(JoinError::Snapshot(SnapshotRefusal::WithCursor));
+        }
+        if self.hub.snapshots().is_none() {
+            return Err(JoinError::Snapshot(SnapshotRefusal::Unavailable));
+        }
+        Ok(Some(spec))
+    }
+
+    fn new_member(
+        &self,
+        req: &JoinRequest,
+        topic: &Arc<str>,
+        admitted: &Admitted,
+        live: Option<Arc<LiveSpec>>,
+    ) -> Arc<Member> {
+        let live = live.map(|spec| {
+            let max = self.hub.limits().max_live_rows;
+            LiveQuery::new(spec, max, Arc::clone(&self.encoder), Arc::clone(topic), req.address.clone())
+        });
         Arc::new(Member {
             id: self.hub.next_id(),
             session: self.id,
@@ -558,6 +607,7 @@ impl Session {
             seen: Default::default(),
             change_envelope: Default::default(),
             told_withheld: Default::default(),
+            live,
         })
     }
 
@@ -906,6 +956,7 @@ mod tests {
                     BroadcastPayload::Binary(p) => format!("{topic} broadcast {} {:?}", m.event, &p[..]),
                 },
                 Event::PresenceDiff(d) => format!("{topic} diff {}", String::from_utf8_lossy(d)),
+                Event::Live { kind, data, .. } => format!("{topic} live {} {data}", kind.as_str()),
             };
             Some(Frame::Text(line.into()))
         }
@@ -1175,6 +1226,7 @@ mod tests {
             seen: Default::default(),
             change_envelope: Default::default(),
             told_withheld: Default::default(),
+            live: None,
         };
         tweak(&mut m);
         let m = Arc::new(m);

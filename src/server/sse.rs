@@ -58,6 +58,9 @@ pub struct ChangesParams {
     pub limit: Option<usize>,
     /// Long-poll: the next page of a snapshot (`snapshot_next` of the previous answer).
     pub snapshot_after: Option<String>,
+    /// A live query (event streams only): the rows that match now, then each row that enters,
+    /// changes in or leaves the result; `limit` bounds the result.
+    pub live: Option<String>,
 }
 
 /// Where a long-poll's snapshot goes on: the hand-off cursor of its first page and the last key
@@ -177,7 +180,17 @@ pub async fn changes(
         Ok(p) => p,
         Err(refused) => return *refused,
     };
-    let bindings = match crate::subscribe::table_bindings(
+    let live = match flag("live", params.live.as_deref()) {
+        Ok(live) => live,
+        Err(refused) => return *refused,
+    };
+    if live && !stream {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "live: a live query needs an event stream (Accept: text/event-stream)",
+        );
+    }
+    let mut bindings = match crate::subscribe::table_bindings(
         schema,
         name,
         params.filter.as_deref(),
@@ -187,10 +200,20 @@ pub async fn changes(
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let since = resume_from(&headers, params.since.as_deref());
+    if live {
+        for b in &mut bindings {
+            b["live"] = json!(true);
+            if let Some(limit) = params.limit {
+                b["limit"] = json!(limit);
+            }
+        }
+    }
+    // A live query starts from its current result every time (a browser's `Last-Event-ID`
+    // included): its client replaces what it held with the new snapshot.
+    let since = if live { None } else { resume_from(&headers, params.since.as_deref()) };
     // A stream that falls behind catches up from the change log (from the last id it was sent)
-    // instead of being dropped: kept to join again.
-    let catch_up = (stream && state.hub.log().is_some()).then(|| CatchUp {
+    // instead of being dropped: kept to join again. A live query cannot: it starts again.
+    let catch_up = (stream && !live && state.hub.log().is_some()).then(|| CatchUp {
         bindings: bindings.clone(),
         credentials: credentials.clone(),
         last_id: since.clone(),
@@ -223,8 +246,8 @@ pub async fn changes(
     if stream {
         // Until a snapshot has ended (its end marker carries an id), there is no place to catch
         // up from.
-        let catch_up =
-            catch_up.map(|c| CatchUp { last_id: if snapshot { None } else { c.last_id.or(start) }, ..c });
+        let catch_up = catch_up
+            .map(|c| CatchUp { last_id: if snapshot || live { None } else { c.last_id.or(start) }, ..c });
         event_stream(state, session, outbox, topic, joined.notices, catch_up)
     } else {
         let snapshot = match (snapshot, page_token) {

@@ -6,6 +6,7 @@ mod cluster;
 mod gateway;
 mod hardening;
 mod layout;
+mod live;
 mod nodes;
 mod ops;
 mod private;

@@ -29,6 +29,8 @@ pub(super) struct Sse {
     last_id: Option<String>,
     /// Reconnects after `client too slow`.
     pub(super) reconnects: u32,
+    /// How long it waits for a message before taking the stream as ended.
+    pub(super) quiet: Duration,
 }
 
 impl Sse {
@@ -49,7 +51,14 @@ impl Sse {
     ) -> Result<Sse, (u16, String)> {
         let url = format!("{base}{path}?{query}");
         let resp = Sse::request(&url, last_event_id).await?;
-        Ok(Sse { resp, buf: String::new(), url, last_id: last_event_id.map(str::to_owned), reconnects: 0 })
+        Ok(Sse {
+            resp,
+            buf: String::new(),
+            url,
+            last_id: last_event_id.map(str::to_owned),
+            reconnects: 0,
+            quiet: Duration::from_secs(20),
+        })
     }
 
     async fn request(url: &str, last_event_id: Option<&str>) -> Result<reqwest::Response, (u16, String)> {
@@ -110,7 +119,7 @@ impl Sse {
     /// The next message as sent (comments and `retry:` skipped); `None` when the stream ends.
     async fn next_raw(&mut self) -> Option<Message> {
         // Keep-alive comments do not count: a message must come within the deadline.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let deadline = tokio::time::Instant::now() + self.quiet;
         loop {
             if let Some(end) = self.buf.find("\n\n") {
                 let block: String = self.buf.drain(..end + 2).collect();
@@ -143,7 +152,7 @@ impl Sse {
                 }
                 continue;
             }
-            // `None` after 20 s without a message, as at the end of the stream.
+            // `None` after `quiet` without a message, as at the end of the stream.
             let chunk = tokio::time::timeout_at(deadline, self.resp.chunk()).await.ok()?.ok()??;
             self.buf.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
         }

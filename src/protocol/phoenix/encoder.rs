@@ -124,6 +124,8 @@ impl Encoder for PhoenixEncoder {
             Event::PresenceDiff(json) => {
                 Some(text(envelope(self.vsn, None, None, topic, "presence_diff", json)))
             }
+            // Live queries are not offered over Phoenix channels.
+            Event::Live { .. } => None,
         }
     }
 

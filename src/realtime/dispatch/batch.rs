@@ -268,6 +268,16 @@ impl Batch {
                                     tell_withheld(hub, scratch, &t.member, &p.change, reason);
                                 }
                             }
+                            if p.group.live {
+                                for t in &p.group.targets[range.clone()] {
+                                    let to = Recipient {
+                                        member: &t.member,
+                                        ids: t.ids.as_slice(),
+                                        select: &t.select,
+                                    };
+                                    scratch.withheld(hub, &p.change, to);
+                                }
+                            }
                             continue;
                         };
                         for t in &p.group.targets[range.clone()] {

@@ -31,6 +31,8 @@ pub(super) struct Grouped {
     /// Ordered by subject: `ranges[i]` are the targets of `subjects[i]`.
     pub(super) targets: Vec<Target>,
     pub(super) ranges: Vec<std::ops::Range<usize>>,
+    /// Some target is a live query (it takes every change, delivered or not).
+    pub(super) live: bool,
 }
 
 impl Grouped {
@@ -77,7 +79,8 @@ impl Grouped {
             ranges.push(start..start + n);
             start += n;
         }
-        Grouped { subjects, targets: targets.into_iter().map(|(_, t)| t).collect(), ranges }
+        let live = targets.iter().any(|(_, t)| t.member.live.is_some());
+        Grouped { subjects, targets: targets.into_iter().map(|(_, t)| t).collect(), ranges, live }
     }
 }
 

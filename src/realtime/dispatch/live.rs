@@ -78,9 +78,9 @@ pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usi
         }
         let decision = scratch.decisions.get(group).cloned().unwrap_or(DELIVER_ALL);
         group += 1;
+        let to = Recipient { member, ids: &ids, select: &sub.binding.select };
         match decision {
             Decision::Deliver { hidden, strip_old } => {
-                let to = Recipient { member, ids: &ids, select: &sub.binding.select };
                 if scratch.deliver(hub, change, to, &hidden, strip_old) {
                     delivered += 1;
                 }
@@ -88,9 +88,11 @@ pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usi
             Decision::Fail(reason) => {
                 hub.metrics().rls_withheld.fetch_add(1, Ordering::Relaxed);
                 tell_withheld(hub, scratch, member, change, &reason);
+                scratch.withheld(hub, change, to);
             }
             Decision::Withhold | Decision::Check => {
                 hub.metrics().rls_withheld.fetch_add(1, Ordering::Relaxed);
+                scratch.withheld(hub, change, to);
             }
         }
     }

@@ -11,17 +11,21 @@ use std::sync::Arc;
 use axum::extract::ws::Utf8Bytes;
 
 use crate::auth::rls::Hidden;
-use crate::change::{Change, Position, View};
+use crate::change::{Change, ChangeKind, LiveKind, Position, View};
 use crate::realtime::dispatch::decision::Decision;
 use crate::realtime::dispatch::group::Groups;
 use crate::realtime::dispatch::keys::{Ids, PtrHash, Select};
 use crate::realtime::gate::Place;
 use crate::realtime::hub::Hub;
+use crate::realtime::live_query::{Arrival, LiveStep};
 use crate::realtime::member::Member;
 use crate::realtime::outbox::{Direct, EncodingId, Event, Frame};
 
 /// What makes two change frames identical: encoding, topic, binding ids and which `data`.
 type FrameKey = (EncodingId, Arc<str>, Ids, usize);
+
+/// What makes two live queries' messages about a row identical: encoding, topic and view.
+type ArrivalKey = (EncodingId, Arc<str>, Select, Hidden);
 
 /// One member's match of a change: the member, its matching binding ids (ascending) and the
 /// binding's `select`.
@@ -56,6 +60,10 @@ pub struct Scratch {
     shared: bool,
     /// Replays collect their frames here instead of queueing them (they wait for room).
     pub(crate) collect: Option<Vec<Frame>>,
+    /// The current change as live queries' steps share it, with its cursor; made for the first.
+    live_change: Option<(Arc<Change>, Option<Arc<str>>)>,
+    /// Live queries' messages for the current change's new row, by encoding, topic and view.
+    arrivals: Vec<(ArrivalKey, Option<Arc<Arrival>>)>,
 }
 
 impl Scratch {
@@ -65,6 +73,8 @@ impl Scratch {
         self.data.clear();
         self.frames.clear();
         self.bodies.clear();
+        self.live_change = None;
+        self.arrivals.clear();
         self.position = change.position();
         self.xid = change.xid;
         self.cursor =
@@ -80,6 +90,9 @@ impl Scratch {
         hidden: &Hidden,
         strip_old: bool,
     ) -> bool {
+        if to.member.live.is_some() {
+            return self.step(hub, change, to, Some(hidden));
+        }
         let Recipient { member, ids, select } = to;
         let at = self.data.iter().position(|(s, h, o, _)| {
             s.as_deref() == select.as_deref() && h.as_deref() == hidden.as_deref() && *o == strip_old
@@ -133,6 +146,86 @@ impl Scratch {
             }
             (None, _) => false,
         }
+    }
+}
+
+impl Scratch {
+    /// A change withheld from `to` (row-level security): nothing for a subscription, but a live
+    /// query learns that the row is not in its result (it may leave).
+    pub(super) fn withheld(&mut self, hub: &Hub, change: &Change, to: Recipient<'_>) {
+        if to.member.live.is_some() {
+            self.step(hub, change, to, None);
+        }
+    }
+
+    /// Hands `change` to `to`'s live query (`seen`: the columns hidden from it when it may read
+    /// the row, `None` when it may not). Returns whether anything was queued or held.
+    fn step(&mut self, hub: &Hub, change: &Change, to: Recipient<'_>, seen: Option<&Hidden>) -> bool {
+        let Some(live) = to.member.live.as_ref() else { return false };
+        let belongs = seen.is_some() && live.passes(change);
+        // An inserted row outside the result changes nothing (it cannot be in the set).
+        if !belongs && change.kind == ChangeKind::Insert {
+            return false;
+        }
+        let arrival = match seen.filter(|_| belongs) {
+            Some(hidden) => self.arrival(hub, change, to, hidden),
+            None => None,
+        };
+        let cursor = self.cursor.as_deref();
+        let (shared, cursor) =
+            self.live_change.get_or_insert_with(|| (Arc::new(change.clone()), cursor.map(Arc::from)));
+        let step = LiveStep { change: Arc::clone(shared), belongs, cursor: cursor.clone(), arrival };
+        match self.collect.as_mut() {
+            Some(collected) => {
+                collected.extend(live.frames(step));
+                true
+            }
+            None => to.member.deliver_step(Place::Change(self.position, self.xid), step, hub.metrics()),
+        }
+    }
+
+    /// The messages of `change`'s new row for `to`'s encoding, topic and view, rendered once.
+    fn arrival(
+        &mut self,
+        hub: &Hub,
+        change: &Change,
+        to: Recipient<'_>,
+        hidden: &Hidden,
+    ) -> Option<Arc<Arrival>> {
+        let encoder = &to.member.encoder;
+        let topic = &to.member.key.topic;
+        let found = self.arrivals.iter().find(|((e, t, s, h), _)| {
+            *e == encoder.id()
+                && t == topic
+                && s.as_deref() == to.select.as_deref()
+                && h.as_deref() == hidden.as_deref()
+        });
+        if let Some((_, made)) = found {
+            return made.clone();
+        }
+        let view = View {
+            select: to.select.as_deref(),
+            hidden: hidden.as_deref(),
+            strip_old: false,
+            cursor: self.cursor.as_deref(),
+        };
+        let max = hub.limits().max_record_bytes;
+        let cursor = self.cursor.as_deref();
+        let frame = |kind: LiveKind| {
+            let data = String::from_utf8(change.render_live(kind, view, max)).ok()?;
+            encoder.encode(topic, &Event::Live { kind, data: &data, cursor })
+        };
+        let made = if change.snapshot {
+            frame(LiveKind::Snapshot).map(|f| Arrival { enter: f.clone(), update: f })
+        } else {
+            frame(LiveKind::Enter)
+                .zip(frame(LiveKind::Update))
+                .map(|(enter, update)| Arrival { enter, update })
+        }
+        .map(Arc::new);
+        let key = (encoder.id(), Arc::clone(topic), to.select.clone(), hidden.clone());
+        self.arrivals.push((key, made.clone()));
+        made
     }
 }
 

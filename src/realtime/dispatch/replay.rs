@@ -46,6 +46,7 @@ pub(crate) async fn replay_batch(
             subjects: vec![subject.clone()],
             targets: vec![Target { member: Arc::clone(member), ids, select }],
             ranges: std::iter::once(0..1).collect(),
+            live: member.live.is_some(),
         });
         let pending = batch.pending(hub, change, group);
         batch.items.push(Item::Change(pending));
