@@ -261,6 +261,15 @@ impl PlainConnection {
                 Ok(b) => req.bindings = b,
                 Err(e) => return vec![error(id, Some(channel), e)],
             }
+            // A live query: the binding carries `live` and its `limit` as the client sent them.
+            if let Some(live) = msg.get("live") {
+                for b in &mut req.bindings {
+                    b["live"] = live.clone();
+                    if let Some(limit) = msg.get("limit") {
+                        b["limit"] = limit.clone();
+                    }
+                }
+            }
         } else if req.snapshot {
             return vec![error(id, Some(channel), "snapshot applies to table channels")];
         } else if req.since.as_deref().is_some_and(|s| matches!(s.parse(), Ok(Since::Time(_)))) {

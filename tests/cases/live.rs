@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::sse::{key_query, Sse};
-use crate::support::{exec, fresh_db, pool, user, TestApp};
+use crate::support::{exec, fresh_db, pool, user, TestApp, Ws};
 
 /// What a client applying a live query's messages holds.
 #[derive(Debug, Default)]
@@ -247,6 +247,41 @@ async fn a_live_query_follows_rows_into_and_out_of_its_filter_without_the_old_ro
         super::sse::get_json(&format!("{base}/v1/tables/public.tasks/changes?live=true&{}", key_query()))
             .await;
     assert!(status == 400 && body.to_string().contains("event stream"), "{status} {body}");
+
+    // The same live query over the JSON WebSocket: `live` messages with the same data.
+    let mut ws = Ws::connect(app.addr, "/v1/ws", None).await;
+    let subscribe = json!({"type": "subscribe", "channel": "table:public.tasks", "live": true,
+                           "filter": "status=eq.open", "select": ["n"]});
+    ws.send_text(&subscribe.to_string()).await;
+    let mut held = BTreeMap::new();
+    loop {
+        let f = ws.recv().await;
+        match (f["type"].as_str(), f["data"]["kind"].as_str()) {
+            (Some("subscribed"), _) => {}
+            (Some("live"), Some("snapshot")) => {
+                held.insert(f["data"]["key"]["id"].as_i64().unwrap(), f["data"]["record"].clone());
+            }
+            (Some("snapshot-end"), _) => break,
+            _ => panic!("unexpected before the end of the snapshot: {f}"),
+        }
+    }
+    assert_eq!(held, live.rows());
+    exec(&p, "UPDATE tasks SET status = 'done' WHERE id = 6").await;
+    let f = ws.recv().await;
+    assert_eq!(
+        (f["type"].as_str(), f["channel"].as_str()),
+        (Some("live"), Some("table:public.tasks")),
+        "{f}"
+    );
+    assert_eq!((f["data"]["kind"].as_str(), &f["data"]["key"]), (Some("leave"), &json!({"id": 6})), "{f}");
+    assert!(f["cursor"].is_string() && f["data"]["cursor"] == f["cursor"], "{f}");
+    let refused =
+        json!({"type": "subscribe", "channel": "table:public.tasks", "live": true, "events": "insert"});
+    let mut other_ws = Ws::connect(app.addr, "/v1/ws", None).await;
+    other_ws.send_text(&refused.to_string()).await;
+    let f = other_ws.recv().await;
+    assert!(f["type"] == "error" && f["message"].as_str().unwrap_or("").contains("every event"), "{f}");
+    exec(&p, "UPDATE tasks SET status = 'open' WHERE id = 6").await;
 
     // A result that grows past its limit ends the query with an error that says so.
     let bounded = LiveClient::open(&base, "tasks", &format!("{}&limit=2", key_query())).await;
