@@ -359,6 +359,7 @@ impl Gateway {
                 max_private_topics: config.max_rest_private_topics,
                 senders: Default::default(),
             }),
+            graphql: Default::default(),
         }
     }
 

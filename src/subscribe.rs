@@ -111,7 +111,7 @@ pub enum BindingError {
     Live(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PublishedColumn {
     pub name: Arc<str>,
     /// The type name filters compare by (a domain's base type).
@@ -122,14 +122,15 @@ pub struct PublishedColumn {
     pub in_primary_key: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PublishedTable {
     pub columns: Vec<PublishedColumn>,
     /// REPLICA IDENTITY FULL: old rows carry every column.
     pub full_identity: bool,
 }
 
-type Tables = HashMap<(String, String), PublishedTable>;
+/// The published tables by (schema, table).
+pub type Tables = HashMap<(String, String), PublishedTable>;
 
 /// The published tables, cached briefly.
 pub struct PublishedCatalog {
@@ -192,6 +193,12 @@ impl PublishedCatalog {
         let tables = Arc::new(tables);
         *guard = Some((Instant::now(), Arc::clone(&tables)));
         Ok(tables)
+    }
+
+    /// The published tables as last read (read again once `CATALOG_TTL` passed): the same `Arc`
+    /// while they did not change.
+    pub async fn published(&self) -> Result<Arc<Tables>, sqlx::Error> {
+        self.tables(false).await
     }
 
     /// Resolves a join's bindings, in order. Each is either ready to index or an error message

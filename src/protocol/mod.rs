@@ -2,6 +2,7 @@
 //! calls and implements `realtime::outbox::Encoder` for the core's events; it never touches
 //! sockets or the database.
 
+pub mod graphql;
 pub mod phoenix;
 pub mod plain;
 pub mod sse;
@@ -25,9 +26,10 @@ pub mod encoding {
     pub const PHOENIX_V2: EncodingId = EncodingId(2);
     pub const SSE: EncodingId = EncodingId(10);
     pub const PLAIN: EncodingId = EncodingId(11);
+    pub const GRAPHQL: EncodingId = EncodingId(12);
 
     /// Every id above (a new encoding is added here too).
-    pub const ALL: [EncodingId; 4] = [PHOENIX_V1, PHOENIX_V2, SSE, PLAIN];
+    pub const ALL: [EncodingId; 5] = [PHOENIX_V1, PHOENIX_V2, SSE, PLAIN, GRAPHQL];
 }
 
 /// A WebSocket protocol's side of one connection, driven by the transport's IO loop: client

@@ -4,6 +4,7 @@
 pub mod broadcast;
 pub mod credentials;
 pub mod gate;
+pub mod graphql;
 pub mod listener;
 pub mod metrics;
 pub mod sse;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub connections: Arc<listener::ConnectionMetrics>,
     /// REST broadcast limits and the senders' counts.
     pub rest: Arc<broadcast::RestLimits>,
+    /// The GraphQL schema of the current catalog.
+    pub graphql: Arc<crate::protocol::graphql::schema::Schemas>,
 }
 
 /// The client-facing routes; `/metrics` too unless it has an admin address of its own.
@@ -50,6 +53,7 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
         .route("/v1/tables/{table}/changes", get(sse::changes))
         .route("/v1/channels/{name}/events", get(sse::channel_events))
         .route("/v1/ws", get(ws::upgrade_plain))
+        .route("/graphql", get(graphql::upgrade).post(graphql::query))
         .route("/v1/cluster", get(cluster));
     for prefix in ["/api", "/realtime/v1/api"] {
         router = router

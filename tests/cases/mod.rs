@@ -4,6 +4,7 @@ mod capture;
 mod clients;
 mod cluster;
 mod gateway;
+mod graphql;
 mod hardening;
 mod layout;
 mod live;

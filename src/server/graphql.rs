@@ -1,0 +1,297 @@
+//! `/graphql`: queries over HTTP POST (and GET), and GraphQL over WebSocket (`graphql-transport-ws`
+//! or the legacy `graphql-ws`, by `Sec-WebSocket-Protocol`). Each subscription runs as a task
+//! of its own that writes its results to the connection's queue; the connection's loop reads
+//! client messages, writes that queue, and closes with the protocol's codes.
+//!
+//! Owns: the socket, the connection's state (acknowledged or not, its operations), its
+//! deadlines (`connection_init` within `auth.timeout_secs`, the token's expiry, idle). Must not:
+//! build the schema or run a subscription's session (that is `protocol::graphql`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::auth::Credentials;
+use crate::protocol::graphql::feed::{CoreFeeds, Feeds};
+use crate::protocol::graphql::wire::{self, Incoming, Protocol};
+use crate::server::credentials::{token, verify};
+use crate::server::AppState;
+
+/// Results queued per connection before its subscriptions wait for the socket.
+const QUEUE: usize = 256;
+
+/// The schema of the current catalog; `None` (with why) when there is none to build.
+async fn schema(state: &AppState) -> Result<async_graphql::dynamic::Schema, String> {
+    let catalog = state.hub.catalog().ok_or("change capture is not available on this gateway")?;
+    let tables = catalog.published().await.map_err(|e| format!("reading the published tables: {e}"))?;
+    state.graphql.get(&tables)
+}
+
+/// `POST /graphql` (`{"query","variables","operationName"}`) and `GET /graphql?query=…`:
+/// queries (subscriptions need a WebSocket). The token as for every HTTP endpoint.
+pub async fn query(State(state): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let credentials = match verify(&state, token(&headers, None, None).as_deref()).await {
+        Ok(c) => c,
+        Err(e) => return crate::server::unauthorized(&state, &e),
+    };
+    let request: async_graphql::Request = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, axum::Json(json!({"errors": [{"message": e.to_string()}]})))
+                .into_response()
+        }
+    };
+    let schema = match schema(&state).await {
+        Ok(s) => s,
+        Err(e) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"errors": [{"message": e}]})))
+                .into_response()
+        }
+    };
+    let feeds: Arc<dyn Feeds> = Arc::new(CoreFeeds { hub: state.hub.clone(), credentials });
+    let response = schema.execute(request.data(feeds)).await;
+    axum::Json(response).into_response()
+}
+
+/// `GET /graphql` with an upgrade: GraphQL over WebSocket.
+pub async fn upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let Ok(ws) = ws else {
+        return (StatusCode::BAD_REQUEST, "GraphQL: POST a query, or open a WebSocket for subscriptions")
+            .into_response();
+    };
+    let offered = headers.get(header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Some(protocol) = Protocol::choose(offered) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Protocol: graphql-transport-ws or graphql-ws is required",
+        )
+            .into_response();
+    };
+    // A token at the upgrade (header or cookie) serves until `connection_init` brings one.
+    let early = token(&headers, None, None);
+    let max = state.max_frame_bytes;
+    ws.protocols([protocol.name()]).max_message_size(max).max_frame_size(max).on_upgrade(
+        move |socket| async move {
+            let conn = GraphqlConnection { state, protocol, early, ops: HashMap::new(), acked: None };
+            conn.serve(socket).await;
+        },
+    )
+}
+
+/// What an operation task hands the connection.
+enum Out {
+    Text(String),
+    /// The operation ended (after its last message).
+    Done(String, u64),
+}
+
+struct GraphqlConnection {
+    state: AppState,
+    protocol: Protocol,
+    early: Option<String>,
+    /// Running operations: id → (serial, task).
+    ops: HashMap<String, (u64, tokio::task::JoinHandle<()>)>,
+    /// Set once `connection_init` was accepted: the credentials (none: authentication off) and
+    /// when the token expires.
+    acked: Option<(Option<Credentials>, Option<tokio::time::Instant>)>,
+}
+
+/// Why the connection closes.
+struct Close(u16, String);
+
+impl GraphqlConnection {
+    async fn serve(mut self, socket: WebSocket) {
+        let (mut sink, mut stream) = socket.split();
+        let (tx, mut rx) = mpsc::channel::<Out>(QUEUE);
+        let init_by = tokio::time::Instant::now() + self.state.hub.limits().auth_timeout;
+        let shutdown = self.state.shutdown.clone();
+        let idle = self.state.idle_timeout;
+        let mut serial = 0u64;
+        let close = loop {
+            let expiry = self.acked.as_ref().and_then(|(_, e)| *e);
+            let legacy_ka = self.protocol == Protocol::Legacy && self.acked.is_some();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Close(1001, "server shutting down".into()),
+                message = tokio::time::timeout(idle, stream.next()) => {
+                    let text = match message {
+                        Err(_) => break Close(1000, "idle".into()),
+                        Ok(None | Some(Err(_))) => break Close(1000, String::new()),
+                        Ok(Some(Ok(Message::Text(t)))) => t,
+                        Ok(Some(Ok(Message::Close(_)))) => break Close(1000, String::new()),
+                        Ok(Some(Ok(Message::Binary(_)))) => break Close(wire::BAD_REQUEST, "binary messages are not GraphQL".into()),
+                        Ok(Some(Ok(_))) => continue,
+                    };
+                    serial += 1;
+                    match self.handle(text.as_str(), &tx, serial).await {
+                        Ok(replies) => {
+                            for r in replies {
+                                if sink.send(Message::Text(r.into())).await.is_err() {
+                                    return self.stop();
+                                }
+                            }
+                        }
+                        Err(close) => break close,
+                    }
+                }
+                Some(out) = rx.recv() => match out {
+                    Out::Text(t) => {
+                        if sink.send(Message::Text(t.into())).await.is_err() {
+                            return self.stop();
+                        }
+                    }
+                    Out::Done(id, n) => {
+                        if self.ops.get(&id).is_some_and(|(serial, _)| *serial == n) {
+                            self.ops.remove(&id);
+                        }
+                    }
+                },
+                _ = tokio::time::sleep_until(init_by), if self.acked.is_none() => {
+                    break Close(wire::INIT_TIMEOUT, "Connection initialisation timeout".into());
+                }
+                _ = tokio::time::sleep_until(expiry.unwrap_or_else(far)), if expiry.is_some() => {
+                    break Close(wire::FORBIDDEN, "Forbidden: the token has expired".into());
+                }
+                _ = tokio::time::sleep(Duration::from_secs(15)), if legacy_ka => {
+                    if sink.send(Message::Text(wire::KEEP_ALIVE.into())).await.is_err() {
+                        return self.stop();
+                    }
+                }
+            }
+        };
+        self.stop();
+        let frame = CloseFrame { code: close.0, reason: close.1.into() };
+        let _ = sink.send(Message::Close(Some(frame))).await;
+    }
+
+    fn stop(&mut self) {
+        for (_, (_, task)) in self.ops.drain() {
+            task.abort();
+        }
+    }
+
+    /// One client message: the replies to write now, or why the connection closes.
+    async fn handle(
+        &mut self,
+        text: &str,
+        tx: &mpsc::Sender<Out>,
+        serial: u64,
+    ) -> Result<Vec<String>, Close> {
+        let message = wire::parse(self.protocol, text).map_err(|why| Close(wire::BAD_REQUEST, why))?;
+        match message {
+            Incoming::Init(payload) => self.init(&payload).await,
+            Incoming::Ping(payload) => Ok(vec![wire::pong(payload)]),
+            Incoming::Pong => Ok(Vec::new()),
+            Incoming::Terminate => Err(Close(1000, String::new())),
+            Incoming::Complete(id) => {
+                if let Some((_, task)) = self.ops.remove(&id) {
+                    task.abort();
+                    if self.protocol == Protocol::Legacy {
+                        return Ok(vec![wire::complete(&id)]);
+                    }
+                }
+                Ok(Vec::new())
+            }
+            Incoming::Subscribe { id, request } => {
+                let Some((credentials, _)) = &self.acked else {
+                    return Err(Close(wire::UNAUTHORIZED, "Unauthorized".into()));
+                };
+                if self.ops.contains_key(&id) {
+                    return Err(Close(wire::DUPLICATE_ID, format!("Subscriber for {id} already exists")));
+                }
+                let schema = match schema(&self.state).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let error = async_graphql::ServerError::new(e, None);
+                        return Ok(vec![wire::error(self.protocol, &id, &[error])]);
+                    }
+                };
+                let feeds: Arc<dyn Feeds> =
+                    Arc::new(CoreFeeds { hub: self.state.hub.clone(), credentials: credentials.clone() });
+                let task = tokio::spawn(run_operation(
+                    schema,
+                    request.data(feeds),
+                    self.protocol,
+                    id.clone(),
+                    tx.clone(),
+                    serial,
+                ));
+                self.ops.insert(id, (serial, task));
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// `connection_init`: the token it carries (or the one of the upgrade) verified.
+    async fn init(&mut self, payload: &serde_json::Value) -> Result<Vec<String>, Close> {
+        if self.acked.is_some() {
+            return Err(Close(wire::TOO_MANY_INITS, "Too many initialisation requests".into()));
+        }
+        let token = wire::init_token(payload).or_else(|| self.early.clone());
+        match verify(&self.state, token.as_deref()).await {
+            Ok(credentials) => {
+                let expiry = credentials.as_ref().and_then(|c| {
+                    std::time::Instant::now()
+                        .checked_add(c.claims.time_left())
+                        .map(tokio::time::Instant::from_std)
+                });
+                self.acked = Some((credentials, expiry));
+                Ok(vec![wire::ack()])
+            }
+            Err(e) => {
+                let message = format!("Forbidden: {}", e.connect_message());
+                if self.protocol == Protocol::Legacy {
+                    // The legacy protocol says so in a message; the client then closes.
+                    return Ok(vec![wire::connection_error(&message)]);
+                }
+                Err(Close(wire::FORBIDDEN, message))
+            }
+        }
+    }
+}
+
+/// Runs one operation: each result as a message, then `complete` (an operation refused before it
+/// ran gets `error` instead).
+async fn run_operation(
+    schema: async_graphql::dynamic::Schema,
+    request: async_graphql::Request,
+    protocol: Protocol,
+    id: String,
+    tx: mpsc::Sender<Out>,
+    serial: u64,
+) {
+    let mut results = schema.execute_stream(request);
+    let mut first = true;
+    while let Some(response) = results.next().await {
+        // A request that failed validation (or a field refused at once) yields one response
+        // with errors and no data: that is the protocol's `error`.
+        let refused = first && response.data == async_graphql::Value::Null && !response.errors.is_empty();
+        first = false;
+        if refused {
+            let _ = tx.send(Out::Text(wire::error(protocol, &id, &response.errors))).await;
+            let _ = tx.send(Out::Done(id, serial)).await;
+            return;
+        }
+        if tx.send(Out::Text(wire::next(protocol, &id, &response))).await.is_err() {
+            return;
+        }
+    }
+    let _ = tx.send(Out::Text(wire::complete(&id))).await;
+    let _ = tx.send(Out::Done(id, serial)).await;
+}
+
+fn far() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}

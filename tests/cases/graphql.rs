@@ -1,0 +1,237 @@
+//! GraphQL at `/graphql`, spoken frame by frame: the `graphql-transport-ws` handshake and every
+//! close code of the protocol, the legacy `graphql-ws` subprotocol, queries over the socket and
+//! over HTTP (introspection), and row-level security per subscriber. (`clients.rs` drives the
+//! `graphql-ws` npm client.)
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::{anon_key, exec, fresh_db, pool, token_expiring, user, TestApp};
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A GraphQL WebSocket speaking `protocol`.
+async fn open(app: &TestApp, protocol: &str) -> Socket {
+    let mut request = format!("ws://{}/graphql", app.addr).into_client_request().unwrap();
+    request.headers_mut().insert("sec-websocket-protocol", protocol.parse().unwrap());
+    let (socket, response) = tokio_tungstenite::connect_async(request).await.expect("upgrade");
+    assert_eq!(response.headers()["sec-websocket-protocol"], protocol);
+    socket
+}
+
+async fn send(s: &mut Socket, v: Value) {
+    s.send(Message::Text(v.to_string().into())).await.expect("send");
+}
+
+/// The next message as JSON, or `{"close": [code, reason]}`.
+async fn recv(s: &mut Socket) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), s.next()).await.expect("a message within 20 s");
+        match m {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).expect("JSON"),
+            Some(Ok(Message::Close(c))) => {
+                return json!({"close": c.map(|c| (u16::from(c.code), c.reason.to_string()))})
+            }
+            Some(Ok(_)) => continue,
+            other => return json!({"close": null, "ended": format!("{other:?}")}),
+        }
+    }
+}
+
+/// The close code the server ends with.
+async fn closed_with(s: &mut Socket) -> u16 {
+    loop {
+        let v = recv(s).await;
+        if let Some(close) = v.get("close") {
+            return close[0].as_u64().unwrap_or(0) as u16;
+        }
+    }
+}
+
+async fn init(s: &mut Socket, payload: Value) {
+    send(s, json!({"type": "connection_init", "payload": payload})).await;
+    assert_eq!(recv(s).await, json!({"type": "connection_ack"}));
+}
+
+/// Subscribes `id` and waits until it delivers: inserts probe rows (`probe` makes one from a
+/// number) until the first result arrives, which it returns.
+async fn subscribed(
+    s: &mut Socket,
+    p: &sqlx::PgPool,
+    id: &str,
+    query: &str,
+    probe: impl Fn(u32) -> String,
+) -> Value {
+    send(s, json!({"type": "subscribe", "id": id, "payload": {"query": query}})).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for n in 0.. {
+        assert!(tokio::time::Instant::now() < deadline, "{id}: nothing delivered within 30 s");
+        exec(p, &probe(n)).await;
+        let got = tokio::time::timeout(Duration::from_millis(500), s.next()).await;
+        if let Ok(Some(Ok(Message::Text(t)))) = got {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            assert_eq!((v["type"].as_str(), v["id"].as_str()), (Some("next"), Some(id)), "{v}");
+            return v;
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test]
+async fn the_protocol_handshake_queries_and_every_close_code() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, "CREATE TABLE items (id bigint PRIMARY KEY, v text)").await;
+    let app = TestApp::spawn_with(&url, |c| c.auth.timeout_secs = 2).await;
+    let key = json!({"apikey": anon_key()});
+
+    // A query over the socket: one result, then complete; ping answered with pong.
+    let mut s = open(&app, "graphql-transport-ws").await;
+    init(&mut s, json!({"Authorization": format!("Bearer {}", anon_key())})).await;
+    send(&mut s, json!({"type": "subscribe", "id": "q", "payload": {"query": "{ _health }"}})).await;
+    assert_eq!(
+        recv(&mut s).await,
+        json!({"type": "next", "id": "q", "payload": {"data": {"_health": "ok"}}})
+    );
+    assert_eq!(recv(&mut s).await, json!({"type": "complete", "id": "q"}));
+    send(&mut s, json!({"type": "ping"})).await;
+    assert_eq!(recv(&mut s).await, json!({"type": "pong"}));
+    // A document that does not validate: `error`, and the connection stays.
+    send(&mut s, json!({"type": "subscribe", "id": "bad", "payload": {"query": "subscription { nope }"}}))
+        .await;
+    let e = recv(&mut s).await;
+    assert_eq!((e["type"].as_str(), e["id"].as_str()), (Some("error"), Some("bad")), "{e}");
+    assert!(e["payload"][0]["message"].as_str().unwrap_or("").contains("nope"), "{e}");
+    // A binding the core refuses (an unknown column): an error result naming it.
+    let refused = "subscription { items_changes(filter: \"nope=eq.1\") { type } }";
+    send(&mut s, json!({"type": "subscribe", "id": "r", "payload": {"query": refused}})).await;
+    let e = recv(&mut s).await;
+    assert!(e.to_string().contains("nope"), "{e}");
+    // 4409: an id that is running.
+    let live = "subscription { items_changes { type } }";
+    send(&mut s, json!({"type": "subscribe", "id": "dup", "payload": {"query": live}})).await;
+    send(&mut s, json!({"type": "subscribe", "id": "dup", "payload": {"query": live}})).await;
+    assert_eq!(closed_with(&mut s).await, 4409);
+
+    // 4401: a subscribe before connection_init.
+    let mut s = open(&app, "graphql-transport-ws").await;
+    send(&mut s, json!({"type": "subscribe", "id": "1", "payload": {"query": "{ _health }"}})).await;
+    assert_eq!(closed_with(&mut s).await, 4401);
+    // 4403: a token that does not verify; and with none.
+    let mut s = open(&app, "graphql-transport-ws").await;
+    send(&mut s, json!({"type": "connection_init", "payload": {"Authorization": "Bearer nope"}})).await;
+    assert_eq!(closed_with(&mut s).await, 4403);
+    let mut s = open(&app, "graphql-transport-ws").await;
+    send(&mut s, json!({"type": "connection_init"})).await;
+    assert_eq!(closed_with(&mut s).await, 4403);
+    // 4429: a second connection_init.
+    let mut s = open(&app, "graphql-transport-ws").await;
+    init(&mut s, key.clone()).await;
+    send(&mut s, json!({"type": "connection_init", "payload": key})).await;
+    assert_eq!(closed_with(&mut s).await, 4429);
+    // 4400: a message that is not one.
+    let mut s = open(&app, "graphql-transport-ws").await;
+    send(&mut s, json!({"type": "subscribe", "id": "1"})).await;
+    assert_eq!(closed_with(&mut s).await, 4400);
+    // 4408: no connection_init within auth.timeout_secs (2 s here).
+    let mut s = open(&app, "graphql-transport-ws").await;
+    assert_eq!(closed_with(&mut s).await, 4408);
+    // 4403 again when the token of the connection expires.
+    let mut s = open(&app, "graphql-transport-ws").await;
+    init(&mut s, json!({"Authorization": format!("Bearer {}", token_expiring("anon", None, 2))})).await;
+    assert_eq!(closed_with(&mut s).await, 4403);
+
+    // The legacy subprotocol: start / data / stop, connection_error for a bad token.
+    let mut s = open(&app, "graphql-ws").await;
+    send(&mut s, json!({"type": "connection_init", "payload": {"apikey": "nope"}})).await;
+    assert_eq!(recv(&mut s).await["type"], "connection_error");
+    let mut s = open(&app, "graphql-ws").await;
+    init(&mut s, json!({"apikey": anon_key()})).await;
+    send(&mut s, json!({"type": "start", "id": "h", "payload": {"query": "{ _health }"}})).await;
+    assert_eq!(
+        recv(&mut s).await,
+        json!({"type": "data", "id": "h", "payload": {"data": {"_health": "ok"}}})
+    );
+    assert_eq!(recv(&mut s).await, json!({"type": "complete", "id": "h"}));
+
+    // An upgrade without a GraphQL subprotocol is refused.
+    let mut request = format!("ws://{}/graphql", app.addr).into_client_request().unwrap();
+    request.headers_mut().insert("sec-websocket-protocol", "soap".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(request).await.is_err());
+
+    // Introspection over HTTP, as GraphiQL asks it.
+    let body = json!({"query": "{ __schema { subscriptionType { fields { name } } } }"});
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/graphql", app.addr))
+        .header("apikey", anon_key())
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    let fields: Vec<&str> = v["data"]["__schema"]["subscriptionType"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["name"].as_str())
+        .collect();
+    assert_eq!(fields, ["changes", "items_changes", "items_live"], "{v}");
+    let anonymous = reqwest::Client::new()
+        .post(format!("http://{}/graphql", app.addr))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    app.stop().await;
+}
+
+const A: &str = "00000000-0000-0000-0000-00000000000a";
+const B: &str = "00000000-0000-0000-0000-00000000000b";
+
+#[tokio::test]
+async fn each_subscriber_receives_the_rows_its_token_may_read() {
+    let schema = "
+        CREATE TABLE docs (id bigint PRIMARY KEY, owner uuid, body text);
+        ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY own ON docs FOR SELECT TO authenticated USING (owner = auth.uid());";
+    let (app, p) = crate::support::rls_app(schema, |_| {}).await;
+    let mut subscribers = Vec::new();
+    for sub in [A, B] {
+        let mut s = open(&app, "graphql-transport-ws").await;
+        init(&mut s, json!({"Authorization": format!("Bearer {}", user(sub))})).await;
+        let query = "subscription { docs_changes(events: [INSERT]) { record { id owner body } } }";
+        // Each sees its own probe row; the other's probes are not for it.
+        let first = subscribed(&mut s, &p, "d", query, |n| {
+            format!("INSERT INTO docs VALUES ({}, '{sub}', 'probe')", 1000 * (1 + u32::from(sub == B)) + n)
+        })
+        .await;
+        assert_eq!(first["payload"]["data"]["docs_changes"]["record"]["owner"], sub);
+        subscribers.push(s);
+    }
+    exec(&p, &format!("INSERT INTO docs VALUES (1, '{A}', 'for a'), (2, '{B}', 'for b'), (3, '{A}', 'end a'), (4, '{B}', 'end b')")).await;
+    for (s, sub) in subscribers.iter_mut().zip([A, B]) {
+        let mut bodies = Vec::new();
+        loop {
+            let v = recv(s).await;
+            let record = &v["payload"]["data"]["docs_changes"]["record"];
+            if record["body"] == "probe" {
+                continue;
+            }
+            assert_eq!(record["owner"], sub, "{v}");
+            bodies.push(record["body"].as_str().unwrap().to_owned());
+            if bodies.last().unwrap().starts_with("end") {
+                break;
+            }
+        }
+        let mine = if sub == A { ["for a", "end a"] } else { ["for b", "end b"] };
+        assert_eq!(bodies, mine);
+    }
+    app.stop().await;
+}
