@@ -273,6 +273,14 @@ impl Peer {
         Peer::spawn(name, cmd)
     }
 
+    /// The `graphql-ws` npm client on `url`, with `init` as its connection params.
+    fn graphql(name: &'static str, url: &str, init: Value) -> Peer {
+        let dir = clients_dir().join("node");
+        let mut cmd = Command::new("node");
+        cmd.current_dir(&dir).arg("graphql.mjs").arg(url).arg(init.to_string());
+        Peer::spawn(name, cmd)
+    }
+
     /// The first frame of `type` (others are kept for later waits).
     async fn frame(&mut self, kind: &str) -> Value {
         self.until(kind, |v| v["type"] == kind).await
@@ -331,6 +339,23 @@ impl Peer {
         let v: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{} printed {line}", self.name));
         assert_ne!(v["kind"], "timeout", "{} timed out", self.name);
         v
+    }
+
+    /// The first event satisfying `pred` within `wait`, or `None`; others stay queued.
+    async fn within(&mut self, wait: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        if let Some(at) = self.pending.iter().position(&pred) {
+            return self.pending.remove(at);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.next_line()).await.ok()?;
+            let line = line.expect("read").unwrap_or_else(|| panic!("{} exited early", self.name));
+            let v: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{} printed {line}", self.name));
+            if pred(&v) {
+                return Some(v);
+            }
+            self.pending.push_back(v);
+        }
     }
 
     /// The first event satisfying `pred`; others stay queued for later waits (presence events,
@@ -1007,5 +1032,97 @@ async fn realtime_js_resumes_with_since_and_reads_a_snapshot() {
     exec(&p, "INSERT INTO notes VALUES (8, 'after')").await;
     let live = third.changes(1).await;
     assert_eq!(live[0]["payload"]["new"]["id"], 8);
+    app.stop().await;
+}
+
+/// The `graphql-ws` client's next result of subscription `id` (its `data`).
+async fn graphql_next(c: &mut Peer, id: &str) -> Value {
+    let v = c.until(&format!("a result of {id}"), |v| v["id"] == id && v["event"] != "disposed").await;
+    assert_eq!(v["event"], "next", "{v}");
+    v["payload"]["data"].clone()
+}
+
+#[tokio::test]
+async fn graphql_ws_client_typed_generic_and_live_subscriptions() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, SCHEMA).await;
+    exec(&p, "INSERT INTO todos VALUES (1, 'a', '{x}', '{\"k\": 1}', NULL), (2, 'b', NULL, NULL, NULL)").await;
+    let app = TestApp::spawn(&url).await;
+    let endpoint = format!("ws://{}/graphql", app.addr);
+    let mut c = Peer::graphql("graphql-ws", &endpoint, json!({"Authorization": format!("Bearer {}", support::anon_key())}));
+    c.until("connected", |v| v["event"] == "connected").await;
+
+    // A live query: its rows, READY, then rows entering and leaving.
+    let live = "subscription { todos_live(filter: \"task=eq.a\") { kind key record { id task tags meta } } }";
+    c.cmd(json!({"op": "subscribe", "id": "live", "query": live})).await;
+    let first = graphql_next(&mut c, "live").await;
+    assert_eq!(
+        first["todos_live"],
+        json!({"kind": "SNAPSHOT", "key": {"id": 1}, "record": {"id": 1, "task": "a", "tags": ["x"], "meta": {"k": 1}}})
+    );
+    assert_eq!(graphql_next(&mut c, "live").await["todos_live"]["kind"], "READY");
+
+    // Typed and generic change subscriptions; each is live once it delivers (probe rows until then).
+    let typed = "subscription { todos_changes(events: [INSERT, UPDATE], filter: \"id=gt.100\") { type cursor record { id task } oldRecord { id } } }";
+    c.cmd(json!({"op": "subscribe", "id": "typed", "query": typed})).await;
+    let generic = "subscription($t: String!) { changes(table: $t, events: [INSERT]) { type table record } }";
+    c.cmd(json!({"op": "subscribe", "id": "generic", "query": generic, "variables": {"t": "public.notes"}})).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (mut typed_live, mut generic_live) = (false, false);
+    let mut n = 0;
+    while !(typed_live && generic_live) {
+        assert!(tokio::time::Instant::now() < deadline, "subscriptions not delivering within 30 s");
+        n += 1;
+        exec(&p, &format!("INSERT INTO todos VALUES ({}, 'probe'); INSERT INTO notes VALUES ({n}, 'probe')", 100 + n)).await;
+        let probe = |v: &Value| v["event"] == "next" && v["id"] != "live";
+        while let Some(v) = c.within(Duration::from_millis(300), probe).await {
+            typed_live |= v["id"] == "typed";
+            generic_live |= v["id"] == "generic";
+        }
+    }
+    exec(&p, "INSERT INTO todos VALUES (500, 'new'); UPDATE todos SET task = 'newer' WHERE id = 500; INSERT INTO notes VALUES (500, 'hello')").await;
+    let mut typed_seen = Vec::new();
+    while typed_seen.len() < 2 {
+        let d = graphql_next(&mut c, "typed").await;
+        let change = &d["todos_changes"];
+        if change["record"]["task"] != "probe" {
+            assert!(change["cursor"].is_string(), "{d}");
+            typed_seen.push(json!([change["type"], change["record"], change["oldRecord"]]));
+        }
+    }
+    assert_eq!(
+        typed_seen,
+        [
+            json!(["INSERT", {"id": 500, "task": "new"}, null]),
+            json!(["UPDATE", {"id": 500, "task": "newer"}, {"id": 500}]),
+        ]
+    );
+    loop {
+        let d = graphql_next(&mut c, "generic").await;
+        if d["changes"]["record"]["body"] == "hello" {
+            assert_eq!(d["changes"], json!({"type": "INSERT", "table": "notes", "record": {"id": 500, "body": "hello"}}));
+            break;
+        }
+    }
+    // The live query saw none of that; now a row enters and one leaves.
+    exec(&p, "UPDATE todos SET task = 'a' WHERE id = 2; UPDATE todos SET task = 'z' WHERE id = 1").await;
+    let enter = graphql_next(&mut c, "live").await;
+    assert_eq!(enter["todos_live"]["kind"], "ENTER", "{enter}");
+    assert_eq!(enter["todos_live"]["record"]["id"], 2);
+    let leave = graphql_next(&mut c, "live").await;
+    assert_eq!(leave["todos_live"], json!({"kind": "LEAVE", "key": {"id": 1}, "record": null}));
+
+    // A document that does not validate reaches the client's error callback.
+    c.cmd(json!({"op": "subscribe", "id": "bad", "query": "subscription { todos_changes { nope } }"})).await;
+    let e = c.until("the error", |v| v["id"] == "bad").await;
+    assert_eq!(e["event"], "error", "{e}");
+    assert!(e["errors"][0]["message"].as_str().unwrap_or("").contains("nope"), "{e}");
+    c.cmd(json!({"op": "exit"})).await;
+
+    // A token that does not verify: the client sees the socket closed with 4403.
+    let mut refused = Peer::graphql("graphql-ws refused", &endpoint, json!({"Authorization": "Bearer nope"}));
+    let closed = refused.until("closed", |v| v["event"] == "closed").await;
+    assert_eq!(closed["code"], 4403, "{closed}");
     app.stop().await;
 }
