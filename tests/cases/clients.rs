@@ -350,7 +350,8 @@ impl Peer {
         loop {
             let line = tokio::time::timeout_at(deadline, self.lines.next_line()).await.ok()?;
             let line = line.expect("read").unwrap_or_else(|| panic!("{} exited early", self.name));
-            let v: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{} printed {line}", self.name));
+            let v: Value =
+                serde_json::from_str(&line).unwrap_or_else(|_| panic!("{} printed {line}", self.name));
             if pred(&v) {
                 return Some(v);
             }
@@ -1047,10 +1048,15 @@ async fn graphql_ws_client_typed_generic_and_live_subscriptions() {
     let url = fresh_db().await;
     let p = pool(&url).await;
     exec(&p, SCHEMA).await;
-    exec(&p, "INSERT INTO todos VALUES (1, 'a', '{x}', '{\"k\": 1}', NULL), (2, 'b', NULL, NULL, NULL)").await;
+    exec(&p, "INSERT INTO todos VALUES (1, 'a', '{x}', '{\"k\": 1}', NULL), (2, 'b', NULL, NULL, NULL)")
+        .await;
     let app = TestApp::spawn(&url).await;
     let endpoint = format!("ws://{}/graphql", app.addr);
-    let mut c = Peer::graphql("graphql-ws", &endpoint, json!({"Authorization": format!("Bearer {}", support::anon_key())}));
+    let mut c = Peer::graphql(
+        "graphql-ws",
+        &endpoint,
+        json!({"Authorization": format!("Bearer {}", support::anon_key())}),
+    );
     c.until("connected", |v| v["event"] == "connected").await;
 
     // A live query: its rows, READY, then rows entering and leaving.
@@ -1067,14 +1073,22 @@ async fn graphql_ws_client_typed_generic_and_live_subscriptions() {
     let typed = "subscription { todos_changes(events: [INSERT, UPDATE], filter: \"id=gt.100\") { type cursor record { id task } oldRecord { id } } }";
     c.cmd(json!({"op": "subscribe", "id": "typed", "query": typed})).await;
     let generic = "subscription($t: String!) { changes(table: $t, events: [INSERT]) { type table record } }";
-    c.cmd(json!({"op": "subscribe", "id": "generic", "query": generic, "variables": {"t": "public.notes"}})).await;
+    c.cmd(json!({"op": "subscribe", "id": "generic", "query": generic, "variables": {"t": "public.notes"}}))
+        .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let (mut typed_live, mut generic_live) = (false, false);
     let mut n = 0;
     while !(typed_live && generic_live) {
         assert!(tokio::time::Instant::now() < deadline, "subscriptions not delivering within 30 s");
         n += 1;
-        exec(&p, &format!("INSERT INTO todos VALUES ({}, 'probe'); INSERT INTO notes VALUES ({n}, 'probe')", 100 + n)).await;
+        exec(
+            &p,
+            &format!(
+                "INSERT INTO todos VALUES ({}, 'probe'); INSERT INTO notes VALUES ({n}, 'probe')",
+                100 + n
+            ),
+        )
+        .await;
         let probe = |v: &Value| v["event"] == "next" && v["id"] != "live";
         while let Some(v) = c.within(Duration::from_millis(300), probe).await {
             typed_live |= v["id"] == "typed";
@@ -1101,7 +1115,10 @@ async fn graphql_ws_client_typed_generic_and_live_subscriptions() {
     loop {
         let d = graphql_next(&mut c, "generic").await;
         if d["changes"]["record"]["body"] == "hello" {
-            assert_eq!(d["changes"], json!({"type": "INSERT", "table": "notes", "record": {"id": 500, "body": "hello"}}));
+            assert_eq!(
+                d["changes"],
+                json!({"type": "INSERT", "table": "notes", "record": {"id": 500, "body": "hello"}})
+            );
             break;
         }
     }

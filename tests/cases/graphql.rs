@@ -15,7 +15,7 @@ use crate::support::{anon_key, exec, fresh_db, pool, token_expiring, user, TestA
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A GraphQL WebSocket speaking `protocol`.
-async fn open(app: &TestApp, protocol: &str) -> Socket {
+pub(super) async fn open(app: &TestApp, protocol: &str) -> Socket {
     let mut request = format!("ws://{}/graphql", app.addr).into_client_request().unwrap();
     request.headers_mut().insert("sec-websocket-protocol", protocol.parse().unwrap());
     let (socket, response) = tokio_tungstenite::connect_async(request).await.expect("upgrade");
@@ -23,7 +23,7 @@ async fn open(app: &TestApp, protocol: &str) -> Socket {
     socket
 }
 
-async fn send(s: &mut Socket, v: Value) {
+pub(super) async fn send(s: &mut Socket, v: Value) {
     s.send(Message::Text(v.to_string().into())).await.expect("send");
 }
 
@@ -52,7 +52,7 @@ async fn closed_with(s: &mut Socket) -> u16 {
     }
 }
 
-async fn init(s: &mut Socket, payload: Value) {
+pub(super) async fn init(s: &mut Socket, payload: Value) {
     send(s, json!({"type": "connection_init", "payload": payload})).await;
     assert_eq!(recv(s).await, json!({"type": "connection_ack"}));
 }

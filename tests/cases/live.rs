@@ -65,7 +65,7 @@ impl Applied {
                 if self.rows.remove(&id).is_none() {
                     bad("leave of a row not held");
                 }
-                if data.get("record").is_some() {
+                if data.get("record").is_some_and(|r| !r.is_null()) {
                     bad("a leave with a record");
                 }
             }
@@ -129,6 +129,55 @@ impl LiveClient {
                 a.rows, a.violations, a.errors, a.events
             ));
         }
+    }
+
+    /// The live query `{table}_live(where: …)` over GraphQL (`graphql-transport-ws`), as `sub`.
+    async fn open_graphql(app: &TestApp, table: &str, where_: &str, sub: &str) -> LiveClient {
+        let mut socket = super::graphql::open(app, "graphql-transport-ws").await;
+        super::graphql::init(&mut socket, json!({"Authorization": format!("Bearer {}", user(sub))})).await;
+        let query = format!("subscription {{ {table}_live(where: {where_}) {{ kind key record {{ id owner shared n tag }} }} }}");
+        super::graphql::send(
+            &mut socket,
+            json!({"type": "subscribe", "id": "live", "payload": {"query": query}}),
+        )
+        .await;
+        let applied = Arc::new(Mutex::new(Applied::default()));
+        let into = Arc::clone(&applied);
+        let (tx, changed) = tokio::sync::watch::channel(0u64);
+        let field = format!("{table}_live");
+        let reader = tokio::spawn(async move {
+            use futures_util::StreamExt;
+            while let Some(Ok(message)) = socket.next().await {
+                let tokio_tungstenite::tungstenite::Message::Text(text) = message else { continue };
+                let v: Value = serde_json::from_str(&text).unwrap();
+                let data = &v["payload"]["data"][&field];
+                let event = match (v["type"].as_str(), data["kind"].as_str()) {
+                    (Some("next"), Some("READY")) => "snapshot-end".to_owned(),
+                    (Some("next"), Some(kind)) => kind.to_ascii_lowercase(),
+                    _ => format!("unexpected {v}"),
+                };
+                into.lock().unwrap().apply(&event, data);
+                tx.send_modify(|n| *n += 1);
+            }
+        });
+        let client = LiveClient { applied, changed, reader };
+        client.wait("its snapshot", |a| a.ready >= 1).await;
+        client
+    }
+
+    /// Over SSE when `sent` is a filter, over GraphQL when it is a `where` (`{…}`).
+    async fn open_as(app: &TestApp, table: &str, sent: &str, sub: &str) -> LiveClient {
+        if sent.starts_with('{') {
+            return LiveClient::open_graphql(app, table, sent, sub).await;
+        }
+        let filter =
+            if sent.is_empty() { String::new() } else { format!("&filter={}", sent.replace('=', "%3D")) };
+        LiveClient::open(
+            &format!("http://{}", app.addr),
+            table,
+            &format!("access_token={}{filter}", user(sub)),
+        )
+        .await
     }
 
     async fn wait(&self, what: &str, cond: impl Fn(&Applied) -> bool) {
@@ -349,22 +398,26 @@ async fn live_queries_equal_their_select_as_each_subscriber_after_every_transact
         std::env::var("WALCAST_LIVE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1234_u64);
     eprintln!("live query oracle: seed {seed} (WALCAST_LIVE_SEED repeats it)");
     let (app, p) = crate::support::rls_app(ORACLE_SCHEMA, |_| {}).await;
-    let base = format!("http://{}", app.addr);
-    // (table, filter as sent, the same condition in SQL, subscriber)
-    let queries: [(&str, &str, &str, &str); 6] = [
+    // (table, filter as sent — over SSE, or a GraphQL `where` — the same condition in SQL,
+    // subscriber)
+    let queries: [(&str, &str, &str, &str); 8] = [
         ("live_d", "n=gt.50", "n > 50", A),
         ("live_d", "or=(n.lt.20,tag.eq.x)", "(n < 20 OR tag = 'x')", B),
         ("live_d", "", "true", A),
         ("live_f", "n=gte.30,tag=neq.z", "n >= 30 AND tag <> 'z'", A),
         ("live_f", "not.and=(n.gt.10,n.lt.90)", "NOT (n > 10 AND n < 90)", B),
         ("live_f", "tag=in.(x,y)", "tag IN ('x','y')", B),
+        ("live_d", "{n: {_gte: 40, _lte: 70}}", "n BETWEEN 40 AND 70", B),
+        (
+            "live_f",
+            r#"{_or: [{n: {_lt: 15}}, {_not: {tag: {_in: ["x", "z"]}}}], shared: {_eq: false}}"#,
+            "(n < 15 OR NOT tag IN ('x','z')) AND shared = false",
+            A,
+        ),
     ];
     let mut clients = Vec::new();
-    for (table, filter, _, sub) in &queries {
-        let filter =
-            if filter.is_empty() { String::new() } else { format!("&filter={}", filter.replace('=', "%3D")) };
-        let query = format!("access_token={}{filter}", user(sub));
-        clients.push(LiveClient::open(&base, table, &query).await);
+    for (table, sent, _, sub) in &queries {
+        clients.push(LiveClient::open_as(&app, table, sent, sub).await);
     }
     let mut rng = Rng(seed | 1);
     let mut statements = 0;
@@ -385,7 +438,7 @@ async fn live_queries_equal_their_select_as_each_subscriber_after_every_transact
         c.check_clean();
     }
     eprintln!(
-        "live query oracle: {statements} statements in 2000 transactions, 6 live queries equal after each"
+        "live query oracle: {statements} statements in 2000 transactions, 8 live queries (6 over SSE, 2 over GraphQL) equal after each"
     );
 
     // Snapshots taken while transactions commit: the hand-off neither drops nor repeats a change.
@@ -400,10 +453,8 @@ async fn live_queries_equal_their_select_as_each_subscriber_after_every_transact
         })
     };
     let mut late = Vec::new();
-    for (table, filter, _, sub) in &queries {
-        let filter =
-            if filter.is_empty() { String::new() } else { format!("&filter={}", filter.replace('=', "%3D")) };
-        late.push(LiveClient::open(&base, table, &format!("access_token={}{filter}", user(sub))).await);
+    for (table, sent, _, sub) in &queries {
+        late.push(LiveClient::open_as(&app, table, sent, sub).await);
     }
     writer.await.unwrap();
     for (i, client) in clients.iter().chain(&late).enumerate() {

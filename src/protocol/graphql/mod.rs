@@ -12,4 +12,5 @@
 
 pub mod feed;
 pub mod schema;
+pub mod where_filter;
 pub mod wire;

@@ -14,13 +14,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use async_graphql::dynamic::{
-    Enum, Field, FieldFuture, FieldValue, InputValue, Object, ResolverContext, Scalar, Schema, SchemaError,
-    Subscription, SubscriptionField, SubscriptionFieldFuture, TypeRef,
+    Enum, Field, FieldFuture, FieldValue, InputObject, InputValue, Object, ResolverContext, Scalar, Schema,
+    SchemaError, Subscription, SubscriptionField, SubscriptionFieldFuture, TypeRef,
 };
 use futures_util::StreamExt;
 use serde_json::Value as Json;
 
 use crate::protocol::graphql::feed::{FeedKind, FeedRequest, Feeds};
+use crate::protocol::graphql::where_filter;
 use crate::subscribe::{PublishedTable, Tables};
 
 /// A JSON value as it is (json, jsonb, and anything without a closer GraphQL type).
@@ -115,6 +116,41 @@ fn scalar_name(ty: &str) -> &'static str {
     }
 }
 
+/// The scalars a `where` compares, each with its `<scalar>_comparison_exp` input.
+const COMPARABLE: [&str; 7] =
+    [TypeRef::STRING, TypeRef::INT, BIG_INT, TypeRef::FLOAT, TypeRef::BOOLEAN, NUMERIC, JSON];
+
+/// `{_eq, _neq, _gt, _gte, _lt, _lte, _in, _like, _ilike, _is_null}` for one scalar.
+fn comparison(scalar: &str) -> InputObject {
+    let mut input = InputObject::new(format!("{scalar}_comparison_exp"))
+        .description(format!("Conditions on a {scalar} column (the filter grammar's operators)"));
+    for op in ["_eq", "_neq", "_gt", "_gte", "_lt", "_lte"] {
+        input = input.field(InputValue::new(op, TypeRef::named(scalar)));
+    }
+    input
+        .field(InputValue::new("_in", TypeRef::named_nn_list(scalar)))
+        .field(InputValue::new("_like", TypeRef::named(TypeRef::STRING)))
+        .field(InputValue::new("_ilike", TypeRef::named(TypeRef::STRING)))
+        .field(InputValue::new("_is_null", TypeRef::named(TypeRef::BOOLEAN)))
+}
+
+/// `<table>_bool_exp`: a condition on each (non-array) column, `_and`, `_or`, `_not`.
+fn bool_exp(t: &TableName) -> InputObject {
+    let name = format!("{}_bool_exp", t.name);
+    let mut input = InputObject::new(&name)
+        .description(format!("A condition on rows of {}.{}", t.schema, t.table))
+        .field(InputValue::new("_and", TypeRef::named_nn_list(&name)))
+        .field(InputValue::new("_or", TypeRef::named_nn_list(&name)))
+        .field(InputValue::new("_not", TypeRef::named(&name)));
+    for (field, _, ty) in &t.fields {
+        if !ty.starts_with('_') {
+            input = input
+                .field(InputValue::new(field, TypeRef::named(format!("{}_comparison_exp", scalar_name(ty)))));
+        }
+    }
+    input
+}
+
 /// A JSON value as a GraphQL value.
 fn value_of(v: &Json) -> async_graphql::Value {
     async_graphql::Value::from_json(v.clone()).unwrap_or(async_graphql::Value::Null)
@@ -174,11 +210,36 @@ fn change_args(field: SubscriptionField) -> SubscriptionField {
         .argument(InputValue::new("since", TypeRef::named(TypeRef::STRING)))
 }
 
+/// A typed subscription's table: (schema, table) and its (field, column) pairs.
+type Target = (String, String, Arc<Vec<(String, String)>>);
+
+/// The filter of a subscription: its `filter` (the grammar) and its `where`, both holding.
+fn filter_of(
+    ctx: &ResolverContext<'_>,
+    fields: &[(String, String)],
+) -> async_graphql::Result<Option<String>> {
+    let text = match ctx.args.get("filter") {
+        Some(v) if !v.is_null() => Some(v.string()?.to_owned()),
+        _ => None,
+    };
+    let where_ = match ctx.args.get("where") {
+        Some(v) if !v.is_null() => {
+            let json = v.as_value().clone().into_json()?;
+            let column = |field: &str| fields.iter().find(|(f, _)| f == field).map(|(_, c)| c.clone());
+            where_filter::to_filter(&json, &column).map_err(async_graphql::Error::new)?
+        }
+        _ => None,
+    };
+    Ok(match (text, where_) {
+        (Some(a), Some(b)) => Some(format!("{a},{b}")),
+        (a, b) => a.or(b),
+    })
+}
+
 /// What a subscription field's arguments ask for.
 fn request_of(
     ctx: &ResolverContext<'_>,
-    schema: &str,
-    table: &str,
+    (schema, table, fields): &Target,
     kind: FeedKind,
 ) -> async_graphql::Result<FeedRequest> {
     let text = |name: &str| -> async_graphql::Result<Option<String>> {
@@ -203,7 +264,7 @@ fn request_of(
     Ok(FeedRequest {
         schema: schema.to_owned(),
         table: table.to_owned(),
-        filter: text("filter")?,
+        filter: filter_of(ctx, fields)?,
         events,
         since: text("since")?,
         limit,
@@ -212,21 +273,22 @@ fn request_of(
 }
 
 /// A subscription field that asks the connection's [`Feeds`] for its messages.
-fn feed_field(name: &str, ty: TypeRef, table: Option<(String, String)>, kind: FeedKind) -> SubscriptionField {
+fn feed_field(name: &str, ty: TypeRef, target: Option<Target>, kind: FeedKind) -> SubscriptionField {
     SubscriptionField::new(name, ty, move |ctx| {
-        let table = table.clone();
+        let target = target.clone();
         SubscriptionFieldFuture::new(async move {
-            let (schema, name) = match table {
+            let target = match target {
                 Some(t) => t,
                 None => {
                     let arg = ctx.args.try_get("table")?.string()?.to_owned();
-                    match arg.split_once('.') {
+                    let (schema, table) = match arg.split_once('.') {
                         Some((s, t)) if !s.is_empty() && !t.is_empty() => (s.to_owned(), t.to_owned()),
                         _ => (String::from("public"), arg),
-                    }
+                    };
+                    (schema, table, Arc::default())
                 }
             };
-            let request = request_of(&ctx, &schema, &name, kind)?;
+            let request = request_of(&ctx, &target, kind)?;
             let feeds = ctx.data::<Arc<dyn Feeds>>()?;
             let feed = feeds.open(request).await?;
             Ok(feed.map(|message| message.map(FieldValue::owned_any)))
@@ -248,12 +310,15 @@ pub fn build(tables: &Tables) -> Result<Schema, SchemaError> {
         .register(Scalar::new(BIG_INT).description("A 64-bit integer"))
         .register(Scalar::new(NUMERIC).description("An arbitrary-precision number"))
         .register(Enum::new("ChangeEvent").items(["INSERT", "UPDATE", "DELETE"]))
-        .register(Enum::new("LiveKind").items(["SNAPSHOT", "READY", "ENTER", "UPDATE", "LEAVE"]))
-        .register(
-            change_fields(Object::new("Change"))
-                .field(json_field("record", "record", TypeRef::named(JSON)))
-                .field(json_field("oldRecord", "old_record", TypeRef::named(JSON))),
-        );
+        .register(Enum::new("LiveKind").items(["SNAPSHOT", "READY", "ENTER", "UPDATE", "LEAVE"]));
+    for scalar in COMPARABLE {
+        builder = builder.register(comparison(scalar));
+    }
+    builder = builder.register(
+        change_fields(Object::new("Change"))
+            .field(json_field("record", "record", TypeRef::named(JSON)))
+            .field(json_field("oldRecord", "old_record", TypeRef::named(JSON))),
+    );
     subscription = subscription.field(
         change_args(feed_field("changes", TypeRef::named_nn("Change"), None, FeedKind::Changes))
             .argument(InputValue::new("table", TypeRef::named_nn(TypeRef::STRING))),
@@ -273,17 +338,24 @@ pub fn build(tables: &Tables) -> Result<Schema, SchemaError> {
                 .field(json_field("key", "key", TypeRef::named(JSON)))
                 .field(row_field("record", "record", &t.name)),
         );
-        let table = Some((t.schema.clone(), t.table.clone()));
+        builder = builder.register(bool_exp(t));
+        let fields = t.fields.iter().map(|(f, c, _)| (f.clone(), c.clone())).collect();
+        let target = Some((t.schema.clone(), t.table.clone(), Arc::new(fields)));
+        let where_ = || InputValue::new("where", TypeRef::named(format!("{}_bool_exp", t.name)));
         subscription = subscription
-            .field(change_args(feed_field(
-                &format!("{}_changes", t.name),
-                TypeRef::named_nn(&change),
-                table.clone(),
-                FeedKind::Changes,
-            )))
             .field(
-                feed_field(&format!("{}_live", t.name), TypeRef::named_nn(&live), table, FeedKind::Live)
+                change_args(feed_field(
+                    &format!("{}_changes", t.name),
+                    TypeRef::named_nn(&change),
+                    target.clone(),
+                    FeedKind::Changes,
+                ))
+                .argument(where_()),
+            )
+            .field(
+                feed_field(&format!("{}_live", t.name), TypeRef::named_nn(&live), target, FeedKind::Live)
                     .argument(InputValue::new("filter", TypeRef::named(TypeRef::STRING)))
+                    .argument(where_())
                     .argument(InputValue::new("limit", TypeRef::named(TypeRef::INT))),
             );
     }
@@ -365,8 +437,11 @@ mod tests {
             "n: Int",
             "meta: JSON",
             "tags: [String]",
-            "todos_changes(filter: String, events: [ChangeEvent!], since: String): todos_Change!",
-            "todos_live(filter: String, limit: Int): todos_Live!",
+            "todos_changes(filter: String, events: [ChangeEvent!], since: String, where: todos_bool_exp): todos_Change!",
+            "todos_live(filter: String, where: todos_bool_exp, limit: Int): todos_Live!",
+            "input todos_bool_exp {",
+            "n: Int_comparison_exp",
+            "_in: [BigInt!]",
             "changes(filter: String, events: [ChangeEvent!], since: String, table: String!): Change!",
             "_health: String!",
         ] {
