@@ -36,6 +36,8 @@ pub struct FeedRequest {
     pub filter: Option<String>,
     /// A comma list of insert, update, delete.
     pub events: Option<String>,
+    /// A comma list of the columns to render (the primary key is always kept).
+    pub select: Option<String>,
     /// Resume after this cursor (or from this commit time).
     pub since: Option<String>,
     /// A live query's most rows.
@@ -89,7 +91,7 @@ impl Feeds for CoreFeeds {
                 &r.table,
                 r.filter.as_deref(),
                 r.events.as_deref(),
-                None,
+                r.select.as_deref(),
             )
             .map_err(async_graphql::Error::new)?;
             if r.kind == FeedKind::Live {

@@ -236,6 +236,32 @@ fn filter_of(
     })
 }
 
+/// The columns a typed subscription's selection reads under `record` and `oldRecord`: only
+/// those are rendered and sent (with the primary key). `None` for the generic subscription, or
+/// when a column's name cannot be listed.
+fn selected_columns(ctx: &ResolverContext<'_>, fields: &[(String, String)]) -> Option<String> {
+    if fields.is_empty() {
+        return None;
+    }
+    let mut columns: Vec<&str> = Vec::new();
+    for child in ctx.ctx.field().selection_set() {
+        if !matches!(child.name(), "record" | "oldRecord") {
+            continue;
+        }
+        for f in child.selection_set() {
+            if let Some((_, column)) = fields.iter().find(|(field, _)| field == f.name()) {
+                if !columns.contains(&column.as_str()) {
+                    columns.push(column);
+                }
+            }
+        }
+    }
+    if columns.iter().any(|c| c.contains(',')) {
+        return None;
+    }
+    Some(columns.join(","))
+}
+
 /// What a subscription field's arguments ask for.
 fn request_of(
     ctx: &ResolverContext<'_>,
@@ -265,6 +291,7 @@ fn request_of(
         schema: schema.to_owned(),
         table: table.to_owned(),
         filter: filter_of(ctx, fields)?,
+        select: selected_columns(ctx, fields),
         events,
         since: text("since")?,
         limit,
