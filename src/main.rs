@@ -208,6 +208,25 @@ enum Scenario {
         #[command(flatten)]
         search: SearchArgs,
     },
+    /// Live queries over one table with a share of changes moving rows between them (latency,
+    /// losses, memory per live query); then GraphQL's fan-out against Phoenix's, same deliveries.
+    Live {
+        #[arg(long, default_value_t = 1_000)]
+        queries: usize,
+        /// Changes committed per second to the live queries' table.
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Sockets of the GraphQL / Phoenix fan-out comparison.
+        #[arg(long, default_value_t = 1_000)]
+        clients: usize,
+        /// Changes per second of the comparison's fixed run.
+        #[arg(long, default_value_t = 100)]
+        fanout_rate: u64,
+        #[command(flatten)]
+        search: SearchArgs,
+    },
     /// Changes replayed from the change log over SSE, to one client and to many at once, against
     /// a raw sequential read of the segment files.
     Replay {
@@ -520,6 +539,7 @@ async fn bench(
             bench::realtime::presence(&opts, &o).await?;
         }
         long @ (Scenario::Rls { .. }
+        | Scenario::Live { .. }
         | Scenario::Replay { .. }
         | Scenario::Soak { .. }
         | Scenario::SlowReaders { .. }) => {
@@ -552,6 +572,22 @@ async fn bench_against_a_child(
                 gateway_url: gateway_url.clone(),
             };
             bench::rls::run(opts, &o).await?;
+        }
+        Scenario::Live { queries, rate, seconds, clients, fanout_rate, search } => {
+            let o = bench::live::LiveOptions {
+                queries,
+                rate,
+                seconds,
+                clients,
+                fanout_rate,
+                steps: search.steps,
+                step_seconds: search.step_seconds,
+                step_tries: search.step_tries,
+                p99_bound_ms: search.p99_ms,
+                gateway_bin: gateway_bin.clone(),
+                gateway_url: gateway_url.clone(),
+            };
+            bench::live::run(opts, &o).await?;
         }
         Scenario::Replay { rows, clients } => {
             let o = bench::replay::ReplayOptions { rows, clients, gateway_bin: gateway_bin.clone() };

@@ -6,6 +6,7 @@ pub mod client;
 pub mod cluster;
 pub mod gateway;
 pub mod ingest;
+pub mod live;
 pub mod matching;
 pub mod realtime;
 pub mod relay;

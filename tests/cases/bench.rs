@@ -219,3 +219,38 @@ async fn slow_readers_scenario() {
         assert!(v[phase]["connections"][kind].as_u64().is_some_and(|n| n >= 5), "{phase} {kind} in {v}");
     }
 }
+
+#[tokio::test]
+async fn live_scenario() {
+    let (o, path) = opts("live").await;
+    let l = bench::live::LiveOptions {
+        queries: 5,
+        rate: 20,
+        seconds: 1,
+        clients: 3,
+        fanout_rate: 10,
+        steps: vec![10],
+        step_seconds: 1,
+        step_tries: 1,
+        p99_bound_ms: 10_000.0,
+        gateway_bin: PathBuf::from(env!("CARGO_BIN_EXE_walcast")),
+        gateway_url: None,
+    };
+    bench::live::run(&o, &l).await.expect("live runs");
+    let v = read(&path);
+    assert_eq!(v["scenario"], "live");
+    // Every change reaches exactly one live query with its stamp (an update, or the enter of a row
+    // that moved), nothing lost.
+    assert_eq!((v["live"]["sent"].as_u64(), v["live"]["delivered"].as_u64()), (Some(20), Some(20)), "{v}");
+    assert!(v["gateway_bytes_per_live_query"].as_u64().is_some(), "{v}");
+    for side in ["phoenix", "graphql"] {
+        let fixed = &v["fanout"][side]["fixed"];
+        assert_eq!(
+            (fixed["sent"].as_u64(), fixed["delivered"].as_u64()),
+            (Some(10), Some(30)),
+            "{side}: {v}"
+        );
+        assert_eq!(v["fanout"][side]["max_rate"], 10, "{side}: {v}");
+    }
+    assert_eq!(v["fanout"]["graphql_over_phoenix"], 1.0, "{v}");
+}
