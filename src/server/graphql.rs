@@ -20,7 +20,8 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::auth::Credentials;
-use crate::protocol::graphql::feed::{CoreFeeds, Feeds};
+use crate::protocol::graphql::feed::{Capture, CoreFeeds, Feeds};
+use crate::protocol::graphql::results::Operation;
 use crate::protocol::graphql::wire::{self, Incoming, Protocol};
 use crate::server::credentials::{token, verify};
 use crate::server::AppState;
@@ -218,16 +219,10 @@ impl GraphqlConnection {
                         return Ok(vec![wire::error(self.protocol, &id, &[error])]);
                     }
                 };
-                let feeds: Arc<dyn Feeds> =
-                    Arc::new(CoreFeeds { hub: self.state.hub.clone(), credentials: credentials.clone() });
-                let task = tokio::spawn(run_operation(
-                    schema,
-                    request.data(feeds),
-                    self.protocol,
-                    id.clone(),
-                    tx.clone(),
-                    serial,
-                ));
+                let core = CoreFeeds { hub: self.state.hub.clone(), credentials: credentials.clone() };
+                let run = Run { protocol: self.protocol, id: id.clone(), tx: tx.clone(), serial, core };
+                let op = Operation::of(&request);
+                let task = tokio::spawn(run_operation(self.state.clone(), schema, op, run));
                 self.ops.insert(id, (serial, task));
                 Ok(Vec::new())
             }
@@ -262,17 +257,18 @@ impl GraphqlConnection {
     }
 }
 
-/// Runs one operation: each result as a message, then `complete` (an operation refused before it
-/// ran gets `error` instead).
-async fn run_operation(
-    schema: async_graphql::dynamic::Schema,
-    request: async_graphql::Request,
-    protocol: Protocol,
-    id: String,
-    tx: mpsc::Sender<Out>,
-    serial: u64,
-) {
-    let mut results = schema.execute_stream(request);
+/// Runs one operation: a query's result, or a subscription's results (each message's result
+/// made once for every subscriber of the same operation that received it), then `complete`; an
+/// operation refused before it ran gets `error` instead.
+async fn run_operation(state: AppState, schema: async_graphql::dynamic::Schema, op: Operation, run: Run) {
+    let Run { protocol, id, tx, serial, core } = run;
+    let slot = Arc::new(std::sync::Mutex::new(None));
+    let capture: Arc<dyn Feeds> = Arc::new(Capture { core, slot: Arc::clone(&slot) });
+    let mut request = async_graphql::Request::new(op.query.clone()).variables(op.variables.clone());
+    request.operation_name.clone_from(&op.operation_name);
+    // A query's results, or a subscription's refusal; a subscription that started leaves its
+    // messages in `slot`.
+    let mut results = schema.execute_stream(request.data(capture));
     let mut first = true;
     while let Some(response) = results.next().await {
         // A request that failed validation (or a field refused at once) yields one response
@@ -288,8 +284,34 @@ async fn run_operation(
             return;
         }
     }
+    drop(results);
+    let captured = crate::locks::lock(&slot).take();
+    if let Some((mut feed, kind)) = captured {
+        let shared = &state.graphql.results;
+        while let Some(message) = feed.next().await {
+            let text = match message {
+                Ok(m) => wire::next_payload(protocol, &id, &shared.get(&schema, &op, kind, &m).await),
+                Err(e) => {
+                    let payload = json!({"data": null, "errors": [{"message": e.message}]}).to_string();
+                    wire::next_payload(protocol, &id, &payload)
+                }
+            };
+            if tx.send(Out::Text(text)).await.is_err() {
+                return;
+            }
+        }
+    }
     let _ = tx.send(Out::Text(wire::complete(&id))).await;
     let _ = tx.send(Out::Done(id, serial)).await;
+}
+
+/// Who an operation answers and how.
+struct Run {
+    protocol: Protocol,
+    id: String,
+    tx: mpsc::Sender<Out>,
+    serial: u64,
+    core: CoreFeeds,
 }
 
 fn far() -> tokio::time::Instant {

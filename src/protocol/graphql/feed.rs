@@ -15,7 +15,7 @@ use serde_json::{json, Value as Json};
 use crate::auth::Credentials;
 use crate::protocol::sse::SseEncoder;
 use crate::realtime::hub::Hub;
-use crate::realtime::outbox::{Direct, Encoder, EncodingId, Event, Frame, OutboxReceiver};
+use crate::realtime::outbox::{Direct, Encoder, EncodingId, Event, Frame, Named, OutboxReceiver};
 use crate::realtime::session::{JoinRequest, Session};
 
 /// Which messages a subscription wants.
@@ -82,45 +82,71 @@ impl Encoder for GraphqlEncoder {
     }
 }
 
+impl CoreFeeds {
+    /// Joins a session for `request`; its messages as they come.
+    pub async fn open_raw(&self, request: FeedRequest) -> async_graphql::Result<RawFeed> {
+        let r = &request;
+        let mut bindings = crate::subscribe::table_bindings(
+            &r.schema,
+            &r.table,
+            r.filter.as_deref(),
+            r.events.as_deref(),
+            r.select.as_deref(),
+        )
+        .map_err(async_graphql::Error::new)?;
+        if r.kind == FeedKind::Live {
+            for b in &mut bindings {
+                b["live"] = json!(true);
+                if let Some(limit) = r.limit {
+                    b["limit"] = json!(limit);
+                }
+            }
+        }
+        let (mut session, outbox) =
+            Session::new(self.hub.clone(), Arc::new(GraphqlEncoder), self.credentials.clone());
+        let topic = format!("graphql:{}.{}", r.schema, r.table);
+        let join = JoinRequest { topic, bindings, since: r.since.clone(), ..JoinRequest::default() };
+        let joined = session.join(join).await.map_err(|e| async_graphql::Error::new(e.to_string()))?;
+        if let Some(Err(errors)) = &joined.changes {
+            let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            return Err(async_graphql::Error::new(message));
+        }
+        if let Some(handoff) = joined.handoff {
+            handoff.start();
+        }
+        Ok(raw_feed(session, outbox, r.kind))
+    }
+}
+
 impl Feeds for CoreFeeds {
     fn open(&self, request: FeedRequest) -> BoxFuture<'_, async_graphql::Result<Feed>> {
         Box::pin(async move {
-            let r = &request;
-            let mut bindings = crate::subscribe::table_bindings(
-                &r.schema,
-                &r.table,
-                r.filter.as_deref(),
-                r.events.as_deref(),
-                r.select.as_deref(),
-            )
-            .map_err(async_graphql::Error::new)?;
-            if r.kind == FeedKind::Live {
-                for b in &mut bindings {
-                    b["live"] = json!(true);
-                    if let Some(limit) = r.limit {
-                        b["limit"] = json!(limit);
-                    }
-                }
-            }
-            let (mut session, outbox) =
-                Session::new(self.hub.clone(), Arc::new(GraphqlEncoder), self.credentials.clone());
-            let topic = format!("graphql:{}.{}", r.schema, r.table);
-            let join = JoinRequest { topic, bindings, since: r.since.clone(), ..JoinRequest::default() };
-            let joined = session.join(join).await.map_err(|e| async_graphql::Error::new(e.to_string()))?;
-            if let Some(Err(errors)) = &joined.changes {
-                let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-                return Err(async_graphql::Error::new(message));
-            }
-            if let Some(handoff) = joined.handoff {
-                handoff.start();
-            }
-            Ok(feed(session, outbox, r.kind))
+            use futures_util::StreamExt;
+            let kind = request.kind;
+            let raw = self.open_raw(request).await?;
+            Ok(Box::pin(raw.map(move |m| m.map(|m| message_json(kind, &m)))) as Feed)
         })
     }
 }
 
-/// The stream of a joined session's messages.
-fn feed(session: Session, outbox: OutboxReceiver, kind: FeedKind) -> Feed {
+/// A subscription's messages as the core queued them (shared by every subscriber that received
+/// the same one, so that what is made of one can be reused), in order; an error ends it.
+pub type RawFeed = BoxStream<'static, async_graphql::Result<Arc<Named>>>;
+
+/// The JSON a subscription's resolvers read for `message` (a message of a feed of `kind`).
+pub fn message_json(kind: FeedKind, message: &Named) -> Json {
+    let mut data: Json = serde_json::from_str(message.data.as_str()).unwrap_or(Json::Null);
+    if kind == FeedKind::Live {
+        let upper = data["kind"].as_str().unwrap_or("").to_ascii_uppercase();
+        data["kind"] = json!(upper);
+    }
+    data
+}
+
+/// The stream of a joined session's messages for a subscription of `kind`: changes (or a live
+/// query's rows, `READY` and its enter / update / leave); a gap, an error, or a client too slow
+/// ends it with an error.
+fn raw_feed(session: Session, outbox: OutboxReceiver, kind: FeedKind) -> RawFeed {
     let state = Some((session, outbox));
     Box::pin(futures_util::stream::unfold(state, move |state| async move {
         let (mut session, mut outbox) = state?;
@@ -139,29 +165,54 @@ fn feed(session: Session, outbox: OutboxReceiver, kind: FeedKind) -> Feed {
                 }
             };
             let Frame::Named(m) = frame else { continue };
-            let data: Json = serde_json::from_str(m.data.as_str()).unwrap_or(Json::Null);
             match (kind, &*m.name) {
                 (_, "error" | "gap") => {
+                    let data: Json = serde_json::from_str(m.data.as_str()).unwrap_or(Json::Null);
                     let message = data["message"].as_str().unwrap_or("the subscription ended").to_owned();
                     return Some((Err(async_graphql::Error::new(message)), None));
                 }
                 (FeedKind::Live, "snapshot-end") => {
-                    let ready = json!({"kind": "READY", "cursor": data["cursor"]});
+                    let data: Json = serde_json::from_str(m.data.as_str()).unwrap_or(Json::Null);
+                    let ready = json!({"kind": "ready", "cursor": data["cursor"]}).to_string();
+                    let ready = Arc::new(Named { id: None, name: "ready".into(), data: ready.into() });
                     return Some((Ok(ready), Some((session, outbox))));
                 }
-                (FeedKind::Live, "snapshot" | "enter" | "update" | "leave") => {
-                    let mut data = data;
-                    let kind = data["kind"].as_str().unwrap_or("").to_ascii_uppercase();
-                    data["kind"] = json!(kind);
-                    return Some((Ok(data), Some((session, outbox))));
-                }
-                (FeedKind::Changes, "insert" | "update" | "delete") => {
-                    return Some((Ok(data), Some((session, outbox))));
+                (FeedKind::Live, "snapshot" | "enter" | "update" | "leave")
+                | (FeedKind::Changes, "insert" | "update" | "delete") => {
+                    return Some((Ok(m), Some((session, outbox))));
                 }
                 _ => continue,
             }
         }
     }))
+}
+
+/// Feeds that open the core's session and keep its raw messages in `slot` (the connection
+/// renders them), handing the resolver nothing.
+pub struct Capture {
+    pub core: CoreFeeds,
+    pub slot: Arc<std::sync::Mutex<Option<(RawFeed, FeedKind)>>>,
+}
+
+impl Feeds for Capture {
+    fn open(&self, request: FeedRequest) -> BoxFuture<'_, async_graphql::Result<Feed>> {
+        Box::pin(async move {
+            let kind = request.kind;
+            let raw = self.core.open_raw(request).await?;
+            *crate::locks::lock(&self.slot) = Some((raw, kind));
+            Ok(Box::pin(futures_util::stream::empty()) as Feed)
+        })
+    }
+}
+
+/// Feeds that hand the resolver one message's JSON (rendering one message of a subscription).
+pub struct OneMessage(pub Json);
+
+impl Feeds for OneMessage {
+    fn open(&self, _request: FeedRequest) -> BoxFuture<'_, async_graphql::Result<Feed>> {
+        let item = self.0.clone();
+        Box::pin(async move { Ok(Box::pin(futures_util::stream::once(async move { Ok(item) })) as Feed) })
+    }
 }
 
 fn far() -> tokio::time::Instant {

@@ -11,6 +11,7 @@
 //! session.
 
 pub mod feed;
+pub mod results;
 pub mod schema;
 pub mod where_filter;
 pub mod wire;

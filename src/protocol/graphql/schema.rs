@@ -389,10 +389,12 @@ pub fn build(tables: &Tables) -> Result<Schema, SchemaError> {
     builder.register(query).register(subscription).finish()
 }
 
-/// The schema of the current catalog, built again only when the published tables change.
+/// The schema of the current catalog, built again only when the published tables change, and
+/// the subscription results shared among subscribers.
 #[derive(Default)]
 pub struct Schemas {
     current: std::sync::Mutex<Option<(Arc<Tables>, Schema)>>,
+    pub results: crate::protocol::graphql::results::Results,
 }
 
 impl Schemas {

@@ -134,6 +134,20 @@ pub fn next(protocol: Protocol, id: &str, response: &async_graphql::Response) ->
     json!({"type": kind, "id": id, "payload": payload}).to_string()
 }
 
+/// One result of an operation whose payload is already JSON text.
+pub fn next_payload(protocol: Protocol, id: &str, payload: &str) -> String {
+    let kind = if protocol == Protocol::Legacy { "data" } else { "next" };
+    let mut out = String::with_capacity(payload.len() + id.len() + 40);
+    out.push_str("{\"type\":\"");
+    out.push_str(kind);
+    out.push_str("\",\"id\":");
+    out.push_str(&Json::from(id).to_string());
+    out.push_str(",\"payload\":");
+    out.push_str(payload);
+    out.push('}');
+    out
+}
+
 /// An operation that failed before it could run (it does not complete after this).
 pub fn error(protocol: Protocol, id: &str, errors: &[async_graphql::ServerError]) -> String {
     let errors = serde_json::to_value(errors).unwrap_or(Json::Null);
