@@ -28,6 +28,10 @@ use crate::server::AppState;
 
 /// Results queued per connection before its subscriptions wait for the socket.
 const QUEUE: usize = 256;
+/// Queued messages written at once at most, before one flush.
+const BATCH: usize = 64;
+/// The server's keep-alive (`ping`, or the legacy `ka`) this often.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// The schema of the current catalog; `None` (with why) when there is none to build.
 async fn schema(state: &AppState) -> Result<async_graphql::dynamic::Schema, String> {
@@ -116,57 +120,91 @@ impl GraphqlConnection {
     async fn serve(mut self, socket: WebSocket) {
         let (mut sink, mut stream) = socket.split();
         let (tx, mut rx) = mpsc::channel::<Out>(QUEUE);
-        let init_by = tokio::time::Instant::now() + self.state.hub.limits().auth_timeout;
-        let shutdown = self.state.shutdown.clone();
         let idle = self.state.idle_timeout;
+        // Timers and the shutdown wait live for the whole connection (not one per message).
+        let shutdown = self.state.shutdown.clone().cancelled_owned();
+        let init_timer = tokio::time::sleep(self.state.hub.limits().auth_timeout);
+        let idle_timer = tokio::time::sleep(idle);
+        let expiry_timer = tokio::time::sleep_until(far());
+        tokio::pin!(shutdown, init_timer, idle_timer, expiry_timer);
+        let mut armed: Option<tokio::time::Instant> = None;
+        let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
         let mut serial = 0u64;
         let close = loop {
             let expiry = self.acked.as_ref().and_then(|(_, e)| *e);
-            let legacy_ka = self.protocol == Protocol::Legacy && self.acked.is_some();
+            if expiry != armed {
+                armed = expiry;
+                expiry_timer.as_mut().reset(expiry.unwrap_or_else(far));
+            }
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break Close(1001, "server shutting down".into()),
-                message = tokio::time::timeout(idle, stream.next()) => {
+                _ = &mut shutdown => break Close(1001, "server shutting down".into()),
+                message = stream.next() => {
+                    idle_timer.as_mut().reset(tokio::time::Instant::now() + idle);
                     let text = match message {
-                        Err(_) => break Close(1000, "idle".into()),
-                        Ok(None | Some(Err(_))) => break Close(1000, String::new()),
-                        Ok(Some(Ok(Message::Text(t)))) => t,
-                        Ok(Some(Ok(Message::Close(_)))) => break Close(1000, String::new()),
-                        Ok(Some(Ok(Message::Binary(_)))) => break Close(wire::BAD_REQUEST, "binary messages are not GraphQL".into()),
-                        Ok(Some(Ok(_))) => continue,
+                        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break Close(1000, String::new()),
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Binary(_))) => {
+                            break Close(wire::BAD_REQUEST, "binary messages are not GraphQL".into())
+                        }
+                        Some(Ok(_)) => continue,
                     };
                     serial += 1;
                     match self.handle(text.as_str(), &tx, serial).await {
                         Ok(replies) => {
                             for r in replies {
-                                if sink.send(Message::Text(r.into())).await.is_err() {
+                                if sink.feed(Message::Text(r.into())).await.is_err() {
                                     return self.stop();
                                 }
+                            }
+                            if sink.flush().await.is_err() {
+                                return self.stop();
                             }
                         }
                         Err(close) => break close,
                     }
                 }
-                Some(out) = rx.recv() => match out {
-                    Out::Text(t) => {
-                        if sink.send(Message::Text(t.into())).await.is_err() {
-                            return self.stop();
+                Some(out) = rx.recv() => {
+                    // What else is queued goes out with it: one write for many messages.
+                    let mut next = Some(out);
+                    let mut batched = 0;
+                    while let Some(out) = next.take() {
+                        match out {
+                            Out::Text(t) => {
+                                if sink.feed(Message::Text(t.into())).await.is_err() {
+                                    return self.stop();
+                                }
+                                batched += 1;
+                            }
+                            Out::Done(id, n) => {
+                                if self.ops.get(&id).is_some_and(|(serial, _)| *serial == n) {
+                                    self.ops.remove(&id);
+                                }
+                            }
+                        }
+                        if batched < BATCH {
+                            next = rx.try_recv().ok();
                         }
                     }
-                    Out::Done(id, n) => {
-                        if self.ops.get(&id).is_some_and(|(serial, _)| *serial == n) {
-                            self.ops.remove(&id);
-                        }
+                    if sink.flush().await.is_err() {
+                        return self.stop();
                     }
-                },
-                _ = tokio::time::sleep_until(init_by), if self.acked.is_none() => {
+                }
+                _ = &mut init_timer, if self.acked.is_none() => {
                     break Close(wire::INIT_TIMEOUT, "Connection initialisation timeout".into());
                 }
-                _ = tokio::time::sleep_until(expiry.unwrap_or_else(far)), if expiry.is_some() => {
+                _ = &mut expiry_timer, if armed.is_some() => {
                     break Close(wire::FORBIDDEN, "Forbidden: the token has expired".into());
                 }
-                _ = tokio::time::sleep(Duration::from_secs(15)), if legacy_ka => {
-                    if sink.send(Message::Text(wire::KEEP_ALIVE.into())).await.is_err() {
+                // A graphql-transport-ws client answers the server's pings: silence is a dead
+                // peer. The legacy protocol's keep-alive has no answer.
+                _ = &mut idle_timer, if self.protocol == Protocol::TransportWs => break Close(1000, "idle".into()),
+                _ = keep_alive.tick(), if self.acked.is_some() => {
+                    let ping = match self.protocol {
+                        Protocol::TransportWs => wire::PING,
+                        Protocol::Legacy => wire::KEEP_ALIVE,
+                    };
+                    if sink.send(Message::Text(ping.into())).await.is_err() {
                         return self.stop();
                     }
                 }

@@ -147,20 +147,32 @@ pub fn message_json(kind: FeedKind, message: &Named) -> Json {
 /// query's rows, `READY` and its enter / update / leave); a gap, an error, or a client too slow
 /// ends it with an error.
 fn raw_feed(session: Session, outbox: OutboxReceiver, kind: FeedKind) -> RawFeed {
-    let state = Some((session, outbox));
+    let killed = Box::pin(outbox.killed.clone().cancelled_owned());
+    let state = Some(Box::new(Following {
+        session,
+        outbox,
+        killed,
+        expiry: Box::pin(tokio::time::sleep_until(far())),
+        armed: None,
+    }));
     Box::pin(futures_util::stream::unfold(state, move |state| async move {
-        let (mut session, mut outbox) = state?;
+        let mut f = state?;
         loop {
-            let expiry = session.next_expiry().map(tokio::time::Instant::from_std);
+            // The token's expiry, re-armed only when it changes (not a timer per message).
+            let expiry = f.session.next_expiry().map(tokio::time::Instant::from_std);
+            if expiry != f.armed {
+                f.armed = expiry;
+                f.expiry.as_mut().reset(expiry.unwrap_or_else(far));
+            }
             let frame = tokio::select! {
                 biased;
-                _ = outbox.killed.cancelled() => {
+                _ = &mut f.killed => {
                     let e = async_graphql::Error::new("client too slow: the subscription fell behind");
                     return Some((Err(e), None));
                 }
-                frame = outbox.rx.recv() => frame?,
-                _ = tokio::time::sleep_until(expiry.unwrap_or_else(far)), if expiry.is_some() => {
-                    session.expire(std::time::Instant::now());
+                frame = f.outbox.rx.recv() => frame?,
+                _ = &mut f.expiry, if f.armed.is_some() => {
+                    f.session.expire(std::time::Instant::now());
                     continue;
                 }
             };
@@ -175,16 +187,26 @@ fn raw_feed(session: Session, outbox: OutboxReceiver, kind: FeedKind) -> RawFeed
                     let data: Json = serde_json::from_str(m.data.as_str()).unwrap_or(Json::Null);
                     let ready = json!({"kind": "ready", "cursor": data["cursor"]}).to_string();
                     let ready = Arc::new(Named { id: None, name: "ready".into(), data: ready.into() });
-                    return Some((Ok(ready), Some((session, outbox))));
+                    return Some((Ok(ready), Some(f)));
                 }
                 (FeedKind::Live, "snapshot" | "enter" | "update" | "leave")
                 | (FeedKind::Changes, "insert" | "update" | "delete") => {
-                    return Some((Ok(m), Some((session, outbox))));
+                    return Some((Ok(m), Some(f)));
                 }
                 _ => continue,
             }
         }
     }))
+}
+
+/// A subscription's session as its feed follows it.
+struct Following {
+    session: Session,
+    outbox: OutboxReceiver,
+    /// The core gave up on this subscriber (too slow).
+    killed: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    expiry: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: Option<tokio::time::Instant>,
 }
 
 /// Feeds that open the core's session and keep its raw messages in `slot` (the connection

@@ -119,6 +119,8 @@ pub fn connection_error(message: &str) -> String {
 
 /// Legacy keep-alive.
 pub const KEEP_ALIVE: &str = r#"{"type":"ka"}"#;
+/// The server's ping (`graphql-transport-ws`); the client answers `pong`.
+pub const PING: &str = r#"{"type":"ping"}"#;
 
 pub fn pong(payload: Option<Json>) -> String {
     match payload {
