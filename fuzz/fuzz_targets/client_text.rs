@@ -1,7 +1,8 @@
 //! Every parser of text a client sends, outside the Phoenix frames: resume points (`since`,
 //! SSE `Last-Event-ID`: cursors and timestamps), the changes endpoint's query string and the
-//! bindings it builds, plain WebSocket (`/v1/ws`) messages driven through a connection, and
-//! tokens (JWT headers and claims). None may panic, whatever the text.
+//! bindings it builds, plain WebSocket (`/v1/ws`) messages driven through a connection, GraphQL
+//! WebSocket messages of both subprotocols and `where` arguments, and tokens (JWT headers and
+//! claims). None may panic, whatever the text.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use walcast::protocol::plain::PlainConnection;
@@ -29,6 +30,15 @@ fuzz_target!(|data: &[u8]| {
             params.select.as_deref(),
         );
         let _ = params.since.as_deref().map(str::parse::<Since>);
+    }
+    use walcast::protocol::graphql::wire::{init_token, parse, Protocol};
+    for protocol in [Protocol::TransportWs, Protocol::Legacy] {
+        let _ = parse(protocol, s);
+    }
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(s) {
+        let _ = init_token(&v);
+        let _ = walcast::protocol::graphql::where_filter::to_filter(&v, &|f| Some(f.to_owned()))
+            .map(|f| f.map(|f| walcast::filter::parse(&f)));
     }
     let _ = runtime().block_on(verifier().verify(s));
     // Each line is a message on one connection: subscribe, publish, auth, then more.

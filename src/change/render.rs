@@ -253,6 +253,16 @@ pub enum LiveKind {
 }
 
 impl LiveKind {
+    /// The change type a client of `postgres_changes` applies it as: a row to put (INSERT), to
+    /// replace (UPDATE) or to remove by its key (DELETE).
+    pub fn change_type(self) -> &'static str {
+        match self {
+            LiveKind::Snapshot | LiveKind::Enter => "INSERT",
+            LiveKind::Update => "UPDATE",
+            LiveKind::Leave => "DELETE",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             LiveKind::Snapshot => "snapshot",
@@ -263,11 +273,19 @@ impl LiveKind {
     }
 }
 
-/// Writes `{"kind":…,"schema":…,"table":…,"commit_timestamp":…,"cursor":…` (cursor when known),
-/// the start of every live query message.
-fn write_live_head(out: &mut Vec<u8>, kind: LiveKind, rel: &Relation, timestamp: &str, cursor: Option<&str>) {
+/// Writes `{"kind":…,"type":…,"schema":…,"table":…,"commit_timestamp":…,"cursor":…,"columns":[…]`
+/// (cursor when known; the columns `shown`), the start of every live query message.
+fn write_live_head(
+    out: &mut Vec<u8>,
+    kind: LiveKind,
+    rel: &Relation,
+    (timestamp, cursor): (&str, Option<&str>),
+    shown: &dyn Fn(&Column) -> bool,
+) {
     out.extend_from_slice(b"{\"kind\":\"");
     out.extend_from_slice(kind.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"type\":\"");
+    out.extend_from_slice(kind.change_type().as_bytes());
     out.extend_from_slice(b"\",\"schema\":");
     write_json_str(out, &rel.schema);
     out.extend_from_slice(b",\"table\":");
@@ -278,23 +296,43 @@ fn write_live_head(out: &mut Vec<u8>, kind: LiveKind, rel: &Relation, timestamp:
         out.extend_from_slice(b",\"cursor\":");
         write_json_str(out, cursor);
     }
+    out.extend_from_slice(b",\"columns\":[");
+    for (i, c) in rel.columns.iter().filter(|c| shown(c)).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"name\":");
+        write_json_str(out, &c.name);
+        out.extend_from_slice(b",\"type\":");
+        write_json_str(out, &c.ty.name);
+        out.push(b'}');
+    }
+    out.push(b']');
 }
 
 impl Change {
     /// A live query's message about this change's new row (`kind` snapshot, enter or update):
-    /// the head, `key` (the primary key's columns) and `record` as the view shows it. A record
-    /// over `max_record_bytes` keeps only its small values and says so in `errors`.
+    /// the head, `key` (the primary key's columns; also as `old_record` of an update) and
+    /// `record` as the view shows it. A record over `max_record_bytes` keeps only its small
+    /// values and says so in `errors`.
     pub fn render_live(&self, kind: LiveKind, view: View<'_>, max_record_bytes: usize) -> Vec<u8> {
         let rel = &self.relation;
         let hidden = view.hidden.filter(|h| !h.is_empty());
+        let keep = |name: &str| keeps(rel, view.select, hidden, name);
         let mut out = Vec::with_capacity(256);
-        write_live_head(&mut out, kind, rel, &self.commit_timestamp(), view.cursor);
-        out.extend_from_slice(b",\"key\":");
+        let stamp = self.commit_timestamp();
+        write_live_head(&mut out, kind, rel, (&stamp, view.cursor), &|c| keep(&c.name));
         let primary = |name: &str| rel.column_index(name).is_some_and(|i| rel.columns[i].in_primary_key);
+        let key_at = out.len() + 7;
+        out.extend_from_slice(b",\"key\":");
         self.write_record(&mut out, Some(&primary));
+        if kind == LiveKind::Update {
+            let key = out[key_at..].to_vec();
+            out.extend_from_slice(b",\"old_record\":");
+            out.extend_from_slice(&key);
+        }
         out.extend_from_slice(b",\"record\":");
         let start = out.len();
-        let keep = |name: &str| keeps(rel, view.select, hidden, name);
         self.write_record(&mut out, Some(&keep));
         if out.len() - start <= max_record_bytes {
             out.push(b'}');
@@ -323,10 +361,14 @@ pub fn render_live_leave(
     cursor: Option<&str>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
-    write_live_head(&mut out, LiveKind::Leave, rel, timestamp, cursor);
+    write_live_head(&mut out, LiveKind::Leave, rel, (timestamp, cursor), &|c| c.in_primary_key);
+    let key_at = out.len() + 7;
     out.extend_from_slice(b",\"key\":");
     let columns = rel.columns.iter().filter(|c| c.in_primary_key);
     write_object(&mut out, columns.zip(key).map(|(c, t)| (c, Some(&t[..]))));
+    let key = out[key_at..].to_vec();
+    out.extend_from_slice(b",\"old_record\":");
+    out.extend_from_slice(&key);
     out.push(b'}');
     out
 }

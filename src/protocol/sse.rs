@@ -124,7 +124,7 @@ impl Encoder for SseEncoder {
             }
             // Presence is not carried over SSE.
             Event::PresenceDiff(_) => None,
-            Event::Live { kind, data, cursor } => Some(message(*cursor, kind.as_str(), data)),
+            Event::Live { kind, data, cursor, .. } => Some(message(*cursor, kind.as_str(), data)),
         }
     }
 

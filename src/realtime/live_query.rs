@@ -22,6 +22,8 @@ use crate::subscribe::LiveSpec;
 /// One member's live query.
 pub struct LiveQuery {
     pub spec: Arc<LiveSpec>,
+    /// Its binding's id (messages carry it, as changes carry theirs).
+    ids: [u32; 1],
     /// The most rows its result may hold.
     max: usize,
     encoder: Arc<dyn Encoder>,
@@ -61,14 +63,14 @@ pub struct Arrival {
 impl LiveQuery {
     /// A live query with the bound its binding asked for, at most `max_rows`.
     pub fn new(
-        spec: Arc<LiveSpec>,
+        (id, spec): (u32, Arc<LiveSpec>),
         max_rows: usize,
         encoder: Arc<dyn Encoder>,
         topic: Arc<str>,
         address: Option<Arc<str>>,
     ) -> LiveQuery {
         let max = spec.limit.map_or(max_rows, |l| l.min(max_rows));
-        LiveQuery { spec, max, encoder, topic, address, state: Mutex::new(State::Open(None)) }
+        LiveQuery { spec, ids: [id], max, encoder, topic, address, state: Mutex::new(State::Open(None)) }
     }
 
     /// Whether `change`'s new row passes the query's filter.
@@ -137,7 +139,8 @@ impl LiveQuery {
         let cursor = step.cursor.as_deref();
         let data = render_live_leave(&change.relation, &key.0, &change.commit_timestamp(), cursor);
         let data = String::from_utf8(data).ok()?;
-        self.encoder.encode(&self.topic, &Event::Live { kind: LiveKind::Leave, data: &data, cursor })
+        let leave = Event::Live { ids: &self.ids, kind: LiveKind::Leave, data: &data, cursor };
+        self.encoder.encode(&self.topic, &leave)
     }
 }
 

@@ -137,7 +137,7 @@ pub enum Event<'a> {
     /// A live query's message: a row of its initial result, or a row that entered, changed in
     /// or left its result (`data`: the message's JSON, `cursor`: the change's resume cursor).
     /// Only encodings that say [`Encoder::carries_live`] receive these.
-    Live { kind: crate::change::LiveKind, data: &'a str, cursor: Option<&'a str> },
+    Live { ids: &'a [u32], kind: crate::change::LiveKind, data: &'a str, cursor: Option<&'a str> },
 }
 
 /// A message for one member only (it may carry that member's join reference).

@@ -553,8 +553,9 @@ impl Session {
         req: &JoinRequest,
         admitted: &Admitted,
         resolved: &mut [Result<BindingSpec, BindingError>],
-    ) -> Result<Option<Arc<LiveSpec>>, JoinError> {
-        let Some(spec) = resolved.iter().find_map(|r| r.as_ref().ok().and_then(|s| s.live.clone())) else {
+    ) -> Result<Option<(u32, Arc<LiveSpec>)>, JoinError> {
+        let found = resolved.iter().find_map(|r| r.as_ref().ok().and_then(|s| Some((s.id, s.live.clone()?))));
+        let Some(spec) = found else {
             return Ok(None);
         };
         let refusal = if resolved.len() > 1 {
@@ -586,7 +587,7 @@ impl Session {
         req: &JoinRequest,
         topic: &Arc<str>,
         admitted: &Admitted,
-        live: Option<Arc<LiveSpec>>,
+        live: Option<(u32, Arc<LiveSpec>)>,
     ) -> Arc<Member> {
         let live = live.map(|spec| {
             let max = self.hub.limits().max_live_rows;

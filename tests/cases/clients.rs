@@ -1143,3 +1143,42 @@ async fn graphql_ws_client_typed_generic_and_live_subscriptions() {
     assert_eq!(closed["code"], 4403, "{closed}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn realtime_js_follows_a_live_query_as_inserts_updates_and_deletes() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, SCHEMA).await;
+    exec(&p, "INSERT INTO todos VALUES (1, 'a', '{x}', NULL, NULL), (2, 'b', NULL, NULL, NULL)").await;
+    let app = TestApp::spawn(&url).await;
+    let endpoint = format!("ws://{}/realtime/v1", app.addr);
+    // The opt-in: `live: true` on a `postgres_changes` binding (realtime-js passes it through).
+    let binding =
+        json!({"event": "*", "schema": "public", "table": "todos", "filter": "task=eq.a", "live": true});
+    let mut js = Peer::js("js live", &endpoint, "2.0.0", "tasks", json!({"postgres_changes": [binding]}));
+    js.subscribed().await;
+    let mut next = async |js: &mut Peer| {
+        let v = js.until("a change", |v| v["kind"] == "change").await;
+        let p = &v["payload"];
+        json!([p["eventType"], p["new"], p["old"]])
+    };
+    // The result now: row 1, as an INSERT.
+    assert_eq!(
+        next(&mut js).await,
+        json!(["INSERT", {"id": 1, "task": "a", "tags": ["x"], "meta": null, "due": null}, {}])
+    );
+    // Row 2 enters, row 1 leaves (no old row is sent for either: default replica identity), row
+    // 2 changes and stays.
+    exec(&p, "UPDATE todos SET task = 'a' WHERE id = 2; UPDATE todos SET task = 'z' WHERE id = 1").await;
+    assert_eq!(
+        next(&mut js).await,
+        json!(["INSERT", {"id": 2, "task": "a", "tags": null, "meta": null, "due": null}, {}])
+    );
+    assert_eq!(next(&mut js).await, json!(["DELETE", {}, {"id": 1}]));
+    exec(&p, "UPDATE todos SET tags = '{q}' WHERE id = 2").await;
+    assert_eq!(
+        next(&mut js).await,
+        json!(["UPDATE", {"id": 2, "task": "a", "tags": ["q"], "meta": null, "due": null}, {"id": 2}])
+    );
+    app.stop().await;
+}

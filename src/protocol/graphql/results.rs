@@ -49,11 +49,14 @@ impl Operation {
     }
 }
 
+/// A result, with the message it was made of.
+type Made = (Arc<Named>, Arc<str>);
+
 /// Results by (message, operation); each entry keeps its message alive, so that its address is
 /// not reused by another while the entry lasts.
 #[derive(Default)]
 pub struct Results {
-    map: Mutex<HashMap<(usize, u64), (Arc<Named>, Arc<str>)>>,
+    map: Mutex<HashMap<(usize, u64), Made>>,
 }
 
 impl Results {

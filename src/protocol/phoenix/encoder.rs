@@ -124,8 +124,16 @@ impl Encoder for PhoenixEncoder {
             Event::PresenceDiff(json) => {
                 Some(text(envelope(self.vsn, None, None, topic, "presence_diff", json)))
             }
-            // Live queries are not offered over Phoenix channels.
-            Event::Live { .. } => None,
+            // A live query's message as a change a `postgres_changes` client applies: INSERT
+            // (a row of the result, or one that entered), UPDATE, DELETE (it left; its key in
+            // `old_record`), with `kind` and `key` for clients that read them.
+            Event::Live { ids, data, .. } => {
+                let mut out = String::with_capacity(data.len() + topic.len() + 72 + ids.len() * 11);
+                let close = self.change_head(&mut out, topic);
+                change_payload(&mut out, ids, data);
+                out.push_str(close);
+                Some(text_of(out))
+            }
         }
     }
 
@@ -133,6 +141,10 @@ impl Encoder for PhoenixEncoder {
         let mut head = String::with_capacity(topic.len() + 40);
         let tail = self.change_head(&mut head, topic);
         Some(Envelope { head: Utf8Bytes::from(head), tail })
+    }
+
+    fn carries_live(&self) -> bool {
+        true
     }
 
     fn change_body(&self, ids: &[u32], data: &str) -> Option<Utf8Bytes> {

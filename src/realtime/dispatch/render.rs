@@ -25,7 +25,7 @@ use crate::realtime::outbox::{Direct, EncodingId, Event, Frame};
 type FrameKey = (EncodingId, Arc<str>, Ids, usize);
 
 /// What makes two live queries' messages about a row identical: encoding, topic and view.
-type ArrivalKey = (EncodingId, Arc<str>, Select, Hidden);
+type ArrivalKey = (EncodingId, Arc<str>, Ids, Select, Hidden);
 
 /// One member's match of a change: the member, its matching binding ids (ascending) and the
 /// binding's `select`.
@@ -194,9 +194,10 @@ impl Scratch {
     ) -> Option<Arc<Arrival>> {
         let encoder = &to.member.encoder;
         let topic = &to.member.key.topic;
-        let found = self.arrivals.iter().find(|((e, t, s, h), _)| {
+        let found = self.arrivals.iter().find(|((e, t, i, s, h), _)| {
             *e == encoder.id()
                 && t == topic
+                && i.as_slice() == to.ids
                 && s.as_deref() == to.select.as_deref()
                 && h.as_deref() == hidden.as_deref()
         });
@@ -213,7 +214,7 @@ impl Scratch {
         let cursor = self.cursor.as_deref();
         let frame = |kind: LiveKind| {
             let data = String::from_utf8(change.render_live(kind, view, max)).ok()?;
-            encoder.encode(topic, &Event::Live { kind, data: &data, cursor })
+            encoder.encode(topic, &Event::Live { ids: to.ids, kind, data: &data, cursor })
         };
         let made = if change.snapshot {
             frame(LiveKind::Snapshot).map(|f| Arrival { enter: f.clone(), update: f })
@@ -223,7 +224,7 @@ impl Scratch {
                 .map(|(enter, update)| Arrival { enter, update })
         }
         .map(Arc::new);
-        let key = (encoder.id(), Arc::clone(topic), to.select.clone(), hidden.clone());
+        let key = (encoder.id(), Arc::clone(topic), Ids::of(to.ids), to.select.clone(), hidden.clone());
         self.arrivals.push((key, made.clone()));
         made
     }
