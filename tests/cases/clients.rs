@@ -1157,7 +1157,7 @@ async fn realtime_js_follows_a_live_query_as_inserts_updates_and_deletes() {
         json!({"event": "*", "schema": "public", "table": "todos", "filter": "task=eq.a", "live": true});
     let mut js = Peer::js("js live", &endpoint, "2.0.0", "tasks", json!({"postgres_changes": [binding]}));
     js.subscribed().await;
-    let mut next = async |js: &mut Peer| {
+    let next = async |js: &mut Peer| {
         let v = js.until("a change", |v| v["kind"] == "change").await;
         let p = &v["payload"];
         json!([p["eventType"], p["new"], p["old"]])
