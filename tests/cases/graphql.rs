@@ -235,3 +235,55 @@ async fn each_subscriber_receives_the_rows_its_token_may_read() {
     }
     app.stop().await;
 }
+
+/// The `next` results of `id` until one whose record has `v == last`; their (id, cursor).
+/// Another operation's results are skipped.
+async fn rows_until(s: &mut Socket, id: &str, last: &str) -> Vec<(i64, String)> {
+    let mut out = Vec::new();
+    loop {
+        let v = recv(s).await;
+        if v["id"] != id {
+            // A result of an operation completed meanwhile (as a client, ignored).
+            continue;
+        }
+        assert_eq!(v["type"].as_str(), Some("next"), "{v}");
+        let change = &v["payload"]["data"]["items_changes"];
+        let record = &change["record"];
+        if record["v"] == "probe" {
+            continue;
+        }
+        out.push((record["id"].as_i64().unwrap(), change["cursor"].as_str().unwrap().to_owned()));
+        if record["v"] == last {
+            return out;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_subscription_resumes_after_its_cursor_with_since() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, "CREATE TABLE items (id bigint PRIMARY KEY, v text)").await;
+    let app = TestApp::spawn(&url).await;
+    let mut s = open(&app, "graphql-transport-ws").await;
+    init(&mut s, json!({"apikey": anon_key()})).await;
+    let query = "subscription { items_changes(events: [INSERT]) { cursor record { id v } } }";
+    subscribed(&mut s, &p, "a", query, |n| format!("INSERT INTO items VALUES ({}, 'probe')", 1000 + n)).await;
+    exec(&p, "INSERT INTO items VALUES (1, 'one'); INSERT INTO items VALUES (2, 'two')").await;
+    let seen = rows_until(&mut s, "a", "two").await;
+    assert_eq!(seen.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
+    // Unsubscribed, the client misses 3 and 4; it resumes after 2's cursor.
+    send(&mut s, json!({"type": "complete", "id": "a"})).await;
+    exec(&p, "INSERT INTO items VALUES (3, 'three'); INSERT INTO items VALUES (4, 'four')").await;
+    let resumed = format!(
+        "subscription {{ items_changes(events: [INSERT], since: \"{}\") {{ cursor record {{ id v }} }} }}",
+        seen[1].1
+    );
+    send(&mut s, json!({"type": "subscribe", "id": "b", "payload": {"query": resumed}})).await;
+    let replayed = rows_until(&mut s, "b", "four").await;
+    assert_eq!(replayed.iter().map(|r| r.0).collect::<Vec<_>>(), [3, 4], "nothing missed, nothing twice");
+    // And it goes on live.
+    exec(&p, "INSERT INTO items VALUES (5, 'five')").await;
+    assert_eq!(rows_until(&mut s, "b", "five").await[0].0, 5);
+    app.stop().await;
+}
