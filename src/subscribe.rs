@@ -302,41 +302,8 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, BindingError> 
     let Some(published) = tables.get(&(schema.to_owned(), table.to_owned())) else {
         return Err(unable(&format!("table {schema}.{table} does not exist or is not in the publication")));
     };
-    let compiled = CompiledFilter::compile(&parsed, |name| {
-        published.columns.iter().find(|c| &*c.name == name).map(|c| (Arc::clone(&c.name), &*c.compare_type))
-    })?;
-    if event == EventFilter::Delete {
-        for col in compiled.columns() {
-            if !published.columns.iter().any(|c| &*c.name == col && c.in_identity) {
-                return Err(BindingError::DeleteOutsideIdentity {
-                    column: col.to_owned(),
-                    table: format!("{schema}.{table}"),
-                });
-            }
-        }
-    }
-    if let Some(cols) = &select {
-        if let Some(bad) = cols.iter().find(|c| !published.columns.iter().any(|p| p.name == **c)) {
-            return Err(BindingError::SelectColumn(bad.to_string()));
-        }
-    }
-    if live {
-        return live_binding(
-            b,
-            published,
-            BindingSpec {
-                id,
-                event,
-                schema: schema.into(),
-                table: Some(table.into()),
-                filter: CompiledFilter::default(),
-                select,
-                full_identity: published.full_identity,
-                live: Some(Arc::new(LiveSpec { filter: compiled, limit: None })),
-            },
-        );
-    }
-    Ok(BindingSpec {
+    let compiled = compile_for(published, &parsed, event, select.as_deref(), &format!("{schema}.{table}"))?;
+    let mut spec = BindingSpec {
         id,
         event,
         schema: schema.into(),
@@ -345,7 +312,44 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, BindingError> 
         select,
         full_identity: published.full_identity,
         live: None,
-    })
+    };
+    if live {
+        // The index routes a live query every change of its table; its filter is its own.
+        let filter = std::mem::take(&mut spec.filter);
+        spec.live = Some(Arc::new(LiveSpec { filter, limit: None }));
+        return live_binding(b, published, spec);
+    }
+    Ok(spec)
+}
+
+/// The binding's filter compiled against the table's columns, with the checks that depend on
+/// them: DELETE filters on the replica identity only, `select` naming columns that exist.
+fn compile_for(
+    published: &PublishedTable,
+    parsed: &filter::Filter,
+    event: EventFilter,
+    select: Option<&[Arc<str>]>,
+    table: &str,
+) -> Result<CompiledFilter, BindingError> {
+    let compiled = CompiledFilter::compile(parsed, |name| {
+        published.columns.iter().find(|c| &*c.name == name).map(|c| (Arc::clone(&c.name), &*c.compare_type))
+    })?;
+    if event == EventFilter::Delete {
+        for col in compiled.columns() {
+            if !published.columns.iter().any(|c| &*c.name == col && c.in_identity) {
+                return Err(BindingError::DeleteOutsideIdentity {
+                    column: col.to_owned(),
+                    table: table.to_owned(),
+                });
+            }
+        }
+    }
+    if let Some(cols) = select {
+        if let Some(bad) = cols.iter().find(|c| !published.columns.iter().any(|p| p.name == **c)) {
+            return Err(BindingError::SelectColumn(bad.to_string()));
+        }
+    }
+    Ok(compiled)
 }
 
 /// A live binding's own checks: every event (a live query follows rows in and out of its
@@ -375,6 +379,17 @@ fn live_binding(
         live.limit = limit;
     }
     Ok(spec)
+}
+
+/// Marks table bindings as a live query's, with the `limit` the client asked for (as sent: a
+/// bad one is refused when the bindings are resolved).
+pub fn make_live(bindings: &mut [Value], limit: Option<Value>) {
+    for b in bindings {
+        b["live"] = Value::Bool(true);
+        if let Some(limit) = &limit {
+            b["limit"] = limit.clone();
+        }
+    }
 }
 
 /// The `postgres_changes` bindings of the plain transports (SSE, long-poll, JSON WebSocket) for

@@ -262,13 +262,12 @@ impl PlainConnection {
                 Err(e) => return vec![error(id, Some(channel), e)],
             }
             // A live query: the binding carries `live` and its `limit` as the client sent them.
-            if let Some(live) = msg.get("live") {
-                for b in &mut req.bindings {
-                    b["live"] = live.clone();
-                    if let Some(limit) = msg.get("limit") {
-                        b["limit"] = limit.clone();
-                    }
+            match msg.get("live") {
+                None | Some(Value::Null | Value::Bool(false)) => {}
+                Some(Value::Bool(true)) => {
+                    crate::subscribe::make_live(&mut req.bindings, msg.get("limit").cloned())
                 }
+                Some(_) => return vec![error(id, Some(channel), "live must be true or false")],
             }
         } else if req.snapshot {
             return vec![error(id, Some(channel), "snapshot applies to table channels")];

@@ -165,28 +165,7 @@ impl GraphqlConnection {
                     }
                 }
                 Some(out) = rx.recv() => {
-                    // What else is queued goes out with it: one write for many messages.
-                    let mut next = Some(out);
-                    let mut batched = 0;
-                    while let Some(out) = next.take() {
-                        match out {
-                            Out::Text(t) => {
-                                if sink.feed(Message::Text(t.into())).await.is_err() {
-                                    return self.stop();
-                                }
-                                batched += 1;
-                            }
-                            Out::Done(id, n) => {
-                                if self.ops.get(&id).is_some_and(|(serial, _)| *serial == n) {
-                                    self.ops.remove(&id);
-                                }
-                            }
-                        }
-                        if batched < BATCH {
-                            next = rx.try_recv().ok();
-                        }
-                    }
-                    if sink.flush().await.is_err() {
+                    if self.write_queued(&mut sink, out, &mut rx).await.is_err() {
                         return self.stop();
                     }
                 }
@@ -213,6 +192,35 @@ impl GraphqlConnection {
         self.stop();
         let frame = CloseFrame { code: close.0, reason: close.1.into() };
         let _ = sink.send(Message::Close(Some(frame))).await;
+    }
+
+    /// Writes `first` and what else is queued (up to `BATCH` messages) with one flush, and
+    /// forgets the operations that ended.
+    async fn write_queued(
+        &mut self,
+        sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+        first: Out,
+        rx: &mut mpsc::Receiver<Out>,
+    ) -> Result<(), axum::Error> {
+        let mut next = Some(first);
+        let mut batched = 0;
+        while let Some(out) = next.take() {
+            match out {
+                Out::Text(t) => {
+                    sink.feed(Message::Text(t.into())).await?;
+                    batched += 1;
+                }
+                Out::Done(id, n) => {
+                    if self.ops.get(&id).is_some_and(|(serial, _)| *serial == n) {
+                        self.ops.remove(&id);
+                    }
+                }
+            }
+            if batched < BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        sink.flush().await
     }
 
     fn stop(&mut self) {

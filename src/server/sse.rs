@@ -158,6 +158,32 @@ fn binding_errors(errors: &[crate::subscribe::BindingError]) -> Response {
     error(status, message)
 }
 
+/// The bindings a table request asks for, and whether it is a live query (event streams only).
+fn table_request(
+    params: &ChangesParams,
+    schema: &str,
+    name: &str,
+    stream: bool,
+) -> Result<(Vec<Value>, bool), Box<Response>> {
+    let live = flag("live", params.live.as_deref())?;
+    if live && !stream {
+        let why = "live: a live query needs an event stream (Accept: text/event-stream)";
+        return Err(Box::new(error(StatusCode::BAD_REQUEST, why)));
+    }
+    let mut bindings = crate::subscribe::table_bindings(
+        schema,
+        name,
+        params.filter.as_deref(),
+        params.events.as_deref(),
+        params.select.as_deref(),
+    )
+    .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e)))?;
+    if live {
+        crate::subscribe::make_live(&mut bindings, params.limit.map(|l| json!(l)));
+    }
+    Ok((bindings, live))
+}
+
 pub async fn changes(
     State(state): State<AppState>,
     Path(table): Path<String>,
@@ -180,34 +206,10 @@ pub async fn changes(
         Ok(p) => p,
         Err(refused) => return *refused,
     };
-    let live = match flag("live", params.live.as_deref()) {
-        Ok(live) => live,
+    let (bindings, live) = match table_request(&params, schema, name, stream) {
+        Ok(b) => b,
         Err(refused) => return *refused,
     };
-    if live && !stream {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "live: a live query needs an event stream (Accept: text/event-stream)",
-        );
-    }
-    let mut bindings = match crate::subscribe::table_bindings(
-        schema,
-        name,
-        params.filter.as_deref(),
-        params.events.as_deref(),
-        params.select.as_deref(),
-    ) {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    if live {
-        for b in &mut bindings {
-            b["live"] = json!(true);
-            if let Some(limit) = params.limit {
-                b["limit"] = json!(limit);
-            }
-        }
-    }
     // A live query starts from its current result every time (a browser's `Last-Event-ID`
     // included): its client replaces what it held with the new snapshot.
     let since = if live { None } else { resume_from(&headers, params.since.as_deref()) };

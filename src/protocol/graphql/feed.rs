@@ -95,12 +95,7 @@ impl CoreFeeds {
         )
         .map_err(async_graphql::Error::new)?;
         if r.kind == FeedKind::Live {
-            for b in &mut bindings {
-                b["live"] = json!(true);
-                if let Some(limit) = r.limit {
-                    b["limit"] = json!(limit);
-                }
-            }
+            crate::subscribe::make_live(&mut bindings, r.limit.map(|l| json!(l)));
         }
         let (mut session, outbox) =
             Session::new(self.hub.clone(), Arc::new(GraphqlEncoder), self.credentials.clone());
