@@ -27,12 +27,20 @@ pub(super) async fn send(s: &mut Socket, v: Value) {
     s.send(Message::Text(v.to_string().into())).await.expect("send");
 }
 
-/// The next message as JSON, or `{"close": [code, reason]}`.
+/// The next message as JSON (the server's pings answered), or `{"close": [code, reason]}`.
 async fn recv(s: &mut Socket) -> Value {
     loop {
         let m = tokio::time::timeout(Duration::from_secs(20), s.next()).await.expect("a message within 20 s");
         match m {
-            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).expect("JSON"),
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).expect("JSON");
+                if v["type"] == "ping" {
+                    // As a client does: the server's keep-alive gets a pong.
+                    send(s, json!({"type": "pong"})).await;
+                    continue;
+                }
+                return v;
+            }
             Some(Ok(Message::Close(c))) => {
                 return json!({"close": c.map(|c| (u16::from(c.code), c.reason.to_string()))})
             }
@@ -74,6 +82,10 @@ async fn subscribed(
         let got = tokio::time::timeout(Duration::from_millis(500), s.next()).await;
         if let Ok(Some(Ok(Message::Text(t)))) = got {
             let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "ping" {
+                send(s, json!({"type": "pong"})).await;
+                continue;
+            }
             assert_eq!((v["type"].as_str(), v["id"].as_str()), (Some("next"), Some(id)), "{v}");
             return v;
         }

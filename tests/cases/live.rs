@@ -150,6 +150,15 @@ impl LiveClient {
             while let Some(Ok(message)) = socket.next().await {
                 let tokio_tungstenite::tungstenite::Message::Text(text) = message else { continue };
                 let v: Value = serde_json::from_str(&text).unwrap();
+                if v["type"] == "ping" {
+                    // As a graphql-ws client does: the server's ping gets a pong.
+                    use futures_util::SinkExt;
+                    let pong = tokio_tungstenite::tungstenite::Message::Text(r#"{"type":"pong"}"#.into());
+                    if socket.send(pong).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 let data = &v["payload"]["data"][&field];
                 let event = match (v["type"].as_str(), data["kind"].as_str()) {
                     (Some("next"), Some("READY")) => "snapshot-end".to_owned(),
