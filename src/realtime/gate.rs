@@ -40,12 +40,6 @@ pub enum Held {
     Step(LiveStep),
 }
 
-impl std::fmt::Debug for LiveStep {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveStep").field("belongs", &self.belongs).finish_non_exhaustive()
-    }
-}
-
 /// Where a live frame sits in the change log, which decides whether a replay or a snapshot
 /// already sent it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

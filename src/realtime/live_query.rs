@@ -144,6 +144,12 @@ impl LiveQuery {
     }
 }
 
+impl std::fmt::Debug for LiveStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveStep").field("belongs", &self.belongs).finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for LiveQuery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LiveQuery").field("max", &self.max).finish_non_exhaustive()

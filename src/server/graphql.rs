@@ -1,4 +1,4 @@
-//! `/graphql`: queries over HTTP POST (and GET), and GraphQL over WebSocket (`graphql-transport-ws`
+//! `/graphql`: queries over HTTP POST, and GraphQL over WebSocket (`graphql-transport-ws`
 //! or the legacy `graphql-ws`, by `Sec-WebSocket-Protocol`). Each subscription runs as a task
 //! of its own that writes its results to the connection's queue; the connection's loop reads
 //! client messages, writes that queue, and closes with the protocol's codes.
@@ -40,8 +40,8 @@ async fn schema(state: &AppState) -> Result<async_graphql::dynamic::Schema, Stri
     state.graphql.get(&tables)
 }
 
-/// `POST /graphql` (`{"query","variables","operationName"}`) and `GET /graphql?query=…`:
-/// queries (subscriptions need a WebSocket). The token as for every HTTP endpoint.
+/// `POST /graphql` (`{"query","variables","operationName"}`): queries (subscriptions need a
+/// WebSocket). The token as for every HTTP endpoint.
 pub async fn query(State(state): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let credentials = match verify(&state, token(&headers, None, None).as_deref()).await {
         Ok(c) => c,
@@ -257,6 +257,13 @@ impl GraphqlConnection {
                 };
                 if self.ops.contains_key(&id) {
                     return Err(Close(wire::DUPLICATE_ID, format!("Subscriber for {id} already exists")));
+                }
+                // Each operation is a session with a channel: as many as a socket may join.
+                let most = self.state.hub.limits().max_channels;
+                if self.ops.len() >= most {
+                    let message = format!("Too many operations: a connection may run at most {most} at once");
+                    let error = async_graphql::ServerError::new(message, None);
+                    return Ok(vec![wire::error(self.protocol, &id, &[error])]);
                 }
                 let schema = match schema(&self.state).await {
                     Ok(s) => s,

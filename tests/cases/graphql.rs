@@ -98,7 +98,11 @@ async fn the_protocol_handshake_queries_and_every_close_code() {
     let url = fresh_db().await;
     let p = pool(&url).await;
     exec(&p, "CREATE TABLE items (id bigint PRIMARY KEY, v text)").await;
-    let app = TestApp::spawn_with(&url, |c| c.auth.timeout_secs = 2).await;
+    let app = TestApp::spawn_with(&url, |c| {
+        c.auth.timeout_secs = 2;
+        c.max_channels_per_socket = 3;
+    })
+    .await;
     let key = json!({"apikey": anon_key()});
 
     // A query over the socket: one result, then complete; ping answered with pong.
@@ -128,6 +132,16 @@ async fn the_protocol_handshake_queries_and_every_close_code() {
     send(&mut s, json!({"type": "subscribe", "id": "dup", "payload": {"query": live}})).await;
     send(&mut s, json!({"type": "subscribe", "id": "dup", "payload": {"query": live}})).await;
     assert_eq!(closed_with(&mut s).await, 4409);
+
+    // As many running operations as a socket may join channels (3 here); the next is refused.
+    let mut s = open(&app, "graphql-transport-ws").await;
+    init(&mut s, key.clone()).await;
+    for id in ["1", "2", "3", "4"] {
+        send(&mut s, json!({"type": "subscribe", "id": id, "payload": {"query": live}})).await;
+    }
+    let e = recv(&mut s).await;
+    assert_eq!((e["type"].as_str(), e["id"].as_str()), (Some("error"), Some("4")), "{e}");
+    assert!(e["payload"][0]["message"].as_str().unwrap_or("").contains("at most 3"), "{e}");
 
     // 4401: a subscribe before connection_init.
     let mut s = open(&app, "graphql-transport-ws").await;
