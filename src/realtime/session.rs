@@ -318,8 +318,15 @@ async fn authorize_binding(
         None => return Err(BindingError::Authorization { table: name, role, message: "no answer".into() }),
     };
     if let Some(hidden) = hidden {
-        let named =
-            spec.filter.columns().into_iter().chain(spec.select.iter().flat_map(|s| s.iter().map(|c| &**c)));
+        // A live query's filter is its own (the index's is empty): it may not name them either,
+        // or its enters and leaves would tell what the column holds.
+        let live = spec.live.iter().flat_map(|l| l.filter.columns());
+        let named = spec
+            .filter
+            .columns()
+            .into_iter()
+            .chain(live)
+            .chain(spec.select.iter().flat_map(|s| s.iter().map(|c| &**c)));
         for column in named {
             if hidden.iter().any(|h| &**h == column) {
                 return Err(BindingError::HiddenColumn { column: column.to_owned(), table: name, role });

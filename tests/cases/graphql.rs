@@ -224,9 +224,11 @@ const B: &str = "00000000-0000-0000-0000-00000000000b";
 #[tokio::test]
 async fn each_subscriber_receives_the_rows_its_token_may_read() {
     let schema = "
-        CREATE TABLE docs (id bigint PRIMARY KEY, owner uuid, body text);
+        CREATE TABLE docs (id bigint PRIMARY KEY, owner uuid, body text, secret text);
         ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
-        CREATE POLICY own ON docs FOR SELECT TO authenticated USING (owner = auth.uid());";
+        CREATE POLICY own ON docs FOR SELECT TO authenticated USING (owner = auth.uid());
+        REVOKE SELECT ON docs FROM authenticated;
+        GRANT SELECT (id, owner, body) ON docs TO authenticated;";
     let (app, p) = crate::support::rls_app(schema, |_| {}).await;
     let mut subscribers = Vec::new();
     for sub in [A, B] {
@@ -240,6 +242,23 @@ async fn each_subscriber_receives_the_rows_its_token_may_read() {
         .await;
         assert_eq!(first["payload"]["data"]["docs_changes"]["record"]["owner"], sub);
         subscribers.push(s);
+    }
+    // A column the role may not read: neither in a `where` (a live query's enters and leaves would
+    // tell its values) nor in a selection.
+    for (id, query) in [
+        ("w", "subscription { docs_live(where: {secret: {_eq: \"x\"}}) { kind } }"),
+        ("s", "subscription { docs_changes { record { id secret } } }"),
+    ] {
+        send(&mut subscribers[0], json!({"type": "subscribe", "id": id, "payload": {"query": query}})).await;
+        // (Probe rows of the running subscription may come first.)
+        let e = loop {
+            let v = recv(&mut subscribers[0]).await;
+            if v["id"] != "d" {
+                break v;
+            }
+        };
+        assert_eq!((e["type"].as_str(), e["id"].as_str()), (Some("error"), Some(id)), "{e}");
+        assert!(e.to_string().contains("permission denied for column secret"), "{e}");
     }
     exec(&p, &format!("INSERT INTO docs VALUES (1, '{A}', 'for a'), (2, '{B}', 'for b'), (3, '{A}', 'end a'), (4, '{B}', 'end b')")).await;
     for (s, sub) in subscribers.iter_mut().zip([A, B]) {
