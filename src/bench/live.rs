@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::bench::client::{connect_all, phoenix_join, ws_config, ws_connect, Socket};
 use crate::bench::gateway::{apikey, BenchGateway};
 use crate::bench::realtime::{print_header, search_rates, spawn_reader, step, Receiver, Source, Step};
-use crate::bench::sockets::{database, ensure_open_files, teardown};
+use crate::bench::sockets::{database, drop_objects, ensure_open_files, teardown};
 use crate::bench::BenchOptions;
 
 #[derive(Debug, Clone)]
@@ -220,14 +220,11 @@ pub async fn run(opts: &BenchOptions, o: &LiveOptions) -> anyhow::Result<serde_j
     }
     pool.close().await;
     gw.stop().await;
-    if let Ok(p) = crate::connect_pool(&env.url).await {
-        let _ = sqlx::raw_sql(
-            "DROP TABLE IF EXISTS walcast_bench_live; DROP FUNCTION IF EXISTS walcast_bench_live_step",
-        )
-        .execute(&p)
-        .await;
-        p.close().await;
-    }
+    drop_objects(
+        &env,
+        "DROP TABLE IF EXISTS walcast_bench_live; DROP FUNCTION IF EXISTS walcast_bench_live_step",
+    )
+    .await;
     teardown(env).await;
     let (phoenix, graphql) = (&sides[0], &sides[1]);
     let per_sec = |s: &Step| s.delivered as f64 / o.seconds as f64;

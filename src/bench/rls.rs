@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::bench::client::{connect_all, phoenix_join_as, Socket};
 use crate::bench::gateway::{http_get, BenchGateway, BENCH_SECRET};
 use crate::bench::realtime::{print_header, search_rates, spawn_reader, step, Receiver, Source, Step};
-use crate::bench::sockets::{database, ensure_open_files, teardown};
+use crate::bench::sockets::{database, drop_objects, ensure_open_files, teardown};
 use crate::bench::BenchOptions;
 
 #[derive(Debug, Clone)]
@@ -188,14 +188,11 @@ pub async fn run(opts: &BenchOptions, o: &RlsOptions) -> anyhow::Result<serde_js
     }
     pool.close().await;
     gw.stop().await;
-    if let Ok(p) = crate::connect_pool(&env.url).await {
-        let _ = sqlx::raw_sql(
-            "DROP TABLE IF EXISTS walcast_bench_owned; DROP FUNCTION IF EXISTS walcast_bench_owner",
-        )
-        .execute(&p)
-        .await;
-        p.close().await;
-    }
+    drop_objects(
+        &env,
+        "DROP TABLE IF EXISTS walcast_bench_owned; DROP FUNCTION IF EXISTS walcast_bench_owner",
+    )
+    .await;
     teardown(env).await;
     let (rls, filter) = (&sides[0], &sides[1]);
     println!(

@@ -93,6 +93,14 @@ pub(crate) async fn database(opts: &BenchOptions, name: &str) -> anyhow::Result<
     Ok(Env { cluster, url, slot: format!("walcast_bench_{name}_{}", std::process::id()) })
 }
 
+/// Drops what a scenario made beyond the shared table (`sql`: its DROP statements).
+pub(crate) async fn drop_objects(env: &Env, sql: &str) {
+    if let Ok(p) = crate::connect_pool(&env.url).await {
+        let _ = sqlx::raw_sql(sql).execute(&p).await;
+        p.close().await;
+    }
+}
+
 pub(crate) async fn teardown(env: Env) {
     if let Ok(pool) = crate::connect_pool(&env.url).await {
         let _ = sqlx::raw_sql("DROP TABLE IF EXISTS walcast_bench_items").execute(&pool).await;

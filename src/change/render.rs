@@ -105,21 +105,7 @@ impl Change {
         out.extend_from_slice(b",\"columns\":");
         match select.filter(|_| limit_columns) {
             None => out.extend_from_slice(&self.relation.columns_json),
-            Some(keep) => {
-                out.push(b'[');
-                let shown = self.relation.columns.iter().filter(|c| keep(&c.name));
-                for (i, c) in shown.enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(b"{\"name\":");
-                    write_json_str(out, &c.name);
-                    out.extend_from_slice(b",\"type\":");
-                    write_json_str(out, &c.ty.name);
-                    out.push(b'}');
-                }
-                out.push(b']');
-            }
+            Some(keep) => write_columns(out, &self.relation, &|c| keep(&c.name)),
         }
         if self.new.is_some() {
             out.extend_from_slice(b",\"record\":");
@@ -296,7 +282,13 @@ fn write_live_head(
         out.extend_from_slice(b",\"cursor\":");
         write_json_str(out, cursor);
     }
-    out.extend_from_slice(b",\"columns\":[");
+    out.extend_from_slice(b",\"columns\":");
+    write_columns(out, rel, shown);
+}
+
+/// `[{"name":…,"type":…},…]` of the columns `shown`.
+fn write_columns(out: &mut Vec<u8>, rel: &Relation, shown: &dyn Fn(&Column) -> bool) {
+    out.push(b'[');
     for (i, c) in rel.columns.iter().filter(|c| shown(c)).enumerate() {
         if i > 0 {
             out.push(b',');

@@ -57,6 +57,18 @@ fn open(out: &mut Vec<u8>, kind: &str, topic: &str) {
     crate::replication::values::write_json_str(out, channel_of(topic));
 }
 
+/// A message of `kind` with the change's `cursor` (when kept) and its `data` JSON.
+fn with_data(out: &mut Vec<u8>, kind: &str, topic: &str, cursor: Option<&str>, data: &str) {
+    out.reserve(data.len());
+    open(out, kind, topic);
+    if let Some(c) = cursor {
+        out.extend_from_slice(b",\"cursor\":");
+        crate::replication::values::write_json_str(out, c);
+    }
+    out.extend_from_slice(b",\"data\":");
+    out.extend_from_slice(data.as_bytes());
+}
+
 /// The encoder of the plain protocol (stateless: every member shares its frames).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PlainEncoder;
@@ -69,16 +81,7 @@ impl Encoder for PlainEncoder {
     fn encode(&self, topic: &str, event: &Event<'_>) -> Option<Frame> {
         let mut out = Vec::with_capacity(128);
         match event {
-            Event::Change { data, cursor, .. } => {
-                out.reserve(data.len());
-                open(&mut out, "change", topic);
-                if let Some(c) = cursor {
-                    out.extend_from_slice(b",\"cursor\":");
-                    crate::replication::values::write_json_str(&mut out, c);
-                }
-                out.extend_from_slice(b",\"data\":");
-                out.extend_from_slice(data.as_bytes());
-            }
+            Event::Change { data, cursor, .. } => with_data(&mut out, "change", topic, *cursor, data),
             Event::Broadcast(m) => {
                 open(&mut out, "message", topic);
                 if let Some(l) = &m.logged {
@@ -93,16 +96,7 @@ impl Encoder for PlainEncoder {
                 out.extend_from_slice(b",\"data\":");
                 out.extend_from_slice(d);
             }
-            Event::Live { data, cursor, .. } => {
-                out.reserve(data.len());
-                open(&mut out, "live", topic);
-                if let Some(c) = cursor {
-                    out.extend_from_slice(b",\"cursor\":");
-                    crate::replication::values::write_json_str(&mut out, c);
-                }
-                out.extend_from_slice(b",\"data\":");
-                out.extend_from_slice(data.as_bytes());
-            }
+            Event::Live { data, cursor, .. } => with_data(&mut out, "live", topic, *cursor, data),
         }
         out.push(b'}');
         Some(text(out))
