@@ -66,12 +66,71 @@ pub struct BindingSpec {
     pub live: Option<Arc<LiveSpec>>,
 }
 
-/// What a live binding asks for: its filter and the most rows its result may hold.
+/// What a live binding asks for: its filter, the order of its initial result and the most rows
+/// its result may hold.
 #[derive(Debug, Default)]
 pub struct LiveSpec {
     pub filter: CompiledFilter,
     /// The binding's `limit`, when it set one (the gateway's `max_live_rows` bounds it).
     pub limit: Option<usize>,
+    /// The order its snapshot sends rows in (the primary key's after these; key order when
+    /// empty).
+    pub order: Vec<OrderKey>,
+}
+
+/// One column of a live query's `order`: `column[.asc|.desc][.nullsfirst|.nullslast]`, the
+/// grammar PostgREST uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderKey {
+    pub column: Arc<str>,
+    pub descending: bool,
+    /// `None`: Postgres' default (nulls sort as if larger than every value).
+    pub nulls_first: Option<bool>,
+}
+
+impl OrderKey {
+    /// `ORDER BY` text for the column as `qualified` names it.
+    pub fn sql(&self, qualified: &str) -> String {
+        let dir = if self.descending { " DESC" } else { " ASC" };
+        let nulls = match self.nulls_first {
+            Some(true) => " NULLS FIRST",
+            Some(false) => " NULLS LAST",
+            None => "",
+        };
+        format!("{qualified}{dir}{nulls}")
+    }
+}
+
+/// Parses an `order` list (`a.desc,b.asc.nullslast`); each column must be one of `columns`.
+pub fn parse_order(text: &str, columns: &[PublishedColumn]) -> Result<Vec<OrderKey>, String> {
+    let mut keys: Vec<OrderKey> = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let mut rest = item;
+        let (mut descending, mut nulls_first) = (None, None);
+        // Read from the end: `.nullsfirst`/`.nullslast` last, the direction before it.
+        while let Some((head, modifier)) = rest.rsplit_once('.') {
+            match modifier {
+                "asc" | "desc" if descending.is_none() => descending = Some(modifier == "desc"),
+                "nullsfirst" | "nullslast" if descending.is_none() && nulls_first.is_none() => {
+                    nulls_first = Some(modifier == "nullsfirst")
+                }
+                _ => break,
+            }
+            rest = head;
+        }
+        let Some(column) = columns.iter().find(|c| &*c.name == rest) else {
+            return Err(format!("order: {rest:?} is not a column of the table"));
+        };
+        if keys.iter().any(|k| k.column == column.name) {
+            return Err(format!("order: {rest:?} is named twice"));
+        }
+        keys.push(OrderKey {
+            column: Arc::clone(&column.name),
+            descending: descending.unwrap_or(false),
+            nulls_first,
+        });
+    }
+    Ok(keys)
 }
 
 /// Why a binding could not be subscribed; `Display` is the message clients show.
@@ -316,8 +375,11 @@ fn resolve_one(tables: &Tables, b: &Value) -> Result<BindingSpec, BindingError> 
     if live {
         // The index routes a live query every change of its table; its filter is its own.
         let filter = std::mem::take(&mut spec.filter);
-        spec.live = Some(Arc::new(LiveSpec { filter, limit: None }));
+        spec.live = Some(Arc::new(LiveSpec { filter, ..LiveSpec::default() }));
         return live_binding(b, published, spec);
+    }
+    if b.get("order").is_some_and(|o| !o.is_null()) {
+        return Err(unable("order applies to a live query (live: true)"));
     }
     Ok(spec)
 }
@@ -375,19 +437,28 @@ fn live_binding(
             None => return Err(BindingError::Live("limit must be a positive integer".into())),
         },
     };
+    let order = match b.get("order") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(text)) => parse_order(text, &published.columns).map_err(BindingError::Live)?,
+        Some(_) => return Err(BindingError::Live("order must be a string such as \"col.desc\"".into())),
+    };
     if let Some(live) = spec.live.as_mut().and_then(Arc::get_mut) {
         live.limit = limit;
+        live.order = order;
     }
     Ok(spec)
 }
 
-/// Marks table bindings as a live query's, with the `limit` the client asked for (as sent: a
-/// bad one is refused when the bindings are resolved).
-pub fn make_live(bindings: &mut [Value], limit: Option<Value>) {
+/// Marks table bindings as a live query's, with the `limit` and `order` the client asked for
+/// (as sent: bad ones are refused when the bindings are resolved).
+pub fn make_live(bindings: &mut [Value], limit: Option<Value>, order: Option<Value>) {
     for b in bindings {
         b["live"] = Value::Bool(true);
         if let Some(limit) = &limit {
             b["limit"] = limit.clone();
+        }
+        if let Some(order) = &order {
+            b["order"] = order.clone();
         }
     }
 }
@@ -450,6 +521,33 @@ mod tests {
                 full_identity: false,
             },
         )])
+    }
+
+    #[test]
+    fn order_lists_parse_as_postgrest_spells_them() {
+        let columns = &tables()[&("public".to_owned(), "todos".to_owned())].columns;
+        let key = |c: &str, descending, nulls_first| OrderKey { column: c.into(), descending, nulls_first };
+        assert_eq!(
+            parse_order("task.desc,id", columns),
+            Ok(vec![key("task", true, None), key("id", false, None)])
+        );
+        assert_eq!(parse_order("id.asc.nullslast", columns), Ok(vec![key("id", false, Some(false))]));
+        assert_eq!(parse_order("id.nullsfirst", columns), Ok(vec![key("id", false, Some(true))]));
+        assert_eq!(parse_order("", columns), Ok(vec![]));
+        assert!(parse_order("nope.desc", columns).unwrap_err().contains("\"nope\" is not a column"));
+        assert!(parse_order("id.desc.asc", columns).is_err(), "two directions");
+        assert!(parse_order("id.nullsfirst.desc", columns).is_err(), "direction after nulls");
+        assert!(parse_order("id,id.desc", columns).unwrap_err().contains("twice"));
+        assert_eq!(key("id", true, Some(false)).sql("t.\"id\""), "t.\"id\" DESC NULLS LAST");
+        // `order` is a live query's.
+        let b = json!({"event":"*","schema":"public","table":"todos","order":"id"});
+        assert!(resolve_one(&tables(), &b)
+            .unwrap_err()
+            .to_string()
+            .contains("order applies to a live query"));
+        let b = json!({"event":"*","schema":"public","table":"todos","order":"task.desc","live":true});
+        let spec = resolve_one(&tables(), &b).unwrap();
+        assert_eq!(spec.live.unwrap().order, [key("task", true, None)]);
     }
 
     #[test]

@@ -255,12 +255,19 @@ impl PlainConnection {
                 Ok(b) => req.bindings = b,
                 Err(e) => return vec![error(id, Some(channel), e)],
             }
-            // A live query: the binding carries `live` and its `limit` as the client sent them.
+            // A live query: the binding carries `live`, its `limit` and `order` as the client
+            // sent them (an `order` without `live` is refused with the binding).
             match msg.get("live") {
-                None | Some(Value::Null | Value::Bool(false)) => {}
-                Some(Value::Bool(true)) => {
-                    crate::subscribe::make_live(&mut req.bindings, msg.get("limit").cloned())
+                None | Some(Value::Null | Value::Bool(false)) => {
+                    if let Some(order) = msg.get("order") {
+                        req.bindings.iter_mut().for_each(|b| b["order"] = order.clone());
+                    }
                 }
+                Some(Value::Bool(true)) => crate::subscribe::make_live(
+                    &mut req.bindings,
+                    msg.get("limit").cloned(),
+                    msg.get("order").cloned(),
+                ),
                 Some(_) => return vec![error(id, Some(channel), "live must be true or false")],
             }
         } else if req.snapshot {

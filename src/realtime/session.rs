@@ -320,7 +320,11 @@ async fn authorize_binding(
     if let Some(hidden) = hidden {
         // A live query's filter is its own (the index's is empty): it may not name them either,
         // or its enters and leaves would tell what the column holds.
-        let live = spec.live.iter().flat_map(|l| l.filter.columns());
+        // Nor order by them: the initial result's order would tell how their values compare.
+        let live = spec
+            .live
+            .iter()
+            .flat_map(|l| l.filter.columns().into_iter().chain(l.order.iter().map(|k| &*k.column)));
         let named = spec
             .filter
             .columns()

@@ -160,6 +160,18 @@ impl TableRead {
         sql
     }
 
+    /// Every row, in a live query's `order` and then key order (names qualified by the table's:
+    /// an output column's name never stands in for one of the table's).
+    fn ordered_sql(&self, relation: &Relation, order: &[crate::subscribe::OrderKey]) -> String {
+        let table = format!("{}.{}", quote_ident(&relation.schema), quote_ident(&relation.table));
+        let by: Vec<String> = order
+            .iter()
+            .map(|k| k.sql(&format!("{table}.{}", quote_ident(&k.column))))
+            .chain(self.key_names.iter().map(|n| format!("{table}.{}", quote_ident(n))))
+            .collect();
+        format!("{} ORDER BY {}", self.select, by.join(", "))
+    }
+
     /// A row's key as `{"<column>": "<value>"}` (the text the next page's query parses back).
     fn key_of(&self, values: &[Value]) -> String {
         let mut key = serde_json::Map::new();
@@ -299,7 +311,11 @@ impl Snapshot {
         now: i64,
         sending: &mut Sending,
     ) -> Result<(), SnapshotError> {
-        let mut stream = sqlx::query(&read.select).fetch(&mut *tx);
+        let sql = match self.member.live.as_ref().map(|l| &l.spec.order) {
+            Some(order) if !order.is_empty() => read.ordered_sql(relation, order),
+            _ => read.select.clone(),
+        };
+        let mut stream = sqlx::query(&sql).fetch(&mut *tx);
         let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
         while let Some(row) = stream.try_next().await? {
             batch.push(self.row_change(relation, &row, now)?);

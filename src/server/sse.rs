@@ -61,6 +61,8 @@ pub struct ChangesParams {
     /// A live query (event streams only): the rows that match now, then each row that enters,
     /// changes in or leaves the result; `limit` bounds the result.
     pub live: Option<String>,
+    /// A live query's initial order: `col.desc,other.asc.nullslast`.
+    pub order: Option<String>,
 }
 
 /// Where a long-poll's snapshot goes on: the hand-off cursor of its first page and the last key
@@ -170,6 +172,10 @@ fn table_request(
         let why = "live: a live query needs an event stream (Accept: text/event-stream)";
         return Err(Box::new(error(StatusCode::BAD_REQUEST, why)));
     }
+    if params.order.is_some() && !live {
+        let why = "order: order applies to a live query (live=true)";
+        return Err(Box::new(error(StatusCode::BAD_REQUEST, why)));
+    }
     let mut bindings = crate::subscribe::table_bindings(
         schema,
         name,
@@ -179,7 +185,11 @@ fn table_request(
     )
     .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e)))?;
     if live {
-        crate::subscribe::make_live(&mut bindings, params.limit.map(|l| json!(l)));
+        crate::subscribe::make_live(
+            &mut bindings,
+            params.limit.map(|l| json!(l)),
+            params.order.clone().map(Value::String),
+        );
     }
     Ok((bindings, live))
 }

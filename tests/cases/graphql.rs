@@ -244,10 +244,11 @@ async fn each_subscriber_receives_the_rows_its_token_may_read() {
         subscribers.push(s);
     }
     // A column the role may not read: neither in a `where` (a live query's enters and leaves would
-    // tell its values) nor in a selection.
+    // tell its values), nor in a selection, nor in an `orderBy` (the order would tell them).
     for (id, query) in [
         ("w", "subscription { docs_live(where: {secret: {_eq: \"x\"}}) { kind } }"),
         ("s", "subscription { docs_changes { record { id secret } } }"),
+        ("o", "subscription { docs_live(orderBy: [{secret: desc}]) { kind } }"),
     ] {
         send(&mut subscribers[0], json!({"type": "subscribe", "id": id, "payload": {"query": query}})).await;
         // (Probe rows of the running subscription may come first.)

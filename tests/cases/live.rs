@@ -29,6 +29,8 @@ struct Applied {
     errors: Vec<Value>,
     /// Every message's event name, in order.
     events: Vec<String>,
+    /// The keys of snapshot rows, in the order they came.
+    snapshot_order: Vec<i64>,
 }
 
 impl Applied {
@@ -38,6 +40,7 @@ impl Applied {
         let mut bad = |why: &str| self.violations.push(format!("{why}: {event} {data}"));
         match (event, id) {
             ("snapshot", Some(id)) => {
+                self.snapshot_order.push(id);
                 if self
                     .incoming
                     .get_or_insert_with(BTreeMap::new)
@@ -287,6 +290,14 @@ async fn a_live_query_follows_rows_into_and_out_of_its_filter_without_the_old_ro
         LiveClient::open(&base, "tasks", &format!("{}&filter=status%3Deq.open&select=n", key_query())).await;
     assert_eq!(other.rows(), live.rows());
 
+    // An order for the initial result: n descending, nulls first; the key breaks ties.
+    exec(&p, "INSERT INTO tasks VALUES (9, 'open', NULL, 'i'), (10, 'open', 6, 'j')").await;
+    let ordered = LiveClient::open(&base, "tasks", &format!("{}&order=n.desc.nullsfirst", key_query())).await;
+    assert_eq!(ordered.applied.lock().unwrap().snapshot_order, [9, 7, 6, 10]);
+    exec(&p, "DELETE FROM tasks WHERE id IN (9, 10)").await;
+    ordered.wait("9 and 10 leave", |a| ids(&a.rows) == [6, 7]).await;
+    live.wait("9 and 10 leave", |a| ids(&a.rows) == [6]).await;
+
     // Refusals, each with a reason.
     let refused = |query: String, table: &'static str| {
         let base = base.clone();
@@ -295,6 +306,10 @@ async fn a_live_query_follows_rows_into_and_out_of_its_filter_without_the_old_ro
             Sse::open_at(&base, &path, &query, None).await.err().expect("refused")
         }
     };
+    let (status, body) = refused(format!("live=true&order=nope.desc&{}", key_query()), "tasks").await;
+    assert!(status == 400 && body.contains("nope") && body.contains("is not a column"), "{status} {body}");
+    let (status, body) = refused(format!("order=n.desc&{}", key_query()), "tasks").await;
+    assert!(status == 400 && body.contains("order applies to a live query"), "{status} {body}");
     let (status, body) = refused(format!("live=true&{}", key_query()), "nokey").await;
     assert!(status == 400 && body.contains("no primary key"), "{status} {body}");
     let (status, body) = refused(format!("live=true&events=insert&{}", key_query()), "tasks").await;

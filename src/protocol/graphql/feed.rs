@@ -42,6 +42,8 @@ pub struct FeedRequest {
     pub since: Option<String>,
     /// A live query's most rows.
     pub limit: Option<u64>,
+    /// A live query's initial order, in the order grammar (`col.desc,other.asc`).
+    pub order: Option<String>,
     pub kind: FeedKind,
 }
 
@@ -95,7 +97,11 @@ impl CoreFeeds {
         )
         .map_err(async_graphql::Error::new)?;
         if r.kind == FeedKind::Live {
-            crate::subscribe::make_live(&mut bindings, r.limit.map(|l| json!(l)));
+            crate::subscribe::make_live(
+                &mut bindings,
+                r.limit.map(|l| json!(l)),
+                r.order.clone().map(Json::String),
+            );
         }
         let (mut session, outbox) =
             Session::new(self.hub.clone(), Arc::new(GraphqlEncoder), self.credentials.clone());

@@ -151,6 +151,46 @@ fn bool_exp(t: &TableName) -> InputObject {
     input
 }
 
+/// How a live query orders its initial result by one column, as Hasura's `order_by` spells it.
+const ORDER_BY: [(&str, &str); 6] = [
+    ("asc", "asc"),
+    ("asc_nulls_first", "asc.nullsfirst"),
+    ("asc_nulls_last", "asc.nullslast"),
+    ("desc", "desc"),
+    ("desc_nulls_first", "desc.nullsfirst"),
+    ("desc_nulls_last", "desc.nullslast"),
+];
+
+/// `<table>_order_by`: a column to order by, and how (`json` columns have no order).
+fn order_by(t: &TableName) -> InputObject {
+    let mut input = InputObject::new(format!("{}_order_by", t.name))
+        .description(format!("An order of rows of {}.{}: one column per object", t.schema, t.table));
+    for (field, _, ty) in &t.fields {
+        if ty != "json" {
+            input = input.field(InputValue::new(field, TypeRef::named("order_by")));
+        }
+    }
+    input
+}
+
+/// A live query's `orderBy` as the order grammar of every transport (`col.desc,other.asc`).
+fn order_of(ctx: &ResolverContext<'_>, fields: &[(String, String)]) -> async_graphql::Result<Option<String>> {
+    let Some(list) = ctx.args.get("orderBy").filter(|v| !v.is_null()) else { return Ok(None) };
+    let mut keys = Vec::new();
+    for item in list.list()?.iter() {
+        for (field, how) in item.object()?.iter() {
+            let Some((_, column)) = fields.iter().find(|(f, _)| f == field.as_str()) else { continue };
+            if column.contains(',') {
+                return Err(async_graphql::Error::new(format!("orderBy: cannot order by {field}")));
+            }
+            let how = how.enum_name()?;
+            let (_, grammar) = ORDER_BY.iter().find(|(name, _)| *name == how).copied().unwrap_or(("", "asc"));
+            keys.push(format!("{column}.{grammar}"));
+        }
+    }
+    Ok((!keys.is_empty()).then(|| keys.join(",")))
+}
+
 /// A JSON value as a GraphQL value.
 fn value_of(v: &Json) -> async_graphql::Value {
     async_graphql::Value::from_json(v.clone()).unwrap_or(async_graphql::Value::Null)
@@ -290,6 +330,7 @@ fn request_of(
     Ok(FeedRequest {
         schema: schema.to_owned(),
         table: table.to_owned(),
+        order: order_of(ctx, fields)?,
         filter: filter_of(ctx, fields)?,
         select: selected_columns(ctx, fields),
         events,
@@ -337,7 +378,8 @@ pub fn build(tables: &Tables) -> Result<Schema, SchemaError> {
         .register(Scalar::new(BIG_INT).description("A 64-bit integer"))
         .register(Scalar::new(NUMERIC).description("An arbitrary-precision number"))
         .register(Enum::new("ChangeEvent").items(["INSERT", "UPDATE", "DELETE"]))
-        .register(Enum::new("LiveKind").items(["SNAPSHOT", "READY", "ENTER", "UPDATE", "LEAVE"]));
+        .register(Enum::new("LiveKind").items(["SNAPSHOT", "READY", "ENTER", "UPDATE", "LEAVE"]))
+        .register(Enum::new("order_by").items(ORDER_BY.map(|(name, _)| name)));
     for scalar in COMPARABLE {
         builder = builder.register(comparison(scalar));
     }
@@ -365,7 +407,7 @@ pub fn build(tables: &Tables) -> Result<Schema, SchemaError> {
                 .field(json_field("key", "key", TypeRef::named(JSON)))
                 .field(row_field("record", "record", &t.name)),
         );
-        builder = builder.register(bool_exp(t));
+        builder = builder.register(bool_exp(t)).register(order_by(t));
         let fields = t.fields.iter().map(|(f, c, _)| (f.clone(), c.clone())).collect();
         let target = Some((t.schema.clone(), t.table.clone(), Arc::new(fields)));
         let where_ = || InputValue::new("where", TypeRef::named(format!("{}_bool_exp", t.name)));
@@ -383,6 +425,10 @@ pub fn build(tables: &Tables) -> Result<Schema, SchemaError> {
                 feed_field(&format!("{}_live", t.name), TypeRef::named_nn(&live), target, FeedKind::Live)
                     .argument(InputValue::new("filter", TypeRef::named(TypeRef::STRING)))
                     .argument(where_())
+                    .argument(InputValue::new(
+                        "orderBy",
+                        TypeRef::named_nn_list(format!("{}_order_by", t.name)),
+                    ))
                     .argument(InputValue::new("limit", TypeRef::named(TypeRef::INT))),
             );
     }
