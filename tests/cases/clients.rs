@@ -281,6 +281,14 @@ impl Peer {
         Peer::spawn(name, cmd)
     }
 
+    /// urql's client (`@urql/core`), its subscriptions over the `graphql-ws` client.
+    fn urql(name: &'static str, url: &str, init: Value) -> Peer {
+        let dir = clients_dir().join("node");
+        let mut cmd = Command::new("node");
+        cmd.current_dir(&dir).arg("graphql.mjs").arg(url).arg(init.to_string()).arg("urql");
+        Peer::spawn(name, cmd)
+    }
+
     /// The first frame of `type` (others are kept for later waits).
     async fn frame(&mut self, kind: &str) -> Value {
         self.until(kind, |v| v["type"] == kind).await
@@ -1141,6 +1149,76 @@ async fn graphql_ws_client_typed_generic_and_live_subscriptions() {
     let mut refused = Peer::graphql("graphql-ws refused", &endpoint, json!({"Authorization": "Bearer nope"}));
     let closed = refused.until("closed", |v| v["event"] == "closed").await;
     assert_eq!(closed["code"], 4403, "{closed}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn urql_subscribes_with_variables_typename_and_an_ordered_live_query() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, SCHEMA).await;
+    exec(&p, "INSERT INTO todos VALUES (1, 'a'), (2, 'b'), (3, 'a'), (4, 'a')").await;
+    let app = TestApp::spawn(&url).await;
+    let endpoint = format!("ws://{}/graphql", app.addr);
+    let mut c =
+        Peer::urql("urql", &endpoint, json!({"Authorization": format!("Bearer {}", support::anon_key())}));
+    c.until("connected", |v| v["event"] == "connected").await;
+
+    // `__typename` in selections (as normalized caches ask for it); `where` takes variables;
+    // `orderBy` orders the initial result.
+    let live = "subscription($task: String) { todos_live(where: {task: {_eq: $task}}, orderBy: [{id: desc}]) { __typename kind key record { __typename id task } } }";
+    c.cmd(json!({"op": "subscribe", "id": "live", "query": live, "variables": {"task": "a"}})).await;
+    let mut order = Vec::new();
+    loop {
+        let d = graphql_next(&mut c, "live").await;
+        let m = &d["todos_live"];
+        assert_eq!(m["__typename"], "todos_Live", "{d}");
+        if m["kind"] == "READY" {
+            break;
+        }
+        assert_eq!(m["kind"], "SNAPSHOT", "{d}");
+        assert_eq!(m["record"]["__typename"], "todos", "{d}");
+        assert_eq!(m["record"]["task"], "a", "{d}");
+        order.push(m["key"]["id"].as_i64().unwrap());
+    }
+    assert_eq!(order, [4, 3, 1]);
+    exec(&p, "UPDATE todos SET task = 'a' WHERE id = 2; DELETE FROM todos WHERE id = 4").await;
+    let enter = graphql_next(&mut c, "live").await;
+    assert_eq!(
+        (&enter["todos_live"]["kind"], &enter["todos_live"]["record"]["id"]),
+        (&json!("ENTER"), &json!(2)),
+        "{enter}"
+    );
+    let leave = graphql_next(&mut c, "live").await;
+    assert_eq!(
+        (&leave["todos_live"]["kind"], &leave["todos_live"]["key"]),
+        (&json!("LEAVE"), &json!({"id": 4}))
+    );
+
+    // A typed change subscription with a variable in `where`: only the selected columns come.
+    let typed = "subscription($min: BigInt) { todos_changes(where: {id: {_gt: $min}}, events: [INSERT]) { type record { __typename id } } }";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    c.cmd(json!({"op": "subscribe", "id": "typed", "query": typed, "variables": {"min": 100}})).await;
+    let mut n = 100;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "the subscription did not deliver within 30 s");
+        n += 1;
+        exec(&p, &format!("INSERT INTO todos VALUES ({n}, 'probe'), (50, 'below') ON CONFLICT DO NOTHING"))
+            .await;
+        if let Some(v) = c.within(Duration::from_millis(300), |v| v["id"] == "typed").await {
+            assert_eq!(v["event"], "next", "{v}");
+            let record = &v["payload"]["data"]["todos_changes"]["record"];
+            assert_eq!(record, &json!({"__typename": "todos", "id": record["id"].clone()}), "{v}");
+            assert!(record["id"].as_i64().unwrap() > 100, "{v}");
+            break;
+        }
+    }
+    // A refusal reaches urql's result as its error.
+    c.cmd(json!({"op": "subscribe", "id": "bad", "query": "subscription { todos_live(orderBy: [{meta: asc}], limit: 0) { kind } }"})).await;
+    let e = c.until("the error", |v| v["id"] == "bad").await;
+    assert_eq!(e["event"], "error", "{e}");
+    assert!(e["errors"][0]["message"].as_str().unwrap_or("").contains("limit"), "{e}");
+    c.cmd(json!({"op": "exit"})).await;
     app.stop().await;
 }
 

@@ -513,7 +513,7 @@ mod tests {
             "meta: JSON",
             "tags: [String]",
             "todos_changes(filter: String, events: [ChangeEvent!], since: String, where: todos_bool_exp): todos_Change!",
-            "todos_live(filter: String, where: todos_bool_exp, limit: Int): todos_Live!",
+            "todos_live(filter: String, where: todos_bool_exp, orderBy: [todos_order_by!], limit: Int): todos_Live!",
             "input todos_bool_exp {",
             "n: Int_comparison_exp",
             "_in: [BigInt!]",

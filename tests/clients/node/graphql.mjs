@@ -1,12 +1,15 @@
 // The `graphql-ws` client driven by JSON-line commands on stdin; prints one JSON line per event
-// on stdout. Usage: node graphql.mjs <url> <connection-init-payload-json>
+// on stdout. Usage: node graphql.mjs <url> <connection-init-payload-json> [urql]
+// With `urql`, subscriptions go through urql's client (its subscription exchange over the same
+// `graphql-ws` connection), as an app using urql has them.
 // Commands: subscribe {id, query, variables?}, dispose {id}, exit.
 // Events: connected, closed {code, reason}, next {id, payload}, error {id, errors}, complete {id}.
 import { createClient } from 'graphql-ws'
+import { Client, cacheExchange, subscriptionExchange } from '@urql/core'
 import WebSocket from 'ws'
 import readline from 'node:readline'
 
-const [url, initJson] = process.argv.slice(2)
+const [url, initJson, via] = process.argv.slice(2)
 const out = (o) => process.stdout.write(JSON.stringify(o) + '\n')
 const client = createClient({
   url,
@@ -21,10 +24,41 @@ const client = createClient({
   onNonLazyError: () => {},
 })
 
+// urql: every operation is a subscription forwarded to the `graphql-ws` client.
+const urql = via === 'urql'
+  ? new Client({
+      url: url.replace(/^ws/, 'http'),
+      exchanges: [
+        cacheExchange,
+        subscriptionExchange({
+          forwardSubscription: (request) => ({
+            subscribe: (sink) => ({ unsubscribe: client.subscribe({ ...request, query: request.query || '' }, sink) }),
+          }),
+        }),
+      ],
+    })
+  : null
+
+function subscribeUrql(cmd) {
+  const { unsubscribe } = urql.subscription(cmd.query, cmd.variables ?? {}).subscribe((result) => {
+    if (result.error) {
+      const errors = result.error.graphQLErrors?.length
+        ? result.error.graphQLErrors.map((e) => ({ message: e.message }))
+        : [{ message: result.error.message }]
+      out({ event: 'error', id: cmd.id, errors })
+    } else {
+      out({ event: 'next', id: cmd.id, payload: { data: result.data } })
+    }
+  })
+  return unsubscribe
+}
+
 const running = new Map()
 readline.createInterface({ input: process.stdin }).on('line', (line) => {
   const cmd = JSON.parse(line)
-  if (cmd.op === 'subscribe') {
+  if (cmd.op === 'subscribe' && urql) {
+    running.set(cmd.id, subscribeUrql(cmd))
+  } else if (cmd.op === 'subscribe') {
     const dispose = client.subscribe(
       { query: cmd.query, variables: cmd.variables ?? {} },
       {
