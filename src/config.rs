@@ -42,6 +42,8 @@ pub struct Config {
     pub max_record_bytes: usize,
     /// Seconds a socket may stay silent before it is closed.
     pub idle_timeout_secs: u64,
+    /// The path Socket.IO clients connect to (their `path` option); empty: no Socket.IO.
+    pub socketio_path: String,
     /// An address of its own for `/metrics` (with `/readyz` and `/healthz`); `/metrics` is then
     /// not served on `listen`.
     pub admin_listen: Option<SocketAddr>,
@@ -280,6 +282,7 @@ impl Default for Config {
             max_frame_bytes: 4 * 1024 * 1024,
             max_record_bytes: 1024 * 1024,
             idle_timeout_secs: 60,
+            socketio_path: "/socket.io".into(),
             admin_listen: None,
             max_connections: 50_000,
             max_connections_per_ip: 0,
@@ -358,6 +361,17 @@ impl Config {
         self.validate_names()?;
         self.validate_minimums()?;
         self.validate_auth()?;
+        let reserved =
+            ["/realtime", "/v1", "/graphql", "/api", "/socket/", "/metrics", "/healthz", "/readyz"];
+        let path = self.socketio_path.trim_end_matches('/');
+        if !self.socketio_path.is_empty()
+            && (!path.starts_with('/') || path.len() < 2 || reserved.iter().any(|r| path.starts_with(r)))
+        {
+            return invalid(
+                "socketio_path",
+                "expected a path such as /socket.io, apart from walcast's own routes",
+            );
+        }
         if self.changelog.max_bytes < self.changelog.segment_bytes {
             return invalid("changelog.max_bytes", "expected at least changelog.segment_bytes");
         }

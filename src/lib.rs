@@ -360,6 +360,7 @@ impl Gateway {
                 senders: Default::default(),
             }),
             graphql: Default::default(),
+            socketio_path: config.socketio_path.trim_end_matches('/').into(),
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod graphql;
 pub mod phoenix;
 pub mod plain;
+pub mod socketio;
 pub mod sse;
 
 use std::future::Future;
@@ -27,9 +28,10 @@ pub mod encoding {
     pub const SSE: EncodingId = EncodingId(10);
     pub const PLAIN: EncodingId = EncodingId(11);
     pub const GRAPHQL: EncodingId = EncodingId(12);
+    pub const SOCKETIO: EncodingId = EncodingId(13);
 
     /// Every id above (a new encoding is added here too).
-    pub const ALL: [EncodingId; 5] = [PHOENIX_V1, PHOENIX_V2, SSE, PLAIN, GRAPHQL];
+    pub const ALL: [EncodingId; 6] = [PHOENIX_V1, PHOENIX_V2, SSE, PLAIN, GRAPHQL, SOCKETIO];
 }
 
 /// A WebSocket protocol's side of one connection, driven by the transport's IO loop: client

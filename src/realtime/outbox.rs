@@ -43,11 +43,14 @@ pub struct Named {
     pub name: Cow<'static, str>,
     /// The message's JSON.
     pub data: Utf8Bytes,
+    /// Binary data its transport sends beside the JSON (Socket.IO's attachments); event
+    /// streams have none.
+    pub attachment: Option<Bytes>,
 }
 
 impl Named {
     pub fn frame(id: Option<&str>, name: impl Into<Cow<'static, str>>, data: Utf8Bytes) -> Frame {
-        Frame::Named(Arc::new(Named { id: id.map(Box::from), name: name.into(), data }))
+        Frame::Named(Arc::new(Named { id: id.map(Box::from), name: name.into(), data, attachment: None }))
     }
 }
 
@@ -65,7 +68,12 @@ impl Frame {
             Frame::Text(t) => t.len(),
             Frame::Binary(b) => b.len(),
             Frame::Joined { envelope, body } => envelope.head.len() + body.len() + envelope.tail.len(),
-            Frame::Named(m) => m.id.as_ref().map_or(0, |id| id.len()) + m.name.len() + m.data.len(),
+            Frame::Named(m) => {
+                m.id.as_ref().map_or(0, |id| id.len())
+                    + m.name.len()
+                    + m.data.len()
+                    + m.attachment.as_ref().map_or(0, Bytes::len)
+            }
         }
     }
 

@@ -394,6 +394,11 @@ impl Session {
         self.connect.is_some()
     }
 
+    /// The token the connection holds (none when authentication is off).
+    pub fn connect_credentials(&self) -> Option<&Credentials> {
+        self.connect.as_ref()
+    }
+
     pub fn set_connect(&mut self, credentials: Credentials) {
         self.connect = Some(credentials);
     }

@@ -7,6 +7,7 @@ pub mod gate;
 pub mod graphql;
 pub mod listener;
 pub mod metrics;
+pub mod socketio;
 pub mod sse;
 pub mod ws;
 
@@ -42,6 +43,8 @@ pub struct AppState {
     pub rest: Arc<broadcast::RestLimits>,
     /// The GraphQL schema of the current catalog.
     pub graphql: Arc<crate::protocol::graphql::schema::Schemas>,
+    /// Where Socket.IO clients connect; empty: not served.
+    pub socketio_path: Arc<str>,
 }
 
 /// The client-facing routes; `/metrics` too unless it has an admin address of its own.
@@ -64,7 +67,12 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
     if with_metrics {
         router = router.route("/metrics", get(metrics::render));
     }
-    router.layer(body_limit).with_state(state)
+    let socketio = (!state.socketio_path.is_empty()).then(|| socketio::layer(&state));
+    let router = router.layer(body_limit).with_state(state);
+    match socketio {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
 }
 
 /// The operators' routes, for `admin_listen`: `/metrics`, `/readyz`, `/healthz`.

@@ -18,7 +18,7 @@ CREATE TABLE notes (id int PRIMARY KEY, body text);
 ALTER TABLE notes REPLICA IDENTITY FULL;
 ";
 
-fn clients_dir() -> PathBuf {
+pub(super) fn clients_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
 }
 
@@ -219,7 +219,7 @@ async fn python_realtime_client() {
 }
 
 /// A client process driven by JSON-line commands (`peer.mjs` / `peer.py`).
-struct Peer {
+pub(super) struct Peer {
     name: &'static str,
     child: Child,
     stdin: tokio::process::ChildStdin,
@@ -243,7 +243,7 @@ impl Peer {
         Peer { name, child, stdin, lines: BufReader::new(stdout).lines(), pending: Default::default() }
     }
 
-    fn js(name: &'static str, endpoint: &str, vsn: &str, topic: &str, config: Value) -> Peer {
+    pub(super) fn js(name: &'static str, endpoint: &str, vsn: &str, topic: &str, config: Value) -> Peer {
         Peer::js_as(name, endpoint, vsn, topic, config, None)
     }
 
@@ -278,6 +278,14 @@ impl Peer {
         let dir = clients_dir().join("node");
         let mut cmd = Command::new("node");
         cmd.current_dir(&dir).arg("graphql.mjs").arg(url).arg(init.to_string());
+        Peer::spawn(name, cmd)
+    }
+
+    /// The `socket.io-client` npm package on `url`, with `options` as `io()` takes them.
+    pub(super) fn socketio(name: &'static str, url: &str, options: Value) -> Peer {
+        let dir = clients_dir().join("node");
+        let mut cmd = Command::new("node");
+        cmd.current_dir(&dir).arg("socketio.mjs").arg(url).arg(options.to_string());
         Peer::spawn(name, cmd)
     }
 
@@ -331,7 +339,7 @@ impl Peer {
         }
     }
 
-    async fn cmd(&mut self, v: Value) {
+    pub(super) async fn cmd(&mut self, v: Value) {
         use tokio::io::AsyncWriteExt;
         let line = format!("{v}\n");
         self.stdin.write_all(line.as_bytes()).await.expect("write to client");
@@ -350,7 +358,7 @@ impl Peer {
     }
 
     /// The first event satisfying `pred` within `wait`, or `None`; others stay queued.
-    async fn within(&mut self, wait: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+    pub(super) async fn within(&mut self, wait: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
         if let Some(at) = self.pending.iter().position(&pred) {
             return self.pending.remove(at);
         }
@@ -369,7 +377,7 @@ impl Peer {
 
     /// The first event satisfying `pred`; others stay queued for later waits (presence events,
     /// which arrive at any time, are dropped).
-    async fn until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub(super) async fn until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         if let Some(at) = self.pending.iter().position(&pred) {
             return self.pending.remove(at).unwrap_or_default();
         }
@@ -395,7 +403,7 @@ impl Peer {
     }
 
     /// The next broadcast: (event, payload, meta).
-    async fn broadcast(&mut self) -> (String, Value, Value) {
+    pub(super) async fn broadcast(&mut self) -> (String, Value, Value) {
         let v = self.until("a broadcast", |v| v["kind"] == "broadcast").await;
         (v["event"].as_str().unwrap_or("").to_owned(), v["payload"].clone(), v["meta"].clone())
     }
@@ -407,7 +415,7 @@ impl Peer {
     }
 
     /// Waits until the presence state, as this client shows it, has exactly `keys`.
-    async fn presence_keys(&mut self, keys: &[&str]) -> Value {
+    pub(super) async fn presence_keys(&mut self, keys: &[&str]) -> Value {
         let mut want: Vec<&str> = keys.to_vec();
         want.sort();
         loop {
@@ -437,7 +445,7 @@ impl Peer {
         }
     }
 
-    async fn exit(mut self) {
+    pub(super) async fn exit(mut self) {
         self.cmd(json!({"op": "exit"})).await;
         let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
             .await

@@ -15,4 +15,5 @@ mod realtime;
 mod resume;
 mod rls;
 mod snapshot;
+mod socketio;
 mod sse;

@@ -187,7 +187,12 @@ fn raw_feed(session: Session, outbox: OutboxReceiver, kind: FeedKind) -> RawFeed
                 (FeedKind::Live, "snapshot-end") => {
                     let data: Json = serde_json::from_str(m.data.as_str()).unwrap_or(Json::Null);
                     let ready = json!({"kind": "ready", "cursor": data["cursor"]}).to_string();
-                    let ready = Arc::new(Named { id: None, name: "ready".into(), data: ready.into() });
+                    let ready = Arc::new(Named {
+                        id: None,
+                        name: "ready".into(),
+                        data: ready.into(),
+                        attachment: None,
+                    });
                     return Some((Ok(ready), Some(f)));
                 }
                 (FeedKind::Live, "snapshot" | "enter" | "update" | "leave")

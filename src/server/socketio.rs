@@ -1,0 +1,261 @@
+//! The Socket.IO transport (Engine.IO v4 / Socket.IO v5, WebSocket and HTTP long-polling with
+//! upgrade, at `socketio_path`), IO only: socketioxide speaks the protocol; each socket's task
+//! hands its events, in the order they arrived, to its [`SocketIoConnection`], acknowledges each,
+//! and emits what the session's outbox yields.
+//!
+//! Owns: the handshake's token (its `auth` payload `{token}`, or the request's as for every
+//! transport; a refusal is `connect_error` with the token's error), the order of a socket's
+//! events, and disconnecting (shutdown, a client too slow, a token that expired).
+//! Must not: hold channel state or decide what an event means (that is `protocol/socketio.rs`).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::ser::SerializeTuple;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use socketioxide::extract::{AckSender, SocketRef, TryData};
+use socketioxide::handler::{ConnectHandler, FromMessage, FromMessageParts};
+use socketioxide::layer::SocketIoLayer;
+use socketioxide::socket::Socket;
+use socketioxide::SocketIo;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Credentials;
+use crate::protocol::socketio::{Incoming, SocketIoConnection};
+use crate::realtime::outbox::{Frame, OutboxReceiver};
+use crate::server::credentials::{token, verify};
+use crate::server::ws::PlainParams;
+use crate::server::AppState;
+
+/// Events of one socket read and not yet handled; one more is refused in its acknowledgement.
+const INBOX: usize = 256;
+
+/// The Socket.IO layer: requests under `socketio_path` are Socket.IO's, others pass through.
+pub fn layer(state: &AppState) -> SocketIoLayer {
+    let limits = *state.hub.limits();
+    let (layer, io) = SocketIo::builder()
+        .req_path(state.socketio_path.to_string())
+        .max_buffer_size(limits.client_queue.max(16))
+        .max_payload(state.max_frame_bytes as u64)
+        .build_layer();
+    let (on_connect, on_auth) = (state.clone(), state.clone());
+    let connect = move |s: SocketRef| connected(on_connect.clone(), s);
+    let auth = move |s: SocketRef, TryData(auth): TryData<Value>| authenticate(on_auth.clone(), s, auth.ok());
+    io.ns("/", connect.with(auth));
+    layer
+}
+
+/// The handshake's token, verified: the `auth` payload's `token` (or `access_token`, `apikey`),
+/// else the request's (header, query, cookie). A refusal reaches the client as `connect_error`.
+async fn authenticate(state: AppState, s: SocketRef, auth: Option<Value>) -> Result<(), String> {
+    let given = auth.as_ref().and_then(|a| {
+        ["token", "access_token", "apikey"].iter().find_map(|k| a.get(*k).and_then(Value::as_str))
+    });
+    let parts = s.req_parts();
+    let query = axum::extract::Query::<PlainParams>::try_from_uri(&parts.uri).ok();
+    let token = given.map(str::to_owned).or_else(|| {
+        let q = query.as_ref();
+        token(&parts.headers, q.and_then(|q| q.access_token.as_deref()), q.and_then(|q| q.apikey.as_deref()))
+    });
+    match verify(&state, token.as_deref()).await {
+        Ok(credentials) => {
+            if let Some(c) = credentials {
+                s.extensions.insert(c);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "socket.io connection refused");
+            state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(e.connect_message())
+        }
+    }
+}
+
+/// What a socket's handlers share with its task: where its events go, and its end.
+#[derive(Clone)]
+struct Inbox {
+    tx: mpsc::Sender<(Incoming, AckSender)>,
+    gone: CancellationToken,
+}
+
+async fn connected(state: AppState, s: SocketRef) {
+    let credentials = s.extensions.remove::<Credentials>();
+    let (conn, outbox) = SocketIoConnection::new(state.hub.clone(), credentials);
+    let (tx, rx) = mpsc::channel(INBOX);
+    let gone = CancellationToken::new();
+    s.extensions.insert(Inbox { tx, gone: gone.clone() });
+    s.on_fallback(async |_: Enqueued| {});
+    s.on_disconnect(async |s: SocketRef| {
+        if let Some(inbox) = s.extensions.get::<Inbox>() {
+            inbox.gone.cancel();
+        }
+    });
+    tokio::spawn(drive(conn, outbox, rx, s, gone, state.shutdown.clone()));
+}
+
+/// An event handed to its socket's task as it is read: socketioxide runs each handler in a task
+/// of its own, so only what the extractor does keeps a socket's events in order.
+struct Enqueued;
+
+#[derive(Debug, thiserror::Error)]
+#[error("this socket has no task to take its events")]
+struct NoInbox;
+
+impl FromMessage<socketioxide::adapter::LocalAdapter> for Enqueued {
+    type Error = NoInbox;
+
+    fn from_message(
+        s: Arc<Socket>,
+        mut v: socketioxide::handler::Value,
+        ack_id: Option<i64>,
+    ) -> Result<Self, NoInbox> {
+        let Ok(ack) = AckSender::from_message_parts(&s, &mut v, &ack_id);
+        let inbox = s.extensions.get::<Inbox>().ok_or(NoInbox)?;
+        let incoming = match read(&v) {
+            Ok(incoming) => incoming,
+            Err(why) => {
+                let _ = ack.send(&json!({"ok": false, "error": why}));
+                return Ok(Enqueued);
+            }
+        };
+        if let Err(mpsc::error::TrySendError::Full((_, ack))) = inbox.tx.try_send((incoming, ack)) {
+            let why = "too many events waiting to be handled: wait for acknowledgements";
+            let _ = ack.send(&json!({"ok": false, "error": why}));
+        }
+        Ok(Enqueued)
+    }
+}
+
+/// An event's name, first argument and binary payload: `["name", {…, "payload": <placeholder>}]`
+/// with the attachments beside it.
+fn read(v: &socketioxide::handler::Value) -> Result<Incoming, String> {
+    let socketioxide::handler::Value::Str(text, attachments) = v else {
+        return Err("expected a JSON event".into());
+    };
+    let mut args: Vec<Value> =
+        serde_json::from_str(text.as_str()).map_err(|e| format!("invalid event JSON: {e}"))?;
+    if args.is_empty() {
+        return Err("an event needs a name".into());
+    }
+    let data = if args.len() > 1 { args.swap_remove(1) } else { Value::Null };
+    let Some(event) = args.first().and_then(Value::as_str).map(str::to_owned) else {
+        return Err("an event's name is a string".into());
+    };
+    let placeholder = data.get("payload").filter(|p| p.get("_placeholder") == Some(&Value::Bool(true)));
+    let binary = match placeholder.and_then(|p| p.get("num")).and_then(Value::as_u64) {
+        Some(n) => {
+            let found = attachments.as_ref().and_then(|a| a.get(n as usize)).cloned();
+            Some(found.ok_or("a binary payload's attachment is missing")?)
+        }
+        None => None,
+    };
+    Ok(Incoming { event, data, binary })
+}
+
+/// An outgoing event's arguments: the binary attachment first when it has one, then the JSON
+/// ones as rendered (copied, not parsed into values).
+struct Args<'a> {
+    binary: Option<&'a Bytes>,
+    json: Vec<&'a RawValue>,
+}
+
+impl serde::Serialize for Args<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut tuple = serializer.serialize_tuple(usize::from(self.binary.is_some()) + self.json.len())?;
+        if let Some(b) = self.binary {
+            tuple.serialize_element(b)?;
+        }
+        for arg in &self.json {
+            tuple.serialize_element(arg)?;
+        }
+        tuple.end()
+    }
+}
+
+/// Why a frame was not emitted.
+enum Unsent {
+    /// The client is too far behind: its socket's buffer is full.
+    Full,
+    Gone,
+}
+
+/// Emits a frame of the session's.
+fn emit(s: &SocketRef, frame: &Frame) -> Result<(), Unsent> {
+    use socketioxide::{SendError, SocketError};
+    let Frame::Named(m) = frame else { return Ok(()) };
+    let Ok(json) = serde_json::from_str::<Vec<&RawValue>>(m.data.as_str()) else { return Ok(()) };
+    match s.emit(&*m.name, &Args { binary: m.attachment.as_ref(), json }) {
+        Ok(()) | Err(SendError::Serialize(_)) => Ok(()),
+        Err(SendError::Socket(SocketError::InternalChannelFull)) => Err(Unsent::Full),
+        Err(SendError::Socket(_)) => Err(Unsent::Gone),
+    }
+}
+
+/// Disconnects after telling the client why, in an `error` event.
+fn disconnect(s: SocketRef, why: &str) {
+    let _ = s.emit("error", &json!({"message": why}));
+    let _ = s.disconnect();
+}
+
+/// A timer position far enough away to mean "never".
+fn never() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600)
+}
+
+/// Serves one socket until it disconnects: its events handled in order and acknowledged, its
+/// session's frames emitted.
+async fn drive(
+    mut conn: SocketIoConnection,
+    mut outbox: OutboxReceiver,
+    mut inbox: mpsc::Receiver<(Incoming, AckSender)>,
+    s: SocketRef,
+    gone: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let killed = outbox.killed.clone();
+    let expiry = tokio::time::sleep_until(never());
+    tokio::pin!(expiry);
+    loop {
+        let next = conn.next_deadline().map(tokio::time::Instant::from_std).unwrap_or_else(never);
+        if expiry.deadline() != next {
+            expiry.as_mut().reset(next);
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                disconnect(s, "server shutting down");
+                break;
+            }
+            _ = gone.cancelled() => break,
+            _ = killed.cancelled() => {
+                let _ = s.disconnect();
+                break;
+            }
+            Some(frame) = outbox.rx.recv() => {
+                match emit(&s, &frame) {
+                    Ok(()) => {}
+                    Err(Unsent::Full) => {
+                        let metrics = conn.session().hub().metrics();
+                        metrics.slow_client_disconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let _ = s.disconnect();
+                        break;
+                    }
+                    Err(Unsent::Gone) => break,
+                }
+            }
+            Some((incoming, ack)) = inbox.recv() => {
+                let handled = Box::pin(conn.handle(incoming)).await;
+                let _ = ack.send(&handled.ack);
+            }
+            _ = &mut expiry => {
+                if let Some(why) = conn.on_deadline() {
+                    disconnect(s, &why);
+                    break;
+                }
+            }
+        }
+    }
+}

