@@ -93,7 +93,7 @@ async fn connected(state: AppState, s: SocketRef) {
             inbox.gone.cancel();
         }
     });
-    tokio::spawn(drive(conn, outbox, rx, s, gone, state.shutdown.clone()));
+    tokio::spawn(drive(conn, outbox, rx, s, gone, state.shutdown));
 }
 
 /// An event handed to its socket's task as it is read: socketioxide runs each handler in a task
