@@ -213,3 +213,108 @@ async fn socketio_rooms_are_shared_with_realtime_js_broadcast_presence_and_binar
     js.exit().await;
     app.stop().await;
 }
+
+const A: &str = "00000000-0000-0000-0000-00000000000a";
+const B: &str = "00000000-0000-0000-0000-00000000000b";
+
+/// The bodies of `c`'s `change` events until one whose body is `end`, in order (probes skipped).
+async fn bodies_until(c: &mut Peer, end: &str) -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    loop {
+        let args = event(c, "change").await;
+        let body = args[0]["record"]["body"].as_str().unwrap_or("").to_owned();
+        if body == "probe" {
+            continue;
+        }
+        seen.push((body.clone(), args[0]["cursor"].as_str().unwrap_or("").to_owned()));
+        if body == end {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test]
+async fn socketio_row_level_security_token_expiry_and_resume_with_an_exact_ledger() {
+    let schema = "
+        CREATE TABLE docs (id bigint PRIMARY KEY, owner uuid, body text);
+        ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY own ON docs FOR SELECT TO authenticated USING (owner = auth.uid());
+        GRANT SELECT ON docs TO authenticated;";
+    let (app, p) = support::rls_app(schema, |_| {}).await;
+    let base = format!("http://{}", app.addr);
+    let mut clients = Vec::new();
+    for (name, sub) in [("socket.io a", A), ("socket.io b", B)] {
+        let mut c = Peer::socketio(name, &base, json!({"auth": {"token": support::user(sub)}}));
+        connected(&mut c).await;
+        let r = call(&mut c, "s", "subscribe", json!({"table": "docs", "events": "insert"})).await;
+        assert_eq!(r["ok"], true, "{r}");
+        // Live once its own probe row arrives.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for n in 0.. {
+            assert!(tokio::time::Instant::now() < deadline, "{name}: nothing delivered within 30 s");
+            let id = 1000 * (1 + i64::from(sub == B)) + n;
+            exec(&p, &format!("INSERT INTO docs VALUES ({id}, '{sub}', 'probe')")).await;
+            if c.within(Duration::from_millis(300), |v| v["name"] == "change").await.is_some() {
+                break;
+            }
+        }
+        clients.push(c);
+    }
+    exec(&p, &format!("INSERT INTO docs VALUES (1, '{A}', 'a1'), (2, '{B}', 'b1'), (3, '{A}', 'a-end'), (4, '{B}', 'b-end')")).await;
+    let seen_a = bodies_until(&mut clients[0], "a-end").await;
+    assert_eq!(seen_a.iter().map(|(b, _)| b.as_str()).collect::<Vec<_>>(), ["a1", "a-end"]);
+    let seen_b = bodies_until(&mut clients[1], "b-end").await;
+    assert_eq!(seen_b.iter().map(|(b, _)| b.as_str()).collect::<Vec<_>>(), ["b1", "b-end"]);
+
+    // The connection drops; changes commit meanwhile; the client reconnects and resumes after its
+    // last cursor: each missed row once, in order, then live ones.
+    let last = seen_a.last().unwrap().1.clone();
+    let a = &mut clients[0];
+    a.cmd(json!({"op": "drop"})).await;
+    a.until("disconnect", |v| v["event"] == "disconnect").await;
+    for n in 0..20 {
+        exec(&p, &format!("INSERT INTO docs VALUES ({}, '{A}', 'missed {n}')", 10 + n)).await;
+    }
+    a.cmd(json!({"op": "connect"})).await;
+    connected(a).await;
+    let r = call(a, "r", "subscribe", json!({"table": "docs", "events": "insert", "since": last})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    exec(&p, &format!("INSERT INTO docs VALUES (50, '{A}', 'live')")).await;
+    let ledger: Vec<String> = bodies_until(a, "live").await.into_iter().map(|(b, _)| b).collect();
+    let mut want: Vec<String> = (0..20).map(|n| format!("missed {n}")).collect();
+    want.push("live".into());
+    assert_eq!(ledger, want, "no gap, no repeat");
+
+    // A token that expires: the client is told why, then disconnected.
+    let exp_in = 3;
+    let short = support::token_expiring("authenticated", Some(A), exp_in);
+    let mut expiring = Peer::socketio("socket.io expiring", &base, json!({"auth": {"token": short}}));
+    connected(&mut expiring).await;
+    let why = event(&mut expiring, "error").await;
+    assert!(why[0]["message"].as_str().unwrap_or("").contains("Token has expired"), "{why:?}");
+    let d = expiring.until("disconnect", |v| v["event"] == "disconnect").await;
+    assert_eq!(d["reason"], "io server disconnect", "{d}");
+
+    // A `token` event replaces it: a refused one in the ack; an accepted one keeps the
+    // connection past the first token's expiry.
+    let short = support::token_expiring("authenticated", Some(A), exp_in);
+    let expires = walcast::auth::unix_now() + exp_in;
+    let mut refreshed = Peer::socketio("socket.io refreshed", &base, json!({"auth": {"token": short}}));
+    connected(&mut refreshed).await;
+    let r = call(&mut refreshed, "t", "token", json!({"token": "nope"})).await;
+    assert_eq!(r, json!({"ok": false, "error": "The token provided is not a valid JWT"}));
+    let r = call(&mut refreshed, "t", "token", json!({"token": support::user(A)})).await;
+    assert_eq!(r, json!({"ok": true}));
+    let r = call(&mut refreshed, "s", "subscribe", json!({"table": "docs", "events": "insert"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    // Waiting on the clock itself: until the first token is past its expiry.
+    while walcast::auth::unix_now() <= expires + 1 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    exec(&p, &format!("INSERT INTO docs VALUES (60, '{A}', 'after expiry')")).await;
+    assert_eq!(bodies_until(&mut refreshed, "after expiry").await.len(), 1);
+    for c in clients {
+        c.exit().await;
+    }
+    app.stop().await;
+}
