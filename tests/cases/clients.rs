@@ -289,6 +289,14 @@ impl Peer {
         Peer::spawn(name, cmd)
     }
 
+    /// The `python-socketio` client on `url`, with `options` (`auth`, `transports`).
+    pub(super) fn python_socketio(name: &'static str, url: &str, options: Value) -> Peer {
+        let dir = clients_dir().join("python");
+        let mut cmd = Command::new(dir.join(".venv/bin/python"));
+        cmd.current_dir(&dir).arg("socketio_client.py").arg(url).arg(options.to_string());
+        Peer::spawn(name, cmd)
+    }
+
     /// urql's client (`@urql/core`), its subscriptions over the `graphql-ws` client.
     fn urql(name: &'static str, url: &str, init: Value) -> Peer {
         let dir = clients_dir().join("node");

@@ -318,3 +318,56 @@ async fn socketio_row_level_security_token_expiry_and_resume_with_an_exact_ledge
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn python_socketio_client_subscribes_with_a_filter_and_shares_a_room() {
+    let schema = "
+        CREATE TABLE docs (id bigint PRIMARY KEY, owner uuid, body text);
+        ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY own ON docs FOR SELECT TO authenticated USING (owner = auth.uid());
+        GRANT SELECT ON docs TO authenticated;";
+    let (app, p) = support::rls_app(schema, |_| {}).await;
+    let base = format!("http://{}", app.addr);
+    let mut py =
+        Peer::python_socketio("python-socketio", &base, json!({"auth": {"token": support::user(A)}}));
+    connected(&mut py).await;
+    let mut node = Peer::socketio("socket.io node", &base, json!({"auth": {"token": support::user(B)}}));
+    connected(&mut node).await;
+
+    let r = call(&mut py, "s", "subscribe", json!({"table": "docs", "filter": "body=neq.drop"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for n in 0.. {
+        assert!(tokio::time::Instant::now() < deadline, "nothing delivered within 30 s");
+        exec(&p, &format!("INSERT INTO docs VALUES ({}, '{A}', 'probe')", 1000 + n)).await;
+        if py.within(Duration::from_millis(300), |v| v["name"] == "change").await.is_some() {
+            break;
+        }
+    }
+    exec(
+        &p,
+        &format!(
+            "INSERT INTO docs VALUES (1, '{A}', 'keep'), (2, '{A}', 'drop'), (3, '{B}', 'not mine'), (4, '{A}', 'end')"
+        ),
+    )
+    .await;
+    let seen: Vec<String> = bodies_until(&mut py, "end").await.into_iter().map(|(b, _)| b).collect();
+    assert_eq!(seen, ["keep", "end"], "the filter and row-level security both apply");
+
+    // One room: binary from Python to node, JSON from node to Python.
+    assert_eq!(call(&mut py, "j", "join", json!({"room": "team"})).await["ok"], true);
+    assert_eq!(call(&mut node, "j", "join", json!({"room": "team"})).await["ok"], true);
+    py.cmd(json!({"op": "emit", "id": "bin", "event": "broadcast", "data": {"room": "team", "event": "file"}, "binary": "3q2+7w=="}))
+        .await;
+    let ack = py.until("the ack", |v| v["event"] == "ack" && v["id"] == "bin").await;
+    assert_eq!(ack["response"], json!({"ok": true, "room": "team"}));
+    assert_eq!(event(&mut node, "file").await, [json!({"binary": "3q2+7w=="}), json!({"room": "team"})]);
+    let r =
+        call(&mut node, "b", "broadcast", json!({"room": "team", "event": "hello", "payload": [1, "two"]}))
+            .await;
+    assert_eq!(r["ok"], true);
+    assert_eq!(event(&mut py, "hello").await, [json!([1, "two"]), json!({"room": "team"})]);
+    py.exit().await;
+    node.exit().await;
+    app.stop().await;
+}
