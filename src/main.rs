@@ -227,6 +227,25 @@ enum Scenario {
         #[command(flatten)]
         search: SearchArgs,
     },
+    /// Socket.IO's fan-out against Phoenix's, same deliveries: every socket on one table, then
+    /// each on its own key; and memory per idle Socket.IO socket.
+    Socketio {
+        #[arg(long, default_value_t = 1_000)]
+        clients: usize,
+        /// Changes per second of the same-table fixed run.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        /// Changes per second of the own-key fixed run.
+        #[arg(long, default_value_t = 1_000)]
+        own_rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Idle sockets per side.
+        #[arg(long, default_value_t = 2_000)]
+        idle: usize,
+        #[command(flatten)]
+        search: SearchArgs,
+    },
     /// Changes replayed from the change log over SSE, to one client and to many at once, against
     /// a raw sequential read of the segment files.
     Replay {
@@ -540,6 +559,7 @@ async fn bench(
         }
         long @ (Scenario::Rls { .. }
         | Scenario::Live { .. }
+        | Scenario::Socketio { .. }
         | Scenario::Replay { .. }
         | Scenario::Soak { .. }
         | Scenario::SlowReaders { .. }) => {
@@ -588,6 +608,22 @@ async fn bench_against_a_child(
                 gateway_url: gateway_url.clone(),
             };
             bench::live::run(opts, &o).await?;
+        }
+        Scenario::Socketio { clients, rate, own_rate, seconds, idle, search } => {
+            let o = bench::socketio::SocketIoOptions {
+                clients,
+                rate,
+                own_rate,
+                seconds,
+                idle,
+                steps: search.steps,
+                step_seconds: search.step_seconds,
+                step_tries: search.step_tries,
+                p99_bound_ms: search.p99_ms,
+                gateway_bin: gateway_bin.clone(),
+                gateway_url: gateway_url.clone(),
+            };
+            bench::socketio::run(opts, &o).await?;
         }
         Scenario::Replay { rows, clients } => {
             let o = bench::replay::ReplayOptions { rows, clients, gateway_bin: gateway_bin.clone() };

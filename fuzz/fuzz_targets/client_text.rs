@@ -47,4 +47,19 @@ fuzz_target!(|data: &[u8]| {
         let _ = runtime().block_on(conn.text(line));
     }
     let _ = conn.on_deadline();
+    // Socket.IO: each line an event (with one attachment beside it), on one connection.
+    let attachments = std::collections::VecDeque::from([bytes::Bytes::from_static(b"\x00")]);
+    let (mut sio, _outbox) = walcast::protocol::socketio::SocketIoConnection::new(hub().clone(), None);
+    for line in s.lines() {
+        if let Ok(event) = walcast::protocol::socketio::parse_event(line, &attachments) {
+            let _ = runtime().block_on(sio.handle(event));
+        }
+    }
+    let columns = [walcast::subscribe::PublishedColumn {
+        name: "a.b".into(),
+        compare_type: "text".into(),
+        in_identity: true,
+        in_primary_key: true,
+    }];
+    let _ = walcast::subscribe::parse_order(s, &columns);
 });

@@ -26,7 +26,14 @@ fuzz_target!(|data: &[u8]| {
     let cat = TypeCatalog::default();
     let columns: Vec<Column> = COLUMNS
         .iter()
-        .filter_map(|(n, oid, _)| Some(Column { name: (*n).into(), ty: Arc::clone(cat.get(*oid)?), is_key: *n == "i", in_primary_key: *n == "i" }))
+        .filter_map(|(n, oid, _)| {
+            Some(Column {
+                name: (*n).into(),
+                ty: Arc::clone(cat.get(*oid)?),
+                is_key: *n == "i",
+                in_primary_key: *n == "i",
+            })
+        })
         .collect();
     let relation = Arc::new(Relation::new(1, "public", "t", ReplicaIdentity::Default, columns));
     let Ok(compiled) = CompiledFilter::compile(&filter, |name| {

@@ -117,10 +117,11 @@ fn readers(
     (receivers, tasks, sinks)
 }
 
-/// Commits stamped rows until every receiver has had one (a subscription without an
-/// acknowledgement is live once it delivers).
-async fn until_all_deliver(
+/// Commits stamped rows with `statement` (as a step's) until every receiver has had one (a
+/// subscription without an acknowledgement is live once it delivers).
+pub(crate) async fn until_all_deliver(
     pool: &sqlx::PgPool,
+    statement: &str,
     receivers: &[Arc<Receiver>],
     start: Instant,
     seq: &mut i64,
@@ -131,7 +132,7 @@ async fn until_all_deliver(
         anyhow::ensure!(Instant::now() < deadline, "subscriptions not delivering within 120 s");
         *seq += 1;
         let t = start.elapsed().as_micros();
-        sqlx::query(INSERT).bind(*seq).bind(format!("t={t}")).execute(pool).await?;
+        sqlx::query(statement).bind(*seq).bind(format!("t={t}")).execute(pool).await?;
         let wait = Instant::now() + Duration::from_millis(500);
         while !all() && Instant::now() < wait {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -200,7 +201,7 @@ pub async fn run(opts: &BenchOptions, o: &LiveOptions) -> anyhow::Result<serde_j
         })
         .await?;
         let (receivers, tasks, sinks) = readers(sockets, start);
-        until_all_deliver(&pool, &receivers, start, &mut seq).await?;
+        until_all_deliver(&pool, INSERT, &receivers, start, &mut seq).await?;
         let mut source = Source::Db(pool.clone(), INSERT, None);
         let fanout = o.clients as u64;
         let fixed = step(&mut source, &receivers, start, o.fanout_rate, o.seconds, fanout, &mut seq).await?;

@@ -14,6 +14,7 @@ pub mod replay;
 pub mod rls;
 pub mod slow;
 pub mod soak;
+pub mod socketio;
 pub mod sockets;
 
 use std::path::PathBuf;

@@ -116,22 +116,28 @@ pub(crate) fn spawn_reader(
                 Message::Binary(b) => b,
                 _ => continue,
             };
-            if let Some(t) = find_stamp(bytes) {
-                if let Some(needle) = &r.must_contain {
-                    if !bytes.windows(needle.len()).any(|w| w == &needle[..]) {
-                        r.leaked.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                let now = micros_since(start);
-                let us = now.saturating_sub(t).max(1);
-                if let Ok(mut rc) = r.receipts.lock() {
-                    let _ = rc.latency.record(us.min(60_000_000));
-                    rc.arrivals.push((t, now));
-                }
-                r.received.fetch_add(1, Ordering::Relaxed);
-            }
+            r.record(bytes, start);
         }
     })
+}
+
+impl Receiver {
+    /// Records a frame the socket received, if it carries a stamp.
+    pub(crate) fn record(&self, bytes: &[u8], start: Instant) {
+        let Some(t) = find_stamp(bytes) else { return };
+        if let Some(needle) = &self.must_contain {
+            if !bytes.windows(needle.len()).any(|w| w == &needle[..]) {
+                self.leaked.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let now = micros_since(start);
+        let us = now.saturating_sub(t).max(1);
+        if let Ok(mut rc) = self.receipts.lock() {
+            let _ = rc.latency.record(us.min(60_000_000));
+            rc.arrivals.push((t, now));
+        }
+        self.received.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// One measured step.

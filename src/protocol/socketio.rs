@@ -201,6 +201,29 @@ pub struct Incoming {
     pub binary: Option<Bytes>,
 }
 
+/// Reads a client event: its JSON `["name", data, …]` and its binary attachments; a `payload`
+/// in `data` that is an attachment's placeholder (`{"_placeholder":true,"num":n}`) is that
+/// attachment. The error says what is wrong, for the acknowledgement.
+pub fn parse_event(text: &str, attachments: &std::collections::VecDeque<Bytes>) -> Result<Incoming, String> {
+    let mut args: Vec<Value> = serde_json::from_str(text).map_err(|e| format!("invalid event JSON: {e}"))?;
+    if args.is_empty() {
+        return Err("an event needs a name".into());
+    }
+    let data = if args.len() > 1 { args.swap_remove(1) } else { Value::Null };
+    let Some(event) = args.first().and_then(Value::as_str).map(str::to_owned) else {
+        return Err("an event's name is a string".into());
+    };
+    let placeholder = data.get("payload").filter(|p| p.get("_placeholder") == Some(&Value::Bool(true)));
+    let binary = match placeholder.map(|p| p.get("num").and_then(Value::as_u64)) {
+        None => None,
+        Some(n) => {
+            let found = n.and_then(|n| usize::try_from(n).ok()).and_then(|n| attachments.get(n));
+            Some(found.cloned().ok_or("a binary payload's attachment is missing")?)
+        }
+    };
+    Ok(Incoming { event, data, binary })
+}
+
 /// What the transport does after an event: the acknowledgement, and whether to disconnect.
 #[derive(Debug)]
 pub struct Handled {
@@ -536,6 +559,29 @@ mod tests {
             parts(&broadcast_frame("realtime:r", &m("connect", json_payload()))),
             ("broadcast".into(), json!([{"room": "r", "event": "connect", "payload": {"x": 1}}]), None)
         );
+    }
+
+    #[test]
+    fn events_parse_and_malformed_ones_say_why() {
+        let none = std::collections::VecDeque::new();
+        let e = parse_event(r#"["join",{"room":"r"}]"#, &none).unwrap();
+        assert_eq!((e.event.as_str(), e.data, e.binary), ("join", json!({"room": "r"}), None));
+        assert_eq!(parse_event(r#"["ping"]"#, &none).unwrap().data, Value::Null);
+        let bins = std::collections::VecDeque::from([Bytes::from_static(b"\x01")]);
+        let e = parse_event(r#"["broadcast",{"payload":{"_placeholder":true,"num":0}}]"#, &bins).unwrap();
+        assert_eq!(e.binary, Some(Bytes::from_static(b"\x01")));
+        for (bad, says) in [
+            ("{", "invalid event JSON"),
+            ("{}", "invalid event JSON"),
+            ("[]", "needs a name"),
+            ("[1, {}]", "is a string"),
+            (r#"["b",{"payload":{"_placeholder":true,"num":3}}]"#, "attachment is missing"),
+            (r#"["b",{"payload":{"_placeholder":true,"num":-1}}]"#, "attachment is missing"),
+            (r#"["b",{"payload":{"_placeholder":true}}]"#, "attachment is missing"),
+        ] {
+            let err = parse_event(bad, &bins).err().unwrap_or_default();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

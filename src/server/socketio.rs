@@ -122,37 +122,28 @@ impl FromMessage<socketioxide::adapter::LocalAdapter> for Enqueued {
             }
         };
         if let Err(mpsc::error::TrySendError::Full((_, ack))) = inbox.tx.try_send((incoming, ack)) {
-            let why = "too many events waiting to be handled: wait for acknowledgements";
+            // Dropping the event would lose it silently (not every event asks for an ack): the
+            // client is told, and disconnected.
+            let why = format!(
+                "too many events waiting to be handled (more than {INBOX}): wait for acknowledgements"
+            );
             let _ = ack.send(&json!({"ok": false, "error": why}));
+            let _ = s.emit("error", &json!({"message": why}));
+            let _ = s.disconnect();
         }
         Ok(Enqueued)
     }
 }
 
-/// An event's name, first argument and binary payload: `["name", {…, "payload": <placeholder>}]`
-/// with the attachments beside it.
+/// The event as the protocol reads it (socketioxide hands over its JSON and attachments).
 fn read(v: &socketioxide::handler::Value) -> Result<Incoming, String> {
-    let socketioxide::handler::Value::Str(text, attachments) = v else {
-        return Err("expected a JSON event".into());
-    };
-    let mut args: Vec<Value> =
-        serde_json::from_str(text.as_str()).map_err(|e| format!("invalid event JSON: {e}"))?;
-    if args.is_empty() {
-        return Err("an event needs a name".into());
-    }
-    let data = if args.len() > 1 { args.swap_remove(1) } else { Value::Null };
-    let Some(event) = args.first().and_then(Value::as_str).map(str::to_owned) else {
-        return Err("an event's name is a string".into());
-    };
-    let placeholder = data.get("payload").filter(|p| p.get("_placeholder") == Some(&Value::Bool(true)));
-    let binary = match placeholder.and_then(|p| p.get("num")).and_then(Value::as_u64) {
-        Some(n) => {
-            let found = attachments.as_ref().and_then(|a| a.get(n as usize)).cloned();
-            Some(found.ok_or("a binary payload's attachment is missing")?)
+    match v {
+        socketioxide::handler::Value::Str(text, attachments) => {
+            let none = std::collections::VecDeque::new();
+            crate::protocol::socketio::parse_event(text.as_str(), attachments.as_ref().unwrap_or(&none))
         }
-        None => None,
-    };
-    Ok(Incoming { event, data, binary })
+        socketioxide::handler::Value::Bytes(_) => Err("expected a JSON event".into()),
+    }
 }
 
 /// An outgoing event's arguments: the binary attachment first when it has one, then the JSON
