@@ -238,6 +238,9 @@ enum Scenario {
         /// Changes per second of the own-key fixed run.
         #[arg(long, default_value_t = 1_000)]
         own_rate: u64,
+        /// Rates the own-key search tries, ascending (`--steps` is the same-table search's).
+        #[arg(long, value_delimiter = ',')]
+        own_steps: Vec<u64>,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
         /// Idle sockets per side.
@@ -609,11 +612,12 @@ async fn bench_against_a_child(
             };
             bench::live::run(opts, &o).await?;
         }
-        Scenario::Socketio { clients, rate, own_rate, seconds, idle, search } => {
+        Scenario::Socketio { clients, rate, own_rate, own_steps, seconds, idle, search } => {
             let o = bench::socketio::SocketIoOptions {
                 clients,
                 rate,
                 own_rate,
+                own_steps,
                 seconds,
                 idle,
                 steps: search.steps,

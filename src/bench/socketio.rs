@@ -31,6 +31,8 @@ pub struct SocketIoOptions {
     pub rate: u64,
     /// Changes per second of the own-key fixed run.
     pub own_rate: u64,
+    /// Rates the own-key search tries (`steps` is the same-table search's).
+    pub own_steps: Vec<u64>,
     pub seconds: u64,
     /// Idle sockets per side.
     pub idle: usize,
@@ -44,10 +46,12 @@ pub struct SocketIoOptions {
 
 const TABLE: &str = "walcast_bench_items";
 
-/// The next text frame, within 30 s.
+/// The next text frame, within 30 s (a ping meanwhile is answered).
 async fn text(ws: &mut Socket, what: &str) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "2" => ws.send(Message::Text("3".into())).await?,
             Ok(Some(Ok(Message::Text(t)))) => return Ok(t.to_string()),
             Ok(Some(Ok(_))) => continue,
             other => anyhow::bail!("socket.io {what}: {other:?}"),
@@ -168,7 +172,11 @@ async fn measure(
         s.print(who);
         Ok(s)
     };
-    let (steps, best) = search_rates(&o.steps, o.step_tries, o.p99_bound_ms, run, |s| s.lost() > 0).await?;
+    let rates = match shape {
+        Shape::SameTable => &o.steps,
+        Shape::OwnKey => &o.own_steps,
+    };
+    let (steps, best) = search_rates(rates, o.step_tries, o.p99_bound_ms, run, |s| s.lost() > 0).await?;
     for t in tasks {
         t.abort();
     }

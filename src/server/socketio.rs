@@ -39,6 +39,8 @@ pub fn layer(state: &AppState) -> SocketIoLayer {
         .req_path(state.socketio_path.to_string())
         .max_buffer_size(limits.client_queue.max(16))
         .max_payload(state.max_frame_bytes as u64)
+        // Client events are small, and most sockets are idle most of the time.
+        .ws_read_buffer_size(512)
         .build_layer();
     let (on_connect, on_auth) = (state.clone(), state.clone());
     let connect = move |s: SocketRef| connected(on_connect.clone(), s);
@@ -61,9 +63,7 @@ async fn authenticate(state: AppState, s: SocketRef, auth: Option<Value>) -> Res
     });
     match verify(&state, token.as_deref()).await {
         Ok(credentials) => {
-            if let Some(c) = credentials {
-                s.extensions.insert(c);
-            }
+            prepare(&s, credentials);
             Ok(())
         }
         Err(e) => {
@@ -81,18 +81,37 @@ struct Inbox {
     gone: CancellationToken,
 }
 
-async fn connected(state: AppState, s: SocketRef) {
-    let credentials = s.extensions.remove::<Credentials>();
-    let (conn, outbox) = SocketIoConnection::new(state.hub.clone(), credentials);
+/// What the connect handler takes over from the handshake: the token, and the events read
+/// since.
+struct Pending {
+    credentials: Option<Credentials>,
+    rx: mpsc::Receiver<(Incoming, AckSender)>,
+    gone: CancellationToken,
+}
+
+type PendingSlot = Arc<std::sync::Mutex<Option<Pending>>>;
+
+/// Before the client is told it is connected: its events have somewhere to go (socketioxide
+/// calls the connect handler after it has answered the handshake, by which time the client may
+/// have sent its first event).
+fn prepare(s: &SocketRef, credentials: Option<Credentials>) {
     let (tx, rx) = mpsc::channel(INBOX);
     let gone = CancellationToken::new();
     s.extensions.insert(Inbox { tx, gone: gone.clone() });
+    let slot: PendingSlot = Arc::new(std::sync::Mutex::new(Some(Pending { credentials, rx, gone })));
+    s.extensions.insert(slot);
     s.on_fallback(async |_: Enqueued| {});
     s.on_disconnect(async |s: SocketRef| {
         if let Some(inbox) = s.extensions.get::<Inbox>() {
             inbox.gone.cancel();
         }
     });
+}
+
+async fn connected(state: AppState, s: SocketRef) {
+    let pending = s.extensions.remove::<PendingSlot>().and_then(|slot| crate::locks::lock(&slot).take());
+    let Some(Pending { credentials, rx, gone }) = pending else { return };
+    let (conn, outbox) = SocketIoConnection::new(state.hub.clone(), credentials);
     tokio::spawn(drive(conn, outbox, rx, s, gone, state.shutdown));
 }
 

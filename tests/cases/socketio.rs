@@ -75,6 +75,13 @@ async fn socketio_clients_subscribe_over_websocket_and_upgraded_polling() {
     let up = polling.until("upgrade", |v| v["event"] == "upgrade").await;
     assert_eq!(up["transport"], "websocket");
 
+    // A client that emits before it is connected (the library sends it right after the
+    // handshake): the event is handled, not lost.
+    let mut eager = Peer::socketio("socket.io eager", &base, anon());
+    eager.cmd(json!({"op": "emit", "id": "e", "event": "join", "data": {"room": "early"}})).await;
+    let ack = eager.until("the early ack", |v| v["event"] == "ack" && v["id"] == "e").await;
+    assert_eq!(ack["response"], json!({"ok": true, "room": "early"}), "{ack}");
+
     let sub = json!({"table": "todos", "filter": "done=eq.false", "events": ["insert", "update"]});
     let a = call(&mut ws, "s1", "subscribe", sub.clone()).await;
     assert_eq!(a["ok"], true, "{a}");
