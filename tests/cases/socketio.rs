@@ -378,3 +378,69 @@ async fn python_socketio_client_subscribes_with_a_filter_and_shares_a_room() {
     node.exit().await;
     app.stop().await;
 }
+
+/// A Socket.IO client that speaks the protocol by hand over WebSocket: connected to `/` with the
+/// anon key and subscribed to `subscription`, then left alone (it never reads again).
+async fn raw_subscriber(
+    addr: std::net::SocketAddr,
+    subscription: Value,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connects");
+    // The next packet; a ping is answered, as every client does.
+    let next = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| loop {
+        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "2" => {
+                ws.send(Message::Text("3".into())).await.expect("pong");
+            }
+            Ok(Some(Ok(Message::Text(t)))) => break t.to_string(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("raw socket.io client: {other:?}"),
+        }
+    };
+    assert!(next(&mut ws).await.starts_with('0'), "the Engine.IO handshake");
+    ws.send(Message::Text(format!("40{}", json!({"token": support::anon_key()})).into()))
+        .await
+        .expect("send");
+    let connected = next(&mut ws).await;
+    assert!(connected.starts_with("40"), "connected to /: {connected}");
+    ws.send(Message::Text(format!("420{}", json!(["subscribe", subscription])).into())).await.expect("send");
+    let ack = next(&mut ws).await;
+    assert!(ack.starts_with("430") && ack.contains("\"ok\":true"), "{ack}");
+    ws
+}
+
+#[tokio::test]
+async fn a_socketio_client_that_does_not_read_is_disconnected_without_slowing_others() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, "CREATE TABLE todos (id bigint PRIMARY KEY, task text)").await;
+    let app = TestApp::spawn_with(&url, |c| c.client_queue = 16).await;
+    let base = format!("http://{}", app.addr);
+    let subscription = json!({"table": "todos", "events": "insert"});
+    let slow = raw_subscriber(app.addr, subscription.clone()).await;
+    let mut fast = Peer::socketio("socket.io reading", &base, anon());
+    connected(&mut fast).await;
+    assert_eq!(call(&mut fast, "s", "subscribe", subscription).await["ok"], true);
+    let metrics_url = format!("http://{}/metrics", app.addr);
+    let mut disconnected_after = None;
+    for i in 1..=400i64 {
+        exec(&p, &format!("INSERT INTO todos VALUES ({i}, repeat('x', 200000))")).await;
+        let row = |v: &Value| v["name"] == "change" && v["args"][0]["record"]["id"] == i;
+        fast.until(&format!("row {i}"), row).await;
+        let metrics = support::http_get(&metrics_url).await.expect("metrics");
+        if metrics.contains("walcast_slow_client_disconnects_total 1\n") {
+            disconnected_after = Some(i);
+            break;
+        }
+    }
+    let after = disconnected_after.expect("the client that never reads is disconnected");
+    exec(&p, &format!("INSERT INTO todos VALUES ({}, 'small')", after + 1)).await;
+    let next = |v: &Value| v["name"] == "change" && v["args"][0]["record"]["id"] == after + 1;
+    fast.until("the next row", next).await;
+    drop(slow);
+    fast.exit().await;
+    app.stop().await;
+}
