@@ -612,23 +612,7 @@ async fn bench_against_a_child(
             };
             bench::live::run(opts, &o).await?;
         }
-        Scenario::Socketio { clients, rate, own_rate, own_steps, seconds, idle, search } => {
-            let o = bench::socketio::SocketIoOptions {
-                clients,
-                rate,
-                own_rate,
-                own_steps,
-                seconds,
-                idle,
-                steps: search.steps,
-                step_seconds: search.step_seconds,
-                step_tries: search.step_tries,
-                p99_bound_ms: search.p99_ms,
-                gateway_bin: gateway_bin.clone(),
-                gateway_url: gateway_url.clone(),
-            };
-            bench::socketio::run(opts, &o).await?;
-        }
+        s @ Scenario::Socketio { .. } => bench_socketio(s, opts, gateway_bin, gateway_url).await?,
         Scenario::Replay { rows, clients } => {
             let o = bench::replay::ReplayOptions { rows, clients, gateway_bin: gateway_bin.clone() };
             bench::replay::run(opts, &o).await?;
@@ -657,6 +641,33 @@ async fn bench_against_a_child(
         }
         other => anyhow::bail!("{other:?} does not run against a child gateway"),
     }
+    Ok(())
+}
+
+async fn bench_socketio(
+    scenario: Scenario,
+    opts: &bench::BenchOptions,
+    gateway_bin: std::path::PathBuf,
+    gateway_url: Option<String>,
+) -> anyhow::Result<()> {
+    let Scenario::Socketio { clients, rate, own_rate, own_steps, seconds, idle, search } = scenario else {
+        anyhow::bail!("not the socketio scenario");
+    };
+    let o = bench::socketio::SocketIoOptions {
+        clients,
+        rate,
+        own_rate,
+        own_steps,
+        seconds,
+        idle,
+        steps: search.steps,
+        step_seconds: search.step_seconds,
+        step_tries: search.step_tries,
+        p99_bound_ms: search.p99_ms,
+        gateway_bin,
+        gateway_url,
+    };
+    bench::socketio::run(opts, &o).await?;
     Ok(())
 }
 

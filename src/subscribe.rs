@@ -463,6 +463,26 @@ pub fn make_live(bindings: &mut [Value], limit: Option<Value>, order: Option<Val
     }
 }
 
+/// A message's `live`, `limit` and `order` onto its table bindings (`live` true or false; an
+/// `order` without `live` goes on the bindings, which refuse it).
+pub fn live_fields(
+    bindings: &mut [Value],
+    live: Option<&Value>,
+    limit: Option<&Value>,
+    order: Option<&Value>,
+) -> Result<(), &'static str> {
+    match live {
+        None | Some(Value::Null | Value::Bool(false)) => {
+            if let Some(order) = order {
+                bindings.iter_mut().for_each(|b| b["order"] = order.clone());
+            }
+        }
+        Some(Value::Bool(true)) => make_live(bindings, limit.cloned(), order.cloned()),
+        Some(_) => return Err("live must be true or false"),
+    }
+    Ok(())
+}
+
 /// The `postgres_changes` bindings of the plain transports (SSE, long-poll, JSON WebSocket) for
 /// one table: one per event of `events` (`*` or a comma list of `insert`, `update`, `delete`),
 /// each with the filter and `select` (a comma list of columns).

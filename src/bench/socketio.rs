@@ -270,8 +270,9 @@ pub async fn run(opts: &BenchOptions, o: &SocketIoOptions) -> anyhow::Result<Val
                             "socketio": socketio.json(), "socketio_over_phoenix": ratio}));
     }
     eprintln!("socketio: {} idle sockets per side…", o.idle);
-    let idle_socketio = idle_bytes(&gw, o, "socketio").await?;
+    // Phoenix's first: memory freed by the larger sockets would be reused by the smaller.
     let idle_phoenix = idle_bytes(&gw, o, "phoenix").await?;
+    let idle_socketio = idle_bytes(&gw, o, "socketio").await?;
     let kib =
         |b: Option<f64>| b.map(|b| format!("{:.1} KiB", b / 1024.0)).unwrap_or_else(|| "unknown".into());
     println!(

@@ -178,6 +178,23 @@ fn list(v: Option<&Value>) -> Result<Option<String>, ()> {
     }
 }
 
+/// A `table:<schema>.<table>` subscription's bindings, from the message's `filter`, `events`,
+/// `select`, and `live` with its `limit` and `order` as the client sent them (an `order` without
+/// `live` is refused with the binding).
+fn table_bindings(req: &mut JoinRequest, table: &str, msg: &Value) -> Result<(), String> {
+    let Some((schema, name)) = table.split_once('.').filter(|(s, t)| !s.is_empty() && !t.is_empty()) else {
+        return Err("expected table:<schema>.<table>".into());
+    };
+    let (Ok(events), Ok(select)) = (list(msg.get("events")), list(msg.get("select"))) else {
+        return Err("events and select are strings or arrays of strings".into());
+    };
+    let filter = msg.get("filter").and_then(Value::as_str);
+    req.bindings =
+        crate::subscribe::table_bindings(schema, name, filter, events.as_deref(), select.as_deref())?;
+    crate::subscribe::live_fields(&mut req.bindings, msg.get("live"), msg.get("limit"), msg.get("order"))
+        .map_err(str::to_owned)
+}
+
 impl PlainConnection {
     /// A connection whose client connected with `credentials` (none: authentication is off, or
     /// the client sends an `auth` message before subscribing).
@@ -237,38 +254,8 @@ impl PlainConnection {
             ..JoinRequest::default()
         };
         if let Some(table) = channel.strip_prefix(TABLE) {
-            let Some((schema, name)) = table.split_once('.').filter(|(s, t)| !s.is_empty() && !t.is_empty())
-            else {
-                return vec![error(id, Some(channel), "expected table:<schema>.<table>")];
-            };
-            let (Ok(events), Ok(select)) = (list(msg.get("events")), list(msg.get("select"))) else {
-                return vec![error(id, Some(channel), "events and select are strings or arrays of strings")];
-            };
-            let filter = text("filter");
-            match crate::subscribe::table_bindings(
-                schema,
-                name,
-                filter.as_deref(),
-                events.as_deref(),
-                select.as_deref(),
-            ) {
-                Ok(b) => req.bindings = b,
-                Err(e) => return vec![error(id, Some(channel), e)],
-            }
-            // A live query: the binding carries `live`, its `limit` and `order` as the client
-            // sent them (an `order` without `live` is refused with the binding).
-            match msg.get("live") {
-                None | Some(Value::Null | Value::Bool(false)) => {
-                    if let Some(order) = msg.get("order") {
-                        req.bindings.iter_mut().for_each(|b| b["order"] = order.clone());
-                    }
-                }
-                Some(Value::Bool(true)) => crate::subscribe::make_live(
-                    &mut req.bindings,
-                    msg.get("limit").cloned(),
-                    msg.get("order").cloned(),
-                ),
-                Some(_) => return vec![error(id, Some(channel), "live must be true or false")],
+            if let Err(why) = table_bindings(&mut req, table, msg) {
+                return vec![error(id, Some(channel), why)];
             }
         } else if req.snapshot {
             return vec![error(id, Some(channel), "snapshot applies to table channels")];

@@ -393,14 +393,10 @@ impl SocketIoConnection {
             Ok(b) => b,
             Err(e) => return refused(e),
         };
-        match live {
-            Value::Null | Value::Bool(false) => {
-                if let Some(order) = &order {
-                    bindings.iter_mut().for_each(|b| b["order"] = order.clone());
-                }
-            }
-            Value::Bool(true) => crate::subscribe::make_live(&mut bindings, limit, order),
-            _ => return refused("live must be true or false"),
+        if let Err(why) =
+            crate::subscribe::live_fields(&mut bindings, Some(&live), limit.as_ref(), order.as_ref())
+        {
+            return refused(why);
         }
         let req = JoinRequest {
             topic: topic.clone(),

@@ -8,6 +8,7 @@
 //! events, and disconnecting (shutdown, a client too slow, a token that expired).
 //! Must not: hold channel state or decide what an event means (that is `protocol/socketio.rs`).
 
+use std::future::{poll_fn, Future};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,11 +27,14 @@ use crate::auth::Credentials;
 use crate::protocol::socketio::{Incoming, SocketIoConnection};
 use crate::realtime::outbox::{Frame, OutboxReceiver};
 use crate::server::credentials::{token, verify};
+use crate::server::gate::Gate;
 use crate::server::ws::PlainParams;
 use crate::server::AppState;
 
-/// Events of one socket read and not yet handled; one more is refused in its acknowledgement.
+/// Events of one socket read and not yet handled; one more disconnects it.
 const INBOX: usize = 256;
+/// Queued frames emitted in one turn of a socket's task.
+const EMIT_BATCH: usize = 64;
 
 /// The Socket.IO layer: requests under `socketio_path` are Socket.IO's, others pass through.
 pub fn layer(state: &AppState) -> SocketIoLayer {
@@ -225,36 +229,44 @@ async fn drive(
     gone: CancellationToken,
     shutdown: CancellationToken,
 ) {
-    let killed = outbox.killed.clone();
+    // As in the WebSocket loop: these futures live for the whole connection, and the tokens
+    // (the shutdown one is shared by every socket) are polled only after they woke the task, so
+    // the wake-up for a queued frame costs only the emit.
+    let shutdown = shutdown.cancelled_owned();
+    let gone = gone.cancelled_owned();
+    let killed = outbox.killed.clone().cancelled_owned();
     let expiry = tokio::time::sleep_until(never());
-    tokio::pin!(expiry);
+    tokio::pin!(shutdown, gone, killed, expiry);
+    let (shutdown_gate, gone_gate, killed_gate) = (Gate::new(), Gate::new(), Gate::new());
+    let mut armed = None;
     loop {
-        let next = conn.next_deadline().map(tokio::time::Instant::from_std).unwrap_or_else(never);
-        if expiry.deadline() != next {
-            expiry.as_mut().reset(next);
+        let next = conn.next_deadline();
+        if next != armed {
+            armed = next;
+            expiry.as_mut().reset(next.map(tokio::time::Instant::from_std).unwrap_or_else(never));
         }
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => {
+            _ = poll_fn(|cx| shutdown_gate.poll(cx, |cx| shutdown.as_mut().poll(cx))) => {
                 disconnect(s, "server shutting down");
                 break;
             }
-            _ = gone.cancelled() => break,
-            _ = killed.cancelled() => {
+            _ = poll_fn(|cx| gone_gate.poll(cx, |cx| gone.as_mut().poll(cx))) => break,
+            _ = poll_fn(|cx| killed_gate.poll(cx, |cx| killed.as_mut().poll(cx))) => {
                 let _ = s.disconnect();
                 break;
             }
             Some(frame) = outbox.rx.recv() => {
-                match emit(&s, &frame) {
-                    Ok(()) => {}
-                    Err(Unsent::Full) => {
+                if let Err(unsent) = emit_queued(&s, frame, &mut outbox) {
+                    if let Unsent::Full = unsent {
                         let metrics = conn.session().hub().metrics();
                         metrics.slow_client_disconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let _ = s.disconnect();
-                        break;
                     }
-                    Err(Unsent::Gone) => break,
+                    break;
                 }
+                // Frames do not move a deadline.
+                continue;
             }
             Some((incoming, ack)) = inbox.recv() => {
                 let handled = Box::pin(conn.handle(incoming)).await;
@@ -268,4 +280,15 @@ async fn drive(
             }
         }
     }
+}
+
+/// Emits `first` and what else is queued, up to a batch (socketioxide's writer flushes once it
+/// has drained them).
+fn emit_queued(s: &SocketRef, first: Frame, outbox: &mut OutboxReceiver) -> Result<(), Unsent> {
+    emit(s, &first)?;
+    for _ in 1..EMIT_BATCH {
+        let Ok(more) = outbox.rx.try_recv() else { break };
+        emit(s, &more)?;
+    }
+    Ok(())
 }
