@@ -1,13 +1,13 @@
 //! `socketio`: Socket.IO's fan-out against Phoenix's, the same deliveries in the same run, and
 //! the gateway's memory per idle Socket.IO socket.
 //!
+//! 0. Idle, first, on a gateway that has held no other sockets: N Phoenix sockets, each with
+//!    one subscription, then N Socket.IO sockets likewise: the gateway's RSS growth per socket.
 //! 1. Same table: C sockets subscribed to every INSERT of one table, first through Phoenix, then
 //!    through Socket.IO (WebSocket transport): a fixed rate, then the highest rate with nothing
 //!    lost and p99 within the bound.
 //! 2. Own key: C sockets each subscribed to the rows of its own key (`k=eq.<i>`); every change
 //!    reaches one socket. The same two sides.
-//! 3. Idle: N Socket.IO sockets, each with one subscription, then N Phoenix sockets likewise: the
-//!    gateway's RSS growth per socket.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -243,6 +243,19 @@ pub async fn run(opts: &BenchOptions, o: &SocketIoOptions) -> anyhow::Result<Val
         format!("INSERT INTO {TABLE} (id, k, body) VALUES ($1, $1 % {}, $2)", o.clients).into_boxed_str(),
     );
     let same_table = "INSERT INTO walcast_bench_items (id, k, body) VALUES ($1, -1, $2)";
+    eprintln!("socketio: {} idle sockets per side…", o.idle);
+    // First, on a gateway that has held no other sockets; Phoenix's first: memory freed by the
+    // larger sockets would be reused by the smaller.
+    let idle_phoenix = idle_bytes(&gw, o, "phoenix").await?;
+    let idle_socketio = idle_bytes(&gw, o, "socketio").await?;
+    let kib =
+        |b: Option<f64>| b.map(|b| format!("{:.1} KiB", b / 1024.0)).unwrap_or_else(|| "unknown".into());
+    println!(
+        "idle, one subscription each: socketio {} per socket, phoenix {} per socket ({} sockets)",
+        kib(idle_socketio),
+        kib(idle_phoenix),
+        o.idle
+    );
     let mut seq = 0i64;
     print_header();
     let mut results = Vec::new();
@@ -269,18 +282,6 @@ pub async fn run(opts: &BenchOptions, o: &SocketIoOptions) -> anyhow::Result<Val
         results.push(json!({"shape": format!("{shape:?}"), "rate": rate, "phoenix": phoenix.json(),
                             "socketio": socketio.json(), "socketio_over_phoenix": ratio}));
     }
-    eprintln!("socketio: {} idle sockets per side…", o.idle);
-    // Phoenix's first: memory freed by the larger sockets would be reused by the smaller.
-    let idle_phoenix = idle_bytes(&gw, o, "phoenix").await?;
-    let idle_socketio = idle_bytes(&gw, o, "socketio").await?;
-    let kib =
-        |b: Option<f64>| b.map(|b| format!("{:.1} KiB", b / 1024.0)).unwrap_or_else(|| "unknown".into());
-    println!(
-        "idle, one subscription each: socketio {} per socket, phoenix {} per socket ({} sockets)",
-        kib(idle_socketio),
-        kib(idle_phoenix),
-        o.idle
-    );
     pool.close().await;
     gw.stop().await;
     teardown(env).await;

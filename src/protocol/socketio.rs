@@ -85,7 +85,38 @@ fn spliced(topic: &str, cursor: Option<&str>, data: &[u8]) -> Vec<u8> {
 }
 
 fn named(name: &'static str, args: Vec<u8>) -> Frame {
-    Named::frame(None, name, String::from_utf8(args).unwrap_or_default().into())
+    prepared(name.into(), args, None)
+}
+
+/// An event's arguments as socketioxide takes them: the binary attachment first when there is
+/// one, then the JSON ones, each checked once here and then copied as they are into every
+/// socket's packet.
+#[derive(Debug)]
+pub struct Args {
+    pub binary: Option<Bytes>,
+    pub json: Vec<Box<serde_json::value::RawValue>>,
+}
+
+impl serde::Serialize for Args {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut tuple = serializer.serialize_tuple(usize::from(self.binary.is_some()) + self.json.len())?;
+        if let Some(b) = &self.binary {
+            tuple.serialize_element(b)?;
+        }
+        for arg in &self.json {
+            tuple.serialize_element(arg)?;
+        }
+        tuple.end()
+    }
+}
+
+/// A named frame whose data is `args` (a JSON array), with its [`Args`] prepared.
+fn prepared(name: std::borrow::Cow<'static, str>, args: Vec<u8>, binary: Option<Bytes>) -> Frame {
+    let data = String::from_utf8(args).unwrap_or_default();
+    let json: Vec<Box<serde_json::value::RawValue>> = serde_json::from_str(&data).unwrap_or_default();
+    let prepared: Arc<dyn std::any::Any + Send + Sync> = Arc::new(Args { binary, json });
+    Frame::Named(Arc::new(Named { id: None, name, data: data.into(), prepared: Some(prepared) }))
 }
 
 /// A message of `name` with one argument: `{<target>, …fields}`.
@@ -187,8 +218,7 @@ fn broadcast_frame(topic: &str, m: &BroadcastMessage) -> Frame {
     info.push(b'}');
     args.extend_from_slice(&info);
     args.push(b']');
-    let data = String::from_utf8(args).unwrap_or_default().into();
-    Frame::Named(Arc::new(Named { id: None, name, data, attachment }))
+    prepared(name, args, attachment)
 }
 
 /// One client event, as the transport read it.
@@ -499,7 +529,12 @@ mod tests {
 
     fn parts(f: &Frame) -> (String, Value, Option<Bytes>) {
         let Frame::Named(m) = f else { panic!("a named frame") };
-        (m.name.to_string(), serde_json::from_str(m.data.as_str()).expect("json"), m.attachment.clone())
+        let args = m.prepared.as_ref().and_then(|p| p.downcast_ref::<Args>()).expect("prepared arguments");
+        let data: Value = serde_json::from_str(m.data.as_str()).expect("json");
+        let prepared: Vec<Value> =
+            args.json.iter().map(|a| serde_json::from_str(a.get()).expect("json")).collect();
+        assert_eq!(Value::Array(prepared), data, "the prepared arguments are the data's");
+        (m.name.to_string(), data, args.binary.clone())
     }
 
     #[test]

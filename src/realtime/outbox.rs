@@ -36,21 +36,43 @@ pub enum Frame {
 }
 
 /// The parts of a [`Frame::Named`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Named {
     /// Where a client resumes after this message (a cursor), if it can.
     pub id: Option<Box<str>>,
     pub name: Cow<'static, str>,
     /// The message's JSON.
     pub data: Utf8Bytes,
-    /// Binary data its transport sends beside the JSON (Socket.IO's attachments); event
+    /// The message in a form of its protocol's own (binary parts included), made once by the
+    /// encoder and shared by every member that receives it, so that a transport that must hand
+    /// each socket a value rather than bytes does not parse `data` again per socket. Event
     /// streams have none.
-    pub attachment: Option<Bytes>,
+    pub prepared: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
+
+impl std::fmt::Debug for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Named")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("data", &self.data)
+            .field("prepared", &self.prepared.is_some())
+            .finish()
+    }
+}
+
+/// Equal when what a client reads is equal (the prepared form is made from it).
+impl PartialEq for Named {
+    fn eq(&self, other: &Named) -> bool {
+        self.id == other.id && self.name == other.name && self.data == other.data
+    }
+}
+
+impl Eq for Named {}
 
 impl Named {
     pub fn frame(id: Option<&str>, name: impl Into<Cow<'static, str>>, data: Utf8Bytes) -> Frame {
-        Frame::Named(Arc::new(Named { id: id.map(Box::from), name: name.into(), data, attachment: None }))
+        Frame::Named(Arc::new(Named { id: id.map(Box::from), name: name.into(), data, prepared: None }))
     }
 }
 
@@ -68,12 +90,7 @@ impl Frame {
             Frame::Text(t) => t.len(),
             Frame::Binary(b) => b.len(),
             Frame::Joined { envelope, body } => envelope.head.len() + body.len() + envelope.tail.len(),
-            Frame::Named(m) => {
-                m.id.as_ref().map_or(0, |id| id.len())
-                    + m.name.len()
-                    + m.data.len()
-                    + m.attachment.as_ref().map_or(0, Bytes::len)
-            }
+            Frame::Named(m) => m.id.as_ref().map_or(0, |id| id.len()) + m.name.len() + m.data.len(),
         }
     }
 

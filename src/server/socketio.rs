@@ -11,9 +11,6 @@
 use std::future::{poll_fn, Future};
 use std::sync::Arc;
 
-use bytes::Bytes;
-use serde::ser::SerializeTuple;
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::handler::{ConnectHandler, FromMessage, FromMessageParts};
@@ -24,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Credentials;
-use crate::protocol::socketio::{Incoming, SocketIoConnection};
+use crate::protocol::socketio::{Args, Incoming, SocketIoConnection};
 use crate::realtime::outbox::{Frame, OutboxReceiver};
 use crate::server::credentials::{token, verify};
 use crate::server::gate::Gate;
@@ -169,26 +166,6 @@ fn read(v: &socketioxide::handler::Value) -> Result<Incoming, String> {
     }
 }
 
-/// An outgoing event's arguments: the binary attachment first when it has one, then the JSON
-/// ones as rendered (copied, not parsed into values).
-struct Args<'a> {
-    binary: Option<&'a Bytes>,
-    json: Vec<&'a RawValue>,
-}
-
-impl serde::Serialize for Args<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut tuple = serializer.serialize_tuple(usize::from(self.binary.is_some()) + self.json.len())?;
-        if let Some(b) = self.binary {
-            tuple.serialize_element(b)?;
-        }
-        for arg in &self.json {
-            tuple.serialize_element(arg)?;
-        }
-        tuple.end()
-    }
-}
-
 /// Why a frame was not emitted.
 enum Unsent {
     /// The client is too far behind: its socket's buffer is full.
@@ -200,8 +177,8 @@ enum Unsent {
 fn emit(s: &SocketRef, frame: &Frame) -> Result<(), Unsent> {
     use socketioxide::{SendError, SocketError};
     let Frame::Named(m) = frame else { return Ok(()) };
-    let Ok(json) = serde_json::from_str::<Vec<&RawValue>>(m.data.as_str()) else { return Ok(()) };
-    match s.emit(&*m.name, &Args { binary: m.attachment.as_ref(), json }) {
+    let Some(args) = m.prepared.as_ref().and_then(|p| p.downcast_ref::<Args>()) else { return Ok(()) };
+    match s.emit(&*m.name, args) {
         Ok(()) | Err(SendError::Serialize(_)) => Ok(()),
         Err(SendError::Socket(SocketError::InternalChannelFull)) => Err(Unsent::Full),
         Err(SendError::Socket(_)) => Err(Unsent::Gone),

@@ -191,7 +191,7 @@ fn raw_feed(session: Session, outbox: OutboxReceiver, kind: FeedKind) -> RawFeed
                         id: None,
                         name: "ready".into(),
                         data: ready.into(),
-                        attachment: None,
+                        prepared: None,
                     });
                     return Some((Ok(ready), Some(f)));
                 }
