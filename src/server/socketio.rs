@@ -216,11 +216,15 @@ async fn drive(
     tokio::pin!(shutdown, gone, killed, expiry);
     let (shutdown_gate, gone_gate, killed_gate) = (Gate::new(), Gate::new(), Gate::new());
     let mut armed = None;
+    let mut rearm = true;
     loop {
-        let next = conn.next_deadline();
-        if next != armed {
-            armed = next;
-            expiry.as_mut().reset(next.map(tokio::time::Instant::from_std).unwrap_or_else(never));
+        // Only an event or a deadline moves the next deadline; frames do not.
+        if std::mem::take(&mut rearm) {
+            let next = conn.next_deadline();
+            if next != armed {
+                armed = next;
+                expiry.as_mut().reset(next.map(tokio::time::Instant::from_std).unwrap_or_else(never));
+            }
         }
         tokio::select! {
             biased;
@@ -242,18 +246,18 @@ async fn drive(
                     }
                     break;
                 }
-                // Frames do not move a deadline.
-                continue;
             }
             Some((incoming, ack)) = inbox.recv() => {
                 let handled = Box::pin(conn.handle(incoming)).await;
                 let _ = ack.send(&handled.ack);
+                rearm = true;
             }
             _ = &mut expiry => {
                 if let Some(why) = conn.on_deadline() {
                     disconnect(s, &why);
                     break;
                 }
+                rearm = true;
             }
         }
     }
