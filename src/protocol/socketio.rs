@@ -29,7 +29,7 @@ const ROOM: &str = "realtime:";
 
 /// Event names a server may not send: the client library's own (Socket.IO's reserved names),
 /// and this protocol's. A broadcast with one of them arrives as `broadcast`, its name inside.
-const RESERVED: [&str; 15] = [
+const RESERVED: [&str; 16] = [
     "connect",
     "connect_error",
     "disconnect",
@@ -42,6 +42,7 @@ const RESERVED: [&str; 15] = [
     "live",
     "gap",
     "error",
+    "info",
     "unsubscribed",
     "presence",
     "broadcast",
@@ -254,7 +255,7 @@ pub fn parse_event(text: &str, attachments: &std::collections::VecDeque<Bytes>) 
     Ok(Incoming { event, data, binary })
 }
 
-/// What the transport does after an event: the acknowledgement, and whether to disconnect.
+/// What an event is answered with: its acknowledgement.
 #[derive(Debug)]
 pub struct Handled {
     pub ack: Value,
