@@ -117,11 +117,12 @@ fn readers(
     (receivers, tasks, sinks)
 }
 
-/// Commits stamped rows with `statement` (as a step's) until every receiver has had one (a
-/// subscription without an acknowledgement is live once it delivers).
+/// Commits stamped rows with `statement` until every receiver has had one (a subscription
+/// without an acknowledgement is live once it delivers). The statement takes the first row id
+/// (`$1`) and the stamp (`$2`) and commits `rows` rows with the ids from `$1` on.
 pub(crate) async fn until_all_deliver(
     pool: &sqlx::PgPool,
-    statement: &str,
+    (statement, rows): (&str, i64),
     receivers: &[Arc<Receiver>],
     start: Instant,
     seq: &mut i64,
@@ -130,9 +131,9 @@ pub(crate) async fn until_all_deliver(
     let all = || receivers.iter().all(|r| r.received.load(std::sync::atomic::Ordering::Relaxed) > 0);
     while !all() {
         anyhow::ensure!(Instant::now() < deadline, "subscriptions not delivering within 120 s");
-        *seq += 1;
         let t = start.elapsed().as_micros();
-        sqlx::query(statement).bind(*seq).bind(format!("t={t}")).execute(pool).await?;
+        sqlx::query(statement).bind(*seq + 1).bind(format!("t={t}")).execute(pool).await?;
+        *seq += rows;
         let wait = Instant::now() + Duration::from_millis(500);
         while !all() && Instant::now() < wait {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -201,7 +202,7 @@ pub async fn run(opts: &BenchOptions, o: &LiveOptions) -> anyhow::Result<serde_j
         })
         .await?;
         let (receivers, tasks, sinks) = readers(sockets, start);
-        until_all_deliver(&pool, INSERT, &receivers, start, &mut seq).await?;
+        until_all_deliver(&pool, (INSERT, 1), &receivers, start, &mut seq).await?;
         let mut source = Source::Db(pool.clone(), INSERT, None);
         let fanout = o.clients as u64;
         let fixed = step(&mut source, &receivers, start, o.fanout_rate, o.seconds, fanout, &mut seq).await?;

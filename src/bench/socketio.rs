@@ -159,10 +159,19 @@ async fn measure(
     eprintln!("socketio: {} {who} sockets, {shape:?}…", o.clients);
     let sockets = connect_all(o.clients, |i| subscriber(addr.to_owned(), who, shape, i)).await?;
     let (receivers, tasks) = readers(sockets, start);
-    match shape {
-        Shape::SameTable => until_all_deliver(pool, statement, &receivers, start, seq).await?,
-        Shape::OwnKey => every_key_delivers(pool, o.clients, &receivers, start, seq).await?,
-    }
+    // Own keys: a row for every key at once (a row at a time would take as many rounds as there
+    // are sockets).
+    let warm_up = match shape {
+        Shape::SameTable => (statement.to_owned(), 1),
+        Shape::OwnKey => (
+            format!(
+                "INSERT INTO {TABLE} (id, k, body) SELECT g, g % {n}, $2 FROM generate_series($1::int8, $1::int8 + {n} - 1) g",
+                n = o.clients
+            ),
+            o.clients as i64,
+        ),
+    };
+    until_all_deliver(pool, (&warm_up.0, warm_up.1), &receivers, start, seq).await?;
     let fanout = match shape {
         Shape::SameTable => o.clients as u64,
         Shape::OwnKey => 1,
@@ -184,37 +193,6 @@ async fn measure(
         t.abort();
     }
     Ok(Side { fixed, steps, best })
-}
-
-/// Commits a row for every key at once until every socket has had one (each is live once it
-/// delivers; a row at a time would take as many rounds as there are sockets).
-async fn every_key_delivers(
-    pool: &sqlx::PgPool,
-    keys: usize,
-    receivers: &[Arc<Receiver>],
-    start: Instant,
-    seq: &mut i64,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let all = || receivers.iter().all(|r| r.received.load(std::sync::atomic::Ordering::Relaxed) > 0);
-    while !all() {
-        anyhow::ensure!(Instant::now() < deadline, "subscriptions not delivering within 120 s");
-        let t = start.elapsed().as_micros();
-        sqlx::query(&format!(
-            "INSERT INTO {TABLE} (id, k, body) SELECT g, g % {keys}, $3 FROM generate_series($1::int8, $2::int8) g"
-        ))
-        .bind(*seq + 1)
-        .bind(*seq + keys as i64)
-        .bind(format!("t={t}"))
-        .execute(pool)
-        .await?;
-        *seq += keys as i64;
-        let wait = Instant::now() + Duration::from_secs(2);
-        while !all() && Instant::now() < wait {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    Ok(())
 }
 
 /// The gateway's RSS growth per idle socket of `who` (each with one subscription).

@@ -255,21 +255,17 @@ pub fn parse_event(text: &str, attachments: &std::collections::VecDeque<Bytes>) 
     Ok(Incoming { event, data, binary })
 }
 
-/// What an event is answered with: its acknowledgement.
-#[derive(Debug)]
-pub struct Handled {
-    pub ack: Value,
-}
-
-fn ok(mut fields: Value) -> Handled {
+/// An event's acknowledgement: `{"ok": true, …fields}`.
+fn ok(mut fields: Value) -> Value {
     if let Value::Object(map) = &mut fields {
         map.insert("ok".into(), Value::Bool(true));
     }
-    Handled { ack: fields }
+    fields
 }
 
-fn refused(error: impl std::fmt::Display) -> Handled {
-    Handled { ack: json!({"ok": false, "error": error.to_string()}) }
+/// An event's acknowledgement: `{"ok": false, "error": …}`.
+fn refused(error: impl std::fmt::Display) -> Value {
+    json!({"ok": false, "error": error.to_string()})
 }
 
 /// A subscription's id: the same request always gives the same id (FNV-1a over its fields),
@@ -340,8 +336,8 @@ impl SocketIoConnection {
         Some(crate::auth::AuthError::Expired(ago).to_string())
     }
 
-    /// Handles one client event; its acknowledgement.
-    pub async fn handle(&mut self, incoming: Incoming) -> Handled {
+    /// Handles one client event; returns its acknowledgement.
+    pub async fn handle(&mut self, incoming: Incoming) -> Value {
         let Incoming { event, data, binary } = incoming;
         let text = |k: &str| data.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
         match event.as_str() {
@@ -386,7 +382,7 @@ impl SocketIoConnection {
         }
     }
 
-    async fn subscribe(&mut self, data: &Value) -> Handled {
+    async fn subscribe(&mut self, data: &Value) -> Value {
         let text = |k: &str| data.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
         let Some(table) = text("table") else { return refused("subscribe needs a \"table\"") };
         let schema = text("schema").unwrap_or_else(|| "public".to_owned());
@@ -456,7 +452,7 @@ impl SocketIoConnection {
         ok(answer)
     }
 
-    async fn join(&mut self, room: &str, data: &Value) -> Handled {
+    async fn join(&mut self, room: &str, data: &Value) -> Value {
         let topic = format!("{ROOM}{room}");
         if self.session.is_joined(&topic) {
             return refused("already in that room: leave it first");
@@ -477,7 +473,7 @@ impl SocketIoConnection {
         }
     }
 
-    fn broadcast(&mut self, data: &Value, binary: Option<Bytes>) -> Handled {
+    fn broadcast(&mut self, data: &Value, binary: Option<Bytes>) -> Value {
         let text = |k: &str| data.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
         let (Some(room), Some(event)) = (text("room"), text("event")) else {
             return refused("broadcast needs a \"room\" and an \"event\"");
@@ -501,7 +497,7 @@ impl SocketIoConnection {
 
     /// A new token for the connection and every channel it holds (a channel whose token no
     /// longer verifies is closed).
-    async fn token(&mut self, token: Option<&str>) -> Handled {
+    async fn token(&mut self, token: Option<&str>) -> Value {
         let Some(token) = token else { return refused("token needs a \"token\"") };
         let verifier = self.session.hub().verifier();
         if !verifier.required() {

@@ -248,8 +248,8 @@ async fn drive(
                 }
             }
             Some((incoming, ack)) = inbox.recv() => {
-                let handled = Box::pin(conn.handle(incoming)).await;
-                let _ = ack.send(&handled.ack);
+                let answer = Box::pin(conn.handle(incoming)).await;
+                let _ = ack.send(&answer);
                 rearm = true;
             }
             _ = &mut expiry => {

@@ -34,13 +34,14 @@ fn anon() -> Value {
     json!({"auth": {"token": support::anon_key()}})
 }
 
-/// Inserts probe rows until `c`'s subscription delivers one (it is live), skipping them.
-async fn until_live(c: &mut Peer, p: &sqlx::PgPool, table: &str, first_id: i64) -> i64 {
+/// Inserts probe rows (`probe(id)` the statement for one) until `c`'s subscription delivers one
+/// (it is live), and drains them up to the last; returns the next free id.
+async fn until_live(c: &mut Peer, p: &sqlx::PgPool, probe: impl Fn(i64) -> String, first_id: i64) -> i64 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut n = first_id;
     loop {
         assert!(tokio::time::Instant::now() < deadline, "no change delivered within 30 s");
-        exec(p, &format!("INSERT INTO {table} (id, task) VALUES ({n}, 'probe')")).await;
+        exec(p, &probe(n)).await;
         n += 1;
         let delivered = |v: &Value| v["event"] == "message" && v["name"] == "change";
         if let Some(v) = c.within(Duration::from_millis(300), delivered).await {
@@ -94,8 +95,9 @@ async fn socketio_clients_subscribe_over_websocket_and_upgraded_polling() {
         "{again}"
     );
 
-    let mut next = until_live(&mut ws, &p, "todos", 1000).await;
-    next = until_live(&mut polling, &p, "todos", next).await;
+    let probe = |n: i64| format!("INSERT INTO todos (id, task) VALUES ({n}, 'probe')");
+    let mut next = until_live(&mut ws, &p, probe, 1000).await;
+    next = until_live(&mut polling, &p, probe, next).await;
     let _ = next;
     exec(&p, "INSERT INTO todos VALUES (1, 'a'); INSERT INTO todos VALUES (2, 'b', true); UPDATE todos SET task = 'a2' WHERE id = 1").await;
     for c in [&mut ws, &mut polling] {
@@ -221,6 +223,13 @@ async fn socketio_rooms_are_shared_with_realtime_js_broadcast_presence_and_binar
     app.stop().await;
 }
 
+/// A table each user sees only their own rows of.
+const DOCS: &str = "
+    CREATE TABLE docs (id bigint PRIMARY KEY, owner uuid, body text);
+    ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY own ON docs FOR SELECT TO authenticated USING (owner = auth.uid());
+    GRANT SELECT ON docs TO authenticated;";
+
 const A: &str = "00000000-0000-0000-0000-00000000000a";
 const B: &str = "00000000-0000-0000-0000-00000000000b";
 
@@ -242,12 +251,7 @@ async fn bodies_until(c: &mut Peer, end: &str) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn socketio_row_level_security_token_expiry_and_resume_with_an_exact_ledger() {
-    let schema = "
-        CREATE TABLE docs (id bigint PRIMARY KEY, owner uuid, body text);
-        ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
-        CREATE POLICY own ON docs FOR SELECT TO authenticated USING (owner = auth.uid());
-        GRANT SELECT ON docs TO authenticated;";
-    let (app, p) = support::rls_app(schema, |_| {}).await;
+    let (app, p) = support::rls_app(DOCS, |_| {}).await;
     let base = format!("http://{}", app.addr);
     let mut clients = Vec::new();
     for (name, sub) in [("socket.io a", A), ("socket.io b", B)] {
@@ -256,15 +260,8 @@ async fn socketio_row_level_security_token_expiry_and_resume_with_an_exact_ledge
         let r = call(&mut c, "s", "subscribe", json!({"table": "docs", "events": "insert"})).await;
         assert_eq!(r["ok"], true, "{r}");
         // Live once its own probe row arrives.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        for n in 0.. {
-            assert!(tokio::time::Instant::now() < deadline, "{name}: nothing delivered within 30 s");
-            let id = 1000 * (1 + i64::from(sub == B)) + n;
-            exec(&p, &format!("INSERT INTO docs VALUES ({id}, '{sub}', 'probe')")).await;
-            if c.within(Duration::from_millis(300), |v| v["name"] == "change").await.is_some() {
-                break;
-            }
-        }
+        let first = 1000 * (1 + i64::from(sub == B));
+        until_live(&mut c, &p, |n| format!("INSERT INTO docs VALUES ({n}, '{sub}', 'probe')"), first).await;
         clients.push(c);
     }
     exec(&p, &format!("INSERT INTO docs VALUES (1, '{A}', 'a1'), (2, '{B}', 'b1'), (3, '{A}', 'a-end'), (4, '{B}', 'b-end')")).await;
@@ -328,12 +325,7 @@ async fn socketio_row_level_security_token_expiry_and_resume_with_an_exact_ledge
 
 #[tokio::test]
 async fn python_socketio_client_subscribes_with_a_filter_and_shares_a_room() {
-    let schema = "
-        CREATE TABLE docs (id bigint PRIMARY KEY, owner uuid, body text);
-        ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
-        CREATE POLICY own ON docs FOR SELECT TO authenticated USING (owner = auth.uid());
-        GRANT SELECT ON docs TO authenticated;";
-    let (app, p) = support::rls_app(schema, |_| {}).await;
+    let (app, p) = support::rls_app(DOCS, |_| {}).await;
     let base = format!("http://{}", app.addr);
     let mut py =
         Peer::python_socketio("python-socketio", &base, json!({"auth": {"token": support::user(A)}}));
@@ -343,14 +335,7 @@ async fn python_socketio_client_subscribes_with_a_filter_and_shares_a_room() {
 
     let r = call(&mut py, "s", "subscribe", json!({"table": "docs", "filter": "body=neq.drop"})).await;
     assert_eq!(r["ok"], true, "{r}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    for n in 0.. {
-        assert!(tokio::time::Instant::now() < deadline, "nothing delivered within 30 s");
-        exec(&p, &format!("INSERT INTO docs VALUES ({}, '{A}', 'probe')", 1000 + n)).await;
-        if py.within(Duration::from_millis(300), |v| v["name"] == "change").await.is_some() {
-            break;
-        }
-    }
+    until_live(&mut py, &p, |n| format!("INSERT INTO docs VALUES ({n}, '{A}', 'probe')"), 1000).await;
     exec(
         &p,
         &format!(
