@@ -47,14 +47,27 @@ fuzz_target!(|data: &[u8]| {
         let _ = runtime().block_on(conn.text(line));
     }
     let _ = conn.on_deadline();
-    // Socket.IO: each line an event (with one attachment beside it), on one connection.
-    let attachments = std::collections::VecDeque::from([bytes::Bytes::from_static(b"\x00")]);
-    let (mut sio, _outbox) = walcast::protocol::socketio::SocketIoConnection::new(hub().clone(), None);
+    // Socket.IO: each line an event (with one attachment beside it), on one connection; then
+    // each line an Engine.IO packet, a binary message after it, on another (connected first).
+    use walcast::protocol::socketio::{packet, Heartbeat, SocketIoConnection};
+    let heartbeat = Heartbeat::within(std::time::Duration::from_secs(60));
+    let attachment = bytes::Bytes::from_static(b"\x00");
+    let attachments = std::collections::VecDeque::from([attachment.clone()]);
+    let (mut sio, _outbox) = SocketIoConnection::new(hub().clone(), None, heartbeat);
     for line in s.lines() {
         if let Ok(event) = walcast::protocol::socketio::parse_event(line, &attachments) {
             let _ = runtime().block_on(sio.handle(event));
         }
     }
+    let (mut sio, _outbox) = SocketIoConnection::new(hub().clone(), None, heartbeat);
+    let _ = runtime().block_on(sio.text("40"));
+    for line in s.lines() {
+        let _ = (packet::engine(line), packet::socket(line));
+        let _ = runtime().block_on(sio.text(line));
+        let _ = runtime().block_on(sio.binary(&attachment));
+        let _ = (sio.take_closing(), sio.on_deadline(), sio.due());
+    }
+    let _ = packet::split_payload(s.as_bytes());
     let columns = [walcast::subscribe::PublishedColumn {
         name: "a.b".into(),
         compare_type: "text".into(),

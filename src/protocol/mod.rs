@@ -41,7 +41,7 @@ pub trait Connection: Send {
     /// Handles a text frame.
     fn text(&mut self, text: &str) -> impl Future<Output = Vec<Frame>> + Send;
     /// Handles a binary frame.
-    fn binary(&mut self, bytes: &Bytes) -> Vec<Frame>;
+    fn binary(&mut self, bytes: &Bytes) -> impl Future<Output = Vec<Frame>> + Send;
 
     /// When the transport must call [`Connection::on_deadline`] (a channel token expires).
     fn next_deadline(&mut self) -> Option<std::time::Instant> {
@@ -53,6 +53,12 @@ pub trait Connection: Send {
     fn on_deadline(&mut self) -> Option<Closing> {
         self.session().expire(std::time::Instant::now());
         None
+    }
+
+    /// Frames the connection has to send of its own accord, asked after
+    /// [`Connection::on_deadline`] (a protocol's heartbeat, or its last words before a close).
+    fn due(&mut self) -> Vec<Frame> {
+        Vec::new()
     }
 
     /// Asked after every frame read has been handled and its replies written: `Some` closes the

@@ -378,7 +378,7 @@ impl crate::protocol::Connection for PlainConnection {
     }
 
     /// Binary frames are not part of this protocol.
-    fn binary(&mut self, _bytes: &Bytes) -> Vec<Frame> {
+    async fn binary(&mut self, _bytes: &Bytes) -> Vec<Frame> {
         vec![error(&None, None, "binary frames are not supported: send JSON text")]
     }
 }

@@ -33,46 +33,24 @@ pub enum Frame {
     /// renders it (an SSE message, a long-poll answer's entry) without reading text back. One
     /// allocation, shared by every member that receives it.
     Named(Arc<Named>),
+    /// A text message followed by a binary one that belongs to it (an event with a binary
+    /// attachment, as Socket.IO sends them). Both shared.
+    Attached { text: Utf8Bytes, binary: Bytes },
 }
 
 /// The parts of a [`Frame::Named`].
-#[derive(Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Named {
     /// Where a client resumes after this message (a cursor), if it can.
     pub id: Option<Box<str>>,
     pub name: Cow<'static, str>,
     /// The message's JSON.
     pub data: Utf8Bytes,
-    /// The message in a form of its protocol's own (binary parts included), made once by the
-    /// encoder and shared by every member that receives it, so that a transport that must hand
-    /// each socket a value rather than bytes does not parse `data` again per socket. Event
-    /// streams have none.
-    pub prepared: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
-
-impl std::fmt::Debug for Named {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Named")
-            .field("id", &self.id)
-            .field("name", &self.name)
-            .field("data", &self.data)
-            .field("prepared", &self.prepared.is_some())
-            .finish()
-    }
-}
-
-/// Equal when what a client reads is equal (the prepared form is made from it).
-impl PartialEq for Named {
-    fn eq(&self, other: &Named) -> bool {
-        self.id == other.id && self.name == other.name && self.data == other.data
-    }
-}
-
-impl Eq for Named {}
 
 impl Named {
     pub fn frame(id: Option<&str>, name: impl Into<Cow<'static, str>>, data: Utf8Bytes) -> Frame {
-        Frame::Named(Arc::new(Named { id: id.map(Box::from), name: name.into(), data, prepared: None }))
+        Frame::Named(Arc::new(Named { id: id.map(Box::from), name: name.into(), data }))
     }
 }
 
@@ -91,6 +69,7 @@ impl Frame {
             Frame::Binary(b) => b.len(),
             Frame::Joined { envelope, body } => envelope.head.len() + body.len() + envelope.tail.len(),
             Frame::Named(m) => m.id.as_ref().map_or(0, |id| id.len()) + m.name.len() + m.data.len(),
+            Frame::Attached { text, binary } => text.len() + binary.len(),
         }
     }
 
@@ -105,6 +84,7 @@ impl Frame {
             Frame::Binary(_) => None,
             Frame::Joined { .. } => self.joined().map(Cow::Owned),
             Frame::Named(m) => Some(Cow::Borrowed(m.data.as_str())),
+            Frame::Attached { text, .. } => Some(Cow::Borrowed(text.as_str())),
         }
     }
 
@@ -128,6 +108,10 @@ impl Frame {
             Frame::Text(t) => out.extend_from_slice(t.as_bytes()),
             Frame::Named(m) => out.extend_from_slice(m.data.as_bytes()),
             Frame::Binary(b) => out.extend_from_slice(b),
+            Frame::Attached { text, binary } => {
+                out.extend_from_slice(text.as_bytes());
+                out.extend_from_slice(binary);
+            }
             Frame::Joined { envelope, body } => {
                 out.extend_from_slice(envelope.head.as_bytes());
                 out.extend_from_slice(body.as_bytes());

@@ -45,6 +45,8 @@ pub struct AppState {
     pub graphql: Arc<crate::protocol::graphql::schema::Schemas>,
     /// Where Socket.IO clients connect; empty: not served.
     pub socketio_path: Arc<str>,
+    /// Open client connections at most (long-polling sessions count as connections).
+    pub max_connections: usize,
 }
 
 /// The client-facing routes; `/metrics` too unless it has an admin address of its own.
@@ -67,10 +69,10 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
     if with_metrics {
         router = router.route("/metrics", get(metrics::render));
     }
-    let socketio = (!state.socketio_path.is_empty()).then(|| socketio::layer(&state));
+    let socketio = (!state.socketio_path.is_empty()).then(|| socketio::routes(&state));
     let router = router.layer(body_limit).with_state(state);
     match socketio {
-        Some(layer) => router.layer(layer),
+        Some(routes) => router.merge(routes),
         None => router,
     }
 }

@@ -1,275 +1,387 @@
-//! The Socket.IO transport (Engine.IO v4 / Socket.IO v5, WebSocket and HTTP long-polling with
-//! upgrade, at `socketio_path`), IO only: socketioxide speaks the protocol; each socket's task
-//! hands its events, in the order they arrived, to its [`SocketIoConnection`], acknowledges each,
-//! and emits what the session's outbox yields.
+//! The Socket.IO transports (Engine.IO v4 at `socketio_path`), IO only: a WebSocket opened
+//! directly, and HTTP long-polling with its upgrade to a WebSocket. A WebSocket is served by the
+//! loop every WebSocket protocol shares (`server/ws.rs`), so a change's packet is encoded once
+//! and its bytes shared by every socket that receives it; what a packet means is the
+//! connection's (`protocol/socketio`).
 //!
-//! Owns: the handshake's token (its `auth` payload `{token}`, or the request's as for every
-//! transport; a refusal is `connect_error` with the token's error), the order of a socket's
-//! events, and disconnecting (shutdown, a client too slow, a token that expired).
-//! Must not: hold channel state or decide what an event means (that is `protocol/socketio.rs`).
+//! Owns: the long-polling sessions (found by their id: a GET waits for packets, a POST brings
+//! them, one task per session owns its connection), the upgrade (probe, noop, hand-over of the
+//! connection to the WebSocket), and Engine.IO's request errors. Must not: hold channel state,
+//! or wait on a client without a deadline.
 
-use std::future::{poll_fn, Future};
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use serde_json::{json, Value};
-use socketioxide::extract::{AckSender, SocketRef, TryData};
-use socketioxide::handler::{ConnectHandler, FromMessage, FromMessageParts};
-use socketioxide::layer::SocketIoLayer;
-use socketioxide::socket::Socket;
-use socketioxide::SocketIo;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Query, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::auth::Credentials;
-use crate::protocol::socketio::{Args, Incoming, SocketIoConnection};
+use crate::protocol::socketio::packet::{self, Payload};
+use crate::protocol::socketio::{Heartbeat, SocketIoConnection};
+use crate::protocol::Connection;
 use crate::realtime::outbox::{Frame, OutboxReceiver};
-use crate::server::credentials::{token, verify};
-use crate::server::gate::Gate;
-use crate::server::ws::PlainParams;
+use crate::server::credentials::token;
 use crate::server::AppState;
 
-/// Events of one socket read and not yet handled; one more disconnects it.
-const INBOX: usize = 256;
-/// Queued frames emitted in one turn of a socket's task.
-const EMIT_BATCH: usize = 64;
+/// Frames answered to one long-polling request at most.
+const POLL_BATCH: usize = 64;
+/// Replies (acknowledgements) a long-polling client may leave unread before it is closed.
+const MAX_REPLIES: usize = 1024;
+/// POSTed payloads waiting for their session's task.
+const INBOX: usize = 16;
 
-/// The Socket.IO layer: requests under `socketio_path` are Socket.IO's, others pass through.
-pub fn layer(state: &AppState) -> SocketIoLayer {
-    let limits = *state.hub.limits();
-    let (layer, io) = SocketIo::builder()
-        .req_path(state.socketio_path.to_string())
-        .max_buffer_size(limits.client_queue.max(16))
-        .max_payload(state.max_frame_bytes as u64)
-        // Client events are small, and most sockets are idle most of the time.
-        .ws_read_buffer_size(512)
-        .build_layer();
-    let (on_connect, on_auth) = (state.clone(), state.clone());
-    let connect = move |s: SocketRef| connected(on_connect.clone(), s);
-    let auth = move |s: SocketRef, TryData(auth): TryData<Value>| authenticate(on_auth.clone(), s, auth.ok());
-    io.ns("/", connect.with(auth));
-    layer
+#[derive(Debug, Default, Deserialize)]
+struct Params {
+    #[serde(rename = "EIO")]
+    eio: Option<String>,
+    transport: Option<String>,
+    sid: Option<String>,
+    access_token: Option<String>,
+    apikey: Option<String>,
 }
 
-/// The handshake's token, verified: the `auth` payload's `token` (or `access_token`, `apikey`),
-/// else the request's (header, query, cookie). A refusal reaches the client as `connect_error`.
-async fn authenticate(state: AppState, s: SocketRef, auth: Option<Value>) -> Result<(), String> {
-    let given = auth.as_ref().and_then(|a| {
-        ["token", "access_token", "apikey"].iter().find_map(|k| a.get(*k).and_then(Value::as_str))
-    });
-    let parts = s.req_parts();
-    let query = axum::extract::Query::<PlainParams>::try_from_uri(&parts.uri).ok();
-    let token = given.map(str::to_owned).or_else(|| {
-        let q = query.as_ref();
-        token(&parts.headers, q.and_then(|q| q.access_token.as_deref()), q.and_then(|q| q.apikey.as_deref()))
-    });
-    match verify(&state, token.as_deref()).await {
-        Ok(credentials) => {
-            prepare(&s, credentials);
-            Ok(())
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "socket.io connection refused");
-            state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Err(e.connect_message())
-        }
-    }
+/// What a request hands a long-polling session's task.
+enum ToSession {
+    /// A POST's packets, in order.
+    Packets(Vec<Payload>),
+    /// A GET, waiting for the next payload.
+    Poll(oneshot::Sender<Vec<u8>>),
+    /// A WebSocket probed: polling requests are answered with a noop from now on.
+    Probe,
+    /// The WebSocket, upgraded: the session moves to it.
+    Upgraded(Box<WebSocket>),
 }
 
-/// What a socket's handlers share with its task: where its events go, and its end.
+type Sessions = Arc<Mutex<HashMap<Box<str>, mpsc::Sender<ToSession>>>>;
+
 #[derive(Clone)]
-struct Inbox {
-    tx: mpsc::Sender<(Incoming, AckSender)>,
-    gone: CancellationToken,
+struct Sio {
+    app: AppState,
+    sessions: Sessions,
+    heartbeat: Heartbeat,
 }
 
-/// What the connect handler takes over from the handshake: the token, and the events read
-/// since.
-struct Pending {
-    credentials: Option<Credentials>,
-    rx: mpsc::Receiver<(Incoming, AckSender)>,
-    gone: CancellationToken,
+/// The Socket.IO routes: `socketio_path` with and without its trailing slash.
+pub fn routes(state: &AppState) -> Router {
+    let sio = Sio {
+        app: state.clone(),
+        sessions: Sessions::default(),
+        heartbeat: Heartbeat::within(state.idle_timeout),
+    };
+    let path = state.socketio_path.to_string();
+    Router::new().route(&format!("{path}/"), any(engine)).route(&path, any(engine)).with_state(sio)
 }
 
-type PendingSlot = Arc<std::sync::Mutex<Option<Pending>>>;
+/// Engine.IO's request error: 400 `{"code","message"}` as its clients read it.
+fn refused(code: u8, message: &str) -> Response {
+    (StatusCode::BAD_REQUEST, axum::Json(json!({"code": code, "message": message}))).into_response()
+}
 
-/// Before the client is told it is connected: its events have somewhere to go (socketioxide
-/// calls the connect handler after it has answered the handshake, by which time the client may
-/// have sent its first event).
-fn prepare(s: &SocketRef, credentials: Option<Credentials>) {
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<axum::body::Body>) -> Response {
+    (status, [(header::CONTENT_TYPE, content_type)], body.into()).into_response()
+}
+
+async fn engine(State(sio): State<Sio>, req: Request) -> Response {
+    let params = Query::<Params>::try_from_uri(req.uri()).map(|q| q.0).unwrap_or_default();
+    if params.eio.as_deref() != Some("4") {
+        return refused(5, "Unsupported protocol version");
+    }
+    let token = token(req.headers(), params.access_token.as_deref(), params.apikey.as_deref());
+    match (params.transport.as_deref(), params.sid) {
+        (Some("websocket"), sid) => websocket(sio, sid, token, req).await,
+        (Some("polling"), None) if req.method() == Method::GET => handshake(&sio, token),
+        (Some("polling"), None) => refused(2, "Bad handshake method"),
+        (Some("polling"), Some(sid)) => match *req.method() {
+            Method::GET => poll(&sio, &sid).await,
+            Method::POST => post(&sio, &sid, req).await,
+            _ => refused(3, "Bad request"),
+        },
+        _ => refused(0, "Transport unknown"),
+    }
+}
+
+fn session(sio: &Sio, sid: &str) -> Option<mpsc::Sender<ToSession>> {
+    crate::locks::lock(&sio.sessions).get(sid).cloned()
+}
+
+/// A long-polling session opened: its task started, the open packet answered.
+fn handshake(sio: &Sio, token: Option<String>) -> Response {
+    let Some(sid) = packet::random_id() else {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "no session id could be made");
+    };
+    let (conn, outbox) = SocketIoConnection::new(sio.app.hub.clone(), token, sio.heartbeat);
+    let open = conn.open(&sid, true, sio.app.max_frame_bytes);
     let (tx, rx) = mpsc::channel(INBOX);
-    let gone = CancellationToken::new();
-    s.extensions.insert(Inbox { tx, gone: gone.clone() });
-    let slot: PendingSlot = Arc::new(std::sync::Mutex::new(Some(Pending { credentials, rx, gone })));
-    s.extensions.insert(slot);
-    s.on_fallback(async |_: Enqueued| {});
-    s.on_disconnect(async |s: SocketRef| {
-        if let Some(inbox) = s.extensions.get::<Inbox>() {
-            inbox.gone.cancel();
+    {
+        let mut sessions = crate::locks::lock(&sio.sessions);
+        if sessions.len() >= sio.app.max_connections {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "too many long-polling sessions");
         }
-    });
+        sessions.insert(sid.clone().into(), tx);
+    }
+    tokio::spawn(Polling::new(conn, outbox).run(sio.clone(), sid.into(), rx));
+    text(StatusCode::OK, "text/plain; charset=UTF-8", open)
 }
 
-async fn connected(state: AppState, s: SocketRef) {
-    let pending = s.extensions.remove::<PendingSlot>().and_then(|slot| crate::locks::lock(&slot).take());
-    let Some(Pending { credentials, rx, gone }) = pending else { return };
-    let (conn, outbox) = SocketIoConnection::new(state.hub.clone(), credentials);
-    tokio::spawn(drive(conn, outbox, rx, s, gone, state.shutdown));
-}
-
-/// An event handed to its socket's task as it is read: socketioxide runs each handler in a task
-/// of its own, so only what the extractor does keeps a socket's events in order.
-struct Enqueued;
-
-#[derive(Debug, thiserror::Error)]
-#[error("this socket has no task to take its events")]
-struct NoInbox;
-
-impl FromMessage<socketioxide::adapter::LocalAdapter> for Enqueued {
-    type Error = NoInbox;
-
-    fn from_message(
-        s: Arc<Socket>,
-        mut v: socketioxide::handler::Value,
-        ack_id: Option<i64>,
-    ) -> Result<Self, NoInbox> {
-        let Ok(ack) = AckSender::from_message_parts(&s, &mut v, &ack_id);
-        let inbox = s.extensions.get::<Inbox>().ok_or(NoInbox)?;
-        let incoming = match read(&v) {
-            Ok(incoming) => incoming,
-            Err(why) => {
-                let _ = ack.send(&json!({"ok": false, "error": why}));
-                return Ok(Enqueued);
-            }
-        };
-        if let Err(mpsc::error::TrySendError::Full((_, ack))) = inbox.tx.try_send((incoming, ack)) {
-            // Dropping the event would lose it silently (not every event asks for an ack): the
-            // client is told, and disconnected.
-            let why = format!(
-                "too many events waiting to be handled (more than {INBOX}): wait for acknowledgements"
-            );
-            let _ = ack.send(&json!({"ok": false, "error": why}));
-            let _ = s.emit("error", &json!({"message": why}));
-            let _ = s.disconnect();
-        }
-        Ok(Enqueued)
+/// A GET: the session's next payload, once it has one.
+async fn poll(sio: &Sio, sid: &str) -> Response {
+    let Some(tx) = session(sio, sid) else { return refused(1, "Session ID unknown") };
+    let (answer, payload) = oneshot::channel();
+    if tx.send(ToSession::Poll(answer)).await.is_err() {
+        return refused(1, "Session ID unknown");
+    }
+    match payload.await {
+        Ok(body) => text(StatusCode::OK, "text/plain; charset=UTF-8", body),
+        Err(_) => refused(3, "Bad request"),
     }
 }
 
-/// The event as the protocol reads it (socketioxide hands over its JSON and attachments).
-fn read(v: &socketioxide::handler::Value) -> Result<Incoming, String> {
-    match v {
-        socketioxide::handler::Value::Str(text, attachments) => {
-            let none = std::collections::VecDeque::new();
-            crate::protocol::socketio::parse_event(text.as_str(), attachments.as_ref().unwrap_or(&none))
-        }
-        socketioxide::handler::Value::Bytes(_) => Err("expected a JSON event".into()),
+/// A POST: its packets handed to the session, in order.
+async fn post(sio: &Sio, sid: &str, req: Request) -> Response {
+    let Some(tx) = session(sio, sid) else { return refused(1, "Session ID unknown") };
+    let body = match axum::body::to_bytes(req.into_body(), sio.app.max_frame_bytes).await {
+        Ok(b) => b,
+        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "text/plain", "payload over maxPayload"),
+    };
+    let Some(packets) = packet::split_payload(&body) else { return refused(3, "Bad request") };
+    if tx.send(ToSession::Packets(packets)).await.is_err() {
+        return refused(1, "Session ID unknown");
+    }
+    text(StatusCode::OK, "text/html", "ok")
+}
+
+/// A WebSocket: a new session's, or a long-polling session's upgrade.
+async fn websocket(sio: Sio, sid: Option<String>, token: Option<String>, req: Request) -> Response {
+    let (mut parts, _) = req.into_parts();
+    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(ws) => crate::server::ws::sized(ws, &sio.app),
+        Err(rejection) => return rejection.into_response(),
+    };
+    let Some(sid) = sid else {
+        return ws.on_upgrade(move |mut socket| async move {
+            let Some(sid) = packet::random_id() else { return };
+            let (conn, outbox) = SocketIoConnection::new(sio.app.hub.clone(), token, sio.heartbeat);
+            let open = conn.open(&sid, false, sio.app.max_frame_bytes);
+            if socket.send(Message::Text(open.into())).await.is_ok() {
+                crate::server::ws::serve(conn, outbox, socket, sio.app.idle_timeout, sio.app.shutdown).await;
+            }
+        });
+    };
+    let Some(tx) = session(&sio, &sid) else { return refused(1, "Session ID unknown") };
+    let within = sio.heartbeat.timeout;
+    ws.on_upgrade(move |socket| async move {
+        let _ = tokio::time::timeout(within, upgrade(socket, tx)).await;
+    })
+}
+
+/// The upgrade of a long-polling session: `2probe` answered `3probe` (the session's pending
+/// GET answered with a noop meanwhile), then `5` moves the session to this socket.
+async fn upgrade(mut socket: WebSocket, tx: mpsc::Sender<ToSession>) {
+    let next = async |socket: &mut WebSocket| match socket.next().await {
+        Some(Ok(Message::Text(t))) => Some(t),
+        _ => None,
+    };
+    if next(&mut socket).await.as_deref() != Some("2probe") || tx.send(ToSession::Probe).await.is_err() {
+        return;
+    }
+    if socket.send(Message::Text("3probe".into())).await.is_err() {
+        return;
+    }
+    if next(&mut socket).await.as_deref() == Some("5") {
+        let _ = tx.send(ToSession::Upgraded(Box::new(socket))).await;
     }
 }
 
-/// Why a frame was not emitted.
-enum Unsent {
-    /// The client is too far behind: its socket's buffer is full.
-    Full,
-    Gone,
+/// How a long-polling session ends.
+enum End {
+    /// Its connection closed (its last frames are answered to the next GET, if one comes).
+    Closed,
+    /// Moved to a WebSocket.
+    Upgraded(Box<WebSocket>),
 }
 
-/// Emits a frame of the session's.
-fn emit(s: &SocketRef, frame: &Frame) -> Result<(), Unsent> {
-    use socketioxide::{SendError, SocketError};
-    let Frame::Named(m) = frame else { return Ok(()) };
-    let Some(args) = m.prepared.as_ref().and_then(|p| p.downcast_ref::<Args>()) else { return Ok(()) };
-    match s.emit(&*m.name, args) {
-        Ok(()) | Err(SendError::Serialize(_)) => Ok(()),
-        Err(SendError::Socket(SocketError::InternalChannelFull)) => Err(Unsent::Full),
-        Err(SendError::Socket(_)) => Err(Unsent::Gone),
+/// A long-polling session's task: it owns the connection.
+struct Polling {
+    conn: SocketIoConnection,
+    outbox: OutboxReceiver,
+    /// Frames of the connection's own (acknowledgements, pings), sent before the outbox's.
+    replies: VecDeque<Frame>,
+    waiter: Option<oneshot::Sender<Vec<u8>>>,
+    upgrading: bool,
+}
+
+impl Polling {
+    fn new(conn: SocketIoConnection, outbox: OutboxReceiver) -> Polling {
+        Polling { conn, outbox, replies: VecDeque::new(), waiter: None, upgrading: false }
     }
-}
 
-/// Disconnects after telling the client why, in an `error` event.
-fn disconnect(s: SocketRef, why: &str) {
-    let _ = s.emit("error", &json!({"message": why}));
-    let _ = s.disconnect();
-}
-
-/// A timer position far enough away to mean "never".
-fn never() -> tokio::time::Instant {
-    tokio::time::Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600)
-}
-
-/// Serves one socket until it disconnects: its events handled in order and acknowledged, its
-/// session's frames emitted.
-async fn drive(
-    mut conn: SocketIoConnection,
-    mut outbox: OutboxReceiver,
-    mut inbox: mpsc::Receiver<(Incoming, AckSender)>,
-    s: SocketRef,
-    gone: CancellationToken,
-    shutdown: CancellationToken,
-) {
-    // As in the WebSocket loop: these futures live for the whole connection, and the tokens
-    // (the shutdown one is shared by every socket) are polled only after they woke the task, so
-    // the wake-up for a queued frame costs only the emit.
-    let shutdown = shutdown.cancelled_owned();
-    let gone = gone.cancelled_owned();
-    let killed = outbox.killed.clone().cancelled_owned();
-    let expiry = tokio::time::sleep_until(never());
-    tokio::pin!(shutdown, gone, killed, expiry);
-    let (shutdown_gate, gone_gate, killed_gate) = (Gate::new(), Gate::new(), Gate::new());
-    let mut armed = None;
-    let mut rearm = true;
-    loop {
-        // Only an event or a deadline moves the next deadline; frames do not.
-        if std::mem::take(&mut rearm) {
-            let next = conn.next_deadline();
-            if next != armed {
-                armed = next;
-                expiry.as_mut().reset(next.map(tokio::time::Instant::from_std).unwrap_or_else(never));
+    async fn run(mut self, sio: Sio, sid: Box<str>, mut rx: mpsc::Receiver<ToSession>) {
+        let end = self.serve(&sio, &mut rx).await;
+        if let End::Upgraded(mut socket) = end {
+            crate::locks::lock(&sio.sessions).remove(&sid);
+            if crate::server::ws::write_all(&mut socket, self.replies.drain(..).collect()).await {
+                let Polling { conn, outbox, .. } = self;
+                crate::server::ws::serve(conn, outbox, *socket, sio.app.idle_timeout, sio.app.shutdown).await;
             }
+            return;
         }
-        tokio::select! {
-            biased;
-            _ = poll_fn(|cx| shutdown_gate.poll(cx, |cx| shutdown.as_mut().poll(cx))) => {
-                disconnect(s, "server shutting down");
-                break;
-            }
-            _ = poll_fn(|cx| gone_gate.poll(cx, |cx| gone.as_mut().poll(cx))) => break,
-            _ = poll_fn(|cx| killed_gate.poll(cx, |cx| killed.as_mut().poll(cx))) => {
-                let _ = s.disconnect();
-                break;
-            }
-            Some(frame) = outbox.rx.recv() => {
-                if let Err(unsent) = emit_queued(&s, frame, &mut outbox) {
-                    if let Unsent::Full = unsent {
-                        let metrics = conn.session().hub().metrics();
-                        metrics.slow_client_disconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let _ = s.disconnect();
+        // Leave every channel now; the last frames wait a little for the client's next GET.
+        let last: Vec<u8> = self.payload();
+        drop(self.conn);
+        if let Some(waiter) = self.waiter.take() {
+            let _ = waiter.send(last);
+        } else {
+            let linger = tokio::time::sleep(sio.heartbeat.timeout);
+            tokio::pin!(linger);
+            loop {
+                tokio::select! {
+                    _ = &mut linger => break,
+                    msg = rx.recv() => match msg {
+                        Some(ToSession::Poll(waiter)) => {
+                            let _ = waiter.send(last);
+                            break;
+                        }
+                        Some(_) => {}
+                        None => break,
                     }
-                    break;
                 }
-            }
-            Some((incoming, ack)) = inbox.recv() => {
-                let answer = Box::pin(conn.handle(incoming)).await;
-                let _ = ack.send(&answer);
-                rearm = true;
-            }
-            _ = &mut expiry => {
-                if let Some(why) = conn.on_deadline() {
-                    disconnect(s, &why);
-                    break;
-                }
-                rearm = true;
             }
         }
+        crate::locks::lock(&sio.sessions).remove(&sid);
+    }
+
+    /// Serves the session until its connection closes or it upgrades.
+    async fn serve(&mut self, sio: &Sio, rx: &mut mpsc::Receiver<ToSession>) -> End {
+        let shutdown = sio.app.shutdown.clone().cancelled_owned();
+        let killed = self.outbox.killed.clone().cancelled_owned();
+        let expiry = tokio::time::sleep_until(deadline(&mut self.conn));
+        tokio::pin!(shutdown, killed, expiry);
+        loop {
+            let taking = self.waiter.is_some() && !self.upgrading;
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return self.close(),
+                _ = &mut killed => return self.close(),
+                Some(frame) = self.outbox.rx.recv(), if taking => {
+                    self.replies.push_back(frame);
+                    self.answer();
+                }
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { return self.close() };
+                    match self.take(msg).await {
+                        Ok(Some(socket)) => return End::Upgraded(socket),
+                        Ok(None) => {}
+                        Err(()) => return self.close(),
+                    }
+                }
+                _ = &mut expiry => {
+                    match self.conn.on_deadline() {
+                        Some(closing) => {
+                            self.replies.extend(closing.frame);
+                            return self.close();
+                        }
+                        None => self.replies.extend(self.conn.due()),
+                    }
+                }
+            }
+            if let Some(closing) = self.conn.take_closing() {
+                self.replies.extend(closing.frame);
+                return self.close();
+            }
+            if self.replies.len() > MAX_REPLIES {
+                return self.close();
+            }
+            if !self.replies.is_empty() {
+                self.answer();
+            }
+            expiry.as_mut().reset(deadline(&mut self.conn));
+        }
+    }
+
+    /// A request's message handled; `Ok(Some)`: the session moves to that socket; `Err`: the
+    /// client broke the protocol.
+    async fn take(&mut self, msg: ToSession) -> Result<Option<Box<WebSocket>>, ()> {
+        match msg {
+            ToSession::Packets(packets) => {
+                for p in packets {
+                    let replies = match p {
+                        Payload::Text(t) => Box::pin(self.conn.text(&t)).await,
+                        Payload::Binary(b) => Box::pin(self.conn.binary(&b)).await,
+                    };
+                    self.replies.extend(replies);
+                }
+            }
+            ToSession::Poll(waiter) if self.waiter.as_ref().is_some_and(|w| !w.is_closed()) => {
+                // Two GETs at once: Engine.IO closes the session.
+                drop(waiter);
+                return Err(());
+            }
+            ToSession::Poll(waiter) if self.upgrading => {
+                let _ = waiter.send(packet::NOOP.into());
+            }
+            ToSession::Poll(waiter) => self.waiter = Some(waiter),
+            ToSession::Probe => {
+                self.upgrading = true;
+                if let Some(waiter) = self.waiter.take() {
+                    let _ = waiter.send(packet::NOOP.into());
+                }
+            }
+            ToSession::Upgraded(socket) => return Ok(Some(socket)),
+        }
+        Ok(None)
+    }
+
+    /// The waiting GET answered with the replies and what else is queued, up to a batch.
+    fn answer(&mut self) {
+        let Some(waiter) = self.waiter.take_if(|w| !w.is_closed()) else { return };
+        if !self.upgrading {
+            while self.replies.len() < POLL_BATCH {
+                let Ok(more) = self.outbox.rx.try_recv() else { break };
+                self.replies.push_back(more);
+            }
+        }
+        let body = self.payload();
+        let _ = waiter.send(body);
+    }
+
+    /// The replies as a long-polling payload (they are taken).
+    fn payload(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for frame in self.replies.drain(..) {
+            if !out.is_empty() {
+                out.push(packet::SEPARATOR);
+            }
+            match frame {
+                Frame::Binary(b) => packet::write_binary(&mut out, &b),
+                Frame::Attached { text, binary } => {
+                    out.extend_from_slice(text.as_bytes());
+                    out.push(packet::SEPARATOR);
+                    packet::write_binary(&mut out, &binary);
+                }
+                other => other.write_to(&mut out),
+            }
+        }
+        out
+    }
+
+    /// Ends the session: the client reads a close after whatever is left.
+    fn close(&mut self) -> End {
+        self.replies.push_back(Frame::Text(packet::CLOSE.into()));
+        End::Closed
     }
 }
 
-/// Emits `first` and what else is queued, up to a batch (socketioxide's writer flushes once it
-/// has drained them).
-fn emit_queued(s: &SocketRef, first: Frame, outbox: &mut OutboxReceiver) -> Result<(), Unsent> {
-    emit(s, &first)?;
-    for _ in 1..EMIT_BATCH {
-        let Ok(more) = outbox.rx.try_recv() else { break };
-        emit(s, &more)?;
-    }
-    Ok(())
+/// When the connection next needs its deadline handled.
+fn deadline(conn: &mut SocketIoConnection) -> tokio::time::Instant {
+    conn.next_deadline()
+        .map(tokio::time::Instant::from_std)
+        .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600))
 }

@@ -69,7 +69,7 @@ pub async fn upgrade(
 
 /// The upgrade with the frame limit and small buffers: most sockets are idle most of the time,
 /// and each holds its buffers.
-fn sized(ws: WebSocketUpgrade, state: &AppState) -> WebSocketUpgrade {
+pub(crate) fn sized(ws: WebSocketUpgrade, state: &AppState) -> WebSocketUpgrade {
     let max = state.max_frame_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
@@ -82,13 +82,26 @@ fn never() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
-fn message(frame: Frame) -> Message {
-    match frame {
+/// The WebSocket message of a frame, and the binary one that follows it when it has one.
+fn message(frame: Frame) -> (Message, Option<Message>) {
+    let one = match frame {
         Frame::Text(t) => Message::Text(t),
         Frame::Binary(b) => Message::Binary(b),
         joined @ Frame::Joined { .. } => Message::Text(joined.joined_text().unwrap_or_default()),
         // No WebSocket protocol names its messages this way; were one to, its data is the text.
         Frame::Named(m) => Message::Text(m.data.clone()),
+        Frame::Attached { text, binary } => return (Message::Text(text), Some(Message::Binary(binary))),
+    };
+    (one, None)
+}
+
+/// Feeds a frame's messages to the socket (not flushed).
+async fn feed<S: Sink<Message> + Unpin>(socket: &mut S, frame: Frame) -> Result<(), S::Error> {
+    let (first, then) = message(frame);
+    socket.feed(first).await?;
+    match then {
+        Some(m) => socket.feed(m).await,
+        None => Ok(()),
     }
 }
 
@@ -148,9 +161,10 @@ pub(crate) async fn serve<C, S, RE, WE>(
     let shutdown = shutdown.cancelled_owned();
     let killed = outbox.killed.clone().cancelled_owned();
     let idle_timer = tokio::time::sleep(idle);
-    // A channel's token expiring; re-armed only when the earliest expiry changes.
-    let mut armed = None;
-    let expiry = tokio::time::sleep_until(never());
+    // A deadline of the connection's (a token expiring, a heartbeat); re-armed only when the
+    // earliest one changes. A connection handed over from another transport may have one already.
+    let mut armed = conn.next_deadline();
+    let expiry = tokio::time::sleep_until(armed.map(tokio::time::Instant::from_std).unwrap_or_else(never));
     tokio::pin!(shutdown, killed, idle_timer, expiry);
     // Most wake-ups are for queued frames: the gates keep them from also polling the tokens and
     // the socket's read side, which have nothing new unless they woke the task themselves.
@@ -184,7 +198,7 @@ pub(crate) async fn serve<C, S, RE, WE>(
             _ = &mut idle_timer => break Close::Code(1000, "idle timeout"),
             _ = &mut expiry => {
                 match conn.on_deadline() {
-                    None => Vec::new(),
+                    None => conn.due(),
                     Some(closing) => break close_with(&mut socket, closing).await,
                 }
             }
@@ -212,7 +226,8 @@ pub(crate) async fn serve<C, S, RE, WE>(
 /// A close the protocol asked for: its last frame written, then its code.
 async fn close_with<S: Sink<Message> + Unpin>(socket: &mut S, closing: crate::protocol::Closing) -> Close {
     if let Some(frame) = closing.frame {
-        let _ = socket.send(message(frame)).await;
+        let _ = feed(socket, frame).await;
+        let _ = socket.flush().await;
     }
     Close::Code(closing.code, closing.reason)
 }
@@ -224,20 +239,20 @@ async fn write_queued<S: Sink<Message> + Unpin>(
     first: Frame,
     outbox: &mut OutboxReceiver,
 ) -> bool {
-    let mut ok = socket.feed(message(first)).await.is_ok();
+    let mut ok = feed(socket, first).await.is_ok();
     let mut n = 1;
     while ok && n < WRITE_BATCH {
         let Ok(more) = outbox.rx.try_recv() else { break };
-        ok = socket.feed(message(more)).await.is_ok();
+        ok = feed(socket, more).await.is_ok();
         n += 1;
     }
     ok && socket.flush().await.is_ok()
 }
 
 /// Writes a connection's replies and flushes; `false` once the socket is gone.
-async fn write_all<S: Sink<Message> + Unpin>(socket: &mut S, frames: Vec<Frame>) -> bool {
+pub(crate) async fn write_all<S: Sink<Message> + Unpin>(socket: &mut S, frames: Vec<Frame>) -> bool {
     for frame in frames {
-        if socket.feed(message(frame)).await.is_err() {
+        if feed(socket, frame).await.is_err() {
             return false;
         }
     }
@@ -257,7 +272,7 @@ async fn read<C: Connection, E: std::error::Error + 'static>(
         // Boxed while it runs: handling a frame (a join) is a large future, and inline every
         // idle socket's task would keep room for it.
         Some(Ok(Message::Text(text))) => Ok(Some(Box::pin(conn.text(&text)).await)),
-        Some(Ok(Message::Binary(bytes))) => Ok(Some(conn.binary(&bytes))),
+        Some(Ok(Message::Binary(bytes))) => Ok(Some(Box::pin(conn.binary(&bytes)).await)),
         Some(Ok(_)) => Ok(None),
     }
 }
@@ -420,7 +435,7 @@ mod tests {
             vec![Frame::Text(format!("got {text}").into())]
         }
 
-        fn binary(&mut self, _: &bytes::Bytes) -> Vec<Frame> {
+        async fn binary(&mut self, _: &bytes::Bytes) -> Vec<Frame> {
             Vec::new()
         }
 

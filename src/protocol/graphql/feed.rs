@@ -187,12 +187,7 @@ fn raw_feed(session: Session, outbox: OutboxReceiver, kind: FeedKind) -> RawFeed
                 (FeedKind::Live, "snapshot-end") => {
                     let data: Json = serde_json::from_str(m.data.as_str()).unwrap_or(Json::Null);
                     let ready = json!({"kind": "ready", "cursor": data["cursor"]}).to_string();
-                    let ready = Arc::new(Named {
-                        id: None,
-                        name: "ready".into(),
-                        data: ready.into(),
-                        prepared: None,
-                    });
+                    let ready = Arc::new(Named { id: None, name: "ready".into(), data: ready.into() });
                     return Some((Ok(ready), Some(f)));
                 }
                 (FeedKind::Live, "snapshot" | "enter" | "update" | "leave")

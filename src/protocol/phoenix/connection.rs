@@ -295,7 +295,7 @@ impl crate::protocol::Connection for PhoenixConnection {
     }
 
     /// Handles a binary frame (a 2.0.0 kind-3 broadcast push).
-    fn binary(&mut self, bytes: &Bytes) -> Vec<Frame> {
+    async fn binary(&mut self, bytes: &Bytes) -> Vec<Frame> {
         let push = match codec::decode_binary(bytes) {
             Ok(p) => p,
             Err(e) => {

@@ -10,17 +10,23 @@
 //! names and the messages. Must not: touch sockets (the transport in `server/socketio.rs` does),
 //! or hold channel state (that is the session's).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use crate::auth::Credentials;
 use crate::change::broadcast::{BroadcastMessage, BroadcastPayload};
-use crate::realtime::outbox::{Direct, Encoder, EncodingId, Event, Frame, Named, OutboxReceiver};
+use crate::protocol::{Closing, Connection};
+use crate::realtime::outbox::{Direct, Encoder, EncodingId, Event, Frame, OutboxReceiver};
 use crate::realtime::session::{JoinError, JoinRequest, Session};
 use crate::realtime::Hub;
 use crate::replication::values::write_json_str;
+
+pub mod packet;
+
+use packet::{EnginePacket, Kind};
 
 /// The topic prefix of subscriptions.
 const SUBSCRIPTION: &str = "socketio:";
@@ -86,38 +92,17 @@ fn spliced(topic: &str, cursor: Option<&str>, data: &[u8]) -> Vec<u8> {
 }
 
 fn named(name: &'static str, args: Vec<u8>) -> Frame {
-    prepared(name.into(), args, None)
+    frame(name, &args, None)
 }
 
-/// An event's arguments as socketioxide takes them: the binary attachment first when there is
-/// one, then the JSON ones, each checked once here and then copied as they are into every
-/// socket's packet.
-#[derive(Debug)]
-pub struct Args {
-    pub binary: Option<Bytes>,
-    pub json: Vec<Box<serde_json::value::RawValue>>,
-}
-
-impl serde::Serialize for Args {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeTuple;
-        let mut tuple = serializer.serialize_tuple(usize::from(self.binary.is_some()) + self.json.len())?;
-        if let Some(b) = &self.binary {
-            tuple.serialize_element(b)?;
-        }
-        for arg in &self.json {
-            tuple.serialize_element(arg)?;
-        }
-        tuple.end()
+/// The packet of event `name` whose arguments are `args` (a JSON array), shared by every socket
+/// that receives it; with a binary payload, that is the first argument (an attachment).
+fn frame(name: &str, args: &[u8], binary: Option<Bytes>) -> Frame {
+    let inner = args.strip_prefix(b"[").and_then(|a| a.strip_suffix(b"]")).unwrap_or(args);
+    match binary {
+        None => Frame::Text(packet::event(name, inner).into()),
+        Some(binary) => Frame::Attached { text: packet::binary_event(name, inner).into(), binary },
     }
-}
-
-/// A named frame whose data is `args` (a JSON array), with its [`Args`] prepared.
-fn prepared(name: std::borrow::Cow<'static, str>, args: Vec<u8>, binary: Option<Bytes>) -> Frame {
-    let data = String::from_utf8(args).unwrap_or_default();
-    let json: Vec<Box<serde_json::value::RawValue>> = serde_json::from_str(&data).unwrap_or_default();
-    let prepared: Arc<dyn std::any::Any + Send + Sync> = Arc::new(Args { binary, json });
-    Frame::Named(Arc::new(Named { id: None, name, data: data.into(), prepared: Some(prepared) }))
 }
 
 /// A message of `name` with one argument: `{<target>, …fields}`.
@@ -126,8 +111,8 @@ fn direct(name: &'static str, topic: &str, fields: Value) -> Frame {
     named(name, spliced(topic, None, data.as_bytes()))
 }
 
-/// The encoder of Socket.IO sessions: [`Frame::Named`] messages, the name the event's and the
-/// data its arguments as a JSON array (a binary payload as the attachment, the first argument).
+/// The encoder of Socket.IO sessions: each message one event packet for the namespace `/`
+/// (`42["change",{…}]`), with a binary payload as its attachment ([`Frame::Attached`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SocketIoEncoder;
 
@@ -219,7 +204,7 @@ fn broadcast_frame(topic: &str, m: &BroadcastMessage) -> Frame {
     info.push(b'}');
     args.extend_from_slice(&info);
     args.push(b']');
-    prepared(name, args, attachment)
+    frame(&name, &args, attachment)
 }
 
 /// One client event, as the transport read it.
@@ -296,37 +281,204 @@ fn list(v: Option<&Value>) -> Result<Option<String>, String> {
     }
 }
 
-/// One Socket.IO client's session.
+/// How often the server pings, and how long a pong may take before the connection is dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Heartbeat {
+    /// Engine.IO's defaults (25 s, 20 s), shortened to fit within `idle`: a client that answers
+    /// every ping is never idle.
+    pub fn within(idle: Duration) -> Heartbeat {
+        let third = idle / 3;
+        Heartbeat {
+            interval: third.min(Duration::from_secs(25)),
+            timeout: third.min(Duration::from_secs(20)),
+        }
+    }
+}
+
+/// A binary event (or acknowledgement) whose attachments are still to come.
+struct Awaiting {
+    ack: Option<u64>,
+    data: String,
+    want: usize,
+    got: VecDeque<Bytes>,
+    /// An acknowledgement's (the server asks for none): read, then dropped.
+    discard: bool,
+}
+
+/// One Socket.IO client's connection: its Engine.IO packets (heartbeat, close) and its
+/// namespace `/` (connect with a token, events, acknowledgements), over either transport.
 pub struct SocketIoConnection {
     session: Session,
+    /// The token of the request that opened the connection, for a connect that brings none.
+    request_token: Option<String>,
+    /// The socket's id, once it has connected.
+    sid: Option<Box<str>>,
+    awaiting: Option<Awaiting>,
+    heartbeat: Heartbeat,
+    ping_at: Instant,
+    /// Set while a ping waits for its pong.
+    pong_by: Option<Instant>,
+    due: Vec<Frame>,
+    closing: Option<Closing>,
 }
 
 impl SocketIoConnection {
-    /// A connection whose client connected with `credentials` (none: authentication is off).
-    pub fn new(hub: Hub, credentials: Option<Credentials>) -> (SocketIoConnection, OutboxReceiver) {
-        let (session, rx) = Session::new(hub, Arc::new(SocketIoEncoder), credentials);
-        (SocketIoConnection { session }, rx)
+    /// A connection opened by a request whose token (if any) is `request_token`.
+    pub fn new(
+        hub: Hub,
+        request_token: Option<String>,
+        heartbeat: Heartbeat,
+    ) -> (SocketIoConnection, OutboxReceiver) {
+        let (session, rx) = Session::new(hub, Arc::new(SocketIoEncoder), None);
+        let conn = SocketIoConnection {
+            session,
+            request_token,
+            sid: None,
+            awaiting: None,
+            heartbeat,
+            ping_at: Instant::now() + heartbeat.interval,
+            pong_by: None,
+            due: Vec::new(),
+            closing: None,
+        };
+        (conn, rx)
     }
 
-    pub fn session(&mut self) -> &mut Session {
-        &mut self.session
+    /// The Engine.IO open packet for session `sid`: `upgrade` when a long-polling client may
+    /// move to a WebSocket.
+    pub fn open(&self, sid: &str, upgrade: bool, max_payload: usize) -> String {
+        let upgrades: &[&str] = if upgrade { &["websocket"] } else { &[] };
+        let open = json!({
+            "sid": sid,
+            "upgrades": upgrades,
+            "pingInterval": self.heartbeat.interval.as_millis() as u64,
+            "pingTimeout": self.heartbeat.timeout.as_millis() as u64,
+            "maxPayload": max_payload,
+        });
+        format!("0{open}")
     }
 
-    /// When the transport must call [`SocketIoConnection::on_deadline`]: a channel's token or
-    /// the connection's expires.
-    pub fn next_deadline(&self) -> Option<std::time::Instant> {
-        let connect =
-            self.session.connect_credentials().map(|c| std::time::Instant::now() + c.claims.time_left());
-        match (self.session.next_expiry(), connect) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+    /// A malformed packet: the client is told why, and the connection closes.
+    fn malformed(&mut self, why: impl std::fmt::Display) -> Vec<Frame> {
+        let frame =
+            named("error", json!([{"message": format!("malformed packet: {why}")}]).to_string().into_bytes());
+        self.closing = Some(Closing { frame: Some(frame), code: 1002, reason: "malformed Socket.IO packet" });
+        Vec::new()
+    }
+
+    /// A Socket.IO packet, read.
+    async fn message(&mut self, text: &str) -> Vec<Frame> {
+        let p = match packet::socket(text) {
+            Ok(p) => p,
+            Err(e) => return self.malformed(e),
+        };
+        if p.namespace != "/" {
+            // Only `/` is served; a packet for another namespace is not this connection's.
+            return match p.kind {
+                Kind::Connect => {
+                    vec![Frame::Text(packet::connect_error(p.namespace, "Invalid namespace").into())]
+                }
+                _ => Vec::new(),
+            };
+        }
+        match p.kind {
+            Kind::Connect => self.connect(p.data).await,
+            Kind::Disconnect => {
+                self.closing =
+                    Some(Closing { frame: None, code: 1000, reason: "disconnected by the client" });
+                Vec::new()
+            }
+            Kind::Event => self.event(p.ack, p.data, &VecDeque::new()).await,
+            Kind::BinaryEvent | Kind::BinaryAck if p.attachments > 0 => {
+                let discard = p.kind == Kind::BinaryAck;
+                let want = p.attachments;
+                self.awaiting = Some(Awaiting {
+                    ack: p.ack,
+                    data: p.data.to_owned(),
+                    want,
+                    got: VecDeque::new(),
+                    discard,
+                });
+                Vec::new()
+            }
+            Kind::BinaryEvent => self.event(p.ack, p.data, &VecDeque::new()).await,
+            Kind::Ack | Kind::BinaryAck => Vec::new(),
+            Kind::ConnectError => self.malformed("a client does not send connect errors"),
         }
     }
 
-    /// Closes the channels whose token expired; `Some(reason)` when the connection's own token
-    /// has: the transport disconnects after telling the client why.
-    pub fn on_deadline(&mut self) -> Option<String> {
-        self.session.expire(std::time::Instant::now());
+    /// A connect to `/`: its token verified (the connect's `auth` payload, else the request's).
+    async fn connect(&mut self, data: &str) -> Vec<Frame> {
+        let auth: Option<Value> = match data {
+            "" => None,
+            d => match serde_json::from_str(d) {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    return vec![Frame::Text(packet::connect_error("/", "invalid connect payload").into())]
+                }
+            },
+        };
+        let given = auth.as_ref().and_then(|a| {
+            ["token", "access_token", "apikey"].iter().find_map(|k| a.get(*k).and_then(Value::as_str))
+        });
+        let token = given.map(str::to_owned).or_else(|| self.request_token.clone());
+        let verifier = self.session.hub().verifier();
+        if verifier.required() {
+            let verified = match token.as_deref() {
+                None => Err(crate::auth::AuthError::Missing),
+                Some(t) => verifier.verify(t).await,
+            };
+            match verified {
+                Ok(c) => self.session.set_connect(c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "socket.io connection refused");
+                    self.session
+                        .hub()
+                        .metrics()
+                        .auth_refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return vec![Frame::Text(packet::connect_error("/", &e.connect_message()).into())];
+                }
+            }
+        }
+        if self.sid.is_none() {
+            let Some(id) = packet::random_id() else {
+                return vec![Frame::Text(
+                    packet::connect_error("/", "no id could be made: try again").into(),
+                )];
+            };
+            self.sid = Some(id.into());
+        }
+        vec![Frame::Text(packet::connected(self.sid.as_deref().unwrap_or_default()).into())]
+    }
+
+    /// An event, handled; its acknowledgement when it asked for one, else an `error` event
+    /// when it was refused (a refusal is never silent).
+    async fn event(&mut self, ack: Option<u64>, data: &str, attachments: &VecDeque<Bytes>) -> Vec<Frame> {
+        let answer = if self.sid.is_none() {
+            refused("not connected: connect to the namespace first")
+        } else {
+            match parse_event(data, attachments) {
+                Ok(incoming) => Box::pin(self.handle(incoming)).await,
+                Err(why) => refused(why),
+            }
+        };
+        match ack {
+            Some(id) => vec![Frame::Text(packet::ack(id, &answer).into())],
+            None if answer["ok"] == false => {
+                vec![named("error", json!([{"message": answer["error"]}]).to_string().into_bytes())]
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The connection's own token, expired: why, for the client.
+    fn connection_expired(&mut self) -> Option<String> {
         let claims = &self.session.connect_credentials()?.claims;
         if !claims.time_left().is_zero() {
             return None;
@@ -520,18 +672,106 @@ impl SocketIoConnection {
     }
 }
 
+impl Connection for SocketIoConnection {
+    fn session(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    async fn text(&mut self, text: &str) -> Vec<Frame> {
+        if self.awaiting.is_some() {
+            return self.malformed("a text packet where a binary attachment was due");
+        }
+        match packet::engine(text) {
+            Ok(EnginePacket::Message(m)) => self.message(m).await,
+            Ok(EnginePacket::Ping(data)) => vec![Frame::Text(format!("3{data}").into())],
+            Ok(EnginePacket::Pong(_)) => {
+                self.pong_by = None;
+                self.ping_at = Instant::now() + self.heartbeat.interval;
+                Vec::new()
+            }
+            Ok(EnginePacket::Close) => {
+                self.closing = Some(Closing { frame: None, code: 1000, reason: "closed by the client" });
+                Vec::new()
+            }
+            Ok(EnginePacket::Open | EnginePacket::Upgrade | EnginePacket::Noop) => Vec::new(),
+            Err(e) => self.malformed(e),
+        }
+    }
+
+    async fn binary(&mut self, bytes: &Bytes) -> Vec<Frame> {
+        let Some(awaiting) = self.awaiting.as_mut() else {
+            return self.malformed("a binary message that no packet announced");
+        };
+        awaiting.got.push_back(bytes.clone());
+        if awaiting.got.len() < awaiting.want {
+            return Vec::new();
+        }
+        let Some(Awaiting { ack, data, got, discard, .. }) = self.awaiting.take() else { return Vec::new() };
+        if discard {
+            return Vec::new();
+        }
+        self.event(ack, &data, &got).await
+    }
+
+    fn next_deadline(&mut self) -> Option<Instant> {
+        let connect = self.session.connect_credentials().map(|c| Instant::now() + c.claims.time_left());
+        let heartbeat = self.pong_by.unwrap_or(self.ping_at);
+        [self.session.next_expiry(), connect].into_iter().flatten().chain([heartbeat]).min()
+    }
+
+    /// Channels whose token expired close; the connection's own token expired: an `error` event
+    /// saying why and a disconnect (the client does not reconnect with it); a ping due; a pong
+    /// overdue: the connection is dead.
+    fn on_deadline(&mut self) -> Option<Closing> {
+        let now = Instant::now();
+        self.session.expire(now);
+        if let Some(why) = self.connection_expired() {
+            self.due.push(named("error", json!([{"message": why}]).to_string().into_bytes()));
+            self.due.push(Frame::Text(packet::DISCONNECT.into()));
+            self.closing = Some(Closing { frame: None, code: 1000, reason: "token expired" });
+            return None;
+        }
+        match self.pong_by {
+            Some(by) if now >= by => {
+                return Some(Closing { frame: None, code: 1000, reason: "ping timeout" });
+            }
+            None if now >= self.ping_at => {
+                self.due.push(Frame::Text(packet::PING.into()));
+                self.pong_by = Some(now + self.heartbeat.timeout);
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn due(&mut self) -> Vec<Frame> {
+        std::mem::take(&mut self.due)
+    }
+
+    fn take_closing(&mut self) -> Option<Closing> {
+        self.closing.take()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// An event packet's name, its arguments (a binary one's placeholder left out) and
+    /// attachment.
     fn parts(f: &Frame) -> (String, Value, Option<Bytes>) {
-        let Frame::Named(m) = f else { panic!("a named frame") };
-        let args = m.prepared.as_ref().and_then(|p| p.downcast_ref::<Args>()).expect("prepared arguments");
-        let data: Value = serde_json::from_str(m.data.as_str()).expect("json");
-        let prepared: Vec<Value> =
-            args.json.iter().map(|a| serde_json::from_str(a.get()).expect("json")).collect();
-        assert_eq!(Value::Array(prepared), data, "the prepared arguments are the data's");
-        (m.name.to_string(), data, args.binary.clone())
+        let (text, binary, prefix) = match f {
+            Frame::Text(t) => (t.as_str(), None, "42"),
+            Frame::Attached { text, binary } => (text.as_str(), Some(binary.clone()), "451-"),
+            other => panic!("an event packet: {other:?}"),
+        };
+        let json = text.strip_prefix(prefix).unwrap_or_else(|| panic!("{prefix}…: {text}"));
+        let Value::Array(mut all) = serde_json::from_str(json).expect("json") else { panic!("{text}") };
+        let name = all.remove(0).as_str().expect("a name").to_owned();
+        if binary.is_some() {
+            assert_eq!(all.remove(0), json!({"_placeholder": true, "num": 0}));
+        }
+        (name, Value::Array(all), binary)
     }
 
     #[test]
