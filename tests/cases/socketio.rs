@@ -429,3 +429,121 @@ async fn a_socketio_client_that_does_not_read_is_disconnected_without_slowing_ot
     fast.exit().await;
     app.stop().await;
 }
+
+/// One long-polling request: its status and body.
+async fn polling(http: &reqwest::Client, method: reqwest::Method, url: &str, body: &[u8]) -> (u16, String) {
+    let request = http.request(method, url).body(body.to_vec()).timeout(Duration::from_secs(30));
+    let response = request.send().await.expect("a long-polling request");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("a body"))
+}
+
+/// GETs until a payload holds a packet `want` accepts; the packets read on the way.
+async fn poll_until(http: &reqwest::Client, url: &str, want: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !seen.iter().any(|p: &String| want(p)) {
+        assert!(tokio::time::Instant::now() < deadline, "no such packet within 30 s: {seen:?}");
+        let (status, body) = polling(http, reqwest::Method::GET, url, b"").await;
+        assert_eq!(status, 200, "{body}");
+        seen.extend(body.split('\u{1e}').map(str::to_owned));
+    }
+    seen
+}
+
+#[tokio::test]
+async fn engine_io_requests_are_checked_and_long_polling_carries_acks_changes_and_binary() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, "CREATE TABLE notes (id bigint PRIMARY KEY, body text)").await;
+    let app = TestApp::spawn(&url).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/socket.io/", app.addr);
+    let get = reqwest::Method::GET;
+    for (query, code) in [
+        ("EIO=3&transport=polling", 5),
+        ("EIO=4&transport=carrier-pigeon", 0),
+        ("EIO=4&transport=polling&sid=nope", 1),
+    ] {
+        let (status, body) = polling(&http, get.clone(), &format!("{base}?{query}"), b"").await;
+        assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()["code"].as_u64()), (400, Some(code)));
+    }
+    let (status, body) = polling(&http, reqwest::Method::POST, &format!("{base}?EIO=4&transport=polling"), b"").await;
+    assert_eq!((status, body.contains("\"code\":2")), (400, true), "{body}");
+
+    // The handshake, then a connect with the anon key.
+    let (status, open) = polling(&http, get.clone(), &format!("{base}?EIO=4&transport=polling"), b"").await;
+    assert_eq!(status, 200);
+    let open: Value = serde_json::from_str(open.strip_prefix('0').expect("an open packet")).unwrap();
+    assert_eq!(open["upgrades"], json!(["websocket"]));
+    assert!(open["pingInterval"].as_u64().is_some_and(|ms| ms > 0), "{open}");
+    let session = format!("{base}?EIO=4&transport=polling&sid={}", open["sid"].as_str().unwrap());
+    let post = async |body: &[u8]| {
+        let (status, text) = polling(&http, reqwest::Method::POST, &session, body).await;
+        assert_eq!((status, text.as_str()), (200, "ok"));
+    };
+    post(format!("40{}", json!({"token": support::anon_key()})).as_bytes()).await;
+    poll_until(&http, &session, |p| p.starts_with("40{\"sid\":")).await;
+
+    // Two events in one payload: each acknowledged, the unknown one refused.
+    post(b"420[\"subscribe\",{\"table\":\"notes\"}]\x1e421[\"nope\",{}]\x1e422[\"join\",{\"room\":\"r\",\"self\":true}]").await;
+    let seen = poll_until(&http, &session, |p| p.starts_with("432")).await;
+    assert!(seen.iter().any(|p| p.starts_with("430[{") && p.contains("\"ok\":true")), "{seen:?}");
+    assert!(seen.iter().any(|p| p == r#"431[{"error":"unknown event \"nope\"","ok":false}]"#), "{seen:?}");
+    exec(&p, "INSERT INTO notes VALUES (1, 'polled')").await;
+    let seen = poll_until(&http, &session, |p| p.starts_with("42[\"change\"")).await;
+    let change = seen.iter().find(|p| p.starts_with("42[\"change\"")).unwrap();
+    let change: Value = serde_json::from_str(&change[2..]).unwrap();
+    assert_eq!(change[1]["record"], json!({"id": 1, "body": "polled"}));
+
+    // A binary broadcast: its attachment as base64, in and out.
+    let blob = r#"451-3["broadcast",{"room":"r","event":"blob","payload":{"_placeholder":true,"num":0}}]"#;
+    post(format!("{blob}\x1ebAP8=").as_bytes()).await;
+    let seen = poll_until(&http, &session, |p| p == "bAP8=").await;
+    let at = seen.iter().position(|p| p == "bAP8=").unwrap();
+    assert_eq!(seen[at - 1], r#"451-["blob",{"_placeholder":true,"num":0},{"room":"r"}]"#, "{seen:?}");
+
+    // A malformed packet: the client is told why, then the session ends.
+    post(b"4Z").await;
+    let seen = poll_until(&http, &session, |p| p == "1").await;
+    assert!(seen.iter().any(|p| p.starts_with("42[\"error\"") && p.contains("malformed packet")), "{seen:?}");
+    let (status, body) = polling(&http, get, &session, b"").await;
+    assert_eq!((status, body.contains("\"code\":1")), (400, true), "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_socketio_connection_is_pinged_and_closed_when_its_pongs_stop() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let url = fresh_db().await;
+    // Idle after 3 s: pings every second, a pong due within one.
+    let app = TestApp::spawn_with(&url, |c| c.idle_timeout_secs = 3).await;
+    let ws_url = format!("ws://{}/socket.io/?EIO=4&transport=websocket", app.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.expect("connects");
+    let mut next = async || match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => Some(t.to_string()),
+        Ok(Some(Ok(Message::Close(_))) | None) => None,
+        other => panic!("socket.io over WebSocket: {other:?}"),
+    };
+    let open: Value = serde_json::from_str(&next().await.unwrap()[1..]).unwrap();
+    assert_eq!((open["pingInterval"].as_u64(), open["upgrades"].clone()), (Some(1000), json!([])));
+    drop(next);
+    // Five pings answered: the connection stays, past its idle time.
+    for _ in 0..5 {
+        let ping = tokio::time::timeout(Duration::from_secs(30), ws.next()).await;
+        assert!(matches!(&ping, Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "2"), "{ping:?}");
+        ws.send(Message::Text("3".into())).await.expect("pong");
+    }
+    // Pongs stop: the server closes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "still open 30 s after the pongs stopped");
+        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "2" => continue,
+            Ok(Some(Ok(Message::Close(_))) | None | Some(Err(_))) => break,
+            other => panic!("after the pongs stopped: {other:?}"),
+        }
+    }
+    app.stop().await;
+}
