@@ -91,6 +91,38 @@ pub struct Config {
     pub changelog: ChangelogConfig,
     /// Several gateway nodes over NATS JetStream (off unless `cluster.nats_url` is set).
     pub cluster: ClusterConfig,
+    /// Browser pages on other origins: CORS and the WebSocket `Origin` check.
+    pub cors: CorsConfig,
+}
+
+/// The `[cors]` table: which browser origins may use the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed (env `WALCAST_CORS__ALLOWED_ORIGINS`, a comma list): `https://app.example.com`,
+    /// `http://localhost:*` (any port), `https://*.example.com` (any subdomain), or `*` (any
+    /// origin, only when named). Empty: no other origin; WebSocket upgrades are then not checked.
+    #[serde(deserialize_with = "comma_list")]
+    pub allowed_origins: Vec<String>,
+    /// Whether pages may send cookies (an `access_token` cookie) along; not with `*`.
+    pub allow_credentials: bool,
+    /// Seconds a browser may keep a preflight's answer.
+    pub max_age_secs: u64,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig { allowed_origins: Vec::new(), allow_credentials: false, max_age_secs: 600 }
+    }
+}
+
+impl CorsConfig {
+    /// The allow-list, read.
+    pub fn origins(&self) -> Result<crate::server::origins::Origins, ConfigError> {
+        let max_age = std::time::Duration::from_secs(self.max_age_secs);
+        crate::server::origins::Origins::parse(&self.allowed_origins, self.allow_credentials, max_age)
+            .map_err(|message| ConfigError::Invalid { key: "cors.allowed_origins", message })
+    }
 }
 
 /// The `[cluster]` table. With `nats_url` set, nodes with the same database, slot, publication
@@ -305,6 +337,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             changelog: ChangelogConfig::default(),
             cluster: ClusterConfig::default(),
+            cors: CorsConfig::default(),
         }
     }
 }
@@ -378,6 +411,7 @@ impl Config {
         if self.changelog.enabled && self.changelog.dir.as_os_str().is_empty() {
             return invalid("changelog.dir", "expected a directory");
         }
+        self.cors.origins()?;
         self.cluster.validate(&self.changelog)
     }
 

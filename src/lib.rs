@@ -362,6 +362,7 @@ impl Gateway {
             graphql: Default::default(),
             socketio_path: config.socketio_path.trim_end_matches('/').into(),
             max_connections: config.max_connections,
+            origins: Arc::new(config.cors.origins().unwrap_or_default()),
         }
     }
 

@@ -734,6 +734,10 @@ fn dev_secret(config: &Config, data_dir: &std::path::Path) -> anyhow::Result<(St
 async fn dev(mut config: Config, data_dir: PathBuf, port: u16, nodes: u16) -> anyhow::Result<ExitCode> {
     let (secret, secret_path) = dev_secret(&config, &data_dir)?;
     config.auth.jwt_secret = Some(secret.clone());
+    if config.cors.allowed_origins.is_empty() {
+        // A page served by a development server on this machine, whatever its port.
+        config.cors.allowed_origins = vec!["http://localhost:*".into(), "http://127.0.0.1:*".into()];
+    }
     let ten_years = Duration::from_secs(10 * 365 * 24 * 3600);
     let anon = walcast::auth::mint(&secret, "anon", None, ten_years, Default::default())?;
     let service = walcast::auth::mint(&secret, "service_role", None, ten_years, Default::default())?;

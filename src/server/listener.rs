@@ -66,6 +66,8 @@ pub struct ConnectionMetrics {
     pub write_timeouts: AtomicU64,
     /// Closed because nothing arrived within `header_read_timeout` of accepting them.
     pub silent_closed: AtomicU64,
+    /// WebSocket upgrades refused for their `Origin`.
+    pub origin_refused: AtomicU64,
 }
 
 /// Open connections, in all and by address.

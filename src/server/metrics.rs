@@ -34,6 +34,7 @@ pub const CONNECTIONS_REFUSED: &str = "walcast_connections_refused_total";
 pub const CONNECTIONS_REFUSED_PER_IP: &str = "walcast_connections_refused_per_ip_total";
 pub const WRITE_TIMEOUTS: &str = "walcast_write_timeouts_total";
 pub const SILENT_CLOSED: &str = "walcast_silent_connections_closed_total";
+pub const ORIGIN_REFUSED: &str = "walcast_origin_refused_total";
 pub const CLUSTER_SLOT_OWNER: &str = "walcast_cluster_slot_owner";
 pub const CLUSTER_NODES: &str = "walcast_cluster_nodes";
 pub const CLUSTER_LAG_BYTES: &str = "walcast_cluster_consumer_lag_bytes";
@@ -195,6 +196,12 @@ fn connection_rows(c: &crate::server::listener::ConnectionMetrics) -> Vec<Row> {
             "counter",
             "Connections closed because nothing arrived within header_read_timeout_secs.",
             c.silent_closed.load(relaxed).to_string(),
+        ),
+        (
+            ORIGIN_REFUSED,
+            "counter",
+            "WebSocket upgrades refused because their Origin is not in cors.allowed_origins.",
+            c.origin_refused.load(relaxed).to_string(),
         ),
     ]
 }

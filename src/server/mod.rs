@@ -7,6 +7,7 @@ pub mod gate;
 pub mod graphql;
 pub mod listener;
 pub mod metrics;
+pub mod origins;
 pub mod socketio;
 pub mod sse;
 pub mod ws;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub socketio_path: Arc<str>,
     /// Open client connections at most (long-polling sessions count as connections).
     pub max_connections: usize,
+    /// Browser origins allowed (CORS, WebSocket upgrades).
+    pub origins: Arc<origins::Origins>,
 }
 
 /// The client-facing routes; `/metrics` too unless it has an admin address of its own.
@@ -70,11 +73,14 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
         router = router.route("/metrics", get(metrics::render));
     }
     let socketio = (!state.socketio_path.is_empty()).then(|| socketio::routes(&state));
+    let cors = state.origins.layer();
+    let check = axum::middleware::from_fn_with_state(state.clone(), origins::check_upgrade);
     let router = router.layer(body_limit).with_state(state);
-    match socketio {
+    let router = match socketio {
         Some(routes) => router.merge(routes),
         None => router,
-    }
+    };
+    router.layer(check).layer(cors)
 }
 
 /// The operators' routes, for `admin_listen`: `/metrics`, `/readyz`, `/healthz`.

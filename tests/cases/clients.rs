@@ -297,6 +297,14 @@ impl Peer {
         Peer::spawn(name, cmd)
     }
 
+    /// Headless Chromium driven by playwright-core (`browser.mjs`): `goto` and `eval` commands.
+    pub(super) fn browser(name: &'static str) -> Peer {
+        let dir = clients_dir().join("node");
+        let mut cmd = Command::new("node");
+        cmd.current_dir(&dir).arg("browser.mjs");
+        Peer::spawn(name, cmd)
+    }
+
     /// urql's client (`@urql/core`), its subscriptions over the `graphql-ws` client.
     fn urql(name: &'static str, url: &str, init: Value) -> Peer {
         let dir = clients_dir().join("node");

@@ -1,5 +1,6 @@
 mod auth;
 mod bench;
+mod browser;
 mod capture;
 mod clients;
 mod cluster;

@@ -254,36 +254,17 @@ impl NodeProcess {
     }
 
     async fn launch(&mut self, url: &str, slot: &str, nats: &str) {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
-            .arg("serve")
-            .env("WALCAST_DATABASE_URL", url)
-            .env("WALCAST_LISTEN", format!("127.0.0.1:{}", self.port))
-            .env("WALCAST_SLOT", slot)
-            .env("WALCAST_CHANGELOG__DIR", &self.log_dir)
-            .env("WALCAST_AUTH__JWT_SECRET", crate::support::TEST_SECRET)
-            .env("WALCAST_CLUSTER__NATS_URL", nats)
-            .env("WALCAST_CLUSTER__NODE_ID", &self.name)
-            .env("WALCAST_CLUSTER__LEASE_SECS", "2")
-            .env("RUST_LOG", std::env::var("NODE_LOG").unwrap_or_else(|_| "walcast=info".into()))
-            .stdout(std::process::Stdio::null())
-            .stderr(self.log_file())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("gateway process");
+        let env = [
+            ("WALCAST_CLUSTER__NATS_URL", nats.to_owned()),
+            ("WALCAST_CLUSTER__NODE_ID", self.name.clone()),
+            ("WALCAST_CLUSTER__LEASE_SECS", "2".to_owned()),
+        ];
+        let log = std::env::var("NODE_LOG").unwrap_or_else(|_| "walcast=info".into());
+        let child =
+            crate::support::GatewayProcess { url, slot, port: self.port, log_dir: &self.log_dir, env: &env }
+                .start(self.log_file(), &log, &self.name)
+                .await;
         self.child = Some(child);
-        let ready = format!("{}/readyz", self.base());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(exit) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("node {} exited before it was ready: {exit}", self.name);
-            }
-            let ok = async { reqwest::get(&ready).await.ok()?.text().await.ok() }.await;
-            if ok.is_some_and(|body| body.contains("\"ready\":true")) {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "node {} not ready within 60 s", self.name);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     /// Where its log goes (appended across restarts), for a failing test's reader.

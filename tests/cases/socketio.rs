@@ -466,9 +466,13 @@ async fn engine_io_requests_are_checked_and_long_polling_carries_acks_changes_an
         ("EIO=4&transport=polling&sid=nope", 1),
     ] {
         let (status, body) = polling(&http, get.clone(), &format!("{base}?{query}"), b"").await;
-        assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()["code"].as_u64()), (400, Some(code)));
+        assert_eq!(
+            (status, serde_json::from_str::<Value>(&body).unwrap()["code"].as_u64()),
+            (400, Some(code))
+        );
     }
-    let (status, body) = polling(&http, reqwest::Method::POST, &format!("{base}?EIO=4&transport=polling"), b"").await;
+    let (status, body) =
+        polling(&http, reqwest::Method::POST, &format!("{base}?EIO=4&transport=polling"), b"").await;
     assert_eq!((status, body.contains("\"code\":2")), (400, true), "{body}");
 
     // The handshake, then a connect with the anon key.

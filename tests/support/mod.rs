@@ -563,3 +563,46 @@ pub async fn connect(app: &TestApp, key: &str) -> Ws {
 pub fn user(sub: &str) -> String {
     token("authenticated", Some(sub))
 }
+
+/// A gateway as a child process (`walcast serve`), for tests that kill and restart it.
+pub struct GatewayProcess<'a> {
+    pub url: &'a str,
+    pub slot: &'a str,
+    pub port: u16,
+    pub log_dir: &'a std::path::Path,
+    /// More `WALCAST_*` settings.
+    pub env: &'a [(&'a str, String)],
+}
+
+impl GatewayProcess<'_> {
+    /// Starts it, its log to `stderr` at `log` level, and waits until `/readyz` says ready.
+    pub async fn start(&self, stderr: std::fs::File, log: &str, name: &str) -> tokio::process::Child {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
+            .arg("serve")
+            .env("WALCAST_DATABASE_URL", self.url)
+            .env("WALCAST_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("WALCAST_SLOT", self.slot)
+            .env("WALCAST_CHANGELOG__DIR", self.log_dir)
+            .env("WALCAST_AUTH__JWT_SECRET", TEST_SECRET)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", log)
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("gateway process");
+        let ready = format!("http://127.0.0.1:{}/readyz", self.port);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(exit) = child.try_wait().ok().flatten() {
+                panic!("gateway {name} exited before it was ready: {exit}");
+            }
+            let ok = async { reqwest::get(&ready).await.ok()?.text().await.ok() }.await;
+            if ok.is_some_and(|body| body.contains("\"ready\":true")) {
+                return child;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "gateway {name} not ready within 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
