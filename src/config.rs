@@ -118,9 +118,9 @@ impl Default for CorsConfig {
 
 impl CorsConfig {
     /// The allow-list, read.
-    pub fn origins(&self) -> Result<crate::server::origins::Origins, ConfigError> {
+    pub fn origins(&self) -> Result<crate::origins::Origins, ConfigError> {
         let max_age = std::time::Duration::from_secs(self.max_age_secs);
-        crate::server::origins::Origins::parse(&self.allowed_origins, self.allow_credentials, max_age)
+        crate::origins::Origins::parse(&self.allowed_origins, self.allow_credentials, max_age)
             .map_err(|message| ConfigError::Invalid { key: "cors.allowed_origins", message })
     }
 }

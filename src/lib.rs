@@ -33,6 +33,7 @@ pub mod local_nats;
 pub mod local_postgres;
 pub mod locks;
 pub mod log;
+pub mod origins;
 pub mod protocol;
 pub mod realtime;
 pub mod replication;

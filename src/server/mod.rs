@@ -49,7 +49,7 @@ pub struct AppState {
     /// Open client connections at most (long-polling sessions count as connections).
     pub max_connections: usize,
     /// Browser origins allowed (CORS, WebSocket upgrades).
-    pub origins: Arc<origins::Origins>,
+    pub origins: Arc<crate::origins::Origins>,
 }
 
 /// The client-facing routes; `/metrics` too unless it has an admin address of its own.
@@ -73,7 +73,7 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
         router = router.route("/metrics", get(metrics::render));
     }
     let socketio = (!state.socketio_path.is_empty()).then(|| socketio::routes(&state));
-    let cors = state.origins.layer();
+    let cors = origins::cors(&state.origins);
     let check = axum::middleware::from_fn_with_state(state.clone(), origins::check_upgrade);
     let router = router.layer(body_limit).with_state(state);
     let router = match socketio {
