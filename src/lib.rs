@@ -111,6 +111,8 @@ pub struct Gateway {
     ack: Acknowledgement,
     log: Option<OpenLog>,
     cluster: Option<ClusterParts>,
+    /// Keys the inspector page offers (`walcast dev` only).
+    offered_keys: Option<Arc<server::inspector::OfferedKeys>>,
 }
 
 /// A cluster node's connection, as `prepare` made it.
@@ -302,7 +304,7 @@ impl Gateway {
             }
             None => None,
         };
-        Ok(Gateway { config, verifier, pool, params, listener, admin, ack, log, cluster })
+        Ok(Gateway { config, verifier, pool, params, listener, admin, ack, log, cluster, offered_keys: None })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -340,6 +342,12 @@ impl Gateway {
         })
     }
 
+    /// Has the inspector page offer these keys to whoever opens it: for `walcast dev`, whose
+    /// keys are throwaway, never for `serve`.
+    pub fn offer_keys(&mut self, keys: server::inspector::OfferedKeys) {
+        self.offered_keys = Some(Arc::new(keys));
+    }
+
     /// What every HTTP handler shares.
     fn app_state(
         config: &Config,
@@ -364,6 +372,7 @@ impl Gateway {
             socketio_path: config.socketio_path.trim_end_matches('/').into(),
             max_connections: config.max_connections,
             origins: Arc::new(config.cors.origins().unwrap_or_default()),
+            offered_keys: None,
         }
     }
 
@@ -438,7 +447,8 @@ impl Gateway {
             shutdown.clone(),
         ));
 
-        let state = Self::app_state(&self.config, hub, (status, view), &shutdown);
+        let mut state = Self::app_state(&self.config, hub, (status, view), &shutdown);
+        state.offered_keys = self.offered_keys.clone();
         let listeners = (self.listener, self.admin);
         let server = serve_http(&self.config, state, listeners, &tracker, &shutdown);
         tracker.close();

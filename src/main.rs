@@ -748,15 +748,20 @@ async fn dev(mut config: Config, data_dir: PathBuf, port: u16, nodes: u16) -> an
     let cluster = LocalPostgres::start(LocalPostgresOptions::new(&data_dir)).await?;
     let url = cluster.url("postgres");
     let started = start_dev_nodes(&mut config, &data_dir, &url, (port, nodes), nats.as_ref()).await;
-    let gateways = match started {
+    let mut gateways = match started {
         Ok(g) => g,
         Err(e) => {
             cluster.stop().await;
             return Err(e);
         }
     };
+    for g in &mut gateways {
+        g.offer_keys(walcast::server::inspector::OfferedKeys { anon: anon.clone(), service_role: service.clone() });
+    }
+    let first = gateways.first().map(|g| g.local_addr()).unwrap_or(config.listen);
     println!();
     println!("walcast dev is running");
+    println!("  Inspector : http://{first}/?table=public.posts  (open it, then run the psql line below)");
     for (i, g) in gateways.iter().enumerate() {
         let addr = g.local_addr();
         let name = if gateways.len() > 1 { format!("node-{}", i + 1) } else { "WebSocket".into() };

@@ -191,6 +191,22 @@ pub struct PublishedTable {
 /// The published tables by (schema, table).
 pub type Tables = HashMap<(String, String), PublishedTable>;
 
+/// A published table as a role may read it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReadableTable {
+    pub schema: String,
+    pub table: String,
+    pub columns: Vec<ReadableColumn>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReadableColumn {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub primary_key: bool,
+}
+
 /// The published tables, cached briefly.
 pub struct PublishedCatalog {
     pool: PgPool,
@@ -252,6 +268,37 @@ impl PublishedCatalog {
         let tables = Arc::new(tables);
         *guard = Some((Instant::now(), Arc::clone(&tables)));
         Ok(tables)
+    }
+
+    /// The published tables and columns `role` may read (its grants), in order; every one
+    /// without a role (authentication off). A role the database does not know is an error.
+    pub async fn readable_by(&self, role: Option<&str>) -> Result<Vec<ReadableTable>, sqlx::Error> {
+        let rows: Vec<(String, String, String, String, bool)> = sqlx::query_as(
+            "SELECT pt.schemaname::text, pt.tablename::text, a.attname::text, format_type(a.atttypid, a.atttypmod), \
+                    a.attnum = ANY(COALESCE((SELECT i.indkey::int2[] FROM pg_index i \
+                        WHERE i.indrelid = c.oid AND i.indisprimary LIMIT 1), '{}')) \
+             FROM pg_publication_tables pt \
+             JOIN pg_namespace n ON n.nspname = pt.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             WHERE pt.pubname = $1 \
+               AND ($2::text IS NULL OR has_column_privilege($2::text, c.oid, a.attnum, 'SELECT')) \
+             ORDER BY pt.schemaname, pt.tablename, a.attnum",
+        )
+        .bind(&self.publication)
+        .bind(role)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<ReadableTable> = Vec::new();
+        for (schema, table, name, type_name, primary_key) in rows {
+            if out.last().is_none_or(|t| t.schema != schema || t.table != table) {
+                out.push(ReadableTable { schema, table, columns: Vec::new() });
+            }
+            if let Some(t) = out.last_mut() {
+                t.columns.push(ReadableColumn { name, type_name, primary_key });
+            }
+        }
+        Ok(out)
     }
 
     /// The published tables as last read (read again once `CATALOG_TTL` passed): the same `Arc`

@@ -7,6 +7,7 @@ pub mod gate;
 pub mod graphql;
 pub mod listener;
 pub mod metrics;
+pub mod inspector;
 pub mod origins;
 pub mod socketio;
 pub mod sse;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub max_connections: usize,
     /// Browser origins allowed (CORS, WebSocket upgrades).
     pub origins: Arc<crate::origins::Origins>,
+    /// Keys the inspector offers (`walcast dev` only).
+    pub offered_keys: Option<Arc<inspector::OfferedKeys>>,
 }
 
 /// The client-facing routes; `/metrics` too unless it has an admin address of its own.
@@ -62,7 +65,12 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
         .route("/v1/channels/{name}/events", get(sse::channel_events))
         .route("/v1/ws", get(ws::upgrade_plain))
         .route("/graphql", get(graphql::upgrade).post(graphql::query))
-        .route("/v1/cluster", get(cluster));
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/tables", get(inspector::tables))
+        .route("/", get(inspector::page))
+        .route("/inspector", get(inspector::page))
+        .route("/inspector/app.js", get(inspector::script))
+        .route("/inspector/app.css", get(inspector::style));
     for prefix in ["/api", "/realtime/v1/api"] {
         router = router
             .route(&format!("{prefix}/broadcast"), post(broadcast::batch))

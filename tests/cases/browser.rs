@@ -126,3 +126,142 @@ async fn a_page_on_an_allowed_origin_streams_across_a_restart_and_others_are_ref
     page.exit().await;
     drop(child);
 }
+
+/// A browser command (`click`, `fill`, `wait`, …) and its answer.
+async fn act(page: &mut Peer, id: &str, mut command: Value) -> Value {
+    command["id"] = json!(id);
+    page.cmd(command).await;
+    let r = page.until(id, |v| v["kind"] == "result" && v["id"] == id).await;
+    assert!(r.get("error").is_none(), "{id}: {r}");
+    r["value"].clone()
+}
+
+/// Waits until `js` is truthy in the page; its value.
+async fn wait(page: &mut Peer, id: &str, js: &str) -> Value {
+    act(page, id, json!({"op": "wait", "js": js})).await
+}
+
+/// Where the inspector's screenshots go.
+fn screenshots() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("inspector");
+    std::fs::create_dir_all(&dir).expect("screenshot directory");
+    dir
+}
+
+#[tokio::test]
+async fn the_inspector_shows_rows_diffs_live_results_broadcasts_and_presence_in_chromium() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, "CREATE TABLE notes (id bigint PRIMARY KEY, body text, done boolean DEFAULT false)").await;
+    exec(&p, "GRANT SELECT ON notes TO anon").await;
+    let app = crate::support::TestApp::spawn(&url).await;
+    let key = support::anon_key();
+    let base = format!("http://{}", app.addr);
+    let mut a = Peer::browser("inspector a");
+    a.cmd(json!({"op": "goto", "url": format!("{base}/?key={key}&table=public.notes")})).await;
+    a.until("the page", |v| v["kind"] == "loaded").await;
+    wait(&mut a, "connected", "document.querySelector('#status').textContent === 'connected'").await;
+    let tables = wait(&mut a, "tables", "document.querySelector('#tables li[data-table=\"public.notes\"]')?.textContent").await;
+    assert!(tables.as_str().is_some_and(|t| t.contains("id (key) bigint") && t.contains("body text")), "{tables}");
+    wait(&mut a, "subscribed", "document.querySelector('.sub .sub-status')?.textContent === 'subscribed'").await;
+
+    // A committed row appears with its values; an update shows what changed, old → new.
+    exec(&p, "INSERT INTO notes (id, body) VALUES (1, 'first note')").await;
+    let cells = "[...document.querySelectorAll('.sub tr.INSERT td')].map(td => td.textContent).slice(1)";
+    let row = wait(&mut a, "insert", &format!("(r => r.length && r)({cells})")).await;
+    assert_eq!(row, json!(["INSERT", "1", "first note", "false"]));
+    exec(&p, "UPDATE notes SET body = 'edited', done = true WHERE id = 1").await;
+    let diff = "[...document.querySelectorAll('.sub tr.UPDATE td.changed')].map(td => [td.querySelector('del').textContent, td.lastChild.textContent])";
+    let changed = wait(&mut a, "update", &format!("(d => d.length && d)({diff})")).await;
+    assert_eq!(changed, json!([["first note", "edited"], ["false", "true"]]));
+    wait(&mut a, "latency", "document.querySelector('#p50').textContent !== '–'").await;
+    act(&mut a, "shot changes", json!({"op": "screenshot", "selector": "#changes-panel", "path": screenshots().join("changes.png")})).await;
+
+    // A live query: its result, kept exact as rows enter and leave.
+    act(&mut a, "filter", json!({"op": "fill", "selector": "#sub-filter", "value": "done=eq.false"})).await;
+    act(&mut a, "live", json!({"op": "check", "selector": "#sub-live", "value": true})).await;
+    act(&mut a, "subscribe", json!({"op": "click", "selector": "#subscribe"})).await;
+    wait(&mut a, "live end", "document.querySelector('.sub .sub-status')?.textContent === '0 rows, then changes'").await;
+    exec(&p, "INSERT INTO notes (id, body) VALUES (2, 'open'), (3, 'also open')").await;
+    exec(&p, "UPDATE notes SET done = true WHERE id = 3").await;
+    let ids = "[...document.querySelectorAll('.sub tbody tr')].map(tr => tr.cells[1].textContent)";
+    let result = wait(&mut a, "live result", &format!("(ids => ids.length === 1 && ids)({ids})")).await;
+    assert_eq!(result, json!(["2"]), "row 3 left the result");
+
+    // Broadcast between two pages, and presence on both.
+    let mut b = Peer::browser("inspector b");
+    b.cmd(json!({"op": "goto", "url": format!("{base}/?key={key}")})).await;
+    b.until("the page", |v| v["kind"] == "loaded").await;
+    wait(&mut b, "b connected", "document.querySelector('#status').textContent === 'connected'").await;
+    for (page, me) in [(&mut a, "ada"), (&mut b, "bob")] {
+        act(page, "me", json!({"op": "fill", "selector": "#me", "value": me})).await;
+        act(page, "join", json!({"op": "click", "selector": "#join"})).await;
+    }
+    let here = "[...document.querySelectorAll('#presence li')].map(li => li.textContent).sort().join(',')";
+    for page in [&mut a, &mut b] {
+        wait(page, "presence", &format!("{here} === 'ada (1),bob (1)'")).await;
+    }
+    act(&mut a, "payload", json!({"op": "fill", "selector": "#bc-payload", "value": "{\"text\":\"hi bob\"}"})).await;
+    act(&mut a, "send", json!({"op": "click", "selector": "#send"})).await;
+    for page in [&mut b, &mut a] {
+        let heard = wait(page, "heard", "document.querySelector('#messages li')?.textContent").await;
+        assert_eq!(heard, "hello: {\"text\":\"hi bob\"}");
+    }
+    act(&mut a, "shot broadcast", json!({"op": "screenshot", "selector": "#broadcast-panel", "path": screenshots().join("broadcast.png")})).await;
+    act(&mut a, "shot chart", json!({"op": "screenshot", "selector": "#chart-panel", "path": screenshots().join("chart.png")})).await;
+    act(&mut a, "shot page", json!({"op": "screenshot", "path": screenshots().join("inspector.png")})).await;
+
+    // Nothing went wrong in either page.
+    for mut page in [a, b] {
+        // A round trip first: every message the page logged before it has been read.
+        act(&mut page, "last", json!({"op": "eval", "js": "1"})).await;
+        let errors = page.pending_where(|v| v["kind"] == "pageerror" || (v["kind"] == "console" && v["type"] == "error"));
+        assert!(errors.is_empty(), "{errors:?}");
+        page.exit().await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_tables_endpoint_lists_only_what_the_tokens_role_may_read() {
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, "CREATE TABLE open_notes (id bigint PRIMARY KEY, body text)").await;
+    exec(&p, "CREATE TABLE people (id bigint PRIMARY KEY, name text, salary int)").await;
+    exec(&p, "GRANT SELECT ON open_notes TO anon, authenticated").await;
+    exec(&p, "REVOKE ALL ON people FROM anon, authenticated").await;
+    exec(&p, "GRANT SELECT (id, name) ON people TO authenticated").await;
+    let app = crate::support::TestApp::spawn(&url).await;
+    let get = async |token: &str| {
+        let r = reqwest::Client::new()
+            .get(format!("http://{}/v1/tables", app.addr))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET /v1/tables");
+        let status = r.status().as_u16();
+        (status, serde_json::from_str::<Value>(&r.text().await.expect("a body")).expect("json"))
+    };
+    let names = |v: &Value| -> Vec<String> {
+        v["tables"]
+            .as_array()
+            .expect("tables")
+            .iter()
+            .map(|t| {
+                let cols: Vec<&str> = t["columns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+                format!("{}.{}({})", t["schema"].as_str().unwrap(), t["table"].as_str().unwrap(), cols.join(","))
+            })
+            .collect()
+    };
+    let (status, anon) = get(&support::anon_key()).await;
+    assert_eq!((status, names(&anon)), (200, vec!["public.open_notes(id,body)".to_owned()]));
+    let (status, user) = get(&support::user("u1")).await;
+    assert_eq!(status, 200);
+    assert_eq!(names(&user), ["public.open_notes(id,body)", "public.people(id,name)"], "no salary");
+    // A role the database does not know reads nothing; a bad token is refused.
+    let (status, body) = get(&support::token("no_such_role", None)).await;
+    assert!(status == 401 || status == 403, "{status} {body}");
+    let (status, _) = get("not a token").await;
+    assert_eq!(status, 401);
+    app.stop().await;
+}

@@ -461,6 +461,11 @@ impl Peer {
         }
     }
 
+    /// The events read and not yet taken that `pred` accepts.
+    pub(super) fn pending_where(&self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        self.pending.iter().filter(|v| pred(v)).cloned().collect()
+    }
+
     pub(super) async fn exit(mut self) {
         self.cmd(json!({"op": "exit"})).await;
         let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
