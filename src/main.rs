@@ -756,7 +756,10 @@ async fn dev(mut config: Config, data_dir: PathBuf, port: u16, nodes: u16) -> an
         }
     };
     for g in &mut gateways {
-        g.offer_keys(walcast::server::inspector::OfferedKeys { anon: anon.clone(), service_role: service.clone() });
+        g.offer_keys(walcast::server::inspector::OfferedKeys {
+            anon: anon.clone(),
+            service_role: service.clone(),
+        });
     }
     let first = gateways.first().map(|g| g.local_addr()).unwrap_or(config.listen);
     println!();

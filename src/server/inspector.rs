@@ -52,7 +52,11 @@ pub async fn style() -> impl IntoResponse {
 
 /// `GET /v1/tables`: `{"tables":[{"schema","table","columns":[{"name","type","primary_key"}]}]}`,
 /// only what the token's role may read (its column grants).
-pub async fn tables(State(state): State<AppState>, Query(params): Query<PlainParams>, headers: HeaderMap) -> Response {
+pub async fn tables(
+    State(state): State<AppState>,
+    Query(params): Query<PlainParams>,
+    headers: HeaderMap,
+) -> Response {
     let token = token(&headers, params.access_token.as_deref(), params.apikey.as_deref());
     let credentials = match verify(&state, token.as_deref()).await {
         Ok(c) => c,

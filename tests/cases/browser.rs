@@ -161,9 +161,18 @@ async fn the_inspector_shows_rows_diffs_live_results_broadcasts_and_presence_in_
     a.cmd(json!({"op": "goto", "url": format!("{base}/?key={key}&table=public.notes")})).await;
     a.until("the page", |v| v["kind"] == "loaded").await;
     wait(&mut a, "connected", "document.querySelector('#status').textContent === 'connected'").await;
-    let tables = wait(&mut a, "tables", "document.querySelector('#tables li[data-table=\"public.notes\"]')?.textContent").await;
-    assert!(tables.as_str().is_some_and(|t| t.contains("id (key) bigint") && t.contains("body text")), "{tables}");
-    wait(&mut a, "subscribed", "document.querySelector('.sub .sub-status')?.textContent === 'subscribed'").await;
+    let tables = wait(
+        &mut a,
+        "tables",
+        "document.querySelector('#tables li[data-table=\"public.notes\"]')?.textContent",
+    )
+    .await;
+    assert!(
+        tables.as_str().is_some_and(|t| t.contains("id (key) bigint") && t.contains("body text")),
+        "{tables}"
+    );
+    wait(&mut a, "subscribed", "document.querySelector('.sub .sub-status')?.textContent === 'subscribed'")
+        .await;
 
     // A committed row appears with its values; an update shows what changed, old → new.
     exec(&p, "INSERT INTO notes (id, body) VALUES (1, 'first note')").await;
@@ -175,13 +184,23 @@ async fn the_inspector_shows_rows_diffs_live_results_broadcasts_and_presence_in_
     let changed = wait(&mut a, "update", &format!("(d => d.length && d)({diff})")).await;
     assert_eq!(changed, json!([["first note", "edited"], ["false", "true"]]));
     wait(&mut a, "latency", "document.querySelector('#p50').textContent !== '–'").await;
-    act(&mut a, "shot changes", json!({"op": "screenshot", "selector": "#changes-panel", "path": screenshots().join("changes.png")})).await;
+    act(
+        &mut a,
+        "shot changes",
+        json!({"op": "screenshot", "selector": "#changes-panel", "path": screenshots().join("changes.png")}),
+    )
+    .await;
 
     // A live query: its result, kept exact as rows enter and leave.
     act(&mut a, "filter", json!({"op": "fill", "selector": "#sub-filter", "value": "done=eq.false"})).await;
     act(&mut a, "live", json!({"op": "check", "selector": "#sub-live", "value": true})).await;
     act(&mut a, "subscribe", json!({"op": "click", "selector": "#subscribe"})).await;
-    wait(&mut a, "live end", "document.querySelector('.sub .sub-status')?.textContent === '0 rows, then changes'").await;
+    wait(
+        &mut a,
+        "live end",
+        "document.querySelector('.sub .sub-status')?.textContent === '0 rows, then changes'",
+    )
+    .await;
     exec(&p, "INSERT INTO notes (id, body) VALUES (2, 'open'), (3, 'also open')").await;
     exec(&p, "UPDATE notes SET done = true WHERE id = 3").await;
     let ids = "[...document.querySelectorAll('.sub tbody tr')].map(tr => tr.cells[1].textContent)";
@@ -201,21 +220,32 @@ async fn the_inspector_shows_rows_diffs_live_results_broadcasts_and_presence_in_
     for page in [&mut a, &mut b] {
         wait(page, "presence", &format!("{here} === 'ada (1),bob (1)'")).await;
     }
-    act(&mut a, "payload", json!({"op": "fill", "selector": "#bc-payload", "value": "{\"text\":\"hi bob\"}"})).await;
+    act(
+        &mut a,
+        "payload",
+        json!({"op": "fill", "selector": "#bc-payload", "value": "{\"text\":\"hi bob\"}"}),
+    )
+    .await;
     act(&mut a, "send", json!({"op": "click", "selector": "#send"})).await;
     for page in [&mut b, &mut a] {
         let heard = wait(page, "heard", "document.querySelector('#messages li')?.textContent").await;
         assert_eq!(heard, "hello: {\"text\":\"hi bob\"}");
     }
     act(&mut a, "shot broadcast", json!({"op": "screenshot", "selector": "#broadcast-panel", "path": screenshots().join("broadcast.png")})).await;
-    act(&mut a, "shot chart", json!({"op": "screenshot", "selector": "#chart-panel", "path": screenshots().join("chart.png")})).await;
+    act(
+        &mut a,
+        "shot chart",
+        json!({"op": "screenshot", "selector": "#chart-panel", "path": screenshots().join("chart.png")}),
+    )
+    .await;
     act(&mut a, "shot page", json!({"op": "screenshot", "path": screenshots().join("inspector.png")})).await;
 
     // Nothing went wrong in either page.
     for mut page in [a, b] {
         // A round trip first: every message the page logged before it has been read.
         act(&mut page, "last", json!({"op": "eval", "js": "1"})).await;
-        let errors = page.pending_where(|v| v["kind"] == "pageerror" || (v["kind"] == "console" && v["type"] == "error"));
+        let errors = page
+            .pending_where(|v| v["kind"] == "pageerror" || (v["kind"] == "console" && v["type"] == "error"));
         assert!(errors.is_empty(), "{errors:?}");
         page.exit().await;
     }
@@ -248,8 +278,14 @@ async fn the_tables_endpoint_lists_only_what_the_tokens_role_may_read() {
             .expect("tables")
             .iter()
             .map(|t| {
-                let cols: Vec<&str> = t["columns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-                format!("{}.{}({})", t["schema"].as_str().unwrap(), t["table"].as_str().unwrap(), cols.join(","))
+                let cols: Vec<&str> =
+                    t["columns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+                format!(
+                    "{}.{}({})",
+                    t["schema"].as_str().unwrap(),
+                    t["table"].as_str().unwrap(),
+                    cols.join(",")
+                )
             })
             .collect()
     };
