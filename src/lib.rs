@@ -41,6 +41,7 @@ pub mod server;
 pub mod source;
 pub mod subscribe;
 pub mod tail;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -355,6 +356,7 @@ impl Gateway {
         (status, cluster): (Arc<ReplicationStatus>, Option<Arc<cluster::view::View>>),
         shutdown: &CancellationToken,
     ) -> AppState {
+        let telemetry = hub.metrics().telemetry.clone();
         AppState {
             hub,
             status,
@@ -362,7 +364,7 @@ impl Gateway {
             max_frame_bytes: config.max_frame_bytes,
             idle_timeout: Duration::from_secs(config.idle_timeout_secs),
             shutdown: shutdown.clone(),
-            connections: Arc::new(server::listener::ConnectionMetrics::default()),
+            connections: Arc::new(server::listener::ConnectionMetrics { telemetry, ..Default::default() }),
             rest: Arc::new(server::broadcast::RestLimits {
                 max_messages_per_second: config.max_rest_messages_per_second,
                 max_private_topics: config.max_rest_private_topics,

@@ -219,11 +219,7 @@ impl PlainConnection {
                     self.auth_by = None;
                 }
                 Err(e) => {
-                    self.session
-                        .hub()
-                        .metrics()
-                        .auth_refused
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.session.hub().metrics().token_refused();
                     return error(id, None, e.connect_message());
                 }
             }
@@ -312,7 +308,7 @@ impl crate::protocol::Connection for PlainConnection {
         self.session.expire(now);
         let late = self.auth_by.is_some_and(|by| by <= now);
         late.then(|| {
-            self.session.hub().metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.session.hub().metrics().token_refused();
             crate::protocol::Closing {
                 frame: Some(error(&None, None, AUTH_TIMEOUT)),
                 code: 1008,

@@ -1,7 +1,9 @@
 //! The core's limits (from the configuration) and counters (read by `/metrics`).
 //! Must not: hold anything but plain values and atomics.
 
-use std::sync::atomic::{AtomicI64, AtomicU64};
+use metrics::{Counter, Gauge, Histogram};
+
+use crate::telemetry::Telemetry;
 use std::time::Duration;
 
 /// Per-session limits, with Supabase's defaults (see `config.rs`).
@@ -53,26 +55,99 @@ impl Limits {
     }
 }
 
-/// Counters shared by the core, the transports and `/metrics`.
-#[derive(Debug, Default)]
+/// Counters shared by the core, the transports and `/metrics`: handles on the gateway's
+/// [`Telemetry`] recorder.
+#[derive(Debug)]
 pub struct Metrics {
-    pub clients: AtomicI64,
-    pub channels: AtomicI64,
-    pub subscriptions: AtomicI64,
-    pub changes_dispatched: AtomicU64,
-    pub frames_delivered: AtomicU64,
-    pub slow_client_disconnects: AtomicU64,
+    pub telemetry: Telemetry,
+    pub clients: Gauge,
+    pub channels: Gauge,
+    pub subscriptions: Gauge,
+    pub changes_dispatched: Counter,
+    pub frames_delivered: Counter,
+    pub slow_client_disconnects: Counter,
     /// Event streams that fell behind and went on from the change log instead of being dropped.
-    pub slow_client_catchups: AtomicU64,
-    pub broadcasts_received: AtomicU64,
+    pub slow_client_catchups: Counter,
+    pub broadcasts_received: Counter,
     /// Binary broadcasts a member's encoding could not carry (Phoenix 1.0.0).
-    pub broadcasts_undeliverable: AtomicU64,
-    pub presence_events: AtomicU64,
-    pub rate_limited: AtomicU64,
+    pub broadcasts_undeliverable: Counter,
+    pub presence_events: Counter,
+    pub rate_limited: Counter,
     /// `walcast.rls_check` calls (one per table per batch of changes).
-    pub rls_checks: AtomicU64,
+    pub rls_checks: Counter,
     /// Change deliveries withheld by row-level security (per subscriber and change).
-    pub rls_withheld: AtomicU64,
+    pub rls_withheld: Counter,
     /// Tokens refused (connect, join, refresh, REST) and channels closed when their token expired.
-    pub auth_refused: AtomicU64,
+    pub auth_refused: Counter,
+    pub commit_to_dispatch: Histogram,
+    pub rls_check: Histogram,
+    pub snapshot: Histogram,
+    pub replay: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new(Telemetry::new())
+    }
+}
+
+impl Metrics {
+    pub fn new(telemetry: Telemetry) -> Metrics {
+        use crate::telemetry as t;
+        let counter = |name| telemetry.counter(name, &[]);
+        let gauge = |name| telemetry.gauge(name, &[]);
+        let histogram = |name| telemetry.histogram(name, &[]);
+        Metrics {
+            clients: gauge(t::CLIENTS),
+            channels: gauge(t::CHANNELS),
+            subscriptions: gauge(t::SUBSCRIPTIONS),
+            changes_dispatched: counter(t::CHANGES_DISPATCHED),
+            frames_delivered: counter(t::FRAMES_DELIVERED),
+            slow_client_disconnects: counter(t::SLOW_DISCONNECTS),
+            slow_client_catchups: counter(t::SLOW_CATCHUPS),
+            broadcasts_received: counter(t::BROADCASTS),
+            broadcasts_undeliverable: counter(t::BROADCASTS_UNDELIVERABLE),
+            presence_events: counter(t::PRESENCE_EVENTS),
+            rate_limited: counter(t::RATE_LIMITED),
+            rls_checks: counter(t::RLS_CHECKS),
+            rls_withheld: counter(t::RLS_WITHHELD),
+            auth_refused: counter(t::AUTH_REFUSED),
+            commit_to_dispatch: histogram(t::COMMIT_TO_DISPATCH),
+            rls_check: histogram(t::RLS_CHECK),
+            snapshot: histogram(t::SNAPSHOT),
+            replay: histogram(t::REPLAY),
+            telemetry,
+        }
+    }
+
+    /// A change matched and queued for its subscribers: counted, with the time since its commit.
+    pub fn dispatched(&self, commit_ts: i64) {
+        self.changes_dispatched.increment(1);
+        let micros = crate::replication::wire::now_pg_micros().saturating_sub(commit_ts).max(0);
+        self.commit_to_dispatch.record(micros as f64 / 1e6);
+    }
+
+    /// A token refused: counted, and as a refusal for its token.
+    pub fn token_refused(&self) {
+        self.auth_refused.increment(1);
+        self.telemetry.refused("token");
+    }
+
+    /// A request over a per-socket limit.
+    pub fn limited(&self) {
+        self.rate_limited.increment(1);
+        self.telemetry.refused("rate_limit");
+    }
+
+    /// A client disconnected as too slow.
+    pub fn too_slow(&self) {
+        self.slow_client_disconnects.increment(1);
+        self.telemetry.refused("slow_client");
+    }
+
+    /// The value `name` (no labels) has now, as exported (for tests and benchmarks).
+    pub fn value(&self, name: &str) -> Option<f64> {
+        let text = self.telemetry.render();
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
 }

@@ -6,7 +6,6 @@
 //! live in `protocol/`.
 
 use std::borrow::Cow;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
@@ -231,12 +230,12 @@ impl Outbox {
     pub fn send(&self, frame: Frame, metrics: &Metrics) -> Queued {
         match self.tx.try_send(frame) {
             Ok(()) => {
-                metrics.frames_delivered.fetch_add(1, Ordering::Relaxed);
+                metrics.frames_delivered.increment(1);
                 Queued::Yes
             }
             Err(TrySendError::Full(_)) => {
                 if !self.kill.is_cancelled() {
-                    metrics.slow_client_disconnects.fetch_add(1, Ordering::Relaxed);
+                    metrics.too_slow();
                     tracing::warn!("client outbound queue full; disconnecting slow client");
                     self.kill.cancel();
                 }
@@ -253,7 +252,7 @@ impl Outbox {
         }
         match self.tx.send(frame).await {
             Ok(()) => {
-                metrics.frames_delivered.fetch_add(1, Ordering::Relaxed);
+                metrics.frames_delivered.increment(1);
                 Queued::Yes
             }
             Err(_) => Queued::Gone,
@@ -263,7 +262,7 @@ impl Outbox {
     /// Gives up on this client as too slow (the transport closes it).
     pub fn kill(&self, metrics: &Metrics) {
         if !self.kill.is_cancelled() {
-            metrics.slow_client_disconnects.fetch_add(1, Ordering::Relaxed);
+            metrics.too_slow();
             tracing::warn!("client fell too far behind while resuming; disconnecting slow client");
             self.kill.cancel();
         }

@@ -5,7 +5,6 @@
 //! frame encoded once per encoding and shared by every member. Must not: await anything; the
 //! lock is a std `RwLock` held only while queueing frames.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::auth::topics::Replayed;
@@ -53,7 +52,7 @@ impl Hub {
             self.send_direct(&member, &Direct::PresenceState(&state));
         }
         channel.members.push(member);
-        self.metrics().channels.fetch_add(1, Ordering::Relaxed);
+        self.metrics().channels.increment(1.0);
     }
 
     /// Queues the presence state of the member's topic to it (presence enabled after join).
@@ -74,7 +73,7 @@ impl Hub {
             let before = channel.members.len();
             channel.members.retain(|m| m.id != member.id);
             if channel.members.len() < before {
-                self.metrics().channels.fetch_sub(1, Ordering::Relaxed);
+                self.metrics().channels.decrement(1.0);
             }
             let leaves = channel.presence.of_member(member.id);
             if channel.members.is_empty() && channel.presence.is_empty() {
@@ -131,7 +130,7 @@ impl Hub {
                     m.deliver_live(place, f, self.metrics());
                 }
                 None => {
-                    self.metrics().broadcasts_undeliverable.fetch_add(1, Ordering::Relaxed);
+                    self.metrics().broadcasts_undeliverable.increment(1);
                 }
             }
         }
@@ -144,7 +143,7 @@ impl Hub {
                 member.outbox.send(f, self.metrics());
             }
             None => {
-                self.metrics().broadcasts_undeliverable.fetch_add(1, Ordering::Relaxed);
+                self.metrics().broadcasts_undeliverable.increment(1);
             }
         }
     }
@@ -237,7 +236,7 @@ impl Hub {
     /// Publishes a broadcast a client or REST sent (checked already: its size, and the sender's
     /// right to write to the topic): counted, delivered here, forwarded to peers.
     pub fn publish_broadcast(&self, key: TopicKey, origin: Option<MemberId>, message: BroadcastMessage) {
-        self.metrics().broadcasts_received.fetch_add(1, Ordering::Relaxed);
+        self.metrics().broadcasts_received.increment(1);
         self.publish(BusMessage::Broadcast { key, origin, message: Arc::new(message) });
     }
 

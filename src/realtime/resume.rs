@@ -93,7 +93,9 @@ impl Resume {
     }
 
     async fn run(self) {
+        let started = std::time::Instant::now();
         let replayed = self.replay().await;
+        self.hub.metrics().replay.record(started.elapsed());
         let after = match (&replayed, self.after) {
             (Ok(after), _) => *after,
             (Err(_), Since::Cursor(c)) => c.position,

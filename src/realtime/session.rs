@@ -260,7 +260,7 @@ impl Drop for Membership {
             let mut index = locks::write(self.hub.index());
             for id in &self.subs {
                 if index.remove(*id) {
-                    self.hub.metrics().subscriptions.fetch_sub(1, Ordering::Relaxed);
+                    self.hub.metrics().subscriptions.decrement(1.0);
                 }
             }
         }
@@ -372,7 +372,7 @@ impl Session {
     ) -> (Session, OutboxReceiver) {
         let limits = *hub.limits();
         let (outbox, rx) = Outbox::new(limits.client_queue);
-        hub.metrics().clients.fetch_add(1, Ordering::Relaxed);
+        hub.metrics().clients.increment(1.0);
         let session = Session {
             id: hub.next_id(),
             outbox,
@@ -497,7 +497,7 @@ impl Session {
             return Err(JoinError::EmptyTopic);
         }
         if !self.joins.allow(Instant::now()) {
-            self.hub.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
+            self.hub.metrics().limited();
             return Err(JoinError::TooManyJoins);
         }
         if req.bindings.len() > self.hub.limits().max_bindings {
@@ -511,7 +511,7 @@ impl Session {
             JoinError::Unavailable
         })?;
         if !access.may_join(req.presence_enabled) {
-            self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
+            self.hub.metrics().token_refused();
             return Err(JoinError::Unauthorized(name));
         }
         let replay = match &req.replay {
@@ -656,7 +656,7 @@ impl Session {
                     let id = index.insert(Arc::clone(member), spec);
                     live.subs.extend(index.get(id).cloned());
                     ids.push(id);
-                    self.hub.metrics().subscriptions.fetch_add(1, Ordering::Relaxed);
+                    self.hub.metrics().subscriptions.increment(1.0);
                 }
                 Err(e) => live.errors.push(e),
             }
@@ -726,7 +726,7 @@ impl Session {
         };
         let verified = verifier.verify(token).await;
         if verified.is_err() {
-            self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
+            self.hub.metrics().token_refused();
         }
         verified.map(Some)
     }
@@ -745,7 +745,7 @@ impl Session {
         }
         let private = current.member.key.private;
         let credentials = verifier.verify(token).await.inspect_err(|_| {
-            self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
+            self.hub.metrics().token_refused();
         })?;
         let subject = self.hub.intern_subject(Subject::of(&credentials.claims));
         let name = channel_name(topic);
@@ -757,7 +757,7 @@ impl Session {
         self.recheck_bindings(topic, &subject).await?;
         if let Some(m) = self.channels.get_mut(topic) {
             if access.revokes_read(&m.access) {
-                self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
+                self.hub.metrics().token_refused();
                 return Err(RefreshError::Revoked(name.to_owned()));
             }
             m.access = access;
@@ -812,7 +812,7 @@ impl Session {
             })
             .collect();
         for (topic, ago) in expired {
-            self.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
+            self.hub.metrics().token_refused();
             self.close_channel(&topic, "system", &AuthError::Expired(ago).to_string());
         }
     }
@@ -865,7 +865,7 @@ impl Session {
             return Err(BroadcastError::Unauthorized(channel_name(topic).to_owned()));
         }
         if !self.events.allow(Instant::now()) {
-            self.hub.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
+            self.hub.metrics().limited();
             return Err(BroadcastError::RateLimited);
         }
         self.hub.broadcast_fits(message.payload.len())?;
@@ -881,7 +881,7 @@ impl Session {
             return Err(PresenceError::NotJoined(topic.to_owned()));
         };
         if !self.presence_events.allow(Instant::now()) {
-            self.hub.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
+            self.hub.metrics().limited();
             return Err(PresenceError::RateLimited);
         }
         if !m.access.presence_write {
@@ -894,7 +894,7 @@ impl Session {
         if size > self.hub.limits().max_presence_payload_bytes {
             return Err(PresenceError::PayloadTooLarge);
         }
-        self.hub.metrics().presence_events.fetch_add(1, Ordering::Relaxed);
+        self.hub.metrics().presence_events.increment(1);
         let phx_ref = new_ref(self.hub.next_id(), self.hub.node());
         let prev = m.tracked.as_ref().map(|t| Arc::clone(&t.meta.phx_ref));
         let meta = PresenceMeta::new(phx_ref, prev.as_deref(), m.member.id, payload);
@@ -923,11 +923,11 @@ impl Session {
             return Err(PresenceError::NotJoined(topic.to_owned()));
         };
         if !self.presence_events.allow(Instant::now()) {
-            self.hub.metrics().rate_limited.fetch_add(1, Ordering::Relaxed);
+            self.hub.metrics().limited();
             return Err(PresenceError::RateLimited);
         }
         if let Some(old) = m.tracked.take() {
-            self.hub.metrics().presence_events.fetch_add(1, Ordering::Relaxed);
+            self.hub.metrics().presence_events.increment(1);
             let diff = PresenceDiff { joins: Vec::new(), leaves: vec![(old.key, old.meta)] };
             self.hub.publish(BusMessage::Presence { key: m.member.key.clone(), diff });
         }
@@ -939,7 +939,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         // Memberships clean up as they drop.
         self.channels.clear();
-        self.hub.metrics().clients.fetch_sub(1, Ordering::Relaxed);
+        self.hub.metrics().clients.decrement(1.0);
     }
 }
 
@@ -1072,7 +1072,7 @@ mod tests {
         a.broadcast("room", bin).unwrap();
         assert_eq!(drain(&mut v2rx), ["room broadcast blob [0, 1, 2]"]);
         assert!(drain(&mut v1rx).is_empty());
-        assert_eq!(hub.metrics().broadcasts_undeliverable.load(Ordering::Relaxed), 1);
+        assert_eq!(hub.metrics().value(crate::telemetry::BROADCASTS_UNDELIVERABLE), Some(1.0));
     }
 
     #[tokio::test]
@@ -1172,8 +1172,8 @@ mod tests {
         drop(watcher);
         drop(a);
         assert_eq!(hub.channel_count(), 0, "nothing left behind");
-        assert_eq!(hub.metrics().clients.load(Ordering::Relaxed), 0);
-        assert_eq!(hub.metrics().channels.load(Ordering::Relaxed), 0);
+        assert_eq!(hub.metrics().value(crate::telemetry::CLIENTS), Some(0.0));
+        assert_eq!(hub.metrics().value(crate::telemetry::CHANNELS), Some(0.0));
     }
 
     #[tokio::test]
@@ -1214,7 +1214,7 @@ mod tests {
         }
         assert!(slow_rx.killed.is_cancelled());
         assert!(!fast_rx.killed.is_cancelled());
-        assert_eq!(hub.metrics().slow_client_disconnects.load(Ordering::Relaxed), 1);
+        assert_eq!(hub.metrics().value(crate::telemetry::SLOW_DISCONNECTS), Some(1.0));
         drop(slow);
     }
 

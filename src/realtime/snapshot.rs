@@ -205,7 +205,10 @@ impl Snapshot {
         let metrics = self.hub.metrics();
         // Closed never: the session holds the semaphore for as long as snapshots may be made.
         let Ok(_turn) = Arc::clone(&self.turn).acquire_owned().await else { return };
-        match self.send().await {
+        let started = std::time::Instant::now();
+        let sent = self.send().await;
+        metrics.snapshot.record(started.elapsed());
+        match sent {
             Ok((rows, shown, more)) => {
                 let cursor = self.hub.log().map(|log| log.cursor(self.through).to_string());
                 let frame = self.member.encoder.encode_direct(

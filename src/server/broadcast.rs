@@ -58,7 +58,7 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Option<Crede
     .await
     .map_err(|e| {
         tracing::debug!(error = %e, "REST broadcast refused");
-        state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state.hub.metrics().token_refused();
         error(StatusCode::UNAUTHORIZED, "message", "Unauthorized")
     })
 }
@@ -69,7 +69,7 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Option<Crede
 async fn may_write(state: &AppState, credentials: Option<&Credentials>, topic: &str) -> Result<(), Response> {
     let Some(c) = credentials else { return Ok(()) };
     let forbidden = || {
-        state.hub.metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state.hub.metrics().token_refused();
         error(StatusCode::FORBIDDEN, "message", "Unauthorized")
     };
     // The same answer a joining socket gets (`Hub::topic_access`): a policy that raises, or no
@@ -131,7 +131,7 @@ fn rate_limited(state: &AppState, credentials: Option<&Credentials>, n: usize) -
     if state.rest.senders.allow(sender(credentials), n, limit) {
         return None;
     }
-    state.hub.metrics().rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.hub.metrics().limited();
     Some(error(StatusCode::TOO_MANY_REQUESTS, "message", "Too many messages per second"))
 }
 

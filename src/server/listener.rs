@@ -68,6 +68,8 @@ pub struct ConnectionMetrics {
     pub silent_closed: AtomicU64,
     /// WebSocket upgrades refused for their `Origin`.
     pub origin_refused: AtomicU64,
+    /// The gateway's recorder, for refusals by reason.
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 /// Open connections, in all and by address.
@@ -91,6 +93,7 @@ impl Counts {
         let m = &self.metrics;
         if m.open.load(Ordering::Relaxed) >= self.limits.max_connections as u64 {
             m.refused_total.fetch_add(1, Ordering::Relaxed);
+            m.telemetry.refused("max_connections");
             return Err("too many connections");
         }
         if self.limits.max_per_ip > 0 {
@@ -98,6 +101,7 @@ impl Counts {
             let n = by_ip.entry(ip).or_insert(0);
             if *n >= self.limits.max_per_ip {
                 m.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+                m.telemetry.refused("max_connections_per_ip");
                 return Err("too many connections from this address");
             }
             *n += 1;

@@ -1,4 +1,6 @@
-//! `/metrics` in the Prometheus text format. Metric names are constants here.
+//! `/metrics` in the Prometheus text format: the gateway's recorder (`telemetry.rs`: the core's
+//! counters, histograms, refusals by reason), then the values read from the replication stream,
+//! the listener and the cluster when asked. Their names are constants here.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -10,25 +12,17 @@ use axum::response::IntoResponse;
 use crate::server::AppState;
 use crate::source::walsender::lag_seconds;
 
-pub const CLIENTS: &str = "walcast_connected_clients";
-pub const SUBSCRIPTIONS: &str = "walcast_subscriptions";
+pub use crate::telemetry::{
+    AUTH_REFUSED, BROADCASTS, BROADCASTS_UNDELIVERABLE, CHANGES_DISPATCHED, CHANNELS, CLIENTS,
+    FRAMES_DELIVERED, PRESENCE_EVENTS, RATE_LIMITED, RLS_CHECKS, RLS_WITHHELD, SLOW_CATCHUPS,
+    SLOW_DISCONNECTS, SUBSCRIPTIONS,
+};
 pub const CHANGES_RECEIVED: &str = "walcast_changes_received_total";
-pub const CHANGES_DISPATCHED: &str = "walcast_changes_dispatched_total";
-pub const FRAMES_DELIVERED: &str = "walcast_frames_delivered_total";
-pub const SLOW_DISCONNECTS: &str = "walcast_slow_client_disconnects_total";
-pub const SLOW_CATCHUPS: &str = "walcast_slow_client_catchups_total";
 pub const LAG_BYTES: &str = "walcast_replication_lag_bytes";
 pub const LAG_SECONDS: &str = "walcast_replication_lag_seconds";
 pub const CONNECTED: &str = "walcast_replication_connected";
+pub const READY: &str = "walcast_ready";
 pub const CONNECTIONS: &str = "walcast_replication_connections_total";
-pub const CHANNELS: &str = "walcast_joined_channels";
-pub const BROADCASTS: &str = "walcast_broadcasts_received_total";
-pub const BROADCASTS_UNDELIVERABLE: &str = "walcast_broadcasts_undeliverable_total";
-pub const PRESENCE_EVENTS: &str = "walcast_presence_events_total";
-pub const RATE_LIMITED: &str = "walcast_rate_limited_total";
-pub const AUTH_REFUSED: &str = "walcast_auth_refused_total";
-pub const RLS_CHECKS: &str = "walcast_rls_checks_total";
-pub const RLS_WITHHELD: &str = "walcast_rls_withheld_total";
 pub const HTTP_CONNECTIONS: &str = "walcast_http_connections";
 pub const CONNECTIONS_REFUSED: &str = "walcast_connections_refused_total";
 pub const CONNECTIONS_REFUSED_PER_IP: &str = "walcast_connections_refused_per_ip_total";
@@ -44,87 +38,6 @@ pub const CLUSTER_SLOT_LAG_BYTES: &str = "walcast_cluster_slot_lag_bytes";
 
 /// One metric: name, type, help text, value.
 type Row = (&'static str, &'static str, &'static str, String);
-
-/// The core's counters and gauges.
-fn hub_rows(m: &crate::realtime::Metrics) -> Vec<Row> {
-    let relaxed = Ordering::Relaxed;
-    vec![
-        (CLIENTS, "gauge", "Connected WebSocket clients.", m.clients.load(relaxed).to_string()),
-        (
-            SUBSCRIPTIONS,
-            "gauge",
-            "Active postgres_changes bindings.",
-            m.subscriptions.load(relaxed).to_string(),
-        ),
-        (
-            CHANGES_DISPATCHED,
-            "counter",
-            "Row changes matched against subscriptions.",
-            m.changes_dispatched.load(relaxed).to_string(),
-        ),
-        (
-            FRAMES_DELIVERED,
-            "counter",
-            "Frames queued to clients by the core (changes, broadcasts, presence).",
-            m.frames_delivered.load(relaxed).to_string(),
-        ),
-        (
-            SLOW_DISCONNECTS,
-            "counter",
-            "Clients disconnected because their queue was full.",
-            m.slow_client_disconnects.load(relaxed).to_string(),
-        ),
-        (CHANNELS, "gauge", "Channels joined, over all clients.", m.channels.load(relaxed).to_string()),
-        (
-            BROADCASTS,
-            "counter",
-            "Broadcasts accepted from clients, REST and the database.",
-            m.broadcasts_received.load(relaxed).to_string(),
-        ),
-        (
-            BROADCASTS_UNDELIVERABLE,
-            "counter",
-            "Binary broadcasts not sent to members whose serializer (1.0.0) cannot carry them.",
-            m.broadcasts_undeliverable.load(relaxed).to_string(),
-        ),
-        (
-            PRESENCE_EVENTS,
-            "counter",
-            "Presence track and untrack events applied.",
-            m.presence_events.load(relaxed).to_string(),
-        ),
-        (
-            RATE_LIMITED,
-            "counter",
-            "Client requests refused by a per-socket limit.",
-            m.rate_limited.load(relaxed).to_string(),
-        ),
-        (
-            AUTH_REFUSED,
-            "counter",
-            "Tokens refused: at connect, join, refresh or REST broadcast, and channels closed on expiry.",
-            m.auth_refused.load(relaxed).to_string(),
-        ),
-        (
-            RLS_CHECKS,
-            "counter",
-            "Row-level security queries (one per table per batch of changes).",
-            m.rls_checks.load(relaxed).to_string(),
-        ),
-        (
-            RLS_WITHHELD,
-            "counter",
-            "Change deliveries withheld by row-level security (per subscriber and change).",
-            m.rls_withheld.load(relaxed).to_string(),
-        ),
-        (
-            SLOW_CATCHUPS,
-            "counter",
-            "Event streams that fell behind and went on from the change log instead of being dropped.",
-            m.slow_client_catchups.load(relaxed).to_string(),
-        ),
-    ]
-}
 
 /// The replication stream's.
 fn stream_rows(s: &crate::source::walsender::ReplicationStatus) -> Vec<Row> {
@@ -153,6 +66,12 @@ fn stream_rows(s: &crate::source::walsender::ReplicationStatus) -> Vec<Row> {
             "gauge",
             "1 while the replication stream is connected.",
             u8::from(s.connected.load(relaxed)).to_string(),
+        ),
+        (
+            READY,
+            "gauge",
+            "1 while /readyz answers 200: the replication stream is connected and caught up.",
+            u8::from(s.connected.load(relaxed) && s.caught_up.load(relaxed)).to_string(),
         ),
         (
             CONNECTIONS,
@@ -257,12 +176,13 @@ fn cluster_rows(
 }
 
 pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
-    let rows = hub_rows(state.hub.metrics())
+    let rows = stream_rows(&state.status)
         .into_iter()
-        .chain(stream_rows(&state.status))
         .chain(connection_rows(&state.connections))
         .chain(state.cluster.as_deref().map(|v| cluster_rows(v, &state.status)).unwrap_or_default());
-    let mut out = String::with_capacity(2048);
+    // What the recorder holds (the core's counters, the histograms, refusals by reason), then
+    // the values read from the replication stream, the listener and the cluster as they are now.
+    let mut out = state.hub.metrics().telemetry.render();
     for (name, kind, help, value) in rows {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }

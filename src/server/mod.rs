@@ -103,7 +103,7 @@ pub fn admin_router(state: AppState) -> Router {
 /// A request or upgrade refused for its token: 401 `{"error": …}`, counted.
 pub(crate) fn unauthorized(state: &AppState, e: &crate::auth::AuthError) -> axum::response::Response {
     tracing::debug!(error = %e, "request refused");
-    state.hub.metrics().auth_refused.fetch_add(1, Ordering::Relaxed);
+    state.hub.metrics().token_refused();
     (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": e.connect_message()}))).into_response()
 }
 

@@ -52,6 +52,7 @@ pub async fn check_upgrade(State(state): State<AppState>, req: Request, next: Ne
     match origin {
         Some(origin) if upgrade && state.origins.configured() && !state.origins.allows(&origin) => {
             state.connections.origin_refused.fetch_add(1, Ordering::Relaxed);
+            state.connections.telemetry.refused("origin");
             tracing::debug!(%origin, "WebSocket upgrade refused for its origin");
             let body = serde_json::json!({"error": format!("origin not allowed: {origin}")});
             (StatusCode::FORBIDDEN, axum::Json(body)).into_response()

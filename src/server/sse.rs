@@ -430,7 +430,7 @@ impl Streaming {
         }
         self.session = session;
         self.outbox = outbox;
-        self.state.hub.metrics().slow_client_catchups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.state.hub.metrics().slow_client_catchups.increment(1);
         if let Some(handoff) = joined.handoff {
             handoff.start();
         }

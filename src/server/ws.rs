@@ -267,7 +267,10 @@ async fn read<C: Connection, E: std::error::Error + 'static>(
 ) -> Result<Option<Vec<Frame>>, Close> {
     match msg {
         None | Some(Ok(Message::Close(_))) => Err(Close::Gone),
-        Some(Err(e)) if too_large(&e) => Err(Close::Code(1009, "frame too large")),
+        Some(Err(e)) if too_large(&e) => {
+            conn.session().hub().metrics().telemetry.refused("frame_too_large");
+            Err(Close::Code(1009, "frame too large"))
+        }
         Some(Err(_)) => Err(Close::Gone),
         // Boxed while it runs: handling a frame (a join) is a large future, and inline every
         // idle socket's task would keep room for it.

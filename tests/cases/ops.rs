@@ -613,3 +613,54 @@ async fn dev_mode_runs_a_cluster_of_nodes_on_consecutive_ports() {
     assert!(stdout.contains("node-3") && stdout.contains("/v1/cluster"), "{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Metric names a text mentions: `walcast_…`, a histogram's series (`_bucket`, `_sum`, `_count`)
+/// as the histogram.
+fn metric_names(
+    text: &str,
+    histograms: &std::collections::BTreeSet<String>,
+) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("walcast_") {
+        let tail = &rest[at..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|b| histograms.contains(*b)))
+            .unwrap_or(name);
+        names.insert(base.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[tokio::test]
+async fn the_dashboard_alerts_and_readme_name_exactly_the_metrics_walcast_exports() {
+    let url = crate::support::fresh_db().await;
+    let app = crate::support::TestApp::spawn(&url).await;
+    let text = crate::support::http_get(&format!("http://{}/metrics", app.addr)).await.expect("metrics");
+    let typed: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(n, k)| (n.to_owned(), k.to_owned()))
+        .collect();
+    let exported: std::collections::BTreeSet<String> = typed.iter().map(|(n, _)| n.clone()).collect();
+    let histograms = typed.iter().filter(|(_, k)| k == "histogram").map(|(n, _)| n.clone()).collect();
+    assert!(exported.contains("walcast_commit_to_dispatch_seconds"), "{text}");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in ["deploy/grafana/walcast.json", "deploy/prometheus/alerts.yml"] {
+        let named = metric_names(&std::fs::read_to_string(root.join(file)).expect(file), &histograms);
+        assert!(!named.is_empty(), "{file} names no metric");
+        let missing: Vec<_> = named.difference(&exported).collect();
+        assert!(missing.is_empty(), "{file} names metrics walcast does not export: {missing:?}");
+    }
+    // The README documents every metric on a single node (a cluster node's are in its section).
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
+    let documented = metric_names(&readme, &histograms);
+    let undocumented: Vec<_> = exported.difference(&documented).collect();
+    assert!(undocumented.is_empty(), "README does not mention {undocumented:?}");
+    app.stop().await;
+}

@@ -365,6 +365,7 @@ impl SocketIoConnection {
 
     /// A malformed packet: the client is told why, and the connection closes.
     fn malformed(&mut self, why: impl std::fmt::Display) -> Vec<Frame> {
+        self.session.hub().metrics().telemetry.refused("malformed");
         let frame =
             named("error", json!([{"message": format!("malformed packet: {why}")}]).to_string().into_bytes());
         self.closing = Some(Closing { frame: Some(frame), code: 1002, reason: "malformed Socket.IO packet" });
@@ -437,11 +438,7 @@ impl SocketIoConnection {
                 Ok(c) => self.session.set_connect(c),
                 Err(e) => {
                     tracing::debug!(error = %e, "socket.io connection refused");
-                    self.session
-                        .hub()
-                        .metrics()
-                        .auth_refused
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.session.hub().metrics().token_refused();
                     return vec![Frame::Text(packet::connect_error("/", &e.connect_message()).into())];
                 }
             }
@@ -483,7 +480,7 @@ impl SocketIoConnection {
         if !claims.time_left().is_zero() {
             return None;
         }
-        self.session.hub().metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.session.hub().metrics().token_refused();
         let ago = crate::auth::unix_now().saturating_sub(claims.exp).max(0);
         Some(crate::auth::AuthError::Expired(ago).to_string())
     }
@@ -658,7 +655,7 @@ impl SocketIoConnection {
         match verifier.verify(token).await {
             Ok(c) => self.session.set_connect(c),
             Err(e) => {
-                self.session.hub().metrics().auth_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.session.hub().metrics().token_refused();
                 return refused(e.connect_message());
             }
         }

@@ -6,7 +6,6 @@
 //! are delivered or withheld.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -209,10 +208,14 @@ impl Batch {
             let mut backoff = Duration::from_millis(50);
             let mut answered_errors = 0;
             let verdicts = loop {
-                hub.metrics().rls_checks.fetch_add(1, Ordering::Relaxed);
-                match rls.check(lane, Table::Relation(relation), &requests, &rows).await {
+                hub.metrics().rls_checks.increment(1);
+                let started = std::time::Instant::now();
+                let checked = rls.check(lane, Table::Relation(relation), &requests, &rows).await;
+                hub.metrics().rls_check.record(started.elapsed());
+                match checked {
                     Ok(v) => break v,
                     Err(e) => {
+                        hub.metrics().telemetry.counter(crate::telemetry::RLS_ERRORS, &[]).increment(1);
                         let unreachable = e.is_unreachable();
                         answered_errors += usize::from(!unreachable);
                         let cause = std::error::Error::source(&e).map(ToString::to_string);
@@ -286,8 +289,8 @@ impl Batch {
                             scratch.deliver(hub, &p.change, to, hidden, *strip_old);
                         }
                     }
-                    hub.metrics().rls_withheld.fetch_add(withheld, Ordering::Relaxed);
-                    hub.metrics().changes_dispatched.fetch_add(1, Ordering::Relaxed);
+                    hub.metrics().rls_withheld.increment(withheld);
+                    hub.metrics().dispatched(p.change.commit_ts);
                 }
                 Item::Broadcast(b) => publish(hub, b),
                 Item::Commit(end_lsn) => ack.advance(end_lsn),

@@ -4,7 +4,6 @@
 //!
 //! Must not: wait for the database.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::change::{Change, DbBroadcast};
@@ -86,12 +85,12 @@ pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usi
                 }
             }
             Decision::Fail(reason) => {
-                hub.metrics().rls_withheld.fetch_add(1, Ordering::Relaxed);
+                hub.metrics().rls_withheld.increment(1);
                 tell_withheld(hub, scratch, member, change, &reason);
                 scratch.withheld(hub, change, to);
             }
             Decision::Withhold | Decision::Check => {
-                hub.metrics().rls_withheld.fetch_add(1, Ordering::Relaxed);
+                hub.metrics().rls_withheld.increment(1);
                 scratch.withheld(hub, change, to);
             }
         }
@@ -101,7 +100,7 @@ pub fn dispatch(hub: &Hub, change: &Change, scratch: &mut Scratch) -> Option<usi
 }
 
 pub(super) fn publish(hub: &Hub, mut b: DbBroadcast) {
-    hub.metrics().broadcasts_received.fetch_add(1, Ordering::Relaxed);
+    hub.metrics().broadcasts_received.increment(1);
     if let Some(log) = hub.log() {
         let cursor = log.cursor(b.position).to_string().into();
         b.message.logged = Some(crate::change::broadcast::Logged { position: b.position, cursor });

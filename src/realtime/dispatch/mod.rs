@@ -119,9 +119,7 @@ fn handle_now(
 ) {
     match event {
         ChangeEvent::Change(change) => match dispatch(hub, &change, scratch) {
-            Some(_) => {
-                hub.metrics().changes_dispatched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+            Some(_) => hub.metrics().dispatched(change.commit_ts),
             None => batch.push(hub, ChangeEvent::Change(change), &mut scratch.groups),
         },
         ChangeEvent::Broadcast(b) => publish(hub, b),
