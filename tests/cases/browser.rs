@@ -301,3 +301,61 @@ async fn the_tables_endpoint_lists_only_what_the_tokens_role_may_read() {
     assert_eq!(status, 401);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_newcomer_opens_the_inspector_walcast_dev_prints_and_sees_the_psql_hints_row() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = std::env::temp_dir().join(format!("walcast-dev-inspector-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let mut dev = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
+        .args(["dev", "--port", &port.to_string(), "--data-dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("walcast dev");
+    let mut lines = tokio::io::BufReader::new(dev.stdout.take().expect("stdout")).lines();
+    // What it prints: the inspector's URL first, then the rest, the psql line last but one.
+    let (mut inspector, mut psql) = (None, None);
+    while psql.is_none() {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(120), lines.next_line())
+            .await
+            .expect("walcast dev prints within 120 s")
+            .expect("read")
+            .expect("walcast dev exited early");
+        let line = line.trim().to_owned();
+        if let Some(rest) = line.strip_prefix("Inspector : ") {
+            assert!(psql.is_none(), "the inspector comes first");
+            inspector = rest.split_whitespace().next().map(str::to_owned);
+        } else if line.starts_with("psql '") {
+            psql = Some(line);
+        }
+    }
+    let inspector = inspector.expect("the inspector's URL");
+    assert_eq!(inspector, format!("http://127.0.0.1:{port}/?table=public.posts"));
+    let mut page = Peer::browser("newcomer");
+    page.cmd(json!({"op": "goto", "url": inspector})).await;
+    page.until("the page", |v| v["kind"] == "loaded").await;
+    let offered = wait(
+        &mut page,
+        "offered",
+        "[...document.querySelectorAll('#offered button')].map(b => b.textContent).join()",
+    )
+    .await;
+    assert_eq!(offered, "anon key,service_role key");
+    wait(&mut page, "subscribed", "document.querySelector('.sub .sub-status')?.textContent === 'subscribed'")
+        .await;
+    let status =
+        tokio::process::Command::new("sh").arg("-c").arg(psql.expect("psql")).output().await.expect("psql");
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let title = "[...document.querySelectorAll('.sub tr.INSERT td')].map(td => td.textContent)[3]";
+    assert_eq!(wait(&mut page, "the row", &format!("{title} === 'hello' && {title}")).await, "hello");
+    page.exit().await;
+    let pid = rustix::process::Pid::from_raw(dev.id().expect("running") as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+    let exited = tokio::time::timeout(std::time::Duration::from_secs(30), dev.wait()).await;
+    assert!(exited.is_ok_and(|s| s.is_ok_and(|s| s.success())), "walcast dev stops cleanly");
+    let _ = std::fs::remove_dir_all(&dir);
+}
