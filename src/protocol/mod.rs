@@ -37,6 +37,9 @@ pub mod encoding {
 /// A WebSocket protocol's side of one connection, driven by the transport's IO loop: client
 /// frames in, the frames to write at once out (before anything queued in the outbox).
 pub trait Connection: Send {
+    /// The protocol's name in logs (`phoenix`, `plain`, `socketio`).
+    const PROTOCOL: &'static str;
+
     fn session(&mut self) -> &mut Session;
     /// Handles a text frame.
     fn text(&mut self, text: &str) -> impl Future<Output = Vec<Frame>> + Send;

@@ -291,6 +291,8 @@ impl PlainConnection {
 }
 
 impl crate::protocol::Connection for PlainConnection {
+    const PROTOCOL: &'static str = "plain";
+
     fn session(&mut self) -> &mut Session {
         &mut self.session
     }

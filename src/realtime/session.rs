@@ -426,7 +426,24 @@ impl Session {
     /// Joins a channel (replacing an earlier join of the same topic). When this returns, the
     /// channel receives broadcasts and presence diffs, and every binding reported live receives
     /// each change committed from now on.
-    pub async fn join(&mut self, mut req: JoinRequest) -> Result<Joined, JoinError> {
+    pub async fn join(&mut self, req: JoinRequest) -> Result<Joined, JoinError> {
+        use tracing::Instrument as _;
+        // The topic names the channel; a binding's filter (it may hold a row's value) is not logged.
+        let span = tracing::info_span!("join", session = self.id(), topic = %req.topic);
+        async {
+            let joined = self.join_in_span(req).await;
+            match &joined {
+                Ok(_) => tracing::debug!("joined"),
+                // Its message may quote the binding's filter: not logged.
+                Err(_) => tracing::debug!("join refused"),
+            }
+            joined
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn join_in_span(&mut self, mut req: JoinRequest) -> Result<Joined, JoinError> {
         let admitted = self.admit(&req).await?;
         let topic: Arc<str> = req.topic.as_str().into();
         // Rejoining replaces the old channel.

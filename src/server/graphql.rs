@@ -90,7 +90,8 @@ pub async fn upgrade(
     ws.protocols([protocol.name()]).max_message_size(max).max_frame_size(max).on_upgrade(
         move |socket| async move {
             let conn = GraphqlConnection { state, protocol, early, ops: HashMap::new(), acked: None };
-            conn.serve(socket).await;
+            let span = tracing::info_span!("session", protocol = "graphql");
+            tracing::Instrument::instrument(conn.serve(socket), span).await;
         },
     )
 }

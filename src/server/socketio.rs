@@ -127,7 +127,12 @@ fn handshake(sio: &Sio, token: Option<String>) -> Response {
         }
         sessions.insert(sid.clone().into(), tx);
     }
-    tokio::spawn(Polling::new(conn, outbox).run(sio.clone(), sid.into(), rx));
+    let mut conn = conn;
+    let span = tracing::info_span!("session", id = conn.session().id(), protocol = "socketio-polling");
+    tokio::spawn(tracing::Instrument::instrument(
+        Polling::new(conn, outbox).run(sio.clone(), sid.into(), rx),
+        span,
+    ));
     text(StatusCode::OK, "text/plain; charset=UTF-8", open)
 }
 

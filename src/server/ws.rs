@@ -145,11 +145,34 @@ pub async fn upgrade_plain(
 /// driven in memory.
 pub(crate) async fn serve<C, S, RE, WE>(
     mut conn: C,
+    outbox: OutboxReceiver,
+    socket: S,
+    idle: Duration,
+    shutdown: CancellationToken,
+) where
+    C: Connection,
+    S: Stream<Item = Result<Message, RE>> + Sink<Message, Error = WE> + Unpin,
+    RE: std::error::Error + 'static,
+{
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("session", id = conn.session().id(), protocol = C::PROTOCOL);
+    async {
+        tracing::debug!("connected");
+        let close = serve_in_span(conn, outbox, socket, idle, shutdown).await;
+        tracing::debug!(close, "disconnected");
+    }
+    .instrument(span)
+    .await
+}
+
+async fn serve_in_span<C, S, RE, WE>(
+    mut conn: C,
     mut outbox: OutboxReceiver,
     mut socket: S,
     idle: Duration,
     shutdown: CancellationToken,
-) where
+) -> &'static str
+where
     C: Connection,
     S: Stream<Item = Result<Message, RE>> + Sink<Message, Error = WE> + Unpin,
     RE: std::error::Error + 'static,
@@ -217,9 +240,13 @@ pub(crate) async fn serve<C, S, RE, WE>(
     };
     // Leave every channel (presences leave, subscriptions go) before the close frame is sent.
     drop(conn);
-    if let Close::Code(code, reason) = close {
-        let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
-        let _ = socket.close().await;
+    match close {
+        Close::Code(code, reason) => {
+            let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+            let _ = socket.close().await;
+            reason
+        }
+        Close::Gone => "the client went away",
     }
 }
 
@@ -429,6 +456,8 @@ mod tests {
     }
 
     impl Connection for Closer {
+        const PROTOCOL: &'static str = "test";
+
         fn session(&mut self) -> &mut crate::realtime::session::Session {
             &mut self.session
         }

@@ -1002,3 +1002,58 @@ async fn malformed_input_of_every_protocol_harms_nobody_else() {
     assert!(!log.contains("panicked"), "a panic in the gateway's log:\n{log}");
     let _ = std::fs::remove_file(&log_path);
 }
+
+/// A log sink the test reads.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn logs_carry_session_and_join_spans_but_no_row_values_filters_or_tokens() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("walcast=debug"))
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .finish();
+    // This test's runtime has one thread: everything the gateway does for it logs here.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let url = fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, "CREATE TABLE notes (id int PRIMARY KEY, body text)").await;
+    let app = TestApp::spawn(&url).await;
+    let secret_token = user(A);
+    let mut ws = connect(&app, &secret_token).await;
+    let filter = "body=eq.filter-value-7f3a";
+    let (_, status) = ws
+        .join("notes-room", json!([{"event": "*", "schema": "public", "table": "notes", "filter": filter}]))
+        .await;
+    assert_eq!(status["status"], "ok", "{status}");
+    exec(&p, "INSERT INTO notes VALUES (1, 'filter-value-7f3a'), (2, 'row-value-91c2')").await;
+    ws.recv_event("postgres_changes").await;
+    // A refused join logs too.
+    let refused = Ws::connect_with(app.addr, PATH, None, Some("not-a-token-5d1e")).await;
+    assert_eq!(refused.err().map(|e| e.0), Some(401));
+    drop(ws);
+    app.stop().await;
+    let logs = String::from_utf8_lossy(&captured.0.lock().expect("log buffer")).into_owned();
+    assert!(logs.contains("session{id="), "a span per session: {logs}");
+    assert!(
+        logs.contains("join{session=") && logs.contains("topic=realtime:notes-room"),
+        "a span per join: {logs}"
+    );
+    for secret in ["filter-value-7f3a", "row-value-91c2", secret_token.as_str(), "not-a-token-5d1e"] {
+        assert!(!logs.contains(secret), "{secret} was logged: {logs}");
+    }
+}

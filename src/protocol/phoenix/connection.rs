@@ -245,6 +245,8 @@ fn join_request(frame: &ClientFrame) -> JoinRequest {
 }
 
 impl crate::protocol::Connection for PhoenixConnection {
+    const PROTOCOL: &'static str = "phoenix";
+
     fn session(&mut self) -> &mut Session {
         &mut self.session
     }

@@ -670,6 +670,8 @@ impl SocketIoConnection {
 }
 
 impl Connection for SocketIoConnection {
+    const PROTOCOL: &'static str = "socketio";
+
     fn session(&mut self) -> &mut Session {
         &mut self.session
     }
