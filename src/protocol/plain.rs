@@ -74,6 +74,10 @@ fn with_data(out: &mut Vec<u8>, kind: &str, topic: &str, cursor: Option<&str>, d
 pub struct PlainEncoder;
 
 impl Encoder for PlainEncoder {
+    fn protocol(&self) -> &'static str {
+        "plain"
+    }
+
     fn id(&self) -> EncodingId {
         crate::protocol::encoding::PLAIN
     }

@@ -106,6 +106,10 @@ fn broadcast_event(name: &str) -> Cow<'static, str> {
 }
 
 impl Encoder for SseEncoder {
+    fn protocol(&self) -> &'static str {
+        "sse"
+    }
+
     fn id(&self) -> EncodingId {
         crate::protocol::encoding::SSE
     }

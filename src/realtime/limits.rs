@@ -121,8 +121,10 @@ impl Metrics {
     }
 
     /// A change matched and queued for its subscribers: counted, with the time since its commit.
-    pub fn dispatched(&self, commit_ts: i64) {
+    pub fn dispatched(&self, commit_ts: i64, relation: &crate::change::Relation) {
         self.changes_dispatched.increment(1);
+        let table = format!("{}.{}", relation.schema, relation.table);
+        self.telemetry.counter(crate::telemetry::TABLE_CHANGES, &[("table", &table)]).increment(1);
         let micros = crate::replication::wire::now_pg_micros().saturating_sub(commit_ts).max(0);
         self.commit_to_dispatch.record(micros as f64 / 1e6);
     }

@@ -171,6 +171,10 @@ pub enum Direct<'a> {
 pub trait Encoder: Send + Sync + 'static {
     /// Members with equal ids share the frames of [`Encoder::encode`].
     fn id(&self) -> EncodingId;
+    /// The protocol's name in metrics (one of [`crate::telemetry::PROTOCOLS`]).
+    fn protocol(&self) -> &'static str {
+        "other"
+    }
     /// The frame for `event` on `topic`; it must depend on nothing else, since it is shared by
     /// every member with the same encoding on the topic. `None`: this encoding cannot carry it.
     fn encode(&self, topic: &str, event: &Event<'_>) -> Option<Frame>;

@@ -273,6 +273,8 @@ impl Drop for Membership {
 pub struct Session {
     hub: Hub,
     id: SessionId,
+    /// This session in `walcast_sessions{protocol}`.
+    open: metrics::Gauge,
     outbox: Outbox,
     encoder: Arc<dyn Encoder>,
     /// Joined channels by topic (a topic is joined at most once; rejoining replaces).
@@ -373,7 +375,11 @@ impl Session {
         let limits = *hub.limits();
         let (outbox, rx) = Outbox::new(limits.client_queue);
         hub.metrics().clients.increment(1.0);
+        let open =
+            hub.metrics().telemetry.gauge(crate::telemetry::SESSIONS, &[("protocol", encoder.protocol())]);
+        open.increment(1.0);
         let session = Session {
+            open,
             id: hub.next_id(),
             outbox,
             encoder,
@@ -957,6 +963,7 @@ impl Drop for Session {
         // Memberships clean up as they drop.
         self.channels.clear();
         self.hub.metrics().clients.decrement(1.0);
+        self.open.decrement(1.0);
     }
 }
 

@@ -639,8 +639,26 @@ fn metric_names(
 #[tokio::test]
 async fn the_dashboard_alerts_and_readme_name_exactly_the_metrics_walcast_exports() {
     let url = crate::support::fresh_db().await;
+    let p = pool(&url).await;
+    exec(&p, "CREATE TABLE t (id int PRIMARY KEY)").await;
     let app = crate::support::TestApp::spawn(&url).await;
+    // One Phoenix session with one change delivered: the labelled series and the histogram count.
+    let mut ws = app.ws(Some("1.0.0")).await;
+    let (_, s) = ws.join("r", json!([{"event": "*", "schema": "public", "table": "t"}])).await;
+    assert_eq!(s["status"], "ok", "{s}");
+    exec(&p, "INSERT INTO t VALUES (1)").await;
+    ws.recv_event("postgres_changes").await;
     let text = crate::support::http_get(&format!("http://{}/metrics", app.addr)).await.expect("metrics");
+    for line in [
+        "walcast_sessions{protocol=\"phoenix\"} 1",
+        "walcast_sessions{protocol=\"sse\"} 0",
+        "walcast_table_changes_total{table=\"public.t\"} 1",
+        "walcast_commit_to_dispatch_seconds_count 1",
+        "walcast_refused_total{reason=\"origin\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in {text}");
+    }
+    drop(ws);
     let typed: Vec<(String, String)> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))

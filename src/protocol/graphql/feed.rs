@@ -67,6 +67,10 @@ pub struct CoreFeeds {
 pub struct GraphqlEncoder;
 
 impl Encoder for GraphqlEncoder {
+    fn protocol(&self) -> &'static str {
+        "graphql"
+    }
+
     fn id(&self) -> EncodingId {
         crate::protocol::encoding::GRAPHQL
     }

@@ -77,6 +77,10 @@ impl PhoenixEncoder {
 }
 
 impl Encoder for PhoenixEncoder {
+    fn protocol(&self) -> &'static str {
+        "phoenix"
+    }
+
     fn id(&self) -> EncodingId {
         match self.vsn {
             Vsn::V1 => crate::protocol::encoding::PHOENIX_V1,

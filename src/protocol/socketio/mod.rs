@@ -117,6 +117,10 @@ fn direct(name: &'static str, topic: &str, fields: Value) -> Frame {
 pub struct SocketIoEncoder;
 
 impl Encoder for SocketIoEncoder {
+    fn protocol(&self) -> &'static str {
+        "socketio"
+    }
+
     fn id(&self) -> EncodingId {
         crate::protocol::encoding::SOCKETIO
     }

@@ -290,7 +290,7 @@ impl Batch {
                         }
                     }
                     hub.metrics().rls_withheld.increment(withheld);
-                    hub.metrics().dispatched(p.change.commit_ts);
+                    hub.metrics().dispatched(p.change.commit_ts, &p.change.relation);
                 }
                 Item::Broadcast(b) => publish(hub, b),
                 Item::Commit(end_lsn) => ack.advance(end_lsn),

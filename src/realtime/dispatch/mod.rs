@@ -119,7 +119,7 @@ fn handle_now(
 ) {
     match event {
         ChangeEvent::Change(change) => match dispatch(hub, &change, scratch) {
-            Some(_) => hub.metrics().dispatched(change.commit_ts),
+            Some(_) => hub.metrics().dispatched(change.commit_ts, &change.relation),
             None => batch.push(hub, ChangeEvent::Change(change), &mut scratch.groups),
         },
         ChangeEvent::Broadcast(b) => publish(hub, b),
