@@ -34,6 +34,8 @@ pub const RLS_CHECK: &str = "walcast_rls_check_seconds";
 pub const SNAPSHOT: &str = "walcast_snapshot_seconds";
 /// A replay from the change log, from its start to the hand-over to live changes.
 pub const REPLAY: &str = "walcast_replay_seconds";
+/// A frame's wait in its session's queue, from the core queueing it to its transport writing it.
+pub const QUEUED: &str = "walcast_dispatch_to_write_seconds";
 /// Sessions open, by protocol.
 pub const SESSIONS: &str = "walcast_sessions";
 /// The protocols of [`SESSIONS`].
@@ -174,6 +176,12 @@ pub const CATALOGUE: &[Spec] = &[
         kind: Kind::Histogram,
         help: "Seconds a replay from the change log takes, until live changes take over.",
         labels: &[],
+    },
+    Spec {
+        name: QUEUED,
+        kind: Kind::Histogram,
+        help: "Seconds a frame waits in its session's queue, from the core queueing it to its transport writing it (the oldest of each write).",
+        labels: &[("protocol", PROTOCOLS)],
     },
     Spec {
         name: SESSIONS,

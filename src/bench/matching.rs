@@ -50,7 +50,7 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
             return (f64::NAN, f64::NAN);
         };
         for k in 0..subs {
-            let (outbox, rx) = Outbox::new(changes.max(1));
+            let (outbox, rx) = Outbox::new(changes.max(1), metrics::Histogram::noop());
             receivers.push(rx);
             let sink = Arc::new(Member {
                 id: k as u64,
@@ -110,7 +110,7 @@ pub fn measure(subs: usize, changes: usize) -> (f64, f64) {
         dispatch(&hub, &change(k, k), &mut scratch);
     }
     for rx in receivers.iter_mut() {
-        while rx.rx.try_recv().is_ok() {}
+        while rx.try_recv().is_some() {}
     }
     let mut rng = fastrand::Rng::with_seed(1);
     let batch: Vec<Change> = (0..changes).map(|i| change(i, rng.usize(..subs))).collect();

@@ -7,9 +7,11 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
+use metrics::Histogram;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
@@ -200,7 +202,7 @@ pub trait Encoder: Send + Sync + 'static {
 /// The sending half of a session's queue. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Frame>,
+    tx: mpsc::Sender<(Frame, Instant)>,
     /// Cancelled when the client is too slow; the transport then closes the connection.
     kill: CancellationToken,
 }
@@ -208,9 +210,41 @@ pub struct Outbox {
 /// The receiving half, owned by the transport.
 #[derive(Debug)]
 pub struct OutboxReceiver {
-    pub rx: mpsc::Receiver<Frame>,
+    rx: mpsc::Receiver<(Frame, Instant)>,
     /// Cancelled when the core gave up on this client (queue full).
     pub killed: CancellationToken,
+    /// When the oldest frame taken since the last write was queued.
+    oldest: Option<Instant>,
+    /// Queue to socket: recorded once per write, for the oldest frame it carried.
+    waited: Histogram,
+}
+
+impl OutboxReceiver {
+    /// The next frame, when one is queued (`None` once every sender is gone).
+    pub async fn recv(&mut self) -> Option<Frame> {
+        let (frame, at) = self.rx.recv().await?;
+        self.oldest.get_or_insert(at);
+        Some(frame)
+    }
+
+    /// A frame already queued, if any.
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        let (frame, at) = self.rx.try_recv().ok()?;
+        self.oldest.get_or_insert(at);
+        Some(frame)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// The frames taken so far reached the client's socket (or its answer): the oldest one's
+    /// wait is recorded.
+    pub fn written(&mut self) {
+        if let Some(at) = self.oldest.take() {
+            self.waited.record(at.elapsed());
+        }
+    }
 }
 
 /// What became of one queued frame.
@@ -224,15 +258,16 @@ pub enum Queued {
 }
 
 impl Outbox {
-    pub fn new(capacity: usize) -> (Outbox, OutboxReceiver) {
+    /// A queue of `capacity` frames; `waited` records how long frames wait in it.
+    pub fn new(capacity: usize, waited: Histogram) -> (Outbox, OutboxReceiver) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let kill = CancellationToken::new();
-        (Outbox { tx, kill: kill.clone() }, OutboxReceiver { rx, killed: kill })
+        (Outbox { tx, kill: kill.clone() }, OutboxReceiver { rx, killed: kill, oldest: None, waited })
     }
 
     /// Queues without waiting. A full queue disconnects the client (slow-client policy).
     pub fn send(&self, frame: Frame, metrics: &Metrics) -> Queued {
-        match self.tx.try_send(frame) {
+        match self.tx.try_send((frame, Instant::now())) {
             Ok(()) => {
                 metrics.frames_delivered.increment(1);
                 Queued::Yes
@@ -254,7 +289,7 @@ impl Outbox {
         if self.kill.is_cancelled() {
             return Queued::TooSlow;
         }
-        match self.tx.send(frame).await {
+        match self.tx.send((frame, Instant::now())).await {
             Ok(()) => {
                 metrics.frames_delivered.increment(1);
                 Queued::Yes

@@ -373,7 +373,10 @@ impl Session {
         connect: Option<Credentials>,
     ) -> (Session, OutboxReceiver) {
         let limits = *hub.limits();
-        let (outbox, rx) = Outbox::new(limits.client_queue);
+        let telemetry = &hub.metrics().telemetry;
+        let labels = [("protocol", encoder.protocol())];
+        let (outbox, rx) =
+            Outbox::new(limits.client_queue, telemetry.histogram(crate::telemetry::QUEUED, &labels));
         hub.metrics().clients.increment(1.0);
         let open =
             hub.metrics().telemetry.gauge(crate::telemetry::SESSIONS, &[("protocol", encoder.protocol())]);
@@ -1024,7 +1027,7 @@ mod tests {
 
     fn drain(rx: &mut OutboxReceiver) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(f) = rx.rx.try_recv() {
+        while let Some(f) = rx.try_recv() {
             out.push(f.text().as_deref().unwrap_or("<binary>").to_owned());
         }
         out
@@ -1251,7 +1254,7 @@ mod tests {
 
     /// A broadcast reader of `topic`, as `tweak` makes it.
     fn member_with(hub: &Hub, topic: &str, tweak: impl FnOnce(&mut Member)) -> (Arc<Member>, OutboxReceiver) {
-        let (outbox, rx) = Outbox::new(64);
+        let (outbox, rx) = Outbox::new(64, metrics::Histogram::noop());
         let mut m = Member {
             id: hub.next_id(),
             session: hub.next_id(),

@@ -275,7 +275,7 @@ impl Polling {
                 biased;
                 _ = &mut shutdown => return self.close(),
                 _ = &mut killed => return self.close(),
-                Some(frame) = self.outbox.rx.recv(), if taking => {
+                Some(frame) = self.outbox.recv(), if taking => {
                     self.replies.push_back(frame);
                     self.answer();
                 }
@@ -349,12 +349,13 @@ impl Polling {
         let Some(waiter) = self.waiter.take_if(|w| !w.is_closed()) else { return };
         if !self.upgrading {
             while self.replies.len() < POLL_BATCH {
-                let Ok(more) = self.outbox.rx.try_recv() else { break };
+                let Some(more) = self.outbox.try_recv() else { break };
                 self.replies.push_back(more);
             }
         }
         let body = self.payload();
         let _ = waiter.send(body);
+        self.outbox.written();
     }
 
     /// The replies as a long-polling payload (they are taken).

@@ -367,13 +367,14 @@ impl Streaming {
             return None;
         }
         let expiry = self.session.next_expiry().map(tokio::time::Instant::from_std);
+        let killed = self.outbox.killed.clone();
         let chunk = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => {
                 self.done = true;
                 sse::message(None, "error", r#"{"message":"server shutting down"}"#)
             }
-            _ = self.outbox.killed.cancelled() => {
+            _ = killed.cancelled() => {
                 if self.join_again().await.is_some() {
                     Frame::Text(sse::CATCHING_UP.into())
                 } else {
@@ -381,7 +382,7 @@ impl Streaming {
                     sse::message(None, "error", r#"{"message":"client too slow: resume from the last event id"}"#)
                 }
             }
-            frame = self.outbox.rx.recv() => match frame {
+            frame = self.outbox.recv() => match frame {
                 Some(f) => f,
                 None => return None,
             },
@@ -395,18 +396,20 @@ impl Streaming {
         // Whatever else is already queued goes out in the same chunk (one write, not one each).
         let mut buf = Vec::with_capacity(chunk.len());
         self.write(&chunk, &mut buf);
-        if !self.outbox.rx.is_empty() {
+        if !self.outbox.is_empty() {
             buf.reserve(CHUNK_BYTES + 4096);
         }
         while buf.len() < CHUNK_BYTES && !self.done {
-            match self.outbox.rx.try_recv() {
-                Ok(f) => self.write(&f, &mut buf),
-                Err(_) => break,
+            match self.outbox.try_recv() {
+                Some(f) => self.write(&f, &mut buf),
+                None => break,
             }
         }
-        if !self.session.is_joined(&self.topic) && self.outbox.rx.is_empty() {
+        if !self.session.is_joined(&self.topic) && self.outbox.is_empty() {
             self.done = true;
         }
+        // Handed to the response body: as close to the socket as an event stream sees.
+        self.outbox.written();
         Some(Bytes::from(buf))
     }
 
@@ -519,7 +522,7 @@ async fn long_poll(
             tokio::select! {
                 biased;
                 _ = state.shutdown.cancelled() => break,
-                f = outbox.rx.recv() => f,
+                f = outbox.recv() => f,
                 _ = tokio::time::sleep_until(deadline), if !poll.snapshot => break,
                 _ = tokio::time::sleep_until(snapshot_deadline), if poll.snapshot => {
                     return error(
@@ -530,9 +533,9 @@ async fn long_poll(
             }
         } else {
             // Something arrived: take what is already waiting, without holding the request.
-            match outbox.rx.try_recv() {
-                Ok(f) => Some(f),
-                Err(_) => break,
+            match outbox.try_recv() {
+                Some(f) => Some(f),
+                None => break,
             }
         };
         let Some(frame) = frame else { break };
@@ -541,9 +544,13 @@ async fn long_poll(
         match poll.take(m.id.as_deref(), &m.name, &m.data) {
             Taken::More => {}
             Taken::Done => break,
-            Taken::Answer(response) => return response,
+            Taken::Answer(response) => {
+                outbox.written();
+                return response;
+            }
         }
     }
+    outbox.written();
     drop(session);
     answer(&poll.changes, poll.cursor.as_deref(), None)
 }

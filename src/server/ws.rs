@@ -204,7 +204,7 @@ where
                 break Close::Code(1008, "client too slow: outbound queue full")
             }
             // Queued frames before reading more input: write them in one batch, flush once.
-            Some(frame) = outbox.rx.recv() => {
+            Some(frame) = outbox.recv() => {
                 if !write_queued(&mut socket, frame, &mut outbox).await {
                     break Close::Gone;
                 }
@@ -269,11 +269,13 @@ async fn write_queued<S: Sink<Message> + Unpin>(
     let mut ok = feed(socket, first).await.is_ok();
     let mut n = 1;
     while ok && n < WRITE_BATCH {
-        let Ok(more) = outbox.rx.try_recv() else { break };
+        let Some(more) = outbox.try_recv() else { break };
         ok = feed(socket, more).await.is_ok();
         n += 1;
     }
-    ok && socket.flush().await.is_ok()
+    ok = ok && socket.flush().await.is_ok();
+    outbox.written();
+    ok
 }
 
 /// Writes a connection's replies and flushes; `false` once the socket is gone.

@@ -658,6 +658,11 @@ async fn the_dashboard_alerts_and_readme_name_exactly_the_metrics_walcast_export
     ] {
         assert!(text.lines().any(|l| l == line), "{line} in {text}");
     }
+    let written = text
+        .lines()
+        .find_map(|l| l.strip_prefix("walcast_dispatch_to_write_seconds_count{protocol=\"phoenix\"} "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(written.is_some_and(|n| n >= 1), "the change's frame was written: {text}");
     drop(ws);
     let typed: Vec<(String, String)> = text
         .lines()

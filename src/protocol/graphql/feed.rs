@@ -175,7 +175,10 @@ fn raw_feed(session: Session, outbox: OutboxReceiver, kind: FeedKind) -> RawFeed
                     let e = async_graphql::Error::new("client too slow: the subscription fell behind");
                     return Some((Err(e), None));
                 }
-                frame = f.outbox.rx.recv() => frame?,
+                frame = f.outbox.recv() => {
+                    f.outbox.written();
+                    frame?
+                }
                 _ = &mut f.expiry, if f.armed.is_some() => {
                     f.session.expire(std::time::Instant::now());
                     continue;
