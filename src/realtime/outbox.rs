@@ -1,7 +1,8 @@
 //! What the core hands a transport: encoded [`Frame`]s in a bounded per-session queue, and the
 //! [`Encoder`] seam through which a protocol module turns core events into its wire format.
 //!
-//! Owns: the outbox (bounded queue + kill switch) and the slow-client policy — a full queue
+//! Owns: the outbox (bounded queue + kill switch, and how long frames wait in it, recorded when
+//! the transport says it wrote them) and the slow-client policy — a full queue
 //! disconnects that client, never blocks the sender. Must not: know any wire format; encoders
 //! live in `protocol/`.
 
