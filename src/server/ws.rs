@@ -240,6 +240,11 @@ where
     };
     // Leave every channel (presences leave, subscriptions go) before the close frame is sent.
     drop(conn);
+    finish(&mut socket, close).await
+}
+
+/// Sends the close frame, if the client is still there: why the connection ended.
+async fn finish<S: Sink<Message> + Unpin>(socket: &mut S, close: Close) -> &'static str {
     match close {
         Close::Code(code, reason) => {
             let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
