@@ -1003,38 +1003,26 @@ async fn malformed_input_of_every_protocol_harms_nobody_else() {
     let _ = std::fs::remove_file(&log_path);
 }
 
-/// A log sink the test reads.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("log buffer").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn logs_carry_session_and_join_spans_but_no_row_values_filters_or_tokens() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("walcast=debug"))
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .finish();
-    // This test's runtime has one thread: everything the gateway does for it logs here.
-    let _guard = tracing::subscriber::set_default(subscriber);
     let url = fresh_db().await;
     let p = pool(&url).await;
     exec(&p, "CREATE TABLE notes (id int PRIMARY KEY, body text)").await;
-    let app = TestApp::spawn(&url).await;
+    // A gateway of its own, as an operator runs it, its log (at debug) in a file.
+    let db = url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log_dir = crate::support::log_dir(&format!("{db}-logged"));
+    let _ = std::fs::create_dir_all(log_dir.parent().expect("a parent"));
+    let log_path = log_dir.with_extension("log");
+    let log_file = std::fs::File::create(&log_path).expect("log file");
+    let env = [("WALCAST_LOG_FORMAT", "pretty".to_owned())];
+    let slot = format!("slot_{db}");
+    let gateway =
+        crate::support::GatewayProcess { url: &url, slot: &slot, port, log_dir: &log_dir, env: &env };
+    let mut child = gateway.start(log_file, "walcast=debug", "logged").await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let secret_token = user(A);
-    let mut ws = connect(&app, &secret_token).await;
+    let mut ws = Ws::connect_with(addr, PATH, None, Some(&secret_token)).await.expect("connects");
     let filter = "body=eq.filter-value-7f3a";
     let (_, status) = ws
         .join("notes-room", json!([{"event": "*", "schema": "public", "table": "notes", "filter": filter}]))
@@ -1043,11 +1031,17 @@ async fn logs_carry_session_and_join_spans_but_no_row_values_filters_or_tokens()
     exec(&p, "INSERT INTO notes VALUES (1, 'filter-value-7f3a'), (2, 'row-value-91c2')").await;
     ws.recv_event("postgres_changes").await;
     // A refused join logs too.
-    let refused = Ws::connect_with(app.addr, PATH, None, Some("not-a-token-5d1e")).await;
+    let refused = Ws::connect_with(addr, PATH, None, Some("not-a-token-5d1e")).await;
     assert_eq!(refused.err().map(|e| e.0), Some(401));
     drop(ws);
-    app.stop().await;
-    let logs = String::from_utf8_lossy(&captured.0.lock().expect("log buffer")).into_owned();
+    // The socket's end is logged once the gateway has seen it go.
+    let logs = wait_for("the session's end in the log", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        async move { text.contains("disconnected").then_some(text) }
+    })
+    .await;
+    child.start_kill().expect("stop the gateway");
+    let _ = child.wait().await;
     assert!(logs.contains("session{id="), "a span per session: {logs}");
     assert!(
         logs.contains("join{session=") && logs.contains("topic=realtime:notes-room"),
