@@ -387,6 +387,7 @@ impl Gateway {
         // A cluster node forwards broadcasts and presence to the others over NATS.
         let (peers, bus_queue) = self.cluster.as_ref().map(|_| cluster::bus::peers()).unzip();
         let hub = self.hub(catalog, &status, peers.map(|p| p as Arc<dyn realtime::bus::Peers>));
+        tracker.spawn(hub.metrics().telemetry.clone().upkeep(shutdown.clone()));
         let ack = self.ack;
         let (tx, rx) = tokio::sync::mpsc::channel(8192);
         let (appender, writer, resume_after, written) = match self.log {

@@ -303,6 +303,20 @@ impl Telemetry {
         self.counter(REFUSED, &[("reason", reason)]).increment(1);
     }
 
+    /// Folds the histograms' recorded samples into their buckets every few seconds until
+    /// `shutdown`, so that they hold no more than a few seconds of samples whether or not
+    /// `/metrics` is scraped.
+    pub async fn upkeep(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => self.inner.1.run_upkeep(),
+            }
+        }
+    }
+
     /// The Prometheus text of everything recorded.
     pub fn render(&self) -> String {
         self.inner.1.render()
