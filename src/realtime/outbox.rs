@@ -249,7 +249,7 @@ impl OutboxReceiver {
     /// each write of every socket into one shared histogram costs more than the write).
     pub fn written(&mut self) {
         if let Some(at) = self.oldest.take() {
-            if self.writes % SAMPLE_EVERY == 0 {
+            if self.writes.is_multiple_of(SAMPLE_EVERY) {
                 self.waited.record(at.elapsed());
             }
             self.writes = self.writes.wrapping_add(1);
