@@ -207,6 +207,24 @@ pub struct ReadableColumn {
     pub primary_key: bool,
 }
 
+/// SQL: whether column `a` of table `c` is in its primary key.
+macro_rules! primary_key_column {
+    () => {
+        "a.attnum = ANY(COALESCE((SELECT i.indkey::int2[] FROM pg_index i \
+            WHERE i.indrelid = c.oid AND i.indisprimary LIMIT 1), '{}')) "
+    };
+}
+
+/// SQL: every column `a` of every table `c` in publication `pt`.
+macro_rules! published_columns {
+    () => {
+        "FROM pg_publication_tables pt \
+         JOIN pg_namespace n ON n.nspname = pt.schemaname \
+         JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+    };
+}
+
 /// The published tables, cached briefly.
 pub struct PublishedCatalog {
     pool: PgPool,
@@ -232,22 +250,19 @@ impl PublishedCatalog {
                 return Ok(Arc::clone(t));
             }
         }
-        let rows: Vec<(String, String, String, String, bool, bool, bool)> = sqlx::query_as(
+        let rows: Vec<(String, String, String, String, bool, bool, bool)> = sqlx::query_as(concat!(
             "SELECT pt.schemaname::text, pt.tablename::text, a.attname::text, \
                     COALESCE(bt.typname, t.typname)::text, \
                     (c.relreplident = 'f' OR a.attnum = ANY(COALESCE((SELECT i.indkey::int2[] FROM pg_index i \
                         WHERE i.indrelid = c.oid AND CASE c.relreplident WHEN 'i' THEN i.indisreplident ELSE i.indisprimary END \
                         LIMIT 1), '{}'))), \
-                    c.relreplident = 'f', \
-                    a.attnum = ANY(COALESCE((SELECT i.indkey::int2[] FROM pg_index i \
-                        WHERE i.indrelid = c.oid AND i.indisprimary LIMIT 1), '{}')) \
-             FROM pg_publication_tables pt \
-             JOIN pg_namespace n ON n.nspname = pt.schemaname \
-             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
-             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-             JOIN pg_type t ON t.oid = a.atttypid \
+                    c.relreplident = 'f', ",
+            primary_key_column!(),
+            published_columns!(),
+            "JOIN pg_type t ON t.oid = a.atttypid \
              LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype \
              WHERE pt.pubname = $1 ORDER BY pt.schemaname, pt.tablename, a.attnum",
+        ),
         )
         .bind(&self.publication)
         .fetch_all(&self.pool)
@@ -273,17 +288,14 @@ impl PublishedCatalog {
     /// The published tables and columns `role` may read (its grants), in order; every one
     /// without a role (authentication off). A role the database does not know is an error.
     pub async fn readable_by(&self, role: Option<&str>) -> Result<Vec<ReadableTable>, sqlx::Error> {
-        let rows: Vec<(String, String, String, String, bool)> = sqlx::query_as(
-            "SELECT pt.schemaname::text, pt.tablename::text, a.attname::text, format_type(a.atttypid, a.atttypmod), \
-                    a.attnum = ANY(COALESCE((SELECT i.indkey::int2[] FROM pg_index i \
-                        WHERE i.indrelid = c.oid AND i.indisprimary LIMIT 1), '{}')) \
-             FROM pg_publication_tables pt \
-             JOIN pg_namespace n ON n.nspname = pt.schemaname \
-             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
-             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-             WHERE pt.pubname = $1 \
+        let rows: Vec<(String, String, String, String, bool)> = sqlx::query_as(concat!(
+            "SELECT pt.schemaname::text, pt.tablename::text, a.attname::text, format_type(a.atttypid, a.atttypmod), ",
+            primary_key_column!(),
+            published_columns!(),
+            "WHERE pt.pubname = $1 \
                AND ($2::text IS NULL OR has_column_privilege($2::text, c.oid, a.attnum, 'SELECT')) \
              ORDER BY pt.schemaname, pt.tablename, a.attnum",
+        ),
         )
         .bind(&self.publication)
         .bind(role)

@@ -4,6 +4,7 @@
 use metrics::{Counter, Gauge, Histogram};
 
 use crate::telemetry::Telemetry;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Per-session limits, with Supabase's defaults (see `config.rs`).
@@ -55,6 +56,9 @@ impl Limits {
     }
 }
 
+/// A table's schema and name as its counter's label says them, and the counter.
+type TableCounter = (Arc<str>, Arc<str>, Counter);
+
 /// Counters shared by the core, the transports and `/metrics`: handles on the gateway's
 /// [`Telemetry`] recorder.
 #[derive(Debug)]
@@ -83,6 +87,8 @@ pub struct Metrics {
     pub rls_check: Histogram,
     pub snapshot: Histogram,
     pub replay: Histogram,
+    /// `walcast_table_changes_total`'s counter of each table (by relation id) and its label.
+    tables: std::sync::Mutex<std::collections::HashMap<u32, TableCounter>>,
 }
 
 impl Default for Metrics {
@@ -116,6 +122,7 @@ impl Metrics {
             rls_check: histogram(t::RLS_CHECK),
             snapshot: histogram(t::SNAPSHOT),
             replay: histogram(t::REPLAY),
+            tables: Default::default(),
             telemetry,
         }
     }
@@ -123,10 +130,26 @@ impl Metrics {
     /// A change matched and queued for its subscribers: counted, with the time since its commit.
     pub fn dispatched(&self, commit_ts: i64, relation: &crate::change::Relation) {
         self.changes_dispatched.increment(1);
-        let table = format!("{}.{}", relation.schema, relation.table);
-        self.telemetry.counter(crate::telemetry::TABLE_CHANGES, &[("table", &table)]).increment(1);
+        self.table_changes(relation).increment(1);
         let micros = crate::replication::wire::now_pg_micros().saturating_sub(commit_ts).max(0);
         self.commit_to_dispatch.record(micros as f64 / 1e6);
+    }
+
+    /// The table's counter, registered on its first change (and again if it was renamed).
+    fn table_changes(&self, relation: &crate::change::Relation) -> Counter {
+        let mut tables = crate::locks::lock(&self.tables);
+        match tables.get(&relation.id) {
+            Some((schema, table, counter)) if *schema == relation.schema && *table == relation.table => {
+                counter.clone()
+            }
+            _ => {
+                let name = format!("{}.{}", relation.schema, relation.table);
+                let counter = self.telemetry.counter(crate::telemetry::TABLE_CHANGES, &[("table", &name)]);
+                let names = (Arc::clone(&relation.schema), Arc::clone(&relation.table));
+                tables.insert(relation.id, (names.0, names.1, counter.clone()));
+                counter
+            }
+        }
     }
 
     /// A token refused: counted, and as a refusal for its token.

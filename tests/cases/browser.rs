@@ -20,10 +20,7 @@ async fn page_server() -> u16 {
 
 /// Evaluates `js` in the page (awaited there): its value.
 async fn eval(page: &mut Peer, id: &str, js: &str) -> Value {
-    page.cmd(json!({"op": "eval", "id": id, "js": js})).await;
-    let r = page.until(id, |v| v["kind"] == "result" && v["id"] == id).await;
-    assert!(r.get("error").is_none(), "{js}: {r}");
-    r["value"].clone()
+    act(page, id, json!({"op": "eval", "js": js})).await
 }
 
 /// Opens the test page from `origin`, talking to the gateway at `walcast`.
@@ -54,8 +51,8 @@ async fn a_page_on_an_allowed_origin_streams_across_a_restart_and_others_are_ref
     let (allowed, other) = (page_server().await, page_server().await);
     let allowed = format!("http://127.0.0.1:{allowed}");
     let other = format!("http://127.0.0.1:{other}");
-    let db = url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let db = crate::support::db_name(&url);
+    let port = crate::support::free_port();
     let log_dir = support::log_dir(&format!("{db}-browser"));
     let log = log_dir.with_extension("log");
     let _ = std::fs::create_dir_all(log_dir.parent().expect("a parent"));
@@ -307,7 +304,7 @@ async fn a_newcomer_opens_the_inspector_walcast_dev_prints_and_sees_the_psql_hin
     use tokio::io::AsyncBufReadExt;
     let dir = std::env::temp_dir().join(format!("walcast-dev-inspector-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let port = crate::support::free_port();
     let mut dev = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
         .args(["dev", "--port", &port.to_string(), "--data-dir"])
         .arg(&dir)

@@ -732,7 +732,7 @@ async fn rest_broadcast_is_rate_limited_per_sender_and_bounded_in_private_topics
 #[tokio::test]
 async fn metrics_can_move_to_an_admin_address() {
     let url = fresh_db().await;
-    let db = url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
+    let db = crate::support::db_name(&url);
     let mut config = walcast::config::Config {
         database_url: Some(url.clone()),
         listen: "127.0.0.1:0".parse().expect("addr"),
@@ -858,8 +858,8 @@ async fn gateway_process(
     url: &str,
     tag: &str,
 ) -> (tokio::process::Child, std::net::SocketAddr, std::path::PathBuf) {
-    let db = url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let db = crate::support::db_name(url);
+    let port = crate::support::free_port();
     let log_path = std::env::temp_dir().join(format!("walcast-{db}-{tag}.log"));
     let log = std::fs::File::create(&log_path).expect("log file");
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_walcast"))
@@ -1009,8 +1009,8 @@ async fn logs_carry_session_and_join_spans_but_no_row_values_filters_or_tokens()
     let p = pool(&url).await;
     exec(&p, "CREATE TABLE notes (id int PRIMARY KEY, body text)").await;
     // A gateway of its own, as an operator runs it, its log (at debug) in a file.
-    let db = url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let db = crate::support::db_name(&url);
+    let port = crate::support::free_port();
     let log_dir = crate::support::log_dir(&format!("{db}-logged"));
     let _ = std::fs::create_dir_all(log_dir.parent().expect("a parent"));
     let log_path = log_dir.with_extension("log");

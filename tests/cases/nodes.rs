@@ -244,8 +244,8 @@ struct NodeProcess {
 
 impl NodeProcess {
     async fn start(url: &str, slot: &str, nats: &str, name: &str) -> NodeProcess {
-        let db = url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let db = crate::support::db_name(url);
+        let port = crate::support::free_port();
         let log_dir = crate::support::log_dir(&format!("{db}-proc-{name}"));
         let db = (url.to_owned(), slot.to_owned());
         let mut node = NodeProcess { name: name.to_owned(), port, log_dir, child: None, db };

@@ -150,6 +150,16 @@ pub fn with_database(url: &str, db: &str) -> String {
 }
 
 /// A fresh, empty database for one test.
+/// The database a URL names.
+pub fn db_name(url: &str) -> String {
+    url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned()
+}
+
+/// A port free on the loopback interface now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port()
+}
+
 pub async fn fresh_db() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let admin = &shared().admin_url;
@@ -241,7 +251,7 @@ impl TestApp {
                 .try_init();
         }
         // Slots are cluster-wide: name each after its test's database.
-        let db = db_url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("").to_owned();
+        let db = db_name(db_url);
         let mut config = Config {
             database_url: Some(db_url.to_owned()),
             listen: "127.0.0.1:0".parse().expect("addr"),
