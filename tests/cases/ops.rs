@@ -564,30 +564,50 @@ async fn owned_publication_follows_config_and_external_one_is_left_alone() {
 async fn dev_mode_runs_a_cluster_of_nodes_on_consecutive_ports() {
     let dir = std::env::temp_dir().join(format!("walcast-devnodes-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    // Three consecutive free ports.
-    let port = (0..50)
-        .find_map(|_| {
-            let first = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
-            let p = first.local_addr().ok()?.port();
-            let rest: Option<Vec<_>> =
-                (1..3).map(|i| std::net::TcpListener::bind(("127.0.0.1", p.checked_add(i)?)).ok()).collect();
-            rest.map(|_| p)
-        })
-        .expect("three consecutive free ports");
-    let mut child = walcast_bin()
-        .args(["dev", "--nodes", "3", "--port", &port.to_string(), "--data-dir"])
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("walcast dev");
-    for p in port..port + 3 {
-        let ready = format!("http://127.0.0.1:{p}/readyz");
-        wait_for("a dev node ready", Duration::from_secs(60), || async {
-            http_get(&ready).await.ok().filter(|b| b.contains("\"ready\":true")).map(|_| ())
-        })
-        .await;
-    }
+    // Three consecutive free ports. Another test may take one of them (an outgoing connection's
+    // port, say) before the nodes bind it: then `walcast dev` exits saying so, and the test tries
+    // other ports.
+    let log = dir.with_extension("log");
+    let (mut child, port) = 'attempt: loop {
+        let port = (0..50)
+            .find_map(|_| {
+                let first = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+                let p = first.local_addr().ok()?.port();
+                let rest: Option<Vec<_>> = (1..3)
+                    .map(|i| std::net::TcpListener::bind(("127.0.0.1", p.checked_add(i)?)).ok())
+                    .collect();
+                rest.map(|_| p)
+            })
+            .expect("three consecutive free ports");
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut child = walcast_bin()
+            .args(["dev", "--nodes", "3", "--port", &port.to_string(), "--data-dir"])
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("dev log"))
+            .spawn()
+            .expect("walcast dev");
+        for p in port..port + 3 {
+            let ready = format!("http://127.0.0.1:{p}/readyz");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    if text.to_lowercase().contains("address already in use") {
+                        continue 'attempt;
+                    }
+                    panic!("walcast dev exited ({status}) before node {p} was ready: {text}");
+                }
+                if http_get(&ready).await.is_ok_and(|b| b.contains("\"ready\":true")) {
+                    break;
+                }
+                let text = || std::fs::read_to_string(&log).unwrap_or_default();
+                assert!(tokio::time::Instant::now() < deadline, "node {p} not ready within 60 s: {}", text());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        break (child, port);
+    };
     let cluster = format!("http://127.0.0.1:{}/v1/cluster", port + 2);
     let view = wait_for("three nodes and an owner", Duration::from_secs(30), || async {
         let body = http_get(&cluster).await.ok()?;
@@ -612,6 +632,7 @@ async fn dev_mode_runs_a_cluster_of_nodes_on_consecutive_ports() {
     child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read");
     assert!(stdout.contains("node-3") && stdout.contains("/v1/cluster"), "{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&log);
 }
 
 /// Metric names a text mentions: `walcast_…`, a histogram's series (`_bucket`, `_sum`, `_count`)
