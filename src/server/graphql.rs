@@ -90,7 +90,8 @@ pub async fn upgrade(
     ws.protocols([protocol.name()]).max_message_size(max).max_frame_size(max).on_upgrade(
         move |socket| async move {
             let conn = GraphqlConnection { state, protocol, early, ops: HashMap::new(), acked: None };
-            let span = tracing::info_span!("session", protocol = "graphql");
+            // A connection's operations are sessions of their own: it takes an id for its span.
+            let span = super::session_span(conn.state.hub.next_id(), "graphql");
             tracing::Instrument::instrument(conn.serve(socket), span).await;
         },
     )
@@ -118,7 +119,13 @@ struct GraphqlConnection {
 struct Close(u16, String);
 
 impl GraphqlConnection {
-    async fn serve(mut self, socket: WebSocket) {
+    async fn serve(self, socket: WebSocket) {
+        tracing::debug!("connected");
+        let close = self.serve_until_closed(socket).await;
+        tracing::debug!(close, "disconnected");
+    }
+
+    async fn serve_until_closed(mut self, socket: WebSocket) -> u16 {
         let (mut sink, mut stream) = socket.split();
         let (tx, mut rx) = mpsc::channel::<Out>(QUEUE);
         let idle = self.state.idle_timeout;
@@ -155,11 +162,11 @@ impl GraphqlConnection {
                         Ok(replies) => {
                             for r in replies {
                                 if sink.feed(Message::Text(r.into())).await.is_err() {
-                                    return self.stop();
+                                    return self.gone();
                                 }
                             }
                             if sink.flush().await.is_err() {
-                                return self.stop();
+                                return self.gone();
                             }
                         }
                         Err(close) => break close,
@@ -167,7 +174,7 @@ impl GraphqlConnection {
                 }
                 Some(out) = rx.recv() => {
                     if self.write_queued(&mut sink, out, &mut rx).await.is_err() {
-                        return self.stop();
+                        return self.gone();
                     }
                 }
                 _ = &mut init_timer, if self.acked.is_none() => {
@@ -185,14 +192,22 @@ impl GraphqlConnection {
                         Protocol::Legacy => wire::KEEP_ALIVE,
                     };
                     if sink.send(Message::Text(ping.into())).await.is_err() {
-                        return self.stop();
+                        return self.gone();
                     }
                 }
             }
         };
         self.stop();
-        let frame = CloseFrame { code: close.0, reason: close.1.into() };
+        let code = close.0;
+        let frame = CloseFrame { code, reason: close.1.into() };
         let _ = sink.send(Message::Close(Some(frame))).await;
+        code
+    }
+
+    /// The socket went away: the operations stop; 1006 (no close frame) for the log.
+    fn gone(&mut self) -> u16 {
+        self.stop();
+        1006
     }
 
     /// Writes `first` and what else is queued (up to `BATCH` messages) with one flush, and
@@ -276,7 +291,12 @@ impl GraphqlConnection {
                 let core = CoreFeeds { hub: self.state.hub.clone(), credentials: credentials.clone() };
                 let run = Run { protocol: self.protocol, id: id.clone(), tx: tx.clone(), serial, core };
                 let op = Operation::of(&request);
-                let task = tokio::spawn(run_operation(self.state.clone(), schema, op, run));
+                // A child of the connection's span (the current one), with the client's id.
+                let span = tracing::info_span!("operation", id = %id);
+                let task = tokio::spawn(tracing::Instrument::instrument(
+                    run_operation(self.state.clone(), schema, op, run),
+                    span,
+                ));
                 self.ops.insert(id, (serial, task));
                 Ok(Vec::new())
             }

@@ -55,6 +55,11 @@ pub struct AppState {
     pub offered_keys: Option<Arc<inspector::OfferedKeys>>,
 }
 
+/// The span a client's session runs in: its id and protocol. Never its token, filters or rows.
+pub(crate) fn session_span(id: crate::realtime::SessionId, protocol: &'static str) -> tracing::Span {
+    tracing::info_span!("session", id, protocol)
+}
+
 /// The client-facing routes; `/metrics` too unless it has an admin address of its own.
 pub fn router(state: AppState, with_metrics: bool) -> Router {
     let body_limit = DefaultBodyLimit::max(state.max_frame_bytes);

@@ -128,7 +128,7 @@ fn handshake(sio: &Sio, token: Option<String>) -> Response {
         sessions.insert(sid.clone().into(), tx);
     }
     let mut conn = conn;
-    let span = tracing::info_span!("session", id = conn.session().id(), protocol = "socketio-polling");
+    let span = super::session_span(conn.session().id(), "socketio-polling");
     tokio::spawn(tracing::Instrument::instrument(
         Polling::new(conn, outbox).run(sio.clone(), sid.into(), rx),
         span,

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tracing::Instrument as _;
 
 use crate::auth::Credentials;
 use crate::protocol::sse::{self, SseEncoder};
@@ -231,6 +232,7 @@ pub async fn changes(
         last_id: since.clone(),
     });
     let (mut session, outbox) = Session::new(state.hub.clone(), SseEncoder::shared(), credentials);
+    let span = super::session_span(session.id(), if stream { "sse" } else { "long-poll" });
     let topic = format!("changes:{schema}.{name}");
     let snapshot_page = (snapshot && !stream).then(|| crate::realtime::snapshot::SnapshotPage {
         rows: params.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT),
@@ -244,7 +246,7 @@ pub async fn changes(
         snapshot_page,
         ..JoinRequest::default()
     };
-    let joined = match session.join(req).await {
+    let joined = match session.join(req).instrument(span.clone()).await {
         Ok(j) => j,
         Err(e) => return join_error(e),
     };
@@ -260,14 +262,15 @@ pub async fn changes(
         // up from.
         let catch_up = catch_up
             .map(|c| CatchUp { last_id: if snapshot || live { None } else { c.last_id.or(start) }, ..c });
-        event_stream(state, session, outbox, topic, joined.notices, catch_up)
+        let opened = Opened { session, outbox, topic, notices: joined.notices, span };
+        event_stream(state, opened, catch_up)
     } else {
         let snapshot = match (snapshot, page_token) {
             (false, _) => SnapshotPoll::No,
             (true, None) => SnapshotPoll::First,
             (true, Some(t)) => SnapshotPoll::Later { handoff: t.cursor },
         };
-        long_poll(state, session, outbox, &params, since.or(start), snapshot).await
+        long_poll(state, session, outbox, &params, since.or(start), snapshot).instrument(span).await
     }
 }
 
@@ -311,16 +314,28 @@ pub async fn channel_events(
         );
     }
     let (mut session, outbox) = Session::new(state.hub.clone(), SseEncoder::shared(), credentials);
+    let span = super::session_span(session.id(), "sse");
     let topic = format!("realtime:{name}");
     let req = JoinRequest { topic: topic.clone(), private, since, ..JoinRequest::default() };
-    let joined = match session.join(req).await {
+    let joined = match session.join(req).instrument(span.clone()).await {
         Ok(j) => j,
         Err(e) => return join_error(e),
     };
     if let Some(handoff) = joined.handoff {
         handoff.start();
     }
-    event_stream(state, session, outbox, topic, joined.notices, None)
+    event_stream(state, Opened { session, outbox, topic, notices: joined.notices, span }, None)
+}
+
+/// An event stream's session, joined to its one channel.
+struct Opened {
+    session: Session,
+    outbox: OutboxReceiver,
+    topic: String,
+    /// Notices for the stream's first lines.
+    notices: Vec<String>,
+    /// The session's span: each chunk is made in it.
+    span: tracing::Span,
 }
 
 /// How a table's event stream that fell behind joins again from the change log.
@@ -344,6 +359,14 @@ struct Streaming {
     done: bool,
     /// Set for table streams with a change log.
     catch_up: Option<CatchUp>,
+    span: tracing::Span,
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        // The response body is dropped when the client goes (or the stream has ended).
+        tracing::debug!(parent: &self.span, "disconnected");
+    }
 }
 
 impl Streaming {
@@ -441,14 +464,9 @@ impl Streaming {
     }
 }
 
-fn event_stream(
-    state: AppState,
-    session: Session,
-    outbox: OutboxReceiver,
-    topic: String,
-    notices: Vec<String>,
-    catch_up: Option<CatchUp>,
-) -> Response {
+fn event_stream(state: AppState, opened: Opened, catch_up: Option<CatchUp>) -> Response {
+    let Opened { session, outbox, topic, notices, span } = opened;
+    tracing::debug!(parent: &span, "connected");
     let mut first = String::from(sse::RETRY);
     if let Some(id) = catch_up.as_ref().and_then(|c| c.last_id.as_deref()) {
         first.push_str(&sse::start_id(id));
@@ -468,9 +486,11 @@ fn event_stream(
         first: Some(first),
         done: false,
         catch_up,
+        span,
     };
     let body = futures_util::stream::unfold(s, |mut s| async move {
-        let chunk = s.next_chunk().await?;
+        let span = s.span.clone();
+        let chunk = s.next_chunk().instrument(span).await?;
         Some((Ok::<Bytes, Infallible>(chunk), s))
     });
     Response::builder()

@@ -155,7 +155,7 @@ pub(crate) async fn serve<C, S, RE, WE>(
     RE: std::error::Error + 'static,
 {
     use tracing::Instrument as _;
-    let span = tracing::info_span!("session", id = conn.session().id(), protocol = C::PROTOCOL);
+    let span = super::session_span(conn.session().id(), C::PROTOCOL);
     async {
         tracing::debug!("connected");
         let close = serve_in_span(conn, outbox, socket, idle, shutdown).await;

@@ -1034,10 +1034,30 @@ async fn logs_carry_session_and_join_spans_but_no_row_values_filters_or_tokens()
     let refused = Ws::connect_with(addr, PATH, None, Some("not-a-token-5d1e")).await;
     assert_eq!(refused.err().map(|e| e.0), Some(401));
     drop(ws);
-    // The socket's end is logged once the gateway has seen it go.
-    let logs = wait_for("the session's end in the log", Duration::from_secs(30), || {
+    // The same subscription as an event stream (its first chunk read, then gone) and a long-poll.
+    let http = reqwest::Client::new();
+    let changes = format!("http://{addr}/v1/tables/public.notes/changes?filter={filter}&wait=0");
+    let mut stream = http
+        .get(&changes)
+        .header("accept", "text/event-stream")
+        .bearer_auth(&secret_token)
+        .send()
+        .await
+        .expect("an event stream");
+    assert_eq!(stream.status(), 200);
+    stream.chunk().await.expect("its first chunk");
+    drop(stream);
+    let poll = http.get(&changes).bearer_auth(&secret_token).send().await.expect("a long-poll");
+    assert_eq!(poll.status(), 200, "{:?}", poll.text().await);
+    // And as a GraphQL subscription, which ends when its socket closes.
+    graphql_subscription(addr, &secret_token, filter).await;
+    // Each session's end is logged once the gateway has seen it go.
+    let logs = wait_for("the sessions' ends in the log", Duration::from_secs(30), || {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        async move { text.contains("disconnected").then_some(text) }
+        async move {
+            let ends = text.lines().filter(|l| l.contains("disconnected")).count();
+            (ends >= 3).then_some(text)
+        }
     })
     .await;
     child.start_kill().expect("stop the gateway");
@@ -1047,7 +1067,48 @@ async fn logs_carry_session_and_join_spans_but_no_row_values_filters_or_tokens()
         logs.contains("join{session=") && logs.contains("topic=realtime:notes-room"),
         "a span per join: {logs}"
     );
+    for protocol in ["phoenix", "sse", "long-poll", "graphql"] {
+        let joined = logs.lines().any(|l| {
+            l.contains(&format!("protocol=\"{protocol}\""))
+                && l.contains("join{session=")
+                && l.contains("joined")
+        });
+        assert!(joined, "a {protocol} session's join logged in its span: {logs}");
+    }
+    assert!(logs.contains("operation{id=op-1}"), "a GraphQL operation's span: {logs}");
     for secret in ["filter-value-7f3a", "row-value-91c2", secret_token.as_str(), "not-a-token-5d1e"] {
         assert!(!logs.contains(secret), "{secret} was logged: {logs}");
     }
+}
+
+/// A GraphQL subscription to `notes` with `filter`, ended by closing its socket once it is running.
+async fn graphql_subscription(addr: std::net::SocketAddr, token: &str, filter: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut request = format!("ws://{addr}/graphql").into_client_request().expect("request");
+    request.headers_mut().insert("sec-websocket-protocol", "graphql-transport-ws".parse().expect("header"));
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.expect("upgrade");
+    let messages = [
+        json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}}),
+        json!({"type": "subscribe", "id": "op-1", "payload": {
+            "query": format!("subscription {{ notes_changes(filter: \"{filter}\") {{ type }} }}")
+        }}),
+        // A query on the same socket answers once the subscription ahead of it was taken.
+        json!({"type": "subscribe", "id": "op-2", "payload": {"query": "{ __typename }"}}),
+    ];
+    for m in messages {
+        socket.send(Message::Text(m.to_string().into())).await.expect("send");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = tokio::time::timeout_at(deadline, socket.next()).await.expect("op-2 answered within 30 s");
+        let Some(Ok(Message::Text(t))) = m else { panic!("the socket ended: {m:?}") };
+        let v: Value = serde_json::from_str(&t).expect("JSON");
+        assert_ne!(v["type"], "error", "{v}");
+        if v["type"] == "complete" && v["id"] == "op-2" {
+            break;
+        }
+    }
+    socket.close(None).await.expect("close");
 }
