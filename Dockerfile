@@ -4,7 +4,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY migrations ./migrations
-RUN cargo build --release --locked --bin walcast
+COPY assets ./assets
+# With OpenTelemetry export: it is off until `WALCAST_OTLP__ENDPOINT` (or `OTEL_EXPORTER_OTLP_ENDPOINT`) is set.
+RUN cargo build --release --locked --features otlp --bin walcast
 
 # Runtime stage
 FROM debian:bookworm-slim

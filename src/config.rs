@@ -93,6 +93,63 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Browser pages on other origins: CORS and the WebSocket `Origin` check.
     pub cors: CorsConfig,
+    /// Spans exported to an OpenTelemetry collector (a build with the `otlp` feature).
+    pub otlp: OtlpConfig,
+}
+
+/// The `[otlp]` table: where spans go over OTLP/HTTP (protobuf).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpConfig {
+    /// The collector's OTLP/HTTP address, e.g. `http://otel-collector:4318`; spans go to
+    /// `{endpoint}/v1/traces`. Env `WALCAST_OTLP__ENDPOINT`. Unset: the standard
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` when either is set,
+    /// else nothing is exported.
+    pub endpoint: Option<String>,
+}
+
+impl OtlpConfig {
+    /// The traces URL spans are exported to: `otlp.endpoint`'s, else the standard variables'
+    /// (`None`: no export).
+    pub fn traces_url(&self) -> Option<String> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        if let Some(base) = self.endpoint.as_deref() {
+            return Some(with_traces_path(base));
+        }
+        if let Some(url) = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+            return Some(url);
+        }
+        env("OTEL_EXPORTER_OTLP_ENDPOINT").map(|base| with_traces_path(&base))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let Some(endpoint) = &self.endpoint else { return Ok(()) };
+        if !cfg!(feature = "otlp") {
+            return invalid(
+                "otlp.endpoint",
+                "this walcast was built without OpenTelemetry export; build it with \
+                 `cargo build --release --features otlp`, or unset the key",
+            );
+        }
+        let scheme_ok = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+        if !scheme_ok || endpoint.parse::<axum::http::Uri>().is_err() {
+            return invalid(
+                "otlp.endpoint",
+                "expected an http:// or https:// URL such as http://collector:4318",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A base OTLP/HTTP address with the traces path appended (as the OTLP specification says).
+fn with_traces_path(base: &str) -> String {
+    let base = base.trim_end_matches('/');
+    if base.ends_with("/v1/traces") {
+        base.to_owned()
+    } else {
+        format!("{base}/v1/traces")
+    }
 }
 
 /// The `[cors]` table: which browser origins may use the gateway.
@@ -338,6 +395,7 @@ impl Default for Config {
             changelog: ChangelogConfig::default(),
             cluster: ClusterConfig::default(),
             cors: CorsConfig::default(),
+            otlp: OtlpConfig::default(),
         }
     }
 }
@@ -412,6 +470,7 @@ impl Config {
             return invalid("changelog.dir", "expected a directory");
         }
         self.cors.origins()?;
+        self.otlp.validate()?;
         self.cluster.validate(&self.changelog)
     }
 
@@ -623,6 +682,37 @@ mod tests {
             assert_eq!(c.slot, "from_env");
             assert_eq!(c.tables, vec!["a.b", "c.*"]);
             assert_eq!(c.listen.to_string(), "127.0.0.1:5000");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_otlp_traces_url_comes_from_the_key_then_the_standard_variables() {
+        Jail::expect_with(|jail| {
+            assert_eq!(Config::load(None).unwrap().otlp.traces_url(), None, "no export unless asked");
+            jail.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://base:4318/");
+            assert_eq!(
+                Config::load(None).unwrap().otlp.traces_url().as_deref(),
+                Some("http://base:4318/v1/traces")
+            );
+            jail.set_env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4318/custom");
+            assert_eq!(
+                Config::load(None).unwrap().otlp.traces_url().as_deref(),
+                Some("http://traces:4318/custom")
+            );
+            jail.set_env("WALCAST_OTLP__ENDPOINT", "http://collector:4318");
+            let loaded = Config::load(None);
+            if cfg!(feature = "otlp") {
+                let url = loaded.unwrap().otlp.traces_url();
+                assert_eq!(url.as_deref(), Some("http://collector:4318/v1/traces"));
+                jail.set_env("WALCAST_OTLP__ENDPOINT", "collector:4318");
+                let e = Config::load(None).unwrap_err().to_string();
+                assert!(e.contains("otlp.endpoint") && e.contains("http://"), "{e}");
+            } else {
+                // A build without the export says so rather than dropping the spans.
+                let e = loaded.unwrap_err().to_string();
+                assert!(e.contains("otlp.endpoint") && e.contains("--features otlp"), "{e}");
+            }
             Ok(())
         });
     }

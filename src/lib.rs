@@ -34,6 +34,8 @@ pub mod local_postgres;
 pub mod locks;
 pub mod log;
 pub mod origins;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod protocol;
 pub mod realtime;
 pub mod replication;

@@ -338,7 +338,19 @@ struct SearchArgs {
     p99_ms: f64,
 }
 
-fn init_tracing(format: Option<LogFormat>) {
+/// What keeps the span export running until the process exits (nothing without the `otlp`
+/// feature).
+#[cfg(feature = "otlp")]
+type Telemetry = Option<walcast::otlp::Export>;
+#[cfg(not(feature = "otlp"))]
+struct Telemetry;
+
+/// Logs to stderr, filtered by `RUST_LOG`; with the `otlp` feature and an endpoint, spans to a
+/// collector too.
+fn init_tracing(format: Option<LogFormat>, otlp: &walcast::config::OtlpConfig) -> Result<Telemetry, String> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     let json = match format {
@@ -347,14 +359,35 @@ fn init_tracing(format: Option<LogFormat>) {
         None => !std::io::stderr().is_terminal(),
     };
     // Colours only for a terminal: a log file or collector gets plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+    let fmt = if json { fmt.json().boxed() } else { fmt.boxed() };
+    let logs = tracing_subscriber::registry().with(fmt.with_filter(filter));
+    let traces_url = otlp.traces_url();
+    #[cfg(feature = "otlp")]
+    {
+        let (export, guard) = match traces_url.as_deref().map(walcast::otlp::layer) {
+            Some(Ok((layer, guard))) => (Some(layer), Some(guard)),
+            Some(Err(e)) => return Err(e.to_string()),
+            None => (None, None),
+        };
+        logs.with(export).init();
+        if let Some(url) = &traces_url {
+            tracing::info!(%url, "exporting spans over OTLP");
+        }
+        Ok(guard)
+    }
+    #[cfg(not(feature = "otlp"))]
+    {
+        logs.init();
+        if traces_url.is_some() {
+            tracing::warn!(
+                "an OTEL_EXPORTER_OTLP_* endpoint is set, but this walcast was built without the \
+                 `otlp` feature: no spans are exported"
+            );
+        }
+        Ok(Telemetry)
     }
 }
 
@@ -387,7 +420,14 @@ fn main() -> ExitCode {
         print!("{}", config.to_redacted_toml());
         return ExitCode::SUCCESS;
     }
-    init_tracing(config.log_format);
+    // Dropped last (after the runtime): the span export flushes what is left.
+    let _telemetry = match init_tracing(config.log_format, &config.otlp) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("walcast: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -1,5 +1,6 @@
 //! The source's shape: no file imports a file that, directly or through others, imports it back
 //! (test modules aside). A circle means two files can only be understood, and changed, together.
+//! And the image builds: the Dockerfile copies every directory the source embeds files from.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -141,4 +142,39 @@ fn no_floor_imports_a_floor_that_imports_it_back() {
     }
     let circles = circles(&floors);
     assert!(circles.is_empty(), "top-level modules in an import circle: {circles:?}");
+}
+
+#[test]
+fn the_dockerfile_copies_every_directory_the_source_embeds_files_from() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    let copied: BTreeSet<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter(|l| !l.starts_with("--from"))
+        .flat_map(|l| l.split_whitespace().rev().skip(1))
+        .map(|p| p.trim_end_matches('/'))
+        .collect();
+    let mut files = Vec::new();
+    sources(&root.join("src"), &mut files);
+    let mut embedded = BTreeSet::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("source");
+        for (i, _) in text.match_indices("include_") {
+            let rest = &text[i..];
+            let Some(args) =
+                rest.strip_prefix("include_str!(\"").or_else(|| rest.strip_prefix("include_bytes!(\""))
+            else {
+                continue;
+            };
+            let relative = &args[..args.find('"').expect("a closing quote")];
+            let path = file.parent().expect("a directory").join(relative);
+            let path = path.canonicalize().expect("the embedded file exists");
+            let top = path.strip_prefix(root.canonicalize().expect("root")).expect("inside the project");
+            embedded.insert(top.iter().next().expect("a first part").to_string_lossy().into_owned());
+        }
+    }
+    assert!(embedded.contains("migrations") && embedded.contains("assets"), "{embedded:?}");
+    let missing: Vec<&String> = embedded.iter().filter(|d| !copied.contains(d.as_str())).collect();
+    assert!(missing.is_empty(), "the Dockerfile does not copy {missing:?} (copied: {copied:?})");
 }

@@ -11,6 +11,8 @@ mod layout;
 mod live;
 mod nodes;
 mod ops;
+#[cfg(feature = "otlp")]
+mod otlp;
 mod private;
 mod realtime;
 mod resume;
