@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::auth::Credentials;
 use crate::protocol::graphql::feed::{Capture, CoreFeeds, Feeds};
 use crate::protocol::graphql::results::Operation;
+use crate::protocol::graphql::schema::Built;
 use crate::protocol::graphql::wire::{self, Incoming, Protocol};
 use crate::server::credentials::{token, verify};
 use crate::server::AppState;
@@ -34,7 +35,7 @@ const BATCH: usize = 64;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// The schema of the current catalog; `None` (with why) when there is none to build.
-async fn schema(state: &AppState) -> Result<async_graphql::dynamic::Schema, String> {
+async fn schema(state: &AppState) -> Result<Built, String> {
     let catalog = state.hub.catalog().ok_or("change capture is not available on this gateway")?;
     let tables = catalog.published().await.map_err(|e| format!("reading the published tables: {e}"))?;
     state.graphql.get(&tables)
@@ -55,7 +56,7 @@ pub async fn query(State(state): State<AppState>, headers: HeaderMap, body: axum
         }
     };
     let schema = match schema(&state).await {
-        Ok(s) => s,
+        Ok(built) => built.schema,
         Err(e) => {
             return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"errors": [{"message": e}]})))
                 .into_response()
@@ -281,8 +282,8 @@ impl GraphqlConnection {
                     let error = async_graphql::ServerError::new(message, None);
                     return Ok(vec![wire::error(self.protocol, &id, &[error])]);
                 }
-                let schema = match schema(&self.state).await {
-                    Ok(s) => s,
+                let built = match schema(&self.state).await {
+                    Ok(built) => built,
                     Err(e) => {
                         let error = async_graphql::ServerError::new(e, None);
                         return Ok(vec![wire::error(self.protocol, &id, &[error])]);
@@ -290,11 +291,11 @@ impl GraphqlConnection {
                 };
                 let core = CoreFeeds { hub: self.state.hub.clone(), credentials: credentials.clone() };
                 let run = Run { protocol: self.protocol, id: id.clone(), tx: tx.clone(), serial, core };
-                let op = Operation::of(&request);
+                let op = Operation::of(&request, built.generation);
                 // A child of the connection's span (the current one), with the client's id.
                 let span = tracing::info_span!("operation", id = %id);
                 let task = tokio::spawn(tracing::Instrument::instrument(
-                    run_operation(self.state.clone(), schema, op, run),
+                    run_operation(self.state.clone(), built.schema, op, run),
                     span,
                 ));
                 self.ops.insert(id, (serial, task));

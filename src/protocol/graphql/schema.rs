@@ -439,22 +439,33 @@ pub fn build(tables: &Tables) -> Result<Schema, SchemaError> {
 /// the subscription results shared among subscribers.
 #[derive(Default)]
 pub struct Schemas {
-    current: std::sync::Mutex<Option<(Arc<Tables>, Schema)>>,
+    current: std::sync::Mutex<Option<(Arc<Tables>, Built)>>,
+    /// Schemas built so far.
+    builds: std::sync::atomic::AtomicU64,
     pub results: crate::protocol::graphql::results::Results,
+}
+
+/// A schema and which build it is (an operation's results on one build are not another's).
+#[derive(Clone)]
+pub struct Built {
+    pub schema: Schema,
+    pub generation: u64,
 }
 
 impl Schemas {
     /// The schema of `tables` (their columns and types, not the `Arc`, decide whether it is new).
-    pub fn get(&self, tables: &Arc<Tables>) -> Result<Schema, String> {
+    pub fn get(&self, tables: &Arc<Tables>) -> Result<Built, String> {
         let mut current = crate::locks::lock(&self.current);
-        if let Some((built_for, schema)) = current.as_ref() {
+        if let Some((built_for, built)) = current.as_ref() {
             if Arc::ptr_eq(built_for, tables) || **built_for == **tables {
-                return Ok(schema.clone());
+                return Ok(built.clone());
             }
         }
         let schema = build(tables).map_err(|e| format!("building the GraphQL schema: {}", e.0))?;
-        *current = Some((Arc::clone(tables), schema.clone()));
-        Ok(schema)
+        let generation = self.builds.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let built = Built { schema, generation };
+        *current = Some((Arc::clone(tables), built.clone()));
+        Ok(built)
     }
 }
 
