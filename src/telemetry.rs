@@ -82,7 +82,7 @@ pub const CATALOGUE: &[Spec] = &[
     Spec {
         name: CLIENTS,
         kind: Kind::Gauge,
-        help: "Connected clients (WebSockets, event streams and long-polls with a session).",
+        help: "Connected clients (WebSockets, event streams and long-polls with a session; a GraphQL connection once).",
         labels: &[],
     },
     Spec { name: SUBSCRIPTIONS, kind: Kind::Gauge, help: "Active postgres_changes bindings.", labels: &[] },
@@ -186,7 +186,7 @@ pub const CATALOGUE: &[Spec] = &[
     Spec {
         name: SESSIONS,
         kind: Kind::Gauge,
-        help: "Sessions open (sockets, event streams, long-polls, GraphQL operations), by protocol.",
+        help: "Client connections open (sockets, event streams, long-polls with a session; a GraphQL connection once, whatever it runs), by protocol.",
         labels: &[("protocol", PROTOCOLS)],
     },
     Spec {

@@ -178,6 +178,12 @@ pub trait Encoder: Send + Sync + 'static {
     fn protocol(&self) -> &'static str {
         "other"
     }
+    /// Whether a session of this encoding is a client connection, counted in
+    /// `walcast_connected_clients` and `walcast_sessions`. A GraphQL operation's is not: its
+    /// connection counts itself once, whatever it runs.
+    fn is_connection(&self) -> bool {
+        true
+    }
     /// The frame for `event` on `topic`; it must depend on nothing else, since it is shared by
     /// every member with the same encoding on the topic. `None`: this encoding cannot carry it.
     fn encode(&self, topic: &str, event: &Event<'_>) -> Option<Frame>;

@@ -269,12 +269,37 @@ impl Drop for Membership {
     }
 }
 
+/// A client connection in `walcast_connected_clients` and `walcast_sessions{protocol}` while it
+/// lasts.
+pub struct Connected {
+    clients: metrics::Gauge,
+    open: metrics::Gauge,
+}
+
+impl Connected {
+    /// Counts a connection of `protocol` (one of [`crate::telemetry::PROTOCOLS`]) until dropped.
+    pub fn count(hub: &Hub, protocol: &'static str) -> Connected {
+        let clients = hub.metrics().clients.clone();
+        let open = hub.metrics().telemetry.gauge(crate::telemetry::SESSIONS, &[("protocol", protocol)]);
+        clients.increment(1.0);
+        open.increment(1.0);
+        Connected { clients, open }
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.clients.decrement(1.0);
+        self.open.decrement(1.0);
+    }
+}
+
 /// One connected client.
 pub struct Session {
     hub: Hub,
     id: SessionId,
-    /// This session in `walcast_sessions{protocol}`.
-    open: metrics::Gauge,
+    /// This session as a connection, unless it is one of a connection that counts itself.
+    _connected: Option<Connected>,
     outbox: Outbox,
     encoder: Arc<dyn Encoder>,
     /// Joined channels by topic (a topic is joined at most once; rejoining replaces).
@@ -377,12 +402,9 @@ impl Session {
         let labels = [("protocol", encoder.protocol())];
         let (outbox, rx) =
             Outbox::new(limits.client_queue, telemetry.histogram(crate::telemetry::QUEUED, &labels));
-        hub.metrics().clients.increment(1.0);
-        let open =
-            hub.metrics().telemetry.gauge(crate::telemetry::SESSIONS, &[("protocol", encoder.protocol())]);
-        open.increment(1.0);
+        let connected = encoder.is_connection().then(|| Connected::count(&hub, encoder.protocol()));
         let session = Session {
-            open,
+            _connected: connected,
             id: hub.next_id(),
             outbox,
             encoder,
@@ -965,8 +987,6 @@ impl Drop for Session {
     fn drop(&mut self) {
         // Memberships clean up as they drop.
         self.channels.clear();
-        self.hub.metrics().clients.decrement(1.0);
-        self.open.decrement(1.0);
     }
 }
 

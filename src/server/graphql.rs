@@ -24,6 +24,7 @@ use crate::protocol::graphql::feed::{Capture, CoreFeeds, Feeds};
 use crate::protocol::graphql::results::Operation;
 use crate::protocol::graphql::schema::Built;
 use crate::protocol::graphql::wire::{self, Incoming, Protocol};
+use crate::realtime::session::Connected;
 use crate::server::credentials::{token, verify};
 use crate::server::AppState;
 
@@ -121,6 +122,7 @@ struct Close(u16, String);
 
 impl GraphqlConnection {
     async fn serve(self, socket: WebSocket) {
+        let _connected = Connected::count(&self.state.hub, "graphql");
         tracing::debug!("connected");
         let close = self.serve_until_closed(socket).await;
         tracing::debug!(close, "disconnected");

@@ -93,6 +93,36 @@ async fn subscribed(
     unreachable!()
 }
 
+/// Waits until every subscription of `ids` (subscribed already) delivers: inserts probe rows
+/// (`probe` makes one from a number) until each has had a result.
+pub(super) async fn delivering(
+    s: &mut Socket,
+    p: &sqlx::PgPool,
+    ids: &[&str],
+    probe: impl Fn(u32) -> String,
+) {
+    let mut waiting: std::collections::HashSet<&str> = ids.iter().copied().collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for n in 0.. {
+        if waiting.is_empty() {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing from {waiting:?} within 30 s");
+        exec(p, &probe(n)).await;
+        while let Ok(Some(Ok(Message::Text(t)))) =
+            tokio::time::timeout(Duration::from_millis(500), s.next()).await
+        {
+            let v: Value = serde_json::from_str(&t).expect("JSON");
+            if v["type"] == "ping" {
+                send(s, json!({"type": "pong"})).await;
+                continue;
+            }
+            assert_eq!(v["type"], "next", "{v}");
+            waiting.remove(v["id"].as_str().unwrap_or_default());
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_protocol_handshake_queries_and_every_close_code() {
     let url = fresh_db().await;

@@ -706,5 +706,19 @@ async fn the_dashboard_alerts_and_readme_name_exactly_the_metrics_walcast_export
     let documented = metric_names(&readme, &histograms);
     let undocumented: Vec<_> = exported.difference(&documented).collect();
     assert!(undocumented.is_empty(), "README does not mention {undocumented:?}");
+
+    // A GraphQL connection is one session, however many operations it runs.
+    let mut g = super::graphql::open(&app, "graphql-transport-ws").await;
+    super::graphql::init(&mut g, json!({"apikey": support::anon_key()})).await;
+    for id in ["a", "b"] {
+        let query = "subscription { t_changes { type } }";
+        super::graphql::send(&mut g, json!({"type": "subscribe", "id": id, "payload": {"query": query}}))
+            .await;
+    }
+    super::graphql::delivering(&mut g, &p, &["a", "b"], |n| format!("INSERT INTO t VALUES ({})", 100 + n))
+        .await;
+    let text = crate::support::http_get(&format!("http://{}/metrics", app.addr)).await.expect("metrics");
+    let line = "walcast_sessions{protocol=\"graphql\"} 1";
+    assert!(text.lines().any(|l| l == line), "{line} in {text}");
     app.stop().await;
 }

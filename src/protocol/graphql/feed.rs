@@ -71,6 +71,10 @@ impl Encoder for GraphqlEncoder {
         "graphql"
     }
 
+    fn is_connection(&self) -> bool {
+        false
+    }
+
     fn id(&self) -> EncodingId {
         crate::protocol::encoding::GRAPHQL
     }
