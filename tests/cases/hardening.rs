@@ -1050,7 +1050,7 @@ async fn logs_carry_session_and_join_spans_but_no_row_values_filters_or_tokens()
     let poll = http.get(&changes).bearer_auth(&secret_token).send().await.expect("a long-poll");
     assert_eq!(poll.status(), 200, "{:?}", poll.text().await);
     // And as a GraphQL subscription, which ends when its socket closes.
-    graphql_subscription(addr, &secret_token, filter).await;
+    graphql_subscription(addr, &p, &secret_token, filter).await;
     // Each session's end is logged once the gateway has seen it go.
     let logs = wait_for("the sessions' ends in the log", Duration::from_secs(30), || {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -1081,34 +1081,24 @@ async fn logs_carry_session_and_join_spans_but_no_row_values_filters_or_tokens()
     }
 }
 
-/// A GraphQL subscription to `notes` with `filter`, ended by closing its socket once it is running.
-async fn graphql_subscription(addr: std::net::SocketAddr, token: &str, filter: &str) {
-    use futures_util::{SinkExt, StreamExt};
+/// A GraphQL subscription to `notes` with `filter` (`body=eq.…`), ended by closing its socket
+/// once it has delivered a row.
+async fn graphql_subscription(addr: std::net::SocketAddr, p: &sqlx::PgPool, token: &str, filter: &str) {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::Message;
     let mut request = format!("ws://{addr}/graphql").into_client_request().expect("request");
     request.headers_mut().insert("sec-websocket-protocol", "graphql-transport-ws".parse().expect("header"));
     let (mut socket, _) = tokio_tungstenite::connect_async(request).await.expect("upgrade");
-    let messages = [
-        json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}}),
-        json!({"type": "subscribe", "id": "op-1", "payload": {
-            "query": format!("subscription {{ notes_changes(filter: \"{filter}\") {{ type }} }}")
-        }}),
-        // A query on the same socket answers once the subscription ahead of it was taken.
-        json!({"type": "subscribe", "id": "op-2", "payload": {"query": "{ __typename }"}}),
-    ];
-    for m in messages {
-        socket.send(Message::Text(m.to_string().into())).await.expect("send");
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let m = tokio::time::timeout_at(deadline, socket.next()).await.expect("op-2 answered within 30 s");
-        let Some(Ok(Message::Text(t))) = m else { panic!("the socket ended: {m:?}") };
-        let v: Value = serde_json::from_str(&t).expect("JSON");
-        assert_ne!(v["type"], "error", "{v}");
-        if v["type"] == "complete" && v["id"] == "op-2" {
-            break;
-        }
-    }
+    super::graphql::init(&mut socket, json!({"Authorization": format!("Bearer {token}")})).await;
+    let query = format!("subscription {{ notes_changes(filter: \"{filter}\") {{ type }} }}");
+    super::graphql::send(
+        &mut socket,
+        json!({"type": "subscribe", "id": "op-1", "payload": {"query": query}}),
+    )
+    .await;
+    let body = filter.strip_prefix("body=eq.").expect("a body filter");
+    super::graphql::delivering(&mut socket, p, &["op-1"], |n| {
+        format!("INSERT INTO notes VALUES ({}, '{body}')", 1000 + n)
+    })
+    .await;
     socket.close(None).await.expect("close");
 }
