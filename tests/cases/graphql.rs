@@ -75,39 +75,22 @@ async fn subscribed(
     probe: impl Fn(u32) -> String,
 ) -> Value {
     send(s, json!({"type": "subscribe", "id": id, "payload": {"query": query}})).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    for n in 0.. {
-        assert!(tokio::time::Instant::now() < deadline, "{id}: nothing delivered within 30 s");
-        exec(p, &probe(n)).await;
-        let got = tokio::time::timeout(Duration::from_millis(500), s.next()).await;
-        if let Ok(Some(Ok(Message::Text(t)))) = got {
-            let v: Value = serde_json::from_str(&t).unwrap();
-            if v["type"] == "ping" {
-                send(s, json!({"type": "pong"})).await;
-                continue;
-            }
-            assert_eq!((v["type"].as_str(), v["id"].as_str()), (Some("next"), Some(id)), "{v}");
-            return v;
-        }
-    }
-    unreachable!()
+    delivering(s, p, &[id], probe).await.remove(id).expect("a result")
 }
 
 /// Waits until every subscription of `ids` (subscribed already) delivers: inserts probe rows
-/// (`probe` makes one from a number) until each has had a result.
+/// (`probe` makes one from a number) until each has had a result, and returns each one's first.
+/// Anything but a result of one of them fails.
 pub(super) async fn delivering(
     s: &mut Socket,
     p: &sqlx::PgPool,
     ids: &[&str],
     probe: impl Fn(u32) -> String,
-) {
-    let mut waiting: std::collections::HashSet<&str> = ids.iter().copied().collect();
+) -> std::collections::HashMap<String, Value> {
+    let mut first = std::collections::HashMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     for n in 0.. {
-        if waiting.is_empty() {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "nothing from {waiting:?} within 30 s");
+        assert!(tokio::time::Instant::now() < deadline, "{ids:?}: not all delivered within 30 s: {first:?}");
         exec(p, &probe(n)).await;
         while let Ok(Some(Ok(Message::Text(t)))) =
             tokio::time::timeout(Duration::from_millis(500), s.next()).await
@@ -117,10 +100,15 @@ pub(super) async fn delivering(
                 send(s, json!({"type": "pong"})).await;
                 continue;
             }
-            assert_eq!(v["type"], "next", "{v}");
-            waiting.remove(v["id"].as_str().unwrap_or_default());
+            let id = v["id"].as_str().unwrap_or_default().to_owned();
+            assert!(v["type"] == "next" && ids.contains(&id.as_str()), "{v}");
+            first.entry(id).or_insert(v);
+            if first.len() == ids.len() {
+                return first;
+            }
         }
     }
+    unreachable!()
 }
 
 #[tokio::test]
